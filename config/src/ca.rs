@@ -1,0 +1,168 @@
+//! The CA's config file (`<ca-dir>/ca.yaml`), written by `warden ca init` and
+//! read by every other `warden ca` command.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::diagnostic::{Collector, Diagnostics, load_yaml, parse_yaml};
+use crate::duration::HumanDuration;
+use crate::spiffe::TrustDomain;
+
+/// Leaf lifetime when a request does not ask for one (DESIGN.md: 1 h).
+pub const DEFAULT_LEAF_TTL: Duration = Duration::from_secs(3600);
+/// The longest leaf lifetime a CA signs unless configured otherwise.
+pub const DEFAULT_MAX_LEAF_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a join token stays usable unless the issuer says otherwise.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+/// Shortest leaf lifetime worth issuing: renewal at half-life needs room.
+pub const MIN_LEAF_TTL: Duration = Duration::from_secs(60);
+/// Longest leaf lifetime that still counts as short-lived.
+pub const MAX_LEAF_TTL_CEILING: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Validated CA settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaConfig {
+    /// The trust domain this CA issues identities in.
+    pub trust_domain: TrustDomain,
+    /// Leaf lifetime when the request names none.
+    pub default_ttl: Duration,
+    /// Longest leaf lifetime this CA signs; longer requests are capped.
+    pub max_ttl: Duration,
+    /// Default join-token lifetime.
+    pub token_ttl: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCaConfig {
+    trust_domain: TrustDomain,
+    default_ttl: Option<Spanned<HumanDuration>>,
+    max_ttl: Option<Spanned<HumanDuration>>,
+    token_ttl: Option<Spanned<HumanDuration>>,
+}
+
+impl CaConfig {
+    /// Loads and validates a CA config file.
+    pub fn load(path: &Path) -> Result<Self, Diagnostics> {
+        Self::validate(path, load_yaml(path)?)
+    }
+
+    /// Parses and validates CA config text (`path` is used in messages only).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, Diagnostics> {
+        Self::validate(path, parse_yaml(path, text)?)
+    }
+
+    fn validate(path: &Path, raw: RawCaConfig) -> Result<Self, Diagnostics> {
+        let mut errors = Collector::new(path);
+        let value = |d: &Option<Spanned<HumanDuration>>, default| {
+            d.as_ref().map(|s| s.value.0).unwrap_or(default)
+        };
+        let default_ttl = value(&raw.default_ttl, DEFAULT_LEAF_TTL);
+        let max_ttl = value(&raw.max_ttl, DEFAULT_MAX_LEAF_TTL);
+        let token_ttl = value(&raw.token_ttl, DEFAULT_TOKEN_TTL);
+        for d in [&raw.default_ttl, &raw.max_ttl].into_iter().flatten() {
+            if d.value.0 < MIN_LEAF_TTL || d.value.0 > MAX_LEAF_TTL_CEILING {
+                errors.at(
+                    d,
+                    format!(
+                        "leaf lifetime {} is outside {} ..= {}",
+                        d.value,
+                        HumanDuration(MIN_LEAF_TTL),
+                        HumanDuration(MAX_LEAF_TTL_CEILING)
+                    ),
+                );
+            }
+        }
+        if let Some(d) = &raw.default_ttl
+            && default_ttl > max_ttl
+        {
+            errors.at(
+                d,
+                format!("default_ttl {} is longer than max_ttl {}", d.value, HumanDuration(max_ttl)),
+            );
+        }
+        if let Some(t) = &raw.token_ttl
+            && (t.value.0.is_zero() || t.value.0 > Duration::from_secs(7 * 24 * 3600))
+        {
+            errors.at(t, "token_ttl must be between 1s and 7d");
+        }
+        errors.finish(CaConfig {
+            trust_domain: raw.trust_domain,
+            default_ttl,
+            max_ttl,
+            token_ttl,
+        })
+    }
+
+    /// The config file text `warden ca init` writes, with every setting explained.
+    pub fn initial_text(trust_domain: &TrustDomain) -> String {
+        format!(
+            "# warden CA settings; every `warden ca` command reads this file.\n\
+             trust_domain: {trust_domain}\n\
+             # Leaf (X.509-SVID) lifetime when a request names none.\n\
+             default_ttl: {}\n\
+             # Longest leaf lifetime this CA signs; longer requests are capped to it.\n\
+             max_ttl: {}\n\
+             # Default lifetime of a join token from `warden ca token`.\n\
+             token_ttl: {}\n",
+            HumanDuration(DEFAULT_LEAF_TTL),
+            HumanDuration(DEFAULT_MAX_LEAF_TTL),
+            HumanDuration(DEFAULT_TOKEN_TTL),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<CaConfig, Diagnostics> {
+        CaConfig::parse(Path::new("ca.yaml"), text)
+    }
+
+    #[test]
+    fn initial_text_parses_to_defaults() {
+        let td = TrustDomain::parse("example.org").unwrap();
+        let c = parse(&CaConfig::initial_text(&td)).unwrap();
+        assert_eq!(c.trust_domain, td);
+        assert_eq!(c.default_ttl, DEFAULT_LEAF_TTL);
+        assert_eq!(c.max_ttl, DEFAULT_MAX_LEAF_TTL);
+        assert_eq!(c.token_ttl, DEFAULT_TOKEN_TTL);
+    }
+
+    #[test]
+    fn bad_trust_domain_names_line_and_column() {
+        let e = parse("default_ttl: 1h\ntrust_domain: Example.org\n").unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("ca.yaml:2:15: "), "{s}");
+        assert!(s.contains("trust domain has the character 'E'"), "{s}");
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        let e = parse("trust_domain: td\nmax_tll: 2h\n").unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("ca.yaml:2:1: "), "{s}");
+        assert!(s.contains("max_tll"), "{s}");
+    }
+
+    #[test]
+    fn all_semantic_errors_are_reported_at_once() {
+        let e = parse("trust_domain: td\ndefault_ttl: 48h\nmax_ttl: 2h\ntoken_ttl: 30d\n")
+            .unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        assert_eq!((e.0[0].line, e.0[0].column), (2, 14), "{e}");
+        assert!(e.0[0].message.contains("longer than max_ttl"), "{e}");
+        assert_eq!(e.0[1].line, 4, "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_located() {
+        let e = parse("trust_domain: td\nmax_ttl: soon\n").unwrap_err();
+        assert_eq!((e.0[0].line, e.0[0].column), (2, 10), "{e}");
+        assert!(e.0[0].message.contains("invalid duration"), "{e}");
+    }
+}

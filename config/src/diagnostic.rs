@@ -1,0 +1,148 @@
+//! Config errors that point at the offending place: `file:line:column: message`.
+//!
+//! Every config problem, from a YAML syntax error to a TTL that exceeds its
+//! cap, becomes a [`Diagnostic`]; a load returns all of them at once so a user
+//! fixes a file in one pass.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_saphyr::{Location, Spanned};
+
+/// One problem in a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line (0 when the problem is about the file as a whole).
+    pub line: u64,
+    /// 1-based column (0 when unknown).
+    pub column: u64,
+    /// What is wrong, in a short sentence.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+/// All the problems found in one config file; never empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects semantic errors found after parsing, each tied to a spanned value.
+#[derive(Debug)]
+pub struct Collector<'a> {
+    file: &'a Path,
+    found: Vec<Diagnostic>,
+}
+
+impl<'a> Collector<'a> {
+    /// Starts an empty collection for `file`.
+    pub fn new(file: &'a Path) -> Self {
+        Self {
+            file,
+            found: Vec::new(),
+        }
+    }
+
+    /// Records `message` at the place `value` was written.
+    pub fn at<T>(&mut self, value: &Spanned<T>, message: impl Into<String>) {
+        self.at_location(value.referenced, message);
+    }
+
+    /// Records `message` at a raw location.
+    pub fn at_location(&mut self, loc: Location, message: impl Into<String>) {
+        self.found.push(Diagnostic {
+            file: self.file.to_path_buf(),
+            line: loc.line(),
+            column: loc.column(),
+            message: message.into(),
+        });
+    }
+
+    /// `Ok(v)` when nothing was recorded, else every recorded problem.
+    pub fn finish<T>(self, v: T) -> Result<T, Diagnostics> {
+        if self.found.is_empty() {
+            Ok(v)
+        } else {
+            Err(Diagnostics(self.found))
+        }
+    }
+}
+
+/// Largest config file we read; far above any real one, and it bounds memory.
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Reads and parses `path` as YAML into `T`, turning every failure into a
+/// diagnostic that names the file, line and column.
+pub fn load_yaml<T: DeserializeOwned>(path: &Path) -> Result<T, Diagnostics> {
+    let whole_file = |message: String| {
+        Diagnostics(vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message,
+        }])
+    };
+    let meta = std::fs::metadata(path).map_err(|e| whole_file(format!("cannot read: {e}")))?;
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(whole_file(format!(
+            "file is {} bytes, more than the limit of {MAX_CONFIG_BYTES}",
+            meta.len()
+        )));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| whole_file(format!("cannot read: {e}")))?;
+    parse_yaml(path, &text)
+}
+
+/// Parses YAML `text` (read from `path`) into `T`.
+pub fn parse_yaml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Diagnostics> {
+    serde_saphyr::from_str::<T>(text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        Diagnostics(vec![Diagnostic {
+            file: path.to_path_buf(),
+            line,
+            column,
+            message: plain_message(&e),
+        }])
+    })
+}
+
+/// The error's text without the location suffix and source snippet that
+/// serde-saphyr adds, since our prefix already says where.
+fn plain_message(e: &serde_saphyr::Error) -> String {
+    let opts = serde_saphyr::render_options! { snippets: serde_saphyr::SnippetMode::Off };
+    let text = e.without_snippet().render_with_options(opts);
+    let first = text.lines().next().unwrap_or("invalid yaml").trim();
+    match first.rfind(" at line ") {
+        Some(i) => first[..i].to_owned(),
+        None => first.to_owned(),
+    }
+}

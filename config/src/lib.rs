@@ -1,0 +1,17 @@
+//! warden's configuration: file schemas, validation that names file, line and
+//! column, and the identity types everything else is keyed on (`SpiffeId`,
+//! `TrustDomain`, `IdentityPattern`). No network, no I/O beyond reading files.
+
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod diagnostic;
+pub mod duration;
+pub mod pattern;
+pub mod spiffe;
+
+pub use ca::CaConfig;
+pub use diagnostic::{Diagnostic, Diagnostics};
+pub use duration::HumanDuration;
+pub use pattern::IdentityPattern;
+pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
