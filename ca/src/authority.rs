@@ -1,0 +1,374 @@
+//! The CA on disk: its directory layout, `init` and `open`, and signing.
+//!
+//! ```text
+//! <dir>/ca.yaml              settings (trust domain, TTLs)
+//! <dir>/root.pem             root certificate
+//! <dir>/root-key.pem         root key, 0600 (absent when the root is external)
+//! <dir>/intermediate.pem     the CA that signs workloads
+//! <dir>/intermediate-key.pem its key, 0600
+//! <dir>/bundle.pem           trust bundle handed to workloads (one or more roots)
+//! <dir>/state.db             store: issued certificates, tokens, denied IDs
+//! <dir>/audit.jsonl          hash-chained audit trail
+//! ```
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{Issuer, KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use time::OffsetDateTime;
+
+use warden_config::{CaConfig, Diagnostics, SpiffeId, TrustDomain};
+
+use crate::lifetime::{Validity, cap_lifetime};
+use crate::profile;
+
+/// File names inside a CA directory.
+pub mod files {
+    /// Settings.
+    pub const CONFIG: &str = "ca.yaml";
+    /// Root certificate.
+    pub const ROOT_CERT: &str = "root.pem";
+    /// Root key (only for a root this CA made).
+    pub const ROOT_KEY: &str = "root-key.pem";
+    /// Intermediate certificate.
+    pub const INTERMEDIATE_CERT: &str = "intermediate.pem";
+    /// Intermediate key.
+    pub const INTERMEDIATE_KEY: &str = "intermediate-key.pem";
+    /// Trust bundle.
+    pub const BUNDLE: &str = "bundle.pem";
+    /// SQLite store.
+    pub const STATE: &str = "state.db";
+    /// Audit trail.
+    pub const AUDIT: &str = "audit.jsonl";
+}
+
+/// Everything that can go wrong creating, opening or using a CA directory.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// `init` found a CA already there.
+    #[error("a CA already exists in {0} (refusing to overwrite it)")]
+    AlreadyExists(PathBuf),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A PEM file did not hold what it should.
+    #[error("{path}: {what}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The settings file is invalid.
+    #[error("{0}")]
+    Config(#[from] Diagnostics),
+    /// Certificate generation failed.
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] sqlx::Error),
+    /// The audit trail could not be written.
+    #[error("audit trail: {0}")]
+    Audit(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `contents` to a new file; `secret` files get mode 0600 from the start
+/// (never world-readable, not even for a moment).
+pub fn write_new(path: &Path, contents: &[u8], secret: bool) -> Result<(), CaError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(contents).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// Reads a whole file as text.
+pub fn read_text(path: &Path) -> Result<String, CaError> {
+    fs::read_to_string(path).map_err(io_err(path))
+}
+
+/// Reads every certificate in a PEM file (at least one).
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let text = read_text(path)?;
+    parse_certs(&text).map_err(|what| CaError::BadFile {
+        path: path.to_path_buf(),
+        what,
+    })
+}
+
+/// Parses every certificate in PEM text (at least one).
+pub fn parse_certs(text: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate in file".into());
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<KeyPair, CaError> {
+    KeyPair::from_pem(&read_text(path)?).map_err(|e| CaError::BadFile {
+        path: path.to_path_buf(),
+        what: format!("not a usable private key: {e}"),
+    })
+}
+
+/// The validity window written in a certificate.
+pub fn validity_of(der: &CertificateDer<'_>) -> Result<Validity, String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("not a certificate: {e}"))?;
+    let v = cert.validity();
+    Ok(Validity {
+        not_before: v.not_before.to_datetime(),
+        not_after: v.not_after.to_datetime(),
+    })
+}
+
+/// PEM text of a list of certificates.
+pub fn certs_pem(certs: &[CertificateDer<'_>]) -> String {
+    certs
+        .iter()
+        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref())))
+        .collect()
+}
+
+/// Options for `warden ca init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// An existing root (certificate, key) to put the intermediate under.
+    pub external_root: Option<(PathBuf, PathBuf)>,
+    /// Lifetime of a root this CA makes itself.
+    pub root_ttl: Duration,
+    /// Lifetime of the intermediate (capped at the root's).
+    pub intermediate_ttl: Duration,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self {
+            external_root: None,
+            root_ttl: Duration::from_secs(10 * 365 * 24 * 3600),
+            intermediate_ttl: Duration::from_secs(365 * 24 * 3600),
+        }
+    }
+}
+
+/// A leaf certificate the CA signed.
+#[derive(Debug, Clone)]
+pub struct Svid {
+    /// The leaf, DER.
+    pub leaf: CertificateDer<'static>,
+    /// Leaf then intermediate, PEM: what a workload presents.
+    pub chain_pem: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// Validity window.
+    pub validity: Validity,
+}
+
+/// An opened CA: its settings, its signing key, and the bundle it hands out.
+pub struct Authority {
+    /// Where the CA lives.
+    pub dir: PathBuf,
+    /// Its settings.
+    pub config: CaConfig,
+    issuer: Issuer<'static, KeyPair>,
+    intermediate: CertificateDer<'static>,
+    intermediate_validity: Validity,
+    bundle: Vec<CertificateDer<'static>>,
+    bundle_pem: String,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("dir", &self.dir)
+            .field("trust_domain", &self.config.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authority {
+    /// Creates a new CA in `dir`: settings, a root (or uses an external one),
+    /// an intermediate, and the trust bundle. Refuses if a CA is already there.
+    pub fn init(
+        dir: &Path,
+        td: &TrustDomain,
+        opts: &InitOptions,
+        now: OffsetDateTime,
+    ) -> Result<Self, CaError> {
+        if dir.join(files::CONFIG).exists() || dir.join(files::INTERMEDIATE_KEY).exists() {
+            return Err(CaError::AlreadyExists(dir.to_path_buf()));
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
+
+        let (root_der, root_key, root_validity) = match &opts.external_root {
+            Some((cert_path, key_path)) => {
+                let der = read_certs(cert_path)?.swap_remove(0);
+                let key = read_key(key_path)?;
+                check_external_root(cert_path, &der, &key)?;
+                let validity = validity_of(&der).map_err(|what| CaError::BadFile {
+                    path: cert_path.clone(),
+                    what,
+                })?;
+                (der, key, validity)
+            }
+            None => {
+                let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+                let validity = Validity {
+                    not_before: now - crate::lifetime::BACKDATE,
+                    not_after: now + opts.root_ttl,
+                };
+                let cert = profile::root(td, validity)?.self_signed(&key)?;
+                write_new(&dir.join(files::ROOT_KEY), key.serialize_pem().as_bytes(), true)?;
+                (cert.der().clone(), key, validity)
+            }
+        };
+        let root_issuer = Issuer::from_ca_cert_der(&root_der, root_key)?;
+        let int_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let int_validity = cap_lifetime(opts.intermediate_ttl, opts.intermediate_ttl, root_validity, now);
+        let int_cert = profile::intermediate(td, int_validity)?.signed_by(&int_key, &root_issuer)?;
+
+        write_new(&dir.join(files::INTERMEDIATE_KEY), int_key.serialize_pem().as_bytes(), true)?;
+        write_new(&dir.join(files::INTERMEDIATE_CERT), int_cert.pem().as_bytes(), false)?;
+        let root_pem = certs_pem(std::slice::from_ref(&root_der));
+        write_new(&dir.join(files::ROOT_CERT), root_pem.as_bytes(), false)?;
+        write_new(&dir.join(files::BUNDLE), root_pem.as_bytes(), false)?;
+        write_new(&dir.join(files::CONFIG), CaConfig::initial_text(td).as_bytes(), false)?;
+        Self::open(dir)
+    }
+
+    /// Opens the CA in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, CaError> {
+        let config = CaConfig::load(&dir.join(files::CONFIG))?;
+        let int_path = dir.join(files::INTERMEDIATE_CERT);
+        let intermediate = read_certs(&int_path)?.swap_remove(0);
+        let key = read_key(&dir.join(files::INTERMEDIATE_KEY))?;
+        let intermediate_validity = validity_of(&intermediate).map_err(|what| CaError::BadFile {
+            path: int_path.clone(),
+            what,
+        })?;
+        let issuer = Issuer::from_ca_cert_der(&intermediate, key)?;
+        let bundle = read_certs(&dir.join(files::BUNDLE))?;
+        let bundle_pem = certs_pem(&bundle);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            issuer,
+            intermediate,
+            intermediate_validity,
+            bundle,
+            bundle_pem,
+        })
+    }
+
+    /// Signs an X.509-SVID for `id` over `public_key`. The lifetime is `ttl`
+    /// (or the default), capped at `max_ttl` and at the intermediate's expiry.
+    pub fn sign(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        ttl: Option<Duration>,
+        now: OffsetDateTime,
+    ) -> Result<Svid, CaError> {
+        let validity = cap_lifetime(
+            ttl.unwrap_or(self.config.default_ttl),
+            self.config.max_ttl,
+            self.intermediate_validity,
+            now,
+        );
+        let params = profile::svid(id, validity)?;
+        let serial = params
+            .serial_number
+            .as_ref()
+            .map(|s| hex::encode(s.to_bytes()))
+            .unwrap_or_default();
+        let cert = params.signed_by(public_key, &self.issuer)?;
+        let leaf = cert.der().clone();
+        let chain_pem = certs_pem(&[leaf.clone(), self.intermediate.clone()]);
+        Ok(Svid {
+            leaf,
+            chain_pem,
+            serial,
+            validity,
+        })
+    }
+
+    /// The trust domain this CA issues in.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.config.trust_domain
+    }
+
+    /// Trust roots as DER.
+    pub fn bundle(&self) -> &[CertificateDer<'static>] {
+        &self.bundle
+    }
+
+    /// Trust roots as PEM.
+    pub fn bundle_pem(&self) -> &str {
+        &self.bundle_pem
+    }
+
+    /// The intermediate's validity (a leaf never outlives it).
+    pub fn intermediate_validity(&self) -> Validity {
+        self.intermediate_validity
+    }
+
+    /// The intermediate certificate.
+    pub fn intermediate(&self) -> &CertificateDer<'static> {
+        &self.intermediate
+    }
+
+    /// The CA server's own SPIFFE ID (`spiffe://<td>/warden/ca`); never issued to a workload.
+    pub fn server_id(&self) -> SpiffeId {
+        server_id(&self.config.trust_domain)
+    }
+}
+
+/// The CA server's SPIFFE ID in trust domain `td`.
+pub fn server_id(td: &TrustDomain) -> SpiffeId {
+    // A valid trust domain plus a constant valid path always parses.
+    SpiffeId::new(td, "/warden/ca").unwrap_or_else(|_| unreachable!("constant path is valid"))
+}
+
+/// An external root must be a CA certificate whose public key is the given key's.
+fn check_external_root(path: &Path, der: &CertificateDer<'_>, key: &KeyPair) -> Result<(), CaError> {
+    let bad = |what: &str| CaError::BadFile {
+        path: path.to_path_buf(),
+        what: what.to_owned(),
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| bad("not a certificate"))?;
+    if !cert.is_ca() {
+        return Err(bad("the root certificate is not a CA (basicConstraints CA:TRUE missing)"));
+    }
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(bad("the root key does not belong to the root certificate"));
+    }
+    Ok(())
+}

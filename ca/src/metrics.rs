@@ -1,0 +1,59 @@
+//! The CA's Prometheus metrics. Names are a stable surface (pinned by a test);
+//! every label value comes from a fixed set, never from client input.
+
+use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+
+/// Handles to every CA metric.
+#[derive(Debug, Clone)]
+pub struct CaMetrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Certificate requests by kind (`bootstrap`, `renewal`, `offline`, `self`) and result (`issued`, `refused`).
+    pub issuances: IntCounterVec,
+    /// Refused requests by reason (see `Refusal::reason`).
+    pub refusals: IntCounterVec,
+    /// TLS handshakes the API server refused, by reason.
+    pub handshake_failures: IntCounterVec,
+    /// NotAfter of the CA's certificates (`root`, `intermediate`, `serving`), unix seconds.
+    pub cert_expiry: GaugeVec,
+}
+
+impl CaMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let issuances = IntCounterVec::new(
+            Opts::new("warden_ca_issuances_total", "Certificate requests by kind and result."),
+            &["kind", "result"],
+        )?;
+        let refusals = IntCounterVec::new(
+            Opts::new("warden_ca_refusals_total", "Refused certificate requests by reason."),
+            &["reason"],
+        )?;
+        let handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "warden_ca_handshake_failures_total",
+                "TLS handshakes refused by the CA API, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let cert_expiry = GaugeVec::new(
+            Opts::new(
+                "warden_ca_certificate_expiry_timestamp_seconds",
+                "NotAfter of the CA's own certificates, unix seconds.",
+            ),
+            &["cert"],
+        )?;
+        registry.register(Box::new(issuances.clone()))?;
+        registry.register(Box::new(refusals.clone()))?;
+        registry.register(Box::new(handshake_failures.clone()))?;
+        registry.register(Box::new(cert_expiry.clone()))?;
+        Ok(Self {
+            registry,
+            issuances,
+            refusals,
+            handshake_failures,
+            cert_expiry,
+        })
+    }
+}

@@ -1,0 +1,82 @@
+//! The three certificate shapes this CA makes, side by side: the root, the
+//! intermediate that signs workloads, and the X.509-SVID leaf.
+//!
+//! Every field of a leaf comes from here, never from the CSR: the CSR only
+//! contributes its public key (SPIFFE X.509-SVID spec, sections 4 and 5).
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+
+use warden_config::{SpiffeId, TrustDomain};
+
+use crate::lifetime::Validity;
+
+/// A fresh random 128-bit positive serial number (CA/B Forum asks for >= 64 bits of entropy).
+pub fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f; // DER INTEGER: keep it positive
+    bytes[0] |= 0x01; // and exactly 16 bytes long (no leading zero byte is stripped)
+    SerialNumber::from_slice(&bytes)
+}
+
+fn ca_name(td: &TrustDomain, common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, td.as_str());
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+/// Signing certificates carry the trust domain's own SPIFFE ID, as SPIRE's do.
+fn trust_domain_san(td: &TrustDomain) -> Result<SanType, rcgen::Error> {
+    Ok(SanType::URI(td.id_string().try_into()?))
+}
+
+/// The self-signed root: CA with no path length limit below the intermediate.
+pub fn root(td: &TrustDomain, validity: Validity) -> Result<CertificateParams, rcgen::Error> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = ca_name(td, "warden root CA");
+    p.subject_alt_names = vec![trust_domain_san(td)?];
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = validity.not_before;
+    p.not_after = validity.not_after;
+    p.serial_number = Some(random_serial());
+    Ok(p)
+}
+
+/// The intermediate that signs leaves: path length 0, so it cannot mint CAs.
+pub fn intermediate(td: &TrustDomain, validity: Validity) -> Result<CertificateParams, rcgen::Error> {
+    let mut p = root(td, validity)?;
+    p.distinguished_name = ca_name(td, "warden intermediate CA");
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}
+
+/// An X.509-SVID: exactly one URI SAN (the SPIFFE ID), CA:FALSE,
+/// digitalSignature only, EKU serverAuth + clientAuth.
+pub fn svid(id: &SpiffeId, validity: Validity) -> Result<CertificateParams, rcgen::Error> {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, id.trust_domain_str());
+    p.distinguished_name = dn;
+    p.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.not_before = validity.not_before;
+    p.not_after = validity.not_after;
+    p.serial_number = Some(random_serial());
+    p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}

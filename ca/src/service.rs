@@ -1,0 +1,356 @@
+//! The CA's decisions: who gets which certificate, recorded in the store and
+//! the audit trail together. The HTTP server, the CLI and the benchmark all
+//! call this one place.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use warden_config::SpiffeId;
+
+use crate::audit::{self, Event};
+use crate::authority::{Authority, CaError, Svid, files};
+use crate::csr::{self, CsrError};
+use crate::metrics::CaMetrics;
+use crate::store::{IssuedRecord, Store, write};
+use crate::token;
+
+/// A request for a certificate.
+#[derive(Debug, Clone, Default)]
+pub struct CertifyRequest {
+    /// PEM CSR.
+    pub csr: String,
+    /// A join token (bootstrap); absent for a renewal.
+    pub token: Option<String>,
+    /// Asked-for lifetime; capped by the CA.
+    pub ttl: Option<Duration>,
+}
+
+/// What proved the caller's identity, as established by the transport.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// Nothing beyond what the request carries (a token, perhaps).
+    Anonymous,
+    /// A client certificate that verified against the bundle, with this ID.
+    Svid(SpiffeId),
+}
+
+/// A signed certificate and what the workload needs with it.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The identity in the certificate.
+    pub spiffe_id: SpiffeId,
+    /// The certificate.
+    pub svid: Svid,
+    /// Trust bundle, PEM.
+    pub bundle_pem: String,
+}
+
+/// Why a request was refused. `reason()` is the metric label and problem type.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Neither a token nor a client certificate.
+    #[error("no join token and no client certificate: nothing proves an identity")]
+    Unauthenticated,
+    /// The token hash is not in the store.
+    #[error("join token is not known to this CA")]
+    TokenUnknown,
+    /// The token was used before.
+    #[error("join token was already used")]
+    TokenUsed,
+    /// The token is past its expiry.
+    #[error("join token expired")]
+    TokenExpired,
+    /// The CSR is unacceptable.
+    #[error(transparent)]
+    Csr(#[from] CsrError),
+    /// The identity is on the deny list.
+    #[error("{0} is denied by the CA")]
+    Denied(SpiffeId),
+    /// The identity is reserved for the CA itself.
+    #[error("{0} is reserved for the CA server")]
+    Reserved(SpiffeId),
+    /// The identity is outside this CA's trust domain.
+    #[error("{0} is not in this CA's trust domain")]
+    ForeignTrustDomain(SpiffeId),
+    /// Something on the CA's side failed; nothing was issued.
+    #[error("internal error: {0}")]
+    Internal(#[from] CaError),
+}
+
+impl Refusal {
+    /// A fixed label for metrics, logs and the problem type.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "unauthenticated",
+            Self::TokenUnknown => "token_unknown",
+            Self::TokenUsed => "token_used",
+            Self::TokenExpired => "token_expired",
+            Self::Csr(e) => e.reason(),
+            Self::Denied(_) => "denied",
+            Self::Reserved(_) => "reserved_id",
+            Self::ForeignTrustDomain(_) => "foreign_trust_domain",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The HTTP status that answers it.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Unauthenticated | Self::TokenUnknown | Self::TokenUsed | Self::TokenExpired => 401,
+            Self::Csr(_) => 400,
+            Self::Denied(_) | Self::Reserved(_) | Self::ForeignTrustDomain(_) => 403,
+            Self::Internal(_) => 500,
+        }
+    }
+}
+
+/// The CA as a service: authority (keys), store, audit trail, metrics.
+#[derive(Debug)]
+pub struct CaService {
+    /// Keys, certificates, settings.
+    pub authority: Authority,
+    /// State.
+    pub store: Store,
+    /// Metrics.
+    pub metrics: CaMetrics,
+    audit_path: PathBuf,
+}
+
+fn unix(t: OffsetDateTime) -> i64 {
+    t.unix_timestamp()
+}
+
+/// SHA-256 of a SubjectPublicKeyInfo, hex: identifies a key in the store.
+fn key_fingerprint(key: &impl PublicKeyData) -> String {
+    hex::encode(Sha256::digest(key.subject_public_key_info()))
+}
+
+impl CaService {
+    /// Opens the CA in `authority.dir` with its store.
+    pub async fn open(authority: Authority) -> Result<Self, CaError> {
+        let store = Store::open(&authority.dir.join(files::STATE)).await?;
+        let metrics = CaMetrics::new().map_err(|e| CaError::Audit(e.to_string()))?;
+        let audit_path = authority.dir.join(files::AUDIT);
+        for (name, der) in [("intermediate", authority.intermediate())]
+            .into_iter()
+            .chain(authority.bundle().iter().map(|c| ("root", c)))
+        {
+            if let Ok(v) = crate::authority::validity_of(der) {
+                metrics
+                    .cert_expiry
+                    .with_label_values(&[name])
+                    .set(unix(v.not_after) as f64);
+            }
+        }
+        Ok(Self {
+            authority,
+            store,
+            metrics,
+            audit_path,
+        })
+    }
+
+    /// Records `event` in the audit trail on its own (no other state changes).
+    pub async fn audit(&self, event: Event, now: OffsetDateTime) -> Result<(), CaError> {
+        let mut tx = self.store.begin_write().await?;
+        audit::append(&mut tx, &self.audit_path, event, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Checks that the CA may issue `id` at all.
+    fn check_issuable(&self, id: &SpiffeId) -> Result<(), Refusal> {
+        if !id.is_in(self.authority.trust_domain()) {
+            return Err(Refusal::ForeignTrustDomain(id.clone()));
+        }
+        if *id == self.authority.server_id() {
+            return Err(Refusal::Reserved(id.clone()));
+        }
+        Ok(())
+    }
+
+    /// Handles `POST /v1/certify`: a CSR plus a join token (bootstrap), or a
+    /// CSR from a caller holding a current SVID (renewal, same ID only).
+    pub async fn certify(
+        &self,
+        req: CertifyRequest,
+        caller: Caller,
+        now: OffsetDateTime,
+    ) -> Result<Issued, Refusal> {
+        let kind = if req.token.is_some() { "bootstrap" } else { "renewal" };
+        let mut claimed: Option<SpiffeId> = None;
+        let result = self.try_certify(req, caller, now, &mut claimed).await;
+        match &result {
+            Ok(issued) => {
+                self.metrics.issuances.with_label_values(&[kind, "issued"]).inc();
+                tracing::info!(kind, spiffe_id = %issued.spiffe_id, serial = %issued.svid.serial, "issued");
+            }
+            Err(refusal) => {
+                self.record_refusal(kind, refusal, claimed.as_ref(), now).await;
+            }
+        }
+        result
+    }
+
+    async fn record_refusal(&self, kind: &'static str, refusal: &Refusal, id: Option<&SpiffeId>, now: OffsetDateTime) {
+        let reason = refusal.reason();
+        self.metrics.issuances.with_label_values(&[kind, "refused"]).inc();
+        self.metrics.refusals.with_label_values(&[reason]).inc();
+        let id_text = id.map(|i| i.to_string()).unwrap_or_default();
+        tracing::warn!(kind, reason, spiffe_id = %id_text, detail = %refusal, "refused");
+        let event = Event::new("refused")
+            .with("kind", kind)
+            .with("reason", reason)
+            .with("spiffe_id", id_text);
+        if let Err(e) = self.audit(event, now).await {
+            tracing::error!(error = %e, "could not audit a refusal");
+        }
+    }
+
+    async fn try_certify(
+        &self,
+        req: CertifyRequest,
+        caller: Caller,
+        now: OffsetDateTime,
+        claimed: &mut Option<SpiffeId>,
+    ) -> Result<Issued, Refusal> {
+        let token_hash = req.token.as_deref().map(token::hash);
+        let id = match (&token_hash, caller) {
+            (Some(hash), _) => {
+                let rec = self.store.token(hash).await.map_err(CaError::from)?;
+                let rec = rec.ok_or(Refusal::TokenUnknown)?;
+                if rec.used_at.is_some() {
+                    return Err(Refusal::TokenUsed);
+                }
+                if rec.expires_at <= unix(now) {
+                    return Err(Refusal::TokenExpired);
+                }
+                SpiffeId::parse(&rec.spiffe_id)
+                    .map_err(|e| CaError::Audit(format!("stored token has a bad id: {e}")))?
+            }
+            (None, Caller::Svid(id)) => id,
+            (None, Caller::Anonymous) => return Err(Refusal::Unauthenticated),
+        };
+        *claimed = Some(id.clone());
+        self.check_issuable(&id)?;
+        let request = csr::check(&req.csr, &id)?;
+        if self.store.is_denied(&id).await.map_err(CaError::from)? {
+            return Err(Refusal::Denied(id));
+        }
+        let svid = self.authority.sign(&id, &request.public_key, req.ttl, now)?;
+        let kind = if token_hash.is_some() { "bootstrap" } else { "renewal" };
+        let mut tx = self.store.begin_write().await.map_err(CaError::from)?;
+        if let Some(hash) = &token_hash
+            && !write::consume_token(&mut tx, hash, unix(now)).await.map_err(CaError::from)?
+        {
+            // Lost a race with another request using the same token.
+            return Err(Refusal::TokenUsed);
+        }
+        self.record_issued(&mut tx, &id, &svid, key_fingerprint(&request.public_key), kind, now)
+            .await?;
+        tx.commit().await.map_err(CaError::from)?;
+        Ok(Issued {
+            spiffe_id: id,
+            svid,
+            bundle_pem: self.authority.bundle_pem().to_owned(),
+        })
+    }
+
+    async fn record_issued(
+        &self,
+        tx: &mut crate::store::WriteTx,
+        id: &SpiffeId,
+        svid: &Svid,
+        key_sha256: String,
+        kind: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), CaError> {
+        let rec = IssuedRecord {
+            serial: svid.serial.clone(),
+            spiffe_id: id.to_string(),
+            not_before: unix(svid.validity.not_before),
+            not_after: unix(svid.validity.not_after),
+            key_sha256,
+            kind: kind.to_owned(),
+        };
+        write::insert_issued(tx, &rec, unix(now)).await?;
+        let event = Event::new(if kind == "renewal" { "renewed" } else { "issued" })
+            .with("kind", kind)
+            .with("spiffe_id", id.as_str())
+            .with("serial", svid.serial.as_str())
+            .with("not_after", rec.not_after)
+            .with("key_sha256", rec.key_sha256.as_str());
+        audit::append(tx, &self.audit_path, event, now).await
+    }
+
+    /// Issues a certificate and key made here (`ca issue`, and the CA
+    /// server's own certificate). Returns the key as PEM with the SVID.
+    pub async fn issue_local(
+        &self,
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+        kind: &'static str,
+        now: OffsetDateTime,
+    ) -> Result<(Issued, String), Refusal> {
+        if kind != "self" {
+            self.check_issuable(id)?;
+            if self.store.is_denied(id).await.map_err(CaError::from)? {
+                return Err(Refusal::Denied(id.clone()));
+            }
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::from)?;
+        let svid = self.authority.sign(id, &key, ttl, now)?;
+        let mut tx = self.store.begin_write().await.map_err(CaError::from)?;
+        self.record_issued(&mut tx, id, &svid, key_fingerprint(&key), kind, now)
+            .await?;
+        tx.commit().await.map_err(CaError::from)?;
+        self.metrics.issuances.with_label_values(&[kind, "issued"]).inc();
+        let issued = Issued {
+            spiffe_id: id.clone(),
+            svid,
+            bundle_pem: self.authority.bundle_pem().to_owned(),
+        };
+        Ok((issued, key.serialize_pem()))
+    }
+
+    /// Creates a one-time join token for `id`; returns the token text (shown
+    /// once; only its hash is stored) and its expiry.
+    pub async fn create_token(
+        &self,
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+        now: OffsetDateTime,
+    ) -> Result<(String, OffsetDateTime), Refusal> {
+        self.check_issuable(id)?;
+        let (text, hash) = token::generate();
+        let expires = now + ttl.unwrap_or(self.authority.config.token_ttl);
+        let mut tx = self.store.begin_write().await.map_err(CaError::from)?;
+        write::insert_token(&mut tx, &hash, id, unix(now), unix(expires))
+            .await
+            .map_err(CaError::from)?;
+        let event = Event::new("token_created")
+            .with("spiffe_id", id.as_str())
+            .with("token_sha256", hash)
+            .with("expires_at", unix(expires));
+        audit::append(&mut tx, &self.audit_path, event, now).await?;
+        tx.commit().await.map_err(CaError::from)?;
+        Ok((text, expires))
+    }
+
+    /// Denies (`deny = true`) or re-allows an identity; takes effect on the
+    /// next request the running server handles. Returns whether it changed.
+    pub async fn set_denied(&self, id: &SpiffeId, deny: bool, now: OffsetDateTime) -> Result<bool, CaError> {
+        let mut tx = self.store.begin_write().await?;
+        let changed = write::set_denied(&mut tx, id, deny, unix(now)).await?;
+        let event = Event::new(if deny { "denied" } else { "allowed" })
+            .with("spiffe_id", id.as_str())
+            .with("changed", changed);
+        audit::append(&mut tx, &self.audit_path, event, now).await?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+}
