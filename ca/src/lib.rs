@@ -5,14 +5,22 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod authority;
+pub mod bundle;
+pub mod client;
 pub mod csr;
+pub mod files_out;
+pub mod http;
 pub mod lifetime;
 pub mod metrics;
 pub mod profile;
+pub mod ratelog;
+pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod token;
 
 pub use authority::{Authority, CaError, InitOptions, Svid};

@@ -76,6 +76,12 @@ pub enum Refusal {
     /// The identity is outside this CA's trust domain.
     #[error("{0} is not in this CA's trust domain")]
     ForeignTrustDomain(SpiffeId),
+    /// The request is not a well-formed certify request.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The request body is over the limit.
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
     /// Something on the CA's side failed; nothing was issued.
     #[error("internal error: {0}")]
     Internal(#[from] CaError),
@@ -93,6 +99,8 @@ impl Refusal {
             Self::Denied(_) => "denied",
             Self::Reserved(_) => "reserved_id",
             Self::ForeignTrustDomain(_) => "foreign_trust_domain",
+            Self::BadRequest(_) => "bad_request",
+            Self::TooLarge(_) => "body_too_large",
             Self::Internal(_) => "internal",
         }
     }
@@ -101,7 +109,8 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Self::Unauthenticated | Self::TokenUnknown | Self::TokenUsed | Self::TokenExpired => 401,
-            Self::Csr(_) => 400,
+            Self::Csr(_) | Self::BadRequest(_) => 400,
+            Self::TooLarge(_) => 413,
             Self::Denied(_) | Self::Reserved(_) | Self::ForeignTrustDomain(_) => 403,
             Self::Internal(_) => 500,
         }
@@ -196,7 +205,8 @@ impl CaService {
         result
     }
 
-    async fn record_refusal(&self, kind: &'static str, refusal: &Refusal, id: Option<&SpiffeId>, now: OffsetDateTime) {
+    /// Counts, logs and audits a refused request.
+    pub async fn record_refusal(&self, kind: &'static str, refusal: &Refusal, id: Option<&SpiffeId>, now: OffsetDateTime) {
         let reason = refusal.reason();
         self.metrics.issuances.with_label_values(&[kind, "refused"]).inc();
         self.metrics.refusals.with_label_values(&[reason]).inc();

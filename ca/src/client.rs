@@ -1,0 +1,289 @@
+//! The CA client: bootstrap an identity with a join token, renew it with the
+//! current SVID over mTLS, and fetch the trust bundle. The private key is made
+//! here and never leaves the caller; only a CSR is sent.
+//!
+//! The CA server itself must prove `spiffe://<td>/warden/ca` with a chain that
+//! verifies against the bundle the caller already trusts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rustls::ClientConfig;
+use rustls::client::ResolvesClientCert;
+use rustls_pki_types::ServerName;
+use time::OffsetDateTime;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use warden_config::{IdentityPattern, SpiffeId, TrustDomain};
+
+use crate::authority::{parse_certs, server_id, validity_of};
+use crate::server::api::{CertifyAnswer, CertifyBody};
+use crate::tls::{self, RotatingCert, SpiffeServerVerifier};
+
+/// How long one call to the CA may take, connection included.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest answer accepted from the CA.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// Why a call to the CA failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Could not reach the CA or the TLS handshake failed.
+    #[error("cannot reach the CA at {addr}: {detail}")]
+    Unreachable {
+        /// Where we tried.
+        addr: String,
+        /// Why it failed.
+        detail: String,
+    },
+    /// The CA answered with a refusal.
+    #[error("the CA refused ({status}, {reason}): {detail}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The problem type's last part (`token-used`, `denied`, ...).
+        reason: String,
+        /// The CA's explanation.
+        detail: String,
+    },
+    /// The CA's answer was not what the protocol says.
+    #[error("unexpected answer from the CA: {0}")]
+    Protocol(String),
+    /// A local problem (key generation, bad input).
+    #[error("{0}")]
+    Local(String),
+}
+
+/// An identity: certificate chain, private key and trust bundle, all PEM.
+#[derive(Clone)]
+pub struct Credentials {
+    /// The SPIFFE ID the certificate carries.
+    pub spiffe_id: SpiffeId,
+    /// Leaf then intermediates.
+    pub chain_pem: String,
+    /// PKCS#8 private key.
+    pub key_pem: String,
+    /// Trust roots.
+    pub bundle_pem: String,
+    /// Leaf NotBefore.
+    pub not_before: OffsetDateTime,
+    /// Leaf NotAfter.
+    pub not_after: OffsetDateTime,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A client for one CA server.
+#[derive(Debug, Clone)]
+pub struct CaClient {
+    addr: String,
+    host: String,
+    trust_domain: TrustDomain,
+    bundle_pem: String,
+}
+
+impl CaClient {
+    /// A client for the CA at `url` (`https://host:port` or `host:port`) of
+    /// `trust_domain`, trusting the roots in `bundle_pem`.
+    pub fn new(url: &str, trust_domain: TrustDomain, bundle_pem: &str) -> Result<Self, ClientError> {
+        let addr = url.strip_prefix("https://").unwrap_or(url).trim_end_matches('/').to_owned();
+        let host = match addr.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            _ => return Err(ClientError::Local(format!("CA address {url:?} needs a host and a port"))),
+        };
+        parse_certs(bundle_pem).map_err(|e| ClientError::Local(format!("trust bundle: {e}")))?;
+        Ok(Self {
+            addr,
+            host,
+            trust_domain,
+            bundle_pem: bundle_pem.to_owned(),
+        })
+    }
+
+    /// Obtains a first identity for `id` with a one-time join token.
+    pub async fn bootstrap(&self, id: &SpiffeId, token: &str, ttl: Option<Duration>) -> Result<Credentials, ClientError> {
+        self.certify(id, Some(token), ttl, None).await
+    }
+
+    /// Renews `current` (same identity, new key) over mTLS with it.
+    pub async fn renew(&self, current: &Credentials, ttl: Option<Duration>) -> Result<Credentials, ClientError> {
+        self.certify(&current.spiffe_id, None, ttl, Some(current)).await
+    }
+
+    /// Fetches the trust bundle (PEM) the CA hands out now.
+    pub async fn fetch_bundle(&self) -> Result<String, ClientError> {
+        let (status, body) = self.call(Method::GET, "/v1/bundle", Bytes::new(), None).await?;
+        if status != StatusCode::OK {
+            return Err(refusal(status, &body));
+        }
+        let text = String::from_utf8(body.to_vec()).map_err(|_| ClientError::Protocol("bundle is not text".into()))?;
+        parse_certs(&text).map_err(ClientError::Protocol)?;
+        Ok(text)
+    }
+
+    async fn certify(
+        &self,
+        id: &SpiffeId,
+        token: Option<&str>,
+        ttl: Option<Duration>,
+        current: Option<&Credentials>,
+    ) -> Result<Credentials, ClientError> {
+        let local = |e: rcgen::Error| ClientError::Local(format!("making the key and CSR: {e}"));
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(local)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into().map_err(local)?)];
+        let csr = params.serialize_request(&key).map_err(local)?.pem().map_err(local)?;
+        let body = CertifyBody {
+            csr,
+            token: token.map(str::to_owned),
+            ttl: ttl.map(|t| humantime_secs(t)),
+        };
+        let json = serde_json::to_vec(&body).map_err(|e| ClientError::Local(e.to_string()))?;
+        let (status, answer) = self.call(Method::POST, "/v1/certify", json.into(), current).await?;
+        if status != StatusCode::OK {
+            return Err(refusal(status, &answer));
+        }
+        let answer: CertifyAnswer =
+            serde_json::from_slice(&answer).map_err(|e| ClientError::Protocol(format!("certify answer: {e}")))?;
+        self.check_answer(id, answer, key.serialize_pem())
+    }
+
+    /// Never install what the CA sent without checking it is what we asked for.
+    fn check_answer(&self, id: &SpiffeId, a: CertifyAnswer, key_pem: String) -> Result<Credentials, ClientError> {
+        let chain = parse_certs(&a.certificate_chain).map_err(ClientError::Protocol)?;
+        let got = tls::peer_id(&chain[0]).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if &got != id {
+            return Err(ClientError::Protocol(format!("CA issued {got}, not {id}")));
+        }
+        parse_certs(&a.trust_bundle).map_err(ClientError::Protocol)?;
+        let v = validity_of(&chain[0]).map_err(ClientError::Protocol)?;
+        tls::certified_key(&a.certificate_chain, &key_pem, &tls::provider())
+            .map_err(|e| ClientError::Protocol(format!("certificate does not match our key: {e}")))?;
+        Ok(Credentials {
+            spiffe_id: got,
+            chain_pem: a.certificate_chain,
+            key_pem,
+            bundle_pem: a.trust_bundle,
+            not_before: v.not_before,
+            not_after: v.not_after,
+        })
+    }
+
+    fn tls_config(&self, current: Option<&Credentials>) -> Result<ClientConfig, ClientError> {
+        let provider = tls::provider();
+        let local = |e: String| ClientError::Local(format!("tls setup: {e}"));
+        let bundle = parse_certs(&self.bundle_pem).map_err(local)?;
+        let roots = tls::root_store(&bundle).map_err(|e| local(e.to_string()))?;
+        let verifier = SpiffeServerVerifier::new(
+            roots,
+            self.trust_domain.clone(),
+            IdentityPattern::Exact(server_id(&self.trust_domain)),
+            provider.clone(),
+        );
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| local(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier));
+        let mut config = match current {
+            Some(c) => {
+                let resolver = RotatingCert::default();
+                resolver.set(tls::certified_key(&c.chain_pem, &c.key_pem, &provider).map_err(|e| local(e.to_string()))?);
+                builder.with_client_cert_resolver(Arc::new(resolver) as Arc<dyn ResolvesClientCert>)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        current: Option<&Credentials>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let config = self.tls_config(current)?;
+        match tokio::time::timeout(CALL_TIMEOUT, self.call_inner(config, method, path, body)).await {
+            Ok(r) => r,
+            Err(_) => Err(self.unreachable("timed out")),
+        }
+    }
+
+    fn unreachable(&self, detail: impl ToString) -> ClientError {
+        ClientError::Unreachable {
+            addr: self.addr.clone(),
+            detail: detail.to_string(),
+        }
+    }
+
+    async fn call_inner(
+        &self,
+        config: ClientConfig,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let tcp = TcpStream::connect(&self.addr).await.map_err(|e| self.unreachable(e))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.host.clone()).map_err(|e| self.unreachable(e))?;
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| self.unreachable(format!("tls: {e}")))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, self.addr.as_str())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        // With TLS 1.3 a refused client certificate shows up here, on the first read.
+        let resp = sender.send_request(req).await.map_err(|e| self.unreachable(e))?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| self.unreachable(e))?
+            .to_bytes();
+        Ok((status, body))
+    }
+}
+
+fn humantime_secs(d: Duration) -> String {
+    format!("{}s", d.as_secs().max(1))
+}
+
+fn refusal(status: StatusCode, body: &[u8]) -> ClientError {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let reason = v["type"]
+        .as_str()
+        .and_then(|t| t.strip_prefix(crate::http::PROBLEM_TYPE_BASE))
+        .unwrap_or("unknown")
+        .to_owned();
+    let detail = v["detail"].as_str().unwrap_or("no detail").to_owned();
+    ClientError::Refused {
+        status: status.as_u16(),
+        reason,
+        detail,
+    }
+}

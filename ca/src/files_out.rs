@@ -1,0 +1,52 @@
+//! Writing a workload's credentials: `cert.pem` (leaf then intermediates),
+//! `key.pem` (0600) and `bundle.pem`, each replaced atomically so a process
+//! watching the directory never reads half a file.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+use crate::authority::CaError;
+
+/// File names in an output directory.
+pub const CERT: &str = "cert.pem";
+/// Private key file.
+pub const KEY: &str = "key.pem";
+/// Trust bundle file.
+pub const BUNDLE: &str = "bundle.pem";
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `contents` to `path` through a temporary file and a rename.
+fn replace(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
+    let tmp = path.with_extension("pem.tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Writes the three credential files into `dir` (created 0700 if missing).
+/// The key goes first, so a watcher that sees a new certificate finds its key.
+pub fn write_credentials(dir: &Path, chain_pem: &str, key_pem: &str, bundle_pem: &str) -> Result<(), CaError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))?;
+    replace(&dir.join(KEY), key_pem, 0o600)?;
+    replace(&dir.join(CERT), chain_pem, 0o644)?;
+    replace(&dir.join(BUNDLE), bundle_pem, 0o644)
+}

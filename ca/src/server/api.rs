@@ -1,0 +1,133 @@
+//! The CA's HTTPS API.
+//!
+//! - `POST /v1/certify`: `{"csr": PEM, "token": "...", "ttl": "1h"}` with a
+//!   join token (bootstrap), or without one over mTLS with the current SVID
+//!   (renewal). Answers the chain, the bundle and the expiry, or a
+//!   problem+json refusal.
+//! - `GET /v1/bundle`: the trust bundle as PEM; `?format=spiffe` (or
+//!   `Accept: application/json`) for the SPIFFE JSON bundle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use warden_config::HumanDuration;
+
+use crate::http::{Body, BodyError, problem, read_body, respond};
+use crate::service::{CaService, Caller, CertifyRequest, Refusal};
+use crate::token::MAX_TOKEN_LEN;
+
+/// Largest certify request body; a P-256 CSR plus a token is about 1 KiB.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// How long a client may take to send its body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The JSON a client posts to `/v1/certify`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertifyBody {
+    /// PEM certificate signing request.
+    pub csr: String,
+    /// One-time join token (bootstrap only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Requested lifetime such as `1h`; the CA caps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// The JSON `/v1/certify` answers on success.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CertifyAnswer {
+    /// The identity in the certificate.
+    pub spiffe_id: String,
+    /// Leaf then intermediate, PEM.
+    pub certificate_chain: String,
+    /// Trust roots, PEM.
+    pub trust_bundle: String,
+    /// Serial number, hex.
+    pub serial: String,
+    /// NotBefore, RFC 3339.
+    pub not_before: String,
+    /// NotAfter, RFC 3339.
+    pub not_after: String,
+}
+
+/// Routes one request.
+pub async fn handle(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/certify") => certify(&svc, caller, req).await,
+        (&Method::GET | &Method::HEAD, "/v1/bundle") => bundle(&svc, &req),
+        (_, "/v1/certify" | "/v1/bundle") => problem(405, "method_not_allowed", "method not allowed on this path"),
+        _ => problem(404, "not_found", "no such endpoint"),
+    }
+}
+
+async fn certify(svc: &CaService, caller: Caller, req: Request<Incoming>) -> Response<Body> {
+    let now = OffsetDateTime::now_utc();
+    // Refused before the request says whether it bootstraps or renews.
+    let refuse = |r: Refusal| async move {
+        svc.record_refusal("malformed", &r, None, now).await;
+        problem(r.status(), r.reason(), &r.to_string())
+    };
+    let bytes = match read_body(req.into_body(), MAX_BODY_BYTES, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge(n)) => return refuse(Refusal::TooLarge(n)).await,
+        Err(e) => return refuse(Refusal::BadRequest(e.to_string())).await,
+    };
+    let body: CertifyBody = match serde_json::from_slice(&bytes) {
+        Ok(b) => b,
+        Err(e) => return refuse(Refusal::BadRequest(format!("body is not a certify request: {e}"))).await,
+    };
+    if body.token.as_ref().is_some_and(|t| t.len() > MAX_TOKEN_LEN) {
+        return refuse(Refusal::TokenUnknown).await;
+    }
+    let ttl = match body.ttl.as_deref().map(HumanDuration::parse).transpose() {
+        Ok(t) => t.map(|d| d.0),
+        Err(e) => return refuse(Refusal::BadRequest(e)).await,
+    };
+    let request = CertifyRequest {
+        csr: body.csr,
+        token: body.token,
+        ttl,
+    };
+    match svc.certify(request, caller, now).await {
+        Ok(issued) => {
+            let fmt = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
+            let answer = CertifyAnswer {
+                spiffe_id: issued.spiffe_id.to_string(),
+                certificate_chain: issued.svid.chain_pem,
+                trust_bundle: issued.bundle_pem,
+                serial: issued.svid.serial,
+                not_before: fmt(issued.svid.validity.not_before),
+                not_after: fmt(issued.svid.validity.not_after),
+            };
+            match serde_json::to_vec(&answer) {
+                Ok(json) => respond(StatusCode::OK, "application/json", json),
+                Err(e) => problem(500, "internal", &e.to_string()),
+            }
+        }
+        // The service already counted, logged and audited it.
+        Err(r) => problem(r.status(), r.reason(), &r.to_string()),
+    }
+}
+
+fn bundle(svc: &CaService, req: &Request<Incoming>) -> Response<Body> {
+    let wants_json = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "format=spiffe"))
+        || req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("application/json"));
+    if wants_json {
+        let json = crate::bundle::spiffe_json(svc.authority.bundle(), 1);
+        respond(StatusCode::OK, "application/json", json.to_string())
+    } else {
+        respond(StatusCode::OK, "application/x-pem-file", svc.authority.bundle_pem().to_owned())
+    }
+}

@@ -1,0 +1,219 @@
+//! `warden ca serve`: the CA's HTTPS API and admin listeners.
+//!
+//! The API is served with a certificate the CA issues to itself
+//! (`spiffe://<td>/warden/ca`), renewed at half-life. Clients may present an
+//! SVID (renewal) or none (bootstrap with a join token); a presented
+//! certificate must verify against the bundle and carry exactly one SPIFFE ID
+//! in this trust domain, or the handshake fails and is counted by reason.
+
+pub mod api;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::ServerConfig;
+use time::OffsetDateTime;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::authority::CaError;
+use crate::lifetime::renew_at;
+use crate::ratelog::LogLimiter;
+use crate::service::{CaService, Caller};
+use crate::tls::{self, RotatingCert, SpiffeClientVerifier};
+
+/// Most simultaneous API connections; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Longest a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest SIGTERM waits for in-flight requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+static HANDSHAKE_LOG: LogLimiter = LogLimiter::new(10);
+
+/// Prints the fixed startup line for a bound listener (DESIGN.md).
+pub fn announce(name: &str, addr: SocketAddr) {
+    println!("listening {name} {addr}");
+}
+
+/// Binds both listeners, obtains the serving certificate, prints the startup
+/// lines, and serves until `shutdown` turns true; then drains.
+pub async fn run(
+    svc: Arc<CaService>,
+    api_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), CaError> {
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| CaError::Io {
+            path: addr.to_string().into(),
+            source,
+        })
+    };
+    let api = bind(api_addr).await?;
+    let admin = bind(admin_addr).await?;
+    let local = |l: &TcpListener| l.local_addr().unwrap_or(api_addr);
+    announce("api", local(&api));
+    announce("admin", local(&admin));
+
+    let cert = Arc::new(RotatingCert::default());
+    let cert_valid_until = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let next = renew_serving_cert(&svc, &cert, &cert_valid_until).await?;
+    let listening = Arc::new(AtomicBool::new(true));
+    let ready = {
+        let until = cert_valid_until.clone();
+        let listening = listening.clone();
+        Arc::new(move || {
+            listening.load(Ordering::Relaxed)
+                && until.load(Ordering::Relaxed) > OffsetDateTime::now_utc().unix_timestamp()
+        })
+    };
+    tokio::spawn(crate::admin::serve(admin, svc.metrics.registry.clone(), ready, shutdown.clone()));
+    tokio::spawn(keep_renewing(svc.clone(), cert.clone(), cert_valid_until, next));
+
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(&svc, cert)?));
+    println!("ready");
+    tracing::info!(api = %local(&api), id = %svc.authority.server_id(), "CA serving");
+    accept_loop(svc, api, acceptor, shutdown).await;
+    listening.store(false, Ordering::Relaxed);
+    Ok(())
+}
+
+fn server_config(svc: &CaService, cert: Arc<RotatingCert>) -> Result<ServerConfig, CaError> {
+    let provider = tls::provider();
+    let tls_err = |e: String| CaError::Audit(format!("tls setup: {e}"));
+    let roots = tls::root_store(svc.authority.bundle()).map_err(|e| tls_err(e.to_string()))?;
+    let verifier = SpiffeClientVerifier::new(roots, svc.authority.trust_domain().clone(), provider.clone(), true)
+        .map_err(|e| tls_err(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_err(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Issues the server's own certificate and installs it; returns when to renew.
+async fn renew_serving_cert(
+    svc: &CaService,
+    cert: &RotatingCert,
+    valid_until: &std::sync::atomic::AtomicI64,
+) -> Result<OffsetDateTime, CaError> {
+    let now = OffsetDateTime::now_utc();
+    let (issued, key_pem) = svc
+        .issue_local(&svc.authority.server_id(), None, "self", now)
+        .await
+        .map_err(|e| CaError::Audit(format!("issuing the server certificate: {e}")))?;
+    let key = tls::certified_key(&issued.svid.chain_pem, &key_pem, &tls::provider())
+        .map_err(|e| CaError::Audit(format!("loading the server certificate: {e}")))?;
+    cert.set(key);
+    let v = issued.svid.validity;
+    valid_until.store(v.not_after.unix_timestamp(), Ordering::Relaxed);
+    svc.metrics
+        .cert_expiry
+        .with_label_values(&["serving"])
+        .set(v.not_after.unix_timestamp() as f64);
+    let jitter = (rand::random::<f64>() - 0.5) / 5.0;
+    Ok(renew_at(v.not_before, v.not_after, jitter))
+}
+
+async fn keep_renewing(
+    svc: Arc<CaService>,
+    cert: Arc<RotatingCert>,
+    valid_until: Arc<std::sync::atomic::AtomicI64>,
+    mut next: OffsetDateTime,
+) {
+    loop {
+        let wait = (next - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+        tokio::time::sleep(wait.unsigned_abs()).await;
+        match renew_serving_cert(&svc, &cert, &valid_until).await {
+            Ok(n) => next = n,
+            Err(e) => {
+                tracing::error!(error = %e, "renewing the CA server certificate failed; retrying in 30s");
+                next = OffsetDateTime::now_utc() + Duration::from_secs(30);
+            }
+        }
+    }
+}
+
+async fn accept_loop(svc: Arc<CaService>, listener: TcpListener, acceptor: TlsAcceptor, mut shutdown: watch::Receiver<bool>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(crate::http::server_builder());
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let svc = svc.clone();
+        let acceptor = acceptor.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some((tls, caller)) = handshake(&svc, &acceptor, stream, peer).await else { return };
+            let svc2 = svc.clone();
+            let service = service_fn(move |req| {
+                let (svc, caller) = (svc2.clone(), caller.clone());
+                async move { Ok::<_, std::convert::Infallible>(api::handle(svc, caller, req).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(tls), service).into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("drain timeout: closing connections with requests in flight");
+    }
+}
+
+async fn handshake(
+    svc: &CaService,
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Caller)> {
+    let _ = stream.set_nodelay(true);
+    let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")),
+    };
+    let tls = match result {
+        Ok(tls) => tls,
+        Err(e) => {
+            let reason = tls::handshake_failure_reason(&e);
+            svc.metrics.handshake_failures.with_label_values(&[reason]).inc();
+            if HANDSHAKE_LOG.allow() {
+                tracing::warn!(%peer, reason, error = %e, "handshake refused");
+            }
+            return None;
+        }
+    };
+    let caller = match tls::verified_client(tls.get_ref().1, svc.authority.trust_domain()) {
+        None => Caller::Anonymous,
+        Some(Ok(p)) => Caller::Svid(p.into_id()),
+        // The verifier already refused such certificates; never reached.
+        Some(Err(e)) => {
+            svc.metrics.handshake_failures.with_label_values(&[e.reason()]).inc();
+            return None;
+        }
+    };
+    Some((tls, caller))
+}

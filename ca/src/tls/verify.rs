@@ -1,0 +1,183 @@
+//! Certificate verifiers that check the chain with webpki and then the SPIFFE
+//! ID (rustls-webpki has no URI-name matching, so the stock server verifier
+//! would refuse every URI-only certificate).
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use warden_config::{IdentityPattern, TrustDomain};
+
+use super::peer::{PeerIdError, VerifiedPeer};
+
+fn identity_error(e: PeerIdError) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// Client side: verifies a server's chain against one trust domain's bundle
+/// and requires its SPIFFE ID to match `expected` (secure naming).
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    trust_domain: TrustDomain,
+    expected: IdentityPattern,
+    provider: Arc<CryptoProvider>,
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier for servers in `trust_domain` (whose roots are `roots`)
+    /// that must prove an identity matching `expected`.
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        trust_domain: TrustDomain,
+        expected: IdentityPattern,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
+        Self {
+            roots,
+            trust_domain,
+            expected,
+            provider,
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let peer = VerifiedPeer::from_verified_leaf(end_entity, &self.trust_domain)
+            .map_err(identity_error)?;
+        if !self.expected.matches(peer.id()) {
+            tracing::debug!(got = %peer.id(), expected = %self.expected, "server identity mismatch");
+            return Err(Error::InvalidCertificate(CertificateError::NotValidForName));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Server side: webpki's client verifier (chain, clientAuth EKU, validity)
+/// followed by the SPIFFE checks, so a certificate with two URI SANs or from
+/// the wrong trust domain fails the handshake itself.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: TrustDomain,
+}
+
+impl SpiffeClientVerifier {
+    /// `optional`: also accept clients that present no certificate (the CA
+    /// API, where a join token proves the identity instead).
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        trust_domain: TrustDomain,
+        provider: Arc<CryptoProvider>,
+        optional: bool,
+    ) -> Result<Self, rustls::server::VerifierBuilderError> {
+        let builder = WebPkiClientVerifier::builder_with_provider(roots, provider);
+        let builder = if optional { builder.allow_unauthenticated() } else { builder };
+        Ok(Self {
+            inner: builder.build()?,
+            trust_domain,
+        })
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints would list our CA names to anyone who connects; peers know their CA.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        VerifiedPeer::from_verified_leaf(end_entity, &self.trust_domain).map_err(identity_error)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The verified identity of a TLS connection's client, if it presented a
+/// certificate. Only meaningful on a connection whose config used
+/// [`SpiffeClientVerifier`], which already checked everything this reads.
+pub fn verified_client(
+    conn: &rustls::ServerConnection,
+    trust_domain: &TrustDomain,
+) -> Option<Result<VerifiedPeer, PeerIdError>> {
+    let leaf = conn.peer_certificates()?.first()?;
+    Some(VerifiedPeer::from_verified_leaf(leaf, trust_domain))
+}
