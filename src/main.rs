@@ -1,1 +1,444 @@
-fn main(){}
+//! `warden`: the CLI. Parses arguments, wires the crates together, handles
+//! signals and exit codes (2: bad usage or config; 1: the command failed).
+//! No logic of its own lives here.
+
+#![forbid(unsafe_code)]
+
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use time::OffsetDateTime;
+
+use warden_ca::client::{CaClient, Credentials};
+use warden_ca::{Authority, CaService, InitOptions, files_out};
+use warden_config::{CaConfig, SpiffeId, TrustDomain};
+
+/// warden: mTLS zero-trust sidecar with a built-in SPIFFE certificate authority.
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "WARDEN_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The certificate authority: create it, issue identities, serve the API.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Validate a config file: exit 0, or exit 2 listing `file:line:column: problem`.
+    Check {
+        /// The file to check.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the whole system on loopback and show what it does, step by step.
+    Demo,
+}
+
+#[derive(Args)]
+struct DirArg {
+    /// The CA's directory.
+    #[arg(long, env = "WARDEN_CA_DIR")]
+    dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA: a root and an intermediate (or an intermediate under an existing root).
+    Init {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The trust domain to issue identities in, e.g. example.org.
+        #[arg(long)]
+        trust_domain: TrustDomain,
+        /// An existing root certificate (PEM) to put the intermediate under.
+        #[arg(long, requires = "root_key")]
+        root_cert: Option<PathBuf>,
+        /// The existing root's private key (PEM); it is used once and not copied.
+        #[arg(long, requires = "root_cert")]
+        root_key: Option<PathBuf>,
+        /// Lifetime of the root this command creates.
+        #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+        root_ttl: Duration,
+        /// Lifetime of the intermediate (capped at the root's).
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        intermediate_ttl: Duration,
+    },
+    /// Issue a certificate and key for a workload, offline, into a directory.
+    Issue {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The workload's SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: SpiffeId,
+        /// Where to write cert.pem, key.pem (0600) and bundle.pem.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Certificate lifetime (capped by the CA's max_ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Print a one-time join token for a SPIFFE ID.
+    Token {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The identity the token lets its holder obtain.
+        #[arg(long)]
+        spiffe_id: SpiffeId,
+        /// How long the token stays usable (default: the CA's token_ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Serve the CA's HTTPS API and admin endpoints.
+    Serve {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Address of the API listener (port 0 picks one).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// Address of the admin listener (/live, /ready, /metrics).
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        admin: SocketAddr,
+    },
+    /// Stop issuing and renewing certificates for a SPIFFE ID (takes effect at once).
+    Deny {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The identity to deny.
+        #[arg(long)]
+        spiffe_id: SpiffeId,
+    },
+    /// Undo `deny`.
+    Allow {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The identity to allow again.
+        #[arg(long)]
+        spiffe_id: SpiffeId,
+    },
+    /// Audit trail tools.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Obtain a certificate from a CA server: with a join token, or by renewing a current one.
+    Certify {
+        /// The CA server, e.g. https://127.0.0.1:8443.
+        #[arg(long)]
+        server: String,
+        /// The CA's trust bundle (PEM) to verify the server with.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The identity to obtain.
+        #[arg(long)]
+        spiffe_id: SpiffeId,
+        /// A join token (for a first certificate).
+        #[arg(long, env = "WARDEN_JOIN_TOKEN", conflicts_with = "renew_from")]
+        token: Option<String>,
+        /// Renew: a directory holding the current cert.pem and key.pem.
+        #[arg(long)]
+        renew_from: Option<PathBuf>,
+        /// Where to write cert.pem, key.pem (0600) and bundle.pem.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Requested lifetime (the CA caps it).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the audit trail for edited, deleted, inserted or reordered lines.
+    Verify {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+}
+
+/// A failed command: what to print and the exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Self {
+            code: 1,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn usage(message: impl std::fmt::Display) -> Failure {
+    Failure {
+        code: 2,
+        message: message.to_string(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Demo) {
+        "error"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Logs go to stderr (stdout carries the `listening`/`ready` lines and
+/// command output). `WARDEN_LOG` sets the filter; the demo is quiet by default.
+fn init_logging(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WARDEN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Opens the CA in `dir`; a bad settings file is a usage error (exit 2).
+async fn open_ca(dir: &std::path::Path) -> Result<CaService, Failure> {
+    let authority = Authority::open(dir).map_err(|e| match e {
+        warden_ca::CaError::Config(d) => usage(d),
+        other => Failure::from(other),
+    })?;
+    Ok(CaService::open(authority).await?)
+}
+
+async fn run(command: Command) -> Result<(), Failure> {
+    let now = OffsetDateTime::now_utc();
+    match command {
+        Command::Ca(ca) => run_ca(ca, now).await,
+        Command::Check { config } => {
+            CaConfig::load(&config).map_err(usage)?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::Demo => demo::run().await.map_err(Failure::from),
+    }
+}
+
+async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> {
+    match command {
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            root_cert,
+            root_key,
+            root_ttl,
+            intermediate_ttl,
+        } => {
+            let opts = InitOptions {
+                external_root: root_cert.zip(root_key),
+                root_ttl,
+                intermediate_ttl,
+            };
+            let authority = Authority::init(&dir.dir, &trust_domain, &opts, now)?;
+            let svc = CaService::open(authority).await?;
+            let event = warden_ca::audit::Event::new("ca_initialized")
+                .with("trust_domain", trust_domain.as_str())
+                .with("external_root", opts.external_root.is_some());
+            svc.audit(event, now).await?;
+            println!(
+                "created CA for trust domain {trust_domain} in {}",
+                dir.dir.display()
+            );
+            println!(
+                "trust bundle: {}",
+                dir.dir.join(warden_ca::authority::files::BUNDLE).display()
+            );
+            Ok(())
+        }
+        CaCommand::Issue {
+            dir,
+            spiffe_id,
+            out_dir,
+            ttl,
+        } => {
+            let svc = open_ca(&dir.dir).await?;
+            let (issued, key_pem) = svc.issue_local(&spiffe_id, ttl, "offline", now).await?;
+            files_out::write_credentials(
+                &out_dir,
+                &issued.svid.chain_pem,
+                &key_pem,
+                &issued.bundle_pem,
+            )?;
+            println!(
+                "issued {spiffe_id} (serial {}, valid until {}) into {}",
+                issued.svid.serial,
+                rfc3339(issued.svid.validity.not_after),
+                out_dir.display()
+            );
+            Ok(())
+        }
+        CaCommand::Token {
+            dir,
+            spiffe_id,
+            ttl,
+        } => {
+            let svc = open_ca(&dir.dir).await?;
+            let (token, _expires) = svc.create_token(&spiffe_id, ttl, now).await?;
+            println!("{token}");
+            Ok(())
+        }
+        CaCommand::Serve { dir, listen, admin } => {
+            let svc = Arc::new(open_ca(&dir.dir).await?);
+            let api = warden_ca::server::bind("api", listen).await?;
+            let admin = warden_ca::server::bind("admin", admin).await?;
+            warden_ca::server::run(svc, api, admin, shutdown_on_signal()).await?;
+            Ok(())
+        }
+        CaCommand::Deny { dir, spiffe_id } => set_denied(&dir.dir, &spiffe_id, true, now).await,
+        CaCommand::Allow { dir, spiffe_id } => set_denied(&dir.dir, &spiffe_id, false, now).await,
+        CaCommand::Audit(AuditCommand::Verify { dir }) => {
+            let lines = warden_ca::audit::verify_dir(&dir.dir)
+                .await
+                .map_err(|e| Failure {
+                    code: 1,
+                    message: format!("audit trail: {e}"),
+                })?;
+            println!("audit trail ok: {lines} lines");
+            Ok(())
+        }
+        CaCommand::Certify {
+            server,
+            bundle,
+            spiffe_id,
+            token,
+            renew_from,
+            out_dir,
+            ttl,
+        } => {
+            let bundle_pem = std::fs::read_to_string(&bundle)
+                .map_err(|e| usage(format!("{}: {e}", bundle.display())))?;
+            let client =
+                CaClient::new(&server, spiffe_id.trust_domain(), &bundle_pem).map_err(usage)?;
+            let creds = match (token, renew_from) {
+                (Some(token), None) => client.bootstrap(&spiffe_id, &token, ttl).await?,
+                (None, Some(from)) => {
+                    client
+                        .renew(&read_credentials(&from, &spiffe_id)?, ttl)
+                        .await?
+                }
+                _ => return Err(usage("give either --token or --renew-from")),
+            };
+            files_out::write_credentials(
+                &out_dir,
+                &creds.chain_pem,
+                &creds.key_pem,
+                &creds.bundle_pem,
+            )?;
+            println!(
+                "obtained {} (valid until {}) into {}",
+                creds.spiffe_id,
+                rfc3339(creds.not_after),
+                out_dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn set_denied(
+    dir: &std::path::Path,
+    id: &SpiffeId,
+    deny: bool,
+    now: OffsetDateTime,
+) -> Result<(), Failure> {
+    let svc = open_ca(dir).await?;
+    let changed = svc.set_denied(id, deny, now).await?;
+    let state = if deny { "denied" } else { "allowed" };
+    let note = if changed { "" } else { " (no change)" };
+    println!("{id} {state}{note}");
+    Ok(())
+}
+
+fn read_credentials(dir: &std::path::Path, id: &SpiffeId) -> Result<Credentials, Failure> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).map_err(|e| usage(format!("{}: {e}", path.display())))
+    };
+    let chain_pem = read(files_out::CERT)?;
+    let certs = warden_ca::authority::parse_certs(&chain_pem).map_err(usage)?;
+    let v = warden_ca::authority::validity_of(&certs[0]).map_err(usage)?;
+    Ok(Credentials {
+        spiffe_id: id.clone(),
+        chain_pem,
+        key_pem: read(files_out::KEY)?,
+        bundle_pem: read(files_out::BUNDLE)?,
+        not_before: v.not_before,
+        not_after: v.not_after,
+    })
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A channel that turns true on SIGTERM or Ctrl-C.
+fn shutdown_on_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = term => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        let _ = tx.send(true);
+    });
+    rx
+}

@@ -18,7 +18,12 @@ use crate::http::{Body, respond, server_builder};
 pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Serves the admin endpoints on `listener` until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, registry: Registry, ready: ReadyCheck, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    ready: ReadyCheck,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let builder = Arc::new(server_builder());
     loop {
         let (stream, _) = tokio::select! {
@@ -46,7 +51,11 @@ pub async fn serve(listener: TcpListener, registry: Registry, ready: ReadyCheck,
 
 fn answer(req: &Request<Incoming>, registry: &Registry, ready: &ReadyCheck) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n");
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        );
     }
     match req.uri().path() {
         "/live" => respond(StatusCode::OK, "text/plain", "live\n"),
@@ -57,7 +66,11 @@ fn answer(req: &Request<Incoming>, registry: &Registry, ready: &ReadyCheck) -> R
             let encoder = TextEncoder::new();
             match encoder.encode(&registry.gather(), &mut buf) {
                 Ok(()) => respond(StatusCode::OK, encoder.format_type(), buf),
-                Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+                Err(e) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
             }
         }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),

@@ -59,7 +59,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Appends `event` to the trail at `path` within `tx`; the caller commits.
-pub async fn append(tx: &mut WriteTx, path: &Path, event: Event, now: OffsetDateTime) -> Result<(), CaError> {
+pub async fn append(
+    tx: &mut WriteTx,
+    path: &Path,
+    event: Event,
+    now: OffsetDateTime,
+) -> Result<(), CaError> {
     let head = store::read_audit_head(tx).await?;
     let audit_err = |e: std::io::Error| CaError::Audit(format!("{}: {e}", path.display()));
     let mut file = OpenOptions::new()
@@ -92,7 +97,10 @@ pub async fn append(tx: &mut WriteTx, path: &Path, event: Event, now: OffsetDate
     obj.insert("prev".into(), head.hash.into());
     let body = Value::Object(obj).to_string();
     let hash = sha256_hex(body.as_bytes());
-    let line = format!("{}{HASH_PREFIX}{hash}{HASH_SUFFIX}\n", &body[..body.len() - 1]);
+    let line = format!(
+        "{}{HASH_PREFIX}{hash}{HASH_SUFFIX}\n",
+        &body[..body.len() - 1]
+    );
     file.write_all(line.as_bytes()).map_err(audit_err)?;
 
     let new_head = AuditHead {
@@ -142,11 +150,16 @@ pub fn verify_text(text: &str, head: &AuditHead) -> Result<usize, AuditFault> {
     if count > recorded {
         return Err(fault(
             recorded + 1,
-            format!("not recorded by the store, which has {recorded} lines: written outside warden?"),
+            format!(
+                "not recorded by the store, which has {recorded} lines: written outside warden?"
+            ),
         ));
     }
     if count > 0 && prev != head.hash {
-        return Err(fault(count, "differs from the store's record of the last line".into()));
+        return Err(fault(
+            count,
+            "differs from the store's record of the last line".into(),
+        ));
     }
     Ok(count)
 }
@@ -176,7 +189,9 @@ fn check_line(line: &str, seq: usize, prev: &str) -> Result<String, String> {
         ));
     }
     if v.get("prev").and_then(Value::as_str) != Some(prev) {
-        return Err("does not follow the line before it (a line was deleted, inserted or moved)".into());
+        return Err(
+            "does not follow the line before it (a line was deleted, inserted or moved)".into(),
+        );
     }
     Ok(hash.to_owned())
 }

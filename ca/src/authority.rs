@@ -246,21 +246,43 @@ impl Authority {
                     not_after: now + opts.root_ttl,
                 };
                 let cert = profile::root(td, validity)?.self_signed(&key)?;
-                write_new(&dir.join(files::ROOT_KEY), key.serialize_pem().as_bytes(), true)?;
+                write_new(
+                    &dir.join(files::ROOT_KEY),
+                    key.serialize_pem().as_bytes(),
+                    true,
+                )?;
                 (cert.der().clone(), key, validity)
             }
         };
         let root_issuer = Issuer::from_ca_cert_der(&root_der, root_key)?;
         let int_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let int_validity = cap_lifetime(opts.intermediate_ttl, opts.intermediate_ttl, root_validity, now);
-        let int_cert = profile::intermediate(td, int_validity)?.signed_by(&int_key, &root_issuer)?;
+        let int_validity = cap_lifetime(
+            opts.intermediate_ttl,
+            opts.intermediate_ttl,
+            root_validity,
+            now,
+        );
+        let int_cert =
+            profile::intermediate(td, int_validity)?.signed_by(&int_key, &root_issuer)?;
 
-        write_new(&dir.join(files::INTERMEDIATE_KEY), int_key.serialize_pem().as_bytes(), true)?;
-        write_new(&dir.join(files::INTERMEDIATE_CERT), int_cert.pem().as_bytes(), false)?;
+        write_new(
+            &dir.join(files::INTERMEDIATE_KEY),
+            int_key.serialize_pem().as_bytes(),
+            true,
+        )?;
+        write_new(
+            &dir.join(files::INTERMEDIATE_CERT),
+            int_cert.pem().as_bytes(),
+            false,
+        )?;
         let root_pem = certs_pem(std::slice::from_ref(&root_der));
         write_new(&dir.join(files::ROOT_CERT), root_pem.as_bytes(), false)?;
         write_new(&dir.join(files::BUNDLE), root_pem.as_bytes(), false)?;
-        write_new(&dir.join(files::CONFIG), CaConfig::initial_text(td).as_bytes(), false)?;
+        write_new(
+            &dir.join(files::CONFIG),
+            CaConfig::initial_text(td).as_bytes(),
+            false,
+        )?;
         Self::open(dir)
     }
 
@@ -270,10 +292,11 @@ impl Authority {
         let int_path = dir.join(files::INTERMEDIATE_CERT);
         let intermediate = read_certs(&int_path)?.swap_remove(0);
         let key = read_key(&dir.join(files::INTERMEDIATE_KEY))?;
-        let intermediate_validity = validity_of(&intermediate).map_err(|what| CaError::BadFile {
-            path: int_path.clone(),
-            what,
-        })?;
+        let intermediate_validity =
+            validity_of(&intermediate).map_err(|what| CaError::BadFile {
+                path: int_path.clone(),
+                what,
+            })?;
         let issuer = Issuer::from_ca_cert_der(&intermediate, key)?;
         let bundle = read_certs(&dir.join(files::BUNDLE))?;
         let bundle_pem = certs_pem(&bundle);
@@ -358,14 +381,21 @@ pub fn server_id(td: &TrustDomain) -> SpiffeId {
 }
 
 /// An external root must be a CA certificate whose public key is the given key's.
-fn check_external_root(path: &Path, der: &CertificateDer<'_>, key: &KeyPair) -> Result<(), CaError> {
+fn check_external_root(
+    path: &Path,
+    der: &CertificateDer<'_>,
+    key: &KeyPair,
+) -> Result<(), CaError> {
     let bad = |what: &str| CaError::BadFile {
         path: path.to_path_buf(),
         what: what.to_owned(),
     };
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| bad("not a certificate"))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| bad("not a certificate"))?;
     if !cert.is_ca() {
-        return Err(bad("the root certificate is not a CA (basicConstraints CA:TRUE missing)"));
+        return Err(bad(
+            "the root certificate is not a CA (basicConstraints CA:TRUE missing)",
+        ));
     }
     if cert.public_key().raw != key.subject_public_key_info().as_slice() {
         return Err(bad("the root key does not belong to the root certificate"));

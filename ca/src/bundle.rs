@@ -26,7 +26,11 @@ fn jwk(cert: &CertificateDer<'_>) -> Value {
     let mut key = json!({ "use": "x509-svid", "x5c": [STANDARD.encode(cert)] });
     if let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) {
         let spki = parsed.public_key();
-        let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
         let point = spki.subject_public_key.data.as_ref();
         // An uncompressed P-256 point: 0x04 || X (32 bytes) || Y (32 bytes).
         if spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY

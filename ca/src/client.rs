@@ -98,11 +98,25 @@ pub struct CaClient {
 impl CaClient {
     /// A client for the CA at `url` (`https://host:port` or `host:port`) of
     /// `trust_domain`, trusting the roots in `bundle_pem`.
-    pub fn new(url: &str, trust_domain: TrustDomain, bundle_pem: &str) -> Result<Self, ClientError> {
-        let addr = url.strip_prefix("https://").unwrap_or(url).trim_end_matches('/').to_owned();
+    pub fn new(
+        url: &str,
+        trust_domain: TrustDomain,
+        bundle_pem: &str,
+    ) -> Result<Self, ClientError> {
+        let addr = url
+            .strip_prefix("https://")
+            .unwrap_or(url)
+            .trim_end_matches('/')
+            .to_owned();
         let host = match addr.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() => h.trim_start_matches('[').trim_end_matches(']').to_owned(),
-            _ => return Err(ClientError::Local(format!("CA address {url:?} needs a host and a port"))),
+            Some((h, p)) if p.parse::<u16>().is_ok() => {
+                h.trim_start_matches('[').trim_end_matches(']').to_owned()
+            }
+            _ => {
+                return Err(ClientError::Local(format!(
+                    "CA address {url:?} needs a host and a port"
+                )));
+            }
         };
         parse_certs(bundle_pem).map_err(|e| ClientError::Local(format!("trust bundle: {e}")))?;
         Ok(Self {
@@ -114,22 +128,35 @@ impl CaClient {
     }
 
     /// Obtains a first identity for `id` with a one-time join token.
-    pub async fn bootstrap(&self, id: &SpiffeId, token: &str, ttl: Option<Duration>) -> Result<Credentials, ClientError> {
+    pub async fn bootstrap(
+        &self,
+        id: &SpiffeId,
+        token: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Credentials, ClientError> {
         self.certify(id, Some(token), ttl, None).await
     }
 
     /// Renews `current` (same identity, new key) over mTLS with it.
-    pub async fn renew(&self, current: &Credentials, ttl: Option<Duration>) -> Result<Credentials, ClientError> {
-        self.certify(&current.spiffe_id, None, ttl, Some(current)).await
+    pub async fn renew(
+        &self,
+        current: &Credentials,
+        ttl: Option<Duration>,
+    ) -> Result<Credentials, ClientError> {
+        self.certify(&current.spiffe_id, None, ttl, Some(current))
+            .await
     }
 
     /// Fetches the trust bundle (PEM) the CA hands out now.
     pub async fn fetch_bundle(&self) -> Result<String, ClientError> {
-        let (status, body) = self.call(Method::GET, "/v1/bundle", Bytes::new(), None).await?;
+        let (status, body) = self
+            .call(Method::GET, "/v1/bundle", Bytes::new(), None)
+            .await?;
         if status != StatusCode::OK {
             return Err(refusal(status, &body));
         }
-        let text = String::from_utf8(body.to_vec()).map_err(|_| ClientError::Protocol("bundle is not text".into()))?;
+        let text = String::from_utf8(body.to_vec())
+            .map_err(|_| ClientError::Protocol("bundle is not text".into()))?;
         parse_certs(&text).map_err(ClientError::Protocol)?;
         Ok(text)
     }
@@ -146,24 +173,35 @@ impl CaClient {
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(id.as_str().try_into().map_err(local)?)];
-        let csr = params.serialize_request(&key).map_err(local)?.pem().map_err(local)?;
+        let csr = params
+            .serialize_request(&key)
+            .map_err(local)?
+            .pem()
+            .map_err(local)?;
         let body = CertifyBody {
             csr,
             token: token.map(str::to_owned),
             ttl: ttl.map(|t| humantime_secs(t)),
         };
         let json = serde_json::to_vec(&body).map_err(|e| ClientError::Local(e.to_string()))?;
-        let (status, answer) = self.call(Method::POST, "/v1/certify", json.into(), current).await?;
+        let (status, answer) = self
+            .call(Method::POST, "/v1/certify", json.into(), current)
+            .await?;
         if status != StatusCode::OK {
             return Err(refusal(status, &answer));
         }
-        let answer: CertifyAnswer =
-            serde_json::from_slice(&answer).map_err(|e| ClientError::Protocol(format!("certify answer: {e}")))?;
+        let answer: CertifyAnswer = serde_json::from_slice(&answer)
+            .map_err(|e| ClientError::Protocol(format!("certify answer: {e}")))?;
         self.check_answer(id, answer, key.serialize_pem())
     }
 
     /// Never install what the CA sent without checking it is what we asked for.
-    fn check_answer(&self, id: &SpiffeId, a: CertifyAnswer, key_pem: String) -> Result<Credentials, ClientError> {
+    fn check_answer(
+        &self,
+        id: &SpiffeId,
+        a: CertifyAnswer,
+        key_pem: String,
+    ) -> Result<Credentials, ClientError> {
         let chain = parse_certs(&a.certificate_chain).map_err(ClientError::Protocol)?;
         let got = tls::peer_id(&chain[0]).map_err(|e| ClientError::Protocol(e.to_string()))?;
         if &got != id {
@@ -171,8 +209,9 @@ impl CaClient {
         }
         parse_certs(&a.trust_bundle).map_err(ClientError::Protocol)?;
         let v = validity_of(&chain[0]).map_err(ClientError::Protocol)?;
-        tls::certified_key(&a.certificate_chain, &key_pem, &tls::provider())
-            .map_err(|e| ClientError::Protocol(format!("certificate does not match our key: {e}")))?;
+        tls::certified_key(&a.certificate_chain, &key_pem, &tls::provider()).map_err(|e| {
+            ClientError::Protocol(format!("certificate does not match our key: {e}"))
+        })?;
         Ok(Credentials {
             spiffe_id: got,
             chain_pem: a.certificate_chain,
@@ -202,7 +241,10 @@ impl CaClient {
         let mut config = match current {
             Some(c) => {
                 let resolver = RotatingCert::default();
-                resolver.set(tls::certified_key(&c.chain_pem, &c.key_pem, &provider).map_err(|e| local(e.to_string()))?);
+                resolver.set(
+                    tls::certified_key(&c.chain_pem, &c.key_pem, &provider)
+                        .map_err(|e| local(e.to_string()))?,
+                );
                 builder.with_client_cert_resolver(Arc::new(resolver) as Arc<dyn ResolvesClientCert>)
             }
             None => builder.with_no_client_auth(),
@@ -219,7 +261,8 @@ impl CaClient {
         current: Option<&Credentials>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let config = self.tls_config(current)?;
-        match tokio::time::timeout(CALL_TIMEOUT, self.call_inner(config, method, path, body)).await {
+        match tokio::time::timeout(CALL_TIMEOUT, self.call_inner(config, method, path, body)).await
+        {
             Ok(r) => r,
             Err(_) => Err(self.unreachable("timed out")),
         }
@@ -239,7 +282,9 @@ impl CaClient {
         path: &str,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        let tcp = TcpStream::connect(&self.addr).await.map_err(|e| self.unreachable(e))?;
+        let tcp = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| self.unreachable(e))?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(self.host.clone()).map_err(|e| self.unreachable(e))?;
         let tls = TlsConnector::from(Arc::new(config))
@@ -258,7 +303,10 @@ impl CaClient {
             .body(Full::new(body))
             .map_err(|e| ClientError::Local(e.to_string()))?;
         // With TLS 1.3 a refused client certificate shows up here, on the first read.
-        let resp = sender.send_request(req).await.map_err(|e| self.unreachable(e))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
             .collect()

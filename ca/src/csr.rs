@@ -137,12 +137,21 @@ mod tests {
 
         let e = check(&csr(&key, vec![uri("spiffe://td/db")]), &id()).unwrap_err();
         assert_eq!(e.reason(), "csr_san_mismatch");
-        let e = check(&csr(&key, vec![SanType::DnsName("web".try_into().unwrap())]), &id())
-            .unwrap_err();
+        let e = check(
+            &csr(&key, vec![SanType::DnsName("web".try_into().unwrap())]),
+            &id(),
+        )
+        .unwrap_err();
         assert_eq!(e.reason(), "csr_san_mismatch");
         let two = vec![uri("spiffe://td/web"), uri("spiffe://td/db")];
-        assert_eq!(check(&csr(&key, two), &id()).unwrap_err(), CsrError::SanCount(2));
-        assert_eq!(check(&csr(&key, vec![]), &id()).unwrap_err(), CsrError::SanCount(0));
+        assert_eq!(
+            check(&csr(&key, two), &id()).unwrap_err(),
+            CsrError::SanCount(2)
+        );
+        assert_eq!(
+            check(&csr(&key, vec![]), &id()).unwrap_err(),
+            CsrError::SanCount(0)
+        );
 
         // Flip one bit in the signature (the DER's last byte) and re-encode.
         let der = CertificateSigningRequestDer::from_pem_slice(good.as_bytes()).unwrap();

@@ -40,7 +40,12 @@ fn replace(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
 
 /// Writes the three credential files into `dir` (created 0700 if missing).
 /// The key goes first, so a watcher that sees a new certificate finds its key.
-pub fn write_credentials(dir: &Path, chain_pem: &str, key_pem: &str, bundle_pem: &str) -> Result<(), CaError> {
+pub fn write_credentials(
+    dir: &Path,
+    chain_pem: &str,
+    key_pem: &str,
+    bundle_pem: &str,
+) -> Result<(), CaError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

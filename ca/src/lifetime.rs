@@ -38,7 +38,11 @@ pub fn cap_lifetime(
 /// When to renew a certificate valid over `[not_before, not_after]`: at half
 /// of its life, moved by `jitter` (a fraction in `-0.1..=0.1` picked at random
 /// by the caller) so a fleet that started together does not renew together.
-pub fn renew_at(not_before: OffsetDateTime, not_after: OffsetDateTime, jitter: f64) -> OffsetDateTime {
+pub fn renew_at(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    jitter: f64,
+) -> OffsetDateTime {
     let life = (not_after - not_before).as_seconds_f64().max(0.0);
     let fraction = 0.5 + jitter.clamp(-0.1, 0.1);
     not_before + Duration::from_secs_f64(life * fraction)
@@ -95,6 +99,10 @@ mod tests {
         assert_eq!(renew_at(nb, na, 0.1), nb + Duration::from_secs(36 * 60));
         assert_eq!(renew_at(nb, na, 5.0), nb + Duration::from_secs(36 * 60));
         assert_eq!(renew_at(nb, na, -5.0), nb + Duration::from_secs(24 * 60));
-        assert_eq!(renew_at(na, nb, 0.0), na, "an inverted window renews at once");
+        assert_eq!(
+            renew_at(na, nb, 0.0),
+            na,
+            "an inverted window renews at once"
+        );
     }
 }

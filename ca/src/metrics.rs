@@ -23,11 +23,17 @@ impl CaMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let issuances = IntCounterVec::new(
-            Opts::new("warden_ca_issuances_total", "Certificate requests by kind and result."),
+            Opts::new(
+                "warden_ca_issuances_total",
+                "Certificate requests by kind and result.",
+            ),
             &["kind", "result"],
         )?;
         let refusals = IntCounterVec::new(
-            Opts::new("warden_ca_refusals_total", "Refused certificate requests by reason."),
+            Opts::new(
+                "warden_ca_refusals_total",
+                "Refused certificate requests by reason.",
+            ),
             &["reason"],
         )?;
         let handshake_failures = IntCounterVec::new(

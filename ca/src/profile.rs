@@ -47,7 +47,10 @@ pub fn root(td: &TrustDomain, validity: Validity) -> Result<CertificateParams, r
 }
 
 /// The intermediate that signs leaves: path length 0, so it cannot mint CAs.
-pub fn intermediate(td: &TrustDomain, validity: Validity) -> Result<CertificateParams, rcgen::Error> {
+pub fn intermediate(
+    td: &TrustDomain,
+    validity: Validity,
+) -> Result<CertificateParams, rcgen::Error> {
     let mut p = root(td, validity)?;
     p.distinguished_name = ca_name(td, "warden intermediate CA");
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));

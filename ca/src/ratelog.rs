@@ -31,11 +31,18 @@ impl LogLimiter {
         let mut cur = self.state.load(Ordering::Relaxed);
         loop {
             let (sec, n) = (cur >> 32, cur & 0xffff_ffff);
-            let next = if sec == now { (sec << 32) | (n + 1) } else { (now << 32) | 1 };
+            let next = if sec == now {
+                (sec << 32) | (n + 1)
+            } else {
+                (now << 32) | 1
+            };
             if sec == now && n >= self.per_second {
                 return false;
             }
-            match self.state.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+            match self
+                .state
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
                 Ok(_) => return true,
                 Err(actual) => cur = actual,
             }

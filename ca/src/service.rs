@@ -108,7 +108,9 @@ impl Refusal {
     /// The HTTP status that answers it.
     pub fn status(&self) -> u16 {
         match self {
-            Self::Unauthenticated | Self::TokenUnknown | Self::TokenUsed | Self::TokenExpired => 401,
+            Self::Unauthenticated | Self::TokenUnknown | Self::TokenUsed | Self::TokenExpired => {
+                401
+            }
             Self::Csr(_) | Self::BadRequest(_) => 400,
             Self::TooLarge(_) => 413,
             Self::Denied(_) | Self::Reserved(_) | Self::ForeignTrustDomain(_) => 403,
@@ -190,25 +192,42 @@ impl CaService {
         caller: Caller,
         now: OffsetDateTime,
     ) -> Result<Issued, Refusal> {
-        let kind = if req.token.is_some() { "bootstrap" } else { "renewal" };
+        let kind = if req.token.is_some() {
+            "bootstrap"
+        } else {
+            "renewal"
+        };
         let mut claimed: Option<SpiffeId> = None;
         let result = self.try_certify(req, caller, now, &mut claimed).await;
         match &result {
             Ok(issued) => {
-                self.metrics.issuances.with_label_values(&[kind, "issued"]).inc();
+                self.metrics
+                    .issuances
+                    .with_label_values(&[kind, "issued"])
+                    .inc();
                 tracing::info!(kind, spiffe_id = %issued.spiffe_id, serial = %issued.svid.serial, "issued");
             }
             Err(refusal) => {
-                self.record_refusal(kind, refusal, claimed.as_ref(), now).await;
+                self.record_refusal(kind, refusal, claimed.as_ref(), now)
+                    .await;
             }
         }
         result
     }
 
     /// Counts, logs and audits a refused request.
-    pub async fn record_refusal(&self, kind: &'static str, refusal: &Refusal, id: Option<&SpiffeId>, now: OffsetDateTime) {
+    pub async fn record_refusal(
+        &self,
+        kind: &'static str,
+        refusal: &Refusal,
+        id: Option<&SpiffeId>,
+        now: OffsetDateTime,
+    ) {
         let reason = refusal.reason();
-        self.metrics.issuances.with_label_values(&[kind, "refused"]).inc();
+        self.metrics
+            .issuances
+            .with_label_values(&[kind, "refused"])
+            .inc();
         self.metrics.refusals.with_label_values(&[reason]).inc();
         let id_text = id.map(|i| i.to_string()).unwrap_or_default();
         tracing::warn!(kind, reason, spiffe_id = %id_text, detail = %refusal, "refused");
@@ -233,14 +252,16 @@ impl CaService {
             (Some(hash), _) => {
                 let rec = self.store.token(hash).await.map_err(CaError::from)?;
                 let rec = rec.ok_or(Refusal::TokenUnknown)?;
+                let id = SpiffeId::parse(&rec.spiffe_id)
+                    .map_err(|e| CaError::Audit(format!("stored token has a bad id: {e}")))?;
+                *claimed = Some(id.clone());
                 if rec.used_at.is_some() {
                     return Err(Refusal::TokenUsed);
                 }
                 if rec.expires_at <= unix(now) {
                     return Err(Refusal::TokenExpired);
                 }
-                SpiffeId::parse(&rec.spiffe_id)
-                    .map_err(|e| CaError::Audit(format!("stored token has a bad id: {e}")))?
+                id
             }
             (None, Caller::Svid(id)) => id,
             (None, Caller::Anonymous) => return Err(Refusal::Unauthenticated),
@@ -251,17 +272,32 @@ impl CaService {
         if self.store.is_denied(&id).await.map_err(CaError::from)? {
             return Err(Refusal::Denied(id));
         }
-        let svid = self.authority.sign(&id, &request.public_key, req.ttl, now)?;
-        let kind = if token_hash.is_some() { "bootstrap" } else { "renewal" };
+        let svid = self
+            .authority
+            .sign(&id, &request.public_key, req.ttl, now)?;
+        let kind = if token_hash.is_some() {
+            "bootstrap"
+        } else {
+            "renewal"
+        };
         let mut tx = self.store.begin_write().await.map_err(CaError::from)?;
         if let Some(hash) = &token_hash
-            && !write::consume_token(&mut tx, hash, unix(now)).await.map_err(CaError::from)?
+            && !write::consume_token(&mut tx, hash, unix(now))
+                .await
+                .map_err(CaError::from)?
         {
             // Lost a race with another request using the same token.
             return Err(Refusal::TokenUsed);
         }
-        self.record_issued(&mut tx, &id, &svid, key_fingerprint(&request.public_key), kind, now)
-            .await?;
+        self.record_issued(
+            &mut tx,
+            &id,
+            &svid,
+            key_fingerprint(&request.public_key),
+            kind,
+            now,
+        )
+        .await?;
         tx.commit().await.map_err(CaError::from)?;
         Ok(Issued {
             spiffe_id: id,
@@ -288,12 +324,16 @@ impl CaService {
             kind: kind.to_owned(),
         };
         write::insert_issued(tx, &rec, unix(now)).await?;
-        let event = Event::new(if kind == "renewal" { "renewed" } else { "issued" })
-            .with("kind", kind)
-            .with("spiffe_id", id.as_str())
-            .with("serial", svid.serial.as_str())
-            .with("not_after", rec.not_after)
-            .with("key_sha256", rec.key_sha256.as_str());
+        let event = Event::new(if kind == "renewal" {
+            "renewed"
+        } else {
+            "issued"
+        })
+        .with("kind", kind)
+        .with("spiffe_id", id.as_str())
+        .with("serial", svid.serial.as_str())
+        .with("not_after", rec.not_after)
+        .with("key_sha256", rec.key_sha256.as_str());
         audit::append(tx, &self.audit_path, event, now).await
     }
 
@@ -318,7 +358,10 @@ impl CaService {
         self.record_issued(&mut tx, id, &svid, key_fingerprint(&key), kind, now)
             .await?;
         tx.commit().await.map_err(CaError::from)?;
-        self.metrics.issuances.with_label_values(&[kind, "issued"]).inc();
+        self.metrics
+            .issuances
+            .with_label_values(&[kind, "issued"])
+            .inc();
         let issued = Issued {
             spiffe_id: id.clone(),
             svid,
@@ -353,7 +396,12 @@ impl CaService {
 
     /// Denies (`deny = true`) or re-allows an identity; takes effect on the
     /// next request the running server handles. Returns whether it changed.
-    pub async fn set_denied(&self, id: &SpiffeId, deny: bool, now: OffsetDateTime) -> Result<bool, CaError> {
+    pub async fn set_denied(
+        &self,
+        id: &SpiffeId,
+        deny: bool,
+        now: OffsetDateTime,
+    ) -> Result<bool, CaError> {
         let mut tx = self.store.begin_write().await?;
         let changed = write::set_denied(&mut tx, id, deny, unix(now)).await?;
         let event = Event::new(if deny { "denied" } else { "allowed" })

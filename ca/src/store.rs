@@ -213,20 +213,26 @@ pub mod write {
         now: i64,
         expires_at: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO tokens (hash, spiffe_id, created_at, expires_at) VALUES (?, ?, ?, ?)")
-            .bind(hash)
-            .bind(id.as_str())
-            .bind(now)
-            .bind(expires_at)
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO tokens (hash, spiffe_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(hash)
+        .bind(id.as_str())
+        .bind(now)
+        .bind(expires_at)
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 
     /// Marks a token used; false when it was already used, expired or unknown
     /// (the check and the mark are one statement, so two racing requests
     /// cannot both use it).
-    pub async fn consume_token(tx: &mut WriteTx, hash: &str, now: i64) -> Result<bool, sqlx::Error> {
+    pub async fn consume_token(
+        tx: &mut WriteTx,
+        hash: &str,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
         let done = sqlx::query(
             "UPDATE tokens SET used_at = ? WHERE hash = ? AND used_at IS NULL AND expires_at > ?",
         )
@@ -239,7 +245,11 @@ pub mod write {
     }
 
     /// Records an issued certificate.
-    pub async fn insert_issued(tx: &mut WriteTx, r: &IssuedRecord, now: i64) -> Result<(), sqlx::Error> {
+    pub async fn insert_issued(
+        tx: &mut WriteTx,
+        r: &IssuedRecord,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO issued (serial, spiffe_id, not_before, not_after, key_sha256, kind, issued_at)
              VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -258,7 +268,12 @@ pub mod write {
 
     /// Puts `id` on the deny list (true) or takes it off (false); returns
     /// whether anything changed.
-    pub async fn set_denied(tx: &mut WriteTx, id: &SpiffeId, denied: bool, now: i64) -> Result<bool, sqlx::Error> {
+    pub async fn set_denied(
+        tx: &mut WriteTx,
+        id: &SpiffeId,
+        denied: bool,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
         let q = if denied {
             sqlx::query("INSERT OR IGNORE INTO denied (spiffe_id, since) VALUES (?, ?)")
                 .bind(id.as_str())

@@ -30,6 +30,10 @@ mod tests {
         assert_ne!(ha, hb);
         assert_eq!(a.len(), 43);
         assert_eq!(super::hash(&a), ha);
-        assert_eq!(super::hash(&format!(" {a}\n")), ha, "surrounding whitespace is ignored");
+        assert_eq!(
+            super::hash(&format!(" {a}\n")),
+            ha,
+            "surrounding whitespace is ignored"
+        );
     }
 }

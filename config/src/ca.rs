@@ -81,7 +81,11 @@ impl CaConfig {
         {
             errors.at(
                 d,
-                format!("default_ttl {} is longer than max_ttl {}", d.value, HumanDuration(max_ttl)),
+                format!(
+                    "default_ttl {} is longer than max_ttl {}",
+                    d.value,
+                    HumanDuration(max_ttl)
+                ),
             );
         }
         if let Some(t) = &raw.token_ttl
@@ -151,8 +155,8 @@ mod tests {
 
     #[test]
     fn all_semantic_errors_are_reported_at_once() {
-        let e = parse("trust_domain: td\ndefault_ttl: 48h\nmax_ttl: 2h\ntoken_ttl: 30d\n")
-            .unwrap_err();
+        let e =
+            parse("trust_domain: td\ndefault_ttl: 48h\nmax_ttl: 2h\ntoken_ttl: 30d\n").unwrap_err();
         assert_eq!(e.0.len(), 2, "{e}");
         assert_eq!((e.0[0].line, e.0[0].column), (2, 14), "{e}");
         assert!(e.0[0].message.contains("longer than max_ttl"), "{e}");

@@ -144,7 +144,12 @@ mod tests {
 
     #[test]
     fn misplaced_wildcards_are_errors() {
-        for s in ["spiffe://td/ns/*/web", "spiffe://td/ns/pr*", "spiffe://*/a", "*"] {
+        for s in [
+            "spiffe://td/ns/*/web",
+            "spiffe://td/ns/pr*",
+            "spiffe://*/a",
+            "*",
+        ] {
             assert!(IdentityPattern::parse(s).is_err(), "{s}");
         }
         assert!(IdentityPattern::parse("spiffe://TD/*").is_err());
@@ -153,7 +158,11 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in ["spiffe://td/ns/prod/web", "spiffe://td/ns/prod/*", "spiffe://td/*"] {
+        for s in [
+            "spiffe://td/ns/prod/web",
+            "spiffe://td/ns/prod/*",
+            "spiffe://td/*",
+        ] {
             assert_eq!(IdentityPattern::parse(s).unwrap().to_string(), s);
         }
     }

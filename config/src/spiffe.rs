@@ -294,7 +294,10 @@ mod tests {
     #[test]
     fn rejects_empty_and_dot_segments_and_trailing_slash() {
         assert_eq!(err("spiffe://example.org/"), SpiffeIdError::EmptySegment);
-        assert_eq!(err("spiffe://example.org/a//b"), SpiffeIdError::EmptySegment);
+        assert_eq!(
+            err("spiffe://example.org/a//b"),
+            SpiffeIdError::EmptySegment
+        );
         assert_eq!(err("spiffe://example.org/a/"), SpiffeIdError::EmptySegment);
         assert_eq!(err("spiffe://example.org/a/./b"), SpiffeIdError::DotSegment);
         assert_eq!(err("spiffe://example.org/a/.."), SpiffeIdError::DotSegment);
@@ -303,18 +306,42 @@ mod tests {
 
     #[test]
     fn rejects_bad_path_characters_and_percent_encoding() {
-        assert_eq!(err("spiffe://example.org/a%2Fb"), SpiffeIdError::BadPathChar('%'));
-        assert_eq!(err("spiffe://example.org/a b"), SpiffeIdError::BadPathChar(' '));
-        assert_eq!(err("spiffe://example.org/caf\u{e9}"), SpiffeIdError::BadPathChar('\u{e9}'));
-        assert_eq!(err("spiffe://example.org/a\\b"), SpiffeIdError::BadPathChar('\\'));
+        assert_eq!(
+            err("spiffe://example.org/a%2Fb"),
+            SpiffeIdError::BadPathChar('%')
+        );
+        assert_eq!(
+            err("spiffe://example.org/a b"),
+            SpiffeIdError::BadPathChar(' ')
+        );
+        assert_eq!(
+            err("spiffe://example.org/caf\u{e9}"),
+            SpiffeIdError::BadPathChar('\u{e9}')
+        );
+        assert_eq!(
+            err("spiffe://example.org/a\\b"),
+            SpiffeIdError::BadPathChar('\\')
+        );
     }
 
     #[test]
     fn rejects_query_and_fragment() {
-        assert_eq!(err("spiffe://example.org/web?x=1"), SpiffeIdError::BadPathChar('?'));
-        assert_eq!(err("spiffe://example.org/web#frag"), SpiffeIdError::BadPathChar('#'));
-        assert_eq!(err("spiffe://example.org?x=1"), SpiffeIdError::BadTrustDomainChar('?'));
-        assert_eq!(err("spiffe://example.org#f"), SpiffeIdError::BadTrustDomainChar('#'));
+        assert_eq!(
+            err("spiffe://example.org/web?x=1"),
+            SpiffeIdError::BadPathChar('?')
+        );
+        assert_eq!(
+            err("spiffe://example.org/web#frag"),
+            SpiffeIdError::BadPathChar('#')
+        );
+        assert_eq!(
+            err("spiffe://example.org?x=1"),
+            SpiffeIdError::BadTrustDomainChar('?')
+        );
+        assert_eq!(
+            err("spiffe://example.org#f"),
+            SpiffeIdError::BadTrustDomainChar('#')
+        );
     }
 
     #[test]

@@ -63,7 +63,9 @@ pub async fn handle(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>)
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/certify") => certify(&svc, caller, req).await,
         (&Method::GET | &Method::HEAD, "/v1/bundle") => bundle(&svc, &req),
-        (_, "/v1/certify" | "/v1/bundle") => problem(405, "method_not_allowed", "method not allowed on this path"),
+        (_, "/v1/certify" | "/v1/bundle") => {
+            problem(405, "method_not_allowed", "method not allowed on this path")
+        }
         _ => problem(404, "not_found", "no such endpoint"),
     }
 }
@@ -82,7 +84,12 @@ async fn certify(svc: &CaService, caller: Caller, req: Request<Incoming>) -> Res
     };
     let body: CertifyBody = match serde_json::from_slice(&bytes) {
         Ok(b) => b,
-        Err(e) => return refuse(Refusal::BadRequest(format!("body is not a certify request: {e}"))).await,
+        Err(e) => {
+            return refuse(Refusal::BadRequest(format!(
+                "body is not a certify request: {e}"
+            )))
+            .await;
+        }
     };
     if body.token.as_ref().is_some_and(|t| t.len() > MAX_TOKEN_LEN) {
         return refuse(Refusal::TokenUnknown).await;
@@ -118,7 +125,10 @@ async fn certify(svc: &CaService, caller: Caller, req: Request<Incoming>) -> Res
 }
 
 fn bundle(svc: &CaService, req: &Request<Incoming>) -> Response<Body> {
-    let wants_json = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "format=spiffe"))
+    let wants_json = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "format=spiffe"))
         || req
             .headers()
             .get(header::ACCEPT)
@@ -128,6 +138,10 @@ fn bundle(svc: &CaService, req: &Request<Incoming>) -> Response<Body> {
         let json = crate::bundle::spiffe_json(svc.authority.bundle(), 1);
         respond(StatusCode::OK, "application/json", json.to_string())
     } else {
-        respond(StatusCode::OK, "application/x-pem-file", svc.authority.bundle_pem().to_owned())
+        respond(
+            StatusCode::OK,
+            "application/x-pem-file",
+            svc.authority.bundle_pem().to_owned(),
+        )
     }
 }

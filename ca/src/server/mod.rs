@@ -37,31 +37,27 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 static HANDSHAKE_LOG: LogLimiter = LogLimiter::new(10);
 
-/// Prints the fixed startup line for a bound listener (DESIGN.md).
-pub fn announce(name: &str, addr: SocketAddr) {
-    println!("listening {name} {addr}");
+/// Binds a listener and prints the fixed startup line for it (DESIGN.md):
+/// `listening <name> <ip:port>`, with the port the kernel picked for port 0.
+pub async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, CaError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| CaError::Io {
+            path: format!("{name} listener {addr}").into(),
+            source,
+        })?;
+    println!("listening {name} {}", listener.local_addr().unwrap_or(addr));
+    Ok(listener)
 }
 
-/// Binds both listeners, obtains the serving certificate, prints the startup
-/// lines, and serves until `shutdown` turns true; then drains.
+/// Obtains the serving certificate, prints `ready`, and serves the API and
+/// admin endpoints until `shutdown` turns true; then drains.
 pub async fn run(
     svc: Arc<CaService>,
-    api_addr: SocketAddr,
-    admin_addr: SocketAddr,
+    api: TcpListener,
+    admin: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), CaError> {
-    let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr).await.map_err(|source| CaError::Io {
-            path: addr.to_string().into(),
-            source,
-        })
-    };
-    let api = bind(api_addr).await?;
-    let admin = bind(admin_addr).await?;
-    let local = |l: &TcpListener| l.local_addr().unwrap_or(api_addr);
-    announce("api", local(&api));
-    announce("admin", local(&admin));
-
     let cert = Arc::new(RotatingCert::default());
     let cert_valid_until = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let next = renew_serving_cert(&svc, &cert, &cert_valid_until).await?;
@@ -74,12 +70,22 @@ pub async fn run(
                 && until.load(Ordering::Relaxed) > OffsetDateTime::now_utc().unix_timestamp()
         })
     };
-    tokio::spawn(crate::admin::serve(admin, svc.metrics.registry.clone(), ready, shutdown.clone()));
-    tokio::spawn(keep_renewing(svc.clone(), cert.clone(), cert_valid_until, next));
+    tokio::spawn(crate::admin::serve(
+        admin,
+        svc.metrics.registry.clone(),
+        ready,
+        shutdown.clone(),
+    ));
+    tokio::spawn(keep_renewing(
+        svc.clone(),
+        cert.clone(),
+        cert_valid_until,
+        next,
+    ));
 
     let acceptor = TlsAcceptor::from(Arc::new(server_config(&svc, cert)?));
     println!("ready");
-    tracing::info!(api = %local(&api), id = %svc.authority.server_id(), "CA serving");
+    tracing::info!(id = %svc.authority.server_id(), "CA serving");
     accept_loop(svc, api, acceptor, shutdown).await;
     listening.store(false, Ordering::Relaxed);
     Ok(())
@@ -89,8 +95,13 @@ fn server_config(svc: &CaService, cert: Arc<RotatingCert>) -> Result<ServerConfi
     let provider = tls::provider();
     let tls_err = |e: String| CaError::Audit(format!("tls setup: {e}"));
     let roots = tls::root_store(svc.authority.bundle()).map_err(|e| tls_err(e.to_string()))?;
-    let verifier = SpiffeClientVerifier::new(roots, svc.authority.trust_domain().clone(), provider.clone(), true)
-        .map_err(|e| tls_err(e.to_string()))?;
+    let verifier = SpiffeClientVerifier::new(
+        roots,
+        svc.authority.trust_domain().clone(),
+        provider.clone(),
+        true,
+    )
+    .map_err(|e| tls_err(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls_err(e.to_string()))?
@@ -143,12 +154,19 @@ async fn keep_renewing(
     }
 }
 
-async fn accept_loop(svc: Arc<CaService>, listener: TcpListener, acceptor: TlsAcceptor, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    svc: Arc<CaService>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(crate::http::server_builder());
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -166,20 +184,27 @@ async fn accept_loop(svc: Arc<CaService>, listener: TcpListener, acceptor: TlsAc
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            let Some((tls, caller)) = handshake(&svc, &acceptor, stream, peer).await else { return };
+            let Some((tls, caller)) = handshake(&svc, &acceptor, stream, peer).await else {
+                return;
+            };
             let svc2 = svc.clone();
             let service = service_fn(move |req| {
                 let (svc, caller) = (svc2.clone(), caller.clone());
                 async move { Ok::<_, std::convert::Infallible>(api::handle(svc, caller, req).await) }
             });
-            let conn = builder.serve_connection(TokioIo::new(tls), service).into_owned();
+            let conn = builder
+                .serve_connection(TokioIo::new(tls), service)
+                .into_owned();
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain timeout: closing connections with requests in flight");
     }
 }
@@ -193,13 +218,19 @@ async fn handshake(
     let _ = stream.set_nodelay(true);
     let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "handshake timed out",
+        )),
     };
     let tls = match result {
         Ok(tls) => tls,
         Err(e) => {
             let reason = tls::handshake_failure_reason(&e);
-            svc.metrics.handshake_failures.with_label_values(&[reason]).inc();
+            svc.metrics
+                .handshake_failures
+                .with_label_values(&[reason])
+                .inc();
             if HANDSHAKE_LOG.allow() {
                 tracing::warn!(%peer, reason, error = %e, "handshake refused");
             }
@@ -211,7 +242,10 @@ async fn handshake(
         Some(Ok(p)) => Caller::Svid(p.into_id()),
         // The verifier already refused such certificates; never reached.
         Some(Err(e)) => {
-            svc.metrics.handshake_failures.with_label_values(&[e.reason()]).inc();
+            svc.metrics
+                .handshake_failures
+                .with_label_values(&[e.reason()])
+                .inc();
             return None;
         }
     };

@@ -17,11 +17,17 @@ fn rustls_reason(e: &Error) -> &'static str {
         Error::NoCertificatesPresented => "no_client_cert",
         Error::InvalidCertificate(c) => match c {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "cert_expired",
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "cert_not_yet_valid",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "cert_not_yet_valid"
+            }
             CertificateError::UnknownIssuer => "unknown_issuer",
             CertificateError::BadSignature => "bad_signature",
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => "wrong_identity",
-            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => "wrong_key_usage",
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "wrong_identity"
+            }
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "wrong_key_usage"
+            }
             CertificateError::Other(o) => match o.0.downcast_ref::<super::PeerIdError>() {
                 Some(p) => p.reason(),
                 None => "bad_certificate",
@@ -30,9 +36,9 @@ fn rustls_reason(e: &Error) -> &'static str {
         },
         Error::AlertReceived(_) => "alert_received",
         Error::PeerIncompatible(_) | Error::NoApplicationProtocol => "incompatible",
-        Error::InvalidMessage(_) | Error::InappropriateHandshakeMessage { .. } | Error::InappropriateMessage { .. } => {
-            "protocol"
-        }
+        Error::InvalidMessage(_)
+        | Error::InappropriateHandshakeMessage { .. }
+        | Error::InappropriateMessage { .. } => "protocol",
         _ => "other",
     }
 }

@@ -70,7 +70,8 @@ impl VerifiedPeer {
 /// The SPIFFE ID in a certificate: exactly one URI SAN, and a valid ID.
 /// This does not verify the certificate; see [`VerifiedPeer`].
 pub fn peer_id(der: &[u8]) -> Result<SpiffeId, PeerIdError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|_| PeerIdError::Unparsable)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| PeerIdError::Unparsable)?;
     let san = cert
         .subject_alternative_name()
         .map_err(|_| PeerIdError::Unparsable)?;

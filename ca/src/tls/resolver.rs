@@ -38,7 +38,10 @@ impl RotatingCert {
 
     /// The certificate new handshakes get.
     pub fn get(&self) -> Option<Arc<CertifiedKey>> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
