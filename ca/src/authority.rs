@@ -150,7 +150,10 @@ pub fn validity_of(der: &CertificateDer<'_>) -> Result<Validity, String> {
 pub fn certs_pem(certs: &[CertificateDer<'_>]) -> String {
     certs
         .iter()
-        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref())))
+        .map(|c| {
+            let block = pem::Pem::new("CERTIFICATE", c.as_ref());
+            pem::encode_config(&block, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
+        })
         .collect()
 }
 

@@ -1,0 +1,458 @@
+//! Test harness: runs the real `warden` binary on 127.0.0.1:0, reads its
+//! `listening`/`ready` lines, mints keys and CSRs with rcgen, talks real TLS,
+//! and checks certificates with webpki, x509-parser and `openssl verify`.
+//! Verification here deliberately uses stock rustls/webpki, not warden's code.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::pem::PemObject;
+
+/// The binary under test.
+pub fn warden() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_warden"));
+    c.env("WARDEN_LOG", "warn");
+    c
+}
+
+/// Runs warden with `args`; returns its output whatever the exit code.
+pub fn run(args: &[&str]) -> Output {
+    warden().args(args).output().expect("warden runs")
+}
+
+/// Runs warden and requires success; returns stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "warden {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// A CA directory made by `warden ca init` in a temp dir.
+pub struct Ca {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub td: String,
+}
+
+impl Ca {
+    pub fn init(td: &str) -> Ca {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        run_ok(&["ca", "init", "--dir", s(&dir), "--trust-domain", td]);
+        Ca { tmp, dir, td: td.to_owned() }
+    }
+
+    pub fn dir(&self) -> &str {
+        s(&self.dir)
+    }
+
+    pub fn id(&self, path: &str) -> String {
+        format!("spiffe://{}{path}", self.td)
+    }
+
+    pub fn token(&self, id: &str) -> String {
+        run_ok(&["ca", "token", "--dir", self.dir(), "--spiffe-id", id]).trim().to_owned()
+    }
+
+    pub fn bundle_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bundle.pem")).unwrap()
+    }
+
+    /// `warden ca issue` into a fresh directory under the temp dir.
+    pub fn issue(&self, id: &str, ttl: Option<&str>) -> PathBuf {
+        let out = self.tmp.path().join(format!("out-{}", rand_suffix()));
+        let mut args = vec!["ca", "issue", "--dir", self.dir(), "--spiffe-id", id, "--out-dir", s(&out)];
+        if let Some(t) = ttl {
+            args.extend(["--ttl", t]);
+        }
+        run_ok(&args);
+        out
+    }
+
+    pub fn serve(&self) -> Server {
+        Server::start(&self.dir)
+    }
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+pub fn rand_suffix() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// A running `warden ca serve`, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub api: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Server {
+    pub fn start(dir: &Path) -> Server {
+        let mut child = warden()
+            .args(["ca", "serve", "--dir", s(dir), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn warden ca serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut api, mut admin) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).expect("warden printed ready in time");
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            match parts.as_slice() {
+                ["listening", "api", a] => api = Some(a.parse().unwrap()),
+                ["listening", "admin", a] => admin = Some(a.parse().unwrap()),
+                ["ready"] => break,
+                _ => {}
+            }
+        }
+        Server {
+            child,
+            api: api.expect("api line before ready"),
+            admin: admin.expect("admin line before ready"),
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let mut status = None;
+        wait_for(Duration::from_secs(15), || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.expect("exited after SIGTERM")
+    }
+
+    /// GET on the admin port: (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.admin).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        parse_response(&raw)
+    }
+
+    /// The value of a metric sample line that starts with `prefix`, or 0.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Splits a raw HTTP/1.1 response into (status, body).
+pub fn parse_response(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// A P-256 key and a CSR for it asking for `sans`.
+pub fn csr(sans: &[&str]) -> (KeyPair, String) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let pem = csr_with_key(&key, sans);
+    (key, pem)
+}
+
+pub fn csr_with_key(key: &KeyPair, sans: &[&str]) -> String {
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = sans
+        .iter()
+        .map(|s| match s.strip_prefix("DNS:") {
+            Some(d) => SanType::DnsName((*d).try_into().unwrap()),
+            None => SanType::URI((*s).try_into().unwrap()),
+        })
+        .collect();
+    p.serialize_request(key).unwrap().pem().unwrap()
+}
+
+/// Accepts any server chain that stock webpki verifies against `roots`,
+/// whatever its names (URI-only SVIDs fail stock name checks by design).
+#[derive(Debug)]
+struct ChainOnlyVerifier(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnlyVerifier {
+    fn verify_server_cert(
+        &self,
+        ee: &CertificateDer<'_>,
+        im: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(ee, im, name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext { .. })) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(m, c, d)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A client identity to present: (chain PEM, key PEM).
+pub type ClientCert<'a> = Option<(&'a str, &'a str)>;
+
+pub fn client_config(bundle_pem: &str, client: ClientCert<'_>) -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let stock = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .unwrap();
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ChainOnlyVerifier(stock)));
+    match client {
+        Some((chain, key)) => {
+            let chain = CertificateDer::pem_slice_iter(chain.as_bytes()).map(|c| c.unwrap()).collect();
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+            b.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    }
+}
+
+/// One HTTP/1.1 request over TLS; Err when TLS or the connection failed
+/// (with TLS 1.3 a refused client certificate shows up on the first read).
+pub fn https(
+    addr: SocketAddr,
+    bundle_pem: &str,
+    client: ClientCert<'_>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(u16, String), String> {
+    let config = client_config(bundle_pem, client);
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("ca.invalid").unwrap())
+        .map_err(|e| e.to_string())?;
+    let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: ca\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    // A server that refuses a huge body may close before reading it all.
+    let _ = tls.write_all(body);
+    let mut raw = Vec::new();
+    match tls.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if !raw.is_empty() && e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    if raw.is_empty() {
+        return Err("connection closed without an answer".into());
+    }
+    Ok(parse_response(&raw))
+}
+
+/// POST /v1/certify with a JSON body built from the parts given.
+pub fn certify(
+    addr: SocketAddr,
+    bundle_pem: &str,
+    client: ClientCert<'_>,
+    csr: &str,
+    token: Option<&str>,
+) -> Result<(u16, serde_json::Value), String> {
+    let mut body = serde_json::json!({ "csr": csr });
+    if let Some(t) = token {
+        body["token"] = t.into();
+    }
+    let (status, text) = https(addr, bundle_pem, client, "POST", "/v1/certify", body.to_string().as_bytes())?;
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    Ok((status, json))
+}
+
+/// The problem type's reason part of a refusal answer.
+pub fn problem_reason(v: &serde_json::Value) -> String {
+    v["type"].as_str().unwrap_or("").trim_start_matches("urn:warden:problem:").to_owned()
+}
+
+/// DER certificates in a PEM text.
+pub fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| c.unwrap()).collect()
+}
+
+/// Verifies `chain_pem` (leaf first) against `bundle_pem` with webpki, for client and server use.
+pub fn webpki_verifies(chain_pem: &str, bundle_pem: &str) -> Result<(), String> {
+    let chain = certs(chain_pem);
+    let roots = certs(bundle_pem);
+    let anchors: Vec<_> = roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned())
+        .collect();
+    let ee = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| e.to_string())?;
+    let now = UnixTime::now();
+    for usage in [webpki::KeyUsage::client_auth(), webpki::KeyUsage::server_auth()] {
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &chain[1..],
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// `openssl verify` of a chain file (leaf first) against a bundle file.
+pub fn openssl_verifies(dir: &Path, chain_pem: &str, bundle_pem: &str) -> Result<(), String> {
+    let chain = certs(chain_pem);
+    let write = |name: &str, ders: &[CertificateDer<'_>]| {
+        let path = dir.join(name);
+        let text: String = ders
+            .iter()
+            .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.as_ref())))
+            .collect();
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let leaf = write("leaf.pem", &chain[..1]);
+    let untrusted = write("untrusted.pem", &chain[1..]);
+    let roots = dir.join("roots.pem");
+    std::fs::write(&roots, bundle_pem).unwrap();
+    let out = Command::new("openssl")
+        .args(["verify", "-purpose", "sslclient", "-CAfile", s(&roots), "-untrusted", s(&untrusted), s(&leaf)])
+        .output()
+        .map_err(|e| format!("openssl not runnable: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// The URI SANs of a certificate.
+pub fn uri_sans(der: &[u8]) -> Vec<String> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).unwrap();
+    c.subject_alternative_name()
+        .unwrap()
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Signs a leaf with the CA's own intermediate key, bypassing warden's
+/// checks, to make certificates warden itself would never issue.
+pub fn forge_leaf(ca_dir: &Path, params: CertificateParams) -> (String, String) {
+    let int_pem = std::fs::read_to_string(ca_dir.join("intermediate.pem")).unwrap();
+    let int_key = KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("intermediate-key.pem")).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&int_pem, int_key).unwrap();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (format!("{}{}", cert.pem(), int_pem), key.serialize_pem())
+}
+
+/// Leaf params shaped like an SVID with the given URI SANs.
+pub fn svid_params(uris: &[&str]) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - Duration::from_secs(60);
+    p.not_after = now + Duration::from_secs(3600);
+    p.use_authority_key_identifier_extension = true;
+    p
+}
