@@ -1,1 +1,71 @@
-fn main() {}
+//! CSR-to-certificate issuance, store write and audit line included: what one
+//! `POST /v1/certify` costs the CA beyond TLS and HTTP.
+//!
+//! `cargo bench --bench issuance`
+
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use time::OffsetDateTime;
+
+use warden_ca::{Authority, CaService, Caller, CertifyRequest, InitOptions};
+use warden_config::{SpiffeId, TrustDomain};
+
+fn csr_for(id: &SpiffeId) -> String {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(id.as_str().try_into().unwrap())];
+    p.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+fn issuance(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let td = TrustDomain::parse("bench.test").unwrap();
+    let now = OffsetDateTime::now_utc();
+    let authority =
+        Authority::init(&tmp.path().join("ca"), &td, &InitOptions::default(), now).unwrap();
+    let svc = CaService::open(authority).unwrap();
+    let id = SpiffeId::new(&td, "/ns/bench/sa/workload").unwrap();
+    let csr = csr_for(&id);
+
+    let mut g = c.benchmark_group("issuance");
+    g.measurement_time(Duration::from_secs(10));
+    g.bench_function("renewal (csr check, sign, store, audit)", |b| {
+        b.iter(|| {
+            let req = CertifyRequest {
+                csr: csr.clone(),
+                token: None,
+                ttl: None,
+            };
+            svc.certify(req, Caller::Svid(id.clone()), OffsetDateTime::now_utc())
+                .unwrap()
+        })
+    });
+    g.bench_function(
+        "bootstrap (token lookup and use, csr check, sign, store, audit)",
+        |b| {
+            b.iter_batched(
+                || {
+                    svc.create_token(&id, None, OffsetDateTime::now_utc())
+                        .unwrap()
+                        .0
+                },
+                |token| {
+                    let req = CertifyRequest {
+                        csr: csr.clone(),
+                        token: Some(token),
+                        ttl: None,
+                    };
+                    svc.certify(req, Caller::Anonymous, OffsetDateTime::now_utc())
+                        .unwrap()
+                },
+                BatchSize::SmallInput,
+            )
+        },
+    );
+    g.finish();
+}
+
+criterion_group!(benches, issuance);
+criterion_main!(benches);

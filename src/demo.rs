@@ -44,7 +44,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
         "ca init",
         format!("root + intermediate for trust domain {td}"),
     );
-    let svc = Arc::new(CaService::open(authority).await?);
+    let svc = Arc::new(CaService::open(authority)?);
     let bundle_pem = svc.authority.bundle_pem().to_owned();
 
     let api = warden_ca::server::bind("api", "127.0.0.1:0".parse()?).await?;
@@ -55,7 +55,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let web = SpiffeId::new(&td, "/ns/shop/sa/web")?;
     let client = CaClient::new(&api_addr.to_string(), td.clone(), &bundle_pem)?;
-    let (token, _) = svc.create_token(&web, None, now).await?;
+    let (token, _) = svc.create_token(&web, None, now)?;
     s.step(true, "ca token", format!("one-time join token for {web}"));
 
     let creds = client.bootstrap(&web, &token, None).await;
@@ -87,8 +87,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
             "renew over mTLS with the current certificate",
             outcome(&renewed),
         );
-        svc.set_denied(&web, true, OffsetDateTime::now_utc())
-            .await?;
+        svc.set_denied(&web, true, OffsetDateTime::now_utc())?;
         let denied = client.renew(creds, None).await;
         s.step(
             refused(&denied, "denied"),
@@ -97,7 +96,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    let audit = warden_ca::audit::verify_dir(&dir).await;
+    let audit = warden_ca::audit::verify_dir(&dir);
     s.step(
         audit.is_ok(),
         "audit verify",

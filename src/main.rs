@@ -247,7 +247,7 @@ async fn open_ca(dir: &std::path::Path) -> Result<CaService, Failure> {
         warden_ca::CaError::Config(d) => usage(d),
         other => Failure::from(other),
     })?;
-    Ok(CaService::open(authority).await?)
+    Ok(CaService::open(authority)?)
 }
 
 async fn run(command: Command) -> Result<(), Failure> {
@@ -279,11 +279,11 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
                 intermediate_ttl,
             };
             let authority = Authority::init(&dir.dir, &trust_domain, &opts, now)?;
-            let svc = CaService::open(authority).await?;
+            let svc = CaService::open(authority)?;
             let event = warden_ca::audit::Event::new("ca_initialized")
                 .with("trust_domain", trust_domain.as_str())
                 .with("external_root", opts.external_root.is_some());
-            svc.audit(event, now).await?;
+            svc.audit(event, now)?;
             println!(
                 "created CA for trust domain {trust_domain} in {}",
                 dir.dir.display()
@@ -301,7 +301,7 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
             ttl,
         } => {
             let svc = open_ca(&dir.dir).await?;
-            let (issued, key_pem) = svc.issue_local(&spiffe_id, ttl, "offline", now).await?;
+            let (issued, key_pem) = svc.issue_local(&spiffe_id, ttl, "offline", now)?;
             files_out::write_credentials(
                 &out_dir,
                 &issued.svid.chain_pem,
@@ -322,7 +322,7 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
             ttl,
         } => {
             let svc = open_ca(&dir.dir).await?;
-            let (token, _expires) = svc.create_token(&spiffe_id, ttl, now).await?;
+            let (token, _expires) = svc.create_token(&spiffe_id, ttl, now)?;
             println!("{token}");
             Ok(())
         }
@@ -336,12 +336,10 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
         CaCommand::Deny { dir, spiffe_id } => set_denied(&dir.dir, &spiffe_id, true, now).await,
         CaCommand::Allow { dir, spiffe_id } => set_denied(&dir.dir, &spiffe_id, false, now).await,
         CaCommand::Audit(AuditCommand::Verify { dir }) => {
-            let lines = warden_ca::audit::verify_dir(&dir.dir)
-                .await
-                .map_err(|e| Failure {
-                    code: 1,
-                    message: format!("audit trail: {e}"),
-                })?;
+            let lines = warden_ca::audit::verify_dir(&dir.dir).map_err(|e| Failure {
+                code: 1,
+                message: format!("audit trail: {e}"),
+            })?;
             println!("audit trail ok: {lines} lines");
             Ok(())
         }
@@ -391,7 +389,7 @@ async fn set_denied(
     now: OffsetDateTime,
 ) -> Result<(), Failure> {
     let svc = open_ca(dir).await?;
-    let changed = svc.set_denied(id, deny, now).await?;
+    let changed = svc.set_denied(id, deny, now)?;
     let state = if deny { "denied" } else { "allowed" };
     let note = if changed { "" } else { " (no change)" };
     println!("{id} {state}{note}");

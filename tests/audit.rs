@@ -34,14 +34,21 @@ fn write_trail(ca: &Ca, lines: &[String]) {
 /// Runs `audit verify`; returns (success, stdout + stderr).
 fn verify(ca: &Ca) -> (bool, String) {
     let out = run(&["ca", "audit", "verify", "--dir", ca.dir()]);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
 fn assert_caught(ca: &Ca, line: usize) {
     let (ok, text) = verify(ca);
     assert!(!ok, "tampering not caught:\n{text}");
-    assert!(text.contains(&format!("line {line}:")), "expected line {line} to be named:\n{text}");
+    assert!(
+        text.contains(&format!("line {line}:")),
+        "expected line {line} to be named:\n{text}"
+    );
 }
 
 #[test]
@@ -53,9 +60,24 @@ fn an_untouched_trail_verifies_and_records_every_kind_of_event() {
     assert!(text.contains(&format!("{} lines", lines.len())), "{text}");
     let events: Vec<String> = lines
         .iter()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].as_str().unwrap().to_owned())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
-    assert_eq!(events, ["ca_initialized", "token_created", "issued", "denied", "allowed", "token_created"]);
+    assert_eq!(
+        events,
+        [
+            "ca_initialized",
+            "token_created",
+            "issued",
+            "denied",
+            "allowed",
+            "token_created"
+        ]
+    );
 }
 
 #[test]
@@ -66,7 +88,10 @@ fn refusals_from_the_server_are_in_the_trail() {
     certify(srv.api, &ca.bundle_pem(), None, &c, Some("bogus")).unwrap();
     let last = trail(&ca).last().cloned().unwrap();
     let v: serde_json::Value = serde_json::from_str(&last).unwrap();
-    assert_eq!((v["event"].as_str(), v["reason"].as_str()), (Some("refused"), Some("token_unknown")));
+    assert_eq!(
+        (v["event"].as_str(), v["reason"].as_str()),
+        (Some("refused"), Some("token_unknown"))
+    );
     assert!(verify(&ca).0);
 }
 
@@ -85,7 +110,9 @@ fn an_edited_line_with_a_recomputed_hash_is_caught_at_the_next_line() {
     let mut lines = trail(&ca);
     let edited = lines[2].replace("spiffe://example.org/web", "spiffe://example.org/wex");
     let (body, _) = edited.rsplit_once(",\"hash\":\"").unwrap();
-    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(format!("{body}}}").as_bytes()));
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        format!("{body}}}").as_bytes(),
+    ));
     lines[2] = format!("{body},\"hash\":\"{hash}\"}}");
     write_trail(&ca, &lines);
     assert_caught(&ca, 4);
@@ -145,7 +172,14 @@ fn a_cut_trail_stops_further_issuance_instead_of_forking_the_chain() {
     let mut lines = trail(&ca);
     lines.truncate(2);
     write_trail(&ca, &lines);
-    let out = run(&["ca", "token", "--dir", ca.dir(), "--spiffe-id", &ca.id("/x")]);
+    let out = run(&[
+        "ca",
+        "token",
+        "--dir",
+        ca.dir(),
+        "--spiffe-id",
+        &ca.id("/x"),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("audit"));
 }

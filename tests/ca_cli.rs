@@ -14,7 +14,14 @@ fn mode(path: &std::path::Path) -> u32 {
 #[test]
 fn init_creates_a_root_an_intermediate_and_private_keys_readable_only_by_the_owner() {
     let ca = Ca::init("example.org");
-    for f in ["ca.yaml", "root.pem", "intermediate.pem", "bundle.pem", "state.db", "audit.jsonl"] {
+    for f in [
+        "ca.yaml",
+        "root.pem",
+        "intermediate.pem",
+        "bundle.pem",
+        "state.db",
+        "audit.jsonl",
+    ] {
         assert!(ca.dir.join(f).exists(), "{f} missing");
     }
     assert_eq!(mode(&ca.dir.join("root-key.pem")), 0o600);
@@ -24,7 +31,11 @@ fn init_creates_a_root_an_intermediate_and_private_keys_readable_only_by_the_own
     let (_, c) = x509_parser::parse_x509_certificate(&int[0]).unwrap();
     assert!(c.is_ca());
     let bc = c.basic_constraints().unwrap().unwrap().value;
-    assert_eq!(bc.path_len_constraint, Some(0), "the intermediate cannot mint CAs");
+    assert_eq!(
+        bc.path_len_constraint,
+        Some(0),
+        "the intermediate cannot mint CAs"
+    );
     let key = std::fs::read_to_string(ca.dir.join("intermediate-key.pem")).unwrap();
     assert!(rcgen::KeyPair::from_pem(&key).unwrap().algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256);
 }
@@ -33,10 +44,20 @@ fn init_creates_a_root_an_intermediate_and_private_keys_readable_only_by_the_own
 fn init_refuses_to_overwrite_an_existing_ca() {
     let ca = Ca::init("example.org");
     let before = std::fs::read(ca.dir.join("intermediate-key.pem")).unwrap();
-    let out = run(&["ca", "init", "--dir", ca.dir(), "--trust-domain", "example.org"]);
+    let out = run(&[
+        "ca",
+        "init",
+        "--dir",
+        ca.dir(),
+        "--trust-domain",
+        "example.org",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
-    assert_eq!(std::fs::read(ca.dir.join("intermediate-key.pem")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(ca.dir.join("intermediate-key.pem")).unwrap(),
+        before
+    );
 }
 
 #[test]
@@ -45,18 +66,49 @@ fn init_can_put_the_intermediate_under_an_existing_root_without_copying_its_key(
     let root_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut p = rcgen::CertificateParams::default();
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
     let root = p.self_signed(&root_key).unwrap();
     let (rc, rk) = (tmp.path().join("root.pem"), tmp.path().join("root.key"));
     std::fs::write(&rc, root.pem()).unwrap();
     std::fs::write(&rk, root_key.serialize_pem()).unwrap();
     let dir = tmp.path().join("ca");
-    run_ok(&["ca", "init", "--dir", s(&dir), "--trust-domain", "corp.test", "--root-cert", s(&rc), "--root-key", s(&rk)]);
-    assert!(!dir.join("root-key.pem").exists(), "the external root key stays outside");
-    assert_eq!(std::fs::read_to_string(dir.join("bundle.pem")).unwrap().trim(), root.pem().trim());
+    run_ok(&[
+        "ca",
+        "init",
+        "--dir",
+        s(&dir),
+        "--trust-domain",
+        "corp.test",
+        "--root-cert",
+        s(&rc),
+        "--root-key",
+        s(&rk),
+    ]);
+    assert!(
+        !dir.join("root-key.pem").exists(),
+        "the external root key stays outside"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("bundle.pem"))
+            .unwrap()
+            .trim(),
+        root.pem().trim()
+    );
 
     let out = tmp.path().join("out");
-    run_ok(&["ca", "issue", "--dir", s(&dir), "--spiffe-id", "spiffe://corp.test/app", "--out-dir", s(&out)]);
+    run_ok(&[
+        "ca",
+        "issue",
+        "--dir",
+        s(&dir),
+        "--spiffe-id",
+        "spiffe://corp.test/app",
+        "--out-dir",
+        s(&out),
+    ]);
     let chain = std::fs::read_to_string(out.join("cert.pem")).unwrap();
     webpki_verifies(&chain, &root.pem()).unwrap();
 }
@@ -71,7 +123,18 @@ fn init_refuses_a_root_key_that_does_not_match_the_root_certificate() {
     let (rc, rk) = (tmp.path().join("root.pem"), tmp.path().join("root.key"));
     std::fs::write(&rc, root.pem()).unwrap();
     std::fs::write(&rk, other.serialize_pem()).unwrap();
-    let out = run(&["ca", "init", "--dir", s(&tmp.path().join("ca")), "--trust-domain", "td", "--root-cert", s(&rc), "--root-key", s(&rk)]);
+    let out = run(&[
+        "ca",
+        "init",
+        "--dir",
+        s(&tmp.path().join("ca")),
+        "--trust-domain",
+        "td",
+        "--root-cert",
+        s(&rc),
+        "--root-key",
+        s(&rk),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not belong"));
 }
@@ -94,7 +157,10 @@ fn issued_certificate_is_an_x509_svid_that_verifies_against_the_bundle() {
     let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
     assert_eq!(uri_sans(&chain[0]), vec![id.clone()]);
     assert!(!leaf.is_ca());
-    assert!(leaf.basic_constraints().unwrap().is_some(), "CA:FALSE is explicit");
+    assert!(
+        leaf.basic_constraints().unwrap().is_some(),
+        "CA:FALSE is explicit"
+    );
     let eku = leaf.extended_key_usage().unwrap().unwrap().value;
     assert!(eku.server_auth && eku.client_auth);
     let ku = leaf.key_usage().unwrap().unwrap().value;
@@ -106,8 +172,12 @@ fn issued_certificate_is_an_x509_svid_that_verifies_against_the_bundle() {
     assert!((v.not_after.timestamp() - (now + 7200)).abs() < 60);
 
     // The key in key.pem is the certificate's key.
-    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(out.join("key.pem")).unwrap()).unwrap();
-    assert_eq!(leaf.public_key().raw, rcgen::PublicKeyData::subject_public_key_info(&key).as_slice());
+    let key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(out.join("key.pem")).unwrap()).unwrap();
+    assert_eq!(
+        leaf.public_key().raw,
+        rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+    );
 }
 
 #[test]
@@ -132,7 +202,10 @@ fn token_is_printed_once_and_only_its_hash_is_stored() {
     let wal = std::fs::read(ca.dir.join("state.db-wal")).unwrap_or_default();
     let audit = std::fs::read_to_string(ca.dir.join("audit.jsonl")).unwrap();
     for hay in [&db[..], &wal[..], audit.as_bytes()] {
-        assert!(!hay.windows(token.len()).any(|w| w == token.as_bytes()), "token stored in clear");
+        assert!(
+            !hay.windows(token.len()).any(|w| w == token.as_bytes()),
+            "token stored in clear"
+        );
     }
     assert_ne!(ca.token(&ca.id("/web")), token, "tokens are random");
 }
@@ -143,7 +216,16 @@ fn identities_outside_the_trust_domain_or_reserved_for_the_ca_are_refused() {
     for id in ["spiffe://other.org/web", "spiffe://example.org/warden/ca"] {
         let out = run(&["ca", "token", "--dir", ca.dir(), "--spiffe-id", id]);
         assert!(!out.status.success(), "{id}");
-        let out = run(&["ca", "issue", "--dir", ca.dir(), "--spiffe-id", id, "--out-dir", s(&ca.tmp.path().join("x"))]);
+        let out = run(&[
+            "ca",
+            "issue",
+            "--dir",
+            ca.dir(),
+            "--spiffe-id",
+            id,
+            "--out-dir",
+            s(&ca.tmp.path().join("x")),
+        ]);
         assert!(!out.status.success(), "{id}");
     }
 }
@@ -151,7 +233,12 @@ fn identities_outside_the_trust_domain_or_reserved_for_the_ca_are_refused() {
 #[test]
 fn an_invalid_spiffe_id_is_a_usage_error() {
     let ca = Ca::init("example.org");
-    for bad in ["spiffe://Example.org/web", "spiffe://example.org/a/../b", "spiffe://example.org/a%20b", "http://example.org/web"] {
+    for bad in [
+        "spiffe://Example.org/web",
+        "spiffe://example.org/a/../b",
+        "spiffe://example.org/a%20b",
+        "http://example.org/web",
+    ] {
         let out = run(&["ca", "token", "--dir", ca.dir(), "--spiffe-id", bad]);
         assert_eq!(out.status.code(), Some(2), "{bad}");
     }
@@ -161,11 +248,21 @@ fn an_invalid_spiffe_id_is_a_usage_error() {
 fn check_names_file_line_and_column_of_every_problem() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("ca.yaml");
-    std::fs::write(&f, "trust_domain: example.org\ndefault_ttl: 48h\nmax_ttl: 2h\n").unwrap();
+    std::fs::write(
+        &f,
+        "trust_domain: example.org\ndefault_ttl: 48h\nmax_ttl: 2h\n",
+    )
+    .unwrap();
     let out = run(&["check", "--config", s(&f)]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:2:14: default_ttl 2days is longer than max_ttl 2h", f.display())), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:2:14: default_ttl 2days is longer than max_ttl 2h",
+            f.display()
+        )),
+        "{err}"
+    );
 
     std::fs::write(&f, "trust_domain: Example.org\n").unwrap();
     let err = String::from_utf8_lossy(&run(&["check", "--config", s(&f)]).stderr).to_string();
@@ -180,7 +277,14 @@ fn a_broken_ca_config_stops_every_command_with_its_location() {
     let ca = Ca::init("example.org");
     let cfg = ca.dir.join("ca.yaml");
     std::fs::write(&cfg, "trust_domain: example.org\nmax_ttl: forever\n").unwrap();
-    let out = run(&["ca", "token", "--dir", ca.dir(), "--spiffe-id", &ca.id("/a")]);
+    let out = run(&[
+        "ca",
+        "token",
+        "--dir",
+        ca.dir(),
+        "--spiffe-id",
+        &ca.id("/a"),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ca.yaml:2:10:"));
     let _ = Duration::ZERO;

@@ -9,7 +9,10 @@ use common::*;
 use serde_json::Value;
 
 fn chain_of(v: &Value) -> String {
-    v["certificate_chain"].as_str().unwrap_or_default().to_owned()
+    v["certificate_chain"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// A workload that bootstrapped with a token: its chain and key.
@@ -41,9 +44,19 @@ fn certify_with_a_token_returns_a_chain_that_verifies_against_the_bundle() {
     assert!(!c.is_ca());
     let life = c.validity().not_after.timestamp() - c.validity().not_before.timestamp();
     assert_eq!(life, 3600 + 30, "default TTL 1 h, plus the skew backdate");
-    let not_after = time::OffsetDateTime::parse(v["not_after"].as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap();
-    assert_eq!(not_after.unix_timestamp(), c.validity().not_after.timestamp());
-    assert_eq!(srv.metric("warden_ca_issuances_total{kind=\"bootstrap\",result=\"issued\"}"), 1.0);
+    let not_after = time::OffsetDateTime::parse(
+        v["not_after"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(
+        not_after.unix_timestamp(),
+        c.validity().not_after.timestamp()
+    );
+    assert_eq!(
+        srv.metric("warden_ca_issuances_total{kind=\"bootstrap\",result=\"issued\"}"),
+        1.0
+    );
 }
 
 #[test]
@@ -51,12 +64,22 @@ fn the_ca_server_proves_its_own_spiffe_id() {
     let ca = Ca::init("example.org");
     let srv = ca.serve();
     let config = client_config(&ca.bundle_pem(), None);
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), "ca.invalid".try_into().unwrap()).unwrap();
+    let mut conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        "ca.invalid".try_into().unwrap(),
+    )
+    .unwrap();
     let mut sock = std::net::TcpStream::connect(srv.api).unwrap();
     conn.complete_io(&mut sock).unwrap();
     let chain = conn.peer_certificates().unwrap();
-    assert_eq!(uri_sans(&chain[0]), vec!["spiffe://example.org/warden/ca".to_owned()]);
-    assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    assert_eq!(
+        uri_sans(&chain[0]),
+        vec!["spiffe://example.org/warden/ca".to_owned()]
+    );
+    assert_eq!(
+        conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
 }
 
 #[test]
@@ -66,13 +89,21 @@ fn a_token_works_once() {
     let id = ca.id("/web");
     let token = ca.token(&id);
     let (_, csr1) = csr(&[&id]);
-    assert_eq!(certify(srv.api, &ca.bundle_pem(), None, &csr1, Some(&token)).unwrap().0, 200);
+    assert_eq!(
+        certify(srv.api, &ca.bundle_pem(), None, &csr1, Some(&token))
+            .unwrap()
+            .0,
+        200
+    );
     let (_, csr2) = csr(&[&id]);
     let (status, v) = certify(srv.api, &ca.bundle_pem(), None, &csr2, Some(&token)).unwrap();
     assert_eq!(status, 401);
     assert_eq!(problem_reason(&v), "token-used");
     assert!(v.get("certificate_chain").is_none());
-    assert_eq!(srv.metric("warden_ca_refusals_total{reason=\"token_used\"}"), 1.0);
+    assert_eq!(
+        srv.metric("warden_ca_refusals_total{reason=\"token_used\"}"),
+        1.0
+    );
 }
 
 #[test]
@@ -93,8 +124,16 @@ fn concurrent_requests_with_one_token_get_one_certificate() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(results.iter().filter(|s| **s == 200).count(), 1, "{results:?}");
-    assert_eq!(results.iter().filter(|s| **s == 401).count(), 7, "{results:?}");
+    assert_eq!(
+        results.iter().filter(|s| **s == 200).count(),
+        1,
+        "{results:?}"
+    );
+    assert_eq!(
+        results.iter().filter(|s| **s == 401).count(),
+        7,
+        "{results:?}"
+    );
 }
 
 #[test]
@@ -104,12 +143,29 @@ fn unknown_and_expired_tokens_are_refused() {
     let id = ca.id("/web");
     let (_, c) = csr(&[&id]);
     let (status, v) = certify(srv.api, &ca.bundle_pem(), None, &c, Some("not-a-token")).unwrap();
-    assert_eq!((status, problem_reason(&v).as_str()), (401, "token-unknown"));
+    assert_eq!(
+        (status, problem_reason(&v).as_str()),
+        (401, "token-unknown")
+    );
 
-    let token = run_ok(&["ca", "token", "--dir", ca.dir(), "--spiffe-id", &id, "--ttl", "1s"]).trim().to_owned();
+    let token = run_ok(&[
+        "ca",
+        "token",
+        "--dir",
+        ca.dir(),
+        "--spiffe-id",
+        &id,
+        "--ttl",
+        "1s",
+    ])
+    .trim()
+    .to_owned();
     std::thread::sleep(Duration::from_millis(2100));
     let (status, v) = certify(srv.api, &ca.bundle_pem(), None, &c, Some(&token)).unwrap();
-    assert_eq!((status, problem_reason(&v).as_str()), (401, "token-expired"));
+    assert_eq!(
+        (status, problem_reason(&v).as_str()),
+        (401, "token-expired")
+    );
 }
 
 #[test]
@@ -118,7 +174,10 @@ fn no_token_and_no_certificate_is_refused() {
     let srv = ca.serve();
     let (_, c) = csr(&[&ca.id("/web")]);
     let (status, v) = certify(srv.api, &ca.bundle_pem(), None, &c, None).unwrap();
-    assert_eq!((status, problem_reason(&v).as_str()), (401, "unauthenticated"));
+    assert_eq!(
+        (status, problem_reason(&v).as_str()),
+        (401, "unauthenticated")
+    );
 }
 
 #[test]
@@ -134,9 +193,15 @@ fn renewal_over_mtls_with_the_current_svid_gets_a_new_certificate_for_a_new_key(
     webpki_verifies(&renewed, &ca.bundle_pem()).unwrap();
     let renewed_certs = certs(&renewed);
     let (_, leaf) = x509_parser::parse_x509_certificate(&renewed_certs[0]).unwrap();
-    assert_eq!(leaf.public_key().raw, rcgen::PublicKeyData::subject_public_key_info(&new_key).as_slice());
+    assert_eq!(
+        leaf.public_key().raw,
+        rcgen::PublicKeyData::subject_public_key_info(&new_key).as_slice()
+    );
     assert_ne!(certs(&renewed)[0], certs(&chain)[0]);
-    assert_eq!(srv.metric("warden_ca_issuances_total{kind=\"renewal\",result=\"issued\"}"), 1.0);
+    assert_eq!(
+        srv.metric("warden_ca_issuances_total{kind=\"renewal\",result=\"issued\"}"),
+        1.0
+    );
 
     // The offline-issued certificate renews too.
     let out = ca.issue(&ca.id("/batch"), None);
@@ -145,7 +210,12 @@ fn renewal_over_mtls_with_the_current_svid_gets_a_new_certificate_for_a_new_key(
         std::fs::read_to_string(out.join("key.pem")).unwrap(),
     );
     let (_, c) = csr(&[&ca.id("/batch")]);
-    assert_eq!(certify(srv.api, &ca.bundle_pem(), Some((&c2, &k2)), &c, None).unwrap().0, 200);
+    assert_eq!(
+        certify(srv.api, &ca.bundle_pem(), Some((&c2, &k2)), &c, None)
+            .unwrap()
+            .0,
+        200
+    );
 }
 
 #[test]
@@ -155,7 +225,11 @@ fn renewal_cannot_change_the_identity() {
     let (chain, key) = bootstrap(&ca, &srv, &ca.id("/web"));
     let (_, c) = csr(&[&ca.id("/db")]);
     let (status, v) = certify(srv.api, &ca.bundle_pem(), Some((&chain, &key)), &c, None).unwrap();
-    assert_eq!((status, problem_reason(&v).as_str()), (400, "csr-san-mismatch"), "{v}");
+    assert_eq!(
+        (status, problem_reason(&v).as_str()),
+        (400, "csr-san-mismatch"),
+        "{v}"
+    );
 }
 
 #[test]
@@ -172,18 +246,37 @@ fn a_denied_id_is_refused_issuance_and_renewal_while_the_server_runs_until_allow
     assert_eq!((status, problem_reason(&v).as_str()), (403, "denied"));
     let (status, v) = certify(srv.api, &ca.bundle_pem(), None, &c, Some(&token)).unwrap();
     assert_eq!((status, problem_reason(&v).as_str()), (403, "denied"));
-    let out = run(&["ca", "issue", "--dir", ca.dir(), "--spiffe-id", &id, "--out-dir", s(&ca.tmp.path().join("o"))]);
+    let out = run(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca.dir(),
+        "--spiffe-id",
+        &id,
+        "--out-dir",
+        s(&ca.tmp.path().join("o")),
+    ]);
     assert!(!out.status.success(), "offline issuance is refused too");
     // Another identity is unaffected.
     let (_, other) = csr(&[&ca.id("/api")]);
     let t2 = ca.token(&ca.id("/api"));
-    assert_eq!(certify(srv.api, &ca.bundle_pem(), None, &other, Some(&t2)).unwrap().0, 200);
+    assert_eq!(
+        certify(srv.api, &ca.bundle_pem(), None, &other, Some(&t2))
+            .unwrap()
+            .0,
+        200
+    );
 
     run_ok(&["ca", "allow", "--dir", ca.dir(), "--spiffe-id", &id]);
     let (status, _) = certify(srv.api, &ca.bundle_pem(), Some((&chain, &key)), &c, None).unwrap();
     assert_eq!(status, 200);
     // The refused attempt did not use up the token.
-    assert_eq!(certify(srv.api, &ca.bundle_pem(), None, &c, Some(&token)).unwrap().0, 200);
+    assert_eq!(
+        certify(srv.api, &ca.bundle_pem(), None, &c, Some(&token))
+            .unwrap()
+            .0,
+        200
+    );
 }
 
 #[test]
@@ -197,8 +290,13 @@ fn an_expired_svid_cannot_renew() {
     std::thread::sleep(Duration::from_millis(2100));
     let (_, c) = csr(&[&id]);
     let r = certify(srv.api, &ca.bundle_pem(), Some((&chain, &key)), &c, None);
-    assert!(r.is_err(), "an expired certificate fails the handshake: {r:?}");
-    assert!(wait_for(Duration::from_secs(5), || srv.metric("warden_ca_handshake_failures_total{reason=\"cert_expired\"}") == 1.0));
+    assert!(
+        r.is_err(),
+        "an expired certificate fails the handshake: {r:?}"
+    );
+    assert!(wait_for(Duration::from_secs(5), || srv.metric(
+        "warden_ca_handshake_failures_total{reason=\"cert_expired\"}"
+    ) == 1.0));
 }
 
 #[test]
@@ -221,7 +319,9 @@ fn certificates_from_a_foreign_ca_or_with_two_uri_sans_fail_the_handshake() {
 
     let (tc, tk) = forge_leaf(&ca.dir, svid_params(&[&id, &ca.id("/admin")]));
     assert!(certify(srv.api, &ca.bundle_pem(), Some((&tc, &tk)), &c, None).is_err());
-    assert!(wait_for(Duration::from_secs(5), || srv.metric("warden_ca_handshake_failures_total{reason=\"uri_san_count\"}") == 1.0));
+    assert!(wait_for(Duration::from_secs(5), || srv.metric(
+        "warden_ca_handshake_failures_total{reason=\"uri_san_count\"}"
+    ) == 1.0));
 }
 
 #[test]
@@ -240,38 +340,106 @@ fn each_bad_csr_class_gets_its_own_4xx_and_no_certificate() {
     let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
     let cases: Vec<(&str, String, u16, &str)> = vec![
-        ("garbage", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(), 400, "csr-malformed"),
+        (
+            "garbage",
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(),
+            400,
+            "csr-malformed",
+        ),
         ("not pem", "hello".into(), 400, "csr-malformed"),
         ("bad signature", bad_sig, 400, "csr-bad-signature"),
-        ("ed25519 key", csr_with_key(&ed, &[&id]), 400, "csr-key-type"),
-        ("p-384 key", csr_with_key(&p384, &[&id]), 400, "csr-key-type"),
-        ("other id", csr_with_key(&key, &[&ca.id("/admin")]), 400, "csr-san-mismatch"),
-        ("dns san", csr_with_key(&key, &["DNS:web.example.org"]), 400, "csr-san-mismatch"),
-        ("two sans", csr_with_key(&key, &[&id, &ca.id("/admin")]), 400, "csr-san-count"),
-        ("id plus dns", csr_with_key(&key, &[&id, "DNS:web"]), 400, "csr-san-count"),
+        (
+            "ed25519 key",
+            csr_with_key(&ed, &[&id]),
+            400,
+            "csr-key-type",
+        ),
+        (
+            "p-384 key",
+            csr_with_key(&p384, &[&id]),
+            400,
+            "csr-key-type",
+        ),
+        (
+            "other id",
+            csr_with_key(&key, &[&ca.id("/admin")]),
+            400,
+            "csr-san-mismatch",
+        ),
+        (
+            "dns san",
+            csr_with_key(&key, &["DNS:web.example.org"]),
+            400,
+            "csr-san-mismatch",
+        ),
+        (
+            "two sans",
+            csr_with_key(&key, &[&id, &ca.id("/admin")]),
+            400,
+            "csr-san-count",
+        ),
+        (
+            "id plus dns",
+            csr_with_key(&key, &[&id, "DNS:web"]),
+            400,
+            "csr-san-count",
+        ),
         ("no san", csr_with_key(&key, &[]), 400, "csr-san-count"),
     ];
     for (what, c, status, reason) in &cases {
         let (got, v) = certify(srv.api, &bundle, None, c, Some(&token)).unwrap();
-        assert_eq!((got, problem_reason(&v).as_str()), (*status, *reason), "{what}: {v}");
+        assert_eq!(
+            (got, problem_reason(&v).as_str()),
+            (*status, *reason),
+            "{what}: {v}"
+        );
         assert!(v.get("certificate_chain").is_none(), "{what}");
-        assert_eq!(v["status"], *status, "{what}: problem+json carries the status");
-        assert!(!v["detail"].as_str().unwrap_or("").is_empty(), "{what}: says why");
+        assert_eq!(
+            v["status"], *status,
+            "{what}: problem+json carries the status"
+        );
+        assert!(
+            !v["detail"].as_str().unwrap_or("").is_empty(),
+            "{what}: says why"
+        );
     }
 
     // Not a certify request at all, and an oversized body.
-    let (status, body) = https(srv.api, &bundle, None, "POST", "/v1/certify", b"{not json").unwrap();
+    let (status, body) =
+        https(srv.api, &bundle, None, "POST", "/v1/certify", b"{not json").unwrap();
     assert_eq!(status, 400, "{body}");
     let huge = format!("{{\"csr\":\"{}\"}}", "A".repeat(200 * 1024));
-    let (status, body) = https(srv.api, &bundle, None, "POST", "/v1/certify", huge.as_bytes()).unwrap();
+    let (status, body) = https(
+        srv.api,
+        &bundle,
+        None,
+        "POST",
+        "/v1/certify",
+        huge.as_bytes(),
+    )
+    .unwrap();
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("body-too-large"), "{body}");
 
-    assert_eq!(srv.metric("warden_ca_refusals_total{reason=\"csr_key_type\"}"), 2.0);
-    assert_eq!(srv.metric("warden_ca_refusals_total{reason=\"csr_malformed\"}"), 2.0);
-    assert_eq!(srv.metric("warden_ca_issuances_total{kind=\"bootstrap\",result=\"issued\"}"), 0.0);
+    assert_eq!(
+        srv.metric("warden_ca_refusals_total{reason=\"csr_key_type\"}"),
+        2.0
+    );
+    assert_eq!(
+        srv.metric("warden_ca_refusals_total{reason=\"csr_malformed\"}"),
+        2.0
+    );
+    assert_eq!(
+        srv.metric("warden_ca_issuances_total{kind=\"bootstrap\",result=\"issued\"}"),
+        0.0
+    );
     // None of that used the token up.
-    assert_eq!(certify(srv.api, &bundle, None, &good, Some(&token)).unwrap().0, 200);
+    assert_eq!(
+        certify(srv.api, &bundle, None, &good, Some(&token))
+            .unwrap()
+            .0,
+        200
+    );
 }
 
 fn certs_like_csr(pem_text: &str) -> Vec<u8> {
@@ -286,7 +454,12 @@ fn used_tokens_stay_used_across_a_restart() {
     let (_, c) = csr(&[&id]);
     {
         let srv = ca.serve();
-        assert_eq!(certify(srv.api, &ca.bundle_pem(), None, &c, Some(&token)).unwrap().0, 200);
+        assert_eq!(
+            certify(srv.api, &ca.bundle_pem(), None, &c, Some(&token))
+                .unwrap()
+                .0,
+            200
+        );
         assert!(srv.terminate().success());
     }
     let srv = ca.serve();
@@ -301,7 +474,15 @@ fn bundle_is_served_as_pem_and_as_a_spiffe_bundle() {
     let bundle = ca.bundle_pem();
     let (status, pem_body) = https(srv.api, &bundle, None, "GET", "/v1/bundle", b"").unwrap();
     assert_eq!((status, pem_body.as_str()), (200, bundle.as_str()));
-    let (status, json) = https(srv.api, &bundle, None, "GET", "/v1/bundle?format=spiffe", b"").unwrap();
+    let (status, json) = https(
+        srv.api,
+        &bundle,
+        None,
+        "GET",
+        "/v1/bundle?format=spiffe",
+        b"",
+    )
+    .unwrap();
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&json).unwrap();
     let key = &v["keys"][0];
@@ -309,7 +490,9 @@ fn bundle_is_served_as_pem_and_as_a_spiffe_bundle() {
     assert_eq!(key["kty"], "EC");
     assert_eq!(key["crv"], "P-256");
     use base64::Engine;
-    let x5c = base64::engine::general_purpose::STANDARD.decode(key["x5c"][0].as_str().unwrap()).unwrap();
+    let x5c = base64::engine::general_purpose::STANDARD
+        .decode(key["x5c"][0].as_str().unwrap())
+        .unwrap();
     assert_eq!(x5c, certs(&bundle)[0].as_ref());
     assert!(v["spiffe_refresh_hint"].as_u64().is_some());
 }
@@ -354,13 +537,52 @@ fn the_cli_client_bootstraps_and_renews() {
     let out = ca.tmp.path().join("wl");
     let server = format!("https://{}", srv.api);
     let bundle = s(&ca.dir.join("bundle.pem")).to_owned();
-    run_ok(&["ca", "certify", "--server", &server, "--bundle", &bundle, "--spiffe-id", &id, "--token", &token, "--out-dir", s(&out)]);
+    run_ok(&[
+        "ca",
+        "certify",
+        "--server",
+        &server,
+        "--bundle",
+        &bundle,
+        "--spiffe-id",
+        &id,
+        "--token",
+        &token,
+        "--out-dir",
+        s(&out),
+    ]);
     let first = std::fs::read_to_string(out.join("cert.pem")).unwrap();
     webpki_verifies(&first, &ca.bundle_pem()).unwrap();
-    run_ok(&["ca", "certify", "--server", &server, "--bundle", &bundle, "--spiffe-id", &id, "--renew-from", s(&out), "--out-dir", s(&out)]);
+    run_ok(&[
+        "ca",
+        "certify",
+        "--server",
+        &server,
+        "--bundle",
+        &bundle,
+        "--spiffe-id",
+        &id,
+        "--renew-from",
+        s(&out),
+        "--out-dir",
+        s(&out),
+    ]);
     let second = std::fs::read_to_string(out.join("cert.pem")).unwrap();
     assert_ne!(first, second);
-    let o = run(&["ca", "certify", "--server", &server, "--bundle", &bundle, "--spiffe-id", &id, "--token", &token, "--out-dir", s(&out)]);
+    let o = run(&[
+        "ca",
+        "certify",
+        "--server",
+        &server,
+        "--bundle",
+        &bundle,
+        "--spiffe-id",
+        &id,
+        "--token",
+        &token,
+        "--out-dir",
+        s(&out),
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("token-used"));
 }

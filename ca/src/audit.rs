@@ -59,13 +59,13 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Appends `event` to the trail at `path` within `tx`; the caller commits.
-pub async fn append(
-    tx: &mut WriteTx,
+pub fn append(
+    tx: &WriteTx<'_>,
     path: &Path,
     event: Event,
     now: OffsetDateTime,
 ) -> Result<(), CaError> {
-    let head = store::read_audit_head(tx).await?;
+    let head = store::read_audit_head(tx)?;
     let audit_err = |e: std::io::Error| CaError::Audit(format!("{}: {e}", path.display()));
     let mut file = OpenOptions::new()
         .append(true)
@@ -108,7 +108,7 @@ pub async fn append(
         hash,
         len: head.len + line.len() as i64,
     };
-    store::write::set_audit_head(tx, &new_head).await?;
+    store::set_audit_head(tx, &new_head)?;
     Ok(())
 }
 
@@ -197,7 +197,7 @@ fn check_line(line: &str, seq: usize, prev: &str) -> Result<String, String> {
 }
 
 /// Verifies the trail of the CA in `dir`, returning the number of lines.
-pub async fn verify_dir(dir: &Path) -> Result<usize, VerifyError> {
+pub fn verify_dir(dir: &Path) -> Result<usize, VerifyError> {
     use crate::authority::files;
     let path = dir.join(files::AUDIT);
     let text = match std::fs::read_to_string(&path) {
@@ -205,12 +205,10 @@ pub async fn verify_dir(dir: &Path) -> Result<usize, VerifyError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(VerifyError::Read(format!("{}: {e}", path.display()))),
     };
-    let store = Store::open(&dir.join(files::STATE))
-        .await
-        .map_err(|e| VerifyError::Read(e.to_string()))?;
+    let store =
+        Store::open(&dir.join(files::STATE)).map_err(|e| VerifyError::Read(e.to_string()))?;
     let head = store
         .audit_head()
-        .await
         .map_err(|e| VerifyError::Read(e.to_string()))?;
     Ok(verify_text(&text, &head)?)
 }

@@ -77,7 +77,7 @@ pub enum CaError {
     Rcgen(#[from] rcgen::Error),
     /// The store failed.
     #[error("store: {0}")]
-    Store(#[from] sqlx::Error),
+    Store(#[from] rusqlite::Error),
     /// The audit trail could not be written.
     #[error("audit trail: {0}")]
     Audit(String),
@@ -152,7 +152,10 @@ pub fn certs_pem(certs: &[CertificateDer<'_>]) -> String {
         .iter()
         .map(|c| {
             let block = pem::Pem::new("CERTIFICATE", c.as_ref());
-            pem::encode_config(&block, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
+            pem::encode_config(
+                &block,
+                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+            )
         })
         .collect()
 }

@@ -1,6 +1,8 @@
 //! The CA's decisions: who gets which certificate, recorded in the store and
 //! the audit trail together. The HTTP server, the CLI and the benchmark all
-//! call this one place.
+//! call this one place. Decisions are synchronous (a CSR check, a signature
+//! and a few SQLite statements, well under a millisecond); the API server runs
+//! each on tokio's blocking pool.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use crate::audit::{self, Event};
 use crate::authority::{Authority, CaError, Svid, files};
 use crate::csr::{self, CsrError};
 use crate::metrics::CaMetrics;
-use crate::store::{IssuedRecord, Store, write};
+use crate::store::{self, IssuedRecord, Store, WriteTx};
 use crate::token;
 
 /// A request for a certificate.
@@ -142,8 +144,8 @@ fn key_fingerprint(key: &impl PublicKeyData) -> String {
 
 impl CaService {
     /// Opens the CA in `authority.dir` with its store.
-    pub async fn open(authority: Authority) -> Result<Self, CaError> {
-        let store = Store::open(&authority.dir.join(files::STATE)).await?;
+    pub fn open(authority: Authority) -> Result<Self, CaError> {
+        let store = Store::open(&authority.dir.join(files::STATE))?;
         let metrics = CaMetrics::new().map_err(|e| CaError::Audit(e.to_string()))?;
         let audit_path = authority.dir.join(files::AUDIT);
         for (name, der) in [("intermediate", authority.intermediate())]
@@ -165,12 +167,28 @@ impl CaService {
         })
     }
 
+    /// Runs `f` in a write transaction and appends `event` (built from f's
+    /// result) to the audit trail in the same transaction; both commit or neither.
+    fn write<T>(
+        &self,
+        now: OffsetDateTime,
+        f: impl FnOnce(&WriteTx<'_>) -> Result<T, Refusal>,
+        event: impl FnOnce(&T) -> Event,
+    ) -> Result<T, Refusal> {
+        let mut conn = self.store.lock();
+        let tx = store::begin_write(&mut conn).map_err(CaError::from)?;
+        let value = f(&tx)?;
+        audit::append(&tx, &self.audit_path, event(&value), now)?;
+        tx.commit().map_err(CaError::from)?;
+        Ok(value)
+    }
+
     /// Records `event` in the audit trail on its own (no other state changes).
-    pub async fn audit(&self, event: Event, now: OffsetDateTime) -> Result<(), CaError> {
-        let mut tx = self.store.begin_write().await?;
-        audit::append(&mut tx, &self.audit_path, event, now).await?;
-        tx.commit().await?;
-        Ok(())
+    pub fn audit(&self, event: Event, now: OffsetDateTime) -> Result<(), CaError> {
+        self.write(now, |_| Ok(()), |_| event).map_err(|r| match r {
+            Refusal::Internal(e) => e,
+            other => CaError::Audit(other.to_string()),
+        })
     }
 
     /// Checks that the CA may issue `id` at all.
@@ -186,7 +204,7 @@ impl CaService {
 
     /// Handles `POST /v1/certify`: a CSR plus a join token (bootstrap), or a
     /// CSR from a caller holding a current SVID (renewal, same ID only).
-    pub async fn certify(
+    pub fn certify(
         &self,
         req: CertifyRequest,
         caller: Caller,
@@ -198,7 +216,7 @@ impl CaService {
             "renewal"
         };
         let mut claimed: Option<SpiffeId> = None;
-        let result = self.try_certify(req, caller, now, &mut claimed).await;
+        let result = self.try_certify(req, caller, now, &mut claimed);
         match &result {
             Ok(issued) => {
                 self.metrics
@@ -207,16 +225,13 @@ impl CaService {
                     .inc();
                 tracing::info!(kind, spiffe_id = %issued.spiffe_id, serial = %issued.svid.serial, "issued");
             }
-            Err(refusal) => {
-                self.record_refusal(kind, refusal, claimed.as_ref(), now)
-                    .await;
-            }
+            Err(refusal) => self.record_refusal(kind, refusal, claimed.as_ref(), now),
         }
         result
     }
 
     /// Counts, logs and audits a refused request.
-    pub async fn record_refusal(
+    pub fn record_refusal(
         &self,
         kind: &'static str,
         refusal: &Refusal,
@@ -235,12 +250,12 @@ impl CaService {
             .with("kind", kind)
             .with("reason", reason)
             .with("spiffe_id", id_text);
-        if let Err(e) = self.audit(event, now).await {
+        if let Err(e) = self.audit(event, now) {
             tracing::error!(error = %e, "could not audit a refusal");
         }
     }
 
-    async fn try_certify(
+    fn try_certify(
         &self,
         req: CertifyRequest,
         caller: Caller,
@@ -250,7 +265,7 @@ impl CaService {
         let token_hash = req.token.as_deref().map(token::hash);
         let id = match (&token_hash, caller) {
             (Some(hash), _) => {
-                let rec = self.store.token(hash).await.map_err(CaError::from)?;
+                let rec = store::token(&self.store.lock(), hash).map_err(CaError::from)?;
                 let rec = rec.ok_or(Refusal::TokenUnknown)?;
                 let id = SpiffeId::parse(&rec.spiffe_id)
                     .map_err(|e| CaError::Audit(format!("stored token has a bad id: {e}")))?;
@@ -269,9 +284,6 @@ impl CaService {
         *claimed = Some(id.clone());
         self.check_issuable(&id)?;
         let request = csr::check(&req.csr, &id)?;
-        if self.store.is_denied(&id).await.map_err(CaError::from)? {
-            return Err(Refusal::Denied(id));
-        }
         let svid = self
             .authority
             .sign(&id, &request.public_key, req.ttl, now)?;
@@ -280,25 +292,27 @@ impl CaService {
         } else {
             "renewal"
         };
-        let mut tx = self.store.begin_write().await.map_err(CaError::from)?;
-        if let Some(hash) = &token_hash
-            && !write::consume_token(&mut tx, hash, unix(now))
-                .await
-                .map_err(CaError::from)?
-        {
-            // Lost a race with another request using the same token.
-            return Err(Refusal::TokenUsed);
-        }
-        self.record_issued(
-            &mut tx,
-            &id,
-            &svid,
-            key_fingerprint(&request.public_key),
-            kind,
+        let key_sha256 = key_fingerprint(&request.public_key);
+        self.write(
             now,
-        )
-        .await?;
-        tx.commit().await.map_err(CaError::from)?;
+            |tx| {
+                // Checked inside the write lock, so a `deny` that commits
+                // before this transaction is always honoured.
+                if store::is_denied(tx, &id).map_err(CaError::from)? {
+                    return Err(Refusal::Denied(id.clone()));
+                }
+                if let Some(hash) = &token_hash
+                    && !store::consume_token(tx, hash, unix(now)).map_err(CaError::from)?
+                {
+                    // Lost a race with another request using the same token.
+                    return Err(Refusal::TokenUsed);
+                }
+                let rec = issued_record(&id, &svid, key_sha256, kind);
+                store::insert_issued(tx, &rec, unix(now)).map_err(CaError::from)?;
+                Ok(rec)
+            },
+            issued_event,
+        )?;
         Ok(Issued {
             spiffe_id: id,
             svid,
@@ -306,40 +320,9 @@ impl CaService {
         })
     }
 
-    async fn record_issued(
-        &self,
-        tx: &mut crate::store::WriteTx,
-        id: &SpiffeId,
-        svid: &Svid,
-        key_sha256: String,
-        kind: &str,
-        now: OffsetDateTime,
-    ) -> Result<(), CaError> {
-        let rec = IssuedRecord {
-            serial: svid.serial.clone(),
-            spiffe_id: id.to_string(),
-            not_before: unix(svid.validity.not_before),
-            not_after: unix(svid.validity.not_after),
-            key_sha256,
-            kind: kind.to_owned(),
-        };
-        write::insert_issued(tx, &rec, unix(now)).await?;
-        let event = Event::new(if kind == "renewal" {
-            "renewed"
-        } else {
-            "issued"
-        })
-        .with("kind", kind)
-        .with("spiffe_id", id.as_str())
-        .with("serial", svid.serial.as_str())
-        .with("not_after", rec.not_after)
-        .with("key_sha256", rec.key_sha256.as_str());
-        audit::append(tx, &self.audit_path, event, now).await
-    }
-
     /// Issues a certificate and key made here (`ca issue`, and the CA
     /// server's own certificate). Returns the key as PEM with the SVID.
-    pub async fn issue_local(
+    pub fn issue_local(
         &self,
         id: &SpiffeId,
         ttl: Option<Duration>,
@@ -348,16 +331,21 @@ impl CaService {
     ) -> Result<(Issued, String), Refusal> {
         if kind != "self" {
             self.check_issuable(id)?;
-            if self.store.is_denied(id).await.map_err(CaError::from)? {
-                return Err(Refusal::Denied(id.clone()));
-            }
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::from)?;
         let svid = self.authority.sign(id, &key, ttl, now)?;
-        let mut tx = self.store.begin_write().await.map_err(CaError::from)?;
-        self.record_issued(&mut tx, id, &svid, key_fingerprint(&key), kind, now)
-            .await?;
-        tx.commit().await.map_err(CaError::from)?;
+        self.write(
+            now,
+            |tx| {
+                if kind != "self" && store::is_denied(tx, id).map_err(CaError::from)? {
+                    return Err(Refusal::Denied(id.clone()));
+                }
+                let rec = issued_record(id, &svid, key_fingerprint(&key), kind);
+                store::insert_issued(tx, &rec, unix(now)).map_err(CaError::from)?;
+                Ok(rec)
+            },
+            issued_event,
+        )?;
         self.metrics
             .issuances
             .with_label_values(&[kind, "issued"])
@@ -372,7 +360,7 @@ impl CaService {
 
     /// Creates a one-time join token for `id`; returns the token text (shown
     /// once; only its hash is stored) and its expiry.
-    pub async fn create_token(
+    pub fn create_token(
         &self,
         id: &SpiffeId,
         ttl: Option<Duration>,
@@ -381,34 +369,62 @@ impl CaService {
         self.check_issuable(id)?;
         let (text, hash) = token::generate();
         let expires = now + ttl.unwrap_or(self.authority.config.token_ttl);
-        let mut tx = self.store.begin_write().await.map_err(CaError::from)?;
-        write::insert_token(&mut tx, &hash, id, unix(now), unix(expires))
-            .await
-            .map_err(CaError::from)?;
-        let event = Event::new("token_created")
-            .with("spiffe_id", id.as_str())
-            .with("token_sha256", hash)
-            .with("expires_at", unix(expires));
-        audit::append(&mut tx, &self.audit_path, event, now).await?;
-        tx.commit().await.map_err(CaError::from)?;
+        self.write(
+            now,
+            |tx| {
+                store::insert_token(tx, &hash, id, unix(now), unix(expires))
+                    .map_err(|e| CaError::from(e).into())
+            },
+            |_| {
+                Event::new("token_created")
+                    .with("spiffe_id", id.as_str())
+                    .with("token_sha256", hash.as_str())
+                    .with("expires_at", unix(expires))
+            },
+        )?;
         Ok((text, expires))
     }
 
     /// Denies (`deny = true`) or re-allows an identity; takes effect on the
     /// next request the running server handles. Returns whether it changed.
-    pub async fn set_denied(
+    pub fn set_denied(
         &self,
         id: &SpiffeId,
         deny: bool,
         now: OffsetDateTime,
-    ) -> Result<bool, CaError> {
-        let mut tx = self.store.begin_write().await?;
-        let changed = write::set_denied(&mut tx, id, deny, unix(now)).await?;
-        let event = Event::new(if deny { "denied" } else { "allowed" })
-            .with("spiffe_id", id.as_str())
-            .with("changed", changed);
-        audit::append(&mut tx, &self.audit_path, event, now).await?;
-        tx.commit().await?;
-        Ok(changed)
+    ) -> Result<bool, Refusal> {
+        self.write(
+            now,
+            |tx| store::set_denied(tx, id, deny, unix(now)).map_err(|e| CaError::from(e).into()),
+            |changed| {
+                Event::new(if deny { "denied" } else { "allowed" })
+                    .with("spiffe_id", id.as_str())
+                    .with("changed", *changed)
+            },
+        )
     }
+}
+
+fn issued_record(id: &SpiffeId, svid: &Svid, key_sha256: String, kind: &str) -> IssuedRecord {
+    IssuedRecord {
+        serial: svid.serial.clone(),
+        spiffe_id: id.to_string(),
+        not_before: unix(svid.validity.not_before),
+        not_after: unix(svid.validity.not_after),
+        key_sha256,
+        kind: kind.to_owned(),
+    }
+}
+
+fn issued_event(rec: &IssuedRecord) -> Event {
+    Event::new(if rec.kind == "renewal" {
+        "renewed"
+    } else {
+        "issued"
+    })
+    .with("kind", rec.kind.as_str())
+    .with("spiffe_id", rec.spiffe_id.as_str())
+    .with("serial", rec.serial.as_str())
+    .with("not_after", rec.not_after)
+    .with("key_sha256", rec.key_sha256.as_str())
 }

@@ -6,18 +6,21 @@
 //! `ca deny` commands), so every write that must be atomic with an audit line
 //! runs in a `BEGIN IMMEDIATE` transaction: SQLite's write lock then
 //! serializes writers across processes, and the audit file is appended under it.
+//!
+//! Calls are synchronous and short (no fsync per commit: WAL with
+//! `synchronous=NORMAL`). An issuance is one decision of a few statements;
+//! the API server runs each decision on tokio's blocking pool.
 
 use std::path::Path;
-use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use warden_config::SpiffeId;
 
 /// A write transaction that holds the database's write lock.
-pub type WriteTx = sqlx::Transaction<'static, sqlx::Sqlite>;
+pub type WriteTx<'a> = rusqlite::Transaction<'a>;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS issued (
@@ -89,198 +92,168 @@ pub struct AuditHead {
 }
 
 /// Handle to the CA's database.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    conn: Mutex<Connection>,
 }
 
 impl Store {
     /// Opens (creating if needed) the database at `path`.
-    pub async fn open(path: &Path) -> Result<Self, sqlx::Error> {
-        let opts = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // WAL + NORMAL: a commit survives a process crash; fsync happens at checkpoints.
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        Ok(Self { pool })
+    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // WAL + NORMAL: a commit survives a process crash; fsync happens at checkpoints.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
-    /// Starts a transaction that holds the write lock from its first statement.
-    pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
-    }
-
-    /// Looks a token up by its hash.
-    pub async fn token(&self, hash: &str) -> Result<Option<TokenRecord>, sqlx::Error> {
-        let row = sqlx::query("SELECT spiffe_id, expires_at, used_at FROM tokens WHERE hash = ?")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| TokenRecord {
-            spiffe_id: r.get(0),
-            expires_at: r.get(1),
-            used_at: r.get(2),
-        }))
-    }
-
-    /// Whether `id` is on the deny list.
-    pub async fn is_denied(&self, id: &SpiffeId) -> Result<bool, sqlx::Error> {
-        let row = sqlx::query("SELECT 1 FROM denied WHERE spiffe_id = ?")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.is_some())
-    }
-
-    /// Every certificate issued for `id`, oldest first.
-    pub async fn issued_for(&self, id: &str) -> Result<Vec<IssuedRecord>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT serial, spiffe_id, not_before, not_after, key_sha256, kind
-             FROM issued WHERE spiffe_id = ? ORDER BY issued_at, rowid",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| IssuedRecord {
-                serial: r.get(0),
-                spiffe_id: r.get(1),
-                not_before: r.get(2),
-                not_after: r.get(3),
-                key_sha256: r.get(4),
-                kind: r.get(5),
-            })
-            .collect())
+    /// The connection, for one decision's worth of statements.
+    pub fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent:
+        // an open transaction rolls back when dropped.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The recorded audit head (seq 0 when the trail is empty).
-    pub async fn audit_head(&self) -> Result<AuditHead, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
-        read_audit_head(&mut conn).await
+    pub fn audit_head(&self) -> rusqlite::Result<AuditHead> {
+        read_audit_head(&self.lock())
+    }
+
+    /// Every certificate issued for `id`, oldest first.
+    pub fn issued_for(&self, id: &str) -> rusqlite::Result<Vec<IssuedRecord>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT serial, spiffe_id, not_before, not_after, key_sha256, kind
+             FROM issued WHERE spiffe_id = ? ORDER BY issued_at, rowid",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            Ok(IssuedRecord {
+                serial: r.get(0)?,
+                spiffe_id: r.get(1)?,
+                not_before: r.get(2)?,
+                not_after: r.get(3)?,
+                key_sha256: r.get(4)?,
+                kind: r.get(5)?,
+            })
+        })?;
+        rows.collect()
     }
 }
 
-/// Reads the audit head inside a transaction or on a connection.
-pub async fn read_audit_head(conn: &mut sqlx::SqliteConnection) -> Result<AuditHead, sqlx::Error> {
-    let row = sqlx::query("SELECT seq, hash, len FROM audit_head WHERE id = 1")
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(match row {
-        Some(r) => AuditHead {
-            seq: r.get(0),
-            hash: r.get(1),
-            len: r.get(2),
-        },
-        None => AuditHead {
-            seq: 0,
-            hash: crate::audit::GENESIS.to_owned(),
-            len: 0,
-        },
-    })
+/// Starts a transaction that holds the write lock from its first statement.
+pub fn begin_write(conn: &mut Connection) -> rusqlite::Result<WriteTx<'_>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
 }
 
-/// Writes within a [`WriteTx`]; each is committed with its audit line or not at all.
-pub mod write {
-    use super::*;
+/// Looks a token up by its hash.
+pub fn token(conn: &Connection, hash: &str) -> rusqlite::Result<Option<TokenRecord>> {
+    conn.prepare_cached("SELECT spiffe_id, expires_at, used_at FROM tokens WHERE hash = ?")?
+        .query_row([hash], |r| {
+            Ok(TokenRecord {
+                spiffe_id: r.get(0)?,
+                expires_at: r.get(1)?,
+                used_at: r.get(2)?,
+            })
+        })
+        .optional()
+}
 
-    /// Records the new audit head.
-    pub async fn set_audit_head(tx: &mut WriteTx, head: &AuditHead) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO audit_head (id, seq, hash, len) VALUES (1, ?, ?, ?)
-             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, len = excluded.len",
-        )
-        .bind(head.seq)
-        .bind(&head.hash)
-        .bind(head.len)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
+/// Whether `id` is on the deny list.
+pub fn is_denied(conn: &Connection, id: &SpiffeId) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM denied WHERE spiffe_id = ?")?
+        .exists([id.as_str()])
+}
 
-    /// Stores a new token's hash.
-    pub async fn insert_token(
-        tx: &mut WriteTx,
-        hash: &str,
-        id: &SpiffeId,
-        now: i64,
-        expires_at: i64,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO tokens (hash, spiffe_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(hash)
-        .bind(id.as_str())
-        .bind(now)
-        .bind(expires_at)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
+/// Reads the audit head.
+pub fn read_audit_head(conn: &Connection) -> rusqlite::Result<AuditHead> {
+    let head = conn
+        .prepare_cached("SELECT seq, hash, len FROM audit_head WHERE id = 1")?
+        .query_row([], |r| {
+            Ok(AuditHead {
+                seq: r.get(0)?,
+                hash: r.get(1)?,
+                len: r.get(2)?,
+            })
+        })
+        .optional()?;
+    Ok(head.unwrap_or_else(|| AuditHead {
+        seq: 0,
+        hash: crate::audit::GENESIS.to_owned(),
+        len: 0,
+    }))
+}
 
-    /// Marks a token used; false when it was already used, expired or unknown
-    /// (the check and the mark are one statement, so two racing requests
-    /// cannot both use it).
-    pub async fn consume_token(
-        tx: &mut WriteTx,
-        hash: &str,
-        now: i64,
-    ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE tokens SET used_at = ? WHERE hash = ? AND used_at IS NULL AND expires_at > ?",
-        )
-        .bind(now)
-        .bind(hash)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
+/// Records the new audit head.
+pub fn set_audit_head(tx: &WriteTx<'_>, head: &AuditHead) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO audit_head (id, seq, hash, len) VALUES (1, ?, ?, ?)
+         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, len = excluded.len",
+    )?
+    .execute(params![head.seq, head.hash, head.len])?;
+    Ok(())
+}
 
-    /// Records an issued certificate.
-    pub async fn insert_issued(
-        tx: &mut WriteTx,
-        r: &IssuedRecord,
-        now: i64,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO issued (serial, spiffe_id, not_before, not_after, key_sha256, kind, issued_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&r.serial)
-        .bind(&r.spiffe_id)
-        .bind(r.not_before)
-        .bind(r.not_after)
-        .bind(&r.key_sha256)
-        .bind(&r.kind)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
+/// Stores a new token's hash.
+pub fn insert_token(
+    tx: &WriteTx<'_>,
+    hash: &str,
+    id: &SpiffeId,
+    now: i64,
+    expires_at: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO tokens (hash, spiffe_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+    )?
+    .execute(params![hash, id.as_str(), now, expires_at])?;
+    Ok(())
+}
 
-    /// Puts `id` on the deny list (true) or takes it off (false); returns
-    /// whether anything changed.
-    pub async fn set_denied(
-        tx: &mut WriteTx,
-        id: &SpiffeId,
-        denied: bool,
-        now: i64,
-    ) -> Result<bool, sqlx::Error> {
-        let q = if denied {
-            sqlx::query("INSERT OR IGNORE INTO denied (spiffe_id, since) VALUES (?, ?)")
-                .bind(id.as_str())
-                .bind(now)
-        } else {
-            sqlx::query("DELETE FROM denied WHERE spiffe_id = ?").bind(id.as_str())
-        };
-        Ok(q.execute(&mut **tx).await?.rows_affected() > 0)
-    }
+/// Marks a token used; false when it was already used, expired or unknown
+/// (the check and the mark are one statement, so two racing requests
+/// cannot both use it).
+pub fn consume_token(tx: &WriteTx<'_>, hash: &str, now: i64) -> rusqlite::Result<bool> {
+    let n = tx
+        .prepare_cached("UPDATE tokens SET used_at = ?1 WHERE hash = ?2 AND used_at IS NULL AND expires_at > ?1")?
+        .execute(params![now, hash])?;
+    Ok(n == 1)
+}
+
+/// Records an issued certificate.
+pub fn insert_issued(tx: &WriteTx<'_>, r: &IssuedRecord, now: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO issued (serial, spiffe_id, not_before, not_after, key_sha256, kind, issued_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )?
+    .execute(params![
+        r.serial,
+        r.spiffe_id,
+        r.not_before,
+        r.not_after,
+        r.key_sha256,
+        r.kind,
+        now
+    ])?;
+    Ok(())
+}
+
+/// Puts `id` on the deny list (true) or takes it off (false); returns
+/// whether anything changed.
+pub fn set_denied(
+    tx: &WriteTx<'_>,
+    id: &SpiffeId,
+    denied: bool,
+    now: i64,
+) -> rusqlite::Result<bool> {
+    let n = if denied {
+        tx.prepare_cached("INSERT OR IGNORE INTO denied (spiffe_id, since) VALUES (?, ?)")?
+            .execute(params![id.as_str(), now])?
+    } else {
+        tx.prepare_cached("DELETE FROM denied WHERE spiffe_id = ?")?
+            .execute([id.as_str()])?
+    };
+    Ok(n > 0)
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 /// The binary under test.
 pub fn warden() -> Command {
@@ -65,7 +65,11 @@ impl Ca {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ca");
         run_ok(&["ca", "init", "--dir", s(&dir), "--trust-domain", td]);
-        Ca { tmp, dir, td: td.to_owned() }
+        Ca {
+            tmp,
+            dir,
+            td: td.to_owned(),
+        }
     }
 
     pub fn dir(&self) -> &str {
@@ -77,7 +81,9 @@ impl Ca {
     }
 
     pub fn token(&self, id: &str) -> String {
-        run_ok(&["ca", "token", "--dir", self.dir(), "--spiffe-id", id]).trim().to_owned()
+        run_ok(&["ca", "token", "--dir", self.dir(), "--spiffe-id", id])
+            .trim()
+            .to_owned()
     }
 
     pub fn bundle_pem(&self) -> String {
@@ -87,7 +93,16 @@ impl Ca {
     /// `warden ca issue` into a fresh directory under the temp dir.
     pub fn issue(&self, id: &str, ttl: Option<&str>) -> PathBuf {
         let out = self.tmp.path().join(format!("out-{}", rand_suffix()));
-        let mut args = vec!["ca", "issue", "--dir", self.dir(), "--spiffe-id", id, "--out-dir", s(&out)];
+        let mut args = vec![
+            "ca",
+            "issue",
+            "--dir",
+            self.dir(),
+            "--spiffe-id",
+            id,
+            "--out-dir",
+            s(&out),
+        ];
         if let Some(t) = ttl {
             args.extend(["--ttl", t]);
         }
@@ -118,7 +133,16 @@ pub struct Server {
 impl Server {
     pub fn start(dir: &Path) -> Server {
         let mut child = warden()
-            .args(["ca", "serve", "--dir", s(dir), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args([
+                "ca",
+                "serve",
+                "--dir",
+                s(dir),
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -168,7 +192,11 @@ impl Server {
     /// GET on the admin port: (status, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(self.admin).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).unwrap();
         parse_response(&raw)
@@ -200,7 +228,10 @@ pub fn parse_response(raw: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -239,9 +270,9 @@ impl ServerCertVerifier for ChainOnlyVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         match self.0.verify_server_cert(ee, im, name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
-            | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext { .. })) => {
-                Ok(ServerCertVerified::assertion())
-            }
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
             other => other,
         }
     }
@@ -275,9 +306,12 @@ pub fn client_config(bundle_pem: &str, client: ClientCert<'_>) -> rustls::Client
     for c in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let stock = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .unwrap();
+    let stock = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
     let b = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -285,7 +319,9 @@ pub fn client_config(bundle_pem: &str, client: ClientCert<'_>) -> rustls::Client
         .with_custom_certificate_verifier(Arc::new(ChainOnlyVerifier(stock)));
     match client {
         Some((chain, key)) => {
-            let chain = CertificateDer::pem_slice_iter(chain.as_bytes()).map(|c| c.unwrap()).collect();
+            let chain = CertificateDer::pem_slice_iter(chain.as_bytes())
+                .map(|c| c.unwrap())
+                .collect();
             let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
             b.with_client_auth_cert(chain, key).unwrap()
         }
@@ -304,10 +340,14 @@ pub fn https(
     body: &[u8],
 ) -> Result<(u16, String), String> {
     let config = client_config(bundle_pem, client);
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("ca.invalid").unwrap())
-        .map_err(|e| e.to_string())?;
+    let mut conn = rustls::ClientConnection::new(
+        Arc::new(config),
+        ServerName::try_from("ca.invalid").unwrap(),
+    )
+    .map_err(|e| e.to_string())?;
     let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    sock.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     let mut tls = rustls::Stream::new(&mut conn, &mut sock);
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: ca\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -340,19 +380,32 @@ pub fn certify(
     if let Some(t) = token {
         body["token"] = t.into();
     }
-    let (status, text) = https(addr, bundle_pem, client, "POST", "/v1/certify", body.to_string().as_bytes())?;
+    let (status, text) = https(
+        addr,
+        bundle_pem,
+        client,
+        "POST",
+        "/v1/certify",
+        body.to_string().as_bytes(),
+    )?;
     let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     Ok((status, json))
 }
 
 /// The problem type's reason part of a refusal answer.
 pub fn problem_reason(v: &serde_json::Value) -> String {
-    v["type"].as_str().unwrap_or("").trim_start_matches("urn:warden:problem:").to_owned()
+    v["type"]
+        .as_str()
+        .unwrap_or("")
+        .trim_start_matches("urn:warden:problem:")
+        .to_owned()
 }
 
 /// DER certificates in a PEM text.
 pub fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| c.unwrap()).collect()
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect()
 }
 
 /// Verifies `chain_pem` (leaf first) against `bundle_pem` with webpki, for client and server use.
@@ -365,7 +418,10 @@ pub fn webpki_verifies(chain_pem: &str, bundle_pem: &str) -> Result<(), String> 
         .collect();
     let ee = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| e.to_string())?;
     let now = UnixTime::now();
-    for usage in [webpki::KeyUsage::client_auth(), webpki::KeyUsage::server_auth()] {
+    for usage in [
+        webpki::KeyUsage::client_auth(),
+        webpki::KeyUsage::server_auth(),
+    ] {
         ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &anchors,
@@ -397,7 +453,16 @@ pub fn openssl_verifies(dir: &Path, chain_pem: &str, bundle_pem: &str) -> Result
     let roots = dir.join("roots.pem");
     std::fs::write(&roots, bundle_pem).unwrap();
     let out = Command::new("openssl")
-        .args(["verify", "-purpose", "sslclient", "-CAfile", s(&roots), "-untrusted", s(&untrusted), s(&leaf)])
+        .args([
+            "verify",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            s(&roots),
+            "-untrusted",
+            s(&untrusted),
+            s(&leaf),
+        ])
         .output()
         .map_err(|e| format!("openssl not runnable: {e}"))?;
     if out.status.success() {
@@ -433,7 +498,9 @@ pub fn uri_sans(der: &[u8]) -> Vec<String> {
 /// checks, to make certificates warden itself would never issue.
 pub fn forge_leaf(ca_dir: &Path, params: CertificateParams) -> (String, String) {
     let int_pem = std::fs::read_to_string(ca_dir.join("intermediate.pem")).unwrap();
-    let int_key = KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("intermediate-key.pem")).unwrap()).unwrap();
+    let int_key =
+        KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("intermediate-key.pem")).unwrap())
+            .unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(&int_pem, int_key).unwrap();
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
@@ -443,7 +510,10 @@ pub fn forge_leaf(ca_dir: &Path, params: CertificateParams) -> (String, String) 
 /// Leaf params shaped like an SVID with the given URI SANs.
 pub fn svid_params(uris: &[&str]) -> CertificateParams {
     let mut p = CertificateParams::default();
-    p.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+    p.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().unwrap()))
+        .collect();
     p.is_ca = rcgen::IsCa::ExplicitNoCa;
     p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![

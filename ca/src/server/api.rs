@@ -61,7 +61,7 @@ pub struct CertifyAnswer {
 /// Routes one request.
 pub async fn handle(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
-        (&Method::POST, "/v1/certify") => certify(&svc, caller, req).await,
+        (&Method::POST, "/v1/certify") => certify(svc, caller, req).await,
         (&Method::GET | &Method::HEAD, "/v1/bundle") => bundle(&svc, &req),
         (_, "/v1/certify" | "/v1/bundle") => {
             problem(405, "method_not_allowed", "method not allowed on this path")
@@ -70,41 +70,23 @@ pub async fn handle(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>)
     }
 }
 
-async fn certify(svc: &CaService, caller: Caller, req: Request<Incoming>) -> Response<Body> {
+/// Reads and parses the body, then hands the decision (or the refusal of a
+/// malformed request) to the blocking pool: it signs and writes the store.
+async fn certify(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
     let now = OffsetDateTime::now_utc();
-    // Refused before the request says whether it bootstraps or renews.
-    let refuse = |r: Refusal| async move {
-        svc.record_refusal("malformed", &r, None, now).await;
-        problem(r.status(), r.reason(), &r.to_string())
-    };
-    let bytes = match read_body(req.into_body(), MAX_BODY_BYTES, BODY_TIMEOUT).await {
-        Ok(b) => b,
-        Err(BodyError::TooLarge(n)) => return refuse(Refusal::TooLarge(n)).await,
-        Err(e) => return refuse(Refusal::BadRequest(e.to_string())).await,
-    };
-    let body: CertifyBody = match serde_json::from_slice(&bytes) {
-        Ok(b) => b,
-        Err(e) => {
-            return refuse(Refusal::BadRequest(format!(
-                "body is not a certify request: {e}"
-            )))
-            .await;
+    let decision = match parse(req).await {
+        Ok(request) => tokio::task::spawn_blocking(move || svc.certify(request, caller, now)).await,
+        Err(refusal) => {
+            // Refused before the request says whether it bootstraps or renews.
+            tokio::task::spawn_blocking(move || {
+                svc.record_refusal("malformed", &refusal, None, now);
+                Err(refusal)
+            })
+            .await
         }
     };
-    if body.token.as_ref().is_some_and(|t| t.len() > MAX_TOKEN_LEN) {
-        return refuse(Refusal::TokenUnknown).await;
-    }
-    let ttl = match body.ttl.as_deref().map(HumanDuration::parse).transpose() {
-        Ok(t) => t.map(|d| d.0),
-        Err(e) => return refuse(Refusal::BadRequest(e)).await,
-    };
-    let request = CertifyRequest {
-        csr: body.csr,
-        token: body.token,
-        ttl,
-    };
-    match svc.certify(request, caller, now).await {
-        Ok(issued) => {
+    match decision {
+        Ok(Ok(issued)) => {
             let fmt = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
             let answer = CertifyAnswer {
                 spiffe_id: issued.spiffe_id.to_string(),
@@ -119,9 +101,35 @@ async fn certify(svc: &CaService, caller: Caller, req: Request<Incoming>) -> Res
                 Err(e) => problem(500, "internal", &e.to_string()),
             }
         }
-        // The service already counted, logged and audited it.
-        Err(r) => problem(r.status(), r.reason(), &r.to_string()),
+        // Already counted, logged and audited.
+        Ok(Err(r)) => problem(r.status(), r.reason(), &r.to_string()),
+        Err(join) => problem(500, "internal", &format!("issuance task failed: {join}")),
     }
+}
+
+async fn parse(req: Request<Incoming>) -> Result<CertifyRequest, Refusal> {
+    let bytes = read_body(req.into_body(), MAX_BODY_BYTES, BODY_TIMEOUT)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge(n) => Refusal::TooLarge(n),
+            other => Refusal::BadRequest(other.to_string()),
+        })?;
+    let body: CertifyBody = serde_json::from_slice(&bytes)
+        .map_err(|e| Refusal::BadRequest(format!("body is not a certify request: {e}")))?;
+    if body.token.as_ref().is_some_and(|t| t.len() > MAX_TOKEN_LEN) {
+        return Err(Refusal::TokenUnknown);
+    }
+    let ttl = body
+        .ttl
+        .as_deref()
+        .map(HumanDuration::parse)
+        .transpose()
+        .map_err(Refusal::BadRequest)?;
+    Ok(CertifyRequest {
+        csr: body.csr,
+        token: body.token,
+        ttl: ttl.map(|d| d.0),
+    })
 }
 
 fn bundle(svc: &CaService, req: &Request<Incoming>) -> Response<Body> {

@@ -120,7 +120,6 @@ async fn renew_serving_cert(
     let now = OffsetDateTime::now_utc();
     let (issued, key_pem) = svc
         .issue_local(&svc.authority.server_id(), None, "self", now)
-        .await
         .map_err(|e| CaError::Audit(format!("issuing the server certificate: {e}")))?;
     let key = tls::certified_key(&issued.svid.chain_pem, &key_pem, &tls::provider())
         .map_err(|e| CaError::Audit(format!("loading the server certificate: {e}")))?;
