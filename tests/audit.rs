@@ -1,6 +1,8 @@
 //! `warden ca audit verify`: every issuance, refusal, token and deny/allow is
 //! in a hash-chained trail, and every kind of tampering is caught and located.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod common;
 
 use common::*;

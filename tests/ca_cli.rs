@@ -1,5 +1,7 @@
 //! `warden ca init | issue | token` and `warden check`, offline.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

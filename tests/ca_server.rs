@@ -1,6 +1,8 @@
 //! `warden ca serve`: the certify API over real TLS, renewal over mTLS,
 //! deny/allow on a running server, bad input, restarts, admin endpoints.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod common;
 
 use std::time::Duration;

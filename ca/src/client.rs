@@ -181,7 +181,7 @@ impl CaClient {
         let body = CertifyBody {
             csr,
             token: token.map(str::to_owned),
-            ttl: ttl.map(|t| humantime_secs(t)),
+            ttl: ttl.map(humantime_secs),
         };
         let json = serde_json::to_vec(&body).map_err(|e| ClientError::Local(e.to_string()))?;
         let (status, answer) = self
