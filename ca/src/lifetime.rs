@@ -26,7 +26,9 @@ pub fn cap_lifetime(
     issuer: Validity,
     now: OffsetDateTime,
 ) -> Validity {
-    let ttl = ttl.min(max_ttl);
+    // Certificates carry whole seconds; so do the values we report.
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    let ttl = Duration::from_secs(ttl.min(max_ttl).as_secs());
     let not_after = (now + ttl).min(issuer.not_after);
     let not_before = (now - BACKDATE).max(issuer.not_before);
     Validity {
