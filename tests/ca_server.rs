@@ -44,6 +44,8 @@ fn certify_with_a_token_returns_a_chain_that_verifies_against_the_bundle() {
     assert_eq!(uri_sans(leaf), vec![id]);
     let (_, c) = x509_parser::parse_x509_certificate(leaf).unwrap();
     assert!(!c.is_ca());
+    let eku = c.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && eku.client_auth);
     let life = c.validity().not_after.timestamp() - c.validity().not_before.timestamp();
     assert_eq!(life, 3600 + 30, "default TTL 1 h, plus the skew backdate");
     let not_after = time::OffsetDateTime::parse(
@@ -587,4 +589,83 @@ fn the_cli_client_bootstraps_and_renews() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("token-used"));
+}
+
+/// A TLS server on 127.0.0.1:0 that presents `chain`/`key` and then drops
+/// the connection: stands in for an impostor CA.
+fn impostor(chain: &str, key: &str) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let config = std::sync::Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut sock) = stream else { continue };
+            let mut conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let _ = conn.complete_io(&mut sock);
+        }
+    });
+    addr
+}
+
+#[test]
+fn the_library_client_bootstraps_renews_fetches_the_bundle_and_insists_on_the_ca_identity() {
+    use warden_ca::client::{CaClient, ClientError};
+    use warden_config::{SpiffeId, TrustDomain};
+    let ca = Ca::init("example.org");
+    let srv = ca.serve();
+    let td = TrustDomain::parse("example.org").unwrap();
+    let id = SpiffeId::parse(&ca.id("/web")).unwrap();
+    let token = ca.token(id.as_str());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = CaClient::new(&srv.api.to_string(), td.clone(), &ca.bundle_pem()).unwrap();
+
+    let creds = rt
+        .block_on(client.bootstrap(&id, &token, Some(Duration::from_secs(600))))
+        .unwrap();
+    assert_eq!(creds.spiffe_id, id);
+    assert_eq!(
+        (creds.not_after - creds.not_before).whole_seconds(),
+        600 + 30
+    );
+    webpki_verifies(&creds.chain_pem, &ca.bundle_pem()).unwrap();
+    let renewed = rt.block_on(client.renew(&creds, None)).unwrap();
+    assert_ne!(renewed.key_pem, creds.key_pem, "a renewal makes a new key");
+    assert_eq!(rt.block_on(client.fetch_bundle()).unwrap(), ca.bundle_pem());
+
+    // A server with a valid SVID from the same CA, but not the CA's identity.
+    let web = ca.issue(&ca.id("/web2"), None);
+    let fake = impostor(
+        &std::fs::read_to_string(web.join("cert.pem")).unwrap(),
+        &std::fs::read_to_string(web.join("key.pem")).unwrap(),
+    );
+    let fooled = CaClient::new(&fake.to_string(), td.clone(), &ca.bundle_pem()).unwrap();
+    let r = rt.block_on(fooled.fetch_bundle());
+    assert!(
+        matches!(&r, Err(ClientError::Unreachable { detail, .. }) if detail.contains("NotValidForName")),
+        "{r:?}"
+    );
+
+    // A client that trusts another CA refuses this one.
+    let other = Ca::init("example.org");
+    let wary = CaClient::new(&srv.api.to_string(), td, &other.bundle_pem()).unwrap();
+    assert!(matches!(
+        rt.block_on(wary.fetch_bundle()),
+        Err(ClientError::Unreachable { .. })
+    ));
 }
