@@ -8,10 +8,12 @@ pub mod ca;
 pub mod diagnostic;
 pub mod duration;
 pub mod pattern;
+pub mod proxy;
 pub mod spiffe;
 
 pub use ca::CaConfig;
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use duration::HumanDuration;
 pub use pattern::IdentityPattern;
+pub use proxy::ProxyConfig;
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};

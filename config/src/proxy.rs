@@ -1,0 +1,669 @@
+//! The proxy's config file: where its identity comes from, the admin
+//! listener, inbound listeners (with their authorization policy and limits)
+//! and outbound listeners. `warden check --config F` and `warden proxy`
+//! both go through [`ProxyConfig::load`]; nothing starts on any error.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::diagnostic::{Collector, Diagnostics, load_yaml, parse_yaml};
+use crate::duration::HumanDuration;
+use crate::pattern::IdentityPattern;
+use crate::spiffe::SpiffeId;
+
+/// A validated proxy config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    /// Where the workload's certificate comes from.
+    pub identity: IdentitySource,
+    /// Admin listener address (`/live`, `/ready`, `/metrics`).
+    pub admin: SocketAddr,
+    /// Runtime worker threads.
+    pub workers: usize,
+    /// How long SIGTERM waits for in-flight requests.
+    pub drain_timeout: Duration,
+    /// Listeners that accept mTLS and forward to the local app.
+    pub inbound: Vec<Inbound>,
+    /// Plain local listeners that the app calls; warden originates mTLS.
+    pub outbound: Vec<Outbound>,
+}
+
+/// Where the proxy's X.509-SVID comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// Certificate, key and bundle files, reloaded when they change.
+    Files {
+        /// Leaf then intermediates, PEM.
+        cert: PathBuf,
+        /// Private key, PEM.
+        key: PathBuf,
+        /// Trust roots, PEM.
+        bundle: PathBuf,
+    },
+    /// A warden CA: bootstrap with a join token, then renew over mTLS.
+    Ca {
+        /// `https://host:port` of the CA.
+        url: String,
+        /// The CA's trust bundle, to verify the CA before the first certificate.
+        bundle: PathBuf,
+        /// File holding the one-time join token.
+        token_file: PathBuf,
+        /// The identity to obtain.
+        spiffe_id: SpiffeId,
+        /// Requested certificate lifetime (the CA caps it).
+        ttl: Option<Duration>,
+    },
+}
+
+/// Application protocol of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 or h2 (by ALPN) on the mTLS side.
+    Http,
+    /// Opaque bytes after the handshake and the identity check.
+    Tcp,
+}
+
+/// Whether a policy's denials are enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// Denied requests are refused.
+    #[default]
+    Enforce,
+    /// Denied requests are logged and counted, then let through.
+    Audit,
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Let matching requests through (unless a deny rule also matches).
+    Allow,
+    /// Refuse matching requests; wins over allow.
+    Deny,
+}
+
+/// A path matcher: `/exact` or `/prefix/*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// The normalized path equals this.
+    Exact(String),
+    /// The normalized path starts with this (which ends in `/`), or equals it without the slash.
+    Prefix(String),
+}
+
+impl PathMatch {
+    fn parse(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err(format!("path {s:?} must start with '/'"));
+        }
+        let body = s.strip_suffix('*').unwrap_or(s);
+        if body.contains('*') || (s.ends_with('*') && !body.ends_with('/')) {
+            return Err(format!(
+                "path {s:?}: '*' is only allowed at the end, after '/', as in /api/*"
+            ));
+        }
+        let bad = |seg: &str| seg == "." || seg == ".." || seg.contains('%') || seg.contains('\\');
+        if body.split('/').skip(1).any(bad) || body.contains("//") {
+            return Err(format!(
+                "path {s:?} is not normalized (no '.', '..', '//', '%' or '\\')"
+            ));
+        }
+        Ok(if s.ends_with('*') {
+            Self::Prefix(body.to_owned())
+        } else {
+            Self::Exact(s.to_owned())
+        })
+    }
+
+    /// True when the normalized `path` matches.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Exact(p) => p == path,
+            Self::Prefix(p) => path.starts_with(p.as_str()) || path == &p[..p.len() - 1],
+        }
+    }
+}
+
+/// One authorization rule: who (identity patterns) may do what (methods, paths).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Name used in metrics and logs.
+    pub name: String,
+    /// Allow or deny.
+    pub action: Action,
+    /// Callers this rule is about.
+    pub from: Vec<IdentityPattern>,
+    /// Methods (upper case); empty: any.
+    pub methods: Vec<String>,
+    /// Paths; empty: any.
+    pub paths: Vec<PathMatch>,
+}
+
+/// An inbound listener's authorization policy: default deny.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Policy {
+    /// Enforce or audit.
+    pub mode: PolicyMode,
+    /// Rules, evaluated all together: any matching deny wins, else any matching allow.
+    pub rules: Vec<Rule>,
+}
+
+/// Limits on one listener, each with a safe default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+    /// Longest TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Longest time to receive a request's headers (HTTP/1.1).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Largest request header block, in bytes.
+    pub max_header_bytes: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Most concurrent h2 streams per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_concurrent_streams: 128,
+        }
+    }
+}
+
+/// An inbound listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inbound {
+    /// Name used in metrics and logs.
+    pub name: String,
+    /// Where to accept mTLS.
+    pub listen: SocketAddr,
+    /// The local app to forward to.
+    pub app: SocketAddr,
+    /// HTTP or TCP.
+    pub protocol: Protocol,
+    /// Speak h2 without TLS (h2c) to the app instead of HTTP/1.1.
+    pub app_h2c: bool,
+    /// Who may call.
+    pub policy: Policy,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// An outbound listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outbound {
+    /// Name used in metrics and logs.
+    pub name: String,
+    /// Plain local listener for the app.
+    pub listen: SocketAddr,
+    /// `host:port` of the destination's mTLS listener.
+    pub destination: String,
+    /// The identity the destination must prove.
+    pub server_id: IdentityPattern,
+    /// HTTP or TCP.
+    pub protocol: Protocol,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+// ---- the file's shape, with locations for the checks made after parsing ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    identity: Spanned<RawIdentity>,
+    admin: SocketAddr,
+    #[serde(default)]
+    workers: Option<Spanned<usize>>,
+    #[serde(default)]
+    drain_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    inbound: Vec<Spanned<RawInbound>>,
+    #[serde(default)]
+    outbound: Vec<Spanned<RawOutbound>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    bundle: Option<PathBuf>,
+    ca_url: Option<String>,
+    token_file: Option<PathBuf>,
+    spiffe_id: Option<SpiffeId>,
+    ttl: Option<HumanDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    name: Spanned<String>,
+    listen: SocketAddr,
+    app: SocketAddr,
+    #[serde(default = "http")]
+    protocol: Protocol,
+    #[serde(default)]
+    app_h2c: bool,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbound {
+    name: Spanned<String>,
+    listen: SocketAddr,
+    destination: String,
+    server_id: IdentityPattern,
+    #[serde(default = "http")]
+    protocol: Protocol,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+fn http() -> Protocol {
+    Protocol::Http
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    mode: PolicyMode,
+    #[serde(default)]
+    rules: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    action: Action,
+    from: Vec<IdentityPattern>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    handshake_timeout: Option<HumanDuration>,
+    header_read_timeout: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
+    max_header_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+}
+
+impl RawLimits {
+    fn resolve(self) -> Limits {
+        let d = Limits::default();
+        let dur = |v: Option<HumanDuration>, def| v.map(|h| h.0).unwrap_or(def);
+        Limits {
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            handshake_timeout: dur(self.handshake_timeout, d.handshake_timeout),
+            header_read_timeout: dur(self.header_read_timeout, d.header_read_timeout),
+            idle_timeout: dur(self.idle_timeout, d.idle_timeout),
+            max_header_bytes: self.max_header_bytes.unwrap_or(d.max_header_bytes),
+            max_headers: self.max_headers.unwrap_or(d.max_headers),
+            max_concurrent_streams: self
+                .max_concurrent_streams
+                .unwrap_or(d.max_concurrent_streams),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Loads and validates a proxy config file.
+    pub fn load(path: &Path) -> Result<Self, Diagnostics> {
+        Self::validate(path, load_yaml(path)?)
+    }
+
+    /// Parses and validates config text (`path` is used in messages only).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, Diagnostics> {
+        Self::validate(path, parse_yaml(path, text)?)
+    }
+
+    fn validate(path: &Path, raw: RawConfig) -> Result<Self, Diagnostics> {
+        let mut errors = Collector::new(path);
+        let base = path.parent().unwrap_or(Path::new("."));
+        let identity = identity_source(&raw.identity, base, &mut errors);
+        let workers = match &raw.workers {
+            Some(w) if w.value == 0 || w.value > 256 => {
+                errors.at(w, "workers must be between 1 and 256");
+                1
+            }
+            Some(w) => w.value,
+            None => 1,
+        };
+
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::from([raw.admin]);
+        let mut check_listener =
+            |name: &Spanned<String>, listen: SocketAddr, errors: &mut Collector<'_>| {
+                let n = &name.value;
+                if n.is_empty()
+                    || n.len() > 64
+                    || !n
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    errors.at(
+                        name,
+                        "listener name must be 1-64 letters, digits, '-' or '_'",
+                    );
+                } else if !names.insert(n.clone()) {
+                    errors.at(name, format!("listener name {n:?} is used twice"));
+                }
+                if listen.port() != 0 && !addrs.insert(listen) {
+                    errors.at(name, format!("listen address {listen} is used twice"));
+                }
+            };
+
+        let mut inbound = Vec::new();
+        for l in raw.inbound {
+            let (l, loc) = (l.value, l.referenced);
+            check_listener(&l.name, l.listen, &mut errors);
+            let mut rules = Vec::new();
+            let mut rule_names = HashSet::new();
+            for r in l.policy.rules {
+                let rloc = r.referenced;
+                let r = r.value;
+                if !rule_names.insert(r.name.clone()) {
+                    errors.at_location(rloc, format!("rule name {:?} is used twice", r.name));
+                }
+                if r.from.is_empty() {
+                    errors.at_location(rloc, "a rule needs at least one identity in `from`");
+                }
+                if l.protocol == Protocol::Tcp && (!r.methods.is_empty() || !r.paths.is_empty()) {
+                    errors.at_location(rloc, "a tcp listener's rules can only match `from`");
+                }
+                let mut methods = Vec::new();
+                for m in &r.methods {
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                        errors.at_location(rloc, format!("method {m:?} is not an HTTP method"));
+                    }
+                    methods.push(m.to_ascii_uppercase());
+                }
+                let mut paths = Vec::new();
+                for p in &r.paths {
+                    match PathMatch::parse(&p.value) {
+                        Ok(m) => paths.push(m),
+                        Err(e) => errors.at(p, e),
+                    }
+                }
+                rules.push(Rule {
+                    name: r.name,
+                    action: r.action,
+                    from: r.from,
+                    methods,
+                    paths,
+                });
+            }
+            if l.app_h2c && l.protocol == Protocol::Tcp {
+                errors.at_location(loc, "app_h2c only applies to protocol: http");
+            }
+            inbound.push(Inbound {
+                name: l.name.value,
+                listen: l.listen,
+                app: l.app,
+                protocol: l.protocol,
+                app_h2c: l.app_h2c,
+                policy: Policy {
+                    mode: l.policy.mode,
+                    rules,
+                },
+                limits: l.limits.resolve(),
+            });
+        }
+
+        let mut outbound = Vec::new();
+        for o in raw.outbound {
+            let o = o.value;
+            check_listener(&o.name, o.listen, &mut errors);
+            if !valid_host_port(&o.destination) {
+                errors.at(
+                    &o.name,
+                    format!("destination {:?} must be host:port", o.destination),
+                );
+            }
+            outbound.push(Outbound {
+                name: o.name.value,
+                listen: o.listen,
+                destination: o.destination,
+                server_id: o.server_id,
+                protocol: o.protocol,
+                limits: o.limits.resolve(),
+            });
+        }
+
+        errors.finish(ProxyConfig {
+            identity: identity.unwrap_or(IdentitySource::Files {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+                bundle: PathBuf::new(),
+            }),
+            admin: raw.admin,
+            workers,
+            drain_timeout: raw
+                .drain_timeout
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(10)),
+            inbound,
+            outbound,
+        })
+    }
+}
+
+fn valid_host_port(s: &str) -> bool {
+    matches!(s.rsplit_once(':'), Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
+/// Relative paths in the config are relative to the config file's directory.
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn identity_source(
+    raw: &Spanned<RawIdentity>,
+    base: &Path,
+    errors: &mut Collector<'_>,
+) -> Option<IdentitySource> {
+    let r = &raw.value;
+    let Some(bundle) = &r.bundle else {
+        errors.at(raw, "identity needs `bundle` (the trust roots)");
+        return None;
+    };
+    let bundle = resolve(base, bundle);
+    match (&r.cert, &r.key, &r.ca_url) {
+        (Some(cert), Some(key), None) if r.token_file.is_none() && r.spiffe_id.is_none() => {
+            Some(IdentitySource::Files {
+                cert: resolve(base, cert),
+                key: resolve(base, key),
+                bundle,
+            })
+        }
+        (None, None, Some(url)) => match (&r.token_file, &r.spiffe_id) {
+            (Some(token_file), Some(id)) => Some(IdentitySource::Ca {
+                url: url.clone(),
+                bundle,
+                token_file: resolve(base, token_file),
+                spiffe_id: id.clone(),
+                ttl: r.ttl.map(|t| t.0),
+            }),
+            _ => {
+                errors.at(
+                    raw,
+                    "identity from a CA needs `ca_url`, `token_file` and `spiffe_id`",
+                );
+                None
+            }
+        },
+        _ => {
+            errors.at(
+                raw,
+                "identity is either files (`cert`, `key`, `bundle`) or a CA (`ca_url`, `token_file`, `spiffe_id`, `bundle`)",
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ProxyConfig, Diagnostics> {
+        ProxyConfig::parse(Path::new("/etc/warden/proxy.yaml"), text)
+    }
+
+    const SIDECAR: &str = "\
+identity:
+  cert: cert.pem
+  key: key.pem
+  bundle: bundle.pem
+admin: 127.0.0.1:9901
+inbound:
+  - name: web
+    listen: 0.0.0.0:8443
+    app: 127.0.0.1:8080
+    policy:
+      rules:
+        - name: shop-reads
+          action: allow
+          from: [spiffe://example.org/ns/shop/*]
+          methods: [get, HEAD]
+          paths: [/api/*, /healthz]
+        - name: no-admin
+          action: deny
+          from: [spiffe://example.org/*]
+          paths: [/admin/*]
+outbound:
+  - name: orders
+    listen: 127.0.0.1:15001
+    destination: orders.shop.svc:8443
+    server_id: spiffe://example.org/ns/shop/sa/orders
+";
+
+    #[test]
+    fn a_full_sidecar_config_parses() {
+        let c = parse(SIDECAR).unwrap();
+        assert_eq!(
+            c.identity,
+            IdentitySource::Files {
+                cert: "/etc/warden/cert.pem".into(),
+                key: "/etc/warden/key.pem".into(),
+                bundle: "/etc/warden/bundle.pem".into(),
+            }
+        );
+        let r = &c.inbound[0].policy.rules[0];
+        assert_eq!(r.methods, vec!["GET", "HEAD"]);
+        assert_eq!(
+            r.paths,
+            vec![
+                PathMatch::Prefix("/api/".into()),
+                PathMatch::Exact("/healthz".into())
+            ]
+        );
+        assert_eq!(c.inbound[0].policy.mode, PolicyMode::Enforce);
+        assert_eq!(c.inbound[0].limits, Limits::default());
+        assert_eq!(c.outbound[0].protocol, Protocol::Http);
+        assert_eq!(c.workers, 1);
+    }
+
+    #[test]
+    fn prefix_paths_match_below_and_at_the_prefix() {
+        let p = PathMatch::parse("/api/*").unwrap();
+        assert!(p.matches("/api/x") && p.matches("/api/") && p.matches("/api"));
+        assert!(!p.matches("/apix") && !p.matches("/ap"));
+        for bad in ["api", "/a*", "/a/*/b", "/a/../b", "/a//b", "/a%2e/b"] {
+            assert!(PathMatch::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_name_line_and_column_and_are_all_reported() {
+        let text = SIDECAR
+            .replace("listen: 127.0.0.1:15001", "listen: 0.0.0.0:8443")
+            .replace("paths: [/admin/*]", "paths: [/admin/../x]");
+        let e = parse(&text).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("/etc/warden/proxy.yaml:20:19: path \"/admin/../x\" is not normalized"),
+            "{s}"
+        );
+        assert!(
+            s.contains("/etc/warden/proxy.yaml:22:11: listen address 0.0.0.0:8443 is used twice"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_bad_identity_pattern_is_located() {
+        let e = parse(&SIDECAR.replace("ns/shop/*]", "ns/*/x]")).unwrap_err();
+        assert_eq!(
+            (e.0[0].line, e.0[0].file.display().to_string()),
+            (14, "/etc/warden/proxy.yaml".into()),
+            "{e}"
+        );
+        assert!(e.0[0].message.contains("'*'"), "{e}");
+    }
+
+    #[test]
+    fn tcp_rules_match_identities_only() {
+        let text = SIDECAR.replace(
+            "    app: 127.0.0.1:8080\n",
+            "    app: 127.0.0.1:8080\n    protocol: tcp\n",
+        );
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("tcp listener's rules can only match `from`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn identity_is_files_or_a_ca() {
+        let e = parse(&SIDECAR.replace("  key: key.pem\n", "")).unwrap_err();
+        assert!(e.to_string().contains("identity is either files"), "{e}");
+        let ca = SIDECAR.replace(
+            "  cert: cert.pem\n  key: key.pem\n",
+            "  ca_url: https://ca:8443\n  token_file: /run/token\n  spiffe_id: spiffe://example.org/web\n",
+        );
+        assert!(matches!(
+            parse(&ca).unwrap().identity,
+            IdentitySource::Ca { .. }
+        ));
+    }
+}
