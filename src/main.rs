@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 
 use warden_ca::client::{CaClient, Credentials};
 use warden_ca::{Authority, CaService, InitOptions, files_out};
-use warden_config::{CaConfig, SpiffeId, TrustDomain};
+use warden_config::{CaConfig, ProxyConfig, SpiffeId, TrustDomain};
 
 /// warden: mTLS zero-trust sidecar with a built-in SPIFFE certificate authority.
 #[derive(Parser)]
@@ -47,7 +47,13 @@ enum Command {
     /// The certificate authority: create it, issue identities, serve the API.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Validate a config file: exit 0, or exit 2 listing `file:line:column: problem`.
+    /// Run the sidecar or gateway proxy.
+    Proxy {
+        /// The proxy config file (YAML).
+        #[arg(long, env = "WARDEN_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file (proxy or CA): exit 0, or exit 2 listing `file:line:column: problem`.
     Check {
         /// The file to check.
         #[arg(long)]
@@ -206,10 +212,22 @@ fn main() -> ExitCode {
         "info"
     };
     init_logging(cli.log_format, default_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The proxy's config says how many worker threads it gets; read it first.
+    let mut workers = None;
+    if let Command::Proxy { config } = &cli.command {
+        match ProxyConfig::load(config) {
+            Ok(c) => workers = Some(c.workers),
+            Err(d) => {
+                eprintln!("error: {d}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -255,8 +273,17 @@ async fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Ca(ca) => run_ca(ca, now).await,
         Command::Check { config } => {
-            CaConfig::load(&config).map_err(usage)?;
+            if is_ca_config(&config) {
+                CaConfig::load(&config).map_err(usage)?;
+            } else {
+                ProxyConfig::load(&config).map_err(usage)?;
+            }
             println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::Proxy { config } => {
+            let config = ProxyConfig::load(&config).map_err(usage)?;
+            warden_proxy::run(config, shutdown_on_signal()).await?;
             Ok(())
         }
         Command::Demo => demo::run().await.map_err(Failure::from),
@@ -412,6 +439,11 @@ fn read_credentials(dir: &std::path::Path, id: &SpiffeId) -> Result<Credentials,
         not_before: v.not_before,
         not_after: v.not_after,
     })
+}
+
+/// A CA config has a top-level `trust_domain`; a proxy config never does.
+fn is_ca_config(path: &std::path::Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|t| t.lines().any(|l| l.starts_with("trust_domain:")))
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {

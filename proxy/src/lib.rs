@@ -1,1 +1,92 @@
-//! placeholder
+//! warden's data plane: inbound mTLS listeners that authorize each
+//! connection and request by the caller's verified SPIFFE ID and forward to
+//! the local app; outbound listeners that originate mTLS and check the
+//! destination's identity; the workload identity kept fresh; admin and metrics.
+
+#![forbid(unsafe_code)]
+
+pub mod authz;
+pub mod headers;
+pub mod identity;
+pub mod inbound;
+pub mod listener;
+pub mod metrics;
+pub mod normalize;
+pub mod outbound;
+pub mod respond;
+pub mod tls;
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use warden_config::ProxyConfig;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({name}): {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The identity could not be set up.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// Metrics registration failed.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Runs the proxy until `shutdown` turns true; then drains and returns.
+pub async fn run(config: ProxyConfig, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
+    let metrics = metrics::ProxyMetrics::new()?;
+    let bind = |name: String, addr| async move {
+        listener::bind(&name, addr)
+            .await
+            .map_err(|source| StartError::Bind { name, addr, source })
+    };
+    let admin = bind("admin".into(), config.admin).await?;
+    let mut inbound = Vec::new();
+    for l in &config.inbound {
+        inbound.push((l.clone(), bind(l.name.clone(), l.listen).await?));
+    }
+    let mut outbound = Vec::new();
+    for l in &config.outbound {
+        outbound.push((l.clone(), bind(l.name.clone(), l.listen).await?));
+    }
+    let identity = identity::start(&config.identity, metrics.clone()).await?;
+
+    let ready_id = identity.clone();
+    let ready: warden_ca::admin::ReadyCheck = Arc::new(move || {
+        ready_id
+            .borrow()
+            .as_ref()
+            .is_some_and(|id| id.is_valid(OffsetDateTime::now_utc()))
+    });
+    tokio::spawn(warden_ca::admin::serve(admin, metrics.registry.clone(), ready, shutdown.clone()));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for (cfg, l) in inbound {
+        tasks.spawn(inbound::serve(cfg, l, identity.clone(), metrics.clone(), shutdown.clone(), config.drain_timeout));
+    }
+    for (cfg, l) in outbound {
+        tasks.spawn(outbound::serve(cfg, l, identity.clone(), metrics.clone(), shutdown.clone(), config.drain_timeout));
+    }
+    // `ready` once a valid certificate is held (every listener is bound by now).
+    let mut waiting = identity.clone();
+    let announced = tokio::spawn(async move {
+        if waiting.wait_for(|id| id.is_some()).await.is_ok() {
+            println!("ready");
+        }
+    });
+    while tasks.join_next().await.is_some() {}
+    announced.abort();
+    Ok(())
+}

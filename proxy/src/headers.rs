@@ -1,0 +1,67 @@
+//! The identity header stage: what the app learns about the caller.
+//!
+//! A client must never be able to choose the identity the app sees. So,
+//! before anything is added: every `x-forwarded-client-cert` header is removed
+//! (header names are case-insensitive, all copies go), and so are the
+//! hop-by-hop headers, including every header the `Connection` header names
+//! (a client could otherwise ask the app's own HTTP stack to drop ours).
+//! Then exactly one XFCC is added, in Envoy's form: `By=<our id>;URI=<peer id>`.
+
+use http::HeaderMap;
+use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+
+/// The identity header the app receives.
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers (RFC 9110 section 7.6.1) and those named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+}
+
+/// Replaces whatever identity header the client sent with the verified one.
+pub fn set_identity(headers: &mut HeaderMap, xfcc: &HeaderValue) {
+    strip_hop_by_hop(headers);
+    headers.remove(XFCC);
+    headers.insert(XFCC, xfcc.clone());
+}
+
+/// The XFCC value for a peer, built once per connection.
+pub fn xfcc_value(own: &str, peer: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("By={own};URI={peer}")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_client_copy_is_replaced_by_exactly_one_verified_header() {
+        let mut h = HeaderMap::new();
+        h.append("X-Forwarded-Client-Cert", HeaderValue::from_static("By=x;URI=spiffe://td/admin"));
+        h.append("x-forwarded-client-cert", HeaderValue::from_static("URI=spiffe://td/root"));
+        h.append("connection", HeaderValue::from_static("keep-alive, X-Forwarded-Client-Cert, x-secret"));
+        h.append("x-secret", HeaderValue::from_static("1"));
+        h.append("x-kept", HeaderValue::from_static("1"));
+        let v = xfcc_value("spiffe://td/app", "spiffe://td/web").unwrap();
+        set_identity(&mut h, &v);
+        let all: Vec<_> = h.get_all(XFCC).iter().collect();
+        assert_eq!(all, vec![&v]);
+        assert!(h.get("connection").is_none() && h.get("x-secret").is_none());
+        assert!(h.get("x-kept").is_some());
+    }
+}

@@ -1,0 +1,252 @@
+//! The workload's identity: where its X.509-SVID comes from, and how it is
+//! kept fresh. Each new or renewed certificate is checked (it verifies against
+//! the bundle, carries one SPIFFE ID, matches its key) before it is published
+//! on a watch channel; listeners build TLS configs from the latest value.
+//! Until the first certificate, and once the current one has expired, the
+//! channel holds `None` and every handshake fails closed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::RootCertStore;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use warden_ca::authority::{parse_certs, validity_of};
+use warden_ca::client::{CaClient, Credentials};
+use warden_ca::lifetime::renew_at;
+use warden_ca::tls;
+use warden_config::proxy::IdentitySource;
+use warden_config::{SpiffeId, TrustDomain};
+
+use crate::metrics::ProxyMetrics;
+
+/// A checked certificate, its key and the trust bundle it verified against.
+#[derive(Debug)]
+pub struct Identity {
+    /// Our SPIFFE ID.
+    pub id: SpiffeId,
+    /// Certificate chain and signing key, ready for rustls.
+    pub key: Arc<CertifiedKey>,
+    /// Trust roots for peers (our trust domain's bundle).
+    pub roots: Arc<RootCertStore>,
+    /// Leaf NotAfter.
+    pub not_after: OffsetDateTime,
+    /// Leaf NotBefore.
+    pub not_before: OffsetDateTime,
+}
+
+impl Identity {
+    /// Our trust domain.
+    pub fn trust_domain(&self) -> TrustDomain {
+        self.id.trust_domain()
+    }
+
+    /// Still valid at `now`?
+    pub fn is_valid(&self, now: OffsetDateTime) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+
+    /// Builds and checks an identity from PEM texts.
+    pub fn from_pem(chain_pem: &str, key_pem: &str, bundle_pem: &str) -> Result<Self, String> {
+        let chain = parse_certs(chain_pem).map_err(|e| format!("certificate: {e}"))?;
+        let bundle = parse_certs(bundle_pem).map_err(|e| format!("bundle: {e}"))?;
+        let id = tls::peer_id(&chain[0]).map_err(|e| format!("certificate: {e}"))?;
+        let roots = tls::root_store(&bundle).map_err(|e| format!("bundle: {e}"))?;
+        verify_chain(&chain, &roots)?;
+        let key = tls::certified_key(chain_pem, key_pem, &tls::provider())
+            .map_err(|e| format!("key does not match the certificate: {e}"))?;
+        let v = validity_of(&chain[0])?;
+        Ok(Self {
+            id,
+            key: Arc::new(key),
+            roots,
+            not_after: v.not_after,
+            not_before: v.not_before,
+        })
+    }
+}
+
+/// Our own chain must verify against our bundle: a mismatched pair would
+/// only fail later, at every peer.
+fn verify_chain(chain: &[CertificateDer<'static>], roots: &RootCertStore) -> Result<(), String> {
+    let cert = rustls::server::ParsedCertificate::try_from(&chain[0]).map_err(|e| e.to_string())?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &cert,
+        roots,
+        &chain[1..],
+        UnixTime::now(),
+        tls::provider().signature_verification_algorithms.all,
+    )
+    .map_err(|e| format!("certificate does not verify against the bundle: {e}"))
+}
+
+/// The published identity: `None` before the first and after expiry.
+pub type IdentityRx = watch::Receiver<Option<Arc<Identity>>>;
+
+/// Why the identity could not be set up at start.
+#[derive(Debug, thiserror::Error)]
+#[error("identity: {0}")]
+pub struct IdentityError(pub String);
+
+/// Starts keeping the identity from `source`; returns the channel.
+pub async fn start(source: &IdentitySource, metrics: ProxyMetrics) -> Result<IdentityRx, IdentityError> {
+    let (tx, rx) = watch::channel(None);
+    match source.clone() {
+        IdentitySource::Files { cert, key, bundle } => {
+            let first = load_files(&cert, &key, &bundle).map_err(IdentityError)?;
+            publish(&tx, &metrics, first);
+            tokio::spawn(watch_files(tx, metrics, cert, key, bundle));
+        }
+        IdentitySource::Ca {
+            url,
+            bundle,
+            token_file,
+            spiffe_id,
+            ttl,
+        } => {
+            let bundle_pem = read(&bundle).map_err(IdentityError)?;
+            let client = CaClient::new(&url, spiffe_id.trust_domain(), &bundle_pem)
+                .map_err(|e| IdentityError(e.to_string()))?;
+            tokio::spawn(keep_from_ca(tx, metrics, client, token_file, spiffe_id, ttl));
+        }
+    }
+    Ok(rx)
+}
+
+fn publish(tx: &watch::Sender<Option<Arc<Identity>>>, metrics: &ProxyMetrics, id: Identity) {
+    metrics.cert_expiry.set(id.not_after.unix_timestamp() as f64);
+    tracing::info!(id = %id.id, not_after = %id.not_after, "identity installed");
+    let _ = tx.send(Some(Arc::new(id)));
+}
+
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn load_files(cert: &Path, key: &Path, bundle: &Path) -> Result<Identity, String> {
+    Identity::from_pem(&read(cert)?, &read(key)?, &read(bundle)?)
+}
+
+fn modified(paths: &[&Path]) -> Vec<Option<SystemTime>> {
+    paths
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Polls the three files (cheap `stat`s; robust to the symlink swaps that
+/// Kubernetes secret volumes do) and reloads when any changed.
+async fn watch_files(
+    tx: watch::Sender<Option<Arc<Identity>>>,
+    metrics: ProxyMetrics,
+    cert: PathBuf,
+    key: PathBuf,
+    bundle: PathBuf,
+) {
+    let paths = [cert.as_path(), key.as_path(), bundle.as_path()];
+    let mut seen = modified(&paths);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        expire_if_due(&tx, &metrics);
+        let now = modified(&paths);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match load_files(&cert, &key, &bundle) {
+            Ok(id) => {
+                metrics.renewals.with_label_values(&["ok"]).inc();
+                publish(&tx, &metrics, id);
+            }
+            Err(e) => {
+                metrics.renewals.with_label_values(&["failed"]).inc();
+                tracing::error!(error = %e, "certificate files changed but are not usable; keeping the current identity");
+            }
+        }
+    }
+}
+
+/// Fail closed: an expired certificate is withdrawn.
+fn expire_if_due(tx: &watch::Sender<Option<Arc<Identity>>>, metrics: &ProxyMetrics) {
+    let expired = tx
+        .borrow()
+        .as_ref()
+        .is_some_and(|id| !id.is_valid(OffsetDateTime::now_utc()));
+    if expired {
+        tracing::error!("certificate expired: refusing all connections until a new one arrives");
+        metrics.cert_expiry.set(0.0);
+        let _ = tx.send(None);
+    }
+}
+
+/// Backoff after a failed call to the CA: 1 s doubling to 60 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(6)).min(Duration::from_secs(60))
+}
+
+fn jitter() -> f64 {
+    (rand::random::<f64>() - 0.5) / 5.0
+}
+
+async fn keep_from_ca(
+    tx: watch::Sender<Option<Arc<Identity>>>,
+    metrics: ProxyMetrics,
+    client: CaClient,
+    token_file: PathBuf,
+    id: SpiffeId,
+    ttl: Option<Duration>,
+) {
+    let mut current: Option<Credentials> = None;
+    let mut attempt = 0u32;
+    loop {
+        let result = match &current {
+            None => match read(&token_file) {
+                Ok(token) => client.bootstrap(&id, token.trim(), ttl).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            },
+            Some(c) => client.renew(c, ttl).await.map_err(|e| e.to_string()),
+        };
+        let checked = result.and_then(|c| Identity::from_pem(&c.chain_pem, &c.key_pem, &c.bundle_pem).map(|i| (c, i)));
+        let wait = match checked {
+            Ok((creds, identity)) => {
+                metrics.renewals.with_label_values(&["ok"]).inc();
+                attempt = 0;
+                let at = renew_at(identity.not_before, identity.not_after, jitter());
+                publish(&tx, &metrics, identity);
+                current = Some(creds);
+                (at - OffsetDateTime::now_utc()).max(time::Duration::ZERO).unsigned_abs()
+            }
+            Err(e) => {
+                metrics.renewals.with_label_values(&["failed"]).inc();
+                let wait = backoff(attempt);
+                attempt += 1;
+                tracing::warn!(error = %e, retry_in = ?wait, "could not obtain a certificate from the CA; keeping the current one");
+                wait
+            }
+        };
+        // Sleep, but wake to withdraw the certificate the moment it expires.
+        let deadline = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_secs(1))).await;
+            expire_if_due(&tx, &metrics);
+        }
+        if current.as_ref().is_some_and(|c| c.not_after <= OffsetDateTime::now_utc()) {
+            // An expired certificate cannot renew; the token is spent. Keep
+            // trying the renewal (the operator may extend it); stay closed.
+            tracing::error!("certificate expired before it could be renewed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backoff_doubles_to_a_minute() {
+        let s: Vec<u64> = (0..9).map(|a| super::backoff(a).as_secs()).collect();
+        assert_eq!(s, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
+}

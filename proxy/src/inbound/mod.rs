@@ -1,0 +1,121 @@
+//! Inbound: accept mTLS from peers and forward to the local app.
+//!
+//! accept -> connection limit -> TLS 1.3 handshake (client certificate
+//! required; chain -> bundle; exactly one URI SAN; our trust domain) ->
+//! `VerifiedPeer` -> HTTP (`http.rs`) or TCP (`tcp.rs`).
+//! A refused handshake is counted by reason and logged (rate-limited).
+
+mod http;
+mod tcp;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use warden_ca::ratelog::LogLimiter;
+use warden_ca::tls;
+use warden_config::proxy::{Inbound, Protocol};
+
+use crate::identity::{Identity, IdentityRx};
+use crate::listener::ConnGuard;
+use crate::metrics::ProxyMetrics;
+use crate::tls::{H2, HTTP1, server_config};
+
+pub use http::InboundHttp;
+
+static HANDSHAKE_LOG: LogLimiter = LogLimiter::new(10);
+
+/// Serves one inbound listener until `shutdown`, then drains within `drain`.
+pub async fn serve(
+    cfg: Inbound,
+    listener: TcpListener,
+    identity: IdentityRx,
+    metrics: ProxyMetrics,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let name: Arc<str> = cfg.name.as_str().into();
+    let limit = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let http = Arc::new(InboundHttp::new(&cfg, metrics.clone()));
+    let alpn: &[&[u8]] = match cfg.protocol {
+        Protocol::Http => &[H2, HTTP1],
+        Protocol::Tcp => &[],
+    };
+    let mut cache: Option<(Arc<Identity>, TlsAcceptor)> = None;
+    loop {
+        let (stream, peer_addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let Some(guard) = ConnGuard::admit(&limit, &metrics, &name) else { continue };
+        // Fail closed: no valid certificate, no handshake.
+        let current = identity.borrow().clone();
+        let Some(id) = current else {
+            metrics.handshake_failures.with_label_values(&[&name, "no_identity"]).inc();
+            continue;
+        };
+        let acceptor = match &cache {
+            Some((cached, a)) if Arc::ptr_eq(cached, &id) => a.clone(),
+            _ => match server_config(&id, alpn) {
+                Ok(c) => {
+                    let a = TlsAcceptor::from(c as Arc<ServerConfig>);
+                    cache = Some((id.clone(), a.clone()));
+                    a
+                }
+                Err(e) => {
+                    tracing::error!(listener = %name, error = %e, "cannot build the TLS config");
+                    continue;
+                }
+            },
+        };
+        let (name, metrics, http, cfg) = (name.clone(), metrics.clone(), http.clone(), cfg.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let _ = stream.set_nodelay(true);
+            let handshake = tokio::time::timeout(cfg.limits.handshake_timeout, acceptor.accept(stream)).await;
+            let result = handshake
+                .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")));
+            let tls = match result {
+                Ok(t) => t,
+                Err(e) => {
+                    let reason = tls::handshake_failure_reason(&e);
+                    metrics.handshake_failures.with_label_values(&[&name, reason]).inc();
+                    if HANDSHAKE_LOG.allow() {
+                        tracing::warn!(listener = %name, peer = %peer_addr, reason, error = %e, "handshake refused");
+                    }
+                    return;
+                }
+            };
+            let peer = match tls::verified_client(tls.get_ref().1, &id.trust_domain()) {
+                Some(Ok(p)) => p,
+                // Unreachable: the verifier requires and checks the certificate.
+                _ => {
+                    metrics.handshake_failures.with_label_values(&[&name, "no_client_cert"]).inc();
+                    return;
+                }
+            };
+            match cfg.protocol {
+                Protocol::Http => http.serve(tls, peer, &id, watcher).await,
+                Protocol::Tcp => tcp::serve(&cfg, tls, peer, &metrics).await,
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(listener = %name, "drain timeout: closing connections with requests in flight");
+    }
+}

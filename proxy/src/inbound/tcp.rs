@@ -1,0 +1,38 @@
+//! Inbound TCP: after the handshake, the caller's identity alone decides
+//! (rules with methods or paths do not apply); a denied caller's connection
+//! is closed, an allowed one is spliced to the app both ways.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use warden_ca::tls::VerifiedPeer;
+use warden_config::proxy::Inbound;
+
+use crate::authz::{self, Request};
+use crate::metrics::ProxyMetrics;
+
+/// Serves one authenticated TCP connection.
+pub async fn serve<S>(cfg: &Inbound, mut tls: S, peer: VerifiedPeer, metrics: &ProxyMetrics)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let d = authz::decide(&cfg.policy, &peer, Request { method: None, path: None });
+    metrics.authz.with_label_values(&[&cfg.name, d.rule, d.result]).inc();
+    if !d.allowed {
+        tracing::info!(listener = %cfg.name, peer = %peer.id(), rule = d.rule, "connection denied");
+        return;
+    }
+    if d.result == "audit_deny" {
+        tracing::warn!(listener = %cfg.name, peer = %peer.id(), rule = d.rule, "audit: would deny this connection");
+    }
+    let mut app = match TcpStream::connect(cfg.app).await {
+        Ok(a) => a,
+        Err(e) => {
+            metrics.rejected.with_label_values(&[&cfg.name, "app_unavailable"]).inc();
+            tracing::warn!(listener = %cfg.name, error = %e, "app unreachable");
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
+}

@@ -1,0 +1,98 @@
+//! The proxy's Prometheus metrics. Names are a stable surface; label values
+//! come from config (listener and rule names) or fixed sets, never from
+//! client input.
+
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// Handles to every proxy metric.
+#[derive(Debug, Clone)]
+pub struct ProxyMetrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Connections accepted, by listener.
+    pub conns_opened: IntCounterVec,
+    /// Connections ended, by listener.
+    pub conns_closed: IntCounterVec,
+    /// Connections open now, by listener.
+    pub conns_open: IntGaugeVec,
+    /// Refused handshakes, by listener and reason.
+    pub handshake_failures: IntCounterVec,
+    /// Requests answered, by listener and status class (`2xx`..`5xx`).
+    pub requests: IntCounterVec,
+    /// Requests refused before the app saw them, by listener and reason.
+    pub rejected: IntCounterVec,
+    /// Authorization decisions, by listener, rule (`default` when none matched) and result.
+    pub authz: IntCounterVec,
+    /// Request latency through the proxy, by listener.
+    pub latency: HistogramVec,
+    /// NotAfter of the current certificate, unix seconds (0: none).
+    pub cert_expiry: Gauge,
+    /// Certificate renewals and reloads, by result.
+    pub renewals: IntCounterVec,
+    /// Config reloads, by result.
+    pub config_reloads: IntCounterVec,
+}
+
+impl ProxyMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let conns_opened = counter("warden_proxy_connections_opened_total", "Connections accepted.", &["listener"])?;
+        let conns_closed = counter("warden_proxy_connections_closed_total", "Connections ended.", &["listener"])?;
+        let handshake_failures = counter(
+            "warden_proxy_handshake_failures_total",
+            "Refused TLS handshakes by reason.",
+            &["listener", "reason"],
+        )?;
+        let requests = counter("warden_proxy_requests_total", "Requests by status class.", &["listener", "class"])?;
+        let rejected = counter(
+            "warden_proxy_rejected_requests_total",
+            "Requests refused before reaching the app, by reason.",
+            &["listener", "reason"],
+        )?;
+        let authz = counter(
+            "warden_proxy_authz_decisions_total",
+            "Authorization decisions by rule and result.",
+            &["listener", "rule", "result"],
+        )?;
+        let renewals = counter(
+            "warden_proxy_certificate_renewals_total",
+            "Certificate renewals and reloads by result.",
+            &["result"],
+        )?;
+        let config_reloads = counter("warden_proxy_config_reloads_total", "Config reloads by result.", &["result"])?;
+        let conns_open = IntGaugeVec::new(Opts::new("warden_proxy_connections_open", "Connections open now."), &["listener"])?;
+        registry.register(Box::new(conns_open.clone()))?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new("warden_proxy_request_duration_seconds", "Request latency through the proxy.").buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["listener"],
+        )?;
+        registry.register(Box::new(latency.clone()))?;
+        let cert_expiry = Gauge::new(
+            "warden_proxy_certificate_expiry_timestamp_seconds",
+            "NotAfter of the current certificate, unix seconds (0: none).",
+        )?;
+        registry.register(Box::new(cert_expiry.clone()))?;
+        Ok(Self {
+            registry,
+            conns_opened,
+            conns_closed,
+            conns_open,
+            handshake_failures,
+            requests,
+            rejected,
+            authz,
+            latency,
+            cert_expiry,
+            renewals,
+            config_reloads,
+        })
+    }
+}

@@ -1,0 +1,66 @@
+//! Every answer the proxy itself gives (as opposed to the app's), in one
+//! place: a fixed reason, a status, an RFC 9457 problem body.
+
+use bytes::Bytes;
+use http::Response;
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+
+/// The body type of every proxied response.
+pub type Body = BoxBody<Bytes, BoxError>;
+/// Errors a body can carry.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the proxy answered instead of the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The path cannot be normalized safely (400).
+    BadPath,
+    /// The caller is not allowed (403).
+    Forbidden,
+    /// The app could not be reached (502).
+    AppUnavailable,
+    /// The destination's identity is not the expected one (502).
+    WrongServerIdentity,
+    /// The destination could not be reached (502).
+    UpstreamUnavailable,
+    /// No valid certificate right now (503).
+    NoIdentity,
+}
+
+impl Refusal {
+    /// Fixed label for metrics and the problem type.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::BadPath => "bad_path",
+            Self::Forbidden => "forbidden",
+            Self::AppUnavailable => "app_unavailable",
+            Self::WrongServerIdentity => "wrong_server_identity",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::NoIdentity => "no_identity",
+        }
+    }
+
+    fn status(self) -> u16 {
+        match self {
+            Self::BadPath => 400,
+            Self::Forbidden => 403,
+            Self::AppUnavailable | Self::WrongServerIdentity | Self::UpstreamUnavailable => 502,
+            Self::NoIdentity => 503,
+        }
+    }
+
+    /// The response.
+    pub fn response(self, detail: &str) -> Response<Body> {
+        warden_ca::http::problem(self.status(), self.reason(), detail).map(|b| b.map_err(|never| match never {}).boxed())
+    }
+}
+
+/// Boxes any body whose errors convert.
+pub fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}

@@ -1,0 +1,52 @@
+//! rustls configs built from the current identity: one server config for
+//! every inbound listener, one client config per outbound destination and
+//! ALPN. Rebuilt whenever the identity changes; each new connection takes
+//! the latest, open connections keep theirs.
+
+use std::sync::Arc;
+
+use rustls::{ClientConfig, ServerConfig};
+
+use warden_ca::tls::{self, SpiffeClientVerifier, SpiffeServerVerifier};
+use warden_config::IdentityPattern;
+
+use crate::identity::Identity;
+
+/// ALPN ids.
+pub const H2: &[u8] = b"h2";
+/// ALPN id of HTTP/1.1.
+pub const HTTP1: &[u8] = b"http/1.1";
+
+/// The inbound config: TLS 1.3, client certificate required and verified
+/// against our bundle with exactly one SPIFFE ID in our trust domain.
+pub fn server_config(id: &Identity, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, String> {
+    let provider = tls::provider();
+    let verifier = SpiffeClientVerifier::new(id.roots.clone(), id.trust_domain(), provider.clone(), false)
+        .map_err(|e| e.to_string())?;
+    let resolver = Arc::new(tls::RotatingCert::default());
+    resolver.set((*id.key).clone());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// An outbound config: our certificate as the client's, and the server must
+/// prove an identity matching `expected` (secure naming).
+pub fn client_config(id: &Identity, expected: &IdentityPattern, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {
+    let provider = tls::provider();
+    let verifier = SpiffeServerVerifier::new(id.roots.clone(), id.trust_domain(), expected.clone(), provider.clone());
+    let resolver = Arc::new(tls::RotatingCert::default());
+    resolver.set((*id.key).clone());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(resolver);
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
