@@ -32,8 +32,14 @@ pub struct Request<'a> {
 
 fn matches(rule: &Rule, id: &SpiffeId, req: Request<'_>) -> bool {
     rule.from.iter().any(|p| p.matches(id))
-        && (rule.methods.is_empty() || req.method.is_some_and(|m| rule.methods.iter().any(|r| r == m)))
-        && (rule.paths.is_empty() || req.path.is_some_and(|p| rule.paths.iter().any(|r| r.matches(p))))
+        && (rule.methods.is_empty()
+            || req
+                .method
+                .is_some_and(|m| rule.methods.iter().any(|r| r == m)))
+        && (rule.paths.is_empty()
+            || req
+                .path
+                .is_some_and(|p| rule.paths.iter().any(|r| r.matches(p))))
 }
 
 /// Decides `req` from `peer` under `policy`.
@@ -87,18 +93,32 @@ mod tests {
         let text = format!(
             "identity: {{cert: c, key: k, bundle: b}}\nadmin: 127.0.0.1:1\ninbound:\n  - name: web\n    listen: 127.0.0.1:2\n    app: 127.0.0.1:3\n    policy:\n      mode: {mode}\n      rules:\n        - {{name: shop, action: allow, from: [spiffe://td/ns/shop/*], methods: [GET], paths: [/api/*]}}\n        - {{name: ops, action: allow, from: [spiffe://td/ops]}}\n        - {{name: no-admin, action: deny, from: [spiffe://td/*], paths: [/admin/*]}}\n"
         );
-        ProxyConfig::parse(Path::new("t.yaml"), &text).unwrap().inbound.remove(0).policy
+        ProxyConfig::parse(Path::new("t.yaml"), &text)
+            .unwrap()
+            .inbound
+            .remove(0)
+            .policy
     }
 
     fn d<'p>(p: &'p Policy, id: &str, method: &str, path: &str) -> Decision<'p> {
         let id = SpiffeId::parse(id).unwrap();
-        decide_id(p, &id, Request { method: Some(method), path: Some(path) })
+        decide_id(
+            p,
+            &id,
+            Request {
+                method: Some(method),
+                path: Some(path),
+            },
+        )
     }
 
     #[test]
     fn allow_needs_identity_method_and_path_to_match() {
         let p = policy("enforce");
-        assert_eq!(d(&p, "spiffe://td/ns/shop/web", "GET", "/api/x").rule, "shop");
+        assert_eq!(
+            d(&p, "spiffe://td/ns/shop/web", "GET", "/api/x").rule,
+            "shop"
+        );
         assert!(d(&p, "spiffe://td/ns/shop/web", "GET", "/api/x").allowed);
         assert!(!d(&p, "spiffe://td/ns/shop/web", "POST", "/api/x").allowed);
         assert!(!d(&p, "spiffe://td/ns/shop/web", "GET", "/other").allowed);
@@ -110,7 +130,10 @@ mod tests {
     fn deny_wins_over_allow_and_the_default_is_deny() {
         let p = policy("enforce");
         let ops_admin = d(&p, "spiffe://td/ops", "GET", "/admin/users");
-        assert_eq!((ops_admin.allowed, ops_admin.rule, ops_admin.result), (false, "no-admin", "deny"));
+        assert_eq!(
+            (ops_admin.allowed, ops_admin.rule, ops_admin.result),
+            (false, "no-admin", "deny")
+        );
         assert!(d(&p, "spiffe://td/ops", "DELETE", "/anything").allowed);
         let none = d(&p, "spiffe://td/stranger", "GET", "/");
         assert_eq!((none.allowed, none.rule), (false, "default"));
@@ -120,7 +143,10 @@ mod tests {
     fn audit_mode_lets_denials_through_but_names_them() {
         let p = policy("audit");
         let x = d(&p, "spiffe://td/stranger", "GET", "/");
-        assert_eq!((x.allowed, x.result, x.rule), (true, "audit_deny", "default"));
+        assert_eq!(
+            (x.allowed, x.result, x.rule),
+            (true, "audit_deny", "default")
+        );
         assert_eq!(d(&p, "spiffe://td/ops", "GET", "/x").result, "allow");
     }
 
@@ -128,8 +154,29 @@ mod tests {
     fn tcp_connections_match_on_identity_only() {
         let p = policy("enforce");
         let id = SpiffeId::parse("spiffe://td/ops").unwrap();
-        assert!(decide_id(&p, &id, Request { method: None, path: None }).allowed);
+        assert!(
+            decide_id(
+                &p,
+                &id,
+                Request {
+                    method: None,
+                    path: None
+                }
+            )
+            .allowed
+        );
         let id = SpiffeId::parse("spiffe://td/ns/shop/web").unwrap();
-        assert!(!decide_id(&p, &id, Request { method: None, path: None }).allowed, "shop's rule needs a method and path");
+        assert!(
+            !decide_id(
+                &p,
+                &id,
+                Request {
+                    method: None,
+                    path: None
+                }
+            )
+            .allowed,
+            "shop's rule needs a method and path"
+        );
     }
 }

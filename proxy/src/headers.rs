@@ -28,7 +28,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
+    for name in [
+        CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ] {
         headers.remove(name);
     }
 }
@@ -52,9 +60,18 @@ mod tests {
     #[test]
     fn every_client_copy_is_replaced_by_exactly_one_verified_header() {
         let mut h = HeaderMap::new();
-        h.append("X-Forwarded-Client-Cert", HeaderValue::from_static("By=x;URI=spiffe://td/admin"));
-        h.append("x-forwarded-client-cert", HeaderValue::from_static("URI=spiffe://td/root"));
-        h.append("connection", HeaderValue::from_static("keep-alive, X-Forwarded-Client-Cert, x-secret"));
+        h.append(
+            "X-Forwarded-Client-Cert",
+            HeaderValue::from_static("By=x;URI=spiffe://td/admin"),
+        );
+        h.append(
+            "x-forwarded-client-cert",
+            HeaderValue::from_static("URI=spiffe://td/root"),
+        );
+        h.append(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Forwarded-Client-Cert, x-secret"),
+        );
         h.append("x-secret", HeaderValue::from_static("1"));
         h.append("x-kept", HeaderValue::from_static("1"));
         let v = xfcc_value("spiffe://td/app", "spiffe://td/web").unwrap();

@@ -93,7 +93,10 @@ pub type IdentityRx = watch::Receiver<Option<Arc<Identity>>>;
 pub struct IdentityError(pub String);
 
 /// Starts keeping the identity from `source`; returns the channel.
-pub async fn start(source: &IdentitySource, metrics: ProxyMetrics) -> Result<IdentityRx, IdentityError> {
+pub async fn start(
+    source: &IdentitySource,
+    metrics: ProxyMetrics,
+) -> Result<IdentityRx, IdentityError> {
     let (tx, rx) = watch::channel(None);
     match source.clone() {
         IdentitySource::Files { cert, key, bundle } => {
@@ -111,14 +114,18 @@ pub async fn start(source: &IdentitySource, metrics: ProxyMetrics) -> Result<Ide
             let bundle_pem = read(&bundle).map_err(IdentityError)?;
             let client = CaClient::new(&url, spiffe_id.trust_domain(), &bundle_pem)
                 .map_err(|e| IdentityError(e.to_string()))?;
-            tokio::spawn(keep_from_ca(tx, metrics, client, token_file, spiffe_id, ttl));
+            tokio::spawn(keep_from_ca(
+                tx, metrics, client, token_file, spiffe_id, ttl,
+            ));
         }
     }
     Ok(rx)
 }
 
 fn publish(tx: &watch::Sender<Option<Arc<Identity>>>, metrics: &ProxyMetrics, id: Identity) {
-    metrics.cert_expiry.set(id.not_after.unix_timestamp() as f64);
+    metrics
+        .cert_expiry
+        .set(id.not_after.unix_timestamp() as f64);
     tracing::info!(id = %id.id, not_after = %id.not_after, "identity installed");
     let _ = tx.send(Some(Arc::new(id)));
 }
@@ -205,12 +212,17 @@ async fn keep_from_ca(
     loop {
         let result = match &current {
             None => match read(&token_file) {
-                Ok(token) => client.bootstrap(&id, token.trim(), ttl).await.map_err(|e| e.to_string()),
+                Ok(token) => client
+                    .bootstrap(&id, token.trim(), ttl)
+                    .await
+                    .map_err(|e| e.to_string()),
                 Err(e) => Err(e),
             },
             Some(c) => client.renew(c, ttl).await.map_err(|e| e.to_string()),
         };
-        let checked = result.and_then(|c| Identity::from_pem(&c.chain_pem, &c.key_pem, &c.bundle_pem).map(|i| (c, i)));
+        let checked = result.and_then(|c| {
+            Identity::from_pem(&c.chain_pem, &c.key_pem, &c.bundle_pem).map(|i| (c, i))
+        });
         let wait = match checked {
             Ok((creds, identity)) => {
                 metrics.renewals.with_label_values(&["ok"]).inc();
@@ -218,7 +230,9 @@ async fn keep_from_ca(
                 let at = renew_at(identity.not_before, identity.not_after, jitter());
                 publish(&tx, &metrics, identity);
                 current = Some(creds);
-                (at - OffsetDateTime::now_utc()).max(time::Duration::ZERO).unsigned_abs()
+                (at - OffsetDateTime::now_utc())
+                    .max(time::Duration::ZERO)
+                    .unsigned_abs()
             }
             Err(e) => {
                 metrics.renewals.with_label_values(&["failed"]).inc();
@@ -231,10 +245,16 @@ async fn keep_from_ca(
         // Sleep, but wake to withdraw the certificate the moment it expires.
         let deadline = tokio::time::Instant::now() + wait;
         while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_secs(1))).await;
+            tokio::time::sleep_until(
+                deadline.min(tokio::time::Instant::now() + Duration::from_secs(1)),
+            )
+            .await;
             expire_if_due(&tx, &metrics);
         }
-        if current.as_ref().is_some_and(|c| c.not_after <= OffsetDateTime::now_utc()) {
+        if current
+            .as_ref()
+            .is_some_and(|c| c.not_after <= OffsetDateTime::now_utc())
+        {
             // An expired certificate cannot renew; the token is spent. Keep
             // trying the renewal (the operator may extend it); stay closed.
             tracing::error!("certificate expired before it could be renewed");

@@ -70,14 +70,33 @@ pub async fn run(config: ProxyConfig, shutdown: watch::Receiver<bool>) -> Result
             .as_ref()
             .is_some_and(|id| id.is_valid(OffsetDateTime::now_utc()))
     });
-    tokio::spawn(warden_ca::admin::serve(admin, metrics.registry.clone(), ready, shutdown.clone()));
+    tokio::spawn(warden_ca::admin::serve(
+        admin,
+        metrics.registry.clone(),
+        ready,
+        shutdown.clone(),
+    ));
 
     let mut tasks = tokio::task::JoinSet::new();
     for (cfg, l) in inbound {
-        tasks.spawn(inbound::serve(cfg, l, identity.clone(), metrics.clone(), shutdown.clone(), config.drain_timeout));
+        tasks.spawn(inbound::serve(
+            cfg,
+            l,
+            identity.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            config.drain_timeout,
+        ));
     }
     for (cfg, l) in outbound {
-        tasks.spawn(outbound::serve(cfg, l, identity.clone(), metrics.clone(), shutdown.clone(), config.drain_timeout));
+        tasks.spawn(outbound::serve(
+            cfg,
+            l,
+            identity.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            config.drain_timeout,
+        ));
     }
     // `ready` once a valid certificate is held (every listener is bound by now).
     let mut waiting = identity.clone();

@@ -29,7 +29,10 @@ impl ConnGuard {
     /// connection is then closed at once and counted).
     pub fn admit(limit: &Arc<Semaphore>, metrics: &ProxyMetrics, name: &Arc<str>) -> Option<Self> {
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            metrics.rejected.with_label_values(&[name, "max_connections"]).inc();
+            metrics
+                .rejected
+                .with_label_values(&[name, "max_connections"])
+                .inc();
             return None;
         };
         metrics.conns_opened.with_label_values(&[name]).inc();
@@ -44,7 +47,13 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.metrics.conns_closed.with_label_values(&[&self.name]).inc();
-        self.metrics.conns_open.with_label_values(&[&self.name]).dec();
+        self.metrics
+            .conns_closed
+            .with_label_values(&[&self.name])
+            .inc();
+        self.metrics
+            .conns_open
+            .with_label_values(&[&self.name])
+            .dec();
     }
 }

@@ -37,19 +37,32 @@ impl ProxyMetrics {
     /// Creates and registers every metric.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let conns_opened = counter("warden_proxy_connections_opened_total", "Connections accepted.", &["listener"])?;
-        let conns_closed = counter("warden_proxy_connections_closed_total", "Connections ended.", &["listener"])?;
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let conns_opened = counter(
+            "warden_proxy_connections_opened_total",
+            "Connections accepted.",
+            &["listener"],
+        )?;
+        let conns_closed = counter(
+            "warden_proxy_connections_closed_total",
+            "Connections ended.",
+            &["listener"],
+        )?;
         let handshake_failures = counter(
             "warden_proxy_handshake_failures_total",
             "Refused TLS handshakes by reason.",
             &["listener", "reason"],
         )?;
-        let requests = counter("warden_proxy_requests_total", "Requests by status class.", &["listener", "class"])?;
+        let requests = counter(
+            "warden_proxy_requests_total",
+            "Requests by status class.",
+            &["listener", "class"],
+        )?;
         let rejected = counter(
             "warden_proxy_rejected_requests_total",
             "Requests refused before reaching the app, by reason.",
@@ -65,12 +78,24 @@ impl ProxyMetrics {
             "Certificate renewals and reloads by result.",
             &["result"],
         )?;
-        let config_reloads = counter("warden_proxy_config_reloads_total", "Config reloads by result.", &["result"])?;
-        let conns_open = IntGaugeVec::new(Opts::new("warden_proxy_connections_open", "Connections open now."), &["listener"])?;
+        let config_reloads = counter(
+            "warden_proxy_config_reloads_total",
+            "Config reloads by result.",
+            &["result"],
+        )?;
+        let conns_open = IntGaugeVec::new(
+            Opts::new("warden_proxy_connections_open", "Connections open now."),
+            &["listener"],
+        )?;
         registry.register(Box::new(conns_open.clone()))?;
         let latency = HistogramVec::new(
-            HistogramOpts::new("warden_proxy_request_duration_seconds", "Request latency through the proxy.").buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            HistogramOpts::new(
+                "warden_proxy_request_duration_seconds",
+                "Request latency through the proxy.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
             ]),
             &["listener"],
         )?;

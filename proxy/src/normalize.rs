@@ -56,7 +56,10 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
         let b = raw[i];
         match b {
             b'%' => {
-                let (h, l) = match (raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex)) {
+                let (h, l) = match (
+                    raw.get(i + 1).copied().and_then(hex),
+                    raw.get(i + 2).copied().and_then(hex),
+                ) {
                     (Some(h), Some(l)) => (h, l),
                     _ => return Err(PathError::BadEscape),
                 };
@@ -123,7 +126,14 @@ mod tests {
 
     #[test]
     fn plain_paths_are_unchanged() {
-        for p in ["/", "/api/v1/items", "/a/b/", "/a-b_c.d~e", "/x%20y", "/q%3Fz"] {
+        for p in [
+            "/",
+            "/api/v1/items",
+            "/a/b/",
+            "/a-b_c.d~e",
+            "/x%20y",
+            "/q%3Fz",
+        ] {
             assert_eq!(n(p).unwrap(), p);
         }
     }

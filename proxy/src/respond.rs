@@ -52,7 +52,8 @@ impl Refusal {
 
     /// The response.
     pub fn response(self, detail: &str) -> Response<Body> {
-        warden_ca::http::problem(self.status(), self.reason(), detail).map(|b| b.map_err(|never| match never {}).boxed())
+        warden_ca::http::problem(self.status(), self.reason(), detail)
+            .map(|b| b.map_err(|never| match never {}).boxed())
     }
 }
 

@@ -21,8 +21,9 @@ pub const HTTP1: &[u8] = b"http/1.1";
 /// against our bundle with exactly one SPIFFE ID in our trust domain.
 pub fn server_config(id: &Identity, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, String> {
     let provider = tls::provider();
-    let verifier = SpiffeClientVerifier::new(id.roots.clone(), id.trust_domain(), provider.clone(), false)
-        .map_err(|e| e.to_string())?;
+    let verifier =
+        SpiffeClientVerifier::new(id.roots.clone(), id.trust_domain(), provider.clone(), false)
+            .map_err(|e| e.to_string())?;
     let resolver = Arc::new(tls::RotatingCert::default());
     resolver.set((*id.key).clone());
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -36,9 +37,18 @@ pub fn server_config(id: &Identity, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>,
 
 /// An outbound config: our certificate as the client's, and the server must
 /// prove an identity matching `expected` (secure naming).
-pub fn client_config(id: &Identity, expected: &IdentityPattern, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {
+pub fn client_config(
+    id: &Identity,
+    expected: &IdentityPattern,
+    alpn: &[u8],
+) -> Result<Arc<ClientConfig>, String> {
     let provider = tls::provider();
-    let verifier = SpiffeServerVerifier::new(id.roots.clone(), id.trust_domain(), expected.clone(), provider.clone());
+    let verifier = SpiffeServerVerifier::new(
+        id.roots.clone(),
+        id.trust_domain(),
+        expected.clone(),
+        provider.clone(),
+    );
     let resolver = Arc::new(tls::RotatingCert::default());
     resolver.set((*id.key).clone());
     let mut config = ClientConfig::builder_with_provider(provider)

@@ -526,3 +526,331 @@ pub fn svid_params(uris: &[&str]) -> CertificateParams {
     p.use_authority_key_identifier_extension = true;
     p
 }
+
+// ---------------------------------------------------------------- proxy ----
+
+/// A tiny HTTP/1.1 app on 127.0.0.1:0 that answers every request with what
+/// it received: `METHOD path` on the first line, then each header as
+/// `name: value`. `/slow` waits 2 s first. Keep-alive is honoured.
+pub struct EchoApp {
+    pub addr: SocketAddr,
+}
+
+impl EchoApp {
+    pub fn start() -> EchoApp {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                std::thread::spawn(move || echo_connection(stream));
+            }
+        });
+        EchoApp { addr }
+    }
+}
+
+fn echo_connection(stream: TcpStream) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push(line.trim_end().to_owned());
+        }
+        let Some(first) = head.first().cloned() else {
+            return;
+        };
+        let mut len = 0usize;
+        for h in &head[1..] {
+            if let Some((n, v)) = h.split_once(':')
+                && n.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let mut parts = first.split_whitespace();
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if target.starts_with("/slow") {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        let mut text = format!("{method} {target}\n");
+        for h in &head[1..] {
+            text.push_str(h);
+            text.push('\n');
+        }
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if out.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A TCP echo server on 127.0.0.1:0: writes back every byte it reads.
+pub fn tcp_echo() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    addr
+}
+
+/// A running `warden proxy`, killed on drop; `addrs` maps listener names to addresses.
+pub struct Proxy {
+    pub child: Child,
+    pub addrs: std::collections::HashMap<String, SocketAddr>,
+    pub stderr: Arc<std::sync::Mutex<String>>,
+}
+
+impl Proxy {
+    /// Writes `config` to `dir/proxy-<n>.yaml`, starts `warden proxy` on it and
+    /// waits for `ready` (or only for the listening lines when `wait_ready` is false).
+    pub fn start(dir: &Path, config: &str, wait_ready: bool) -> Proxy {
+        let path = dir.join(format!("proxy-{}.yaml", rand_suffix()));
+        std::fs::write(&path, config).unwrap();
+        Self::start_file(&path, wait_ready)
+    }
+
+    pub fn start_file(path: &Path, wait_ready: bool) -> Proxy {
+        let mut child = warden()
+            .env("WARDEN_LOG", "info")
+            .args(["proxy", "--config", s(path)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let stderr_pipe = child.stderr.take().unwrap();
+        let stderr = Arc::new(std::sync::Mutex::new(String::new()));
+        let log = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr_pipe).lines() {
+                let Ok(line) = line else { break };
+                log.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addrs = std::collections::HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                if !wait_ready && addrs.contains_key("admin") {
+                    break;
+                }
+                panic!("proxy did not start: {}", stderr.lock().unwrap());
+            };
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            match parts.as_slice() {
+                ["listening", name, a] => {
+                    addrs.insert((*name).to_owned(), a.parse().unwrap());
+                }
+                ["ready"] => break,
+                _ => {}
+            }
+            if !wait_ready && addrs.contains_key("admin") && rx_is_empty_soon(&rx) {
+                break;
+            }
+        }
+        Proxy {
+            child,
+            addrs,
+            stderr,
+        }
+    }
+
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.addrs[name]
+    }
+
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.addr("admin")).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        parse_response(&raw)
+    }
+
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_for(timeout, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
+    }
+}
+
+fn rx_is_empty_soon(rx: &mpsc::Receiver<String>) -> bool {
+    std::thread::sleep(Duration::from_millis(300));
+    matches!(rx.try_recv(), Err(mpsc::TryRecvError::Empty))
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A workload's credential files (cert.pem, key.pem, bundle.pem) in `dir`.
+pub struct Creds {
+    pub dir: PathBuf,
+}
+
+impl Creds {
+    pub fn chain(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cert.pem")).unwrap()
+    }
+    pub fn key(&self) -> String {
+        std::fs::read_to_string(self.dir.join("key.pem")).unwrap()
+    }
+    pub fn bundle(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bundle.pem")).unwrap()
+    }
+    pub fn identity_yaml(&self) -> String {
+        format!(
+            "identity:\n  cert: {}\n  key: {}\n  bundle: {}\n",
+            s(&self.dir.join("cert.pem")),
+            s(&self.dir.join("key.pem")),
+            s(&self.dir.join("bundle.pem"))
+        )
+    }
+}
+
+/// One HTTP/1.1 request over an established TLS stream; returns (status, body).
+pub fn h1_over<S: Read + Write>(
+    stream: &mut S,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+) -> std::io::Result<(u16, String)> {
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: app.test\r\n{extra_headers}Content-Length: 0\r\n\r\n"
+    )?;
+    stream.flush()?;
+    read_h1_response(stream)
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body.
+pub fn read_h1_response<S: Read>(stream: &mut S) -> std::io::Result<(u16, String)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed",
+            ));
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        })
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0usize);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    Ok((status, String::from_utf8_lossy(&body).to_string()))
+}
+
+/// An mTLS connection to `addr` presenting `client` (or no certificate).
+pub fn mtls_connect(
+    addr: SocketAddr,
+    bundle: &str,
+    client: ClientCert<'_>,
+    alpn: &[&[u8]],
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let mut config = client_config(bundle, client);
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let conn = rustls::ClientConnection::new(
+        Arc::new(config),
+        ServerName::try_from("proxy.invalid").unwrap(),
+    )
+    .map_err(std::io::Error::other)?;
+    let sock = TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(rustls::StreamOwned::new(conn, sock))
+}
+
+/// One request on a fresh mTLS connection; Err when the handshake or the
+/// connection failed.
+pub fn mtls_get(
+    addr: SocketAddr,
+    bundle: &str,
+    client: ClientCert<'_>,
+    method: &str,
+    path: &str,
+    extra: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut s = mtls_connect(addr, bundle, client, &[b"http/1.1"])?;
+    h1_over(&mut s, method, path, extra)
+}
+
+/// Plain HTTP/1.1 request to a local (outbound) listener.
+pub fn plain_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    h1_over(&mut s, "GET", path, "")
+}

@@ -66,7 +66,11 @@ impl InboundHttp {
             name: cfg.name.clone(),
             policy: cfg.policy.clone(),
             app: authority(cfg.app),
-            app_version: if cfg.app_h2c { http::Version::HTTP_2 } else { http::Version::HTTP_11 },
+            app_version: if cfg.app_h2c {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            },
             client,
             builder,
             metrics,
@@ -74,29 +78,47 @@ impl InboundHttp {
     }
 
     /// Serves HTTP/1.1 or h2 (as negotiated) on one authenticated connection.
-    pub async fn serve<S>(self: &Arc<Self>, tls: S, peer: VerifiedPeer, own: &Identity, watcher: Watcher)
-    where
+    pub async fn serve<S>(
+        self: &Arc<Self>,
+        tls: S,
+        peer: VerifiedPeer,
+        own: &Identity,
+        watcher: Watcher,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Some(xfcc) = headers::xfcc_value(own.id.as_str(), peer.id().as_str()) else { return };
+        let Some(xfcc) = headers::xfcc_value(own.id.as_str(), peer.id().as_str()) else {
+            return;
+        };
         let peer = Arc::new(peer);
         let this = self.clone();
         let svc = service_fn(move |req| {
             let (this, peer, xfcc) = (this.clone(), peer.clone(), xfcc.clone());
             async move { Ok::<_, Infallible>(this.handle(req, &peer, &xfcc).await) }
         });
-        let conn = self.builder.serve_connection(TokioIo::new(tls), svc).into_owned();
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(tls), svc)
+            .into_owned();
         if let Err(e) = watcher.watch(conn).await {
             tracing::debug!(listener = %self.name, error = %e, "connection ended with an error");
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: &VerifiedPeer, xfcc: &HeaderValue) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: &VerifiedPeer,
+        xfcc: &HeaderValue,
+    ) -> Response<Body> {
         let start = Instant::now();
         let resp = match self.admit(req, peer, xfcc) {
             Ok(req) => self.forward(req).await,
             Err(r) => {
-                self.metrics.rejected.with_label_values(&[&self.name, r.reason()]).inc();
+                self.metrics
+                    .rejected
+                    .with_label_values(&[&self.name, r.reason()])
+                    .inc();
                 r.response(match r {
                     Refusal::BadPath => "the request path cannot be normalized safely",
                     _ => "the caller's identity is not allowed to make this request",
@@ -110,13 +132,24 @@ impl InboundHttp {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        self.metrics.requests.with_label_values(&[&self.name, class]).inc();
-        self.metrics.latency.with_label_values(&[&self.name]).observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .requests
+            .with_label_values(&[&self.name, class])
+            .inc();
+        self.metrics
+            .latency
+            .with_label_values(&[&self.name])
+            .observe(start.elapsed().as_secs_f64());
         resp
     }
 
     /// The request stages before the app: path, policy, identity header.
-    fn admit(&self, req: Request<Incoming>, peer: &VerifiedPeer, xfcc: &HeaderValue) -> Result<Request<Incoming>, Refusal> {
+    fn admit(
+        &self,
+        req: Request<Incoming>,
+        peer: &VerifiedPeer,
+        xfcc: &HeaderValue,
+    ) -> Result<Request<Incoming>, Refusal> {
         let (mut parts, body) = req.into_parts();
         let path = normalize(parts.uri.path()).map_err(|_| Refusal::BadPath)?;
         let d = authz::decide(
@@ -127,7 +160,10 @@ impl InboundHttp {
                 path: Some(&path),
             },
         );
-        self.metrics.authz.with_label_values(&[&self.name, d.rule, d.result]).inc();
+        self.metrics
+            .authz
+            .with_label_values(&[&self.name, d.rule, d.result])
+            .inc();
         if !d.allowed {
             tracing::info!(listener = %self.name, peer = %peer.id(), method = %parts.method, path, rule = d.rule, "request denied");
             return Err(Refusal::Forbidden);
@@ -141,7 +177,9 @@ impl InboundHttp {
             Some(q) => format!("{path}?{q}"),
             None => path,
         };
-        let mut uri = Uri::builder().scheme(Scheme::HTTP).authority(self.app.clone());
+        let mut uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.app.clone());
         uri = uri.path_and_query(PathAndQuery::try_from(pq).map_err(|_| Refusal::BadPath)?);
         parts.uri = uri.build().map_err(|_| Refusal::BadPath)?;
         headers::set_identity(&mut parts.headers, xfcc);
@@ -162,7 +200,10 @@ impl InboundHttp {
                 Response::from_parts(parts, boxed(body))
             }
             Err(e) => {
-                self.metrics.rejected.with_label_values(&[&self.name, "app_unavailable"]).inc();
+                self.metrics
+                    .rejected
+                    .with_label_values(&[&self.name, "app_unavailable"])
+                    .inc();
                 tracing::warn!(listener = %self.name, error = %e, "app unreachable");
                 Refusal::AppUnavailable.response("the app behind this proxy did not answer")
             }

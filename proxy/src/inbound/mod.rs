@@ -60,11 +60,16 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let Some(guard) = ConnGuard::admit(&limit, &metrics, &name) else { continue };
+        let Some(guard) = ConnGuard::admit(&limit, &metrics, &name) else {
+            continue;
+        };
         // Fail closed: no valid certificate, no handshake.
         let current = identity.borrow().clone();
         let Some(id) = current else {
-            metrics.handshake_failures.with_label_values(&[&name, "no_identity"]).inc();
+            metrics
+                .handshake_failures
+                .with_label_values(&[&name, "no_identity"])
+                .inc();
             continue;
         };
         let acceptor = match &cache {
@@ -86,14 +91,22 @@ pub async fn serve(
         tokio::spawn(async move {
             let _guard = guard;
             let _ = stream.set_nodelay(true);
-            let handshake = tokio::time::timeout(cfg.limits.handshake_timeout, acceptor.accept(stream)).await;
-            let result = handshake
-                .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")));
+            let handshake =
+                tokio::time::timeout(cfg.limits.handshake_timeout, acceptor.accept(stream)).await;
+            let result = handshake.unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "handshake timed out",
+                ))
+            });
             let tls = match result {
                 Ok(t) => t,
                 Err(e) => {
                     let reason = tls::handshake_failure_reason(&e);
-                    metrics.handshake_failures.with_label_values(&[&name, reason]).inc();
+                    metrics
+                        .handshake_failures
+                        .with_label_values(&[&name, reason])
+                        .inc();
                     if HANDSHAKE_LOG.allow() {
                         tracing::warn!(listener = %name, peer = %peer_addr, reason, error = %e, "handshake refused");
                     }
@@ -104,7 +117,10 @@ pub async fn serve(
                 Some(Ok(p)) => p,
                 // Unreachable: the verifier requires and checks the certificate.
                 _ => {
-                    metrics.handshake_failures.with_label_values(&[&name, "no_client_cert"]).inc();
+                    metrics
+                        .handshake_failures
+                        .with_label_values(&[&name, "no_client_cert"])
+                        .inc();
                     return;
                 }
             };
@@ -115,7 +131,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(listener = %name, "drain timeout: closing connections with requests in flight");
     }
 }

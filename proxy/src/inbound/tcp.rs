@@ -16,8 +16,18 @@ pub async fn serve<S>(cfg: &Inbound, mut tls: S, peer: VerifiedPeer, metrics: &P
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let d = authz::decide(&cfg.policy, &peer, Request { method: None, path: None });
-    metrics.authz.with_label_values(&[&cfg.name, d.rule, d.result]).inc();
+    let d = authz::decide(
+        &cfg.policy,
+        &peer,
+        Request {
+            method: None,
+            path: None,
+        },
+    );
+    metrics
+        .authz
+        .with_label_values(&[&cfg.name, d.rule, d.result])
+        .inc();
     if !d.allowed {
         tracing::info!(listener = %cfg.name, peer = %peer.id(), rule = d.rule, "connection denied");
         return;
@@ -28,7 +38,10 @@ where
     let mut app = match TcpStream::connect(cfg.app).await {
         Ok(a) => a,
         Err(e) => {
-            metrics.rejected.with_label_values(&[&cfg.name, "app_unavailable"]).inc();
+            metrics
+                .rejected
+                .with_label_values(&[&cfg.name, "app_unavailable"])
+                .inc();
             tracing::warn!(listener = %cfg.name, error = %e, "app unreachable");
             return;
         }

@@ -25,18 +25,30 @@ pub struct MtlsStream(TokioIo<TlsStream<TcpStream>>);
 impl Connection for MtlsStream {
     fn connected(&self) -> Connected {
         let h2 = self.0.inner().get_ref().1.alpn_protocol() == Some(crate::tls::H2);
-        if h2 { Connected::new().negotiated_h2() } else { Connected::new() }
+        if h2 {
+            Connected::new().negotiated_h2()
+        } else {
+            Connected::new()
+        }
     }
 }
 
 impl hyper::rt::Read for MtlsStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: hyper::rt::ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }
 
 impl hyper::rt::Write for MtlsStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -68,8 +80,15 @@ impl MtlsConnector {
         let config = self.config.borrow().clone().ok_or("no valid certificate")?;
         let tcp = TcpStream::connect(&*self.destination).await?;
         let _ = tcp.set_nodelay(true);
-        let host = self.destination.rsplit_once(':').map_or(&*self.destination, |(h, _)| h);
-        let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_owned())?;
+        let host = self
+            .destination
+            .rsplit_once(':')
+            .map_or(&*self.destination, |(h, _)| h);
+        let name = ServerName::try_from(
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+        )?;
         Ok(TlsConnector::from(config).connect(name, tcp).await?)
     }
 }

@@ -35,9 +35,15 @@ use crate::tls::{H2, HTTP1, client_config};
 pub use connector::MtlsConnector;
 
 /// Keeps a client config for `cfg` rebuilt from every new identity.
-fn config_channel(cfg: &Outbound, mut identity: IdentityRx, alpn: &'static [u8]) -> watch::Receiver<Option<Arc<ClientConfig>>> {
-    let build = |id: &Option<Arc<crate::identity::Identity>>, expected: &warden_config::IdentityPattern| {
-        id.as_ref().and_then(|id| client_config(id, expected, alpn).ok())
+fn config_channel(
+    cfg: &Outbound,
+    mut identity: IdentityRx,
+    alpn: &'static [u8],
+) -> watch::Receiver<Option<Arc<ClientConfig>>> {
+    let build = |id: &Option<Arc<crate::identity::Identity>>,
+                 expected: &warden_config::IdentityPattern| {
+        id.as_ref()
+            .and_then(|id| client_config(id, expected, alpn).ok())
     };
     let expected = cfg.server_id.clone();
     let (tx, rx) = watch::channel(build(&identity.borrow(), &expected));
@@ -72,7 +78,10 @@ pub async fn serve(
     let name: Arc<str> = cfg.name.as_str().into();
     let limit = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let graceful = GracefulShutdown::new();
-    let h1_conn = MtlsConnector::new(&cfg.destination, config_channel(&cfg, identity.clone(), HTTP1));
+    let h1_conn = MtlsConnector::new(
+        &cfg.destination,
+        config_channel(&cfg, identity.clone(), HTTP1),
+    );
     let h2_conn = MtlsConnector::new(&cfg.destination, config_channel(&cfg, identity, H2));
     let http = Arc::new(OutboundHttp {
         name: cfg.name.clone(),
@@ -81,7 +90,9 @@ pub async fn serve(
         h1: Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(h1_conn.clone()),
-        h2: Client::builder(TokioExecutor::new()).http2_only(true).build(h2_conn),
+        h2: Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(h2_conn),
         metrics: metrics.clone(),
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -90,7 +101,9 @@ pub async fn serve(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(cfg.limits.header_read_timeout)
         .max_headers(cfg.limits.max_headers);
-    builder.http2().max_concurrent_streams(cfg.limits.max_concurrent_streams);
+    builder
+        .http2()
+        .max_concurrent_streams(cfg.limits.max_concurrent_streams);
     let builder = Arc::new(builder);
     loop {
         let (stream, _) = tokio::select! {
@@ -104,7 +117,9 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let Some(guard) = ConnGuard::admit(&limit, &metrics, &name) else { continue };
+        let Some(guard) = ConnGuard::admit(&limit, &metrics, &name) else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         match cfg.protocol {
             Protocol::Tcp => {
@@ -123,14 +138,19 @@ pub async fn serve(
                         let http = http.clone();
                         async move { Ok::<_, Infallible>(http.handle(req).await) }
                     });
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .into_owned();
                     let _ = watcher.watch(conn).await;
                 });
             }
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(listener = %name, "drain timeout: closing connections with requests in flight");
     }
 }
@@ -155,7 +175,8 @@ fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> Refusal {
     while let Some(err) = cur {
         if let Some(rustls::Error::InvalidCertificate(c)) = err.downcast_ref::<rustls::Error>() {
             return match c {
-                rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. } => {
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. } => {
                     Refusal::WrongServerIdentity
                 }
                 _ => Refusal::UpstreamUnavailable,
@@ -177,9 +198,18 @@ impl OutboundHttp {
         let start = Instant::now();
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let h2 = parts.version == http::Version::HTTP_2;
-        parts.uri = match Uri::builder().scheme(Scheme::HTTP).authority(self.authority.clone()).path_and_query(pq).build() {
+        parts.uri = match Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+        {
             Ok(u) => u,
             Err(_) => return Refusal::BadPath.response("bad request target"),
         };
@@ -192,17 +222,36 @@ impl OutboundHttp {
             }
             Err(e) => {
                 let r = upstream_failure(&e);
-                self.metrics.rejected.with_label_values(&[&self.name, r.reason()]).inc();
+                self.metrics
+                    .rejected
+                    .with_label_values(&[&self.name, r.reason()])
+                    .inc();
                 tracing::warn!(listener = %self.name, reason = r.reason(), error = %e, "request to the destination failed");
                 r.response(match r {
-                    Refusal::WrongServerIdentity => "the destination did not prove the expected SPIFFE ID",
+                    Refusal::WrongServerIdentity => {
+                        "the destination did not prove the expected SPIFFE ID"
+                    }
                     _ => "the destination could not be reached over mTLS",
                 })
             }
         };
-        let class = if resp.status().is_success() { "2xx" } else if resp.status().is_client_error() { "4xx" } else if resp.status().is_server_error() { "5xx" } else { "3xx" };
-        self.metrics.requests.with_label_values(&[&self.name, class]).inc();
-        self.metrics.latency.with_label_values(&[&self.name]).observe(start.elapsed().as_secs_f64());
+        let class = if resp.status().is_success() {
+            "2xx"
+        } else if resp.status().is_client_error() {
+            "4xx"
+        } else if resp.status().is_server_error() {
+            "5xx"
+        } else {
+            "3xx"
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[&self.name, class])
+            .inc();
+        self.metrics
+            .latency
+            .with_label_values(&[&self.name])
+            .observe(start.elapsed().as_secs_f64());
         resp
     }
 }
