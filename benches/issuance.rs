@@ -40,8 +40,11 @@ fn issuance(c: &mut Criterion) {
                 token: None,
                 ttl: None,
             };
-            svc.certify(req, Caller::Svid(id.clone()), OffsetDateTime::now_utc())
-                .unwrap()
+            let caller = Caller::Svid {
+                id: id.clone(),
+                not_after: OffsetDateTime::now_utc() + Duration::from_secs(3600),
+            };
+            svc.certify(req, caller, OffsetDateTime::now_utc()).unwrap()
         })
     });
     g.bench_function(

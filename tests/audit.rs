@@ -83,18 +83,46 @@ fn an_untouched_trail_verifies_and_records_every_kind_of_event() {
 }
 
 #[test]
-fn refusals_from_the_server_are_in_the_trail() {
+fn refusals_that_name_an_identity_are_in_the_trail_and_junk_is_only_counted() {
     let ca = Ca::init("example.org");
     let srv = ca.serve();
-    let (_, c) = csr(&[&ca.id("/web")]);
-    certify(srv.api, &ca.bundle_pem(), None, &c, Some("bogus")).unwrap();
+    let id = ca.id("/web");
+    let token = ca.token(&id);
+    let (_, c) = csr(&[&id]);
+    assert_eq!(
+        certify(srv.api, &ca.bundle_pem(), None, &c, Some(&token))
+            .unwrap()
+            .0,
+        200
+    );
+    assert_eq!(
+        certify(srv.api, &ca.bundle_pem(), None, &c, Some(&token))
+            .unwrap()
+            .0,
+        401
+    );
     let last = trail(&ca).last().cloned().unwrap();
     let v: serde_json::Value = serde_json::from_str(&last).unwrap();
     assert_eq!(
-        (v["event"].as_str(), v["reason"].as_str()),
-        (Some("refused"), Some("token_unknown"))
+        (
+            v["event"].as_str(),
+            v["reason"].as_str(),
+            v["spiffe_id"].as_str()
+        ),
+        (Some("refused"), Some("token_used"), Some(id.as_str()))
     );
     assert!(verify(&ca).0);
+
+    // Junk that names no identity is counted, not written: anyone can send it.
+    let before = trail(&ca).len();
+    for _ in 0..20 {
+        certify(srv.api, &ca.bundle_pem(), None, &c, Some("bogus")).unwrap();
+    }
+    assert_eq!(trail(&ca).len(), before);
+    assert_eq!(
+        srv.metric("warden_ca_refusals_total{reason=\"token_unknown\"}"),
+        20.0
+    );
 }
 
 #[test]
@@ -184,4 +212,19 @@ fn a_cut_trail_stops_further_issuance_instead_of_forking_the_chain() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("audit"));
+}
+
+#[test]
+fn a_directory_without_a_store_does_not_verify() {
+    let ca = ca_with_history();
+    std::fs::remove_file(ca.dir.join("state.db")).unwrap();
+    let _ = std::fs::remove_file(ca.dir.join("state.db-wal"));
+    let _ = std::fs::remove_file(ca.dir.join("state.db-shm"));
+    let (ok, text) = verify(&ca);
+    assert!(!ok, "{text}");
+    assert!(text.contains("missing"), "{text}");
+    assert!(
+        !ca.dir.join("state.db").exists(),
+        "verify must not create a store"
+    );
 }

@@ -291,3 +291,35 @@ fn a_broken_ca_config_stops_every_command_with_its_location() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("ca.yaml:2:10:"));
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn join_tokens_live_at_most_seven_days() {
+    let ca = Ca::init("example.org");
+    let out = run(&[
+        "ca",
+        "token",
+        "--dir",
+        ca.dir(),
+        "--spiffe-id",
+        &ca.id("/a"),
+        "--ttl",
+        "8d",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("capped"));
+    let out = run(&[
+        "ca",
+        "token",
+        "--dir",
+        ca.dir(),
+        "--spiffe-id",
+        &ca.id("/a"),
+        "--ttl",
+        "100000000y",
+    ]);
+    assert!(
+        !out.status.success(),
+        "an absurd lifetime is an error, not a crash"
+    );
+    assert_ne!(out.status.code(), Some(101));
+}

@@ -669,3 +669,117 @@ fn the_library_client_bootstraps_renews_fetches_the_bundle_and_insists_on_the_ca
         Err(ClientError::Unreachable { .. })
     ));
 }
+
+/// POST on an open TLS stream, keeping the connection.
+fn post_over<S: std::io::Read + std::io::Write>(
+    s: &mut S,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: ca\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    s.flush()?;
+    read_h1_response(s)
+}
+
+#[test]
+fn an_expired_svid_cannot_renew_by_resuming_a_session_or_reusing_a_connection() {
+    use std::io::Write as _;
+    let ca = Ca::init("example.org");
+    let srv = ca.serve();
+    let id = ca.id("/web");
+    let out = ca.issue(&id, Some("3s"));
+    let (chain, key) = (
+        std::fs::read_to_string(out.join("cert.pem")).unwrap(),
+        std::fs::read_to_string(out.join("key.pem")).unwrap(),
+    );
+    let config = std::sync::Arc::new(client_config(&ca.bundle_pem(), Some((&chain, &key))));
+    let connect = || {
+        let conn = rustls::ClientConnection::new(config.clone(), "ca.invalid".try_into().unwrap())
+            .unwrap();
+        let sock = std::net::TcpStream::connect(srv.api).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        rustls::StreamOwned::new(conn, sock)
+    };
+    let (_, c) = csr(&[&id]);
+    let body = serde_json::json!({ "csr": c }).to_string();
+    let mut kept = connect();
+    assert_eq!(post_over(&mut kept, "/v1/certify", &body).unwrap().0, 200);
+    // Whole seconds past NotAfter: webpki's expiry check has 1 s resolution.
+    std::thread::sleep(Duration::from_millis(4600));
+
+    // The same connection, after the certificate expired.
+    let (status, text) = post_over(&mut kept, "/v1/certify", &body).unwrap();
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("svid-expired"), "{text}");
+    // A new connection with the same client config (which would resume if it could).
+    let mut again = connect();
+    let r = post_over(&mut again, "/v1/certify", &body);
+    assert!(r.is_err(), "no resumption past expiry: {r:?}");
+    let _ = again.flush();
+}
+
+#[test]
+fn an_expired_intermediate_signs_nothing_and_the_server_will_not_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    run_ok(&[
+        "ca",
+        "init",
+        "--dir",
+        s(&dir),
+        "--trust-domain",
+        "example.org",
+        "--intermediate-ttl",
+        "2s",
+    ]);
+    let out = tmp.path().join("o");
+    run_ok(&[
+        "ca",
+        "issue",
+        "--dir",
+        s(&dir),
+        "--spiffe-id",
+        "spiffe://example.org/a",
+        "--out-dir",
+        s(&out),
+    ]);
+    let chain = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+    let c = certs(&chain);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&c[0]).unwrap();
+    let (_, int) = x509_parser::parse_x509_certificate(&c[1]).unwrap();
+    assert_eq!(
+        leaf.validity().not_after,
+        int.validity().not_after,
+        "the leaf is capped at the intermediate's expiry"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let o = run(&[
+        "ca",
+        "issue",
+        "--dir",
+        s(&dir),
+        "--spiffe-id",
+        "spiffe://example.org/a",
+        "--out-dir",
+        s(&out),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("intermediate CA certificate expired"));
+    let o = run(&[
+        "ca",
+        "serve",
+        "--dir",
+        s(&dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("ready"));
+}

@@ -102,6 +102,8 @@ pub fn append(
         &body[..body.len() - 1]
     );
     file.write_all(line.as_bytes()).map_err(audit_err)?;
+    // On disk before the store commits: a crash must not keep an event whose line is lost.
+    file.sync_data().map_err(audit_err)?;
 
     let new_head = AuditHead {
         seq: head.seq + 1,
@@ -205,8 +207,15 @@ pub fn verify_dir(dir: &Path) -> Result<usize, VerifyError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(VerifyError::Read(format!("{}: {e}", path.display()))),
     };
-    let store =
-        Store::open(&dir.join(files::STATE)).map_err(|e| VerifyError::Read(e.to_string()))?;
+    let state = dir.join(files::STATE);
+    if !state.exists() {
+        // Never create an empty store here: a wiped directory must not verify.
+        return Err(VerifyError::Read(format!(
+            "{} is missing: no CA here, or its store was removed",
+            state.display()
+        )));
+    }
+    let store = Store::open(&state).map_err(|e| VerifyError::Read(e.to_string()))?;
     let head = store
         .audit_head()
         .map_err(|e| VerifyError::Read(e.to_string()))?;

@@ -78,6 +78,12 @@ pub enum CaError {
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] rusqlite::Error),
+    /// The intermediate has expired (or would leave no valid window): nothing can be signed.
+    #[error("the intermediate CA certificate expired at {not_after}; create or rotate the CA")]
+    IssuerExpired {
+        /// The intermediate's NotAfter.
+        not_after: OffsetDateTime,
+    },
     /// The audit trail could not be written.
     #[error("audit trail: {0}")]
     Audit(String),
@@ -332,6 +338,12 @@ impl Authority {
             self.intermediate_validity,
             now,
         );
+        if validity.not_after <= validity.not_before || now >= self.intermediate_validity.not_after
+        {
+            return Err(CaError::IssuerExpired {
+                not_after: self.intermediate_validity.not_after,
+            });
+        }
         let params = profile::svid(id, validity)?;
         let serial = params
             .serial_number

@@ -72,7 +72,9 @@ pub fn server_builder() -> auto::Builder<TokioExecutor> {
         .max_headers(64);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(64)
-        .max_header_list_size(16 * 1024);
+        .max_concurrent_streams(8)
+        .max_header_list_size(16 * 1024)
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
     b
 }

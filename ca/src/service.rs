@@ -20,6 +20,9 @@ use crate::metrics::CaMetrics;
 use crate::store::{self, IssuedRecord, Store, WriteTx};
 use crate::token;
 
+/// Longest join-token lifetime: a token is a bearer secret.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A request for a certificate.
 #[derive(Debug, Clone, Default)]
 pub struct CertifyRequest {
@@ -36,8 +39,15 @@ pub struct CertifyRequest {
 pub enum Caller {
     /// Nothing beyond what the request carries (a token, perhaps).
     Anonymous,
-    /// A client certificate that verified against the bundle, with this ID.
-    Svid(SpiffeId),
+    /// A client certificate that verified against the bundle at the
+    /// handshake, with this ID and NotAfter (re-checked per request: a
+    /// connection can outlive its certificate).
+    Svid {
+        /// The SPIFFE ID in the certificate.
+        id: SpiffeId,
+        /// Its NotAfter.
+        not_after: OffsetDateTime,
+    },
 }
 
 /// A signed certificate and what the workload needs with it.
@@ -66,6 +76,9 @@ pub enum Refusal {
     /// The token is past its expiry.
     #[error("join token expired")]
     TokenExpired,
+    /// The client certificate expired after the connection was made.
+    #[error("the client certificate has expired")]
+    SvidExpired,
     /// The CSR is unacceptable.
     #[error(transparent)]
     Csr(#[from] CsrError),
@@ -97,6 +110,7 @@ impl Refusal {
             Self::TokenUnknown => "token_unknown",
             Self::TokenUsed => "token_used",
             Self::TokenExpired => "token_expired",
+            Self::SvidExpired => "svid_expired",
             Self::Csr(e) => e.reason(),
             Self::Denied(_) => "denied",
             Self::Reserved(_) => "reserved_id",
@@ -110,9 +124,11 @@ impl Refusal {
     /// The HTTP status that answers it.
     pub fn status(&self) -> u16 {
         match self {
-            Self::Unauthenticated | Self::TokenUnknown | Self::TokenUsed | Self::TokenExpired => {
-                401
-            }
+            Self::Unauthenticated
+            | Self::TokenUnknown
+            | Self::TokenUsed
+            | Self::TokenExpired
+            | Self::SvidExpired => 401,
             Self::Csr(_) | Self::BadRequest(_) => 400,
             Self::TooLarge(_) => 413,
             Self::Denied(_) | Self::Reserved(_) | Self::ForeignTrustDomain(_) => 403,
@@ -230,7 +246,10 @@ impl CaService {
         result
     }
 
-    /// Counts, logs and audits a refused request.
+    /// Counts, logs and audits a refused request. Refusals that name no
+    /// identity (junk, unknown tokens) are only counted and logged, rate-limited:
+    /// anyone can send them, and they must not fill the disk or hold the
+    /// store's write lock.
     pub fn record_refusal(
         &self,
         kind: &'static str,
@@ -238,6 +257,7 @@ impl CaService {
         id: Option<&SpiffeId>,
         now: OffsetDateTime,
     ) {
+        static REFUSAL_LOG: crate::ratelog::LogLimiter = crate::ratelog::LogLimiter::new(10);
         let reason = refusal.reason();
         self.metrics
             .issuances
@@ -245,7 +265,12 @@ impl CaService {
             .inc();
         self.metrics.refusals.with_label_values(&[reason]).inc();
         let id_text = id.map(|i| i.to_string()).unwrap_or_default();
-        tracing::warn!(kind, reason, spiffe_id = %id_text, detail = %refusal, "refused");
+        if REFUSAL_LOG.allow() {
+            tracing::warn!(kind, reason, spiffe_id = %id_text, detail = %refusal, "refused");
+        }
+        if id.is_none() {
+            return;
+        }
         let event = Event::new("refused")
             .with("kind", kind)
             .with("reason", reason)
@@ -278,7 +303,13 @@ impl CaService {
                 }
                 id
             }
-            (None, Caller::Svid(id)) => id,
+            (None, Caller::Svid { id, not_after }) => {
+                if not_after <= now {
+                    *claimed = Some(id);
+                    return Err(Refusal::SvidExpired);
+                }
+                id
+            }
             (None, Caller::Anonymous) => return Err(Refusal::Unauthenticated),
         };
         *claimed = Some(id.clone());
@@ -367,8 +398,15 @@ impl CaService {
         now: OffsetDateTime,
     ) -> Result<(String, OffsetDateTime), Refusal> {
         self.check_issuable(id)?;
+        let ttl = ttl.unwrap_or(self.authority.config.token_ttl);
+        if ttl > MAX_TOKEN_TTL {
+            return Err(Refusal::BadRequest(format!(
+                "token lifetime is capped at {}",
+                warden_config::HumanDuration(MAX_TOKEN_TTL)
+            )));
+        }
         let (text, hash) = token::generate();
-        let expires = now + ttl.unwrap_or(self.authority.config.token_ttl);
+        let expires = now + ttl;
         self.write(
             now,
             |tx| {

@@ -32,6 +32,10 @@ pub fn server_config(id: &Identity, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>,
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // No resumption: a resumed session skips the client-certificate checks,
+    // so an expired or since-rotated-out peer certificate would keep working.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 

@@ -23,7 +23,7 @@ use crate::service::{CaService, Caller, CertifyRequest, Refusal};
 use crate::token::MAX_TOKEN_LEN;
 
 /// Largest certify request body; a P-256 CSR plus a token is about 1 KiB.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// How long a client may take to send its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -128,7 +128,8 @@ async fn parse(req: Request<Incoming>) -> Result<CertifyRequest, Refusal> {
     Ok(CertifyRequest {
         csr: body.csr,
         token: body.token,
-        ttl: ttl.map(|d| d.0),
+        // Asking for less than a minute is clamped up: renewal needs room.
+        ttl: ttl.map(|d| d.0.max(warden_config::ca::MIN_LEAF_TTL)),
     })
 }
 

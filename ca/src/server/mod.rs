@@ -34,6 +34,11 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest SIGTERM waits for in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection is closed after this long, busy or idle: a client needs one
+/// request per renewal, and nobody may sit on one of the connection slots.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// Shortest wait between two renewals of the server's own certificate.
+const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(30);
 
 static HANDSHAKE_LOG: LogLimiter = LogLimiter::new(10);
 
@@ -108,6 +113,10 @@ fn server_config(svc: &CaService, cert: Arc<RotatingCert>) -> Result<ServerConfi
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // No resumption: a resumed session would carry a client certificate
+    // forward without checking it again, past its expiry.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -141,8 +150,10 @@ async fn keep_renewing(
     mut next: OffsetDateTime,
 ) {
     loop {
-        let wait = (next - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
-        tokio::time::sleep(wait.unsigned_abs()).await;
+        let wait = (next - OffsetDateTime::now_utc())
+            .unsigned_abs()
+            .max(MIN_RENEW_INTERVAL);
+        tokio::time::sleep(wait).await;
         match renew_serving_cert(&svc, &cert, &valid_until).await {
             Ok(n) => next = n,
             Err(e) => {
@@ -238,7 +249,16 @@ async fn handshake(
     };
     let caller = match tls::verified_client(tls.get_ref().1, svc.authority.trust_domain()) {
         None => Caller::Anonymous,
-        Some(Ok(p)) => Caller::Svid(p.into_id()),
+        Some(Ok(p)) => {
+            let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            match leaf.map(|l| crate::authority::validity_of(l)) {
+                Some(Ok(v)) => Caller::Svid {
+                    id: p.into_id(),
+                    not_after: v.not_after,
+                },
+                _ => return None,
+            }
+        }
         // The verifier already refused such certificates; never reached.
         Some(Err(e)) => {
             svc.metrics
