@@ -281,9 +281,9 @@ async fn run(command: Command) -> Result<(), Failure> {
             println!("{}: ok", config.display());
             Ok(())
         }
-        Command::Proxy { config } => {
-            let config = ProxyConfig::load(&config).map_err(usage)?;
-            warden_proxy::run(config, shutdown_on_signal()).await?;
+        Command::Proxy { config: path } => {
+            let config = ProxyConfig::load(&path).map_err(usage)?;
+            warden_proxy::run(config, path, shutdown_on_signal()).await?;
             Ok(())
         }
         Command::Demo => demo::run().await.map_err(Failure::from),

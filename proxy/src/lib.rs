@@ -13,9 +13,11 @@ pub mod listener;
 pub mod metrics;
 pub mod normalize;
 pub mod outbound;
+pub mod reload;
 pub mod respond;
 pub mod tls;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use time::OffsetDateTime;
@@ -44,8 +46,13 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// Runs the proxy until `shutdown` turns true; then drains and returns.
-pub async fn run(config: ProxyConfig, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
+/// Runs the proxy from the config read from `path` until `shutdown` turns
+/// true; then drains and returns. SIGHUP or a change to `path` reloads it.
+pub async fn run(
+    config: ProxyConfig,
+    path: PathBuf,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), StartError> {
     let metrics = metrics::ProxyMetrics::new()?;
     let bind = |name: String, addr| async move {
         listener::bind(&name, addr)
@@ -77,10 +84,13 @@ pub async fn run(config: ProxyConfig, shutdown: watch::Receiver<bool>) -> Result
         shutdown.clone(),
     ));
 
+    let mut reloader = reload::Reloader::new(path, config.clone(), metrics.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for (cfg, l) in inbound {
+        let policy = reloader.policy(&cfg.name, &cfg.policy);
         tasks.spawn(inbound::serve(
             cfg,
+            policy,
             l,
             identity.clone(),
             metrics.clone(),
@@ -98,6 +108,7 @@ pub async fn run(config: ProxyConfig, shutdown: watch::Receiver<bool>) -> Result
             config.drain_timeout,
         ));
     }
+    tokio::spawn(reloader.run(shutdown.clone()));
     // `ready` once a valid certificate is held (every listener is bound by now).
     let mut waiting = identity.clone();
     let announced = tokio::spawn(async move {

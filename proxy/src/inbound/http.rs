@@ -20,19 +20,20 @@ use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use warden_ca::tls::VerifiedPeer;
-use warden_config::proxy::{Inbound, Policy};
+use warden_config::proxy::Inbound;
 
 use crate::authz::{self, Request as AuthzRequest};
 use crate::headers;
 use crate::identity::Identity;
 use crate::metrics::ProxyMetrics;
 use crate::normalize::normalize;
+use crate::reload::PolicyRx;
 use crate::respond::{Body, Refusal, boxed};
 
 /// Everything an inbound HTTP listener needs per request.
 pub struct InboundHttp {
     name: String,
-    policy: Policy,
+    policy: PolicyRx,
     app: Authority,
     app_version: http::Version,
     client: Client<HttpConnector, Incoming>,
@@ -42,7 +43,7 @@ pub struct InboundHttp {
 
 impl InboundHttp {
     /// Builds the app client (pooled) and the server settings from config.
-    pub fn new(cfg: &Inbound, metrics: ProxyMetrics) -> Self {
+    pub fn new(cfg: &Inbound, policy: PolicyRx, metrics: ProxyMetrics) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
@@ -64,7 +65,7 @@ impl InboundHttp {
             .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX));
         Self {
             name: cfg.name.clone(),
-            policy: cfg.policy.clone(),
+            policy,
             app: authority(cfg.app),
             app_version: if cfg.app_h2c {
                 http::Version::HTTP_2
@@ -152,8 +153,9 @@ impl InboundHttp {
     ) -> Result<Request<Incoming>, Refusal> {
         let (mut parts, body) = req.into_parts();
         let path = normalize(parts.uri.path()).map_err(|_| Refusal::BadPath)?;
+        let policy = self.policy.borrow().clone();
         let d = authz::decide(
-            &self.policy,
+            &policy,
             peer,
             AuthzRequest {
                 method: Some(parts.method.as_str()),

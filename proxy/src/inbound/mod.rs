@@ -24,6 +24,7 @@ use warden_config::proxy::{Inbound, Protocol};
 use crate::identity::{Identity, IdentityRx};
 use crate::listener::ConnGuard;
 use crate::metrics::ProxyMetrics;
+use crate::reload::PolicyRx;
 use crate::tls::{H2, HTTP1, server_config};
 
 pub use http::InboundHttp;
@@ -33,6 +34,7 @@ static HANDSHAKE_LOG: LogLimiter = LogLimiter::new(10);
 /// Serves one inbound listener until `shutdown`, then drains within `drain`.
 pub async fn serve(
     cfg: Inbound,
+    policy: PolicyRx,
     listener: TcpListener,
     identity: IdentityRx,
     metrics: ProxyMetrics,
@@ -42,7 +44,7 @@ pub async fn serve(
     let name: Arc<str> = cfg.name.as_str().into();
     let limit = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let graceful = GracefulShutdown::new();
-    let http = Arc::new(InboundHttp::new(&cfg, metrics.clone()));
+    let http = Arc::new(InboundHttp::new(&cfg, policy.clone(), metrics.clone()));
     let alpn: &[&[u8]] = match cfg.protocol {
         Protocol::Http => &[H2, HTTP1],
         Protocol::Tcp => &[],
@@ -86,7 +88,13 @@ pub async fn serve(
                 }
             },
         };
-        let (name, metrics, http, cfg) = (name.clone(), metrics.clone(), http.clone(), cfg.clone());
+        let (name, metrics, http, cfg, policy) = (
+            name.clone(),
+            metrics.clone(),
+            http.clone(),
+            cfg.clone(),
+            policy.clone(),
+        );
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _guard = guard;
@@ -126,7 +134,7 @@ pub async fn serve(
             };
             match cfg.protocol {
                 Protocol::Http => http.serve(tls, peer, &id, watcher).await,
-                Protocol::Tcp => tcp::serve(&cfg, tls, peer, &metrics).await,
+                Protocol::Tcp => tcp::serve(&cfg, &policy, tls, peer, &metrics).await,
             }
         });
     }

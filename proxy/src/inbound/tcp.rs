@@ -10,14 +10,21 @@ use warden_config::proxy::Inbound;
 
 use crate::authz::{self, Request};
 use crate::metrics::ProxyMetrics;
+use crate::reload::PolicyRx;
 
 /// Serves one authenticated TCP connection.
-pub async fn serve<S>(cfg: &Inbound, mut tls: S, peer: VerifiedPeer, metrics: &ProxyMetrics)
-where
+pub async fn serve<S>(
+    cfg: &Inbound,
+    policy: &PolicyRx,
+    mut tls: S,
+    peer: VerifiedPeer,
+    metrics: &ProxyMetrics,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let policy = policy.borrow().clone();
     let d = authz::decide(
-        &cfg.policy,
+        &policy,
         &peer,
         Request {
             method: None,

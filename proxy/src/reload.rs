@@ -1,0 +1,129 @@
+//! Live reload: on SIGHUP, or when the config file changes, the file is read
+//! and validated again. A valid file's policies replace the running ones
+//! (per inbound listener, by name; the next request or connection uses them).
+//! An invalid file changes nothing: the running config stays, the error is
+//! logged with its location and counted. Changes that need new sockets or a
+//! new identity source (listeners, addresses, identity) are reported as
+//! needing a restart. Certificate files are watched on their own (`identity.rs`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use warden_config::ProxyConfig;
+use warden_config::proxy::Policy;
+
+use crate::metrics::ProxyMetrics;
+
+/// The policy an inbound listener enforces now.
+pub type PolicyRx = watch::Receiver<Arc<Policy>>;
+
+/// Owns the policy channels and applies reloads to them.
+pub struct Reloader {
+    path: PathBuf,
+    running: ProxyConfig,
+    policies: HashMap<String, watch::Sender<Arc<Policy>>>,
+    metrics: ProxyMetrics,
+}
+
+impl Reloader {
+    /// A reloader for `running`, read from `path`.
+    pub fn new(path: PathBuf, running: ProxyConfig, metrics: ProxyMetrics) -> Self {
+        Self {
+            path,
+            running,
+            policies: HashMap::new(),
+            metrics,
+        }
+    }
+
+    /// The policy channel of inbound listener `name`.
+    pub fn policy(&mut self, name: &str, initial: &Policy) -> PolicyRx {
+        let (tx, rx) = watch::channel(Arc::new(initial.clone()));
+        self.policies.insert(name.to_owned(), tx);
+        rx
+    }
+
+    /// Reads the file again and applies what it can.
+    pub fn reload(&mut self) {
+        let new = match ProxyConfig::load(&self.path) {
+            Ok(c) => c,
+            Err(d) => {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::error!("config reload failed; keeping the running config:\n{d}");
+                return;
+            }
+        };
+        let restart_needed = new.identity != self.running.identity
+            || new.admin != self.running.admin
+            || listeners(&new) != listeners(&self.running);
+        if restart_needed {
+            tracing::warn!(
+                "listener or identity changes in the config take effect at the next restart"
+            );
+        }
+        for l in &new.inbound {
+            if let Some(tx) = self.policies.get(&l.name) {
+                tx.send_if_modified(|p| {
+                    let changed = **p != l.policy;
+                    if changed {
+                        *p = Arc::new(l.policy.clone());
+                        tracing::info!(listener = %l.name, rules = l.policy.rules.len(), "policy reloaded");
+                    }
+                    changed
+                });
+            }
+        }
+        self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+        self.running = new;
+    }
+
+    /// Reloads on SIGHUP and whenever the file's modification time changes.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut seen = modified(&self.path);
+        loop {
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = hangup => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    self.reload();
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    let now = modified(&self.path);
+                    if now != seen {
+                        seen = now;
+                        tracing::info!("config file changed: reloading");
+                        self.reload();
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+fn listeners(c: &ProxyConfig) -> Vec<(String, std::net::SocketAddr)> {
+    c.inbound
+        .iter()
+        .map(|l| (l.name.clone(), l.listen))
+        .chain(c.outbound.iter().map(|l| (l.name.clone(), l.listen)))
+        .collect()
+}
+
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
