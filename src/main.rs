@@ -60,7 +60,11 @@ enum Command {
         config: PathBuf,
     },
     /// Run the whole system on loopback and show what it does, step by step.
-    Demo,
+    Demo {
+        /// Leave everything running afterwards and print how to call it by hand.
+        #[arg(long)]
+        keep_running: bool,
+    },
 }
 
 #[derive(Args)]
@@ -206,7 +210,7 @@ fn usage(message: impl std::fmt::Display) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Demo) {
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
         "error"
     } else {
         "info"
@@ -286,7 +290,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             warden_proxy::run(config, path, shutdown_on_signal()).await?;
             Ok(())
         }
-        Command::Demo => demo::run().await.map_err(Failure::from),
+        Command::Demo { keep_running } => demo::run(keep_running).await.map_err(Failure::from),
     }
 }
 
