@@ -222,6 +222,9 @@ pub struct Outbound {
     pub server_id: IdentityPattern,
     /// HTTP or TCP.
     pub protocol: Protocol,
+    /// Share upstream mTLS connections between the app's connections (the
+    /// default). `false`: one upstream connection per app connection.
+    pub pool: bool,
     /// Resource limits.
     pub limits: Limits,
 }
@@ -280,8 +283,14 @@ struct RawOutbound {
     server_id: IdentityPattern,
     #[serde(default = "http")]
     protocol: Protocol,
+    #[serde(default = "yes")]
+    pool: bool,
     #[serde(default)]
     limits: RawLimits,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn http() -> Protocol {
@@ -459,6 +468,7 @@ impl ProxyConfig {
                 destination: o.destination,
                 server_id: o.server_id,
                 protocol: o.protocol,
+                pool: o.pool,
                 limits: o.limits.resolve(),
             });
         }

@@ -70,18 +70,19 @@ impl Identity {
     }
 }
 
-/// Our own chain must verify against our bundle: a mismatched pair would
-/// only fail later, at every peer.
+/// Our own chain must verify against our bundle (for the client or the
+/// server role, whichever its EKU allows): a mismatched pair would only fail
+/// later, at every peer.
 fn verify_chain(chain: &[CertificateDer<'static>], roots: &RootCertStore) -> Result<(), String> {
-    let cert = rustls::server::ParsedCertificate::try_from(&chain[0]).map_err(|e| e.to_string())?;
-    rustls::client::verify_server_cert_signed_by_trust_anchor(
-        &cert,
-        roots,
-        &chain[1..],
-        UnixTime::now(),
-        tls::provider().signature_verification_algorithms.all,
-    )
-    .map_err(|e| format!("certificate does not verify against the bundle: {e}"))
+    let ee = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| e.to_string())?;
+    let algs = tls::provider().signature_verification_algorithms.all;
+    let verify = |usage| ee.verify_for_usage(algs, &roots.roots, &chain[1..], UnixTime::now(), usage, None, None);
+    match verify(webpki::KeyUsage::server_auth()) {
+        Ok(_) => Ok(()),
+        Err(_) => verify(webpki::KeyUsage::client_auth())
+            .map(|_| ())
+            .map_err(|e| format!("certificate does not verify against the bundle: {e}")),
+    }
 }
 
 /// The published identity: `None` before the first and after expiry.

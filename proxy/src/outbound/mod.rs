@@ -132,11 +132,13 @@ pub async fn serve(
             Protocol::Http => {
                 let (http, builder) = (http.clone(), builder.clone());
                 let watcher = graceful.watcher();
+                // Without pooling, this app connection gets its own upstream connection.
+                let own = (!cfg.pool).then(|| Arc::new(OwnUpstream::new(h1_conn.clone())));
                 tokio::spawn(async move {
                     let _guard = guard;
                     let svc = service_fn(move |req| {
-                        let http = http.clone();
-                        async move { Ok::<_, Infallible>(http.handle(req).await) }
+                        let (http, own) = (http.clone(), own.clone());
+                        async move { Ok::<_, Infallible>(http.handle(req, own.as_deref()).await) }
                     });
                     let conn = builder
                         .serve_connection(TokioIo::new(stream), svc)
@@ -193,8 +195,37 @@ fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> Refusal {
     Refusal::UpstreamUnavailable
 }
 
+/// An upstream connection owned by one app connection (`pool: false`).
+struct OwnUpstream {
+    connector: MtlsConnector,
+    sender: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>,
+}
+
+impl OwnUpstream {
+    fn new(connector: MtlsConnector) -> Self {
+        Self {
+            connector,
+            sender: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn request(&self, req: Request<Incoming>) -> Result<Response<Incoming>, crate::respond::BoxError> {
+        let mut slot = self.sender.lock().await;
+        let reusable = slot.as_ref().is_some_and(|s| !s.is_closed());
+        if !reusable {
+            let tls = self.connector.connect().await?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+            tokio::spawn(conn);
+            *slot = Some(sender);
+        }
+        let sender = slot.as_mut().ok_or("no upstream connection")?;
+        sender.ready().await?;
+        Ok(sender.send_request(req).await?)
+    }
+}
+
 impl OutboundHttp {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, own: Option<&OwnUpstream>) -> Response<Body> {
         let start = Instant::now();
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -213,15 +244,32 @@ impl OutboundHttp {
             Ok(u) => u,
             Err(_) => return Refusal::BadPath.response("bad request target"),
         };
-        let client = if h2 { &self.h2 } else { &self.h1 };
-        let resp = match client.request(Request::from_parts(parts, body)).await {
+        let req = Request::from_parts(parts, body);
+        let result = match own {
+            Some(own) if !h2 => {
+                // The request goes as origin-form on a connection of its own.
+                let (mut parts, body) = req.into_parts();
+                parts.uri = parts.uri.path_and_query().cloned().map(Uri::from).unwrap_or_default();
+                if !parts.headers.contains_key(http::header::HOST)
+                    && let Ok(h) = http::HeaderValue::from_str(self.authority.as_str())
+                {
+                    parts.headers.insert(http::header::HOST, h);
+                }
+                own.request(Request::from_parts(parts, body)).await
+            }
+            _ => {
+                let client = if h2 { &self.h2 } else { &self.h1 };
+                client.request(req).await.map_err(Into::into)
+            }
+        };
+        let resp = match result {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, boxed(body))
             }
             Err(e) => {
-                let r = upstream_failure(&e);
+                let r = upstream_failure(&*e);
                 self.metrics
                     .rejected
                     .with_label_values(&[&self.name, r.reason()])
