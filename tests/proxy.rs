@@ -371,7 +371,8 @@ fn sigterm_lets_a_slow_request_in_flight_complete_then_exits_0() {
 }
 
 #[test]
-fn a_rotated_certificate_serves_new_handshakes_and_open_connections_stay_up() {
+fn a_rotated_certificate_serves_new_handshakes_with_zero_failed_requests_and_open_connections_stay_up()
+ {
     let m = mesh();
     let bundle = m.ca.bundle_pem();
     let mut open = mtls_connect(
@@ -386,6 +387,24 @@ fn a_rotated_certificate_serves_new_handshakes_and_open_connections_stay_up() {
         s.conn.peer_certificates().unwrap()[0].to_vec()
     };
     let before = serial_of(&open);
+
+    // Steady traffic, a full handshake per request, across the rotation.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, bundle, addr) = (stop.clone(), bundle.clone(), m.proxy.addr("app"));
+        let (chain, key) = (m.web.chain(), m.web.key());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match mtls_get(addr, &bundle, Some((&chain, &key)), "GET", "/api/load", "") {
+                    Ok((200, _)) => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
 
     // Rotate the app's certificate files in place.
     let app_dir = m.proxy_creds_dir();
@@ -416,6 +435,11 @@ fn a_rotated_certificate_serves_new_handshakes_and_open_connections_stay_up() {
         200,
         "the open connection survived"
     );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(ok > 10, "steady traffic ran: {ok}");
+    assert_eq!(failed, 0, "no request failed during the rotation");
 }
 
 impl Mesh {

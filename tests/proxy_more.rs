@@ -330,3 +330,135 @@ fn identity_from_the_ca_survives_the_ca_going_down_and_renews_when_it_is_back() 
     }));
     assert_eq!(call().unwrap().0, 200);
 }
+
+#[test]
+fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let ca = Ca::init("example.org");
+    let app = EchoApp::start();
+    let mut config = sidecar_config(&creds(&ca, "/app"), app.addr, WEB_ONLY);
+    config.push_str("    limits:\n      idle_timeout: 1s\n");
+    let proxy = Proxy::start(ca.tmp.path(), &config, true);
+    let web = creds(&ca, "/web");
+    let mut s = mtls_connect(
+        proxy.addr("app"),
+        &ca.bundle_pem(),
+        Some((&web.chain(), &web.key())),
+        &[b"http/1.1"],
+    )
+    .unwrap();
+    assert_eq!(h1_over(&mut s, "GET", "/", "").unwrap().0, 200);
+    let start = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let r = s.read_to_end(&mut buf);
+    let idle = start.elapsed();
+    assert!(r.is_ok() || buf.is_empty(), "{r:?}");
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(5),
+        "closed after {idle:?}"
+    );
+    assert!(wait_for(Duration::from_secs(5), || proxy
+        .metric("warden_proxy_connections_open{listener=\"app\"}")
+        == 0.0));
+}
+
+#[test]
+fn h2c_from_the_app_rides_one_multiplexed_mtls_connection() {
+    use http_body_util::BodyExt;
+    let ca = Ca::init("example.org");
+    let app = EchoApp::start();
+    let server = Proxy::start(
+        ca.tmp.path(),
+        &sidecar_config(&creds(&ca, "/app"), app.addr, WEB_ONLY),
+        true,
+    );
+    let web = creds(&ca, "/web");
+    let out = Proxy::start(
+        ca.tmp.path(),
+        &format!(
+            "{}admin: 127.0.0.1:0\noutbound:\n  - name: to-app\n    listen: 127.0.0.1:0\n    destination: {}\n    server_id: spiffe://example.org/app\n",
+            web.identity_yaml(),
+            server.addr("app")
+        ),
+        true,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = out.addr("to-app");
+    let results: Vec<(u16, String)> = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let mut send = send.clone();
+                tokio::spawn(async move {
+                    let resp = send
+                        .send_request(get(&format!("http://app.test/h2/{i}")))
+                        .await
+                        .unwrap();
+                    let status = resp.status().as_u16();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    (status, String::from_utf8_lossy(&body).to_string())
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
+    });
+    for (i, (status, body)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "{body}");
+        assert!(body.starts_with(&format!("GET /h2/{i}\n")), "{body}");
+        assert!(body.contains("URI=spiffe://example.org/web"), "{body}");
+    }
+    assert_eq!(
+        server.metric("warden_proxy_connections_opened_total{listener=\"app\"}"),
+        1.0,
+        "one mTLS connection for 16 streams"
+    );
+}
+
+#[test]
+fn an_expired_certificate_fails_closed() {
+    let ca = Ca::init("example.org");
+    let app = EchoApp::start();
+    let app_creds = Creds {
+        dir: ca.issue(&ca.id("/app"), Some("3s")),
+    };
+    let proxy = Proxy::start(
+        ca.tmp.path(),
+        &sidecar_config(&app_creds, app.addr, WEB_ONLY),
+        true,
+    );
+    let web = creds(&ca, "/web");
+    let bundle = ca.bundle_pem();
+    let call = || {
+        mtls_get(
+            proxy.addr("app"),
+            &bundle,
+            Some((&web.chain(), &web.key())),
+            "GET",
+            "/",
+            "",
+        )
+    };
+    assert_eq!(call().unwrap().0, 200);
+    assert_eq!(proxy.admin_get("/ready").0, 200);
+    assert!(wait_for(Duration::from_secs(10), || proxy
+        .admin_get("/ready")
+        .0
+        == 503));
+    assert!(call().is_err(), "no valid certificate: no handshake");
+    assert!(wait_for(Duration::from_secs(5), || {
+        proxy.metric("warden_proxy_certificate_expiry_timestamp_seconds") == 0.0
+    }));
+}

@@ -76,7 +76,17 @@ impl Identity {
 fn verify_chain(chain: &[CertificateDer<'static>], roots: &RootCertStore) -> Result<(), String> {
     let ee = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| e.to_string())?;
     let algs = tls::provider().signature_verification_algorithms.all;
-    let verify = |usage| ee.verify_for_usage(algs, &roots.roots, &chain[1..], UnixTime::now(), usage, None, None);
+    let verify = |usage| {
+        ee.verify_for_usage(
+            algs,
+            &roots.roots,
+            &chain[1..],
+            UnixTime::now(),
+            usage,
+            None,
+            None,
+        )
+    };
     match verify(webpki::KeyUsage::server_auth()) {
         Ok(_) => Ok(()),
         Err(_) => verify(webpki::KeyUsage::client_auth())

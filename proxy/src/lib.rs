@@ -8,6 +8,7 @@
 pub mod authz;
 pub mod headers;
 pub mod identity;
+pub mod idle;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;

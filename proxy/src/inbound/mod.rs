@@ -22,6 +22,7 @@ use warden_ca::tls;
 use warden_config::proxy::{Inbound, Protocol};
 
 use crate::identity::{Identity, IdentityRx};
+use crate::idle::IdleTimeout;
 use crate::listener::ConnGuard;
 use crate::metrics::ProxyMetrics;
 use crate::reload::PolicyRx;
@@ -67,7 +68,7 @@ pub async fn serve(
         };
         // Fail closed: no valid certificate, no handshake.
         let current = identity.borrow().clone();
-        let Some(id) = current else {
+        let Some(id) = current.filter(|id| id.is_valid(time::OffsetDateTime::now_utc())) else {
             metrics
                 .handshake_failures
                 .with_label_values(&[&name, "no_identity"])
@@ -99,6 +100,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let _guard = guard;
             let _ = stream.set_nodelay(true);
+            let stream = IdleTimeout::new(stream, cfg.limits.idle_timeout);
             let handshake =
                 tokio::time::timeout(cfg.limits.handshake_timeout, acceptor.accept(stream)).await;
             let result = handshake.unwrap_or_else(|_| {

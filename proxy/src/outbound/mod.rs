@@ -27,6 +27,7 @@ use warden_config::proxy::{Outbound, Protocol};
 
 use crate::headers;
 use crate::identity::IdentityRx;
+use crate::idle::IdleTimeout;
 use crate::listener::ConnGuard;
 use crate::metrics::ProxyMetrics;
 use crate::respond::{Body, Refusal, boxed};
@@ -121,6 +122,7 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let stream = IdleTimeout::new(stream, cfg.limits.idle_timeout);
         match cfg.protocol {
             Protocol::Tcp => {
                 let (conn, metrics, name) = (h1_conn.clone(), metrics.clone(), name.clone());
@@ -157,7 +159,12 @@ pub async fn serve(
     }
 }
 
-async fn splice(mut app: TcpStream, conn: &MtlsConnector, metrics: &ProxyMetrics, name: &str) {
+async fn splice(
+    mut app: IdleTimeout<TcpStream>,
+    conn: &MtlsConnector,
+    metrics: &ProxyMetrics,
+    name: &str,
+) {
     match conn.connect().await {
         Ok(mut tls) => {
             let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
@@ -209,7 +216,10 @@ impl OwnUpstream {
         }
     }
 
-    async fn request(&self, req: Request<Incoming>) -> Result<Response<Incoming>, crate::respond::BoxError> {
+    async fn request(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, crate::respond::BoxError> {
         let mut slot = self.sender.lock().await;
         let reusable = slot.as_ref().is_some_and(|s| !s.is_closed());
         if !reusable {
@@ -249,7 +259,12 @@ impl OutboundHttp {
             Some(own) if !h2 => {
                 // The request goes as origin-form on a connection of its own.
                 let (mut parts, body) = req.into_parts();
-                parts.uri = parts.uri.path_and_query().cloned().map(Uri::from).unwrap_or_default();
+                parts.uri = parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .map(Uri::from)
+                    .unwrap_or_default();
                 if !parts.headers.contains_key(http::header::HOST)
                     && let Ok(h) = http::HeaderValue::from_str(self.authority.as_str())
                 {
