@@ -462,3 +462,74 @@ fn an_expired_certificate_fails_closed() {
         proxy.metric("warden_proxy_certificate_expiry_timestamp_seconds") == 0.0
     }));
 }
+
+/// An app that speaks only h2c (prior knowledge) and answers with the
+/// version, path and identity header it received.
+fn h2c_app() -> std::net::SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            let xfcc = req
+                                .headers()
+                                .get_all("x-forwarded-client-cert")
+                                .iter()
+                                .map(|v| v.to_str().unwrap_or("").to_owned())
+                                .collect::<Vec<_>>()
+                                .join(" | ");
+                            let body =
+                                format!("{:?} {}\n{xfcc}\n", req.version(), req.uri().path());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(body)),
+                            ))
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+                });
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
+#[test]
+fn an_h2c_app_gets_h2_with_the_verified_identity() {
+    let ca = Ca::init("example.org");
+    let app = h2c_app();
+    let mut config = sidecar_config(&creds(&ca, "/app"), app, WEB_ONLY);
+    config = config.replace(
+        &format!("    app: {app}\n"),
+        &format!("    app: {app}\n    app_h2c: true\n"),
+    );
+    let proxy = Proxy::start(ca.tmp.path(), &config, true);
+    let web = creds(&ca, "/web");
+    let spoof = "x-forwarded-client-cert: URI=spiffe://example.org/admin\r\n";
+    let (status, body) = mtls_get(
+        proxy.addr("app"),
+        &ca.bundle_pem(),
+        Some((&web.chain(), &web.key())),
+        "GET",
+        "/a/./b",
+        spoof,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        "HTTP/2.0 /a/b\nBy=spiffe://example.org/app;URI=spiffe://example.org/web\n"
+    );
+}
