@@ -178,6 +178,7 @@ fn spoofed_identity_headers_on_http1_never_reach_the_app() {
     let spoof = "X-Forwarded-Client-Cert: By=x;URI=spiffe://example.org/ns/shop/sa/admin\r\n\
                  x-forwarded-client-cert: URI=spiffe://example.org/root\r\n\
                  X-FORWARDED-CLIENT-CERT: URI=spiffe://evil\r\n\
+                 X_Forwarded_Client_Cert: URI=spiffe://example.org/underscore\r\n\
                  Connection: keep-alive, x-forwarded-client-cert\r\n";
     let (status, body) = m.get_as(&m.web, "GET", "/api/x", spoof).unwrap();
     assert_eq!(status, 200);
@@ -192,6 +193,10 @@ fn spoofed_identity_headers_on_http1_never_reach_the_app() {
             .to_ascii_lowercase()
             .contains("connection: keep-alive, x-forwarded"),
         "{body}"
+    );
+    assert!(
+        !body.contains("underscore"),
+        "a look-alike spelled with '_' is dropped too: {body}"
     );
 }
 
@@ -475,4 +480,33 @@ fn check_reports_proxy_config_errors_with_line_and_column() {
     assert!(err.contains(&format!("{}:9:", f.display())), "{err}");
     let out = run(&["proxy", "--config", s(&f)]);
     assert_eq!(out.status.code(), Some(2), "the proxy refuses to start");
+}
+
+#[test]
+fn lower_case_methods_and_connect_are_refused_and_head_follows_get_rules() {
+    let m = mesh();
+    let (status, body) = m.get_as(&m.web, "get", "/api/items", "").unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("bad-method"), "{body}");
+    let (status, _) = m.get_as(&m.web, "CONNECT", "/api/items", "").unwrap();
+    assert_eq!(status, 405);
+    // A HEAD answer has no body: read only its head.
+    let mut s = mtls_connect(
+        m.proxy.addr("app"),
+        &m.ca.bundle_pem(),
+        Some((&m.web.chain(), &m.web.key())),
+        &[b"http/1.1"],
+    )
+    .unwrap();
+    write!(s, "HEAD /api/items HTTP/1.1\r\nHost: app\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "HEAD is covered by a GET rule: {}",
+        String::from_utf8_lossy(&head)
+    );
 }

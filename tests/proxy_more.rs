@@ -245,6 +245,20 @@ fn a_changed_policy_applies_live_and_a_bad_reload_keeps_the_old_one() {
         "the error names the file and line"
     );
 
+    // A change a reload cannot apply is reported, and the policy part still applies.
+    let moved = sidecar_config(&app_creds, app.addr, &both)
+        .replace(&format!("app: {}", app.addr), "app: 127.0.0.1:9");
+    std::fs::write(&path, moved).unwrap();
+    proxy.signal("HUP");
+    assert!(wait_for(Duration::from_secs(10), || proxy.metric(
+        "warden_proxy_config_reloads_total{result=\"restart_required\"}"
+    ) >= 1.0));
+    assert_eq!(
+        status_as(&web),
+        200,
+        "the app address in force is still the old one"
+    );
+
     // Deny web again by editing the file (no signal: the change is noticed).
     std::fs::write(
         &path,

@@ -174,6 +174,8 @@ pub struct Limits {
     pub max_headers: usize,
     /// Most concurrent h2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// Most requests in flight on the listener (503 beyond).
+    pub max_requests_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -186,6 +188,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_concurrent_streams: 128,
+            max_requests_in_flight: 10_000,
         }
     }
 }
@@ -328,6 +331,7 @@ struct RawLimits {
     max_header_bytes: Option<usize>,
     max_headers: Option<usize>,
     max_concurrent_streams: Option<u32>,
+    max_requests_in_flight: Option<usize>,
 }
 
 impl RawLimits {
@@ -344,6 +348,9 @@ impl RawLimits {
             max_concurrent_streams: self
                 .max_concurrent_streams
                 .unwrap_or(d.max_concurrent_streams),
+            max_requests_in_flight: self
+                .max_requests_in_flight
+                .unwrap_or(d.max_requests_in_flight),
         }
     }
 }

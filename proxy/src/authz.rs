@@ -30,12 +30,18 @@ pub struct Request<'a> {
     pub path: Option<&'a str>,
 }
 
+/// HEAD is answered by GET handlers in most frameworks, so a rule about
+/// GET is about HEAD too (a deny on GET must not be bypassed with HEAD).
+fn method_matches(rule_method: &str, method: &str) -> bool {
+    rule_method == method || (method == "HEAD" && rule_method == "GET")
+}
+
 fn matches(rule: &Rule, id: &SpiffeId, req: Request<'_>) -> bool {
     rule.from.iter().any(|p| p.matches(id))
         && (rule.methods.is_empty()
             || req
                 .method
-                .is_some_and(|m| rule.methods.iter().any(|r| r == m)))
+                .is_some_and(|m| rule.methods.iter().any(|r| method_matches(r, m))))
         && (rule.paths.is_empty()
             || req
                 .path
@@ -121,6 +127,10 @@ mod tests {
         );
         assert!(d(&p, "spiffe://td/ns/shop/web", "GET", "/api/x").allowed);
         assert!(!d(&p, "spiffe://td/ns/shop/web", "POST", "/api/x").allowed);
+        assert!(
+            d(&p, "spiffe://td/ns/shop/web", "HEAD", "/api/x").allowed,
+            "GET rules cover HEAD"
+        );
         assert!(!d(&p, "spiffe://td/ns/shop/web", "GET", "/other").allowed);
         assert!(!d(&p, "spiffe://td/ns/bank/web", "GET", "/api/x").allowed);
         assert!(!d(&p, "spiffe://other/ns/shop/web", "GET", "/api/x").allowed);

@@ -5,6 +5,8 @@
 //! (header names are case-insensitive, all copies go), and so are the
 //! hop-by-hop headers, including every header the `Connection` header names
 //! (a client could otherwise ask the app's own HTTP stack to drop ours).
+//! Look-alikes spelled with `_` (`x_forwarded_client_cert`) go too: servers
+//! that map header names to CGI variables read `-` and `_` the same.
 //! Then exactly one XFCC is added, in Envoy's form: `By=<our id>;URI=<peer id>`.
 
 use http::HeaderMap;
@@ -41,10 +43,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes every spelling of the identity header a client could send.
+pub fn strip_identity(headers: &mut HeaderMap) {
+    headers.remove(XFCC);
+    if headers.keys().any(|k| k.as_str().contains('_')) {
+        let lookalikes: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| {
+                k.as_str().len() == XFCC.as_str().len()
+                    && k.as_str().replace('_', "-") == XFCC.as_str()
+            })
+            .cloned()
+            .collect();
+        for name in lookalikes {
+            headers.remove(name);
+        }
+    }
+}
+
 /// Replaces whatever identity header the client sent with the verified one.
 pub fn set_identity(headers: &mut HeaderMap, xfcc: &HeaderValue) {
     strip_hop_by_hop(headers);
-    headers.remove(XFCC);
+    strip_identity(headers);
     headers.insert(XFCC, xfcc.clone());
 }
 
@@ -74,11 +94,20 @@ mod tests {
         );
         h.append("x-secret", HeaderValue::from_static("1"));
         h.append("x-kept", HeaderValue::from_static("1"));
+        h.append(
+            "X_Forwarded_Client_Cert",
+            HeaderValue::from_static("URI=spiffe://td/admin"),
+        );
+        h.append(
+            "x-forwarded_client-cert",
+            HeaderValue::from_static("URI=spiffe://td/admin"),
+        );
         let v = xfcc_value("spiffe://td/app", "spiffe://td/web").unwrap();
         set_identity(&mut h, &v);
         let all: Vec<_> = h.get_all(XFCC).iter().collect();
         assert_eq!(all, vec![&v]);
         assert!(h.get("connection").is_none() && h.get("x-secret").is_none());
         assert!(h.get("x-kept").is_some());
+        assert_eq!(h.len(), 2, "only x-kept and ours remain: {h:?}");
     }
 }

@@ -1,11 +1,14 @@
 //! Idle timeout: a connection on which no byte has moved, in either
-//! direction, for the listener's `idle_timeout` is closed. The check is lazy
+//! direction, for the listener's `idle_timeout`, and that has no request in
+//! flight (a slow answer is not idleness), is closed. The check is lazy
 //! (a timer re-armed only when it fires after some activity), so it costs
 //! nothing per read or write; an idle connection is closed between one and
 //! two timeouts after its last byte.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +22,7 @@ pub struct IdleTimeout<T> {
     timeout: Duration,
     timer: Pin<Box<Sleep>>,
     active: bool,
+    busy: Option<Arc<AtomicUsize>>,
 }
 
 impl<T> IdleTimeout<T> {
@@ -29,7 +33,14 @@ impl<T> IdleTimeout<T> {
             timeout,
             timer: Box::pin(tokio::time::sleep(timeout)),
             active: false,
+            busy: None,
         }
+    }
+
+    /// Also counts as active while `busy` (requests in flight) is non-zero.
+    pub fn with_busy(mut self, busy: Arc<AtomicUsize>) -> Self {
+        self.busy = Some(busy);
+        self
     }
 
     /// The wrapped stream.
@@ -40,7 +51,11 @@ impl<T> IdleTimeout<T> {
     /// Ready(Err) once the connection has been idle for a whole period.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         while self.timer.as_mut().poll(cx).is_ready() {
-            if !self.active {
+            let busy = self
+                .busy
+                .as_ref()
+                .is_some_and(|b| b.load(Ordering::Relaxed) > 0);
+            if !self.active && !busy {
                 return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
             }
             self.active = false;

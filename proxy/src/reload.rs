@@ -60,14 +60,6 @@ impl Reloader {
                 return;
             }
         };
-        let restart_needed = new.identity != self.running.identity
-            || new.admin != self.running.admin
-            || listeners(&new) != listeners(&self.running);
-        if restart_needed {
-            tracing::warn!(
-                "listener or identity changes in the config take effect at the next restart"
-            );
-        }
         for l in &new.inbound {
             if let Some(tx) = self.policies.get(&l.name) {
                 tx.send_if_modified(|p| {
@@ -79,9 +71,22 @@ impl Reloader {
                     changed
                 });
             }
+            if let Some(running) = self.running.inbound.iter_mut().find(|r| r.name == l.name) {
+                running.policy = l.policy.clone();
+            }
         }
-        self.metrics.config_reloads.with_label_values(&["ok"]).inc();
-        self.running = new;
+        // Everything else is what the process was started with; say so when the file differs.
+        if without_policies(&new) == without_policies(&self.running) {
+            self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+        } else {
+            self.metrics
+                .config_reloads
+                .with_label_values(&["restart_required"])
+                .inc();
+            tracing::warn!(
+                "policies reloaded; other changes in the config (listeners, destinations, server ids, limits, identity) take effect at the next restart"
+            );
+        }
     }
 
     /// Reloads on SIGHUP and whenever the file's modification time changes.
@@ -105,7 +110,13 @@ impl Reloader {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
                     let now = modified(&self.path);
                     if now != seen {
-                        seen = now;
+                        // Let a writer that is not atomic finish before reading.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let settled = modified(&self.path);
+                        if settled != now {
+                            continue;
+                        }
+                        seen = settled;
                         tracing::info!("config file changed: reloading");
                         self.reload();
                     }
@@ -116,12 +127,13 @@ impl Reloader {
     }
 }
 
-fn listeners(c: &ProxyConfig) -> Vec<(String, std::net::SocketAddr)> {
-    c.inbound
-        .iter()
-        .map(|l| (l.name.clone(), l.listen))
-        .chain(c.outbound.iter().map(|l| (l.name.clone(), l.listen)))
-        .collect()
+/// The config with its policies blanked: the part a reload cannot apply.
+fn without_policies(c: &ProxyConfig) -> ProxyConfig {
+    let mut c = c.clone();
+    for l in &mut c.inbound {
+        l.policy = Policy::default();
+    }
+    c
 }
 
 fn modified(path: &std::path::Path) -> Option<SystemTime> {

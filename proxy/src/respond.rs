@@ -26,6 +26,12 @@ pub enum Refusal {
     UpstreamUnavailable,
     /// No valid certificate right now (503).
     NoIdentity,
+    /// A method spelled in lower case: apps disagree on what it means (400).
+    BadMethod,
+    /// CONNECT is not proxied (405).
+    MethodNotAllowed,
+    /// The listener's limit on requests in flight is reached (503).
+    Overloaded,
 }
 
 impl Refusal {
@@ -38,20 +44,40 @@ impl Refusal {
             Self::WrongServerIdentity => "wrong_server_identity",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::NoIdentity => "no_identity",
+            Self::BadMethod => "bad_method",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Overloaded => "overloaded",
         }
     }
 
     fn status(self) -> u16 {
         match self {
-            Self::BadPath => 400,
+            Self::BadPath | Self::BadMethod => 400,
+            Self::MethodNotAllowed => 405,
             Self::Forbidden => 403,
             Self::AppUnavailable | Self::WrongServerIdentity | Self::UpstreamUnavailable => 502,
-            Self::NoIdentity => 503,
+            Self::NoIdentity | Self::Overloaded => 503,
+        }
+    }
+
+    /// What the problem body says.
+    pub fn detail(self) -> &'static str {
+        match self {
+            Self::BadPath => "the request path cannot be normalized safely",
+            Self::Forbidden => "the caller's identity is not allowed to make this request",
+            Self::AppUnavailable => "the app behind this proxy did not answer",
+            Self::WrongServerIdentity => "the destination did not prove the expected SPIFFE ID",
+            Self::UpstreamUnavailable => "the destination could not be reached over mTLS",
+            Self::NoIdentity => "this proxy holds no valid certificate right now",
+            Self::BadMethod => "request methods are case-sensitive and must be upper case",
+            Self::MethodNotAllowed => "CONNECT is not proxied",
+            Self::Overloaded => "too many requests in flight on this listener",
         }
     }
 
     /// The response.
-    pub fn response(self, detail: &str) -> Response<Body> {
+    pub fn response(self) -> Response<Body> {
+        let detail = self.detail();
         warden_ca::http::problem(self.status(), self.reason(), detail)
             .map(|b| b.map_err(|never| match never {}).boxed())
     }

@@ -62,5 +62,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(resolver);
     config.alpn_protocols = vec![alpn.to_vec()];
+    // A resumed session skips the server-certificate check (expiry included).
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }

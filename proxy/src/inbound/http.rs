@@ -1,16 +1,22 @@
 //! Inbound HTTP, one request at a time:
-//! normalize the path (400 when unsafe) -> authorize (403, default deny) ->
-//! replace the identity header -> forward to the app over pooled keep-alive
-//! HTTP/1.1 (or h2c) -> count and time the answer.
+//! requests in flight (503 past the limit) -> method (400 lower case, 405
+//! CONNECT) -> normalize the path (400 when unsafe) -> authorize (403,
+//! default deny) -> replace the identity header (head and trailers) ->
+//! forward to the app over pooled keep-alive HTTP/1.1 (or h2c) -> count and
+//! time the answer.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri, header};
-use hyper::body::Incoming;
+use http::{HeaderValue, Method, Request, Response, Uri, header};
+use http_body_util::BodyExt;
+use http_body_util::combinators::MapFrame;
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -18,7 +24,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
 
+use warden_ca::ratelog::LogLimiter;
 use warden_ca::tls::VerifiedPeer;
 use warden_config::proxy::Inbound;
 
@@ -30,15 +38,46 @@ use crate::normalize::normalize;
 use crate::reload::PolicyRx;
 use crate::respond::{Body, Refusal, boxed};
 
+static DECISION_LOG: LogLimiter = LogLimiter::new(20);
+
+/// The body sent to the app: the caller's, with its trailers cleaned like
+/// its head (a trailer is just a late header).
+type AppBody = MapFrame<Incoming, fn(Frame<Bytes>) -> Frame<Bytes>>;
+
+fn clean_trailers(mut frame: Frame<Bytes>) -> Frame<Bytes> {
+    if let Some(t) = frame.trailers_mut() {
+        headers::strip_hop_by_hop(t);
+        headers::strip_identity(t);
+    }
+    frame
+}
+
 /// Everything an inbound HTTP listener needs per request.
 pub struct InboundHttp {
     name: String,
     policy: PolicyRx,
     app: Authority,
-    app_version: http::Version,
-    client: Client<HttpConnector, Incoming>,
+    app_h2c: bool,
+    client: Client<HttpConnector, AppBody>,
     builder: auto::Builder<TokioExecutor>,
+    in_flight: Arc<Semaphore>,
     metrics: ProxyMetrics,
+}
+
+/// Counts a connection's requests in flight, so its idle timer waits for them.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl InboundHttp {
@@ -62,28 +101,30 @@ impl InboundHttp {
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(l.max_concurrent_streams)
-            .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
+            // Bounded buffering per stream and connection for bodies the app is slow to take.
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(1024 * 1024);
         Self {
             name: cfg.name.clone(),
             policy,
             app: authority(cfg.app),
-            app_version: if cfg.app_h2c {
-                http::Version::HTTP_2
-            } else {
-                http::Version::HTTP_11
-            },
+            app_h2c: cfg.app_h2c,
             client,
             builder,
+            in_flight: Arc::new(Semaphore::new(l.max_requests_in_flight)),
             metrics,
         }
     }
 
     /// Serves HTTP/1.1 or h2 (as negotiated) on one authenticated connection.
+    /// `busy` counts its requests in flight (read by the idle timeout).
     pub async fn serve<S>(
         self: &Arc<Self>,
         tls: S,
         peer: VerifiedPeer,
         own: &Identity,
+        busy: Arc<AtomicUsize>,
         watcher: Watcher,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -94,8 +135,11 @@ impl InboundHttp {
         let peer = Arc::new(peer);
         let this = self.clone();
         let svc = service_fn(move |req| {
-            let (this, peer, xfcc) = (this.clone(), peer.clone(), xfcc.clone());
-            async move { Ok::<_, Infallible>(this.handle(req, &peer, &xfcc).await) }
+            let (this, peer, xfcc, busy) = (this.clone(), peer.clone(), xfcc.clone(), busy.clone());
+            async move {
+                let _busy = Busy::new(&busy);
+                Ok::<_, Infallible>(this.handle(req, &peer, &xfcc).await)
+            }
         });
         let conn = self
             .builder
@@ -113,18 +157,12 @@ impl InboundHttp {
         xfcc: &HeaderValue,
     ) -> Response<Body> {
         let start = Instant::now();
-        let resp = match self.admit(req, peer, xfcc) {
-            Ok(req) => self.forward(req).await,
-            Err(r) => {
-                self.metrics
-                    .rejected
-                    .with_label_values(&[&self.name, r.reason()])
-                    .inc();
-                r.response(match r {
-                    Refusal::BadPath => "the request path cannot be normalized safely",
-                    _ => "the caller's identity is not allowed to make this request",
-                })
-            }
+        let resp = match self.in_flight.try_acquire() {
+            Err(_) => self.refuse(Refusal::Overloaded),
+            Ok(_permit) => match self.admit(req, peer, xfcc) {
+                Ok(req) => self.forward(req).await,
+                Err(r) => self.refuse(r),
+            },
         };
         let class = match resp.status().as_u16() {
             100..=199 => "1xx",
@@ -144,14 +182,33 @@ impl InboundHttp {
         resp
     }
 
-    /// The request stages before the app: path, policy, identity header.
+    fn refuse(&self, r: Refusal) -> Response<Body> {
+        self.metrics
+            .rejected
+            .with_label_values(&[&self.name, r.reason()])
+            .inc();
+        r.response()
+    }
+
+    /// The request stages before the app: method, path, policy, identity header.
     fn admit(
         &self,
         req: Request<Incoming>,
         peer: &VerifiedPeer,
         xfcc: &HeaderValue,
-    ) -> Result<Request<Incoming>, Refusal> {
+    ) -> Result<Request<AppBody>, Refusal> {
         let (mut parts, body) = req.into_parts();
+        if parts.method == Method::CONNECT {
+            return Err(Refusal::MethodNotAllowed);
+        }
+        if parts
+            .method
+            .as_str()
+            .bytes()
+            .any(|b| b.is_ascii_lowercase())
+        {
+            return Err(Refusal::BadMethod);
+        }
         let path = normalize(parts.uri.path()).map_err(|_| Refusal::BadPath)?;
         let policy = self.policy.borrow().clone();
         let d = authz::decide(
@@ -167,10 +224,12 @@ impl InboundHttp {
             .with_label_values(&[&self.name, d.rule, d.result])
             .inc();
         if !d.allowed {
-            tracing::info!(listener = %self.name, peer = %peer.id(), method = %parts.method, path, rule = d.rule, "request denied");
+            if DECISION_LOG.allow() {
+                tracing::info!(listener = %self.name, peer = %peer.id(), method = %parts.method, path, rule = d.rule, "request denied");
+            }
             return Err(Refusal::Forbidden);
         }
-        if d.result == "audit_deny" {
+        if d.result == "audit_deny" && DECISION_LOG.allow() {
             tracing::warn!(listener = %self.name, peer = %peer.id(), method = %parts.method, path, rule = d.rule, "audit: would deny this request");
         }
         // The app sees the path that was authorized, and the caller's original Host.
@@ -179,22 +238,38 @@ impl InboundHttp {
             Some(q) => format!("{path}?{q}"),
             None => path,
         };
-        let mut uri = Uri::builder()
+        let uri = Uri::builder()
             .scheme(Scheme::HTTP)
-            .authority(self.app.clone());
-        uri = uri.path_and_query(PathAndQuery::try_from(pq).map_err(|_| Refusal::BadPath)?);
+            .authority(self.app.clone())
+            .path_and_query(PathAndQuery::try_from(pq).map_err(|_| Refusal::BadPath)?);
         parts.uri = uri.build().map_err(|_| Refusal::BadPath)?;
+        // gRPC over h2c needs `te: trailers`, the one TE value h2 allows.
+        let te_trailers = self.app_h2c
+            && parts
+                .headers
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         headers::set_identity(&mut parts.headers, xfcc);
+        if te_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         if !parts.headers.contains_key(header::HOST)
             && let Some(h) = host.and_then(|h| HeaderValue::from_str(&h).ok())
         {
             parts.headers.insert(header::HOST, h);
         }
-        parts.version = self.app_version;
+        parts.version = if self.app_h2c {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        let body = body.map_frame(clean_trailers as fn(Frame<Bytes>) -> Frame<Bytes>);
         Ok(Request::from_parts(parts, body))
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn forward(&self, req: Request<AppBody>) -> Response<Body> {
         match self.client.request(req).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
@@ -202,12 +277,10 @@ impl InboundHttp {
                 Response::from_parts(parts, boxed(body))
             }
             Err(e) => {
-                self.metrics
-                    .rejected
-                    .with_label_values(&[&self.name, "app_unavailable"])
-                    .inc();
-                tracing::warn!(listener = %self.name, error = %e, "app unreachable");
-                Refusal::AppUnavailable.response("the app behind this proxy did not answer")
+                if DECISION_LOG.allow() {
+                    tracing::warn!(listener = %self.name, error = %e, "app unreachable");
+                }
+                self.refuse(Refusal::AppUnavailable)
             }
         }
     }

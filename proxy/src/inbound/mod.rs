@@ -100,7 +100,8 @@ pub async fn serve(
         tokio::spawn(async move {
             let _guard = guard;
             let _ = stream.set_nodelay(true);
-            let stream = IdleTimeout::new(stream, cfg.limits.idle_timeout);
+            let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let stream = IdleTimeout::new(stream, cfg.limits.idle_timeout).with_busy(busy.clone());
             let handshake =
                 tokio::time::timeout(cfg.limits.handshake_timeout, acceptor.accept(stream)).await;
             let result = handshake.unwrap_or_else(|_| {
@@ -135,7 +136,7 @@ pub async fn serve(
                 }
             };
             match cfg.protocol {
-                Protocol::Http => http.serve(tls, peer, &id, watcher).await,
+                Protocol::Http => http.serve(tls, peer, &id, busy, watcher).await,
                 Protocol::Tcp => tcp::serve(&cfg, &policy, tls, peer, &metrics).await,
             }
         });

@@ -12,6 +12,8 @@ use crate::authz::{self, Request};
 use crate::metrics::ProxyMetrics;
 use crate::reload::PolicyRx;
 
+static TCP_LOG: warden_ca::ratelog::LogLimiter = warden_ca::ratelog::LogLimiter::new(20);
+
 /// Serves one authenticated TCP connection.
 pub async fn serve<S>(
     cfg: &Inbound,
@@ -36,10 +38,12 @@ pub async fn serve<S>(
         .with_label_values(&[&cfg.name, d.rule, d.result])
         .inc();
     if !d.allowed {
-        tracing::info!(listener = %cfg.name, peer = %peer.id(), rule = d.rule, "connection denied");
+        if TCP_LOG.allow() {
+            tracing::info!(listener = %cfg.name, peer = %peer.id(), rule = d.rule, "connection denied");
+        }
         return;
     }
-    if d.result == "audit_deny" {
+    if d.result == "audit_deny" && TCP_LOG.allow() {
         tracing::warn!(listener = %cfg.name, peer = %peer.id(), rule = d.rule, "audit: would deny this connection");
     }
     let mut app = match TcpStream::connect(cfg.app).await {

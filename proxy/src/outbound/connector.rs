@@ -64,19 +64,32 @@ impl hyper::rt::Write for MtlsStream {
 pub struct MtlsConnector {
     destination: Arc<str>,
     config: watch::Receiver<Option<Arc<ClientConfig>>>,
+    timeout: std::time::Duration,
 }
 
 impl MtlsConnector {
-    /// A connector to `destination` (`host:port`) using whatever config `config` holds.
-    pub fn new(destination: &str, config: watch::Receiver<Option<Arc<ClientConfig>>>) -> Self {
+    /// A connector to `destination` (`host:port`) using whatever config
+    /// `config` holds; connecting plus the handshake may take `timeout`.
+    pub fn new(
+        destination: &str,
+        config: watch::Receiver<Option<Arc<ClientConfig>>>,
+        timeout: std::time::Duration,
+    ) -> Self {
         Self {
             destination: destination.into(),
             config,
+            timeout,
         }
     }
 
     /// Connects and completes the handshake (used directly for TCP mode).
     pub async fn connect(&self) -> Result<TlsStream<TcpStream>, BoxError> {
+        tokio::time::timeout(self.timeout, self.connect_inner())
+            .await
+            .map_err(|_| "connecting to the destination timed out")?
+    }
+
+    async fn connect_inner(&self) -> Result<TlsStream<TcpStream>, BoxError> {
         let config = self.config.borrow().clone().ok_or("no valid certificate")?;
         let tcp = TcpStream::connect(&*self.destination).await?;
         let _ = tcp.set_nodelay(true);

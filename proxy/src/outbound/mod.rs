@@ -35,6 +35,8 @@ use crate::tls::{H2, HTTP1, client_config};
 
 pub use connector::MtlsConnector;
 
+static UPSTREAM_LOG: warden_ca::ratelog::LogLimiter = warden_ca::ratelog::LogLimiter::new(10);
+
 /// Keeps a client config for `cfg` rebuilt from every new identity.
 fn config_channel(
     cfg: &Outbound,
@@ -79,11 +81,17 @@ pub async fn serve(
     let name: Arc<str> = cfg.name.as_str().into();
     let limit = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let graceful = GracefulShutdown::new();
+    let timeout = cfg.limits.handshake_timeout;
     let h1_conn = MtlsConnector::new(
         &cfg.destination,
         config_channel(&cfg, identity.clone(), HTTP1),
+        timeout,
     );
-    let h2_conn = MtlsConnector::new(&cfg.destination, config_channel(&cfg, identity, H2));
+    let h2_conn = MtlsConnector::new(
+        &cfg.destination,
+        config_channel(&cfg, identity, H2),
+        timeout,
+    );
     let http = Arc::new(OutboundHttp {
         name: cfg.name.clone(),
         authority: http::uri::Authority::try_from(cfg.destination.as_str())
@@ -172,7 +180,9 @@ async fn splice(
         Err(e) => {
             let reason = upstream_failure(&*e).reason();
             metrics.rejected.with_label_values(&[name, reason]).inc();
-            tracing::warn!(listener = %name, reason, error = %e, "cannot reach the destination");
+            if UPSTREAM_LOG.allow() {
+                tracing::warn!(listener = %name, reason, error = %e, "cannot reach the destination");
+            }
         }
     }
 }
@@ -252,7 +262,7 @@ impl OutboundHttp {
             .build()
         {
             Ok(u) => u,
-            Err(_) => return Refusal::BadPath.response("bad request target"),
+            Err(_) => return Refusal::BadPath.response(),
         };
         let req = Request::from_parts(parts, body);
         let result = match own {
@@ -289,13 +299,10 @@ impl OutboundHttp {
                     .rejected
                     .with_label_values(&[&self.name, r.reason()])
                     .inc();
-                tracing::warn!(listener = %self.name, reason = r.reason(), error = %e, "request to the destination failed");
-                r.response(match r {
-                    Refusal::WrongServerIdentity => {
-                        "the destination did not prove the expected SPIFFE ID"
-                    }
-                    _ => "the destination could not be reached over mTLS",
-                })
+                if UPSTREAM_LOG.allow() {
+                    tracing::warn!(listener = %self.name, reason = r.reason(), error = %e, "request to the destination failed");
+                }
+                r.response()
             }
         };
         let class = if resp.status().is_success() {
