@@ -2,7 +2,10 @@
 //! come from config (listener and rule names) or fixed sets, never from
 //! client input.
 
-use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry,
+};
 
 /// Handles to every proxy metric.
 #[derive(Debug, Clone)]
@@ -119,5 +122,37 @@ impl ProxyMetrics {
             renewals,
             config_reloads,
         })
+    }
+}
+
+/// One listener's per-request metrics, resolved once: the request path
+/// touches atomics only, no label lookups.
+#[derive(Debug, Clone)]
+pub struct RequestMetrics {
+    by_class: [IntCounter; 5],
+    latency: Histogram,
+}
+
+impl RequestMetrics {
+    /// The handles for listener `name`.
+    pub fn new(metrics: &ProxyMetrics, name: &str) -> Self {
+        let class = |c: &str| metrics.requests.with_label_values(&[name, c]);
+        Self {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            latency: metrics.latency.with_label_values(&[name]),
+        }
+    }
+
+    /// Counts an answer with `status`, taken `seconds` after the request arrived.
+    pub fn observe(&self, status: http::StatusCode, seconds: f64) {
+        let i = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.by_class[i].inc();
+        self.latency.observe(seconds);
     }
 }

@@ -13,6 +13,8 @@
 //!
 //! The app receives the normalized path, exactly the one that was authorized.
 
+use std::borrow::Cow;
+
 /// Why a path cannot be normalized safely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -43,11 +45,34 @@ fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// Normalizes an origin-form path (without the query).
-pub fn normalize(path: &str) -> Result<String, PathError> {
+/// True when `raw` (starting with `/`) is already normal: no escapes, no
+/// backslash or control or non-ASCII byte, no empty, `.` or `..` segment but
+/// a trailing `/`. Most paths are; they are then used as they are.
+fn is_normal(raw: &[u8]) -> bool {
+    for (i, &b) in raw.iter().enumerate() {
+        if b == b'%' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            return false;
+        }
+        if b == b'/' {
+            let rest = &raw[i + 1..];
+            let seg = &rest[..rest.iter().position(|&c| c == b'/').unwrap_or(rest.len())];
+            if (seg.is_empty() && !rest.is_empty()) || seg == b"." || seg == b".." {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Normalizes an origin-form path (without the query). Borrows when the
+/// path is already normal.
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     let raw = path.as_bytes();
     if raw.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
+    }
+    if is_normal(raw) {
+        return Ok(Cow::Borrowed(path));
     }
     // Pass 1: escapes and forbidden characters.
     let mut decoded = String::with_capacity(raw.len());
@@ -113,7 +138,7 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
     if trailing || out.is_empty() {
         result.push('/');
     }
-    Ok(result)
+    Ok(Cow::Owned(result))
 }
 
 #[cfg(test)]
@@ -121,7 +146,17 @@ mod tests {
     use super::*;
 
     fn n(p: &str) -> Result<String, PathError> {
-        normalize(p)
+        normalize(p).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed_and_others_rebuilt() {
+        for p in ["/", "/api/v1/items", "/a/b/", "/..a/b.", "/a-b_c.d~e"] {
+            assert!(matches!(normalize(p), Ok(Cow::Borrowed(_))), "{p}");
+        }
+        for p in ["//a", "/a//b", "/a/./b", "/a/..", "/a/.", "/%61", "/a\\b"] {
+            assert!(!matches!(normalize(p), Ok(Cow::Borrowed(_))), "{p}");
+        }
     }
 
     #[test]

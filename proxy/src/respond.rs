@@ -3,11 +3,12 @@
 
 use bytes::Bytes;
 use http::Response;
-use http_body_util::BodyExt;
-use http_body_util::combinators::BoxBody;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
 
-/// The body type of every proxied response.
-pub type Body = BoxBody<Bytes, BoxError>;
+/// The body type of every proxied response: the upstream's, streamed, or
+/// one of ours. An enum rather than a box: no allocation per response.
+pub type Body = Either<Incoming, Full<Bytes>>;
 /// Errors a body can carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -78,16 +79,11 @@ impl Refusal {
     /// The response.
     pub fn response(self) -> Response<Body> {
         let detail = self.detail();
-        warden_ca::http::problem(self.status(), self.reason(), detail)
-            .map(|b| b.map_err(|never| match never {}).boxed())
+        warden_ca::http::problem(self.status(), self.reason(), detail).map(Either::Right)
     }
 }
 
-/// Boxes any body whose errors convert.
-pub fn boxed<B>(body: B) -> Body
-where
-    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
-    B::Error: Into<BoxError>,
-{
-    body.map_err(Into::into).boxed()
+/// An upstream response body, passed through as it streams.
+pub fn upstream(body: Incoming) -> Body {
+    Either::Left(body)
 }

@@ -16,7 +16,9 @@ use rustls_pki_types::CertificateDer;
 pub use failure::handshake_failure_reason;
 pub use peer::{PeerIdError, VerifiedPeer, peer_id};
 pub use resolver::{RotatingCert, certified_key};
-pub use verify::{SpiffeClientVerifier, SpiffeServerVerifier, verified_client};
+pub use verify::{
+    SpiffeClientVerifier, SpiffeServerVerifier, verified_client, verify_client_chain,
+};
 
 /// The one crypto provider warden uses (aws-lc-rs, with its default
 /// post-quantum hybrid key exchange first).

@@ -201,3 +201,30 @@ pub fn verified_client(
     let leaf = conn.peer_certificates()?.first()?;
     Some(VerifiedPeer::from_verified_leaf(leaf, trust_domain))
 }
+
+/// Verifies a client's chain as the handshake does, outside of one: the
+/// chain against `roots` (clientAuth EKU, validity at `now`), then exactly
+/// one SPIFFE ID in `trust_domain`. For tools and benchmarks; the proxy gets
+/// its `VerifiedPeer` from the handshake.
+pub fn verify_client_chain(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    trust_domain: &TrustDomain,
+    now: UnixTime,
+) -> Result<VerifiedPeer, Error> {
+    let ee = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let algs = super::provider().signature_verification_algorithms.all;
+    ee.verify_for_usage(
+        algs,
+        &roots.roots,
+        intermediates,
+        now,
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
+    VerifiedPeer::from_verified_leaf(leaf, trust_domain).map_err(identity_error)
+}

@@ -5,6 +5,7 @@
 //! forward to the app over pooled keep-alive HTTP/1.1 (or h2c) -> count and
 //! time the answer.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,10 +34,10 @@ use warden_config::proxy::Inbound;
 use crate::authz::{self, Request as AuthzRequest};
 use crate::headers;
 use crate::identity::Identity;
-use crate::metrics::ProxyMetrics;
+use crate::metrics::{ProxyMetrics, RequestMetrics};
 use crate::normalize::normalize;
 use crate::reload::PolicyRx;
-use crate::respond::{Body, Refusal, boxed};
+use crate::respond::{Body, Refusal, upstream};
 
 static DECISION_LOG: LogLimiter = LogLimiter::new(20);
 
@@ -61,6 +62,7 @@ pub struct InboundHttp {
     client: Client<HttpConnector, AppBody>,
     builder: auto::Builder<TokioExecutor>,
     in_flight: Arc<Semaphore>,
+    requests: RequestMetrics,
     metrics: ProxyMetrics,
 }
 
@@ -113,6 +115,7 @@ impl InboundHttp {
             client,
             builder,
             in_flight: Arc::new(Semaphore::new(l.max_requests_in_flight)),
+            requests: RequestMetrics::new(&metrics, &cfg.name),
             metrics,
         }
     }
@@ -164,21 +167,8 @@ impl InboundHttp {
                 Err(r) => self.refuse(r),
             },
         };
-        let class = match resp.status().as_u16() {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.metrics
-            .requests
-            .with_label_values(&[&self.name, class])
-            .inc();
-        self.metrics
-            .latency
-            .with_label_values(&[&self.name])
-            .observe(start.elapsed().as_secs_f64());
+        self.requests
+            .observe(resp.status(), start.elapsed().as_secs_f64());
         resp
     }
 
@@ -225,23 +215,30 @@ impl InboundHttp {
             .inc();
         if !d.allowed {
             if DECISION_LOG.allow() {
-                tracing::info!(listener = %self.name, peer = %peer.id(), method = %parts.method, path, rule = d.rule, "request denied");
+                tracing::info!(listener = %self.name, peer = %peer.id(), method = %parts.method, path = %path, rule = d.rule, "request denied");
             }
             return Err(Refusal::Forbidden);
         }
         if d.result == "audit_deny" && DECISION_LOG.allow() {
-            tracing::warn!(listener = %self.name, peer = %peer.id(), method = %parts.method, path, rule = d.rule, "audit: would deny this request");
+            tracing::warn!(listener = %self.name, peer = %peer.id(), method = %parts.method, path = %path, rule = d.rule, "audit: would deny this request");
         }
         // The app sees the path that was authorized, and the caller's original Host.
         let host = parts.uri.authority().map(|a| a.as_str().to_owned());
-        let pq = match parts.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
+        let pq = match (path, parts.uri.path_and_query()) {
+            // Already normal: the request's own bytes, no copy.
+            (Cow::Borrowed(_), Some(pq)) => pq.clone(),
+            (path, _) => {
+                let text = match parts.uri.query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.into_owned(),
+                };
+                PathAndQuery::try_from(text).map_err(|_| Refusal::BadPath)?
+            }
         };
         let uri = Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(self.app.clone())
-            .path_and_query(PathAndQuery::try_from(pq).map_err(|_| Refusal::BadPath)?);
+            .path_and_query(pq);
         parts.uri = uri.build().map_err(|_| Refusal::BadPath)?;
         // gRPC over h2c needs `te: trailers`, the one TE value h2 allows.
         let te_trailers = self.app_h2c
@@ -274,7 +271,7 @@ impl InboundHttp {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, boxed(body))
+                Response::from_parts(parts, upstream(body))
             }
             Err(e) => {
                 if DECISION_LOG.allow() {

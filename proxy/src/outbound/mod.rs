@@ -29,8 +29,8 @@ use crate::headers;
 use crate::identity::IdentityRx;
 use crate::idle::IdleTimeout;
 use crate::listener::ConnGuard;
-use crate::metrics::ProxyMetrics;
-use crate::respond::{Body, Refusal, boxed};
+use crate::metrics::{ProxyMetrics, RequestMetrics};
+use crate::respond::{Body, Refusal, upstream};
 use crate::tls::{H2, HTTP1, client_config};
 
 pub use connector::MtlsConnector;
@@ -66,6 +66,7 @@ struct OutboundHttp {
     authority: http::uri::Authority,
     h1: Client<MtlsConnector, Incoming>,
     h2: Client<MtlsConnector, Incoming>,
+    requests: RequestMetrics,
     metrics: ProxyMetrics,
 }
 
@@ -102,6 +103,7 @@ pub async fn serve(
         h2: Client::builder(TokioExecutor::new())
             .http2_only(true)
             .build(h2_conn),
+        requests: RequestMetrics::new(&metrics, &cfg.name),
         metrics: metrics.clone(),
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -291,7 +293,7 @@ impl OutboundHttp {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, boxed(body))
+                Response::from_parts(parts, upstream(body))
             }
             Err(e) => {
                 let r = upstream_failure(&*e);
@@ -305,23 +307,8 @@ impl OutboundHttp {
                 r.response()
             }
         };
-        let class = if resp.status().is_success() {
-            "2xx"
-        } else if resp.status().is_client_error() {
-            "4xx"
-        } else if resp.status().is_server_error() {
-            "5xx"
-        } else {
-            "3xx"
-        };
-        self.metrics
-            .requests
-            .with_label_values(&[&self.name, class])
-            .inc();
-        self.metrics
-            .latency
-            .with_label_values(&[&self.name])
-            .observe(start.elapsed().as_secs_f64());
+        self.requests
+            .observe(resp.status(), start.elapsed().as_secs_f64());
         resp
     }
 }

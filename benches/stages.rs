@@ -1,0 +1,127 @@
+//! The per-request and per-handshake stages of the data path, one by one:
+//! what each costs on its own.
+//!
+//! `cargo bench --bench stages`
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // benchmarks fail loudly by design
+
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue};
+use rustls_pki_types::UnixTime;
+use time::OffsetDateTime;
+
+use warden_ca::{Authority, CaService, InitOptions};
+use warden_config::{ProxyConfig, SpiffeId, TrustDomain};
+use warden_proxy::{authz, headers, normalize};
+
+fn stages(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let td = TrustDomain::parse("bench.test").unwrap();
+    let svc = CaService::open(
+        Authority::init(
+            &tmp.path().join("ca"),
+            &td,
+            &InitOptions::default(),
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let id = SpiffeId::parse("spiffe://bench.test/ns/shop/sa/web").unwrap();
+    let (issued, _) = svc
+        .issue_local(&id, None, "offline", OffsetDateTime::now_utc())
+        .unwrap();
+    let chain = warden_ca::authority::parse_certs(&issued.svid.chain_pem).unwrap();
+    let roots = warden_ca::tls::root_store(svc.authority.bundle()).unwrap();
+
+    let mut g = c.benchmark_group("handshake");
+    g.bench_function("spiffe id parse", |b| {
+        b.iter(|| SpiffeId::parse(black_box("spiffe://bench.test/ns/shop/sa/web")).unwrap())
+    });
+    g.bench_function("peer id from certificate (one URI SAN)", |b| {
+        b.iter(|| warden_ca::tls::peer_id(black_box(&chain[0])).unwrap())
+    });
+    g.bench_function("client chain verification + SPIFFE checks", |b| {
+        b.iter(|| {
+            warden_ca::tls::verify_client_chain(
+                &chain[0],
+                &chain[1..],
+                &roots,
+                &td,
+                UnixTime::now(),
+            )
+            .unwrap()
+        })
+    });
+    g.finish();
+
+    let peer =
+        warden_ca::tls::verify_client_chain(&chain[0], &chain[1..], &roots, &td, UnixTime::now())
+            .unwrap();
+    let rules: String = (0..10)
+        .map(|i| format!("        - {{name: r{i}, action: allow, from: [spiffe://bench.test/ns/team{i}/*], methods: [GET, POST], paths: [/api/v{i}/*, /health]}}\n"))
+        .chain(std::iter::once("        - {name: shop, action: allow, from: [spiffe://bench.test/ns/shop/*], methods: [GET], paths: [/api/*]}\n        - {name: no-admin, action: deny, from: [spiffe://bench.test/*], paths: [/api/admin/*]}\n".to_owned()))
+        .collect();
+    let text = format!(
+        "identity: {{cert: c, key: k, bundle: b}}\nadmin: 127.0.0.1:1\ninbound:\n  - name: app\n    listen: 127.0.0.1:2\n    app: 127.0.0.1:3\n    policy:\n      rules:\n{rules}"
+    );
+    let policy = ProxyConfig::parse(Path::new("bench.yaml"), &text)
+        .unwrap()
+        .inbound
+        .remove(0)
+        .policy;
+
+    let mut g = c.benchmark_group("request");
+    g.bench_function("path normalization (plain)", |b| {
+        b.iter(|| normalize::normalize(black_box("/api/v1/orders/12345/items")).unwrap())
+    });
+    g.bench_function("path normalization (escapes, dots)", |b| {
+        b.iter(|| {
+            normalize::normalize(black_box("/api/./v1//orders/%61bc/../12345/items")).unwrap()
+        })
+    });
+    g.bench_function("authorization (12 rules)", |b| {
+        b.iter(|| {
+            let d = authz::decide(
+                &policy,
+                &peer,
+                authz::Request {
+                    method: Some("GET"),
+                    path: Some(black_box("/api/orders/1")),
+                },
+            );
+            assert!(d.allowed);
+        })
+    });
+    let xfcc = headers::xfcc_value("spiffe://bench.test/ns/shop/sa/app", id.as_str()).unwrap();
+    let mut base = HeaderMap::new();
+    for (k, v) in [
+        ("host", "orders.shop.svc"),
+        ("user-agent", "curl/8.0"),
+        ("accept", "*/*"),
+        ("content-type", "application/json"),
+        ("content-length", "42"),
+        ("x-request-id", "a1b2c3d4"),
+        (
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+        ("x-forwarded-client-cert", "URI=spiffe://evil"),
+    ] {
+        base.insert(k, HeaderValue::from_static(v));
+    }
+    g.bench_function("identity header rewrite (8 headers)", |b| {
+        b.iter_batched(
+            || base.clone(),
+            |mut h| headers::set_identity(&mut h, &xfcc),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stages);
+criterion_main!(benches);
