@@ -32,6 +32,16 @@ pub use http::InboundHttp;
 
 static HANDSHAKE_LOG: LogLimiter = LogLimiter::new(10);
 
+/// What every connection of one listener shares (one allocation, not a copy
+/// of the config per connection).
+struct Listener {
+    cfg: Inbound,
+    name: Arc<str>,
+    policy: PolicyRx,
+    metrics: ProxyMetrics,
+    http: Arc<InboundHttp>,
+}
+
 /// Serves one inbound listener until `shutdown`, then drains within `drain`.
 pub async fn serve(
     cfg: Inbound,
@@ -46,6 +56,13 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let graceful = GracefulShutdown::new();
     let http = Arc::new(InboundHttp::new(&cfg, policy.clone(), metrics.clone()));
+    let shared = Arc::new(Listener {
+        cfg: cfg.clone(),
+        name: name.clone(),
+        policy,
+        metrics: metrics.clone(),
+        http,
+    });
     let alpn: &[&[u8]] = match cfg.protocol {
         Protocol::Http => &[H2, HTTP1],
         Protocol::Tcp => &[],
@@ -89,16 +106,11 @@ pub async fn serve(
                 }
             },
         };
-        let (name, metrics, http, cfg, policy) = (
-            name.clone(),
-            metrics.clone(),
-            http.clone(),
-            cfg.clone(),
-            policy.clone(),
-        );
+        let l = shared.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _guard = guard;
+            let (cfg, name, metrics) = (&l.cfg, &l.name, &l.metrics);
             let _ = stream.set_nodelay(true);
             let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let stream = IdleTimeout::new(stream, cfg.limits.idle_timeout).with_busy(busy.clone());
@@ -116,7 +128,7 @@ pub async fn serve(
                     let reason = tls::handshake_failure_reason(&e);
                     metrics
                         .handshake_failures
-                        .with_label_values(&[&name, reason])
+                        .with_label_values(&[name, reason])
                         .inc();
                     if HANDSHAKE_LOG.allow() {
                         tracing::warn!(listener = %name, peer = %peer_addr, reason, error = %e, "handshake refused");
@@ -130,14 +142,14 @@ pub async fn serve(
                 _ => {
                     metrics
                         .handshake_failures
-                        .with_label_values(&[&name, "no_client_cert"])
+                        .with_label_values(&[name, "no_client_cert"])
                         .inc();
                     return;
                 }
             };
             match cfg.protocol {
-                Protocol::Http => http.serve(tls, peer, &id, busy, watcher).await,
-                Protocol::Tcp => tcp::serve(&cfg, &policy, tls, peer, &metrics).await,
+                Protocol::Http => l.http.serve(tls, peer, &id, busy, watcher).await,
+                Protocol::Tcp => tcp::serve(cfg, &l.policy, tls, peer, metrics).await,
             }
         });
     }
