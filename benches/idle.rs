@@ -12,8 +12,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -93,71 +95,11 @@ fn main() {
     let start = rss_kib(pid);
 
     let cd = d.join("client");
-    let read = |f: &str| std::fs::read(cd.join(f)).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&read("bundle.pem")) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let chain: Vec<_> = CertificateDer::pem_slice_iter(&read("cert.pem"))
-        .map(|c| c.unwrap())
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(&read("key.pem")).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    // The server's URI-only certificate fails stock name checks: verify the chain only.
-    #[derive(Debug)]
-    struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
-    impl rustls::client::danger::ServerCertVerifier for ChainOnly {
-        fn verify_server_cert(
-            &self,
-            e: &CertificateDer<'_>,
-            i: &[CertificateDer<'_>],
-            n: &ServerName<'_>,
-            o: &[u8],
-            t: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            match self.0.verify_server_cert(e, i, n, o, t) {
-                Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::NotValidForNameContext { .. },
-                ))
-                | Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::NotValidForName,
-                )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
-                r => r,
-            }
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            self.0.verify_tls12_signature(m, c, d)
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            self.0.verify_tls13_signature(m, c, d)
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.supported_verify_schemes()
-        }
-    }
-    let stock = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ChainOnly(stock)))
-        .with_client_auth_cert(chain, key)
-        .unwrap();
+    let read = |f: &str| std::fs::read_to_string(cd.join(f)).unwrap();
+    let config = common::client_config(
+        &read("bundle.pem"),
+        Some((&read("cert.pem"), &read("key.pem"))),
+    );
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

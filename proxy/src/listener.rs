@@ -4,8 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::metrics::ProxyMetrics;
 
@@ -14,6 +16,28 @@ pub async fn bind(name: &str, addr: SocketAddr) -> std::io::Result<TcpListener> 
     let l = TcpListener::bind(addr).await?;
     println!("listening {name} {}", l.local_addr()?);
     Ok(l)
+}
+
+/// The next connection, or `None` once `shutdown` turns true. A failed
+/// accept (out of file descriptors, say) is logged and retried after a pause
+/// instead of spinning.
+pub async fn next(
+    listener: &TcpListener,
+    shutdown: &mut watch::Receiver<bool>,
+    name: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            _ = shutdown.changed() => return None,
+        }
+    }
 }
 
 /// Counts a connection open until dropped, and holds its slot under the limit.

@@ -144,7 +144,9 @@ pub async fn run(keep_running: bool) -> DemoResult<()> {
     );
 
     // A client with no certificate at all.
-    let refused = no_cert_call(inbound, &svc).await;
+    let refused = tls_call(inbound, &svc, None)
+        .await
+        .map(|(status, _)| status);
     s.step(
         refused.is_err(),
         "a client without a certificate",
@@ -182,6 +184,7 @@ pub async fn run(keep_running: bool) -> DemoResult<()> {
         .unwrap_or_default();
     let shown: Vec<&str> = text
         .lines()
+        .filter(|l| !l.ends_with(" 0"))
         .filter(|l| {
             l.starts_with("warden_proxy_authz_decisions_total")
                 || l.starts_with("warden_proxy_requests_total")
@@ -268,70 +271,41 @@ async fn client(
     Ok(Warden::start(&["proxy", "--config", &path]).await?)
 }
 
-/// A TLS client that trusts the bundle and expects the app's identity, but
-/// presents no certificate of its own.
-async fn no_cert_call(inbound: SocketAddr, svc: &CaService) -> Result<u16, String> {
-    let roots = warden_ca::tls::root_store(svc.authority.bundle()).map_err(|e| e.to_string())?;
-    let verifier = warden_ca::tls::SpiffeServerVerifier::new(
-        roots,
-        svc.authority.trust_domain().clone(),
-        IdentityPattern::parse(&format!("spiffe://{TD}/*")).map_err(|e| e.to_string())?,
-        warden_ca::tls::provider(),
-    );
-    let config = rustls::ClientConfig::builder_with_provider(warden_ca::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(inbound)
-        .await
-        .map_err(|e| e.to_string())?;
-    let name =
-        rustls_pki_types::ServerName::try_from("orders.invalid").map_err(|e| e.to_string())?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    // TLS 1.3: the server's refusal arrives with the first read.
-    tls.write_all(b"GET /api/orders HTTP/1.1\r\nHost: orders\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    app::read_response(&mut tls)
-        .await
-        .map(|(s, _)| s)
-        .map_err(|e| e.to_string())
-}
-
-/// An mTLS client for the loadgen identity; returns the server's leaf too.
-async fn loadgen_call(
-    creds: &Path,
+/// One GET on a fresh TLS connection to the inbound: the server must prove
+/// `spiffe://<td>/ns/shop/sa/orders`; the client presents `creds` (a
+/// directory with cert.pem and key.pem) or no certificate. Returns the status
+/// and the server's leaf certificate.
+async fn tls_call(
     inbound: SocketAddr,
     svc: &CaService,
+    creds: Option<&Path>,
 ) -> Result<(u16, Vec<u8>), String> {
-    let read = |f: &str| std::fs::read_to_string(creds.join(f)).map_err(|e| e.to_string());
-    let key = warden_ca::tls::certified_key(
-        &read("cert.pem")?,
-        &read("key.pem")?,
-        &warden_ca::tls::provider(),
-    )
-    .map_err(|e| e.to_string())?;
-    let resolver = Arc::new(warden_ca::tls::RotatingCert::default());
-    resolver.set(key);
+    let provider = warden_ca::tls::provider();
     let roots = warden_ca::tls::root_store(svc.authority.bundle()).map_err(|e| e.to_string())?;
     let verifier = warden_ca::tls::SpiffeServerVerifier::new(
         roots,
         svc.authority.trust_domain().clone(),
         IdentityPattern::parse(&format!("spiffe://{TD}/ns/shop/sa/orders"))
             .map_err(|e| e.to_string())?,
-        warden_ca::tls::provider(),
+        provider.clone(),
     );
-    let config = rustls::ClientConfig::builder_with_provider(warden_ca::tls::provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(resolver);
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let config = match creds {
+        Some(dir) => {
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| e.to_string());
+            let key =
+                warden_ca::tls::certified_key(&read("cert.pem")?, &read("key.pem")?, &provider)
+                    .map_err(|e| e.to_string())?;
+            let resolver = Arc::new(warden_ca::tls::RotatingCert::default());
+            resolver.set(key);
+            builder.with_client_cert_resolver(resolver)
+        }
+        None => builder.with_no_client_auth(),
+    };
     let tcp = TcpStream::connect(inbound)
         .await
         .map_err(|e| e.to_string())?;
@@ -348,6 +322,7 @@ async fn loadgen_call(
         .and_then(|c| c.first())
         .map(|c| c.to_vec())
         .unwrap_or_default();
+    // TLS 1.3: a refused client certificate shows up with the first read.
     tls.write_all(b"GET /api/load HTTP/1.1\r\nHost: orders\r\nContent-Length: 0\r\n\r\n")
         .await
         .map_err(|e| e.to_string())?;
@@ -370,7 +345,7 @@ async fn rotate_under_load(
 ) -> DemoResult<(usize, usize, bool)> {
     let failed = Arc::new(AtomicUsize::new(0));
     let total = Arc::new(AtomicUsize::new(0));
-    let (_, before) = loadgen_call(loadgen, inbound, svc).await?;
+    let (_, before) = tls_call(inbound, svc, Some(loadgen)).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(2500);
     let pooled = {
         let (failed, total) = (failed.clone(), total.clone());
@@ -396,7 +371,7 @@ async fn rotate_under_load(
             rotated_at = Some(tokio::time::Instant::now());
         }
         total.fetch_add(1, Ordering::Relaxed);
-        match loadgen_call(loadgen, inbound, svc).await {
+        match tls_call(inbound, svc, Some(loadgen)).await {
             Ok((200, leaf)) => after = leaf,
             _ => {
                 failed.fetch_add(1, Ordering::Relaxed);

@@ -69,16 +69,10 @@ pub async fn serve(
     };
     let mut cache: Option<(Arc<Identity>, TlsAcceptor)> = None;
     loop {
-        let (stream, peer_addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(listener = %name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
+        let Some((stream, peer_addr)) =
+            crate::listener::next(&listener, &mut shutdown, &name).await
+        else {
+            break;
         };
         let Some(guard) = ConnGuard::admit(&limit, &metrics, &name) else {
             continue;

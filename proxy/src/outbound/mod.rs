@@ -117,16 +117,8 @@ pub async fn serve(
         .max_concurrent_streams(cfg.limits.max_concurrent_streams);
     let builder = Arc::new(builder);
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(listener = %name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
+        let Some((stream, _)) = crate::listener::next(&listener, &mut shutdown, &name).await else {
+            break;
         };
         let Some(guard) = ConnGuard::admit(&limit, &metrics, &name) else {
             continue;
