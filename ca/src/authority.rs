@@ -87,6 +87,12 @@ pub enum CaError {
     /// The audit trail could not be written.
     #[error("audit trail: {0}")]
     Audit(String),
+    /// Something the CA needs to run could not be set up (TLS, metrics, its own certificate).
+    #[error("{0}")]
+    Setup(String),
+    /// The store holds something it should not (a corrupt row).
+    #[error("store holds bad data: {0}")]
+    Corrupt(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {

@@ -162,7 +162,7 @@ impl CaService {
     /// Opens the CA in `authority.dir` with its store.
     pub fn open(authority: Authority) -> Result<Self, CaError> {
         let store = Store::open(&authority.dir.join(files::STATE))?;
-        let metrics = CaMetrics::new().map_err(|e| CaError::Audit(e.to_string()))?;
+        let metrics = CaMetrics::new().map_err(|e| CaError::Setup(format!("metrics: {e}")))?;
         let audit_path = authority.dir.join(files::AUDIT);
         for (name, der) in [("intermediate", authority.intermediate())]
             .into_iter()
@@ -293,7 +293,7 @@ impl CaService {
                 let rec = store::token(&self.store.lock(), hash).map_err(CaError::from)?;
                 let rec = rec.ok_or(Refusal::TokenUnknown)?;
                 let id = SpiffeId::parse(&rec.spiffe_id)
-                    .map_err(|e| CaError::Audit(format!("stored token has a bad id: {e}")))?;
+                    .map_err(|e| CaError::Corrupt(format!("a stored token has a bad id: {e}")))?;
                 *claimed = Some(id.clone());
                 if rec.used_at.is_some() {
                     return Err(Refusal::TokenUsed);

@@ -98,7 +98,7 @@ pub async fn run(
 
 fn server_config(svc: &CaService, cert: Arc<RotatingCert>) -> Result<ServerConfig, CaError> {
     let provider = tls::provider();
-    let tls_err = |e: String| CaError::Audit(format!("tls setup: {e}"));
+    let tls_err = |e: String| CaError::Setup(format!("tls setup: {e}"));
     let roots = tls::root_store(svc.authority.bundle()).map_err(|e| tls_err(e.to_string()))?;
     let verifier = SpiffeClientVerifier::new(
         roots,
@@ -129,9 +129,9 @@ async fn renew_serving_cert(
     let now = OffsetDateTime::now_utc();
     let (issued, key_pem) = svc
         .issue_local(&svc.authority.server_id(), None, "self", now)
-        .map_err(|e| CaError::Audit(format!("issuing the server certificate: {e}")))?;
+        .map_err(|e| CaError::Setup(format!("issuing the server certificate: {e}")))?;
     let key = tls::certified_key(&issued.svid.chain_pem, &key_pem, &tls::provider())
-        .map_err(|e| CaError::Audit(format!("loading the server certificate: {e}")))?;
+        .map_err(|e| CaError::Setup(format!("loading the server certificate: {e}")))?;
     cert.set(key);
     let v = issued.svid.validity;
     valid_until.store(v.not_after.unix_timestamp(), Ordering::Relaxed);
