@@ -541,52 +541,29 @@ fn the_cli_client_bootstraps_and_renews() {
     let out = ca.tmp.path().join("wl");
     let server = format!("https://{}", srv.api);
     let bundle = s(&ca.dir.join("bundle.pem")).to_owned();
-    run_ok(&[
-        "ca",
-        "certify",
-        "--server",
-        &server,
-        "--bundle",
-        &bundle,
-        "--spiffe-id",
-        &id,
-        "--token",
-        &token,
-        "--out-dir",
-        s(&out),
-    ]);
+    let certify_cli = |how: &[&str]| {
+        let mut args = vec![
+            "ca",
+            "certify",
+            "--server",
+            &server,
+            "--bundle",
+            &bundle,
+            "--spiffe-id",
+            &id,
+            "--out-dir",
+            s(&out),
+        ];
+        args.extend_from_slice(how);
+        run(&args)
+    };
+    assert!(certify_cli(&["--token", &token]).status.success());
     let first = std::fs::read_to_string(out.join("cert.pem")).unwrap();
     webpki_verifies(&first, &ca.bundle_pem()).unwrap();
-    run_ok(&[
-        "ca",
-        "certify",
-        "--server",
-        &server,
-        "--bundle",
-        &bundle,
-        "--spiffe-id",
-        &id,
-        "--renew-from",
-        s(&out),
-        "--out-dir",
-        s(&out),
-    ]);
+    assert!(certify_cli(&["--renew-from", s(&out)]).status.success());
     let second = std::fs::read_to_string(out.join("cert.pem")).unwrap();
     assert_ne!(first, second);
-    let o = run(&[
-        "ca",
-        "certify",
-        "--server",
-        &server,
-        "--bundle",
-        &bundle,
-        "--spiffe-id",
-        &id,
-        "--token",
-        &token,
-        "--out-dir",
-        s(&out),
-    ]);
+    let o = certify_cli(&["--token", &token]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("token-used"));
 }

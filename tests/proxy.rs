@@ -48,7 +48,7 @@ fn mesh_with(extra_inbound: &str, mode: &str) -> Mesh {
         app_creds.identity_yaml(),
         app.addr
     );
-    let proxy = Proxy::start(ca.tmp.path(), &config, true);
+    let proxy = Proxy::start(ca.tmp.path(), &config);
     let web = creds(&ca, "/ns/shop/sa/web");
     let intruder = creds(&ca, "/ns/bank/sa/intruder");
     Mesh {
@@ -275,7 +275,7 @@ fn tcp_mode_splices_allowed_callers_and_closes_denied_ones() {
         "{}admin: 127.0.0.1:0\ninbound:\n  - name: db\n    listen: 127.0.0.1:0\n    app: {echo}\n    protocol: tcp\n    policy:\n      rules:\n        - {{name: web, action: allow, from: [spiffe://example.org/web]}}\n",
         app.identity_yaml()
     );
-    let proxy = Proxy::start(ca.tmp.path(), &config, true);
+    let proxy = Proxy::start(ca.tmp.path(), &config);
     let web = creds(&ca, "/web");
     let other = creds(&ca, "/other");
     let mut s = mtls_connect(
@@ -316,7 +316,7 @@ fn client_sidecar(m: &Mesh, who: &Creds, server_id: &str, protocol: &str) -> Pro
         who.identity_yaml(),
         m.proxy.addr("app")
     );
-    Proxy::start(m.ca.tmp.path(), &config, true)
+    Proxy::start(m.ca.tmp.path(), &config)
 }
 
 #[test]

@@ -85,7 +85,6 @@ fn spoofed_identity_headers_on_h2_never_reach_the_app() {
     let proxy = Proxy::start(
         ca.tmp.path(),
         &sidecar_config(&creds(&ca, "/app"), app.addr, WEB_ONLY),
-        true,
     );
     let web = creds(&ca, "/web");
     let mut req = get("https://app.test/api/x");
@@ -127,7 +126,6 @@ fn many_h2_streams_share_one_connection() {
     let proxy = Proxy::start(
         ca.tmp.path(),
         &sidecar_config(&creds(&ca, "/app"), app.addr, WEB_ONLY),
-        true,
     );
     let web = creds(&ca, "/web");
     let reqs = (0..32)
@@ -158,7 +156,7 @@ fn tcp_outbound_reaches_a_tcp_inbound_and_refuses_the_wrong_server() {
         "{}admin: 127.0.0.1:0\ninbound:\n  - name: db\n    listen: 127.0.0.1:0\n    app: {echo}\n    protocol: tcp\n    policy:\n      rules:\n{WEB_ONLY}",
         db.identity_yaml()
     );
-    let server = Proxy::start(ca.tmp.path(), &inbound, true);
+    let server = Proxy::start(ca.tmp.path(), &inbound);
     let web = creds(&ca, "/web");
     let outbound = |server_id: &str| {
         format!(
@@ -167,7 +165,7 @@ fn tcp_outbound_reaches_a_tcp_inbound_and_refuses_the_wrong_server() {
             server.addr("db")
         )
     };
-    let good = Proxy::start(ca.tmp.path(), &outbound("spiffe://example.org/db"), true);
+    let good = Proxy::start(ca.tmp.path(), &outbound("spiffe://example.org/db"));
     let mut s = std::net::TcpStream::connect(good.addr("to-db")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"hello\n").unwrap();
@@ -175,11 +173,7 @@ fn tcp_outbound_reaches_a_tcp_inbound_and_refuses_the_wrong_server() {
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"hello\n");
 
-    let bad = Proxy::start(
-        ca.tmp.path(),
-        &outbound("spiffe://example.org/payments-db"),
-        true,
-    );
+    let bad = Proxy::start(ca.tmp.path(), &outbound("spiffe://example.org/payments-db"));
     let mut s = std::net::TcpStream::connect(bad.addr("to-db")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let _ = s.write_all(b"hello\n");
@@ -198,7 +192,7 @@ fn a_changed_policy_applies_live_and_a_bad_reload_keeps_the_old_one() {
     let app_creds = creds(&ca, "/app");
     let path = ca.tmp.path().join("live.yaml");
     std::fs::write(&path, sidecar_config(&app_creds, app.addr, WEB_ONLY)).unwrap();
-    let proxy = Proxy::start_file(&path, true);
+    let proxy = Proxy::start_file(&path);
     let web = creds(&ca, "/web");
     let api = creds(&ca, "/api");
     let bundle = ca.bundle_pem();
@@ -288,7 +282,7 @@ fn identity_from_the_ca_survives_the_ca_going_down_and_renews_when_it_is_back() 
         s(&ca.dir.join("bundle.pem")),
         app.addr
     );
-    let proxy = Proxy::start(ca.tmp.path(), &config, true);
+    let proxy = Proxy::start(ca.tmp.path(), &config);
     assert_eq!(proxy.admin_get("/ready").0, 200);
     let web = creds(&ca, "/web");
     let bundle = ca.bundle_pem();
@@ -351,7 +345,7 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
     let app = EchoApp::start();
     let mut config = sidecar_config(&creds(&ca, "/app"), app.addr, WEB_ONLY);
     config.push_str("    limits:\n      idle_timeout: 1s\n");
-    let proxy = Proxy::start(ca.tmp.path(), &config, true);
+    let proxy = Proxy::start(ca.tmp.path(), &config);
     let web = creds(&ca, "/web");
     let mut s = mtls_connect(
         proxy.addr("app"),
@@ -383,7 +377,6 @@ fn h2c_from_the_app_rides_one_multiplexed_mtls_connection() {
     let server = Proxy::start(
         ca.tmp.path(),
         &sidecar_config(&creds(&ca, "/app"), app.addr, WEB_ONLY),
-        true,
     );
     let web = creds(&ca, "/web");
     let out = Proxy::start(
@@ -393,7 +386,6 @@ fn h2c_from_the_app_rides_one_multiplexed_mtls_connection() {
             web.identity_yaml(),
             server.addr("app")
         ),
-        true,
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -451,7 +443,6 @@ fn an_expired_certificate_fails_closed() {
     let proxy = Proxy::start(
         ca.tmp.path(),
         &sidecar_config(&app_creds, app.addr, WEB_ONLY),
-        true,
     );
     let web = creds(&ca, "/web");
     let bundle = ca.bundle_pem();
@@ -529,7 +520,7 @@ fn an_h2c_app_gets_h2_with_the_verified_identity() {
         &format!("    app: {app}\n"),
         &format!("    app: {app}\n    app_h2c: true\n"),
     );
-    let proxy = Proxy::start(ca.tmp.path(), &config, true);
+    let proxy = Proxy::start(ca.tmp.path(), &config);
     let web = creds(&ca, "/web");
     let spoof = "x-forwarded-client-cert: URI=spiffe://example.org/admin\r\n";
     let (status, body) = mtls_get(

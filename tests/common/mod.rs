@@ -147,33 +147,11 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn warden ca serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let (mut api, mut admin) = (None, None);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).expect("warden printed ready in time");
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            match parts.as_slice() {
-                ["listening", "api", a] => api = Some(a.parse().unwrap()),
-                ["listening", "admin", a] => admin = Some(a.parse().unwrap()),
-                ["ready"] => break,
-                _ => {}
-            }
-        }
+        let addrs = read_listeners(&mut child, String::new);
         Server {
             child,
-            api: api.expect("api line before ready"),
-            admin: admin.expect("admin line before ready"),
+            api: addrs["api"],
+            admin: addrs["admin"],
         }
     }
 
@@ -191,26 +169,70 @@ impl Server {
 
     /// GET on the admin port: (status, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.admin).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        parse_response(&raw)
+        admin_get(self.admin, path)
     }
 
     /// The value of a metric sample line that starts with `prefix`, or 0.
     pub fn metric(&self, prefix: &str) -> f64 {
-        let (_, body) = self.admin_get("/metrics");
-        body.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        metric(self.admin, prefix)
     }
+}
+
+/// Reads a `warden` child's stdout until its `ready` line and returns its
+/// listeners by name; panics with `context()` if it does not get there in 20 s.
+fn read_listeners(
+    child: &mut Child,
+    context: impl Fn() -> String,
+) -> std::collections::HashMap<String, SocketAddr> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut addrs = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            panic!("warden did not print ready: {}", context());
+        };
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            ["listening", name, a] => {
+                addrs.insert((*name).to_owned(), a.parse().unwrap());
+            }
+            ["ready"] => return addrs,
+            _ => {}
+        }
+    }
+}
+
+/// GET on an admin listener: (status, body).
+pub fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse_response(&raw)
+}
+
+/// The value of the first metric sample line on `addr` that starts with `prefix`, or 0.
+pub fn metric(addr: SocketAddr, prefix: &str) -> f64 {
+    let (_, body) = admin_get(addr, "/metrics");
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 impl Drop for Server {
@@ -625,15 +647,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Writes `config` to `dir/proxy-<n>.yaml`, starts `warden proxy` on it and
-    /// waits for `ready` (or only for the listening lines when `wait_ready` is false).
-    pub fn start(dir: &Path, config: &str, wait_ready: bool) -> Proxy {
+    /// Writes `config` to `dir/proxy-<n>.yaml`, starts `warden proxy` on it
+    /// and waits for `ready`.
+    pub fn start(dir: &Path, config: &str) -> Proxy {
         let path = dir.join(format!("proxy-{}.yaml", rand_suffix()));
         std::fs::write(&path, config).unwrap();
-        Self::start_file(&path, wait_ready)
+        Self::start_file(&path)
     }
 
-    pub fn start_file(path: &Path, wait_ready: bool) -> Proxy {
+    pub fn start_file(path: &Path) -> Proxy {
         let mut child = warden()
             .env("WARDEN_LOG", "info")
             .args(["proxy", "--config", s(path)])
@@ -641,7 +663,6 @@ impl Proxy {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
         let stderr_pipe = child.stderr.take().unwrap();
         let stderr = Arc::new(std::sync::Mutex::new(String::new()));
         let log = stderr.clone();
@@ -651,37 +672,8 @@ impl Proxy {
                 log.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut addrs = std::collections::HashMap::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = rx.recv_timeout(left) else {
-                if !wait_ready && addrs.contains_key("admin") {
-                    break;
-                }
-                panic!("proxy did not start: {}", stderr.lock().unwrap());
-            };
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            match parts.as_slice() {
-                ["listening", name, a] => {
-                    addrs.insert((*name).to_owned(), a.parse().unwrap());
-                }
-                ["ready"] => break,
-                _ => {}
-            }
-            if !wait_ready && addrs.contains_key("admin") && rx_is_empty_soon(&rx) {
-                break;
-            }
-        }
+        let log = stderr.clone();
+        let addrs = read_listeners(&mut child, move || log.lock().unwrap().clone());
         Proxy {
             child,
             addrs,
@@ -694,24 +686,11 @@ impl Proxy {
     }
 
     pub fn admin_get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.addr("admin")).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        parse_response(&raw)
+        admin_get(self.addr("admin"), path)
     }
 
     pub fn metric(&self, prefix: &str) -> f64 {
-        let (_, body) = self.admin_get("/metrics");
-        body.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        metric(self.addr("admin"), prefix)
     }
 
     pub fn signal(&self, sig: &str) {
@@ -729,11 +708,6 @@ impl Proxy {
         });
         status
     }
-}
-
-fn rx_is_empty_soon(rx: &mpsc::Receiver<String>) -> bool {
-    std::thread::sleep(Duration::from_millis(300));
-    matches!(rx.try_recv(), Err(mpsc::TryRecvError::Empty))
 }
 
 impl Drop for Proxy {
