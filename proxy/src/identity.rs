@@ -29,6 +29,8 @@ use crate::metrics::ProxyMetrics;
 pub struct Identity {
     /// Our SPIFFE ID.
     pub id: SpiffeId,
+    /// Its trust domain: the one whose bundle peers must verify against.
+    pub trust_domain: TrustDomain,
     /// Certificate chain and signing key, ready for rustls.
     pub key: Arc<CertifiedKey>,
     /// Trust roots for peers (our trust domain's bundle).
@@ -40,11 +42,6 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Our trust domain.
-    pub fn trust_domain(&self) -> TrustDomain {
-        self.id.trust_domain()
-    }
-
     /// Still valid at `now`?
     pub fn is_valid(&self, now: OffsetDateTime) -> bool {
         self.not_before <= now && now < self.not_after
@@ -61,6 +58,7 @@ impl Identity {
             .map_err(|e| format!("key does not match the certificate: {e}"))?;
         let v = validity_of(&chain[0])?;
         Ok(Self {
+            trust_domain: id.trust_domain(),
             id,
             key: Arc::new(key),
             roots,

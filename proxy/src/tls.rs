@@ -21,9 +21,13 @@ pub const HTTP1: &[u8] = b"http/1.1";
 /// against our bundle with exactly one SPIFFE ID in our trust domain.
 pub fn server_config(id: &Identity, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, String> {
     let provider = tls::provider();
-    let verifier =
-        SpiffeClientVerifier::new(id.roots.clone(), id.trust_domain(), provider.clone(), false)
-            .map_err(|e| e.to_string())?;
+    let verifier = SpiffeClientVerifier::new(
+        id.roots.clone(),
+        id.trust_domain.clone(),
+        provider.clone(),
+        false,
+    )
+    .map_err(|e| e.to_string())?;
     let resolver = Arc::new(tls::RotatingCert::default());
     resolver.set((*id.key).clone());
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -49,7 +53,7 @@ pub fn client_config(
     let provider = tls::provider();
     let verifier = SpiffeServerVerifier::new(
         id.roots.clone(),
-        id.trust_domain(),
+        id.trust_domain.clone(),
         expected.clone(),
         provider.clone(),
     );

@@ -226,14 +226,7 @@ async fn handshake(
     peer: SocketAddr,
 ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Caller)> {
     let _ = stream.set_nodelay(true);
-    let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "handshake timed out",
-        )),
-    };
-    let tls = match result {
+    let tls = match tls::accept(acceptor, stream, HANDSHAKE_TIMEOUT).await {
         Ok(tls) => tls,
         Err(e) => {
             let reason = tls::handshake_failure_reason(&e);

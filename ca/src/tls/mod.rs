@@ -26,6 +26,26 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// The server side of a handshake, bounded by `timeout` (a timeout is an
+/// `io::ErrorKind::TimedOut` error, labelled `timeout` by
+/// [`handshake_failure_reason`]).
+pub async fn accept<IO>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: IO,
+    timeout: std::time::Duration,
+) -> std::io::Result<tokio_rustls::server::TlsStream<IO>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "handshake timed out",
+        )),
+    }
+}
+
 /// A trust domain's roots, as a rustls root store.
 pub fn root_store(bundle: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, rustls::Error> {
     let mut roots = RootCertStore::empty();

@@ -108,15 +108,7 @@ pub async fn serve(
             let _ = stream.set_nodelay(true);
             let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let stream = IdleTimeout::new(stream, cfg.limits.idle_timeout).with_busy(busy.clone());
-            let handshake =
-                tokio::time::timeout(cfg.limits.handshake_timeout, acceptor.accept(stream)).await;
-            let result = handshake.unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "handshake timed out",
-                ))
-            });
-            let tls = match result {
+            let tls = match tls::accept(&acceptor, stream, cfg.limits.handshake_timeout).await {
                 Ok(t) => t,
                 Err(e) => {
                     let reason = tls::handshake_failure_reason(&e);
@@ -130,7 +122,7 @@ pub async fn serve(
                     return;
                 }
             };
-            let peer = match tls::verified_client(tls.get_ref().1, &id.trust_domain()) {
+            let peer = match tls::verified_client(tls.get_ref().1, &id.trust_domain) {
                 Some(Ok(p)) => p,
                 // Unreachable: the verifier requires and checks the certificate.
                 _ => {
