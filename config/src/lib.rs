@@ -7,6 +7,7 @@
 pub mod ca;
 pub mod diagnostic;
 pub mod duration;
+pub mod model;
 pub mod pattern;
 pub mod proxy;
 pub mod spiffe;

@@ -13,6 +13,7 @@ use serde_saphyr::Spanned;
 
 use crate::diagnostic::{Collector, Diagnostics, load_yaml, parse_yaml};
 use crate::duration::HumanDuration;
+use crate::model::{ModelRoute, RawModelRoute, validate_routes};
 use crate::pattern::IdentityPattern;
 use crate::spiffe::SpiffeId;
 
@@ -31,6 +32,9 @@ pub struct ProxyConfig {
     pub inbound: Vec<Inbound>,
     /// Plain local listeners that the app calls; warden originates mTLS.
     pub outbound: Vec<Outbound>,
+    /// Redis URL: when set, model API limits live there and are shared by
+    /// every proxy pointing at it.
+    pub redis: Option<String>,
 }
 
 /// Where the proxy's X.509-SVID comes from.
@@ -101,7 +105,7 @@ pub enum PathMatch {
 }
 
 impl PathMatch {
-    fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         if !s.starts_with('/') {
             return Err(format!("path {s:?} must start with '/'"));
         }
@@ -210,6 +214,8 @@ pub struct Inbound {
     pub policy: Policy,
     /// Resource limits.
     pub limits: Limits,
+    /// Protected model API routes (rate limits, token budgets, extraction detection).
+    pub model_api: Vec<ModelRoute>,
 }
 
 /// An outbound listener.
@@ -247,6 +253,8 @@ struct RawConfig {
     inbound: Vec<Spanned<RawInbound>>,
     #[serde(default)]
     outbound: Vec<Spanned<RawOutbound>>,
+    #[serde(default)]
+    redis: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +283,8 @@ struct RawInbound {
     policy: RawPolicy,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    model_api: Vec<RawModelRoute>,
 }
 
 #[derive(Deserialize)]
@@ -445,6 +455,10 @@ impl ProxyConfig {
             if l.app_h2c && l.protocol == Protocol::Tcp {
                 errors.at_location(loc, "app_h2c only applies to protocol: http");
             }
+            if !l.model_api.is_empty() && l.protocol == Protocol::Tcp {
+                errors.at_location(loc, "model_api only applies to protocol: http");
+            }
+            let model_api = validate_routes(l.model_api, &mut errors);
             inbound.push(Inbound {
                 name: l.name.value,
                 listen: l.listen,
@@ -456,8 +470,16 @@ impl ProxyConfig {
                     rules,
                 },
                 limits: l.limits.resolve(),
+                model_api,
             });
         }
+
+        let redis = raw.redis.map(|r| {
+            if !(r.value.starts_with("redis://") || r.value.starts_with("unix://")) {
+                errors.at(&r, "redis must be a redis:// or unix:// URL");
+            }
+            r.value
+        });
 
         let mut outbound = Vec::new();
         for o in raw.outbound {
@@ -494,6 +516,7 @@ impl ProxyConfig {
                 .unwrap_or(Duration::from_secs(10)),
             inbound,
             outbound,
+            redis,
         })
     }
 }

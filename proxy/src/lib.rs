@@ -12,6 +12,7 @@ pub mod idle;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;
+pub mod model;
 pub mod normalize;
 pub mod outbound;
 pub mod reload;

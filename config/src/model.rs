@@ -1,0 +1,517 @@
+//! Model API protection, as configured on an inbound listener: which paths
+//! are a model API (OpenAI-compatible or a generic JSON predict endpoint),
+//! the limits per caller and per aggregate of callers, how much a caller
+//! may learn from each answer, and extraction detection with its escalation
+//! ladder. Every limit is keyed on the caller's verified SPIFFE ID only.
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::diagnostic::Collector;
+use crate::proxy::PathMatch;
+
+/// The kind of model API behind a route: decides how bodies are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelApi {
+    /// OpenAI-compatible chat/completions, completions and embeddings (JSON,
+    /// server-sent-event streams, `usage` in answers).
+    Openai,
+    /// A generic JSON predict endpoint (KServe v1: `{"instances": [[...]]}`
+    /// in, `{"predictions": [[...]]}` out) taking numeric feature vectors.
+    Predict,
+}
+
+/// Whether a route's refusals are enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitMode {
+    /// Over-limit and abnormal requests are refused.
+    #[default]
+    Enforce,
+    /// They are counted and logged, then let through: to size limits on real traffic.
+    Shadow,
+}
+
+/// What to do when the shared state (Redis) cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Refuse the request (503): no limit is ever silently lifted.
+    #[default]
+    Closed,
+    /// Let the request through unlimited, counted in a metric.
+    Open,
+}
+
+/// How much of a predict answer's probabilities a caller sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputDetail {
+    /// As the model answered.
+    Full,
+    /// Rounded to this many decimal places.
+    Decimals(u8),
+    /// Only the index of the most likely class.
+    Label,
+}
+
+impl OutputDetail {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(Self::Full),
+            "label" => Ok(Self::Label),
+            _ => s
+                .strip_prefix("decimals:")
+                .and_then(|n| n.parse::<u8>().ok())
+                .filter(|n| *n <= 6)
+                .map(Self::Decimals)
+                .ok_or_else(|| {
+                    format!("outputs {s:?} must be full, label or decimals:N (N from 0 to 6)")
+                }),
+        }
+    }
+}
+
+/// The limits of one level of the identity hierarchy. Each is optional;
+/// an absent limit does not apply.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LimitSet {
+    /// Sustained request rate, with `burst` requests allowed at once (GCRA).
+    pub requests_per_second: Option<f64>,
+    /// Requests allowed at once on top of the rate (default: one second's worth).
+    pub burst: u32,
+    /// Prompt plus completion tokens per sliding minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Prompt plus completion tokens per sliding day.
+    pub tokens_per_day: Option<u64>,
+    /// Requests in progress at once (streams count until they end).
+    pub concurrent: Option<u32>,
+    /// Generated tokens returned with logprobs, per sliding day.
+    pub logprob_tokens_per_day: Option<u64>,
+    /// Largest `top_logprobs` one request may ask for (0: logprobs not allowed).
+    pub max_top_logprobs: Option<u32>,
+    /// `logit_bias` entries sent, per sliding day.
+    pub logit_bias_per_day: Option<u64>,
+    /// Most `logit_bias` entries in one request (0: logit_bias not allowed).
+    pub max_logit_bias: Option<u32>,
+    /// Vectors per sliding day: embeddings returned, or feature vectors
+    /// submitted to a predict endpoint.
+    pub vectors_per_day: Option<u64>,
+}
+
+impl LimitSet {
+    /// True when no limit is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Limits per level: the caller, its namespace, its trust domain. The
+/// aggregate levels stop many identities from adding up to one unlimited
+/// caller.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Limits {
+    /// Per SPIFFE ID.
+    pub identity: LimitSet,
+    /// Per namespace: `spiffe://td/ns/<ns>` for Kubernetes-style IDs,
+    /// otherwise the ID without its last path segment.
+    pub namespace: LimitSet,
+    /// Per trust domain.
+    pub trust_domain: LimitSet,
+}
+
+/// Scores at which each escalation step starts, in (0, 1], non-decreasing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LadderConfig {
+    /// Answer with a warning header.
+    pub warn: f64,
+    /// Strip logprobs and logit_bias, coarsen probabilities.
+    pub degrade: f64,
+    /// Refuse with 429 abnormal-usage-detected.
+    pub refuse: f64,
+    /// Also ask the CA to stop renewing the identity.
+    pub deny: f64,
+}
+
+impl Default for LadderConfig {
+    fn default() -> Self {
+        Self {
+            warn: 0.5,
+            degrade: 0.6,
+            refuse: 0.75,
+            deny: 0.9,
+        }
+    }
+}
+
+/// Extraction detection on a route.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DetectionConfig {
+    /// Most identities tracked at once (least recently seen evicted).
+    pub max_identities: usize,
+    /// Most queries remembered per identity.
+    pub history: usize,
+    /// The served LLM's hidden size: a logprob sweep must be stopped long
+    /// before it has collected this many full logprob vectors.
+    pub hidden_size: u32,
+    /// Where each step starts.
+    pub ladder: LadderConfig,
+    /// What a predict caller sees at the degrade step.
+    pub degrade_outputs: OutputDetail,
+    /// At the deny step, ask the CA (the proxy's identity source) to deny the identity.
+    pub report_to_ca: bool,
+}
+
+impl Default for DetectionConfig {
+    fn default() -> Self {
+        Self {
+            max_identities: 10_000,
+            history: 256,
+            hidden_size: 4096,
+            ladder: LadderConfig::default(),
+            degrade_outputs: OutputDetail::Decimals(1),
+            report_to_ca: false,
+        }
+    }
+}
+
+/// One protected model route on an inbound listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRoute {
+    /// Name used in metrics, logs and `RateLimit-Policy`.
+    pub name: String,
+    /// Paths this route covers (the first route whose paths match wins).
+    pub paths: Vec<PathMatch>,
+    /// How bodies are read.
+    pub api: ModelApi,
+    /// Enforce or shadow.
+    pub mode: LimitMode,
+    /// What to do when shared state is unreachable.
+    pub on_store_error: OnStoreError,
+    /// Largest request body read (413 beyond).
+    pub max_body_bytes: usize,
+    /// Largest non-streamed answer read (502 beyond).
+    pub max_response_bytes: usize,
+    /// Completion tokens reserved (and set as `max_tokens`) when a request names none.
+    pub default_max_tokens: u32,
+    /// The limits.
+    pub limits: Limits,
+    /// What a predict caller sees normally.
+    pub outputs: OutputDetail,
+    /// Extraction detection, when configured.
+    pub detection: Option<DetectionConfig>,
+}
+
+// ---- the file's shape ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawModelRoute {
+    name: Spanned<String>,
+    paths: Vec<Spanned<String>>,
+    api: ModelApi,
+    #[serde(default)]
+    mode: LimitMode,
+    #[serde(default)]
+    on_redis_error: OnStoreError,
+    #[serde(default)]
+    max_body_bytes: Option<Spanned<usize>>,
+    #[serde(default)]
+    max_response_bytes: Option<Spanned<usize>>,
+    #[serde(default)]
+    default_max_tokens: Option<Spanned<u32>>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    outputs: Option<Spanned<String>>,
+    #[serde(default)]
+    detection: Option<Spanned<RawDetection>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    identity: Option<Spanned<RawLimitSet>>,
+    #[serde(default)]
+    namespace: Option<Spanned<RawLimitSet>>,
+    #[serde(default)]
+    trust_domain: Option<Spanned<RawLimitSet>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimitSet {
+    requests_per_second: Option<f64>,
+    burst: Option<u32>,
+    tokens_per_minute: Option<u64>,
+    tokens_per_day: Option<u64>,
+    concurrent: Option<u32>,
+    logprob_tokens_per_day: Option<u64>,
+    max_top_logprobs: Option<u32>,
+    logit_bias_per_day: Option<u64>,
+    max_logit_bias: Option<u32>,
+    vectors_per_day: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDetection {
+    max_identities: Option<usize>,
+    history: Option<usize>,
+    hidden_size: Option<u32>,
+    #[serde(default)]
+    ladder: Option<Spanned<RawLadder>>,
+    degrade_outputs: Option<String>,
+    #[serde(default)]
+    report_to_ca: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLadder {
+    warn: f64,
+    degrade: f64,
+    refuse: f64,
+    deny: f64,
+}
+
+/// Largest request body a route may be configured to read.
+const MAX_BODY_CEILING: usize = 64 << 20;
+/// Largest answer a route may be configured to read.
+const MAX_RESPONSE_CEILING: usize = 256 << 20;
+
+/// Checks a listener's routes; problems go to `errors` with their location.
+pub(crate) fn validate_routes(
+    raw: Vec<RawModelRoute>,
+    errors: &mut Collector<'_>,
+) -> Vec<ModelRoute> {
+    let mut names = std::collections::HashSet::new();
+    raw.into_iter()
+        .map(|r| {
+            if !names.insert(r.name.value.clone()) {
+                errors.at(
+                    &r.name,
+                    format!("model route name {:?} is used twice", r.name.value),
+                );
+            }
+            r.validate(errors)
+        })
+        .collect()
+}
+
+impl RawModelRoute {
+    fn validate(self, errors: &mut Collector<'_>) -> ModelRoute {
+        let name = &self.name;
+        let n = &name.value;
+        if n.is_empty()
+            || n.len() > 64
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            errors.at(name, "route name must be 1-64 letters, digits, '-' or '_'");
+        }
+        if self.paths.is_empty() {
+            errors.at(name, "a model route needs at least one path");
+        }
+        let mut paths = Vec::new();
+        for p in &self.paths {
+            match PathMatch::parse(&p.value) {
+                Ok(m) => paths.push(m),
+                Err(e) => errors.at(p, e),
+            }
+        }
+        let bytes = |v: &Option<Spanned<usize>>,
+                     def: usize,
+                     ceiling: usize,
+                     what: &str,
+                     errors: &mut Collector<'_>| match v {
+            Some(b) if b.value == 0 || b.value > ceiling => {
+                errors.at(b, format!("{what} must be between 1 and {ceiling}"));
+                def
+            }
+            Some(b) => b.value,
+            None => def,
+        };
+        let max_body_bytes = bytes(
+            &self.max_body_bytes,
+            1 << 20,
+            MAX_BODY_CEILING,
+            "max_body_bytes",
+            errors,
+        );
+        let max_response_bytes = bytes(
+            &self.max_response_bytes,
+            32 << 20,
+            MAX_RESPONSE_CEILING,
+            "max_response_bytes",
+            errors,
+        );
+        let default_max_tokens = match &self.default_max_tokens {
+            Some(t) if t.value == 0 => {
+                errors.at(t, "default_max_tokens must be at least 1");
+                1
+            }
+            Some(t) => t.value,
+            None => 1024,
+        };
+        let api = self.api;
+        let level = |raw: &Option<Spanned<RawLimitSet>>, errors: &mut Collector<'_>| {
+            raw.as_ref()
+                .map(|s| limit_set(s, api, errors))
+                .unwrap_or_default()
+        };
+        let limits = Limits {
+            identity: level(&self.limits.identity, errors),
+            namespace: level(&self.limits.namespace, errors),
+            trust_domain: level(&self.limits.trust_domain, errors),
+        };
+        let outputs = match &self.outputs {
+            Some(o) if api != ModelApi::Predict => {
+                errors.at(o, "outputs only applies to api: predict");
+                OutputDetail::Full
+            }
+            Some(o) => OutputDetail::parse(&o.value).unwrap_or_else(|e| {
+                errors.at(o, e);
+                OutputDetail::Full
+            }),
+            None => OutputDetail::Full,
+        };
+        let detection = self.detection.as_ref().map(|d| detection(d, errors));
+        ModelRoute {
+            name: self.name.value,
+            paths,
+            api,
+            mode: self.mode,
+            on_store_error: self.on_redis_error,
+            max_body_bytes,
+            max_response_bytes,
+            default_max_tokens,
+            limits,
+            outputs,
+            detection,
+        }
+    }
+}
+
+fn limit_set(raw: &Spanned<RawLimitSet>, api: ModelApi, errors: &mut Collector<'_>) -> LimitSet {
+    let r = &raw.value;
+    if let Some(rps) = r.requests_per_second
+        && !(rps.is_finite() && rps > 0.0 && rps <= 1e6)
+    {
+        errors.at(
+            raw,
+            "requests_per_second must be above 0 and at most 1000000",
+        );
+    }
+    if r.burst.is_some() && r.requests_per_second.is_none() {
+        errors.at(raw, "burst needs requests_per_second");
+    }
+    if r.burst == Some(0) {
+        errors.at(raw, "burst must be at least 1");
+    }
+    let zero = [
+        ("tokens_per_minute", r.tokens_per_minute),
+        ("tokens_per_day", r.tokens_per_day),
+        ("concurrent", r.concurrent.map(u64::from)),
+        ("logprob_tokens_per_day", r.logprob_tokens_per_day),
+        ("logit_bias_per_day", r.logit_bias_per_day),
+        ("vectors_per_day", r.vectors_per_day),
+    ];
+    for (what, v) in zero {
+        if v == Some(0) {
+            errors.at(
+                raw,
+                format!("{what} must be at least 1 (leave it out for no limit)"),
+            );
+        }
+    }
+    if api == ModelApi::Predict {
+        let llm_only = [
+            ("tokens_per_minute", r.tokens_per_minute.is_some()),
+            ("tokens_per_day", r.tokens_per_day.is_some()),
+            ("logprob_tokens_per_day", r.logprob_tokens_per_day.is_some()),
+            ("max_top_logprobs", r.max_top_logprobs.is_some()),
+            ("logit_bias_per_day", r.logit_bias_per_day.is_some()),
+            ("max_logit_bias", r.max_logit_bias.is_some()),
+        ];
+        for (what, set) in llm_only {
+            if set {
+                errors.at(raw, format!("{what} only applies to api: openai"));
+            }
+        }
+    }
+    let burst = r.burst.unwrap_or_else(|| {
+        r.requests_per_second
+            .map(|rps| rps.ceil().clamp(1.0, 1e6) as u32)
+            .unwrap_or(1)
+    });
+    LimitSet {
+        requests_per_second: r.requests_per_second,
+        burst,
+        tokens_per_minute: r.tokens_per_minute,
+        tokens_per_day: r.tokens_per_day,
+        concurrent: r.concurrent,
+        logprob_tokens_per_day: r.logprob_tokens_per_day,
+        max_top_logprobs: r.max_top_logprobs,
+        logit_bias_per_day: r.logit_bias_per_day,
+        max_logit_bias: r.max_logit_bias,
+        vectors_per_day: r.vectors_per_day,
+    }
+}
+
+fn detection(raw: &Spanned<RawDetection>, errors: &mut Collector<'_>) -> DetectionConfig {
+    let r = &raw.value;
+    let d = DetectionConfig::default();
+    let max_identities = r.max_identities.unwrap_or(d.max_identities);
+    if !(1..=1_000_000).contains(&max_identities) {
+        errors.at(raw, "max_identities must be between 1 and 1000000");
+    }
+    let history = r.history.unwrap_or(d.history);
+    if !(16..=4096).contains(&history) {
+        errors.at(raw, "history must be between 16 and 4096");
+    }
+    let hidden_size = r.hidden_size.unwrap_or(d.hidden_size);
+    if hidden_size < 16 {
+        errors.at(raw, "hidden_size must be at least 16");
+    }
+    let ladder = match &r.ladder {
+        Some(l) => {
+            let v = &l.value;
+            let steps = [v.warn, v.degrade, v.refuse, v.deny];
+            if steps
+                .iter()
+                .any(|s| !(s.is_finite() && *s > 0.0 && *s <= 1.0))
+                || steps.windows(2).any(|w| w[0] > w[1])
+            {
+                errors.at(
+                    l,
+                    "ladder scores must be in (0, 1] and non-decreasing: warn <= degrade <= refuse <= deny",
+                );
+            }
+            LadderConfig {
+                warn: v.warn,
+                degrade: v.degrade,
+                refuse: v.refuse,
+                deny: v.deny,
+            }
+        }
+        None => d.ladder,
+    };
+    let degrade_outputs = match &r.degrade_outputs {
+        Some(s) => OutputDetail::parse(s).unwrap_or_else(|e| {
+            errors.at(raw, e);
+            d.degrade_outputs
+        }),
+        None => d.degrade_outputs,
+    };
+    DetectionConfig {
+        max_identities,
+        history,
+        hidden_size,
+        ladder,
+        degrade_outputs,
+        report_to_ca: r.report_to_ca,
+    }
+}

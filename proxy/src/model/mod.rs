@@ -1,0 +1,5 @@
+//! Model API protection: per-identity rate limits, token budgets with
+//! reserve-then-settle, information limits, and extraction detection, for
+//! OpenAI-compatible and generic predict APIs behind an inbound listener.
+
+pub mod limits;
