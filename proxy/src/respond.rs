@@ -1,16 +1,62 @@
 //! Every answer the proxy itself gives (as opposed to the app's), in one
 //! place: a fixed reason, a status, an RFC 9457 problem body.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http::Response;
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use http_body_util::Full;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
-/// The body type of every proxied response: the upstream's, streamed, or
-/// one of ours. An enum rather than a box: no allocation per response.
-pub type Body = Either<Incoming, Full<Bytes>>;
+use crate::model::meter::Metered;
+
+/// The body type of every proxied response: the upstream's, streamed; one
+/// of ours; or a model API stream counted as it passes. An enum rather than
+/// a box: no allocation per response (only a metered stream is boxed).
+pub enum Body {
+    /// The app's or the destination's answer, passed through.
+    Upstream(Incoming),
+    /// An answer made (or rewritten) by the proxy.
+    Full(Full<Bytes>),
+    /// A model API stream, counted against its reservation.
+    Metered(Box<Metered>),
+}
+
 /// Errors a body can carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::Full(b) => Pin::new(b).poll_frame(cx).map_err(|e| match e {}),
+            Self::Metered(b) => Pin::new(&mut **b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream(b) => b.is_end_stream(),
+            Self::Full(b) => b.is_end_stream(),
+            Self::Metered(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Upstream(b) => b.size_hint(),
+            Self::Full(b) => b.size_hint(),
+            Self::Metered(b) => b.size_hint(),
+        }
+    }
+}
 
 /// Why the proxy answered instead of the app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,11 +125,11 @@ impl Refusal {
     /// The response.
     pub fn response(self) -> Response<Body> {
         let detail = self.detail();
-        warden_ca::http::problem(self.status(), self.reason(), detail).map(Either::Right)
+        warden_ca::http::problem(self.status(), self.reason(), detail).map(Body::Full)
     }
 }
 
 /// An upstream response body, passed through as it streams.
 pub fn upstream(body: Incoming) -> Body {
-    Either::Left(body)
+    Body::Upstream(body)
 }

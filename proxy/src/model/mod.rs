@@ -3,3 +3,8 @@
 //! OpenAI-compatible and generic predict APIs behind an inbound listener.
 
 pub mod limits;
+pub mod answer;
+pub mod meter;
+pub mod metrics;
+pub mod request;
+pub mod ticket;

@@ -1,0 +1,452 @@
+//! Reading a model API request body: what it may cost (the ask reserved at
+//! admission), what it reveals to the extraction detector, and the
+//! rewrites warden makes before the app sees it (a `max_tokens` when none
+//! is named, usage in streams, information stripped at the degrade step).
+
+use serde_json::{Map, Value};
+
+use warden_config::model::ModelApi;
+
+use super::limits::Ask;
+
+/// Why a body cannot be admitted (400, with this text as the detail).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRequest(pub String);
+
+/// Most choices (`n`, `best_of`) one request may ask for.
+const MAX_CHOICES: u64 = 128;
+/// Most feature values in one predict vector.
+const MAX_FEATURES: usize = 65_536;
+/// Tokens reserved for each image in a chat prompt (a high-detail image
+/// costs at most about this much on common models).
+const IMAGE_TOKENS: u64 = 2_000;
+
+/// What kind of OpenAI-compatible call a body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// `messages`: chat/completions.
+    Chat,
+    /// `prompt`: completions.
+    Completion,
+    /// `input`: embeddings.
+    Embeddings,
+    /// `instances`: a generic predict call.
+    Predict,
+}
+
+/// A parsed request body.
+#[derive(Debug, Clone)]
+pub struct ModelRequest {
+    /// The call.
+    pub call: Call,
+    /// The JSON document (rewritten in place before forwarding).
+    pub doc: Map<String, Value>,
+    /// Upper bound on prompt tokens: one per byte of the body (no common
+    /// tokenizer makes a token of less than a byte), plus images.
+    pub prompt_reserve: u64,
+    /// Most completion tokens: `max_tokens` times the choices generated.
+    pub completion_reserve: u64,
+    /// `max_tokens` as it will be sent (named or set by warden).
+    pub max_tokens: u64,
+    /// Whether the answer is a server-sent-event stream.
+    pub stream: bool,
+    /// Whether the caller itself asked for the usage chunk of a stream.
+    pub caller_wants_usage: bool,
+    /// Logprobs asked for (the generated tokens, and the prompt's with `echo`).
+    pub logprobs: bool,
+    /// `top_logprobs` (chat) or `logprobs` (completions) asked for.
+    pub top_logprobs: u32,
+    /// `logit_bias` entries: (token id, bias).
+    pub logit_bias: Vec<(u32, f64)>,
+    /// Prompt text for the detector (messages' text, prompt, or inputs).
+    pub text: String,
+    /// Embedding inputs (one text each).
+    pub inputs: Vec<String>,
+    /// Predict feature vectors.
+    pub features: Vec<Vec<f64>>,
+    /// Whether the document was changed and must be serialized again.
+    pub rewritten: bool,
+}
+
+impl ModelRequest {
+    /// Parses `body` as a request to a route of kind `api`.
+    pub fn parse(api: ModelApi, body: &[u8], default_max_tokens: u32) -> Result<Self, BadRequest> {
+        let doc = match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => return Err(bad("the body must be a JSON object")),
+            Err(e) => return Err(bad(format!("the body is not valid JSON: {e}"))),
+        };
+        let call = match api {
+            ModelApi::Predict => Call::Predict,
+            ModelApi::Openai if doc.contains_key("messages") => Call::Chat,
+            ModelApi::Openai if doc.contains_key("prompt") => Call::Completion,
+            ModelApi::Openai if doc.contains_key("input") => Call::Embeddings,
+            ModelApi::Openai => {
+                return Err(bad(
+                    "an OpenAI-compatible body needs messages, prompt or input",
+                ));
+            }
+        };
+        let mut r = Self {
+            call,
+            doc,
+            prompt_reserve: body.len() as u64,
+            completion_reserve: 0,
+            max_tokens: 0,
+            stream: false,
+            caller_wants_usage: false,
+            logprobs: false,
+            top_logprobs: 0,
+            logit_bias: Vec::new(),
+            text: String::new(),
+            inputs: Vec::new(),
+            features: Vec::new(),
+            rewritten: false,
+        };
+        match call {
+            Call::Chat | Call::Completion => r.read_generation(default_max_tokens)?,
+            Call::Embeddings => r.read_inputs()?,
+            Call::Predict => r.read_instances()?,
+        }
+        Ok(r)
+    }
+
+    /// What admission reserves.
+    pub fn ask(&self) -> Ask {
+        let generated = self.completion_reserve;
+        let echoed = if self.call == Call::Completion && self.echo() {
+            self.prompt_reserve
+        } else {
+            0
+        };
+        Ask {
+            tokens: self.prompt_reserve.saturating_add(generated),
+            logprob_tokens: if self.logprobs {
+                generated.saturating_add(echoed)
+            } else {
+                0
+            },
+            logit_bias: self.logit_bias.len() as u64,
+            vectors: (self.inputs.len() + self.features.len()) as u64,
+        }
+    }
+
+    fn echo(&self) -> bool {
+        self.doc.get("echo").and_then(Value::as_bool) == Some(true)
+    }
+
+    fn read_generation(&mut self, default_max_tokens: u32) -> Result<(), BadRequest> {
+        let d = &self.doc;
+        let count = |key: &str| -> Result<Option<u64>, BadRequest> {
+            match d.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .map(Some)
+                    .ok_or_else(|| bad(format!("{key} must be a non-negative integer"))),
+            }
+        };
+        let named = match (count("max_tokens")?, count("max_completion_tokens")?) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let n = count("n")?.unwrap_or(1);
+        let best_of = count("best_of")?.unwrap_or(n);
+        let choices = n.max(best_of).max(1);
+        if choices > MAX_CHOICES {
+            return Err(bad(format!("n and best_of must be at most {MAX_CHOICES}")));
+        }
+        self.stream = match d.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(bad("stream must be a boolean")),
+        };
+        self.caller_wants_usage = d
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            == Some(true);
+        // Logprobs: a boolean plus top_logprobs (chat), or a count (completions).
+        match self.call {
+            Call::Chat => {
+                self.logprobs = match d.get("logprobs") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return Err(bad("logprobs must be a boolean")),
+                };
+                let top = count("top_logprobs")?.unwrap_or(0);
+                self.top_logprobs = u32::try_from(top).unwrap_or(u32::MAX);
+                if top > 0 {
+                    self.logprobs = true;
+                }
+            }
+            _ => {
+                if let Some(k) = count("logprobs")? {
+                    self.logprobs = true;
+                    self.top_logprobs = u32::try_from(k).unwrap_or(u32::MAX);
+                }
+            }
+        }
+        if let Some(bias) = d.get("logit_bias").filter(|v| !v.is_null()) {
+            let Some(bias) = bias.as_object() else {
+                return Err(bad("logit_bias must be an object of token id to bias"));
+            };
+            for (token, b) in bias {
+                let (Ok(t), Some(b)) = (token.parse::<u32>(), b.as_f64()) else {
+                    return Err(bad("logit_bias keys must be token ids and values numbers"));
+                };
+                self.logit_bias.push((t, b));
+            }
+        }
+        let mut images = 0u64;
+        if self.call == Call::Chat {
+            let Some(messages) = d.get("messages").and_then(Value::as_array) else {
+                return Err(bad("messages must be an array"));
+            };
+            for m in messages {
+                match m.get("content") {
+                    Some(Value::String(s)) => push_text(&mut self.text, s),
+                    Some(Value::Array(parts)) => {
+                        for p in parts {
+                            if let Some(s) = p.get("text").and_then(Value::as_str) {
+                                push_text(&mut self.text, s);
+                            } else if p.get("type").and_then(Value::as_str) != Some("text") {
+                                images += 1;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            match d.get("prompt") {
+                Some(Value::String(s)) => push_text(&mut self.text, s),
+                Some(Value::Array(a)) => {
+                    for p in a {
+                        if let Some(s) = p.as_str() {
+                            push_text(&mut self.text, s);
+                        }
+                    }
+                }
+                _ => return Err(bad("prompt must be a string or an array")),
+            }
+        }
+        self.prompt_reserve = self
+            .prompt_reserve
+            .saturating_add(images.saturating_mul(IMAGE_TOKENS));
+        // A request that names no limit gets one: what is reserved is what may be generated.
+        self.max_tokens = match named {
+            Some(m) => m,
+            None => {
+                // Completions default to 16 tokens (as OpenAI's API does); chat to the route's default.
+                let m = if self.call == Call::Completion {
+                    16
+                } else {
+                    u64::from(default_max_tokens)
+                };
+                self.doc.insert("max_tokens".into(), Value::from(m));
+                self.rewritten = true;
+                m
+            }
+        };
+        self.completion_reserve = self.max_tokens.saturating_mul(choices);
+        // Streams carry their usage, so they are settled exactly.
+        if self.stream && !self.caller_wants_usage {
+            let opts = self
+                .doc
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Some(o) = opts.as_object_mut() {
+                o.insert("include_usage".into(), Value::Bool(true));
+                self.rewritten = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_inputs(&mut self) -> Result<(), BadRequest> {
+        match self.doc.get("input") {
+            Some(Value::String(s)) => self.inputs.push(s.clone()),
+            Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+                self.inputs = a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect();
+            }
+            // Token ids: one input, or an array of them.
+            Some(Value::Array(a)) if a.iter().all(Value::is_number) => {
+                self.inputs.push(token_text(a));
+            }
+            Some(Value::Array(a)) if a.iter().all(Value::is_array) => {
+                self.inputs = a
+                    .iter()
+                    .filter_map(|v| v.as_array().map(|t| token_text(t)))
+                    .collect();
+            }
+            _ => {
+                return Err(bad(
+                    "input must be a string, an array of strings, or token ids",
+                ));
+            }
+        }
+        if self.inputs.is_empty() {
+            return Err(bad("input must not be empty"));
+        }
+        for s in &self.inputs {
+            push_text(&mut self.text, s);
+        }
+        Ok(())
+    }
+
+    fn read_instances(&mut self) -> Result<(), BadRequest> {
+        let Some(instances) = self.doc.get("instances").and_then(Value::as_array) else {
+            return Err(bad("a predict body needs instances: an array of feature vectors"));
+        };
+        if instances.is_empty() {
+            return Err(bad("instances must not be empty"));
+        }
+        for inst in instances {
+            let Some(values) = inst.as_array().filter(|v| !v.is_empty() && v.len() <= MAX_FEATURES) else {
+                return Err(bad(format!(
+                    "each instance must be an array of 1 to {MAX_FEATURES} numbers"
+                )));
+            };
+            let mut v = Vec::with_capacity(values.len());
+            for x in values {
+                v.push(x.as_f64().ok_or_else(|| bad("feature values must be numbers"))?);
+            }
+            self.features.push(v);
+        }
+        Ok(())
+    }
+
+    /// Degrade step: no logprobs, no logit_bias, no echo of the prompt's logprobs.
+    pub fn strip_information(&mut self) {
+        let mut changed = false;
+        for key in ["logprobs", "top_logprobs", "logit_bias", "echo"] {
+            changed |= self.doc.remove(key).is_some();
+        }
+        if changed {
+            self.rewritten = true;
+            self.logprobs = false;
+            self.top_logprobs = 0;
+            self.logit_bias.clear();
+        }
+    }
+
+    /// The body to forward: the caller's bytes, or the rewritten document.
+    pub fn body(&self, original: bytes::Bytes) -> bytes::Bytes {
+        if !self.rewritten {
+            return original;
+        }
+        serde_json::to_vec(&self.doc)
+            .map(bytes::Bytes::from)
+            .unwrap_or(original)
+    }
+}
+
+fn bad(s: impl Into<String>) -> BadRequest {
+    BadRequest(s.into())
+}
+
+/// Text for the detector is bounded: the first 64 KiB of a prompt say
+/// everything a fingerprint needs.
+const MAX_TEXT: usize = 64 * 1024;
+
+fn push_text(out: &mut String, s: &str) {
+    if out.len() >= MAX_TEXT {
+        return;
+    }
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    let room = MAX_TEXT - out.len();
+    let mut end = s.len().min(room);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.push_str(&s[..end]);
+}
+
+fn token_text(tokens: &[Value]) -> String {
+    let mut s = String::new();
+    for t in tokens.iter().take(4096) {
+        if !s.is_empty() {
+            s.push(' ');
+        }
+        s.push_str(&t.to_string());
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> ModelRequest {
+        ModelRequest::parse(ModelApi::Openai, body.as_bytes(), 256).unwrap()
+    }
+
+    #[test]
+    fn a_chat_request_reserves_its_prompt_bound_and_max_tokens() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}],"max_tokens":100,"n":2}"#;
+        let r = chat(body);
+        assert_eq!(r.call, Call::Chat);
+        assert_eq!(r.ask().tokens, body.len() as u64 + 200);
+        assert!(!r.rewritten);
+        assert_eq!(r.text, "hello");
+    }
+
+    #[test]
+    fn a_request_without_max_tokens_gets_the_default_set() {
+        let r = chat(r#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#);
+        assert_eq!(r.max_tokens, 256);
+        assert!(r.rewritten);
+        let sent: Value = serde_json::from_slice(&r.body(bytes::Bytes::new())).unwrap();
+        assert_eq!(sent["max_tokens"], 256);
+        assert_eq!(sent["stream_options"]["include_usage"], true);
+        assert!(!r.caller_wants_usage);
+    }
+
+    #[test]
+    fn logprobs_and_logit_bias_are_counted_and_can_be_stripped() {
+        let mut r = chat(
+            r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":10,"logprobs":true,"top_logprobs":20,"logit_bias":{"50256":-100,"17":5}}"#,
+        );
+        assert_eq!(r.top_logprobs, 20);
+        assert_eq!(r.logit_bias.len(), 2);
+        let ask = r.ask();
+        assert_eq!((ask.logprob_tokens, ask.logit_bias), (10, 2));
+        r.strip_information();
+        let sent: Value = serde_json::from_slice(&r.body(bytes::Bytes::new())).unwrap();
+        assert!(sent.get("logprobs").is_none() && sent.get("logit_bias").is_none());
+        assert_eq!(r.ask().logprob_tokens, 0);
+    }
+
+    #[test]
+    fn embeddings_count_vectors_and_predict_reads_features() {
+        let r = chat(r#"{"model":"e","input":["a","b","c"]}"#);
+        assert_eq!((r.call, r.ask().vectors), (Call::Embeddings, 3));
+        let r = ModelRequest::parse(ModelApi::Predict, br#"{"instances":[[1,2.5],[3,4]]}"#, 1).unwrap();
+        assert_eq!(r.features, vec![vec![1.0, 2.5], vec![3.0, 4.0]]);
+        assert_eq!(r.ask().vectors, 2);
+    }
+
+    #[test]
+    fn malformed_bodies_are_refused_with_a_reason() {
+        for body in [
+            "not json",
+            "[1]",
+            r#"{"model":"m"}"#,
+            r#"{"messages":"x"}"#,
+            r#"{"messages":[],"max_tokens":-1}"#,
+            r#"{"messages":[],"n":1000}"#,
+            r#"{"messages":[],"logit_bias":{"abc":1}}"#,
+        ] {
+            assert!(ModelRequest::parse(ModelApi::Openai, body.as_bytes(), 1).is_err(), "{body}");
+        }
+        for body in [r#"{"instances":[["a"]]}"#, r#"{"instances":[]}"#, r#"{"x":1}"#] {
+            assert!(ModelRequest::parse(ModelApi::Predict, body.as_bytes(), 1).is_err(), "{body}");
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! One protected model route, request by request:
+//!
+//! read the body (bounded, 413) -> parse it (400) -> per-request
+//! information caps (400) -> extraction detection and its escalation
+//! ladder (warn header, degrade, 429 abnormal-usage, CA deny) -> admit
+//! against every limit of every level (429 quota-exceeded) -> forward ->
+//! count the answer (JSON usage or the stream as it passes) and settle.
+//!
+//! Shadow mode runs every step, counts and logs what would have been
+//! refused, and lets the request through unchanged.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use warden_ca::ratelog::LogLimiter;
+use warden_config::SpiffeId;
+use warden_config::model::{LimitMode, ModelApi, ModelRoute, OnStoreError, OutputDetail};
+
+use super::answer;
+use super::detect::{Detector, Ladder, LlmQuery, Query, Settings, Step};
+use super::limits::{Headroom, Plan, Store, Subjects};
+use super::meter::{Metered, Reserved, Tally};
+use super::metrics::{ModelMetrics, RouteMetrics};
+use super::outputs::{self, Outputs};
+use super::report::Reporter;
+use super::request::{Call, ModelRequest};
+use super::ticket::{Settler, Ticket};
+use crate::headers;
+use crate::respond::Body;
+
+static LOG: LogLimiter = LogLimiter::new(20);
+
+/// Most identities remembered as already reported to the CA.
+const MAX_REPORTED: usize = 10_000;
+
+/// A route's runtime: its config, limits, detector and metrics.
+pub struct Route {
+    cfg: ModelRoute,
+    settler: Arc<Settler>,
+    policy_header: Option<HeaderValue>,
+    max_top_logprobs: Option<u32>,
+    max_logit_bias: Option<u32>,
+    detector: Option<Detector>,
+    reporter: Option<Reporter>,
+    reported: Mutex<HashSet<String>>,
+}
+
+/// What an admitted request carries to its answer.
+pub struct Admitted {
+    ticket: Ticket,
+    request: ModelRequest,
+    outputs: OutputDetail,
+    headroom: Option<Headroom>,
+    warning: Option<HeaderValue>,
+}
+
+/// The routes of one listener, matched by path (first match wins).
+pub struct Routes(Vec<Route>);
+
+impl Routes {
+    /// Builds the runtime of every route of `listener`.
+    pub fn new(
+        listener: &str,
+        cfg: &[ModelRoute],
+        store: &Arc<Store>,
+        metrics: &ModelMetrics,
+        reporter: Option<Reporter>,
+    ) -> Self {
+        Self(
+            cfg.iter()
+                .map(|r| Route::new(listener, r, store.clone(), metrics, reporter.clone()))
+                .collect(),
+        )
+    }
+
+    /// The route covering the normalized `path`.
+    pub fn find(&self, path: &str) -> Option<&Route> {
+        self.0
+            .iter()
+            .find(|r| r.cfg.paths.iter().any(|p| p.matches(path)))
+    }
+
+    /// True when the listener protects no route.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn min_cap(a: Option<u32>, b: Option<u32>) -> Option<u32> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn to_outputs(d: OutputDetail) -> Outputs {
+    match d {
+        OutputDetail::Full => Outputs::Full,
+        OutputDetail::Decimals(n) => Outputs::Decimals(n),
+        OutputDetail::Label => Outputs::Label,
+    }
+}
+
+/// The less revealing of two output details.
+fn coarser(a: OutputDetail, b: OutputDetail) -> OutputDetail {
+    use OutputDetail::{Decimals, Full, Label};
+    match (a, b) {
+        (Label, _) | (_, Label) => Label,
+        (Decimals(x), Decimals(y)) => Decimals(x.min(y)),
+        (Decimals(x), Full) | (Full, Decimals(x)) => Decimals(x),
+        (Full, Full) => Full,
+    }
+}
+
+impl Route {
+    fn new(
+        listener: &str,
+        cfg: &ModelRoute,
+        store: Arc<Store>,
+        metrics: &ModelMetrics,
+        reporter: Option<Reporter>,
+    ) -> Self {
+        let plan = Plan::new(&cfg.name, &cfg.limits);
+        let l = &cfg.limits;
+        let levels = [&l.identity, &l.namespace, &l.trust_domain];
+        let max_top_logprobs = levels.iter().fold(None, |c, s| min_cap(c, s.max_top_logprobs));
+        let max_logit_bias = levels.iter().fold(None, |c, s| min_cap(c, s.max_logit_bias));
+        let detector = cfg.detection.map(|d| {
+            Detector::new(Settings {
+                max_identities: d.max_identities,
+                history: d.history,
+                hidden_size: d.hidden_size,
+                ladder: Ladder {
+                    warn: d.ladder.warn,
+                    degrade: d.ladder.degrade,
+                    refuse: d.ladder.refuse,
+                    deny: d.ladder.deny,
+                },
+                ..Settings::default()
+            })
+        });
+        let reporter = reporter.filter(|_| cfg.detection.is_some_and(|d| d.report_to_ca));
+        Self {
+            policy_header: answer::policy_header(&plan),
+            settler: Arc::new(Settler {
+                plan,
+                store,
+                metrics: RouteMetrics::new(metrics, listener, &cfg.name),
+            }),
+            cfg: cfg.clone(),
+            max_top_logprobs,
+            max_logit_bias,
+            detector,
+            reporter,
+            reported: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn metrics(&self) -> &RouteMetrics {
+        &self.settler.metrics
+    }
+
+    fn shadow(&self) -> bool {
+        self.cfg.mode == LimitMode::Shadow
+    }
+
+    /// Refuses with `resp` (counted as `result`), or in shadow mode counts
+    /// `shadow_<result>`, logs, and returns None to go on.
+    fn refuse(&self, peer: &SpiffeId, result: &'static str, detail: &str, resp: impl FnOnce() -> Response<Body>) -> Option<Response<Body>> {
+        if self.shadow() {
+            self.metrics().decision(&format!("shadow_{result}"));
+            if LOG.allow() {
+                tracing::warn!(route = %self.cfg.name, peer = %peer, result, detail, "shadow: would refuse this model request");
+            }
+            return None;
+        }
+        self.metrics().decision(result);
+        if LOG.allow() {
+            tracing::info!(route = %self.cfg.name, peer = %peer, result, detail, "model request refused");
+        }
+        Some(resp())
+    }
+
+    /// Everything before the app: the body to forward and the admission,
+    /// or the answer that refuses the request.
+    pub async fn admit(
+        &self,
+        peer: &SpiffeId,
+        body: Incoming,
+    ) -> Result<(Bytes, Admitted), Response<Body>> {
+        let bytes = match Limited::new(body, self.cfg.max_body_bytes).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let too_large = e.downcast_ref::<http_body_util::LengthLimitError>().is_some();
+                let (status, reason, detail) = if too_large {
+                    (413, "body_too_large", format!("the request body is larger than {} bytes", self.cfg.max_body_bytes))
+                } else {
+                    (400, "bad_model_request", "the request body could not be read".to_owned())
+                };
+                self.metrics().decision(reason);
+                return Err(answer::problem(status, reason, &detail));
+            }
+        };
+        let mut request = match ModelRequest::parse(self.cfg.api, &bytes, self.cfg.default_max_tokens) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics().decision("bad_model_request");
+                return Err(answer::problem(400, "bad_model_request", &e.0));
+            }
+        };
+        if let Some(resp) = self.check_caps(peer, &request) {
+            return Err(resp);
+        }
+        let mut outputs = self.cfg.outputs;
+        let mut warning = None;
+        if let Some(step) = self.assess(peer, &request) {
+            if step >= Step::Refuse {
+                if step == Step::Deny {
+                    self.report(peer);
+                }
+                if let Some(r) = self.refuse(peer, "abnormal_usage", "extraction suspected", answer::abnormal_usage) {
+                    return Err(r);
+                }
+            } else if !self.shadow() {
+                if step >= Step::Degrade {
+                    request.strip_information();
+                    if let Some(d) = self.cfg.detection {
+                        outputs = coarser(outputs, d.degrade_outputs);
+                    }
+                }
+                if step >= Step::Warn {
+                    warning = HeaderValue::from_str(step.label()).ok();
+                }
+            }
+        }
+        let ask = request.ask();
+        let who = Subjects::of(peer);
+        let plan = &self.settler.plan;
+        let (hold, headroom) = match self.settler.store.admit(plan, &who, &ask).await {
+            Ok(Ok(hold)) => {
+                let room = hold.headroom;
+                (hold, room)
+            }
+            Ok(Err(denial)) => {
+                let quota = plan.quotas.get(denial.quota).map_or("", |q| q.name.as_str());
+                let m = self.metrics();
+                m.all
+                    .quota_refusals
+                    .with_label_values(&[&m.listener, &m.route, quota])
+                    .inc();
+                let detail = format!("{quota} exceeded");
+                if let Some(r) = self.refuse(peer, "quota_exceeded", &detail, || {
+                    answer::quota_exceeded(plan, &self.policy_header, &denial)
+                }) {
+                    return Err(r);
+                }
+                (Default::default(), None)
+            }
+            Err(e) => {
+                let m = self.metrics();
+                let outcome = match self.cfg.on_store_error {
+                    OnStoreError::Open => "open",
+                    OnStoreError::Closed => "closed",
+                };
+                m.all
+                    .store_errors
+                    .with_label_values(&[&m.listener, &m.route, outcome])
+                    .inc();
+                if LOG.allow() {
+                    tracing::error!(route = %self.cfg.name, error = %e, outcome, "limit store unavailable");
+                }
+                if self.cfg.on_store_error == OnStoreError::Closed {
+                    m.decision("store_unavailable");
+                    return Err(answer::problem(
+                        503,
+                        "limit_store_unavailable",
+                        "the shared limit store cannot be reached; this route fails closed",
+                    ));
+                }
+                (Default::default(), None)
+            }
+        };
+        self.metrics().decision("allowed");
+        let forward = request.body(bytes);
+        let ticket = Ticket::new(self.settler.clone(), hold, ask);
+        Ok((
+            forward,
+            Admitted {
+                ticket,
+                request,
+                outputs,
+                headroom,
+                warning,
+            },
+        ))
+    }
+
+    fn check_caps(&self, peer: &SpiffeId, r: &ModelRequest) -> Option<Response<Body>> {
+        let detail = if let Some(cap) = self.max_top_logprobs.filter(|c| r.logprobs && r.top_logprobs > *c || r.logprobs && *c == 0) {
+            format!("this route allows at most {cap} top_logprobs (0: no logprobs); the request asked for {}", r.top_logprobs)
+        } else if let Some(cap) = self.max_logit_bias.filter(|c| r.logit_bias.len() > *c as usize) {
+            format!("this route allows at most {cap} logit_bias entries; the request has {}", r.logit_bias.len())
+        } else {
+            return None;
+        };
+        self.refuse(peer, "information_limit", &detail, || {
+            answer::problem(400, "information_limit", &detail)
+        })
+    }
+
+    /// Observes the request; returns the caller's step (None without detection).
+    fn assess(&self, peer: &SpiffeId, r: &ModelRequest) -> Option<Step> {
+        let d = self.detector.as_ref()?;
+        let id = peer.as_str();
+        let before = d.step(id);
+        let a = match r.call {
+            Call::Predict => {
+                let mut last = None;
+                for f in &r.features {
+                    last = Some(d.observe(id, Query::Features(f)));
+                }
+                last?
+            }
+            Call::Embeddings => {
+                let inputs: Vec<&str> = r.inputs.iter().map(String::as_str).collect();
+                d.observe(id, Query::Embeddings(&inputs))
+            }
+            Call::Chat | Call::Completion => d.observe(
+                id,
+                Query::Llm(LlmQuery {
+                    prompt: &r.text,
+                    logprobs: r.logprobs,
+                    top_logprobs: r.top_logprobs,
+                    logit_bias: &r.logit_bias,
+                    max_tokens: u32::try_from(r.max_tokens).unwrap_or(u32::MAX),
+                }),
+            ),
+        };
+        let m = self.metrics();
+        m.suspicion.observe(a.score);
+        m.tracked.set(i64::try_from(d.tracked()).unwrap_or(i64::MAX));
+        if a.step > before {
+            m.all
+                .escalations
+                .with_label_values(&[&m.listener, &m.route, a.step.label()])
+                .inc();
+            tracing::warn!(route = %self.cfg.name, peer = %peer, step = a.step.label(), score = a.score, signals = ?a.signals, "extraction detection: caller escalated");
+        }
+        Some(a.step)
+    }
+
+    /// Asks the CA, once per identity, to stop renewing it.
+    fn report(&self, peer: &SpiffeId) {
+        let Some(reporter) = &self.reporter else {
+            return;
+        };
+        if self.shadow() {
+            return;
+        }
+        {
+            let Ok(mut seen) = self.reported.lock() else {
+                return;
+            };
+            if seen.len() >= MAX_REPORTED {
+                // Reports are idempotent at the CA; forgetting costs one more call.
+                seen.clear();
+            }
+            if !seen.insert(peer.as_str().to_owned()) {
+                return;
+            }
+        }
+        let m = self.metrics().clone();
+        reporter.report(peer.clone(), format!("abnormal usage of model route {}", self.cfg.name), move |ok| {
+            m.all
+                .ca_reports
+                .with_label_values(&[&m.listener, &m.route, if ok { "ok" } else { "failed" }])
+                .inc();
+        });
+    }
+
+    /// Counts the app's answer and settles; limits what a predict answer
+    /// reveals; adds the rate-limit headers.
+    pub async fn answer(&self, adm: Admitted, resp: Response<Incoming>) -> Response<Body> {
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        answer::add_headers(&mut parts.headers, &self.settler.plan, &self.policy_header, adm.headroom);
+        if let Some(w) = adm.warning.clone() {
+            parts.headers.insert(answer::USAGE_WARNING.clone(), w);
+        }
+        let is_stream = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        if is_stream && parts.status.is_success() {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let metered = Metered::new(body, &adm.request, adm.ticket);
+            return Response::from_parts(parts, Body::Metered(Box::new(metered)));
+        }
+        let bytes = match Limited::new(body, self.cfg.max_response_bytes).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                // The ticket settles at its full reservation when dropped.
+                self.metrics().decision("response_too_large");
+                return answer::problem(502, "model_response_too_large", "the model's answer was too large or broken");
+            }
+        };
+        let reserved = Reserved::of(&adm.request);
+        let mut doc = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+        let mut tally = Tally::default();
+        let usage_seen = doc.as_ref().is_some_and(|d| tally.add_document(d));
+        let used = if !parts.status.is_success() {
+            // The model produced nothing: charge only what it says it used.
+            let mut u = tally.used(&reserved);
+            if !usage_seen {
+                u.tokens = 0;
+            }
+            u.vectors = 0;
+            u
+        } else if usage_seen || adm.request.call == Call::Predict {
+            tally.used(&reserved)
+        } else {
+            // No usage to settle from: the reservation stands.
+            reserved.ask
+        };
+        adm.ticket.finish(used, false);
+        let mut out = bytes;
+        if self.cfg.api == ModelApi::Predict && adm.outputs != OutputDetail::Full && parts.status.is_success() {
+            if let Some(d) = doc.as_mut() && outputs::limit(d, to_outputs(adm.outputs)) {
+                if let Ok(v) = serde_json::to_vec(d) {
+                    out = Bytes::from(v);
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                }
+            }
+        }
+        if parts.status == StatusCode::NO_CONTENT {
+            out = Bytes::new();
+        }
+        Response::from_parts(parts, Body::Full(Full::new(out)))
+    }
+}

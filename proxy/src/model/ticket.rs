@@ -1,0 +1,93 @@
+//! An admitted request's claim on its limits, settled exactly once: when
+//! its answer has been counted, or, if it is dropped first (the caller went
+//! away, the app failed), at the full reservation. Nothing is ever refunded
+//! that was not seen to be unused.
+
+use std::sync::Arc;
+
+use super::limits::{Ask, Hold, Plan, Store};
+use super::metrics::RouteMetrics;
+
+/// What a ticket needs from its route.
+pub struct Settler {
+    /// The route's limits.
+    pub plan: Plan,
+    /// Where their state lives.
+    pub store: Arc<Store>,
+    /// The route's metrics.
+    pub metrics: RouteMetrics,
+}
+
+/// One admitted request's hold.
+pub struct Ticket {
+    settler: Arc<Settler>,
+    hold: Option<Hold>,
+    reserved: Ask,
+}
+
+impl Ticket {
+    /// A ticket for `hold`, which reserved `reserved`.
+    pub fn new(settler: Arc<Settler>, hold: Hold, reserved: Ask) -> Self {
+        let m = &settler.metrics;
+        m.reservations.inc();
+        m.reserved_tokens
+            .add(i64::try_from(reserved.tokens).unwrap_or(i64::MAX));
+        Self {
+            settler,
+            hold: Some(hold),
+            reserved,
+        }
+    }
+
+    /// What admission reserved.
+    pub fn reserved(&self) -> Ask {
+        self.reserved
+    }
+
+    /// Settles with what was used; `cut` when the proxy ended a stream.
+    pub fn finish(mut self, used: Ask, cut: bool) {
+        self.settle(used, cut);
+    }
+
+    fn settle(&mut self, used: Ask, cut: bool) {
+        let Some(hold) = self.hold.take() else {
+            return;
+        };
+        let m = &self.settler.metrics;
+        m.reservations.dec();
+        m.reserved_tokens
+            .sub(i64::try_from(self.reserved.tokens).unwrap_or(i64::MAX));
+        for (c, n) in m.charged.iter().zip([
+            used.tokens,
+            used.logprob_tokens,
+            used.logit_bias,
+            used.vectors,
+        ]) {
+            c.inc_by(n);
+        }
+        if cut {
+            m.streams_cut.inc();
+        }
+        match &*self.settler.store {
+            Store::Local(s) => s.settle(&self.settler.plan, &hold, &used, super::limits::now_us()),
+            #[allow(unreachable_patterns)]
+            _ => {
+                let settler = self.settler.clone();
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        if let Err(e) = settler.store.settle(&settler.plan, &hold, &used).await {
+                            tracing::warn!(route = %settler.metrics.route, error = %e, "cannot settle a model request; its reservation stays charged until its window ends");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let reserved = self.reserved;
+        self.settle(reserved, false);
+    }
+}
