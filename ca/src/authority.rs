@@ -401,7 +401,8 @@ impl Authority {
 /// The CA server's SPIFFE ID in trust domain `td`.
 pub fn server_id(td: &TrustDomain) -> SpiffeId {
     // A valid trust domain plus a constant valid path always parses.
-    SpiffeId::new(td, "/warden/ca").unwrap_or_else(|_| unreachable!("constant path is valid"))
+    SpiffeId::new(td, warden_config::ca::SERVER_ID_PATH)
+        .unwrap_or_else(|_| unreachable!("constant path is valid"))
 }
 
 /// An external root must be a CA certificate whose public key is the given key's.

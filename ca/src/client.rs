@@ -1,6 +1,7 @@
 //! The CA client: bootstrap an identity with a join token, renew it with the
-//! current SVID over mTLS, and fetch the trust bundle. The private key is made
-//! here and never leaves the caller; only a CSR is sent.
+//! current SVID over mTLS, fetch the trust bundle, and (as a deny reporter)
+//! ask the CA to deny another identity. The private key is made here and
+//! never leaves the caller; only a CSR is sent.
 //!
 //! The CA server itself must prove `spiffe://<td>/warden/ca` with a chain that
 //! verifies against the bundle the caller already trusts.
@@ -23,7 +24,7 @@ use tokio_rustls::TlsConnector;
 use warden_config::{IdentityPattern, SpiffeId, TrustDomain};
 
 use crate::authority::{parse_certs, server_id, validity_of};
-use crate::server::api::{CertifyAnswer, CertifyBody};
+use crate::server::api::{CertifyAnswer, CertifyBody, DenyAnswer, DenyBody};
 use crate::tls::{self, RotatingCert, SpiffeServerVerifier};
 
 /// How long one call to the CA may take, connection included.
@@ -159,6 +160,38 @@ impl CaClient {
             .map_err(|_| ClientError::Protocol("bundle is not text".into()))?;
         parse_certs(&text).map_err(ClientError::Protocol)?;
         Ok(text)
+    }
+
+    /// Asks the CA to deny `target` (its certificate is then not renewed),
+    /// over mTLS with `creds`, whose ID must be listed in the CA's
+    /// `deny_reporters`. `reason` (1-200 printable ASCII characters) goes into
+    /// the CA's audit trail. Denying an identity that is already denied succeeds.
+    pub async fn report_deny(
+        &self,
+        creds: &Credentials,
+        target: &SpiffeId,
+        reason: &str,
+    ) -> Result<(), ClientError> {
+        let body = DenyBody {
+            spiffe_id: target.to_string(),
+            reason: reason.to_owned(),
+        };
+        let json = serde_json::to_vec(&body).map_err(|e| ClientError::Local(e.to_string()))?;
+        let (status, answer) = self
+            .call(Method::POST, "/v1/deny", json.into(), Some(creds))
+            .await?;
+        if status != StatusCode::OK {
+            return Err(refusal(status, &answer));
+        }
+        let answer: DenyAnswer = serde_json::from_slice(&answer)
+            .map_err(|e| ClientError::Protocol(format!("deny answer: {e}")))?;
+        if answer.spiffe_id != target.as_str() || !answer.denied {
+            return Err(ClientError::Protocol(format!(
+                "asked to deny {target}, the CA answered that {} is denied: {}",
+                answer.spiffe_id, answer.denied
+            )));
+        }
+        Ok(())
     }
 
     async fn certify(

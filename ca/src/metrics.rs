@@ -12,6 +12,8 @@ pub struct CaMetrics {
     pub issuances: IntCounterVec,
     /// Refused requests by reason (see `Refusal::reason`).
     pub refusals: IntCounterVec,
+    /// Deny reports (`POST /v1/deny`) by result (`denied`, `already_denied`, `refused`).
+    pub deny_reports: IntCounterVec,
     /// TLS handshakes the API server refused, by reason.
     pub handshake_failures: IntCounterVec,
     /// NotAfter of the CA's certificates (`root`, `intermediate`, `serving`), unix seconds.
@@ -32,9 +34,16 @@ impl CaMetrics {
         let refusals = IntCounterVec::new(
             Opts::new(
                 "warden_ca_refusals_total",
-                "Refused certificate requests by reason.",
+                "Refused CA API requests (certify and deny) by reason.",
             ),
             &["reason"],
+        )?;
+        let deny_reports = IntCounterVec::new(
+            Opts::new(
+                "warden_ca_deny_reports_total",
+                "Requests from deny reporters to deny an identity, by result.",
+            ),
+            &["result"],
         )?;
         let handshake_failures = IntCounterVec::new(
             Opts::new(
@@ -52,12 +61,14 @@ impl CaMetrics {
         )?;
         registry.register(Box::new(issuances.clone()))?;
         registry.register(Box::new(refusals.clone()))?;
+        registry.register(Box::new(deny_reports.clone()))?;
         registry.register(Box::new(handshake_failures.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
         Ok(Self {
             registry,
             issuances,
             refusals,
+            deny_reports,
             handshake_failures,
             cert_expiry,
         })

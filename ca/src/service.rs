@@ -20,6 +20,10 @@ use crate::metrics::CaMetrics;
 use crate::store::{self, IssuedRecord, Store, WriteTx};
 use crate::token;
 
+mod deny;
+
+pub use deny::{Denial, DenyReport, MAX_DENY_REASON_LEN};
+
 /// Longest join-token lifetime: a token is a bearer secret.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -91,7 +95,14 @@ pub enum Refusal {
     /// The identity is outside this CA's trust domain.
     #[error("{0} is not in this CA's trust domain")]
     ForeignTrustDomain(SpiffeId),
-    /// The request is not a well-formed certify request.
+    /// The caller may not ask the CA to deny identities: it presented no
+    /// client certificate (`None`), or one whose ID `deny_reporters` does not list.
+    #[error("{}", deny::not_reporter(.0.as_ref()))]
+    NotReporter(Option<SpiffeId>),
+    /// A deny report names an identity the CA cannot deny.
+    #[error("cannot deny that identity: {0}")]
+    BadTarget(String),
+    /// The request is malformed (not a certify or deny request, a bad field).
     #[error("bad request: {0}")]
     BadRequest(String),
     /// The request body is over the limit.
@@ -115,6 +126,8 @@ impl Refusal {
             Self::Denied(_) => "denied",
             Self::Reserved(_) => "reserved_id",
             Self::ForeignTrustDomain(_) => "foreign_trust_domain",
+            Self::NotReporter(_) => "not_a_reporter",
+            Self::BadTarget(_) => "bad_target",
             Self::BadRequest(_) => "bad_request",
             Self::TooLarge(_) => "body_too_large",
             Self::Internal(_) => "internal",
@@ -129,9 +142,12 @@ impl Refusal {
             | Self::TokenUsed
             | Self::TokenExpired
             | Self::SvidExpired => 401,
-            Self::Csr(_) | Self::BadRequest(_) => 400,
+            Self::Csr(_) | Self::BadRequest(_) | Self::BadTarget(_) => 400,
             Self::TooLarge(_) => 413,
-            Self::Denied(_) | Self::Reserved(_) | Self::ForeignTrustDomain(_) => 403,
+            Self::Denied(_)
+            | Self::Reserved(_)
+            | Self::ForeignTrustDomain(_)
+            | Self::NotReporter(_) => 403,
             Self::Internal(_) => 500,
         }
     }
@@ -246,11 +262,26 @@ impl CaService {
         result
     }
 
-    /// Counts, logs and audits a refused request. Refusals that name no
-    /// identity (junk, unknown tokens) are only counted and logged, rate-limited:
-    /// anyone can send them, and they must not fill the disk or hold the
-    /// store's write lock.
+    /// Counts, logs and audits a refused certificate request (see `note_refusal`).
     pub fn record_refusal(
+        &self,
+        kind: &'static str,
+        refusal: &Refusal,
+        id: Option<&SpiffeId>,
+        now: OffsetDateTime,
+    ) {
+        self.metrics
+            .issuances
+            .with_label_values(&[kind, "refused"])
+            .inc();
+        self.note_refusal(kind, refusal, id, now);
+    }
+
+    /// Counts, logs and audits a refused request of any kind. Refusals that
+    /// name no identity (junk, unknown tokens) are only counted and logged,
+    /// rate-limited: anyone can send them, and they must not fill the disk or
+    /// hold the store's write lock.
+    fn note_refusal(
         &self,
         kind: &'static str,
         refusal: &Refusal,
@@ -259,10 +290,6 @@ impl CaService {
     ) {
         static REFUSAL_LOG: crate::ratelog::LogLimiter = crate::ratelog::LogLimiter::new(10);
         let reason = refusal.reason();
-        self.metrics
-            .issuances
-            .with_label_values(&[kind, "refused"])
-            .inc();
         self.metrics.refusals.with_label_values(&[reason]).inc();
         let id_text = id.map(|i| i.to_string()).unwrap_or_default();
         if REFUSAL_LOG.allow() {
@@ -434,13 +461,16 @@ impl CaService {
         self.write(
             now,
             |tx| store::set_denied(tx, id, deny, unix(now)).map_err(|e| CaError::from(e).into()),
-            |changed| {
-                Event::new(if deny { "denied" } else { "allowed" })
-                    .with("spiffe_id", id.as_str())
-                    .with("changed", *changed)
-            },
+            |changed| denied_event(id, deny, *changed),
         )
     }
+}
+
+/// The audit event of a deny or allow; `changed` is false when `id` already was.
+fn denied_event(id: &SpiffeId, deny: bool, changed: bool) -> Event {
+    Event::new(if deny { "denied" } else { "allowed" })
+        .with("spiffe_id", id.as_str())
+        .with("changed", changed)
 }
 
 fn issued_record(id: &SpiffeId, svid: &Svid, key_sha256: String, kind: &str) -> IssuedRecord {

@@ -9,6 +9,7 @@ use serde_saphyr::Spanned;
 
 use crate::diagnostic::{Collector, Diagnostics, load_yaml, parse_yaml};
 use crate::duration::HumanDuration;
+use crate::pattern::IdentityPattern;
 use crate::spiffe::TrustDomain;
 
 /// Leaf lifetime when a request does not ask for one (DESIGN.md: 1 h).
@@ -21,6 +22,9 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
 pub const MIN_LEAF_TTL: Duration = Duration::from_secs(60);
 /// Longest leaf lifetime that still counts as short-lived.
 pub const MAX_LEAF_TTL_CEILING: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Path of the CA server's own SPIFFE ID (`spiffe://<td>/warden/ca`): reserved
+/// for the CA, never issued to a workload, never a deny reporter.
+pub const SERVER_ID_PATH: &str = "/warden/ca";
 
 /// Validated CA settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +37,9 @@ pub struct CaConfig {
     pub max_ttl: Duration,
     /// Default join-token lifetime.
     pub token_ttl: Duration,
+    /// Workloads that may ask the CA, over mTLS, to deny another identity
+    /// (`POST /v1/deny`). Empty: nobody may.
+    pub deny_reporters: Vec<IdentityPattern>,
 }
 
 #[derive(Deserialize)]
@@ -42,6 +49,8 @@ struct RawCaConfig {
     default_ttl: Option<Spanned<HumanDuration>>,
     max_ttl: Option<Spanned<HumanDuration>>,
     token_ttl: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    deny_reporters: Vec<Spanned<IdentityPattern>>,
 }
 
 impl CaConfig {
@@ -93,11 +102,29 @@ impl CaConfig {
         {
             errors.at(t, "token_ttl must be between 1s and 7d");
         }
+        for p in &raw.deny_reporters {
+            if !p.value.is_in(&raw.trust_domain) {
+                errors.at(
+                    p,
+                    format!(
+                        "deny reporter {} is not in this CA's trust domain {}",
+                        p.value, raw.trust_domain
+                    ),
+                );
+            } else if matches!(&p.value, IdentityPattern::Exact(id) if id.path() == SERVER_ID_PATH)
+            {
+                errors.at(
+                    p,
+                    format!("deny reporter {} is the CA server's own identity", p.value),
+                );
+            }
+        }
         errors.finish(CaConfig {
             trust_domain: raw.trust_domain,
             default_ttl,
             max_ttl,
             token_ttl,
+            deny_reporters: raw.deny_reporters.into_iter().map(|p| p.value).collect(),
         })
     }
 
@@ -111,7 +138,11 @@ impl CaConfig {
              # Longest leaf lifetime this CA signs; longer requests are capped to it.\n\
              max_ttl: {}\n\
              # Default lifetime of a join token from `warden ca token`.\n\
-             token_ttl: {}\n",
+             token_ttl: {}\n\
+             # Workloads that may ask this CA to deny an identity (POST /v1/deny),\n\
+             # as SPIFFE IDs or patterns such as spiffe://{trust_domain}/ns/security/*.\n\
+             # Nobody may unless listed.\n\
+             deny_reporters: []\n",
             HumanDuration(DEFAULT_LEAF_TTL),
             HumanDuration(DEFAULT_MAX_LEAF_TTL),
             HumanDuration(DEFAULT_TOKEN_TTL),
@@ -135,6 +166,55 @@ mod tests {
         assert_eq!(c.default_ttl, DEFAULT_LEAF_TTL);
         assert_eq!(c.max_ttl, DEFAULT_MAX_LEAF_TTL);
         assert_eq!(c.token_ttl, DEFAULT_TOKEN_TTL);
+        assert!(c.deny_reporters.is_empty());
+    }
+
+    #[test]
+    fn deny_reporters_are_patterns_in_this_trust_domain() {
+        let c = parse(
+            "trust_domain: td\ndeny_reporters:\n  - spiffe://td/ns/sec/sa/guard\n  - spiffe://td/ns/ops/*\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.deny_reporters,
+            [
+                IdentityPattern::parse("spiffe://td/ns/sec/sa/guard").unwrap(),
+                IdentityPattern::parse("spiffe://td/ns/ops/*").unwrap(),
+            ]
+        );
+        assert!(
+            parse("trust_domain: td\n")
+                .unwrap()
+                .deny_reporters
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn deny_reporters_outside_the_trust_domain_or_the_ca_itself_are_located() {
+        let e = parse(
+            "trust_domain: td\ndeny_reporters:\n  - spiffe://other/ns/a\n  - spiffe://td/warden/ca\n  - spiffe://td.evil/*\n  - spiffe://td/*\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.0.len(), 3, "{e}");
+        assert_eq!((e.0[0].line, e.0[0].column), (3, 5), "{e}");
+        assert!(
+            e.0[0].message.contains("not in this CA's trust domain"),
+            "{e}"
+        );
+        assert_eq!((e.0[1].line, e.0[1].column), (4, 5), "{e}");
+        assert!(e.0[1].message.contains("CA server's own identity"), "{e}");
+        assert_eq!((e.0[2].line, e.0[2].column), (5, 5), "{e}");
+    }
+
+    #[test]
+    fn a_malformed_deny_reporter_is_located() {
+        let e = parse("trust_domain: td\ndeny_reporters: [spiffe://td/a, spiffe://td/*/b]\n")
+            .unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("ca.yaml:2:"), "{s}");
+        assert!(s.contains("'*' is only allowed"), "{s}");
+        assert_eq!(e.0[0].column, 33, "{e}");
     }
 
     #[test]

@@ -66,6 +66,16 @@ impl IdentityPattern {
         }
     }
 
+    /// True when every ID this pattern names lies in trust domain `td`.
+    pub fn is_in(&self, td: &TrustDomain) -> bool {
+        match self {
+            Self::Exact(id) => id.is_in(td),
+            Self::Prefix { trust_domain, .. } | Self::TrustDomain(trust_domain) => {
+                trust_domain == td
+            }
+        }
+    }
+
     /// True when `id` is one of the IDs this pattern names.
     pub fn matches(&self, id: &SpiffeId) -> bool {
         match self {
@@ -140,6 +150,17 @@ mod tests {
         assert!(p.matches(&id("spiffe://td/a/b/c")));
         assert!(!p.matches(&id("spiffe://td2/a")));
         assert!(!p.matches(&id("spiffe://td.evil/a")));
+    }
+
+    #[test]
+    fn is_in_names_the_trust_domain_of_every_shape() {
+        let td = TrustDomain::parse("td").unwrap();
+        for s in ["spiffe://td/a", "spiffe://td/a/*", "spiffe://td/*"] {
+            assert!(IdentityPattern::parse(s).unwrap().is_in(&td), "{s}");
+        }
+        for s in ["spiffe://td2/a", "spiffe://td.evil/a/*", "spiffe://t/*"] {
+            assert!(!IdentityPattern::parse(s).unwrap().is_in(&td), "{s}");
+        }
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //!   problem+json refusal.
 //! - `GET /v1/bundle`: the trust bundle as PEM; `?format=spiffe` (or
 //!   `Accept: application/json`) for the SPIFFE JSON bundle.
+//! - `POST /v1/deny`: `{"spiffe_id": "...", "reason": "..."}` over mTLS from
+//!   an identity listed in `deny_reporters`: denies that identity, as
+//!   `warden ca deny` does. Answers `{"spiffe_id", "denied", "already_denied"}`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +22,11 @@ use time::format_description::well_known::Rfc3339;
 use warden_config::HumanDuration;
 
 use crate::http::{Body, BodyError, problem, read_body, respond};
-use crate::service::{CaService, Caller, CertifyRequest, Refusal};
+use crate::service::{CaService, Caller, CertifyRequest, DenyReport, Refusal};
 use crate::token::MAX_TOKEN_LEN;
 
-/// Largest certify request body; a P-256 CSR plus a token is about 1 KiB.
+/// Largest request body; a P-256 CSR plus a token is about 1 KiB, a deny
+/// report at most a 2 KiB SPIFFE ID and a 200-byte reason.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// How long a client may take to send its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,12 +62,34 @@ pub struct CertifyAnswer {
     pub not_after: String,
 }
 
+/// The JSON a deny reporter posts to `/v1/deny`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyBody {
+    /// The identity to deny.
+    pub spiffe_id: String,
+    /// Why, in 1-200 printable ASCII characters; goes into the audit trail.
+    pub reason: String,
+}
+
+/// The JSON `/v1/deny` answers on success.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DenyAnswer {
+    /// The identity that is now denied.
+    pub spiffe_id: String,
+    /// Always true on success.
+    pub denied: bool,
+    /// True when it was denied before this request.
+    pub already_denied: bool,
+}
+
 /// Routes one request.
 pub async fn handle(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/certify") => certify(svc, caller, req).await,
+        (&Method::POST, "/v1/deny") => deny(svc, caller, req).await,
         (&Method::GET | &Method::HEAD, "/v1/bundle") => bundle(&svc, &req),
-        (_, "/v1/certify" | "/v1/bundle") => {
+        (_, "/v1/certify" | "/v1/bundle" | "/v1/deny") => {
             problem(405, "method_not_allowed", "method not allowed on this path")
         }
         _ => problem(404, "not_found", "no such endpoint"),
@@ -107,13 +133,47 @@ async fn certify(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) ->
     }
 }
 
-async fn parse(req: Request<Incoming>) -> Result<CertifyRequest, Refusal> {
-    let bytes = read_body(req.into_body(), MAX_BODY_BYTES, BODY_TIMEOUT)
+/// Reads the whole body (always, so that a refusal reaches the client), then
+/// lets the service decide on the blocking pool: it writes the store.
+async fn deny(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
+    let now = OffsetDateTime::now_utc();
+    let report = body(req).await.and_then(|bytes| {
+        let body: DenyBody = serde_json::from_slice(&bytes)
+            .map_err(|e| Refusal::BadRequest(format!("body is not a deny request: {e}")))?;
+        Ok(DenyReport {
+            spiffe_id: body.spiffe_id,
+            reason: body.reason,
+        })
+    });
+    match tokio::task::spawn_blocking(move || svc.report_deny(caller, report, now)).await {
+        Ok(Ok(denial)) => {
+            let answer = DenyAnswer {
+                spiffe_id: denial.spiffe_id.to_string(),
+                denied: true,
+                already_denied: denial.already_denied,
+            };
+            match serde_json::to_vec(&answer) {
+                Ok(json) => respond(StatusCode::OK, "application/json", json),
+                Err(e) => problem(500, "internal", &e.to_string()),
+            }
+        }
+        // Already counted, logged and audited.
+        Ok(Err(r)) => problem(r.status(), r.reason(), &r.to_string()),
+        Err(join) => problem(500, "internal", &format!("deny task failed: {join}")),
+    }
+}
+
+async fn body(req: Request<Incoming>) -> Result<bytes::Bytes, Refusal> {
+    read_body(req.into_body(), MAX_BODY_BYTES, BODY_TIMEOUT)
         .await
         .map_err(|e| match e {
             BodyError::TooLarge(n) => Refusal::TooLarge(n),
             other => Refusal::BadRequest(other.to_string()),
-        })?;
+        })
+}
+
+async fn parse(req: Request<Incoming>) -> Result<CertifyRequest, Refusal> {
+    let bytes = body(req).await?;
     let body: CertifyBody = serde_json::from_slice(&bytes)
         .map_err(|e| Refusal::BadRequest(format!("body is not a certify request: {e}")))?;
     if body.token.as_ref().is_some_and(|t| t.len() > MAX_TOKEN_LEN) {
