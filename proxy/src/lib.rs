@@ -12,6 +12,8 @@ pub mod idle;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;
+/// Model API protection: extraction detection and output limits.
+pub mod model;
 pub mod normalize;
 pub mod outbound;
 pub mod reload;
