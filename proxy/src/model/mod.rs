@@ -2,9 +2,11 @@
 //! reserve-then-settle, information limits, and extraction detection, for
 //! OpenAI-compatible and generic predict APIs behind an inbound listener.
 
-pub mod limits;
 pub mod answer;
+pub mod detect;
+pub mod limits;
 pub mod meter;
 pub mod metrics;
+pub mod outputs;
 pub mod request;
 pub mod ticket;

@@ -1,0 +1,419 @@
+//! Coverage of the input (or embedding) space, against what natural traffic
+//! covers.
+//!
+//! Extraction wants answers everywhere, natural use asks where the data is:
+//! uniformly random queries (Tramèr et al. 2016) and synthetic samples spread
+//! over regions that the population of callers rarely visits. The space is
+//! cut into cells by random hyperplanes (several independent tables of a few
+//! planes each, as in locality-sensitive hashing); the detector learns how
+//! often natural traffic lands in each cell from callers that are not
+//! suspected, and scores an identity by how much more of its recent queries
+//! land in rare cells than natural traffic does.
+//!
+//! Feature vectors are standardized with the population's per-coordinate
+//! mean and deviation, frozen after a warm-up so that cells stay fixed.
+//! Texts use the top bits of their SimHash, which already is a
+//! random-hyperplane hash of their trigram counts. Until the population has
+//! seen enough queries the signal stays 0: it cannot know what is rare yet.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::fingerprint::{Flags, ramp};
+
+/// Tuning of the coverage signal.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CoverageSettings {
+    /// Hyperplanes per table (cells per table = 2^bits).
+    pub bits: u32,
+    /// Independent tables.
+    pub tables: usize,
+    /// Natural feature queries used to learn the standardization.
+    pub warmup: u64,
+    /// Natural queries counted in cells before the signal is trusted.
+    pub min_population: u64,
+    /// A cell is rare when natural traffic lands in it with probability below
+    /// this fraction of a uniform cell's (1 / 2^bits).
+    pub rare: f64,
+    /// Queries per identity over which the rare share is taken.
+    pub window: usize,
+    /// The share counts only once this many queries are in the window.
+    pub min_queries: usize,
+    /// Excess rare share (over natural traffic's) where the signal starts,
+    /// and where it is 1.
+    pub excess: (f64, f64),
+}
+
+impl Default for CoverageSettings {
+    fn default() -> Self {
+        Self {
+            bits: 10,
+            tables: 4,
+            warmup: 2048,
+            min_population: 8192,
+            rare: 0.25,
+            window: 64,
+            min_queries: 24,
+            excess: (0.2, 0.6),
+        }
+    }
+}
+
+/// Feature spaces tracked at most (one per input width).
+const MAX_SPACES: usize = 8;
+/// The key of the text space.
+pub const TEXT_SPACE: usize = usize::MAX;
+
+struct Frozen {
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+    /// tables * bits planes of `k` coordinates, row-major.
+    planes: Vec<f64>,
+    offsets: Vec<f64>,
+}
+
+struct Warm {
+    n: u64,
+    mean: Vec<f64>,
+    m2: Vec<f64>,
+}
+
+/// One space (an input width, or texts): how natural traffic fills its cells.
+pub struct Space {
+    key: usize,
+    k: usize,
+    settings: CoverageSettings,
+    warm: Mutex<Warm>,
+    frozen: OnceLock<Frozen>,
+    counts: Box<[AtomicU32]>,
+    total: AtomicU64,
+    rare_mass: AtomicU64,
+}
+
+impl std::fmt::Debug for Space {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Space")
+            .field("key", &self.key)
+            .field("k", &self.k)
+            .field("total", &self.total.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Space {
+    fn new(key: usize, k: usize, settings: CoverageSettings) -> Self {
+        let cells = settings.tables * (1usize << settings.bits);
+        let space = Self {
+            key,
+            k,
+            settings,
+            warm: Mutex::new(Warm {
+                n: 0,
+                mean: vec![0.0; k],
+                m2: vec![0.0; k],
+            }),
+            frozen: OnceLock::new(),
+            counts: (0..cells).map(|_| AtomicU32::new(0)).collect(),
+            total: AtomicU64::new(0),
+            rare_mass: AtomicU64::new(0f64.to_bits()),
+        };
+        if key == TEXT_SPACE {
+            let _ = space.frozen.set(Frozen {
+                mean: Vec::new(),
+                inv_std: Vec::new(),
+                planes: Vec::new(),
+                offsets: Vec::new(),
+            });
+        }
+        space
+    }
+
+    fn bits(&self) -> u32 {
+        self.settings.bits.clamp(1, 16)
+    }
+
+    fn tables(&self) -> usize {
+        self.settings.tables.clamp(1, 8)
+    }
+
+    /// The cell of `v` in each table (indices into the shared count array);
+    /// `None` until the standardization is learnt.
+    pub fn cells(&self, v: &[f64], out: &mut [usize; 8]) -> Option<usize> {
+        let f = self.frozen.get()?;
+        let bits = self.bits() as usize;
+        let tables = self.tables();
+        for (t, slot) in out.iter_mut().enumerate().take(tables) {
+            let mut cell = 0usize;
+            for b in 0..bits {
+                let plane = (t * bits + b) * self.k;
+                let row = f.planes.get(plane..plane + self.k)?;
+                let dot: f64 = row
+                    .iter()
+                    .zip(v)
+                    .zip(f.mean.iter().zip(&f.inv_std))
+                    .map(|((w, x), (m, s))| w * (x - m) * s)
+                    .sum();
+                if dot > f.offsets[t * bits + b] {
+                    cell |= 1 << b;
+                }
+            }
+            *slot = (t << bits) | cell;
+        }
+        Some(tables)
+    }
+
+    /// The cells of a text by its SimHash (`bits` bits per table, taken from
+    /// successive slices of the hash).
+    pub fn text_cells(&self, h: u64, out: &mut [usize; 8]) -> usize {
+        let bits = self.bits().min(16);
+        let tables = self.tables().min((64 / bits) as usize).max(1);
+        for (t, slot) in out.iter_mut().enumerate().take(tables) {
+            let cell = (h >> (t as u32 * bits)) as usize & ((1 << bits) - 1);
+            *slot = (t << bits) | cell;
+        }
+        tables
+    }
+
+    /// Learns from one natural query (already sketched to `k` coordinates);
+    /// `cells` are its cells when known.
+    pub fn learn(&self, v: &[f64], cells: Option<(&[usize; 8], usize)>) {
+        let Some((cells, n)) = cells else {
+            self.learn_standardization(v);
+            return;
+        };
+        for &c in cells.iter().take(n) {
+            if let Some(a) = self.counts.get(c) {
+                a.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        if total.is_multiple_of(1024) || total == self.settings.min_population {
+            self.refresh_rare_mass(total);
+        }
+    }
+
+    fn learn_standardization(&self, v: &[f64]) {
+        if self.frozen.get().is_some() || v.len() != self.k {
+            return;
+        }
+        let Ok(mut w) = self.warm.lock() else {
+            return;
+        };
+        w.n += 1;
+        let n = w.n as f64;
+        let Warm { mean, m2, .. } = &mut *w;
+        for ((m, s), &x) in mean.iter_mut().zip(m2.iter_mut()).zip(v) {
+            let d = x - *m;
+            *m += d / n;
+            *s += d * (x - *m);
+        }
+        if w.n >= self.settings.warmup.max(2) {
+            let inv_std =
+                w.m2.iter()
+                    .map(|s| {
+                        let sd = (s / (n - 1.0)).sqrt();
+                        if sd > 0.0 { 1.0 / sd } else { 0.0 }
+                    })
+                    .collect();
+            let bits = self.bits() as usize;
+            let tables = self.tables();
+            // Seeded by the space, so every detector cuts a space the same way.
+            let mut rng = StdRng::seed_from_u64(0x636f_7665_7261_6765 ^ self.k as u64);
+            let mut planes = Vec::with_capacity(tables * bits * self.k);
+            let mut offsets = Vec::with_capacity(tables * bits);
+            for _ in 0..tables * bits {
+                let row: Vec<f64> = (0..self.k).map(|_| gaussian(&mut rng)).collect();
+                let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+                planes.extend(row.iter().map(|x| x / norm));
+                offsets.push(gaussian(&mut rng) * 0.75);
+            }
+            let _ = self.frozen.set(Frozen {
+                mean: w.mean.clone(),
+                inv_std,
+                planes,
+                offsets,
+            });
+        }
+    }
+
+    fn rare_threshold(&self, total: u64) -> f64 {
+        self.settings.rare * total as f64 / f64::from(1u32 << self.bits())
+    }
+
+    fn refresh_rare_mass(&self, total: u64) {
+        let threshold = self.rare_threshold(total);
+        let rare: u64 = self
+            .counts
+            .iter()
+            .map(|c| u64::from(c.load(Ordering::Relaxed)))
+            .filter(|&c| (c as f64) < threshold)
+            .sum();
+        let mass = rare as f64 / (total as f64 * self.tables() as f64);
+        self.rare_mass.store(mass.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Whether the query with these cells is in a rare region (rare in most
+    /// tables); `None` while the population is too small to say.
+    pub fn is_rare(&self, cells: &[usize; 8], n: usize) -> Option<bool> {
+        let total = self.total.load(Ordering::Relaxed);
+        if total < self.settings.min_population.max(1) || n == 0 {
+            return None;
+        }
+        let threshold = self.rare_threshold(total);
+        let rare = cells
+            .iter()
+            .take(n)
+            .filter(|&&c| {
+                self.counts
+                    .get(c)
+                    .is_some_and(|a| f64::from(a.load(Ordering::Relaxed)) < threshold)
+            })
+            .count();
+        Some(rare * 2 > n)
+    }
+
+    /// Share of natural traffic in rare cells (per table, averaged).
+    pub fn rare_mass(&self) -> f64 {
+        f64::from_bits(self.rare_mass.load(Ordering::Relaxed))
+    }
+}
+
+fn gaussian(rng: &mut StdRng) -> f64 {
+    let u: f64 = rng.random_range(1e-12..1.0);
+    let v: f64 = rng.random();
+    (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+}
+
+/// Every space the detector has seen, shared by all identities.
+#[derive(Debug, Default)]
+pub struct Population {
+    spaces: RwLock<Vec<Arc<Space>>>,
+}
+
+impl Population {
+    /// The space for inputs of width `key` (sketched to `k`), made on first
+    /// use; `None` when too many widths are already tracked.
+    pub fn space(&self, key: usize, k: usize, settings: &CoverageSettings) -> Option<Arc<Space>> {
+        if let Ok(spaces) = self.spaces.read()
+            && let Some(s) = spaces.iter().find(|s| s.key == key)
+        {
+            return Some(s.clone());
+        }
+        let mut spaces = self.spaces.write().ok()?;
+        if let Some(s) = spaces.iter().find(|s| s.key == key) {
+            return Some(s.clone());
+        }
+        if spaces.len() >= MAX_SPACES {
+            return None;
+        }
+        let s = Arc::new(Space::new(key, k, *settings));
+        spaces.push(s.clone());
+        Some(s)
+    }
+
+    /// Bytes held by the population at most.
+    pub fn max_bytes(settings: &CoverageSettings, k: usize) -> usize {
+        let per_space = settings.tables.clamp(1, 8) * (1usize << settings.bits.clamp(1, 16)) * 4
+            + settings.tables.clamp(1, 8) * settings.bits.clamp(1, 16) as usize * (k + 1) * 8
+            + 4 * k * 8;
+        MAX_SPACES * per_space
+    }
+}
+
+/// One identity's recent queries: whether each landed in a rare cell.
+#[derive(Debug, Clone)]
+pub struct Tally {
+    flags: Flags,
+}
+
+impl Tally {
+    /// No queries yet.
+    pub fn new(s: &CoverageSettings) -> Self {
+        Self {
+            flags: Flags::new(s.window),
+        }
+    }
+
+    /// Records whether one query was in a rare cell.
+    pub fn push(&mut self, rare: bool) {
+        self.flags.push(u8::from(rare));
+    }
+
+    /// The coverage signal against the space's natural rare share.
+    pub fn signal(&self, natural_rare: f64, s: &CoverageSettings) -> f64 {
+        if self.flags.len() < s.min_queries {
+            return 0.0;
+        }
+        let share = self.flags.fraction(0, s.min_queries);
+        ramp(share - natural_rare, s.excess)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn natural(rng: &mut StdRng) -> Vec<f64> {
+        // Two tight clusters in 8 dimensions.
+        let c = if rng.random::<bool>() { 2.0 } else { -2.0 };
+        (0..8).map(|_| c + 0.5 * gaussian(rng)).collect()
+    }
+
+    #[test]
+    fn random_queries_cover_rare_cells_and_natural_ones_do_not() {
+        let s = CoverageSettings::default();
+        let pop = Population::default();
+        let space = pop.space(8, 8, &s).unwrap();
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut cells = [0usize; 8];
+        for _ in 0..(s.warmup + s.min_population) {
+            let v = natural(&mut rng);
+            let c = space.cells(&v, &mut cells);
+            space.learn(&v, c.map(|n| (&cells, n)));
+        }
+        let natural_rare = space.rare_mass();
+        assert!(natural_rare < 0.05, "{natural_rare}");
+
+        let (mut honest, mut random) = (Tally::new(&s), Tally::new(&s));
+        for _ in 0..64 {
+            let v = natural(&mut rng);
+            let n = space.cells(&v, &mut cells).unwrap();
+            honest.push(space.is_rare(&cells, n).unwrap());
+            let v: Vec<f64> = (0..8).map(|_| rng.random_range(-4.0..4.0)).collect();
+            let n = space.cells(&v, &mut cells).unwrap();
+            random.push(space.is_rare(&cells, n).unwrap());
+        }
+        assert_eq!(honest.signal(natural_rare, &s), 0.0);
+        assert!(random.signal(natural_rare, &s) > 0.9);
+    }
+
+    #[test]
+    fn signal_waits_for_a_population() {
+        let s = CoverageSettings::default();
+        let pop = Population::default();
+        let space = pop.space(4, 4, &s).unwrap();
+        let mut cells = [0usize; 8];
+        assert!(space.cells(&[0.0; 4], &mut cells).is_none());
+        space.learn(&[0.0; 4], None);
+        let n = space.text_cells(0xdead_beef, &mut cells);
+        assert!(space.is_rare(&cells, n).is_none());
+    }
+
+    #[test]
+    fn spaces_are_bounded() {
+        let s = CoverageSettings::default();
+        let pop = Population::default();
+        for k in 0..MAX_SPACES {
+            assert!(pop.space(k + 1, k + 1, &s).is_some());
+        }
+        assert!(pop.space(100, 32, &s).is_none());
+        assert!(
+            pop.space(1, 1, &s).is_some(),
+            "known spaces are found again"
+        );
+    }
+}

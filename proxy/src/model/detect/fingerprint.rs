@@ -1,0 +1,630 @@
+//! Near-duplicate and systematic-sweep queries, by comparing each query with
+//! the caller's recent ones.
+//!
+//! Extraction needs queries placed relative to earlier ones: finite
+//! differences change one coordinate at a time, Jacobian-based augmentation
+//! (Papernot et al. 2017; PRADA's T-RND) adds the same small step to every
+//! coordinate, decision-boundary probing bisects the segment between two
+//! differently-labelled points. Natural traffic is independent draws, so the
+//! difference to the nearest earlier query is dense and unstructured. For
+//! each query the nearest remembered one gives:
+//!
+//! - a *near duplicate*: closer than a small fraction of the caller's own
+//!   spread, but not identical (an exact repeat teaches nothing new and is
+//!   what retries and caches look like, so it is ignored);
+//! - a *sweep step*: the difference touches one or few coordinates, or has
+//!   the same magnitude on nearly all of them (a sign step), or the query
+//!   lies on the line through two earlier ones (a line search).
+//!
+//! Inputs wider than the sketch are folded into it by a fixed signed
+//! hashing of coordinates (a count sketch): distances are kept on average,
+//! a one-coordinate change stays a one-coordinate change, lines stay lines.
+//!
+//! Texts (embedding inputs) get a 64-bit SimHash over character trigrams
+//! (Charikar 2002): near-duplicates are a few bits apart.
+
+use std::collections::VecDeque;
+
+use super::prada::Distances;
+
+/// How one feature query relates to the caller's earlier ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Relation {
+    /// L2 distance to the nearest earlier query (in the sketch).
+    pub min_distance: f64,
+    /// Closer than the near-duplicate fraction of the caller's spread.
+    pub near_duplicate: bool,
+    /// A sparse change, a sign step or a point on a line through earlier ones.
+    pub sweep: bool,
+}
+
+/// Tuning of the fingerprint signals.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FingerprintSettings {
+    /// Inputs wider than this are folded into this many coordinates; memory
+    /// per identity grows with it.
+    pub sketch_dim: usize,
+    /// A query nearer than this fraction of the caller's spread (root of the
+    /// summed per-coordinate variances) to an earlier one is a near duplicate.
+    pub near_fraction: f64,
+    /// Queries over which the duplicate and sweep fractions are taken.
+    pub window: usize,
+    /// A fraction counts only once this many queries are in the window
+    /// (the denominator never goes below it).
+    pub min_queries: usize,
+    /// Near-duplicate fraction at which the signal starts, and where it is 1.
+    pub duplicates: (f64, f64),
+    /// Sweep-step fraction at which the signal starts, and where it is 1.
+    pub sweeps: (f64, f64),
+    /// SimHash bits two texts may differ in and still be near duplicates.
+    pub text_bits: u32,
+}
+
+impl Default for FingerprintSettings {
+    fn default() -> Self {
+        Self {
+            sketch_dim: 32,
+            near_fraction: 0.05,
+            window: 64,
+            min_queries: 24,
+            duplicates: (0.15, 0.45),
+            sweeps: (0.15, 0.40),
+            text_bits: 4,
+        }
+    }
+}
+
+/// Linear ramp: 0 at or below `lo`, 1 at or above `hi`.
+pub fn ramp(x: f64, (lo, hi): (f64, f64)) -> f64 {
+    if hi <= lo {
+        return if x >= hi { 1.0 } else { 0.0 };
+    }
+    ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+}
+
+/// A fixed-size window of per-query flags with running counts.
+#[derive(Debug, Clone)]
+pub struct Flags {
+    ring: VecDeque<u8>,
+    cap: usize,
+    counts: [u32; 8],
+}
+
+impl Flags {
+    /// An empty window of `cap` queries.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            ring: VecDeque::with_capacity(cap.max(1)),
+            cap: cap.max(1),
+            counts: [0; 8],
+        }
+    }
+
+    /// Records one query's flag bits, dropping the oldest when full.
+    pub fn push(&mut self, bits: u8) {
+        if self.ring.len() == self.cap
+            && let Some(old) = self.ring.pop_front()
+        {
+            for (b, c) in self.counts.iter_mut().enumerate() {
+                if old & (1 << b) != 0 {
+                    *c = c.saturating_sub(1);
+                }
+            }
+        }
+        for (b, c) in self.counts.iter_mut().enumerate() {
+            if bits & (1 << b) != 0 {
+                *c += 1;
+            }
+        }
+        self.ring.push_back(bits);
+    }
+
+    /// Queries in the window.
+    pub fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Bytes held by the window.
+    pub fn held_bytes(&self) -> usize {
+        self.ring.capacity()
+    }
+
+    /// True when no query is in the window.
+    pub fn is_empty(&self) -> bool {
+        self.ring.is_empty()
+    }
+
+    /// Queries in the window with flag `bit` set.
+    pub fn count(&self, bit: u8) -> u32 {
+        self.counts.get(usize::from(bit)).copied().unwrap_or(0)
+    }
+
+    /// The share of the window with `bit` set, over at least `floor` queries.
+    pub fn fraction(&self, bit: u8, floor: usize) -> f64 {
+        f64::from(self.count(bit)) / self.len().max(floor).max(1) as f64
+    }
+}
+
+const DUP: u8 = 0;
+const SWEEP: u8 = 1;
+
+/// Signed bucket of coordinate `i` in a sketch of `k` coordinates.
+fn bucket(i: usize, k: usize) -> (usize, f64) {
+    let h = (i as u64 ^ 0x5851_f42d_4c95_7f2d).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let sign = if h >> 63 == 0 { 1.0 } else { -1.0 };
+    (((h >> 20) as usize) % k, sign)
+}
+
+/// Folds `x` into `k` coordinates (the identity when it already fits).
+pub fn sketch(x: &[f64], k: usize, out: &mut Vec<f64>) {
+    out.clear();
+    if x.len() <= k {
+        out.extend_from_slice(x);
+        return;
+    }
+    out.resize(k, 0.0);
+    for (i, &v) in x.iter().enumerate() {
+        let (b, s) = bucket(i, k);
+        out[b] += s * v;
+    }
+}
+
+/// The feature queries of one identity: a ring of recent (sketched) inputs,
+/// their running per-coordinate spread, PRADA's distance window and the
+/// flag window for the duplicate and sweep fractions.
+#[derive(Debug, Clone)]
+pub struct FeatureHistory {
+    dim: usize,
+    k: usize,
+    cap: usize,
+    ring: Vec<f32>,
+    len: usize,
+    head: usize,
+    mean: Vec<f64>,
+    m2: Vec<f64>,
+    seen: u64,
+    scratch: Vec<f64>,
+    /// PRADA's minimum distances.
+    pub distances: Distances,
+    /// Per-query near-duplicate and sweep flags.
+    pub flags: Flags,
+    /// Exact repeats seen (ignored by the signals).
+    pub repeats: u64,
+}
+
+impl FeatureHistory {
+    /// A history for inputs of `dim` features, remembering `cap` of them.
+    pub fn new(dim: usize, cap: usize, prada_window: usize, fp: &FingerprintSettings) -> Self {
+        let k = dim.min(fp.sketch_dim.max(1));
+        Self {
+            dim,
+            k,
+            cap: cap.max(2),
+            ring: Vec::new(),
+            len: 0,
+            head: 0,
+            mean: vec![0.0; k],
+            m2: vec![0.0; k],
+            seen: 0,
+            scratch: Vec::with_capacity(k),
+            distances: Distances::new(prada_window),
+            flags: Flags::new(fp.window),
+            repeats: 0,
+        }
+    }
+
+    /// Upper bound of the bytes one history holds.
+    pub fn max_bytes(
+        dim_cap: usize,
+        cap: usize,
+        prada_window: usize,
+        fp: &FingerprintSettings,
+    ) -> usize {
+        let k = dim_cap.min(fp.sketch_dim.max(1));
+        std::mem::size_of::<Self>()
+            + cap * k * std::mem::size_of::<f32>()
+            + 3 * k * std::mem::size_of::<f64>()
+            + Distances::max_bytes(prada_window)
+            + 2 * fp.window
+    }
+
+    /// Bytes held now (allocations included).
+    pub fn held_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.ring.capacity() * std::mem::size_of::<f32>()
+            + (self.mean.capacity() + self.m2.capacity() + self.scratch.capacity())
+                * std::mem::size_of::<f64>()
+            + self.distances.held_bytes()
+            + self.flags.held_bytes()
+    }
+
+    /// The input width this history is for.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn row(&self, slot: usize) -> &[f32] {
+        &self.ring[slot * self.k..(slot + 1) * self.k]
+    }
+
+    /// Slot of the query `back` places before the newest (0 = newest).
+    fn recent(&self, back: usize) -> Option<usize> {
+        (back < self.len).then(|| (self.head + self.cap - 1 - back) % self.cap)
+    }
+
+    /// The caller's spread: root of the summed per-coordinate variances.
+    fn spread(&self) -> f64 {
+        if self.seen < 2 {
+            return 0.0;
+        }
+        (self.m2.iter().sum::<f64>() / (self.seen - 1) as f64).sqrt()
+    }
+
+    /// Records `x` and says how it relates to the earlier queries; `None`
+    /// for an exact repeat of a remembered query (not recorded again).
+    pub fn observe(&mut self, x: &[f64], fp: &FingerprintSettings) -> Option<Relation> {
+        let mut v = std::mem::take(&mut self.scratch);
+        sketch(x, self.k, &mut v);
+        let rel = self.relate(&v, fp);
+        if rel.is_some() {
+            self.remember(&v);
+        } else {
+            self.repeats += 1;
+        }
+        self.scratch = v;
+        if let Some(r) = rel
+            && self.len > 1
+        {
+            self.distances.push(r.min_distance);
+            self.flags
+                .push(u8::from(r.near_duplicate) << DUP | u8::from(r.sweep) << SWEEP);
+        }
+        rel
+    }
+
+    fn relate(&self, v: &[f64], fp: &FingerprintSettings) -> Option<Relation> {
+        let mut best = (f64::INFINITY, usize::MAX);
+        let mut second = (f64::INFINITY, usize::MAX);
+        for slot in 0..self.len {
+            let d2: f64 = self
+                .row(slot)
+                .iter()
+                .zip(v)
+                .map(|(&a, &b)| (f64::from(a) - b).powi(2))
+                .sum();
+            if d2 < best.0 {
+                second = best;
+                best = (d2, slot);
+            } else if d2 < second.0 {
+                second = (d2, slot);
+            }
+        }
+        if best.1 == usize::MAX {
+            return Some(Relation::default());
+        }
+        if best.0 == 0.0 {
+            return None;
+        }
+        let spread = self.spread();
+        let near = self.row(best.1);
+        let mut sweep = self.structured(v, near);
+        if !sweep && second.1 != usize::MAX {
+            sweep = collinear(v, near, self.row(second.1));
+        }
+        if !sweep && let (Some(p), Some(pp)) = (self.recent(0), self.recent(1)) {
+            sweep = collinear(v, self.row(p), self.row(pp));
+        }
+        Some(Relation {
+            min_distance: best.0.sqrt(),
+            near_duplicate: spread > 0.0 && best.0.sqrt() < fp.near_fraction * spread,
+            sweep,
+        })
+    }
+
+    /// A sparse change or a sign step from `near` to `v`.
+    fn structured(&self, v: &[f64], near: &[f32]) -> bool {
+        let k = v.len();
+        let mut changed = 0usize;
+        let mut mags = [0.0f64; 64];
+        let mut n_mags = 0usize;
+        let mut max_abs = 0.0f64;
+        for (&a, &b) in near.iter().zip(v) {
+            max_abs = max_abs.max((b - f64::from(a)).abs());
+        }
+        // Coordinates that moved by more than float noise of the largest move.
+        let tol = max_abs * 1e-4;
+        for (&a, &b) in near.iter().zip(v) {
+            let d = (b - f64::from(a)).abs();
+            if d > tol {
+                changed += 1;
+                if n_mags < mags.len() {
+                    mags[n_mags] = d;
+                    n_mags += 1;
+                }
+            }
+        }
+        if changed == 0 {
+            return false;
+        }
+        let sparse_max = (k / 8).max(1);
+        if changed <= sparse_max && k >= 4 {
+            return true;
+        }
+        // Sign step: most moved coordinates moved by the same amount.
+        if changed >= 4 && changed * 2 >= k {
+            let m = &mut mags[..n_mags];
+            m.sort_by(f64::total_cmp);
+            let med = m[m.len() / 2];
+            let same = m.iter().filter(|&&d| (d - med).abs() <= 0.01 * med).count();
+            return same * 4 >= changed * 3;
+        }
+        false
+    }
+
+    fn remember(&mut self, v: &[f64]) {
+        if self.ring.len() < self.cap * self.k {
+            if self.ring.len() + self.k > self.ring.capacity() {
+                // Grow by doubling, but never past the ring's size.
+                let want = (self.ring.len() * 2).max(self.k * 8).min(self.cap * self.k);
+                self.ring.reserve_exact(want - self.ring.len());
+            }
+            self.ring.extend(v.iter().map(|&x| x as f32));
+            self.len += 1;
+            self.head = self.len % self.cap;
+        } else {
+            let at = self.head * self.k;
+            for (dst, &x) in self.ring[at..at + self.k].iter_mut().zip(v) {
+                *dst = x as f32;
+            }
+            self.head = (self.head + 1) % self.cap;
+        }
+        self.seen += 1;
+        let n = self.seen as f64;
+        for ((m, s), &x) in self.mean.iter_mut().zip(self.m2.iter_mut()).zip(v) {
+            let d = x - *m;
+            *m += d / n;
+            *s += d * (x - *m);
+        }
+    }
+
+    /// Near-duplicate fraction of the window.
+    pub fn duplicate_fraction(&self, floor: usize) -> f64 {
+        self.flags.fraction(DUP, floor)
+    }
+
+    /// Sweep-step fraction of the window.
+    pub fn sweep_fraction(&self, floor: usize) -> f64 {
+        self.flags.fraction(SWEEP, floor)
+    }
+}
+
+/// `v` on the line through `a` and `b` (within float noise).
+fn collinear(v: &[f64], a: &[f32], b: &[f32]) -> bool {
+    let (mut uu, mut ww, mut uw) = (0.0, 0.0, 0.0);
+    for ((&x, &p), &q) in v.iter().zip(a).zip(b) {
+        let u = x - f64::from(p);
+        let w = f64::from(q) - f64::from(p);
+        uu += u * u;
+        ww += w * w;
+        uw += u * w;
+    }
+    uu > 0.0 && ww > 0.0 && uw * uw >= 0.9999 * uu * ww
+}
+
+/// 64-bit SimHash of a text over its lowercase character trigrams.
+pub fn simhash(text: &str) -> u64 {
+    let mut acc = [0i32; 64];
+    let chars: Vec<char> = text.chars().flat_map(char::to_lowercase).collect();
+    let mut any = false;
+    let mut add = |gram: &[char]| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &c in gram {
+            h ^= u64::from(c);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        for (b, a) in acc.iter_mut().enumerate() {
+            *a += if h >> b & 1 == 1 { 1 } else { -1 };
+        }
+    };
+    if chars.len() < 3 {
+        add(&chars);
+        any = true;
+    } else {
+        for g in chars.windows(3) {
+            add(g);
+            any = true;
+        }
+    }
+    if !any {
+        return 0;
+    }
+    acc.iter()
+        .enumerate()
+        .fold(0u64, |h, (b, &a)| if a > 0 { h | 1 << b } else { h })
+}
+
+/// The embedding inputs of one identity: recent SimHashes and flags.
+#[derive(Debug, Clone)]
+pub struct TextHistory {
+    ring: VecDeque<u64>,
+    cap: usize,
+    /// Per-text near-duplicate flags.
+    pub flags: Flags,
+    /// Exact repeats seen (ignored by the signals).
+    pub repeats: u64,
+}
+
+impl TextHistory {
+    /// A history remembering `cap` texts.
+    pub fn new(cap: usize, fp: &FingerprintSettings) -> Self {
+        Self {
+            ring: VecDeque::new(),
+            cap: cap.max(1),
+            flags: Flags::new(fp.window),
+            repeats: 0,
+        }
+    }
+
+    /// Upper bound of the bytes one history holds.
+    pub fn max_bytes(cap: usize, fp: &FingerprintSettings) -> usize {
+        std::mem::size_of::<Self>() + cap * 8 + fp.window
+    }
+
+    /// Records one text by its SimHash.
+    pub fn observe(&mut self, h: u64, fp: &FingerprintSettings) {
+        let nearest = self
+            .ring
+            .iter()
+            .map(|&o| (o ^ h).count_ones())
+            .min()
+            .unwrap_or(u32::MAX);
+        if nearest == 0 {
+            self.repeats += 1;
+            return;
+        }
+        if !self.ring.is_empty() {
+            self.flags.push(u8::from(nearest <= fp.text_bits) << DUP);
+        }
+        if self.ring.len() == self.cap {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(h);
+    }
+
+    /// Near-duplicate fraction of the window.
+    pub fn duplicate_fraction(&self, floor: usize) -> f64 {
+        self.flags.fraction(DUP, floor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn fp() -> FingerprintSettings {
+        FingerprintSettings::default()
+    }
+
+    fn gauss(rng: &mut StdRng, d: usize) -> Vec<f64> {
+        (0..d)
+            .map(|_| {
+                // Box-Muller.
+                let u: f64 = rng.random_range(1e-12..1.0);
+                let v: f64 = rng.random();
+                (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn natural_queries_are_neither_duplicates_nor_sweeps() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut h = FeatureHistory::new(16, 128, 64, &fp());
+        for _ in 0..300 {
+            let x = gauss(&mut rng, 16);
+            h.observe(&x, &fp()).unwrap();
+        }
+        assert!(h.duplicate_fraction(24) < 0.02);
+        assert!(h.sweep_fraction(24) < 0.02);
+    }
+
+    #[test]
+    fn exact_repeats_are_ignored() {
+        let mut h = FeatureHistory::new(4, 16, 16, &fp());
+        assert!(h.observe(&[1.0, 2.0, 3.0, 4.0], &fp()).is_some());
+        assert!(h.observe(&[1.0, 2.0, 3.0, 4.0], &fp()).is_none());
+        assert_eq!(h.repeats, 1);
+        assert_eq!(h.flags.len(), 0);
+    }
+
+    #[test]
+    fn one_coordinate_changes_are_sweeps() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut h = FeatureHistory::new(16, 128, 64, &fp());
+        let base = gauss(&mut rng, 16);
+        h.observe(&base, &fp());
+        for i in 0..16 {
+            let mut x = base.clone();
+            x[i] += 0.37;
+            assert!(h.observe(&x, &fp()).unwrap().sweep, "coordinate {i}");
+        }
+    }
+
+    #[test]
+    fn sign_steps_are_sweeps_and_near_duplicates() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut h = FeatureHistory::new(16, 128, 64, &fp());
+        for _ in 0..20 {
+            h.observe(&gauss(&mut rng, 16), &fp());
+        }
+        let base = gauss(&mut rng, 16);
+        h.observe(&base, &fp());
+        let x: Vec<f64> = base
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + if i % 3 == 0 { 0.02 } else { -0.02 })
+            .collect();
+        let r = h.observe(&x, &fp()).unwrap();
+        assert!(r.sweep);
+        assert!(r.near_duplicate);
+    }
+
+    #[test]
+    fn bisection_is_a_line_search() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut h = FeatureHistory::new(16, 128, 64, &fp());
+        let (a, b) = (gauss(&mut rng, 16), gauss(&mut rng, 16));
+        h.observe(&a, &fp());
+        h.observe(&b, &fp());
+        let (mut lo, mut hi) = (0.0, 1.0);
+        for step in 0..8 {
+            let t = (lo + hi) / 2.0;
+            let x: Vec<f64> = a.iter().zip(&b).map(|(p, q)| p + t * (q - p)).collect();
+            assert!(h.observe(&x, &fp()).unwrap().sweep, "step {step}");
+            if step % 2 == 0 { lo = t } else { hi = t }
+        }
+    }
+
+    #[test]
+    fn wide_inputs_are_sketched_and_keep_sparse_changes() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let f = fp();
+        let mut h = FeatureHistory::new(784, 64, 64, &f);
+        let base: Vec<f64> = (0..784).map(|_| rng.random()).collect();
+        h.observe(&base, &f);
+        let mut x = base.clone();
+        x[300] += 0.5;
+        assert!(h.observe(&x, &f).unwrap().sweep);
+        assert!(
+            FeatureHistory::max_bytes(784, 64, 64, &f) < 64 * 32 * 4 + 4096,
+            "memory follows the sketch, not the input width"
+        );
+    }
+
+    #[test]
+    fn simhash_near_duplicates_are_close() {
+        let a = simhash("The quick brown fox jumps over the lazy dog");
+        let b = simhash("The quick brown fox jumps over the lazy dog!");
+        let c = simhash("Completely different sentence about tax law.");
+        assert!((a ^ b).count_ones() <= 8);
+        assert!((a ^ c).count_ones() > 16);
+    }
+
+    #[test]
+    fn flags_window_counts() {
+        let mut f = Flags::new(3);
+        for bits in [1u8, 1, 0, 2] {
+            f.push(bits);
+        }
+        assert_eq!(f.len(), 3);
+        assert_eq!(f.count(0), 1);
+        assert_eq!(f.count(1), 1);
+        assert!((f.fraction(0, 10) - 0.1).abs() < 1e-12);
+    }
+}

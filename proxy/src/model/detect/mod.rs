@@ -1,0 +1,524 @@
+//! Extraction detection: is this identity copying the model behind us?
+//!
+//! Every model request is reduced by the proxy to a [`Query`] and recorded
+//! against the caller's verified SPIFFE ID. Signals from the literature are
+//! computed on the identity's recent queries:
+//!
+//! - `prada`: PRADA's test on the distances between feature-vector queries
+//!   ([`prada`]);
+//! - `duplicates` and `sweep`: near-duplicate and systematic-sweep queries
+//!   ([`fingerprint`]);
+//! - `probing`: logprob / logit_bias probing of an LLM ([`probing`]);
+//! - `coverage`: how much of the input or embedding space the identity
+//!   covers beyond what natural traffic does ([`coverage`]).
+//!
+//! Each is in [0, 1] and calibrated to stay at 0 for natural traffic; they
+//! combine as independent evidence (`1 - prod(1 - s)`) into one score, and
+//! the score climbs the [`Ladder`]. The step is sticky: it never goes down
+//! while the identity is remembered (see [`tracker`]).
+//!
+//! Memory is bounded: at most `max_identities` identities with full state,
+//! each at most [`Settings::max_bytes_per_identity`] bytes (about 22 KiB at
+//! the defaults for a feature-vector API, 1.2 KiB for an LLM-only caller),
+//! plus a remembered step for escalated identities that were evicted, plus
+//! the population's cell counts (a few hundred KiB at most).
+
+pub mod coverage;
+pub mod fingerprint;
+pub mod prada;
+pub mod probing;
+pub mod tracker;
+
+use std::sync::Arc;
+
+pub use coverage::CoverageSettings;
+pub use fingerprint::FingerprintSettings;
+pub use probing::ProbingSettings;
+
+use coverage::{Population, Space, TEXT_SPACE, Tally};
+use fingerprint::{FeatureHistory, TextHistory, ramp};
+use probing::Probing;
+
+/// Thresholds of the escalation ladder, scores in [0,1], non-decreasing
+/// warn <= degrade <= refuse <= deny.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ladder {
+    /// From here the proxy adds a warning header.
+    pub warn: f64,
+    /// From here it strips logprobs and coarsens scores.
+    pub degrade: f64,
+    /// From here it answers 429 abnormal-usage.
+    pub refuse: f64,
+    /// From here it asks the CA to deny the identity.
+    pub deny: f64,
+}
+
+impl Default for Ladder {
+    fn default() -> Self {
+        Self {
+            warn: 0.4,
+            degrade: 0.6,
+            refuse: 0.8,
+            deny: 0.95,
+        }
+    }
+}
+
+impl Ladder {
+    /// The step a score reaches on its own.
+    pub fn step_for(&self, score: f64) -> Step {
+        if score >= self.deny {
+            Step::Deny
+        } else if score >= self.refuse {
+            Step::Refuse
+        } else if score >= self.degrade {
+            Step::Degrade
+        } else if score >= self.warn {
+            Step::Warn
+        } else {
+            Step::Normal
+        }
+    }
+}
+
+/// Escalation step; ordered; sticky per tracked identity (never goes down
+/// while the identity is tracked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Step {
+    /// Nothing suspicious.
+    Normal,
+    /// Suspicious: tell the caller (a response header), change nothing else.
+    Warn,
+    /// Likely extraction: reveal less (no logprobs, coarse scores).
+    Degrade,
+    /// Extraction: answer 429 abnormal-usage.
+    Refuse,
+    /// Extraction beyond doubt: have the CA stop renewing the identity.
+    Deny,
+}
+
+impl Step {
+    /// The lowercase name, for metric labels and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Step::Normal => "normal",
+            Step::Warn => "warn",
+            Step::Degrade => "degrade",
+            Step::Refuse => "refuse",
+            Step::Deny => "deny",
+        }
+    }
+}
+
+/// Tuning of PRADA's signal.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PradaSettings {
+    /// Distances (most recent) over which W is computed.
+    pub window: usize,
+    /// W is not computed on fewer distances.
+    pub min_distances: usize,
+    /// W at or below which the signal is 1 (PRADA's delta).
+    pub w_alarm: f64,
+    /// W at or above which the signal is 0.
+    pub w_ok: f64,
+    /// Share of the largest distances left out of W (mode changes of
+    /// natural traffic).
+    pub trim: f64,
+}
+
+impl Default for PradaSettings {
+    fn default() -> Self {
+        Self {
+            window: 64,
+            min_distances: 32,
+            w_alarm: 0.80,
+            w_ok: 0.90,
+            trim: 0.15,
+        }
+    }
+}
+
+/// Everything the detector can be tuned by; the defaults are what the
+/// evaluation harness (`cargo bench --bench extraction`) was run with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Cap on tracked identities; least recently seen is evicted.
+    pub max_identities: usize,
+    /// Cap on remembered queries per identity (ring).
+    pub history: usize,
+    /// Escalation thresholds.
+    pub ladder: Ladder,
+    /// The LLM's hidden size to protect (e.g. 4096): a probing identity must
+    /// be stopped well before it has this many full logprob vectors.
+    pub hidden_size: u32,
+    /// Feature inputs wider than this are ignored beyond it for the memory
+    /// bound's sake (they are folded into `fingerprint.sketch_dim` anyway).
+    pub max_features: usize,
+    /// PRADA's distance test.
+    pub prada: PradaSettings,
+    /// Near duplicates and sweeps.
+    pub fingerprint: FingerprintSettings,
+    /// LLM probing.
+    pub probing: ProbingSettings,
+    /// Space coverage.
+    pub coverage: CoverageSettings,
+    /// Lock shards (more shards, less contention between connections).
+    pub shards: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_identities: 4096,
+            history: 128,
+            ladder: Ladder::default(),
+            hidden_size: 4096,
+            max_features: 65_536,
+            prada: PradaSettings::default(),
+            fingerprint: FingerprintSettings::default(),
+            probing: ProbingSettings::default(),
+            coverage: CoverageSettings::default(),
+            shards: 32,
+        }
+    }
+}
+
+impl Settings {
+    /// Upper bound of the bytes one tracked identity holds, besides its
+    /// SPIFFE ID (at most 2048 bytes) and map overhead: the feature ring
+    /// (`history` x `sketch_dim` f32), PRADA's window, the text ring
+    /// (`history` u64), the LLM counters and the flag windows.
+    pub fn max_bytes_per_identity(&self) -> usize {
+        std::mem::size_of::<Identity>()
+            + FeatureHistory::max_bytes(
+                self.fingerprint.sketch_dim,
+                self.history,
+                self.prada.window,
+                &self.fingerprint,
+            )
+            + TextHistory::max_bytes(self.history, &self.fingerprint)
+            + Probing::max_bytes(&self.probing)
+            + 3 * self.coverage.window
+    }
+}
+
+/// What one request reveals, as the proxy parsed it from the request body.
+#[derive(Debug, Clone, Copy)]
+pub enum Query<'a> {
+    /// A generic predict API call: one numeric feature vector (a request
+    /// with several instances is several queries).
+    Features(&'a [f64]),
+    /// An OpenAI-compatible chat/completions call.
+    Llm(LlmQuery<'a>),
+    /// An OpenAI-compatible embeddings call: the input texts.
+    Embeddings(&'a [&'a str]),
+}
+
+/// The parts of a chat/completions request that matter for probing.
+#[derive(Debug, Clone, Copy)]
+pub struct LlmQuery<'a> {
+    /// The prompt / messages' text concatenated.
+    pub prompt: &'a str,
+    /// Whether logprobs were asked for.
+    pub logprobs: bool,
+    /// `top_logprobs`, 0 when not asked.
+    pub top_logprobs: u32,
+    /// `logit_bias` entries: token id, bias.
+    pub logit_bias: &'a [(u32, f64)],
+    /// `max_tokens` (or `max_completion_tokens`).
+    pub max_tokens: u32,
+}
+
+/// The detector's view of one identity after a query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assessment {
+    /// Combined suspicion in [0, 1].
+    pub score: f64,
+    /// The (sticky) escalation step.
+    pub step: Step,
+    /// The signals the score combines.
+    pub signals: Signals,
+}
+
+/// Each signal in [0,1], for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Signals {
+    /// PRADA's distance-distribution test.
+    pub prada: f64,
+    /// Near-duplicate queries.
+    pub duplicates: f64,
+    /// Systematic sweeps (sparse changes, sign steps, line searches).
+    pub sweep: f64,
+    /// LLM logprob / logit_bias probing.
+    pub probing: f64,
+    /// Coverage of the input / embedding space beyond natural traffic's.
+    pub coverage: f64,
+}
+
+impl Signals {
+    /// Independent evidence: `1 - prod(1 - s)`.
+    pub fn combined(&self) -> f64 {
+        let s = [
+            self.prada,
+            self.duplicates,
+            self.sweep,
+            self.probing,
+            self.coverage,
+        ];
+        let p: f64 = s
+            .iter()
+            .map(|v| {
+                1.0 - if v.is_finite() {
+                    v.clamp(0.0, 1.0)
+                } else {
+                    0.0
+                }
+            })
+            .product();
+        (1.0 - p).clamp(0.0, 1.0)
+    }
+}
+
+/// One identity's state.
+#[derive(Debug)]
+struct Identity {
+    step: Step,
+    score: f64,
+    signals: Signals,
+    features: Option<Box<FeatureHistory>>,
+    feature_space: Option<Arc<Space>>,
+    feature_cover: Option<Box<Tally>>,
+    texts: Option<Box<TextHistory>>,
+    text_cover: Option<Box<Tally>>,
+    llm: Option<Box<Probing>>,
+}
+
+impl tracker::Tracked for Identity {
+    fn starting_at(step: Step) -> Self {
+        Self {
+            step,
+            score: 0.0,
+            signals: Signals::default(),
+            features: None,
+            feature_space: None,
+            feature_cover: None,
+            texts: None,
+            text_cover: None,
+            llm: None,
+        }
+    }
+
+    fn step(&self) -> Step {
+        self.step
+    }
+}
+
+/// Shared by every connection of a listener: Send + Sync, internally
+/// sharded locks (short critical sections), bounded memory.
+pub struct Detector {
+    settings: Settings,
+    tracker: tracker::Tracker<Identity>,
+    population: Population,
+    sw: prada::Table,
+}
+
+impl std::fmt::Debug for Detector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detector")
+            .field("settings", &self.settings)
+            .field("tracked", &self.tracked())
+            .finish()
+    }
+}
+
+impl Detector {
+    /// A detector with no identities yet.
+    pub fn new(settings: Settings) -> Self {
+        let sw = prada::Table::new(settings.prada.window.max(3));
+        Self {
+            tracker: tracker::Tracker::new(settings.max_identities, settings.shards),
+            population: Population::default(),
+            sw,
+            settings,
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Records one query by `identity` (a SPIFFE ID string) and returns its
+    /// assessment.
+    pub fn observe(&self, identity: &str, query: Query<'_>) -> Assessment {
+        self.tracker.with(identity, |id| {
+            match query {
+                Query::Features(x) => self.features(id, x),
+                Query::Llm(q) => self.llm(id, &q),
+                Query::Embeddings(texts) => self.texts(id, texts),
+            }
+            id.score = id.signals.combined();
+            id.step = id.step.max(self.settings.ladder.step_for(id.score));
+            Assessment {
+                score: id.score,
+                step: id.step,
+                signals: id.signals,
+            }
+        })
+    }
+
+    /// The identity's current step without recording anything (Normal when
+    /// untracked; an escalated identity that was evicted keeps its step).
+    pub fn step(&self, identity: &str) -> Step {
+        self.tracker.step(identity)
+    }
+
+    /// Identities tracked now (for a gauge).
+    pub fn tracked(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Whether this identity's queries may teach the population what natural
+    /// traffic looks like: only while nothing is suspected of it.
+    fn natural(&self, id: &Identity) -> bool {
+        id.step == Step::Normal && id.score < self.settings.ladder.warn / 2.0
+    }
+
+    fn features(&self, id: &mut Identity, x: &[f64]) {
+        let s = &self.settings;
+        if x.is_empty() || x.len() > s.max_features || x.iter().any(|v| !v.is_finite()) {
+            return;
+        }
+        let fresh = || {
+            Box::new(FeatureHistory::new(
+                x.len(),
+                s.history,
+                s.prada.window,
+                &s.fingerprint,
+            ))
+        };
+        let hist = id.features.get_or_insert_with(fresh);
+        if hist.dim() != x.len() {
+            // Another model behind the same listener: start over for it.
+            *hist = fresh();
+            id.feature_space = None;
+            id.feature_cover = None;
+        }
+        let k = x.len().min(s.fingerprint.sketch_dim.max(1));
+        if id.feature_space.is_none() {
+            id.feature_space = self.population.space(x.len(), k, &s.coverage);
+        }
+        let natural = self.natural(id);
+        let Some(hist) = id.features.as_mut() else {
+            return;
+        };
+        let rel = hist.observe(x, &s.fingerprint);
+
+        let fp = &s.fingerprint;
+        id.signals.duplicates = if hist.flags.len() >= fp.min_queries {
+            ramp(hist.duplicate_fraction(fp.min_queries), fp.duplicates)
+        } else {
+            0.0
+        };
+        id.signals.sweep = if hist.flags.len() >= fp.min_queries {
+            ramp(hist.sweep_fraction(fp.min_queries), fp.sweeps)
+        } else {
+            0.0
+        };
+        let d = &hist.distances;
+        // The largest distances are trimmed: natural traffic from a
+        // multimodal distribution jumps between modes now and then, while the
+        // attack's mark is the mass of small, deliberate steps.
+        let kept = d.len() - (d.len() as f64 * s.prada.trim.clamp(0.0, 0.5)) as usize;
+        if d.len() >= s.prada.min_distances.max(3)
+            && let Some(w) = prada::statistic(&d.sorted()[..kept], self.sw.get(kept))
+        {
+            id.signals.prada = prada::signal(w, s.prada.w_alarm, s.prada.w_ok);
+        }
+
+        // Coverage: only new information counts (an exact repeat is skipped).
+        if rel.is_none() {
+            return;
+        }
+        let Some(space) = id.feature_space.as_ref() else {
+            return;
+        };
+        let mut v = Vec::with_capacity(k);
+        fingerprint::sketch(x, k, &mut v);
+        let mut cells = [0usize; 8];
+        let n = space.cells(&v, &mut cells);
+        if natural {
+            space.learn(&v, n.map(|n| (&cells, n)));
+        }
+        if let Some(n) = n
+            && let Some(rare) = space.is_rare(&cells, n)
+        {
+            let tally = id
+                .feature_cover
+                .get_or_insert_with(|| Box::new(Tally::new(&s.coverage)));
+            tally.push(rare);
+            id.signals.coverage = tally.signal(space.rare_mass(), &s.coverage);
+        }
+    }
+
+    fn texts(&self, id: &mut Identity, texts: &[&str]) {
+        let s = &self.settings;
+        let natural = self.natural(id);
+        let space = self.population.space(TEXT_SPACE, 0, &s.coverage);
+        let hist = id
+            .texts
+            .get_or_insert_with(|| Box::new(TextHistory::new(s.history, &s.fingerprint)));
+        let tally = id
+            .text_cover
+            .get_or_insert_with(|| Box::new(Tally::new(&s.coverage)));
+        let mut cells = [0usize; 8];
+        for t in texts {
+            let h = fingerprint::simhash(t);
+            let before = hist.repeats;
+            hist.observe(h, &s.fingerprint);
+            if hist.repeats != before {
+                continue;
+            }
+            if let Some(space) = space.as_ref() {
+                let n = space.text_cells(h, &mut cells);
+                if natural {
+                    space.learn(&[], Some((&cells, n)));
+                }
+                if let Some(rare) = space.is_rare(&cells, n) {
+                    tally.push(rare);
+                }
+            }
+        }
+        let fp = &s.fingerprint;
+        if hist.flags.len() >= fp.min_queries {
+            id.signals.duplicates = id
+                .signals
+                .duplicates
+                .max(ramp(hist.duplicate_fraction(fp.min_queries), fp.duplicates));
+        }
+        if let Some(space) = space.as_ref() {
+            id.signals.coverage = id
+                .signals
+                .coverage
+                .max(tally.signal(space.rare_mass(), &s.coverage));
+        }
+    }
+
+    fn llm(&self, id: &mut Identity, q: &LlmQuery<'_>) {
+        let s = &self.settings;
+        let p = id
+            .llm
+            .get_or_insert_with(|| Box::new(Probing::new(&s.probing)));
+        p.observe(
+            q.logprobs,
+            q.top_logprobs,
+            q.logit_bias,
+            q.max_tokens,
+            &s.probing,
+        );
+        id.signals.probing = p.signal(s.hidden_size, &s.probing);
+    }
+}
+
+#[cfg(test)]
+mod tests;

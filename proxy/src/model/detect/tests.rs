@@ -1,0 +1,198 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+fn gauss(rng: &mut StdRng) -> f64 {
+    let u: f64 = rng.random_range(1e-12..1.0);
+    let v: f64 = rng.random();
+    (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+}
+
+fn natural(rng: &mut StdRng) -> Vec<f64> {
+    let c = f64::from(rng.random_range(0..4u8)) * 3.0;
+    (0..16).map(|_| c + gauss(rng)).collect()
+}
+
+#[test]
+fn step_labels() {
+    let labels: Vec<_> = [
+        Step::Normal,
+        Step::Warn,
+        Step::Degrade,
+        Step::Refuse,
+        Step::Deny,
+    ]
+    .iter()
+    .map(|s| s.label())
+    .collect();
+    assert_eq!(labels, ["normal", "warn", "degrade", "refuse", "deny"]);
+    assert!(Step::Normal < Step::Warn && Step::Refuse < Step::Deny);
+}
+
+#[test]
+fn ladder_maps_scores_to_steps() {
+    let l = Ladder::default();
+    assert_eq!(l.step_for(0.0), Step::Normal);
+    assert_eq!(l.step_for(l.warn), Step::Warn);
+    assert_eq!(l.step_for(l.degrade), Step::Degrade);
+    assert_eq!(l.step_for(l.refuse), Step::Refuse);
+    assert_eq!(l.step_for(1.0), Step::Deny);
+}
+
+#[test]
+fn signals_combine_as_independent_evidence() {
+    let s = Signals {
+        prada: 0.5,
+        sweep: 0.5,
+        ..Signals::default()
+    };
+    assert!((s.combined() - 0.75).abs() < 1e-12);
+    assert_eq!(Signals::default().combined(), 0.0);
+    let nan = Signals {
+        prada: f64::NAN,
+        ..Signals::default()
+    };
+    assert_eq!(nan.combined(), 0.0);
+}
+
+#[test]
+fn natural_feature_traffic_stays_normal() {
+    let d = Detector::new(Settings::default());
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut last = None;
+    for _ in 0..2000 {
+        let x = natural(&mut rng);
+        last = Some(d.observe("spiffe://td/honest", Query::Features(&x)));
+    }
+    let a = last.unwrap();
+    assert_eq!(a.step, Step::Normal, "{a:?}");
+}
+
+#[test]
+fn perturbation_attack_is_refused_quickly() {
+    let d = Detector::new(Settings::default());
+    let mut rng = StdRng::seed_from_u64(12);
+    let seeds: Vec<Vec<f64>> = (0..10).map(|_| natural(&mut rng)).collect();
+    let mut set = seeds.clone();
+    let mut n = 0;
+    for x in &seeds {
+        d.observe("spiffe://td/thief", Query::Features(x));
+        n += 1;
+    }
+    'rounds: for _ in 0..6 {
+        let round: Vec<Vec<f64>> = set
+            .iter()
+            .map(|x| {
+                x.iter()
+                    .map(|v| v + if rng.random::<bool>() { 0.1 } else { -0.1 })
+                    .collect()
+            })
+            .collect();
+        for x in &round {
+            n += 1;
+            if d.observe("spiffe://td/thief", Query::Features(x)).step >= Step::Refuse {
+                break 'rounds;
+            }
+        }
+        set.extend(round);
+    }
+    assert!(d.step("spiffe://td/thief") >= Step::Refuse);
+    assert!(n < 120, "refused after {n} queries");
+}
+
+#[test]
+fn steps_are_sticky() {
+    let d = Detector::new(Settings::default());
+    let mut next = 0u32;
+    let id = "spiffe://td/llm";
+    loop {
+        let bias: Vec<(u32, f64)> = (next..next + 20).map(|t| (t, 100.0)).collect();
+        next += 20;
+        let a = d.observe(
+            id,
+            Query::Llm(LlmQuery {
+                prompt: "x",
+                logprobs: true,
+                top_logprobs: 20,
+                logit_bias: &bias,
+                max_tokens: 1,
+            }),
+        );
+        if a.step >= Step::Refuse {
+            break;
+        }
+        assert!(next < 20_000);
+    }
+    let reached = d.step(id);
+    // Harmless requests afterwards do not lower the step.
+    let mut rng = StdRng::seed_from_u64(13);
+    for _ in 0..500 {
+        let x = natural(&mut rng);
+        let a = d.observe(id, Query::Features(&x));
+        assert!(a.step >= reached);
+    }
+    assert!(d.step(id) >= reached);
+}
+
+#[test]
+fn identities_are_bounded_and_least_recent_evicted() {
+    let settings = Settings {
+        max_identities: 64,
+        shards: 4,
+        ..Settings::default()
+    };
+    let d = Detector::new(settings);
+    let x = [1.0, 2.0, 3.0];
+    for i in 0..1000 {
+        d.observe(&format!("spiffe://td/w/{i}"), Query::Features(&x));
+        assert!(d.tracked() <= 64);
+    }
+    assert!(d.tracked() >= 60);
+    assert_eq!(d.step("spiffe://td/w/0"), Step::Normal);
+}
+
+#[test]
+fn history_is_bounded_per_identity() {
+    let settings = Settings {
+        history: 16,
+        ..Settings::default()
+    };
+    let bound = settings.max_bytes_per_identity();
+    let d = Detector::new(settings);
+    let mut rng = StdRng::seed_from_u64(14);
+    for _ in 0..5000 {
+        let x = natural(&mut rng);
+        d.observe("spiffe://td/a", Query::Features(&x));
+    }
+    let held = d
+        .tracker
+        .peek("spiffe://td/a", |id| {
+            id.features.as_ref().map_or(0, |h| h.held_bytes())
+        })
+        .unwrap();
+    assert!(held <= bound, "{held} > {bound}");
+    assert!(Settings::default().max_bytes_per_identity() < 24 * 1024);
+}
+
+#[test]
+fn embeddings_near_duplicate_sweep_is_flagged() {
+    let d = Detector::new(Settings::default());
+    let words = [
+        "apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano", "lemon", "comet",
+    ];
+    let mut last = None;
+    for i in 0..200 {
+        let t = format!("Represent this word for retrieval: {}{}", words[i % 10], i);
+        last = Some(d.observe("spiffe://td/emb", Query::Embeddings(&[t.as_str()])));
+    }
+    assert!(last.unwrap().signals.duplicates > 0.5);
+}
+
+#[test]
+fn detector_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Detector>();
+}
