@@ -39,6 +39,18 @@ pub struct Identity {
     pub not_after: OffsetDateTime,
     /// Leaf NotBefore.
     pub not_before: OffsetDateTime,
+    /// The CA this identity came from, with the credentials to call it
+    /// (None for an identity read from files).
+    pub ca: Option<CaLink>,
+}
+
+/// A way to call the CA as this workload (for deny reports).
+#[derive(Debug, Clone)]
+pub struct CaLink {
+    /// The CA client.
+    pub client: CaClient,
+    /// The current certificate and key, as PEM.
+    pub creds: Credentials,
 }
 
 impl Identity {
@@ -64,6 +76,7 @@ impl Identity {
             roots,
             not_after: v.not_after,
             not_before: v.not_before,
+            ca: None,
         })
     }
 }
@@ -230,7 +243,13 @@ async fn keep_from_ca(
             Some(c) => client.renew(c, ttl).await.map_err(|e| e.to_string()),
         };
         let checked = result.and_then(|c| {
-            Identity::from_pem(&c.chain_pem, &c.key_pem, &c.bundle_pem).map(|i| (c, i))
+            Identity::from_pem(&c.chain_pem, &c.key_pem, &c.bundle_pem).map(|mut i| {
+                i.ca = Some(CaLink {
+                    client: client.clone(),
+                    creds: c.clone(),
+                });
+                (c, i)
+            })
         });
         let wait = match checked {
             Ok((creds, identity)) => {

@@ -86,6 +86,9 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let store = Arc::new(model::limits::Store::Local(
+        model::limits::local::LocalStore::default(),
+    ));
     let mut reloader = reload::Reloader::new(path, config.clone(), metrics.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for (cfg, l) in inbound {
@@ -96,6 +99,7 @@ pub async fn run(
             l,
             identity.clone(),
             metrics.clone(),
+            store.clone(),
             shutdown.clone(),
             config.drain_timeout,
         ));

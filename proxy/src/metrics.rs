@@ -34,6 +34,8 @@ pub struct ProxyMetrics {
     pub renewals: IntCounterVec,
     /// Config reloads, by result.
     pub config_reloads: IntCounterVec,
+    /// Model API protection.
+    pub model: crate::model::metrics::ModelMetrics,
 }
 
 impl ProxyMetrics {
@@ -108,7 +110,9 @@ impl ProxyMetrics {
             "NotAfter of the current certificate, unix seconds (0: none).",
         )?;
         registry.register(Box::new(cert_expiry.clone()))?;
+        let model = crate::model::metrics::ModelMetrics::new(&registry)?;
         Ok(Self {
+            model,
             registry,
             conns_opened,
             conns_closed,

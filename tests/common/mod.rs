@@ -4,6 +4,8 @@
 //! Verification here deliberately uses stock rustls/webpki, not warden's code.
 #![allow(dead_code)]
 
+pub mod model;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

@@ -15,8 +15,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, header};
-use http_body_util::BodyExt;
 use http_body_util::combinators::MapFrame;
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
@@ -35,6 +35,9 @@ use crate::authz::{self, Request as AuthzRequest};
 use crate::headers;
 use crate::identity::Identity;
 use crate::metrics::{ProxyMetrics, RequestMetrics};
+use crate::model::limits::Store;
+use crate::model::report::Reporter;
+use crate::model::route::{Route, Routes};
 use crate::normalize::normalize;
 use crate::reload::PolicyRx;
 use crate::respond::{Body, Refusal, upstream};
@@ -44,6 +47,9 @@ static DECISION_LOG: LogLimiter = LogLimiter::new(20);
 /// The body sent to the app: the caller's, with its trailers cleaned like
 /// its head (a trailer is just a late header).
 type AppBody = MapFrame<Incoming, fn(Frame<Bytes>) -> Frame<Bytes>>;
+/// What the app client sends: the caller's body streamed, or a model API
+/// body that was read, checked and perhaps rewritten.
+type ToApp = Either<AppBody, Full<Bytes>>;
 
 fn clean_trailers(mut frame: Frame<Bytes>) -> Frame<Bytes> {
     if let Some(t) = frame.trailers_mut() {
@@ -59,7 +65,8 @@ pub struct InboundHttp {
     policy: PolicyRx,
     app: Authority,
     app_h2c: bool,
-    client: Client<HttpConnector, AppBody>,
+    client: Client<HttpConnector, ToApp>,
+    models: Routes,
     builder: auto::Builder<TokioExecutor>,
     in_flight: Arc<Semaphore>,
     requests: RequestMetrics,
@@ -83,8 +90,15 @@ impl Drop for Busy {
 }
 
 impl InboundHttp {
-    /// Builds the app client (pooled) and the server settings from config.
-    pub fn new(cfg: &Inbound, policy: PolicyRx, metrics: ProxyMetrics) -> Self {
+    /// Builds the app client (pooled), the server settings and the model
+    /// routes from config.
+    pub fn new(
+        cfg: &Inbound,
+        policy: PolicyRx,
+        metrics: ProxyMetrics,
+        store: &Arc<Store>,
+        reporter: Option<Reporter>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
@@ -113,6 +127,7 @@ impl InboundHttp {
             app: authority(cfg.app),
             app_h2c: cfg.app_h2c,
             client,
+            models: Routes::new(&cfg.name, &cfg.model_api, store, &metrics.model, reporter),
             builder,
             in_flight: Arc::new(Semaphore::new(l.max_requests_in_flight)),
             requests: RequestMetrics::new(&metrics, &cfg.name),
@@ -163,7 +178,19 @@ impl InboundHttp {
         let resp = match self.in_flight.try_acquire() {
             Err(_) => self.refuse(Refusal::Overloaded),
             Ok(_permit) => match self.admit(req, peer, xfcc) {
-                Ok(req) => self.forward(req).await,
+                Ok((parts, body, None)) => {
+                    let body = body.map_frame(clean_trailers as fn(Frame<Bytes>) -> Frame<Bytes>);
+                    match self
+                        .forward(Request::from_parts(parts, Either::Left(body)))
+                        .await
+                    {
+                        Ok(resp) => resp.map(upstream),
+                        Err(r) => r,
+                    }
+                }
+                Ok((parts, body, Some(route))) => {
+                    self.forward_model(route, parts, body, peer).await
+                }
                 Err(r) => self.refuse(r),
             },
         };
@@ -180,13 +207,14 @@ impl InboundHttp {
         r.response()
     }
 
-    /// The request stages before the app: method, path, policy, identity header.
+    /// The request stages before the app: method, path, policy, identity
+    /// header; and the model route the path falls under, if any.
     fn admit(
         &self,
         req: Request<Incoming>,
         peer: &VerifiedPeer,
         xfcc: &HeaderValue,
-    ) -> Result<Request<AppBody>, Refusal> {
+    ) -> Result<(http::request::Parts, Incoming, Option<&Route>), Refusal> {
         let (mut parts, body) = req.into_parts();
         if parts.method == Method::CONNECT {
             return Err(Refusal::MethodNotAllowed);
@@ -222,6 +250,11 @@ impl InboundHttp {
         if d.result == "audit_deny" && DECISION_LOG.allow() {
             tracing::warn!(listener = %self.name, peer = %peer.id(), method = %parts.method, path = %path, rule = d.rule, "audit: would deny this request");
         }
+        let route = if self.models.is_empty() {
+            None
+        } else {
+            self.models.find(&path)
+        };
         // The app sees the path that was authorized, and the caller's original Host.
         let host = parts.uri.authority().map(|a| a.as_str().to_owned());
         let pq = match (path, parts.uri.path_and_query()) {
@@ -262,22 +295,48 @@ impl InboundHttp {
         } else {
             http::Version::HTTP_11
         };
-        let body = body.map_frame(clean_trailers as fn(Frame<Bytes>) -> Frame<Bytes>);
-        Ok(Request::from_parts(parts, body))
+        Ok((parts, body, route))
     }
 
-    async fn forward(&self, req: Request<AppBody>) -> Response<Body> {
+    /// Sends to the app; its answer with hop-by-hop headers removed.
+    async fn forward(&self, req: Request<ToApp>) -> Result<Response<Incoming>, Response<Body>> {
         match self.client.request(req).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, upstream(body))
+                Ok(Response::from_parts(parts, body))
             }
             Err(e) => {
                 if DECISION_LOG.allow() {
                     tracing::warn!(listener = %self.name, error = %e, "app unreachable");
                 }
-                self.refuse(Refusal::AppUnavailable)
+                Err(self.refuse(Refusal::AppUnavailable))
+            }
+        }
+    }
+
+    /// A model API request: admitted (or refused) by its route, forwarded
+    /// with the body the route read, answered and settled by the route.
+    async fn forward_model(
+        &self,
+        route: &Route,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        peer: &VerifiedPeer,
+    ) -> Response<Body> {
+        let (bytes, admitted) = match route.admit(peer.id(), body).await {
+            Ok(a) => a,
+            Err(resp) => return resp,
+        };
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        let req = Request::from_parts(parts, Either::Right(Full::new(bytes)));
+        match self.forward(req).await {
+            Ok(resp) => route.answer(admitted, resp).await,
+            Err(resp) => {
+                // The app never answered: nothing was generated.
+                admitted.cancel();
+                resp
             }
         }
     }

@@ -25,6 +25,8 @@ use crate::identity::{Identity, IdentityRx};
 use crate::idle::IdleTimeout;
 use crate::listener::ConnGuard;
 use crate::metrics::ProxyMetrics;
+use crate::model::limits::Store;
+use crate::model::report::Reporter;
 use crate::reload::PolicyRx;
 use crate::tls::{H2, HTTP1, server_config};
 
@@ -43,19 +45,29 @@ struct Listener {
 }
 
 /// Serves one inbound listener until `shutdown`, then drains within `drain`.
+/// Model routes keep their limits in `store`.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     cfg: Inbound,
     policy: PolicyRx,
     listener: TcpListener,
     identity: IdentityRx,
     metrics: ProxyMetrics,
+    store: Arc<Store>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
     let name: Arc<str> = cfg.name.as_str().into();
     let limit = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let graceful = GracefulShutdown::new();
-    let http = Arc::new(InboundHttp::new(&cfg, policy.clone(), metrics.clone()));
+    let reporter = Some(Reporter::new(identity.clone()));
+    let http = Arc::new(InboundHttp::new(
+        &cfg,
+        policy.clone(),
+        metrics.clone(),
+        &store,
+        reporter,
+    ));
     let shared = Arc::new(Listener {
         cfg: cfg.clone(),
         name: name.clone(),

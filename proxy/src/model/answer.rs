@@ -26,13 +26,16 @@ pub fn policy_header(plan: &Plan) -> Option<HeaderValue> {
         }
         let (quota, window) = q.quota_and_window();
         match q.kind {
-            Kind::Concurrent { .. } => {
-                v.push_str(&format!("\"{}\";q={quota};qu=\"concurrent-requests\"", q.name))
-            }
+            Kind::Concurrent { .. } => v.push_str(&format!(
+                "\"{}\";q={quota};qu=\"concurrent-requests\"",
+                q.name
+            )),
             _ => v.push_str(&format!("\"{}\";q={quota};w={window}", q.name)),
         }
     }
-    (!v.is_empty()).then(|| HeaderValue::from_str(&v).ok()).flatten()
+    (!v.is_empty())
+        .then(|| HeaderValue::from_str(&v).ok())
+        .flatten()
 }
 
 fn ratelimit_value(plan: &Plan, quota: usize, remaining: u64, reset_s: u64) -> Option<HeaderValue> {
@@ -41,7 +44,12 @@ fn ratelimit_value(plan: &Plan, quota: usize, remaining: u64, reset_s: u64) -> O
 }
 
 /// Adds both headers to an answer that was let through.
-pub fn add_headers(headers: &mut HeaderMap, plan: &Plan, policy: &Option<HeaderValue>, room: Option<Headroom>) {
+pub fn add_headers(
+    headers: &mut HeaderMap,
+    plan: &Plan,
+    policy: &Option<HeaderValue>,
+    room: Option<Headroom>,
+) {
     if let Some(p) = policy {
         headers.insert(RATELIMIT_POLICY.clone(), p.clone());
     }
@@ -51,7 +59,11 @@ pub fn add_headers(headers: &mut HeaderMap, plan: &Plan, policy: &Option<HeaderV
 }
 
 /// 429 quota-exceeded for a refusal by `denial`.
-pub fn quota_exceeded(plan: &Plan, policy: &Option<HeaderValue>, denial: &Denial) -> Response<Body> {
+pub fn quota_exceeded(
+    plan: &Plan,
+    policy: &Option<HeaderValue>,
+    denial: &Denial,
+) -> Response<Body> {
     let name = plan
         .quotas
         .get(denial.quota)
@@ -122,7 +134,10 @@ mod tests {
         );
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "17");
-        assert_eq!(r.headers()["ratelimit"], "\"identity-tokens-per-minute\";r=0;t=17");
+        assert_eq!(
+            r.headers()["ratelimit"],
+            "\"identity-tokens-per-minute\";r=0;t=17"
+        );
         assert_eq!(r.headers()["content-type"], "application/problem+json");
     }
 }

@@ -54,7 +54,10 @@ impl Tally {
         let mut usage_seen = false;
         if let Some(u) = doc.get("usage").filter(|u| u.is_object()) {
             usage_seen = true;
-            self.prompt = u.get("prompt_tokens").and_then(Value::as_u64).or(self.prompt);
+            self.prompt = u
+                .get("prompt_tokens")
+                .and_then(Value::as_u64)
+                .or(self.prompt);
             self.completion = u
                 .get("completion_tokens")
                 .and_then(Value::as_u64)
@@ -212,7 +215,11 @@ fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
         if buf[i] == b'\n' && buf[i + 1] == b'\n' {
             return Some((i, 2));
         }
-        if buf[i] == b'\r' && buf[i + 1] == b'\n' && buf.get(i + 2) == Some(&b'\r') && buf.get(i + 3) == Some(&b'\n') {
+        if buf[i] == b'\r'
+            && buf[i + 1] == b'\n'
+            && buf.get(i + 2) == Some(&b'\r')
+            && buf.get(i + 3) == Some(&b'\n')
+        {
             return Some((i, 4));
         }
         i += 1;
@@ -319,7 +326,10 @@ mod tests {
         assert_eq!(event_end(b"data: a\n\ndata: b"), Some((7, 2)));
         assert_eq!(event_end(b"data: a\r\n\r\n"), Some((7, 4)));
         assert_eq!(event_end(b"data: a\n"), None);
-        assert_eq!(event_data(b"event: x\ndata: {\"a\":\ndata: 1}"), Some(b"{\"a\":\n1}".to_vec()));
+        assert_eq!(
+            event_data(b"event: x\ndata: {\"a\":\ndata: 1}"),
+            Some(b"{\"a\":\n1}".to_vec())
+        );
         assert_eq!(event_data(b": comment"), None);
     }
 

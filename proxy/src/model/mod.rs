@@ -8,5 +8,7 @@ pub mod limits;
 pub mod meter;
 pub mod metrics;
 pub mod outputs;
+pub mod report;
 pub mod request;
+pub mod route;
 pub mod ticket;

@@ -300,20 +300,28 @@ impl ModelRequest {
 
     fn read_instances(&mut self) -> Result<(), BadRequest> {
         let Some(instances) = self.doc.get("instances").and_then(Value::as_array) else {
-            return Err(bad("a predict body needs instances: an array of feature vectors"));
+            return Err(bad(
+                "a predict body needs instances: an array of feature vectors",
+            ));
         };
         if instances.is_empty() {
             return Err(bad("instances must not be empty"));
         }
         for inst in instances {
-            let Some(values) = inst.as_array().filter(|v| !v.is_empty() && v.len() <= MAX_FEATURES) else {
+            let Some(values) = inst
+                .as_array()
+                .filter(|v| !v.is_empty() && v.len() <= MAX_FEATURES)
+            else {
                 return Err(bad(format!(
                     "each instance must be an array of 1 to {MAX_FEATURES} numbers"
                 )));
             };
             let mut v = Vec::with_capacity(values.len());
             for x in values {
-                v.push(x.as_f64().ok_or_else(|| bad("feature values must be numbers"))?);
+                v.push(
+                    x.as_f64()
+                        .ok_or_else(|| bad("feature values must be numbers"))?,
+                );
             }
             self.features.push(v);
         }
@@ -427,7 +435,8 @@ mod tests {
     fn embeddings_count_vectors_and_predict_reads_features() {
         let r = chat(r#"{"model":"e","input":["a","b","c"]}"#);
         assert_eq!((r.call, r.ask().vectors), (Call::Embeddings, 3));
-        let r = ModelRequest::parse(ModelApi::Predict, br#"{"instances":[[1,2.5],[3,4]]}"#, 1).unwrap();
+        let r =
+            ModelRequest::parse(ModelApi::Predict, br#"{"instances":[[1,2.5],[3,4]]}"#, 1).unwrap();
         assert_eq!(r.features, vec![vec![1.0, 2.5], vec![3.0, 4.0]]);
         assert_eq!(r.ask().vectors, 2);
     }
@@ -443,10 +452,20 @@ mod tests {
             r#"{"messages":[],"n":1000}"#,
             r#"{"messages":[],"logit_bias":{"abc":1}}"#,
         ] {
-            assert!(ModelRequest::parse(ModelApi::Openai, body.as_bytes(), 1).is_err(), "{body}");
+            assert!(
+                ModelRequest::parse(ModelApi::Openai, body.as_bytes(), 1).is_err(),
+                "{body}"
+            );
         }
-        for body in [r#"{"instances":[["a"]]}"#, r#"{"instances":[]}"#, r#"{"x":1}"#] {
-            assert!(ModelRequest::parse(ModelApi::Predict, body.as_bytes(), 1).is_err(), "{body}");
+        for body in [
+            r#"{"instances":[["a"]]}"#,
+            r#"{"instances":[]}"#,
+            r#"{"x":1}"#,
+        ] {
+            assert!(
+                ModelRequest::parse(ModelApi::Predict, body.as_bytes(), 1).is_err(),
+                "{body}"
+            );
         }
     }
 }

@@ -59,6 +59,13 @@ pub struct Admitted {
     warning: Option<HeaderValue>,
 }
 
+impl Admitted {
+    /// The app never answered: settle as nothing used.
+    pub fn cancel(self) {
+        self.ticket.finish(Default::default(), false);
+    }
+}
+
 /// The routes of one listener, matched by path (first match wins).
 pub struct Routes(Vec<Route>);
 
@@ -128,8 +135,12 @@ impl Route {
         let plan = Plan::new(&cfg.name, &cfg.limits);
         let l = &cfg.limits;
         let levels = [&l.identity, &l.namespace, &l.trust_domain];
-        let max_top_logprobs = levels.iter().fold(None, |c, s| min_cap(c, s.max_top_logprobs));
-        let max_logit_bias = levels.iter().fold(None, |c, s| min_cap(c, s.max_logit_bias));
+        let max_top_logprobs = levels
+            .iter()
+            .fold(None, |c, s| min_cap(c, s.max_top_logprobs));
+        let max_logit_bias = levels
+            .iter()
+            .fold(None, |c, s| min_cap(c, s.max_logit_bias));
         let detector = cfg.detection.map(|d| {
             Detector::new(Settings {
                 max_identities: d.max_identities,
@@ -171,7 +182,13 @@ impl Route {
 
     /// Refuses with `resp` (counted as `result`), or in shadow mode counts
     /// `shadow_<result>`, logs, and returns None to go on.
-    fn refuse(&self, peer: &SpiffeId, result: &'static str, detail: &str, resp: impl FnOnce() -> Response<Body>) -> Option<Response<Body>> {
+    fn refuse(
+        &self,
+        peer: &SpiffeId,
+        result: &'static str,
+        detail: &str,
+        resp: impl FnOnce() -> Response<Body>,
+    ) -> Option<Response<Body>> {
         if self.shadow() {
             self.metrics().decision(&format!("shadow_{result}"));
             if LOG.allow() {
@@ -196,23 +213,37 @@ impl Route {
         let bytes = match Limited::new(body, self.cfg.max_body_bytes).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => {
-                let too_large = e.downcast_ref::<http_body_util::LengthLimitError>().is_some();
+                let too_large = e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some();
                 let (status, reason, detail) = if too_large {
-                    (413, "body_too_large", format!("the request body is larger than {} bytes", self.cfg.max_body_bytes))
+                    (
+                        413,
+                        "body_too_large",
+                        format!(
+                            "the request body is larger than {} bytes",
+                            self.cfg.max_body_bytes
+                        ),
+                    )
                 } else {
-                    (400, "bad_model_request", "the request body could not be read".to_owned())
+                    (
+                        400,
+                        "bad_model_request",
+                        "the request body could not be read".to_owned(),
+                    )
                 };
                 self.metrics().decision(reason);
                 return Err(answer::problem(status, reason, &detail));
             }
         };
-        let mut request = match ModelRequest::parse(self.cfg.api, &bytes, self.cfg.default_max_tokens) {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics().decision("bad_model_request");
-                return Err(answer::problem(400, "bad_model_request", &e.0));
-            }
-        };
+        let mut request =
+            match ModelRequest::parse(self.cfg.api, &bytes, self.cfg.default_max_tokens) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.metrics().decision("bad_model_request");
+                    return Err(answer::problem(400, "bad_model_request", &e.0));
+                }
+            };
         if let Some(resp) = self.check_caps(peer, &request) {
             return Err(resp);
         }
@@ -223,7 +254,12 @@ impl Route {
                 if step == Step::Deny {
                     self.report(peer);
                 }
-                if let Some(r) = self.refuse(peer, "abnormal_usage", "extraction suspected", answer::abnormal_usage) {
+                if let Some(r) = self.refuse(
+                    peer,
+                    "abnormal_usage",
+                    "extraction suspected",
+                    answer::abnormal_usage,
+                ) {
                     return Err(r);
                 }
             } else if !self.shadow() {
@@ -247,11 +283,14 @@ impl Route {
                 (hold, room)
             }
             Ok(Err(denial)) => {
-                let quota = plan.quotas.get(denial.quota).map_or("", |q| q.name.as_str());
+                let quota = plan
+                    .quotas
+                    .get(denial.quota)
+                    .map_or("", |q| q.name.as_str());
                 let m = self.metrics();
                 m.all
                     .quota_refusals
-                    .with_label_values(&[&m.listener, &m.route, quota])
+                    .with_label_values(&[m.listener.as_str(), m.route.as_str(), quota])
                     .inc();
                 let detail = format!("{quota} exceeded");
                 if let Some(r) = self.refuse(peer, "quota_exceeded", &detail, || {
@@ -269,7 +308,7 @@ impl Route {
                 };
                 m.all
                     .store_errors
-                    .with_label_values(&[&m.listener, &m.route, outcome])
+                    .with_label_values(&[m.listener.as_str(), m.route.as_str(), outcome])
                     .inc();
                 if LOG.allow() {
                     tracing::error!(route = %self.cfg.name, error = %e, outcome, "limit store unavailable");
@@ -301,10 +340,22 @@ impl Route {
     }
 
     fn check_caps(&self, peer: &SpiffeId, r: &ModelRequest) -> Option<Response<Body>> {
-        let detail = if let Some(cap) = self.max_top_logprobs.filter(|c| r.logprobs && r.top_logprobs > *c || r.logprobs && *c == 0) {
-            format!("this route allows at most {cap} top_logprobs (0: no logprobs); the request asked for {}", r.top_logprobs)
-        } else if let Some(cap) = self.max_logit_bias.filter(|c| r.logit_bias.len() > *c as usize) {
-            format!("this route allows at most {cap} logit_bias entries; the request has {}", r.logit_bias.len())
+        let detail = if let Some(cap) = self
+            .max_top_logprobs
+            .filter(|c| r.logprobs && (r.top_logprobs > *c || *c == 0))
+        {
+            format!(
+                "this route allows at most {cap} top_logprobs (0: no logprobs); the request asked for {}",
+                r.top_logprobs
+            )
+        } else if let Some(cap) = self
+            .max_logit_bias
+            .filter(|c| r.logit_bias.len() > *c as usize)
+        {
+            format!(
+                "this route allows at most {cap} logit_bias entries; the request has {}",
+                r.logit_bias.len()
+            )
         } else {
             return None;
         };
@@ -343,11 +394,12 @@ impl Route {
         };
         let m = self.metrics();
         m.suspicion.observe(a.score);
-        m.tracked.set(i64::try_from(d.tracked()).unwrap_or(i64::MAX));
+        m.tracked
+            .set(i64::try_from(d.tracked()).unwrap_or(i64::MAX));
         if a.step > before {
             m.all
                 .escalations
-                .with_label_values(&[&m.listener, &m.route, a.step.label()])
+                .with_label_values(&[m.listener.as_str(), m.route.as_str(), a.step.label()])
                 .inc();
             tracing::warn!(route = %self.cfg.name, peer = %peer, step = a.step.label(), score = a.score, signals = ?a.signals, "extraction detection: caller escalated");
         }
@@ -375,12 +427,20 @@ impl Route {
             }
         }
         let m = self.metrics().clone();
-        reporter.report(peer.clone(), format!("abnormal usage of model route {}", self.cfg.name), move |ok| {
-            m.all
-                .ca_reports
-                .with_label_values(&[&m.listener, &m.route, if ok { "ok" } else { "failed" }])
-                .inc();
-        });
+        reporter.report(
+            peer.clone(),
+            format!("abnormal usage of model route {}", self.cfg.name),
+            move |ok| {
+                m.all
+                    .ca_reports
+                    .with_label_values(&[
+                        m.listener.as_str(),
+                        m.route.as_str(),
+                        if ok { "ok" } else { "failed" },
+                    ])
+                    .inc();
+            },
+        );
     }
 
     /// Counts the app's answer and settles; limits what a predict answer
@@ -388,7 +448,12 @@ impl Route {
     pub async fn answer(&self, adm: Admitted, resp: Response<Incoming>) -> Response<Body> {
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        answer::add_headers(&mut parts.headers, &self.settler.plan, &self.policy_header, adm.headroom);
+        answer::add_headers(
+            &mut parts.headers,
+            &self.settler.plan,
+            &self.policy_header,
+            adm.headroom,
+        );
         if let Some(w) = adm.warning.clone() {
             parts.headers.insert(answer::USAGE_WARNING.clone(), w);
         }
@@ -401,12 +466,19 @@ impl Route {
             let metered = Metered::new(body, &adm.request, adm.ticket);
             return Response::from_parts(parts, Body::Metered(Box::new(metered)));
         }
-        let bytes = match Limited::new(body, self.cfg.max_response_bytes).collect().await {
+        let bytes = match Limited::new(body, self.cfg.max_response_bytes)
+            .collect()
+            .await
+        {
             Ok(b) => b.to_bytes(),
             Err(_) => {
                 // The ticket settles at its full reservation when dropped.
                 self.metrics().decision("response_too_large");
-                return answer::problem(502, "model_response_too_large", "the model's answer was too large or broken");
+                return answer::problem(
+                    502,
+                    "model_response_too_large",
+                    "the model's answer was too large or broken",
+                );
             }
         };
         let reserved = Reserved::of(&adm.request);
@@ -429,13 +501,15 @@ impl Route {
         };
         adm.ticket.finish(used, false);
         let mut out = bytes;
-        if self.cfg.api == ModelApi::Predict && adm.outputs != OutputDetail::Full && parts.status.is_success() {
-            if let Some(d) = doc.as_mut() && outputs::limit(d, to_outputs(adm.outputs)) {
-                if let Ok(v) = serde_json::to_vec(d) {
-                    out = Bytes::from(v);
-                    parts.headers.remove(header::CONTENT_LENGTH);
-                }
-            }
+        if self.cfg.api == ModelApi::Predict
+            && adm.outputs != OutputDetail::Full
+            && parts.status.is_success()
+            && let Some(d) = doc.as_mut()
+            && outputs::limit(d, to_outputs(adm.outputs))
+            && let Ok(v) = serde_json::to_vec(d)
+        {
+            out = Bytes::from(v);
+            parts.headers.remove(header::CONTENT_LENGTH);
         }
         if parts.status == StatusCode::NO_CONTENT {
             out = Bytes::new();

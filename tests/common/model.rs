@@ -1,0 +1,285 @@
+//! A fake model server (OpenAI-compatible chat, completions, embeddings and
+//! a KServe-v1 predict endpoint) that records what it received, and a
+//! client that POSTs JSON over mTLS and reads any HTTP/1.1 answer
+//! (content-length, chunked, or close-delimited).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::{ClientCert, mtls_connect};
+
+/// Prompt tokens the fake model reports for every request.
+pub const PROMPT_TOKENS: u64 = 10;
+
+/// How the fake model behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelBehaviour {
+    /// Tokens it generates when `max_tokens` allows.
+    pub generate: u64,
+    /// Generate `generate` tokens whatever `max_tokens` says.
+    pub ignore_max_tokens: bool,
+    /// Wait this long before answering.
+    pub delay: Duration,
+}
+
+impl Default for ModelBehaviour {
+    fn default() -> Self {
+        Self {
+            generate: 5,
+            ignore_max_tokens: false,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// The fake model server.
+pub struct ModelApp {
+    pub addr: SocketAddr,
+    /// Every request body received, in order.
+    pub received: Arc<Mutex<Vec<Value>>>,
+}
+
+impl ModelApp {
+    pub fn start(b: ModelBehaviour) -> ModelApp {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let rec = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let rec = rec.clone();
+                std::thread::spawn(move || serve(stream, b, rec));
+            }
+        });
+        ModelApp { addr, received }
+    }
+
+    pub fn last(&self) -> Value {
+        self.received
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+}
+
+fn serve(stream: TcpStream, b: ModelBehaviour, rec: Arc<Mutex<Vec<Value>>>) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push(line.trim_end().to_owned());
+        }
+        let Some(first) = head.first().cloned() else {
+            return;
+        };
+        let len = head[1..]
+            .iter()
+            .filter_map(|h| h.split_once(':'))
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0usize);
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let path = first.split_whitespace().nth(1).unwrap_or("").to_owned();
+        let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        rec.lock().unwrap().push(req.clone());
+        std::thread::sleep(b.delay);
+        let max = req["max_tokens"].as_u64().unwrap_or(u64::MAX);
+        let n = if b.ignore_max_tokens {
+            b.generate
+        } else {
+            b.generate.min(max)
+        };
+        if req["stream"] == json!(true) {
+            let mut events = String::new();
+            for i in 0..n {
+                let mut choice = json!({"index": 0, "delta": {"content": format!("t{i} ")}});
+                if req["logprobs"] == json!(true) {
+                    choice["logprobs"] = json!({"content": [{"token": "t", "logprob": -0.1}]});
+                }
+                events.push_str(&format!("data: {}\n\n", json!({"choices": [choice]})));
+            }
+            if req["stream_options"]["include_usage"] == json!(true) {
+                let usage = json!({"choices": [], "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n, "total_tokens": PROMPT_TOKENS + n}});
+                events.push_str(&format!("data: {usage}\n\n"));
+            }
+            events.push_str("data: [DONE]\n\n");
+            let head =
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+            let _ = out.write_all(head.as_bytes());
+            // In pieces, so events arrive split across reads.
+            for piece in events.as_bytes().chunks(37) {
+                if out.write_all(piece).is_err() {
+                    return;
+                }
+                let _ = out.flush();
+            }
+            return;
+        }
+        let answer = if path.ends_with("/embeddings") {
+            let inputs = match &req["input"] {
+                Value::Array(a) => a.len(),
+                _ => 1,
+            };
+            let data: Vec<Value> = (0..inputs)
+                .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}))
+                .collect();
+            json!({"data": data, "usage": {"prompt_tokens": 5 * inputs, "total_tokens": 5 * inputs}})
+        } else if path.ends_with("/predict") {
+            let preds: Vec<Value> = req["instances"]
+                .as_array()
+                .map(|a| a.iter().map(predict).collect())
+                .unwrap_or_default();
+            json!({"predictions": preds})
+        } else {
+            let mut choice = json!({"index": 0, "message": {"role": "assistant", "content": "t ".repeat(n as usize)}, "finish_reason": "stop"});
+            if req["logprobs"] == json!(true) {
+                let lp: Vec<Value> = (0..n)
+                    .map(|_| json!({"token": "t", "logprob": -0.1}))
+                    .collect();
+                choice["logprobs"] = json!({"content": lp});
+            }
+            json!({"choices": [choice], "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n, "total_tokens": PROMPT_TOKENS + n}})
+        };
+        let text = answer.to_string();
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if out.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A 3-class linear model with softmax probabilities.
+fn predict(x: &Value) -> Value {
+    let x: Vec<f64> = x
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    let s: f64 = x.iter().sum();
+    let z = [s, -s, 0.3];
+    let m = z.iter().cloned().fold(f64::MIN, f64::max);
+    let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
+    let t: f64 = e.iter().sum();
+    json!(e.iter().map(|v| v / t).collect::<Vec<_>>())
+}
+
+/// An HTTP/1.1 answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// POSTs `body` to `path` on a fresh mTLS connection and reads the answer.
+pub fn post(
+    addr: SocketAddr,
+    bundle: &str,
+    client: ClientCert<'_>,
+    path: &str,
+    body: &str,
+) -> Answer {
+    let mut tls = mtls_connect(addr, bundle, client, &[b"http/1.1"]).unwrap();
+    write!(
+        tls,
+        "POST {path} HTTP/1.1\r\nHost: model.test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    tls.flush().unwrap();
+    read_answer(&mut tls)
+}
+
+fn read_answer<S: Read>(stream: &mut S) -> Answer {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) if !raw.is_empty() && e.kind() == std::io::ErrorKind::ConnectionAborted => break,
+            Err(e) => panic!("reading the answer: {e} (got {} bytes)", raw.len()),
+        }
+    }
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete head");
+    let head = String::from_utf8_lossy(&raw[..end]).to_string();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let rest = &raw[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).to_string(),
+    }
+}
+
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        let start = eol + 2;
+        out.extend_from_slice(&rest[start..(start + size).min(rest.len())]);
+        rest = &rest[(start + size + 2).min(rest.len())..];
+    }
+}

@@ -1,0 +1,360 @@
+//! Model API protection through the real binary: rate limits with the
+//! draft RateLimit headers, token budgets that concurrent requests cannot
+//! overshoot, streams charged what they streamed and cut at their
+//! reservation, information caps, aggregate limits, shadow mode.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::time::Duration;
+
+use common::model::{ModelApp, ModelBehaviour, PROMPT_TOKENS, post};
+use common::*;
+use serde_json::json;
+
+struct Bench {
+    ca: Ca,
+    app: ModelApp,
+    proxy: Proxy,
+}
+
+impl Bench {
+    /// A sidecar in front of a fake model with `routes` under `model_api:`.
+    fn start(b: ModelBehaviour, routes: &str) -> Bench {
+        let ca = Ca::init("example.org");
+        let app = ModelApp::start(b);
+        let own = Creds {
+            dir: ca.issue(&ca.id("/ns/ml/sa/model"), None),
+        };
+        let config = format!(
+            "{}admin: 127.0.0.1:0\ninbound:\n  - name: models\n    listen: 127.0.0.1:0\n    app: {}\n    policy:\n      rules:\n        - name: callers\n          action: allow\n          from: [spiffe://example.org/*]\n    model_api:\n{routes}",
+            own.identity_yaml(),
+            app.addr
+        );
+        let proxy = Proxy::start(ca.tmp.path(), &config);
+        Bench { ca, app, proxy }
+    }
+
+    fn caller(&self, path: &str) -> Creds {
+        Creds {
+            dir: self.ca.issue(&self.ca.id(path), None),
+        }
+    }
+
+    fn post(&self, who: &Creds, path: &str, body: &str) -> common::model::Answer {
+        let (chain, key) = (who.chain(), who.key());
+        post(
+            self.proxy.addr("models"),
+            &who.bundle(),
+            Some((&chain, &key)),
+            path,
+            body,
+        )
+    }
+
+    fn metric(&self, prefix: &str) -> f64 {
+        self.proxy.metric(prefix)
+    }
+}
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn chat(max_tokens: u64) -> String {
+    json!({"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens}).to_string()
+}
+
+#[test]
+fn over_the_rate_a_429_carries_ratelimit_headers_retry_after_and_a_problem() {
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        limits:\n          identity:\n            requests_per_second: 0.2\n            burst: 2\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let first = b.post(&web, CHAT, &chat(10));
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(
+        first.header("ratelimit-policy"),
+        Some("\"identity-requests\";q=2;w=10")
+    );
+    assert_eq!(
+        first.header("ratelimit"),
+        Some("\"identity-requests\";r=1;t=5")
+    );
+    assert_eq!(b.post(&web, CHAT, &chat(10)).status, 200);
+    let refused = b.post(&web, CHAT, &chat(10));
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(
+        refused.header("content-type"),
+        Some("application/problem+json")
+    );
+    let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=5).contains(&retry), "retry-after {retry}");
+    assert_eq!(
+        refused.header("ratelimit"),
+        Some(format!("\"identity-requests\";r=0;t={retry}").as_str())
+    );
+    let p = refused.json();
+    assert!(
+        p["type"].as_str().unwrap().ends_with(":quota-exceeded"),
+        "{p}"
+    );
+    assert_eq!(p["status"], 429);
+    // The refused request never reached the model; another caller has its own bucket.
+    assert_eq!(b.app.received.lock().unwrap().len(), 2);
+    assert_eq!(
+        b.post(&b.caller("/ns/shop/sa/batch"), CHAT, &chat(10))
+            .status,
+        200
+    );
+    assert_eq!(
+        b.metric("warden_model_decisions_total{listener=\"models\",result=\"quota_exceeded\",route=\"chat\"}"),
+        1.0
+    );
+    assert_eq!(
+        b.metric("warden_model_quota_refusals_total{listener=\"models\",quota=\"identity-requests\",route=\"chat\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn sixty_four_concurrent_requests_never_overshoot_a_token_budget() {
+    const BUDGET: u64 = 3000;
+    let b = Bench::start(
+        ModelBehaviour {
+            generate: 50,
+            delay: Duration::from_millis(700),
+            ..ModelBehaviour::default()
+        },
+        &format!(
+            "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        limits:\n          identity:\n            tokens_per_minute: {BUDGET}\n"
+        ),
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let body = chat(100);
+    let reservation = body.len() as u64 + 100;
+    let results: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..64)
+            .map(|_| s.spawn(|| b.post(&web, CHAT, &body).status))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = results.iter().filter(|s| **s == 200).count() as u64;
+    let refused = results.iter().filter(|s| **s == 429).count() as u64;
+    assert_eq!(ok + refused, 64, "{results:?}");
+    assert!(ok >= 1 && refused >= 1, "ok {ok} refused {refused}");
+    assert!(
+        ok * reservation <= BUDGET,
+        "{ok} admitted x {reservation} reserved > {BUDGET}"
+    );
+    // Settled at what the model reported: prompt + completion per request.
+    let charged =
+        b.metric("warden_model_charged_total{listener=\"models\",route=\"chat\",unit=\"tokens\"}");
+    assert_eq!(charged as u64, ok * (PROMPT_TOKENS + 50));
+    assert!(charged as u64 <= BUDGET);
+    assert_eq!(
+        b.metric("warden_model_reservations_outstanding{listener=\"models\",route=\"chat\"}"),
+        0.0
+    );
+    // The refunds are usable: with nothing in flight, a new request fits again.
+    assert_eq!(b.post(&web, CHAT, &body).status, 200);
+}
+
+#[test]
+fn a_stream_is_charged_what_it_streamed_and_cut_cleanly_at_its_reservation() {
+    let b = Bench::start(
+        ModelBehaviour {
+            generate: 12,
+            ..ModelBehaviour::default()
+        },
+        "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        default_max_tokens: 64\n        limits:\n          identity:\n            tokens_per_day: 100000\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string();
+    let a = b.post(&web, CHAT, &body);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.header("content-type"), Some("text/event-stream"));
+    let deltas = a.body.matches("\"delta\"").count();
+    assert_eq!(deltas, 12);
+    assert!(a.body.ends_with("data: [DONE]\n\n"), "{}", a.body);
+    // warden asked for usage on the caller's behalf and kept it from the caller.
+    let sent = b.app.last();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert_eq!(sent["max_tokens"], 64);
+    assert!(!a.body.contains("\"usage\""), "{}", a.body);
+    let tokens = "warden_model_charged_total{listener=\"models\",route=\"chat\",unit=\"tokens\"}";
+    assert_eq!(b.metric(tokens) as u64, PROMPT_TOKENS + 12);
+
+    // A caller that asks for usage gets it.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": {"include_usage": true}}).to_string();
+    assert!(b.post(&web, CHAT, &body).body.contains("\"usage\""));
+    assert_eq!(b.metric(tokens) as u64, 2 * (PROMPT_TOKENS + 12));
+}
+
+#[test]
+fn a_model_that_ignores_max_tokens_has_its_stream_cut_with_an_error_event() {
+    let b = Bench::start(
+        ModelBehaviour {
+            generate: 40,
+            ignore_max_tokens: true,
+            ..ModelBehaviour::default()
+        },
+        "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        limits:\n          identity:\n            tokens_per_minute: 100000\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let body =
+        json!({"messages": [{"role": "user", "content": "hi"}], "stream": true, "max_tokens": 10})
+            .to_string();
+    let a = b.post(&web, CHAT, &body);
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.matches("\"delta\"").count(), 10, "{}", a.body);
+    assert!(
+        a.body.contains("event: error\ndata: {\"error\""),
+        "{}",
+        a.body
+    );
+    assert!(a.body.ends_with("data: [DONE]\n\n"));
+    assert_eq!(
+        b.metric("warden_model_streams_cut_total{listener=\"models\",route=\"chat\"}"),
+        1.0
+    );
+    // Charged what was delivered: the prompt bound (no usage arrived) plus 10.
+    let charged = b
+        .metric("warden_model_charged_total{listener=\"models\",route=\"chat\",unit=\"tokens\"}")
+        as u64;
+    assert_eq!(charged, body.len() as u64 + 10);
+}
+
+#[test]
+fn requests_get_a_max_tokens_and_information_caps_are_enforced() {
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        default_max_tokens: 32\n        limits:\n          identity:\n            max_top_logprobs: 5\n            max_logit_bias: 2\n            logprob_tokens_per_day: 8\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let plain = json!({"messages": [{"role": "user", "content": "hi"}]}).to_string();
+    assert_eq!(b.post(&web, CHAT, &plain).status, 200);
+    assert_eq!(b.app.last()["max_tokens"], 32);
+
+    let too_many = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": true, "top_logprobs": 20}).to_string();
+    let a = b.post(&web, CHAT, &too_many);
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.json()["type"]
+            .as_str()
+            .unwrap()
+            .ends_with(":information-limit")
+    );
+    let bias = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logit_bias": {"1": 5, "2": 5, "3": 5}}).to_string();
+    assert_eq!(b.post(&web, CHAT, &bias).status, 400);
+
+    // Logprob tokens are metered: 8 per day, 4 per request.
+    let ok = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": true, "top_logprobs": 5}).to_string();
+    assert_eq!(b.post(&web, CHAT, &ok).status, 200);
+    assert_eq!(b.post(&web, CHAT, &ok).status, 200);
+    let a = b.post(&web, CHAT, &ok);
+    assert_eq!(a.status, 429, "{a:?}");
+    assert_eq!(
+        a.header("ratelimit"),
+        Some(
+            format!(
+                "\"identity-logprob-tokens-per-day\";r=0;t={}",
+                a.header("retry-after").unwrap()
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(
+        b.metric(
+            "warden_model_charged_total{listener=\"models\",route=\"chat\",unit=\"logprob_tokens\"}"
+        ),
+        8.0
+    );
+}
+
+#[test]
+fn a_namespace_limit_binds_many_identities_together() {
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        "      - name: embed\n        paths: [/v1/embeddings]\n        api: openai\n        limits:\n          identity:\n            vectors_per_day: 100\n          namespace:\n            vectors_per_day: 5\n",
+    );
+    let body = json!({"model": "e", "input": ["a", "b", "c"]}).to_string();
+    let a = b.caller("/ns/shop/sa/a");
+    let c = b.caller("/ns/shop/sa/c");
+    let other = b.caller("/ns/bank/sa/a");
+    assert_eq!(b.post(&a, "/v1/embeddings", &body).status, 200);
+    // 3 of the namespace's 5 are used: 3 more do not fit, for any identity in it.
+    let refused = b.post(&c, "/v1/embeddings", &body);
+    assert_eq!(refused.status, 429);
+    assert!(
+        refused
+            .header("ratelimit")
+            .unwrap()
+            .starts_with("\"namespace-vectors-per-day\"")
+    );
+    assert_eq!(b.post(&other, "/v1/embeddings", &body).status, 200);
+}
+
+#[test]
+fn shadow_mode_counts_what_it_would_refuse_and_lets_it_through() {
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        mode: shadow\n        limits:\n          identity:\n            requests_per_second: 0.1\n            burst: 1\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    for _ in 0..3 {
+        assert_eq!(b.post(&web, CHAT, &chat(5)).status, 200);
+    }
+    assert_eq!(
+        b.metric("warden_model_decisions_total{listener=\"models\",result=\"shadow_quota_exceeded\",route=\"chat\"}"),
+        2.0
+    );
+    assert_eq!(b.app.received.lock().unwrap().len(), 3);
+}
+
+#[test]
+fn bodies_are_bounded_and_must_be_what_the_api_says() {
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        max_body_bytes: 1024\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let big = json!({"messages": [{"role": "user", "content": "x".repeat(2000)}]}).to_string();
+    assert_eq!(b.post(&web, CHAT, &big).status, 413);
+    let a = b.post(&web, CHAT, "{not json");
+    assert_eq!(a.status, 400);
+    assert!(
+        a.json()["type"]
+            .as_str()
+            .unwrap()
+            .ends_with(":bad-model-request")
+    );
+    assert!(b.app.received.lock().unwrap().is_empty());
+    // Paths outside the route are not metered or parsed.
+    assert_eq!(b.post(&web, "/healthz", "not json").status, 200);
+}
+
+#[test]
+fn check_names_the_line_and_column_of_a_bad_model_route() {
+    let ca = Ca::init("example.org");
+    let own = Creds {
+        dir: ca.issue(&ca.id("/ns/ml/sa/model"), None),
+    };
+    let config = format!(
+        "{}admin: 127.0.0.1:0\ninbound:\n  - name: models\n    listen: 127.0.0.1:0\n    app: 127.0.0.1:9\n    model_api:\n      - name: p\n        paths: [/predict]\n        api: predict\n        limits:\n          identity:\n            tokens_per_minute: 10\n        detection:\n          ladder: {{warn: 0.9, degrade: 0.5, refuse: 0.95, deny: 1.0}}\n",
+        own.identity_yaml()
+    );
+    let path = ca.tmp.path().join("bad.yaml");
+    std::fs::write(&path, config).unwrap();
+    let out = run(&["check", "--config", s(&path)]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:16:13: tokens_per_minute only applies to api: openai"),
+        "{err}"
+    );
+    assert!(
+        err.contains("bad.yaml:18:19: ladder scores must be"),
+        "{err}"
+    );
+}
