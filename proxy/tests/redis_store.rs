@@ -656,65 +656,74 @@ async fn the_local_store_figures_hold_at_fixed_instants() {
     assert_eq!(d.retry_after_s, 60);
 }
 
-/// Every decision and every hold of a seeded random run over two routes,
-/// at the same instants, is the in-process store's.
-#[tokio::test]
-async fn decisions_are_exactly_those_of_the_local_store() {
-    let server = redis_or_skip!();
-    let redis = RedisStore::connect(&server.url()).await.unwrap();
-    let local = LocalStore::default();
+/// What a run against the local store did.
+#[derive(Debug, Default)]
+struct Tally {
+    admitted: u32,
+    refused: std::collections::BTreeMap<String, u32>,
+    settled_over: u32,
+    settled_under: u32,
+}
+
+/// Two routes: token windows and slots at every level; rates.
+fn mixed_plans(scale: u64, rps: f64) -> [Plan; 2] {
     let chat = Plan::new(
         "chat",
         &Limits {
             identity: LimitSet {
-                tokens_per_minute: Some(2000),
-                tokens_per_day: Some(8000),
-                logprob_tokens_per_day: Some(1500),
+                tokens_per_minute: Some(2000 * scale),
+                tokens_per_day: Some(8000 * scale),
+                logprob_tokens_per_day: Some(1500 * scale),
                 concurrent: Some(2),
                 ..LimitSet::default()
             },
             namespace: LimitSet {
-                tokens_per_minute: Some(3000),
+                tokens_per_minute: Some(3000 * scale),
                 concurrent: Some(3),
                 ..LimitSet::default()
             },
             trust_domain: LimitSet {
-                vectors_per_day: Some(300),
+                vectors_per_day: Some(300 * scale),
                 ..LimitSet::default()
             },
         },
     );
-    // Slow rates: their keys outlive any stall of the test (see PX in admit.lua).
     let rated = Plan::new(
         "rated",
         &Limits {
             identity: LimitSet {
-                requests_per_second: Some(0.2),
+                requests_per_second: Some(rps),
                 burst: 4,
                 ..LimitSet::default()
             },
             namespace: LimitSet {
-                requests_per_second: Some(0.3),
+                requests_per_second: Some(rps * 1.5),
                 burst: 5,
-                tokens_per_minute: Some(2500),
+                tokens_per_minute: Some(2500 * scale),
                 ..LimitSet::default()
             },
             ..Limits::default()
         },
     );
-    let plans = [&chat, &rated];
+    [chat, rated]
+}
+
+/// Runs the same seeded random admissions and settlements through both
+/// stores at the same instants, asserting every decision and hold equal.
+/// Amounts are multiplied by `scale`.
+async fn compare_with_local(redis: &RedisStore, plans: &[Plan], scale: u64, seed: u64) -> Tally {
+    let local = LocalStore::default();
     let callers = [
         who("spiffe://td/ns/a/sa/x"),
         who("spiffe://td/ns/a/sa/y"),
         who("spiffe://td/ns/b/sa/z"),
         who("spiffe://td/web"),
     ];
-    let mut rng = StdRng::seed_from_u64(7);
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut now = day_ahead() - 3_600_000_000;
     // (admitted at, plan, local hold, redis hold)
     let mut open: Vec<(u64, &Plan, Hold, Hold)> = Vec::new();
-    let (mut admitted, mut extra, mut refunds) = (0, 0, 0);
-    let mut refused = std::collections::BTreeMap::new();
+    let mut tally = Tally::default();
     for step in 0..1500 {
         now += match rng.random_range(0..100) {
             0..75 => rng.random_range(0..300_000),
@@ -733,13 +742,13 @@ async fn decisions_are_exactly_those_of_the_local_store() {
             }
         }
         if open.is_empty() || rng.random_bool(0.6) {
-            let p = plans[rng.random_range(0..plans.len())];
+            let p = &plans[rng.random_range(0..plans.len())];
             let caller = &callers[rng.random_range(0..callers.len())];
             let ask = Ask {
-                tokens: rng.random_range(0..900),
-                logprob_tokens: rng.random_range(0..200),
+                tokens: rng.random_range(0..900 * scale),
+                logprob_tokens: rng.random_range(0..200 * scale),
                 logit_bias: 0,
-                vectors: rng.random_range(0..12),
+                vectors: rng.random_range(0..12 * scale),
             };
             let l = local.admit(p, caller, &ask, now);
             let r = redis.admit_at(p, caller, &ask, now).await.unwrap();
@@ -754,12 +763,15 @@ async fn decisions_are_exactly_those_of_the_local_store() {
                             .collect::<Vec<_>>()
                     };
                     assert_eq!(slots(&l), slots(&r), "step {step}");
-                    admitted += 1;
+                    tally.admitted += 1;
                     open.push((now, p, l, r));
                 }
                 (Err(l), Err(r)) => {
                     assert_eq!(l, r, "step {step}");
-                    *refused.entry(p.quotas[l.quota].name.clone()).or_insert(0) += 1;
+                    *tally
+                        .refused
+                        .entry(p.quotas[l.quota].name.clone())
+                        .or_insert(0) += 1;
                 }
                 (l, r) => panic!("step {step}: local {l:?}, redis {r:?}"),
             }
@@ -767,28 +779,54 @@ async fn decisions_are_exactly_those_of_the_local_store() {
             let (_, p, l, r) = open.swap_remove(rng.random_range(0..open.len()));
             let reserved = l.reservations.first().map(|r| r.amount).unwrap_or(0);
             let used = Ask {
-                tokens: rng.random_range(0..1200),
-                logprob_tokens: rng.random_range(0..250),
+                tokens: rng.random_range(0..1200 * scale),
+                logprob_tokens: rng.random_range(0..250 * scale),
                 logit_bias: 0,
-                vectors: rng.random_range(0..12),
+                vectors: rng.random_range(0..12 * scale),
             };
             if used.tokens > reserved {
-                extra += 1;
+                tally.settled_over += 1;
             } else {
-                refunds += 1;
+                tally.settled_under += 1;
             }
             local.settle(p, &l, &used, now);
             redis.settle_at(p, &r, &used, now).await.unwrap();
         }
     }
-    eprintln!(
-        "differential run: {admitted} admitted; refused by {refused:?}; settled {extra} over, {refunds} under"
-    );
-    assert!(admitted > 300 && extra > 50 && refunds > 50);
+    eprintln!("run against the local store, x{scale}: {tally:?}");
+    assert!(tally.admitted > 150 && tally.settled_over > 40 && tally.settled_under > 40);
     assert!(
-        refused.len() >= 6,
-        "every kind of quota refuses: {refused:?}"
+        tally.refused.len() >= 5,
+        "most kinds of quota refuse: {:?}",
+        tally.refused
     );
+    tally
+}
+
+/// Every decision and every hold of a seeded random run over two routes,
+/// at the same instants, is the in-process store's.
+#[tokio::test]
+async fn decisions_are_exactly_those_of_the_local_store() {
+    let server = redis_or_skip!();
+    let redis = RedisStore::connect(&server.url()).await.unwrap();
+    // Slow rates: their keys outlive any stall of the test (see PX in admit.lua).
+    let tally = compare_with_local(&redis, &mixed_plans(1, 0.2), 1, 7).await;
+    assert!(tally.refused.contains_key("identity-requests"));
+}
+
+/// The same with amounts near 10^14 and a rate of one request per 28
+/// hours, whose products pass 2^53: Lua's doubles must stay exact.
+#[tokio::test]
+async fn large_amounts_stay_exact() {
+    let server = redis_or_skip!();
+    let redis = RedisStore::connect(&server.url()).await.unwrap();
+    compare_with_local(
+        &redis,
+        &mixed_plans(100_000_000_000, 1e-5),
+        100_000_000_000,
+        11,
+    )
+    .await;
 }
 
 #[tokio::test]
