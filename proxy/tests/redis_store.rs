@@ -31,9 +31,14 @@ impl RedisServer {
     /// Starts one on a free port; `None` (after a notice) when
     /// `redis-server` is not installed, unless under CI.
     fn start() -> Option<Self> {
+        Self::start_with(&[])
+    }
+
+    /// As [`RedisServer::start`], with more `redis-server` arguments.
+    fn start_with(extra: &[&str]) -> Option<Self> {
         for _ in 0..5 {
             let port = free_port();
-            match Self::start_on(port) {
+            match Self::start_on(port, extra) {
                 Ok(Some(server)) => return Some(server),
                 Ok(None) => continue,
                 Err(()) => return None,
@@ -43,10 +48,11 @@ impl RedisServer {
     }
 
     /// `Ok(None)` when it did not come up on `port` (taken meanwhile).
-    fn start_on(port: u16) -> Result<Option<Self>, ()> {
+    fn start_on(port: u16, extra: &[&str]) -> Result<Option<Self>, ()> {
         let spawned = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -521,7 +527,7 @@ async fn the_store_reconnects_when_redis_comes_back() {
     let port = server.port;
     server.stop();
     assert!(s.admit(&p, &a, &tokens(1)).await.is_err());
-    let _server = RedisServer::start_on(port)
+    let _server = RedisServer::start_on(port, &[])
         .unwrap()
         .expect("redis-server restarts on its port");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -535,6 +541,31 @@ async fn the_store_reconnects_when_redis_comes_back() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn a_unix_socket_url_works() {
+    let sock = std::env::temp_dir().join(format!("warden-redis-{}.sock", std::process::id()));
+    let sock = sock.to_str().unwrap().to_owned();
+    let _server = match RedisServer::start_with(&["--unixsocket", &sock]) {
+        Some(server) => server,
+        None => return,
+    };
+    let s = RedisStore::connect(&format!("unix://{sock}"))
+        .await
+        .unwrap();
+    let p = plan(
+        LimitSet {
+            concurrent: Some(1),
+            ..LimitSet::default()
+        },
+        LimitSet::default(),
+    );
+    let a = who("spiffe://td/ns/a/sa/x");
+    let h = s.admit(&p, &a, &Ask::default()).await.unwrap().unwrap();
+    assert!(s.admit(&p, &a, &Ask::default()).await.unwrap().is_err());
+    s.settle(&p, &h, &Ask::default()).await.unwrap();
+    let _ = std::fs::remove_file(&sock);
 }
 
 #[tokio::test]
@@ -872,4 +903,14 @@ async fn one_admission_is_one_round_trip() {
         admit.as_micros(),
         settle.as_micros()
     );
+    // Of which the scripts themselves, on the server:
+    let mut conn = raw(&server).await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for line in stats.lines().filter(|l| l.starts_with("cmdstat_evalsha:")) {
+        eprintln!("redis server, both scripts: {line}");
+    }
 }
