@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::{Ask, Denial, Headroom, Hold, Kind, Plan, Reservation, Subjects};
+use super::{Ask, Denial, Headroom, Hold, Kind, Plan, Reservation, Subjects, state_key};
 
 /// Keys kept by default (about 100 bytes each).
 pub const DEFAULT_CAPACITY: usize = 100_000;
@@ -328,16 +328,6 @@ fn deny(denial: &mut Option<Denial>, quota: usize, retry_after_s: u64) {
             retry_after_s,
         });
     }
-}
-
-fn state_key(route: &str, quota: &str, subject: &str) -> String {
-    let mut k = String::with_capacity(route.len() + quota.len() + subject.len() + 2);
-    k.push_str(route);
-    k.push('|');
-    k.push_str(quota);
-    k.push('|');
-    k.push_str(subject);
-    k
 }
 
 /// True when the state says nothing a missing key would not.

@@ -13,6 +13,7 @@
 //! semantics, so several proxies can share every limit.
 
 pub mod local;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -313,10 +314,23 @@ pub struct Hold {
 #[error("limit store: {0}")]
 pub struct StoreError(pub String);
 
+/// The key of one quota's state for one subject: `route|quota|subject`.
+fn state_key(route: &str, quota: &str, subject: &str) -> String {
+    let mut k = String::with_capacity(route.len() + quota.len() + subject.len() + 2);
+    k.push_str(route);
+    k.push('|');
+    k.push_str(quota);
+    k.push('|');
+    k.push_str(subject);
+    k
+}
+
 /// Where limit state lives.
 pub enum Store {
     /// In this process.
     Local(local::LocalStore),
+    /// In Redis, shared with every proxy that uses the same server.
+    Redis(self::redis::RedisStore),
 }
 
 impl Store {
@@ -330,6 +344,7 @@ impl Store {
     ) -> Result<Result<Hold, Denial>, StoreError> {
         match self {
             Self::Local(s) => Ok(s.admit(plan, who, ask, now_us())),
+            Self::Redis(s) => s.admit(plan, who, ask).await,
         }
     }
 
@@ -341,6 +356,7 @@ impl Store {
                 s.settle(plan, hold, used, now_us());
                 Ok(())
             }
+            Self::Redis(s) => s.settle(plan, hold, used).await,
         }
     }
 }
