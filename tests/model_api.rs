@@ -10,6 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::model::{ModelApp, ModelBehaviour, PROMPT_TOKENS, post};
+use common::redis::RedisServer;
 use common::*;
 use serde_json::json;
 
@@ -22,17 +23,26 @@ struct Bench {
 impl Bench {
     /// A sidecar in front of a fake model with `routes` under `model_api:`.
     fn start(b: ModelBehaviour, routes: &str) -> Bench {
-        let ca = Ca::init("example.org");
-        let app = ModelApp::start(b);
+        Self::start_with(b, routes, "")
+    }
+
+    /// The sidecar's config.
+    fn config(ca: &Ca, app: &ModelApp, routes: &str, top: &str) -> String {
         let own = Creds {
             dir: ca.issue(&ca.id("/ns/ml/sa/model"), None),
         };
-        let config = format!(
-            "{}admin: 127.0.0.1:0\ninbound:\n  - name: models\n    listen: 127.0.0.1:0\n    app: {}\n    policy:\n      rules:\n        - name: callers\n          action: allow\n          from: [spiffe://example.org/*]\n    model_api:\n{routes}",
+        format!(
+            "{}{top}admin: 127.0.0.1:0\ninbound:\n  - name: models\n    listen: 127.0.0.1:0\n    app: {}\n    policy:\n      rules:\n        - name: callers\n          action: allow\n          from: [spiffe://example.org/*]\n    model_api:\n{routes}",
             own.identity_yaml(),
             app.addr
-        );
-        let proxy = Proxy::start(ca.tmp.path(), &config);
+        )
+    }
+
+    /// As `start`, with `top` added at the top level of the config.
+    fn start_with(b: ModelBehaviour, routes: &str, top: &str) -> Bench {
+        let ca = Ca::init("example.org");
+        let app = ModelApp::start(b);
+        let proxy = Proxy::start(ca.tmp.path(), &Self::config(&ca, &app, routes, top));
         Bench { ca, app, proxy }
     }
 
@@ -43,9 +53,13 @@ impl Bench {
     }
 
     fn post(&self, who: &Creds, path: &str, body: &str) -> common::model::Answer {
+        self.post_to(&self.proxy, who, path, body)
+    }
+
+    fn post_to(&self, proxy: &Proxy, who: &Creds, path: &str, body: &str) -> common::model::Answer {
         let (chain, key) = (who.chain(), who.key());
         post(
-            self.proxy.addr("models"),
+            proxy.addr("models"),
             &who.bundle(),
             Some((&chain, &key)),
             path,
@@ -356,5 +370,88 @@ fn check_names_the_line_and_column_of_a_bad_model_route() {
     assert!(
         err.contains("bad.yaml:18:19: ladder scores must be"),
         "{err}"
+    );
+}
+
+#[test]
+fn two_proxies_share_one_token_budget_through_redis() {
+    const BUDGET: u64 = 3000;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let routes = format!(
+        "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        limits:\n          identity:\n            tokens_per_minute: {BUDGET}\n"
+    );
+    let top = format!("redis: {}\n", redis.url());
+    let b = Bench::start_with(
+        ModelBehaviour {
+            generate: 50,
+            delay: Duration::from_millis(700),
+            ..ModelBehaviour::default()
+        },
+        &routes,
+        &top,
+    );
+    let second = Proxy::start(
+        b.ca.tmp.path(),
+        &Bench::config(&b.ca, &b.app, &routes, &top),
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let body = chat(100);
+    let reservation = body.len() as u64 + 100;
+    let results: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..64)
+            .map(|i| {
+                let (b, web, body, second) = (&b, &web, &body, &second);
+                s.spawn(move || {
+                    let proxy = if i % 2 == 0 { &b.proxy } else { second };
+                    b.post_to(proxy, web, CHAT, body).status
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = results.iter().filter(|s| **s == 200).count() as u64;
+    let refused = results.iter().filter(|s| **s == 429).count() as u64;
+    assert_eq!(ok + refused, 64, "{results:?}");
+    assert!(ok >= 1 && refused >= 1, "ok {ok} refused {refused}");
+    // Each proxy saw 32 attempts, more than the budget's share: with a budget
+    // each, about twice as many would have been admitted.
+    assert!(
+        ok * reservation <= BUDGET,
+        "{ok} x {reservation} > {BUDGET}"
+    );
+    assert!(32 * reservation > BUDGET);
+    let tokens = "warden_model_charged_total{listener=\"models\",route=\"chat\",unit=\"tokens\"}";
+    let charged = b.proxy.metric(tokens) + second.metric(tokens);
+    assert_eq!(charged as u64, ok * (PROMPT_TOKENS + 50));
+}
+
+#[test]
+fn without_redis_a_route_fails_closed_or_open_as_configured() {
+    let dead = format!("redis: redis://127.0.0.1:{}\n", redis::free_port());
+    let b = Bench::start_with(
+        ModelBehaviour::default(),
+        "      - name: strict\n        paths: [/v1/chat/*]\n        api: openai\n        limits:\n          identity:\n            tokens_per_minute: 1000\n      - name: lenient\n        paths: [/v1/*]\n        api: openai\n        on_redis_error: open\n        limits:\n          identity:\n            tokens_per_minute: 1000\n",
+        &dead,
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let a = b.post(&web, CHAT, &chat(5));
+    assert_eq!(a.status, 503, "{a:?}");
+    assert!(
+        a.json()["type"]
+            .as_str()
+            .unwrap()
+            .ends_with(":limit-store-unavailable")
+    );
+    let body = json!({"prompt": "hi", "max_tokens": 5}).to_string();
+    assert_eq!(b.post(&web, "/v1/completions", &body).status, 200);
+    assert_eq!(
+        b.metric("warden_model_store_errors_total{listener=\"models\",outcome=\"closed\",route=\"strict\"}"),
+        1.0
+    );
+    assert_eq!(
+        b.metric("warden_model_store_errors_total{listener=\"models\",outcome=\"open\",route=\"lenient\"}"),
+        1.0
     );
 }

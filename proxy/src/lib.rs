@@ -43,6 +43,9 @@ pub enum StartError {
     /// The identity could not be set up.
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    /// The shared limit store's URL is unusable.
+    #[error(transparent)]
+    Store(model::limits::StoreError),
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -86,9 +89,14 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let store = Arc::new(model::limits::Store::Local(
-        model::limits::local::LocalStore::default(),
-    ));
+    let store = Arc::new(match &config.redis {
+        // Connects lazily and reconnects by itself: a proxy starts while Redis
+        // is down, and each route's `on_redis_error` decides meanwhile.
+        Some(url) => model::limits::Store::Redis(
+            model::limits::redis::RedisStore::new(url).map_err(StartError::Store)?,
+        ),
+        None => model::limits::Store::Local(model::limits::local::LocalStore::default()),
+    });
     let mut reloader = reload::Reloader::new(path, config.clone(), metrics.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for (cfg, l) in inbound {

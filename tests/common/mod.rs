@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod model;
+#[macro_use]
+pub mod redis;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

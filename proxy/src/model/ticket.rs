@@ -70,8 +70,7 @@ impl Ticket {
         }
         match &*self.settler.store {
             Store::Local(s) => s.settle(&self.settler.plan, &hold, &used, super::limits::now_us()),
-            #[allow(unreachable_patterns)]
-            _ => {
+            Store::Redis(_) => {
                 let settler = self.settler.clone();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {

@@ -144,12 +144,12 @@ impl LocalStore {
             let state = map.get(&key).map(|e| e.state);
             let (change, remaining, reset_s, limit) = match q.kind {
                 Kind::Rate { interval_us, burst } => {
-                    let tau = interval_us * u64::from(burst);
+                    let tau = interval_us.saturating_mul(u64::from(burst));
                     let tat = match state {
                         Some(State::Tat(t)) => t.max(now_us),
                         _ => now_us,
                     };
-                    let next = tat + interval_us;
+                    let next = tat.saturating_add(interval_us);
                     if next - now_us > tau {
                         let wait = next - now_us - tau;
                         deny(&mut denial, i, wait.div_ceil(1_000_000).max(1));

@@ -102,7 +102,10 @@ impl Quota {
         match self.kind {
             Kind::Rate { interval_us, burst } => (
                 u64::from(burst),
-                (interval_us * u64::from(burst)).div_ceil(1_000_000).max(1),
+                interval_us
+                    .saturating_mul(u64::from(burst))
+                    .div_ceil(1_000_000)
+                    .max(1),
             ),
             Kind::Window {
                 window_ms, limit, ..
