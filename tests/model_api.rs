@@ -455,3 +455,28 @@ fn without_redis_a_route_fails_closed_or_open_as_configured() {
         1.0
     );
 }
+
+#[test]
+fn requests_without_a_body_count_against_the_rate_and_pass_unparsed() {
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        limits:\n          identity:\n            requests_per_second: 0.1\n            burst: 1\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let (chain, key) = (web.chain(), web.key());
+    let get = || {
+        mtls_get(
+            b.proxy.addr("models"),
+            &web.bundle(),
+            Some((&chain, &key)),
+            "GET",
+            "/v1/models",
+            "",
+        )
+        .unwrap()
+        .0
+    };
+    assert_eq!(get(), 200);
+    assert_eq!(get(), 429);
+    assert_eq!(b.app.received.lock().unwrap().len(), 1);
+}

@@ -17,7 +17,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, header};
 use http_body_util::combinators::MapFrame;
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Frame, Incoming};
+use hyper::body::{Body as _, Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -324,13 +324,31 @@ impl InboundHttp {
         body: Incoming,
         peer: &VerifiedPeer,
     ) -> Response<Body> {
-        let (bytes, admitted) = match route.admit(peer.id(), body).await {
-            Ok(a) => a,
-            Err(resp) => return resp,
+        let bodiless = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+        ) && body.is_end_stream();
+        let (req, admitted) = if bodiless {
+            match route.admit_bodiless(peer.id()).await {
+                Ok(a) => {
+                    let body = body.map_frame(clean_trailers as fn(Frame<Bytes>) -> Frame<Bytes>);
+                    (Request::from_parts(parts, Either::Left(body)), a)
+                }
+                Err(resp) => return resp,
+            }
+        } else {
+            match route.admit(peer.id(), body).await {
+                Ok((bytes, a)) => {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    parts.headers.remove(header::TRANSFER_ENCODING);
+                    (
+                        Request::from_parts(parts, Either::Right(Full::new(bytes))),
+                        a,
+                    )
+                }
+                Err(resp) => return resp,
+            }
         };
-        parts.headers.remove(header::CONTENT_LENGTH);
-        parts.headers.remove(header::TRANSFER_ENCODING);
-        let req = Request::from_parts(parts, Either::Right(Full::new(bytes)));
         match self.forward(req).await {
             Ok(resp) => route.answer(admitted, resp).await,
             Err(resp) => {

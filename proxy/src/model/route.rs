@@ -23,7 +23,7 @@ use warden_config::model::{LimitMode, ModelApi, ModelRoute, OnStoreError, Output
 
 use super::answer;
 use super::detect::{Detector, Ladder, LlmQuery, Query, Settings, Step};
-use super::limits::{Headroom, Plan, Store, Subjects};
+use super::limits::{Ask, Headroom, Hold, Plan, Store, Subjects};
 use super::meter::{Metered, Reserved, Tally};
 use super::metrics::{ModelMetrics, RouteMetrics};
 use super::outputs::{self, Outputs};
@@ -53,7 +53,8 @@ pub struct Route {
 /// What an admitted request carries to its answer.
 pub struct Admitted {
     ticket: Ticket,
-    request: ModelRequest,
+    /// None for a request without a body.
+    request: Option<ModelRequest>,
     outputs: OutputDetail,
     headroom: Option<Headroom>,
     warning: Option<HeaderValue>,
@@ -203,39 +204,14 @@ impl Route {
         Some(resp())
     }
 
-    /// Everything before the app: the body to forward and the admission,
-    /// or the answer that refuses the request.
+    /// Everything before the app for a request with a body: the body to
+    /// forward and the admission, or the answer that refuses the request.
     pub async fn admit(
         &self,
         peer: &SpiffeId,
         body: Incoming,
     ) -> Result<(Bytes, Admitted), Response<Body>> {
-        let bytes = match Limited::new(body, self.cfg.max_body_bytes).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                let too_large = e
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some();
-                let (status, reason, detail) = if too_large {
-                    (
-                        413,
-                        "body_too_large",
-                        format!(
-                            "the request body is larger than {} bytes",
-                            self.cfg.max_body_bytes
-                        ),
-                    )
-                } else {
-                    (
-                        400,
-                        "bad_model_request",
-                        "the request body could not be read".to_owned(),
-                    )
-                };
-                self.metrics().decision(reason);
-                return Err(answer::problem(status, reason, &detail));
-            }
-        };
+        let bytes = self.read_body(body).await?;
         let mut request =
             match ModelRequest::parse(self.cfg.api, &bytes, self.cfg.default_max_tokens) {
                 Ok(r) => r,
@@ -274,69 +250,144 @@ impl Route {
                 }
             }
         }
-        let ask = request.ask();
-        let who = Subjects::of(peer);
-        let plan = &self.settler.plan;
-        let (hold, headroom) = match self.settler.store.admit(plan, &who, &ask).await {
-            Ok(Ok(hold)) => {
-                let room = hold.headroom;
-                (hold, room)
-            }
-            Ok(Err(denial)) => {
-                let quota = plan
-                    .quotas
-                    .get(denial.quota)
-                    .map_or("", |q| q.name.as_str());
-                let m = self.metrics();
-                m.all
-                    .quota_refusals
-                    .with_label_values(&[m.listener.as_str(), m.route.as_str(), quota])
-                    .inc();
-                let detail = format!("{quota} exceeded");
-                if let Some(r) = self.refuse(peer, "quota_exceeded", &detail, || {
-                    answer::quota_exceeded(plan, &self.policy_header, &denial)
-                }) {
-                    return Err(r);
-                }
-                (Default::default(), None)
-            }
-            Err(e) => {
-                let m = self.metrics();
-                let outcome = match self.cfg.on_store_error {
-                    OnStoreError::Open => "open",
-                    OnStoreError::Closed => "closed",
-                };
-                m.all
-                    .store_errors
-                    .with_label_values(&[m.listener.as_str(), m.route.as_str(), outcome])
-                    .inc();
-                if LOG.allow() {
-                    tracing::error!(route = %self.cfg.name, error = %e, outcome, "limit store unavailable");
-                }
-                if self.cfg.on_store_error == OnStoreError::Closed {
-                    m.decision("store_unavailable");
-                    return Err(answer::problem(
-                        503,
-                        "limit_store_unavailable",
-                        "the shared limit store cannot be reached; this route fails closed",
-                    ));
-                }
-                (Default::default(), None)
-            }
-        };
-        self.metrics().decision("allowed");
+        let (ticket, headroom) = self.admit_ask(peer, request.ask()).await?;
         let forward = request.body(bytes);
-        let ticket = Ticket::new(self.settler.clone(), hold, ask);
         Ok((
             forward,
             Admitted {
                 ticket,
-                request,
+                request: Some(request),
                 outputs,
                 headroom,
                 warning,
             },
         ))
+    }
+
+    /// A request without a body (GET, HEAD, DELETE, OPTIONS, such as
+    /// `GET /v1/models`): counted against request rates and concurrency only.
+    pub async fn admit_bodiless(&self, peer: &SpiffeId) -> Result<Admitted, Response<Body>> {
+        let warning = self
+            .detector
+            .as_ref()
+            .map(|d| d.step(peer.as_str()))
+            .filter(|s| *s >= Step::Warn);
+        if warning.is_some_and(|s| s >= Step::Refuse)
+            && let Some(r) = self.refuse(
+                peer,
+                "abnormal_usage",
+                "extraction suspected",
+                answer::abnormal_usage,
+            )
+        {
+            return Err(r);
+        }
+        let (ticket, headroom) = self.admit_ask(peer, Ask::default()).await?;
+        Ok(Admitted {
+            ticket,
+            request: None,
+            outputs: self.cfg.outputs,
+            headroom,
+            warning: warning
+                .filter(|_| !self.shadow())
+                .and_then(|s| HeaderValue::from_str(s.label()).ok()),
+        })
+    }
+
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, Response<Body>> {
+        match Limited::new(body, self.cfg.max_body_bytes).collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e) => {
+                let too_large = e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some();
+                let (status, reason, detail) = if too_large {
+                    (
+                        413,
+                        "body_too_large",
+                        format!(
+                            "the request body is larger than {} bytes",
+                            self.cfg.max_body_bytes
+                        ),
+                    )
+                } else {
+                    (
+                        400,
+                        "bad_model_request",
+                        "the request body could not be read".to_owned(),
+                    )
+                };
+                self.metrics().decision(reason);
+                Err(answer::problem(status, reason, &detail))
+            }
+        }
+    }
+
+    /// Admits `ask` against every limit of every level, atomically.
+    async fn admit_ask(
+        &self,
+        peer: &SpiffeId,
+        ask: Ask,
+    ) -> Result<(Ticket, Option<Headroom>), Response<Body>> {
+        let plan = &self.settler.plan;
+        let (hold, headroom) = if plan.is_empty() {
+            (Hold::default(), None)
+        } else {
+            match self
+                .settler
+                .store
+                .admit(plan, &Subjects::of(peer), &ask)
+                .await
+            {
+                Ok(Ok(hold)) => {
+                    let room = hold.headroom;
+                    (hold, room)
+                }
+                Ok(Err(denial)) => {
+                    let quota = plan
+                        .quotas
+                        .get(denial.quota)
+                        .map_or("", |q| q.name.as_str());
+                    let m = self.metrics();
+                    m.all
+                        .quota_refusals
+                        .with_label_values(&[m.listener.as_str(), m.route.as_str(), quota])
+                        .inc();
+                    let detail = format!("{quota} exceeded");
+                    if let Some(r) = self.refuse(peer, "quota_exceeded", &detail, || {
+                        answer::quota_exceeded(plan, &self.policy_header, &denial)
+                    }) {
+                        return Err(r);
+                    }
+                    (Hold::default(), None)
+                }
+                Err(e) => {
+                    let m = self.metrics();
+                    let outcome = match self.cfg.on_store_error {
+                        OnStoreError::Open => "open",
+                        OnStoreError::Closed => "closed",
+                    };
+                    m.all
+                        .store_errors
+                        .with_label_values(&[m.listener.as_str(), m.route.as_str(), outcome])
+                        .inc();
+                    if LOG.allow() {
+                        tracing::error!(route = %self.cfg.name, error = %e, outcome, "limit store unavailable");
+                    }
+                    if self.cfg.on_store_error == OnStoreError::Closed {
+                        m.decision("store_unavailable");
+                        return Err(answer::problem(
+                            503,
+                            "limit_store_unavailable",
+                            "the shared limit store cannot be reached; this route fails closed",
+                        ));
+                    }
+                    (Hold::default(), None)
+                }
+            }
+        };
+        self.metrics().decision("allowed");
+        Ok((Ticket::new(self.settler.clone(), hold, ask), headroom))
     }
 
     fn check_caps(&self, peer: &SpiffeId, r: &ModelRequest) -> Option<Response<Body>> {
@@ -457,13 +508,18 @@ impl Route {
         if let Some(w) = adm.warning.clone() {
             parts.headers.insert(answer::USAGE_WARNING.clone(), w);
         }
+        let Some(request) = adm.request else {
+            // Nothing to count in the answer: settled now, passed through.
+            adm.ticket.finish(Ask::default(), false);
+            return Response::from_parts(parts, crate::respond::upstream(body));
+        };
         let is_stream = parts
             .headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         if is_stream && parts.status.is_success() {
             parts.headers.remove(header::CONTENT_LENGTH);
-            let metered = Metered::new(body, &adm.request, adm.ticket);
+            let metered = Metered::new(body, &request, adm.ticket);
             return Response::from_parts(parts, Body::Metered(Box::new(metered)));
         }
         let bytes = match Limited::new(body, self.cfg.max_response_bytes)
@@ -481,7 +537,7 @@ impl Route {
                 );
             }
         };
-        let reserved = Reserved::of(&adm.request);
+        let reserved = Reserved::of(&request);
         let mut doc = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
         let mut tally = Tally::default();
         let usage_seen = doc.as_ref().is_some_and(|d| tally.add_document(d));
@@ -493,7 +549,7 @@ impl Route {
             }
             u.vectors = 0;
             u
-        } else if usage_seen || adm.request.call == Call::Predict {
+        } else if usage_seen || request.call == Call::Predict {
             tally.used(&reserved)
         } else {
             // No usage to settle from: the reservation stands.
