@@ -14,7 +14,11 @@ use rustls_pki_types::UnixTime;
 use time::OffsetDateTime;
 
 use warden_ca::{Authority, CaService, InitOptions};
+use warden_config::model::{LimitSet, Limits, ModelApi};
 use warden_config::{ProxyConfig, SpiffeId, TrustDomain};
+use warden_proxy::model::limits::local::LocalStore;
+use warden_proxy::model::limits::{Ask, Plan, Subjects, now_us};
+use warden_proxy::model::request::ModelRequest;
 use warden_proxy::{authz, headers, normalize};
 
 fn stages(c: &mut Criterion) {
@@ -119,6 +123,57 @@ fn stages(c: &mut Criterion) {
             |mut h| headers::set_identity(&mut h, &xfcc),
             criterion::BatchSize::SmallInput,
         )
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("model");
+    let per_level = LimitSet {
+        requests_per_second: Some(1e6),
+        burst: 1_000_000,
+        tokens_per_minute: Some(u64::MAX / 4),
+        concurrent: Some(1_000_000),
+        ..LimitSet::default()
+    };
+    let limits = Limits {
+        identity: per_level,
+        namespace: per_level,
+        trust_domain: per_level,
+    };
+    let plan = Plan::new("chat", &limits);
+    let store = LocalStore::default();
+    let ids: Vec<SpiffeId> = (0..1000)
+        .map(|i| {
+            SpiffeId::parse(&format!("spiffe://bench.test/ns/team{}/sa/w{i}", i % 10)).unwrap()
+        })
+        .collect();
+    let mut n = 0usize;
+    g.bench_function(
+        "rate-limit decision: admit + settle, 3 levels x 3 limits",
+        |b| {
+            b.iter(|| {
+                n = (n + 1) % ids.len();
+                let who = Subjects::of(&ids[n]);
+                let ask = Ask {
+                    tokens: 300,
+                    ..Ask::default()
+                };
+                let hold = store.admit(&plan, &who, &ask, now_us()).unwrap();
+                store.settle(
+                    &plan,
+                    &hold,
+                    &Ask {
+                        tokens: 120,
+                        ..Ask::default()
+                    },
+                    now_us(),
+                );
+                black_box(hold)
+            })
+        },
+    );
+    let body = br#"{"model":"m","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Summarize the attached quarterly report in three bullet points."}],"max_tokens":256,"temperature":0.2}"#;
+    g.bench_function("chat request body parse (220 B)", |b| {
+        b.iter(|| ModelRequest::parse(ModelApi::Openai, black_box(body), 1024).unwrap())
     });
     g.finish();
 }
