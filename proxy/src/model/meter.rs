@@ -42,7 +42,12 @@ impl Tally {
         let prompt = self.prompt.unwrap_or(req.prompt_reserve);
         let completion = self.completion.unwrap_or(self.counted);
         Ask {
-            tokens: prompt.saturating_add(completion),
+            // Nothing reserved in tokens (a predict call): nothing charged in tokens.
+            tokens: if req.ask.tokens == 0 {
+                0
+            } else {
+                prompt.saturating_add(completion)
+            },
             logprob_tokens: self.logprob_tokens,
             logit_bias: req.ask.logit_bias,
             vectors: self.vectors.unwrap_or(req.ask.vectors),

@@ -120,7 +120,12 @@ impl ModelRequest {
             0
         };
         Ask {
-            tokens: self.prompt_reserve.saturating_add(generated),
+            // A predict call is counted in vectors, not tokens.
+            tokens: if self.call == Call::Predict {
+                0
+            } else {
+                self.prompt_reserve.saturating_add(generated)
+            },
             logprob_tokens: if self.logprobs {
                 generated.saturating_add(echoed)
             } else {
