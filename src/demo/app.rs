@@ -69,6 +69,15 @@ pub async fn get(stream: &mut TcpStream, path: &str) -> std::io::Result<(u16, St
 pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(
     stream: &mut S,
 ) -> std::io::Result<(u16, String)> {
+    read_response_with_head(stream)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// Reads one response with a Content-Length body: (status, head, body).
+pub async fn read_response_with_head<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+) -> std::io::Result<(u16, String, String)> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -77,7 +86,7 @@ pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(
         }
         head.push(byte[0]);
     }
-    let head = String::from_utf8_lossy(&head);
+    let head = String::from_utf8_lossy(&head).into_owned();
     let status = head
         .split_whitespace()
         .nth(1)
@@ -93,7 +102,7 @@ pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(
         .unwrap_or(0);
     let mut body = vec![0; len];
     stream.read_exact(&mut body).await?;
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, head, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// A plain HTTP GET on a fresh connection (admin endpoints).

@@ -8,6 +8,7 @@
 //! the command exits 0 only when every step behaved.
 
 mod app;
+mod model;
 mod procs;
 
 use std::net::SocketAddr;
@@ -68,6 +69,13 @@ pub async fn run(keep_running: bool) -> DemoResult<()> {
         &InitOptions::default(),
         OffsetDateTime::now_utc(),
     )?)?;
+    // The model sidecar may ask the CA to deny a caller (the escalation ladder's last step).
+    let ca_yaml = ca_dir.join("ca.yaml");
+    let text = std::fs::read_to_string(&ca_yaml)?.replace(
+        "deny_reporters: []",
+        &format!("deny_reporters: [spiffe://{TD}/ns/ml/sa/model]"),
+    );
+    std::fs::write(&ca_yaml, text)?;
     let ca_dir_s = ca_dir.display().to_string();
     let ca = Warden::start(&[
         "ca",
@@ -177,6 +185,9 @@ pub async fn run(keep_running: bool) -> DemoResult<()> {
         ),
     );
 
+    // Model API protection.
+    let model_sidecar = model::run(&mut s, &svc, root, &ca).await?;
+
     // Metrics.
     let metrics_url = format!("http://{}/metrics", sidecar.addr("admin"));
     let (_, text) = app::fetch(sidecar.addr("admin"), "/metrics")
@@ -193,6 +204,18 @@ pub async fn run(keep_running: bool) -> DemoResult<()> {
         .collect();
     s.step(!shown.is_empty(), "metrics", &metrics_url);
     for line in &shown {
+        println!("         {line}");
+    }
+    let (_, text) = app::fetch(model_sidecar.addr("admin"), "/metrics")
+        .await
+        .unwrap_or_default();
+    for line in text.lines().filter(|l| {
+        !l.ends_with(" 0")
+            && (l.starts_with("warden_model_decisions_total")
+                || l.starts_with("warden_model_escalations_total")
+                || l.starts_with("warden_model_ca_reports_total")
+                || l.starts_with("warden_model_charged_total"))
+    }) {
         println!("         {line}");
     }
 

@@ -131,6 +131,8 @@ pub struct RouteMetrics {
     pub streams_cut: IntCounter,
     /// Tracked identities.
     pub tracked: IntGauge,
+    /// Admitted requests (the per-request decision, resolved once).
+    pub allowed: IntCounter,
 }
 
 impl RouteMetrics {
@@ -153,6 +155,7 @@ impl RouteMetrics {
             suspicion: all.suspicion.with_label_values(&l),
             streams_cut: all.streams_cut.with_label_values(&l),
             tracked: all.tracked.with_label_values(&l),
+            allowed: all.decisions.with_label_values(&[listener, route, "allowed"]),
         }
     }
 

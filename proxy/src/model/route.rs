@@ -386,7 +386,7 @@ impl Route {
                 }
             }
         };
-        self.metrics().decision("allowed");
+        self.metrics().allowed.inc();
         Ok((Ticket::new(self.settler.clone(), hold, ask), headroom))
     }
 

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::{Ask, Denial, Headroom, Hold, Kind, Plan, Reservation, Subjects, state_key};
+use super::{Ask, Denial, Headroom, Hold, Kind, Plan, Reservation, Subjects, write_state_key};
 
 /// Keys kept by default (about 100 bytes each).
 pub const DEFAULT_CAPACITY: usize = 100_000;
@@ -136,12 +136,13 @@ impl LocalStore {
         let mut changes = Vec::with_capacity(plan.quotas.len());
         let mut denial: Option<Denial> = None;
         let mut headroom: Option<(u128, Headroom)> = None;
+        let mut key = String::with_capacity(128);
         for (i, q) in plan.quotas.iter().enumerate() {
             let Some(subject) = who.get(q.level) else {
                 continue;
             };
-            let key = state_key(&plan.route, &q.name, subject);
-            let state = map.get(&key).map(|e| e.state);
+            write_state_key(&mut key, &plan.route, &q.name, subject);
+            let state = map.get(key.as_str()).map(|e| e.state);
             let (change, remaining, reset_s, limit) = match q.kind {
                 Kind::Rate { interval_us, burst } => {
                     let tau = interval_us.saturating_mul(u64::from(burst));
@@ -221,7 +222,7 @@ impl LocalStore {
                     },
                 ));
             }
-            changes.push((i, key, change));
+            changes.push((i, subject, change));
         }
         if let Some(d) = denial {
             return Err(d);
@@ -233,7 +234,8 @@ impl LocalStore {
             headroom: headroom.map(|(_, h)| h),
             ..Hold::default()
         };
-        for (i, key, change) in changes {
+        for (i, subject, change) in changes {
+            write_state_key(&mut key, &plan.route, &plan.quotas[i].name, subject);
             let state = match change {
                 Change::Set(s) => s,
                 Change::Reserve {
@@ -261,13 +263,16 @@ impl LocalStore {
                     State::Slots(n)
                 }
             };
-            map.insert(
-                key,
-                Entry {
-                    state,
-                    touched_us: now_us,
-                },
-            );
+            let entry = Entry {
+                state,
+                touched_us: now_us,
+            };
+            match map.get_mut(key.as_str()) {
+                Some(e) => *e = entry,
+                None => {
+                    map.insert(key.clone(), entry);
+                }
+            }
         }
         Ok(hold)
     }

@@ -40,10 +40,6 @@ impl Level {
             Self::TrustDomain => "trust_domain",
         }
     }
-
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 /// Units that long quotas count.
@@ -212,9 +208,14 @@ fn add_level(out: &mut Vec<Quota>, level: Level, set: &LimitSet) {
 }
 
 /// The state keys of one caller, one per level. A level the ID has no
-/// place in (a one-segment path has no namespace) is `None`.
+/// place in (a one-segment path has no namespace) is `None`. Every level's
+/// key is a prefix of the ID, so one copy of it serves all three.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subjects([Option<String>; 3]);
+pub struct Subjects {
+    id: String,
+    namespace_len: Option<usize>,
+    trust_domain_len: usize,
+}
 
 impl Subjects {
     /// The caller, its namespace and its trust domain.
@@ -222,21 +223,30 @@ impl Subjects {
     /// Namespace: `spiffe://td/ns/<ns>` for Kubernetes-style IDs
     /// (`/ns/<ns>/sa/<sa>`), otherwise the ID without its last segment.
     pub fn of(id: &SpiffeId) -> Self {
-        let td = format!("spiffe://{}", id.trust_domain_str());
+        let s = id.as_str();
         let path = id.path();
-        let namespace = match path.strip_prefix("/ns/").and_then(|r| r.split('/').next()) {
-            Some(ns) if !ns.is_empty() => Some(format!("{td}/ns/{ns}")),
+        let trust_domain_len = s.len() - path.len();
+        let namespace_len = match path.strip_prefix("/ns/").and_then(|r| r.split('/').next()) {
+            Some(ns) if !ns.is_empty() => Some(trust_domain_len + "/ns/".len() + ns.len()),
             _ => path
                 .rsplit_once('/')
                 .filter(|(parent, _)| !parent.is_empty())
-                .map(|(parent, _)| format!("{td}{parent}")),
+                .map(|(parent, _)| trust_domain_len + parent.len()),
         };
-        Self([Some(id.as_str().to_owned()), namespace, Some(td)])
+        Self {
+            id: s.to_owned(),
+            namespace_len,
+            trust_domain_len,
+        }
     }
 
     /// The key for `level`.
     pub fn get(&self, level: Level) -> Option<&str> {
-        self.0[level.index()].as_deref()
+        match level {
+            Level::Identity => Some(&self.id),
+            Level::Namespace => self.namespace_len.and_then(|n| self.id.get(..n)),
+            Level::TrustDomain => self.id.get(..self.trust_domain_len),
+        }
     }
 }
 
@@ -320,12 +330,19 @@ pub struct StoreError(pub String);
 /// The key of one quota's state for one subject: `route|quota|subject`.
 fn state_key(route: &str, quota: &str, subject: &str) -> String {
     let mut k = String::with_capacity(route.len() + quota.len() + subject.len() + 2);
-    k.push_str(route);
-    k.push('|');
-    k.push_str(quota);
-    k.push('|');
-    k.push_str(subject);
+    write_state_key(&mut k, route, quota, subject);
     k
+}
+
+/// Writes the state key into `buf` (reused across lookups: no allocation
+/// per quota on the request path).
+fn write_state_key(buf: &mut String, route: &str, quota: &str, subject: &str) {
+    buf.clear();
+    buf.push_str(route);
+    buf.push('|');
+    buf.push_str(quota);
+    buf.push('|');
+    buf.push_str(subject);
 }
 
 /// Where limit state lives.
