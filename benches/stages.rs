@@ -173,7 +173,15 @@ fn stages(c: &mut Criterion) {
     );
     let body = br#"{"model":"m","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Summarize the attached quarterly report in three bullet points."}],"max_tokens":256,"temperature":0.2}"#;
     g.bench_function("chat request body parse (220 B)", |b| {
-        b.iter(|| ModelRequest::parse(ModelApi::Openai, black_box(body), 1024).unwrap())
+        b.iter(|| {
+            ModelRequest::parse(
+                ModelApi::Openai,
+                "/v1/chat/completions",
+                black_box(body),
+                1024,
+            )
+            .unwrap()
+        })
     });
     g.finish();
 }

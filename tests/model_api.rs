@@ -480,3 +480,42 @@ fn requests_without_a_body_count_against_the_rate_and_pass_unparsed() {
     assert_eq!(get(), 429);
     assert_eq!(b.app.received.lock().unwrap().len(), 1);
 }
+
+#[test]
+fn what_the_limits_cannot_see_or_bound_is_refused() {
+    let b = Bench::start(
+        ModelBehaviour {
+            generate: 40,
+            ignore_max_tokens: true,
+            ..ModelBehaviour::default()
+        },
+        "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        limits:\n          identity:\n            tokens_per_minute: 5000\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let reason = |a: &common::model::Answer| a.json()["type"].as_str().unwrap_or("").to_owned();
+    // A backend extension that widens what an answer reveals.
+    let a = b.post(
+        &web,
+        CHAT,
+        &json!({"messages": [], "max_tokens": 5, "prompt_logprobs": 20}).to_string(),
+    );
+    assert_eq!(
+        (a.status, reason(&a).ends_with(":bad-model-request")),
+        (400, true),
+        "{a:?}"
+    );
+    // An endpoint the route does not know how to meter.
+    let a = b.post(&web, "/v1/responses", &json!({"input": "hi"}).to_string());
+    assert_eq!(a.status, 400, "{a:?}");
+    // More than the whole quota: waiting cannot help, so no Retry-After.
+    let a = b.post(&web, CHAT, &chat(100_000));
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(reason(&a).ends_with(":request-exceeds-quota"));
+    assert!(a.header("retry-after").is_none());
+    // A model that ignores max_tokens: charged what it generated, not delivered.
+    let a = b.post(&web, CHAT, &chat(10));
+    assert_eq!(a.status, 502, "{a:?}");
+    assert!(reason(&a).ends_with(":model-exceeded-reservation"));
+    // The app is asked for answers it can read.
+    assert!(b.app.received.lock().unwrap().len() == 1);
+}

@@ -111,6 +111,11 @@ impl CaConfig {
                         p.value, raw.trust_domain
                     ),
                 );
+            } else if matches!(&p.value, IdentityPattern::TrustDomain(_)) {
+                errors.at(
+                    p,
+                    "deny reporter must not be the whole trust domain: list the proxies that may report",
+                );
             } else if matches!(&p.value, IdentityPattern::Exact(id) if id.path() == SERVER_ID_PATH)
             {
                 errors.at(
@@ -196,7 +201,7 @@ mod tests {
             "trust_domain: td\ndeny_reporters:\n  - spiffe://other/ns/a\n  - spiffe://td/warden/ca\n  - spiffe://td.evil/*\n  - spiffe://td/*\n",
         )
         .unwrap_err();
-        assert_eq!(e.0.len(), 3, "{e}");
+        assert_eq!(e.0.len(), 4, "{e}");
         assert_eq!((e.0[0].line, e.0[0].column), (3, 5), "{e}");
         assert!(
             e.0[0].message.contains("not in this CA's trust domain"),
@@ -205,6 +210,8 @@ mod tests {
         assert_eq!((e.0[1].line, e.0[1].column), (4, 5), "{e}");
         assert!(e.0[1].message.contains("CA server's own identity"), "{e}");
         assert_eq!((e.0[2].line, e.0[2].column), (5, 5), "{e}");
+        assert_eq!((e.0[3].line, e.0[3].column), (6, 5), "{e}");
+        assert!(e.0[3].message.contains("whole trust domain"), "{e}");
     }
 
     #[test]

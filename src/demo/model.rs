@@ -128,7 +128,11 @@ struct Caller {
 }
 
 impl Caller {
-    async fn connect(inbound: SocketAddr, svc: &CaService, creds: &Credentials) -> DemoResult<Self> {
+    async fn connect(
+        inbound: SocketAddr,
+        svc: &CaService,
+        creds: &Credentials,
+    ) -> DemoResult<Self> {
         let provider = warden_ca::tls::provider();
         let roots = warden_ca::tls::root_store(svc.authority.bundle())?;
         let verifier = warden_ca::tls::SpiffeServerVerifier::new(
@@ -186,7 +190,8 @@ pub async fn run(s: &mut Script, svc: &CaService, root: &Path, ca: &Warden) -> D
     let (token, _) = svc.create_token(&model_id, None, OffsetDateTime::now_utc())?;
     let token_file = write(root, "model.token", &token)?;
     let config = sidecar_config(root, ca.addr("api"), &token_file, model);
-    let sidecar = Warden::start(&["proxy", "--config", &write(root, "model.yaml", &config)?]).await?;
+    let sidecar =
+        Warden::start(&["proxy", "--config", &write(root, "model.yaml", &config)?]).await?;
     let inbound = sidecar.addr("model");
     let client = CaClient::new(
         &format!("https://{}", ca.addr("api")),
@@ -214,13 +219,22 @@ pub async fn run(s: &mut Script, svc: &CaService, root: &Path, ca: &Warden) -> D
             s.step(
                 ok,
                 "model API: analyst over the chat rate",
-                format!("{allowed} answered, then 429 {}", serde_json::from_str::<Value>(body).map(|p| p["type"].to_string()).unwrap_or_default()),
+                format!(
+                    "{allowed} answered, then 429 {}",
+                    serde_json::from_str::<Value>(body)
+                        .map(|p| p["type"].to_string())
+                        .unwrap_or_default()
+                ),
             );
             for h in ["ratelimit-policy", "ratelimit", "retry-after"] {
                 println!("         {h}: {}", header(head, h).unwrap_or("(missing)"));
             }
         }
-        None => s.step(false, "model API: analyst over the chat rate", "never refused"),
+        None => s.step(
+            false,
+            "model API: analyst over the chat rate",
+            "never refused",
+        ),
     }
 
     // An honest heavy user: many natural queries near the data it works on.
@@ -265,7 +279,9 @@ pub async fn run(s: &mut Script, svc: &CaService, root: &Path, ca: &Warden) -> D
         }
     }
     let fmt = |q: Option<usize>| q.map_or("-".to_owned(), |q| q.to_string());
-    let detected = stopped.as_ref().is_some_and(|(_, b)| b.contains("abnormal-usage-detected"));
+    let detected = stopped
+        .as_ref()
+        .is_some_and(|(_, b)| b.contains("abnormal-usage-detected"));
     s.step(
         detected,
         "model extraction: a scraper's random queries",

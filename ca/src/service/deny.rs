@@ -108,6 +108,12 @@ impl CaService {
         })?;
         self.check_issuable(&target)
             .map_err(|r| Refusal::BadTarget(r.to_string()))?;
+        // Reporters cannot silence each other: only an operator denies one.
+        if reporters.iter().any(|p| p.matches(&target)) {
+            return Err(Refusal::BadTarget(
+                "a deny reporter can only be denied by an operator (warden ca deny)".into(),
+            ));
+        }
         check_reason(&report.reason)?;
         let changed = self.write(
             now,

@@ -328,8 +328,17 @@ impl InboundHttp {
             parts.method,
             Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
         ) && body.is_end_stream();
+        let gate = match route.gate(peer.id()).await {
+            Ok(g) => g,
+            Err(resp) => return resp,
+        };
+        // What warden cannot read, it cannot count or limit.
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         let (req, admitted) = if bodiless {
-            match route.admit_bodiless(peer.id()).await {
+            match route.admit_bodiless(peer.id(), gate) {
                 Ok(a) => {
                     let body = body.map_frame(clean_trailers as fn(Frame<Bytes>) -> Frame<Bytes>);
                     (Request::from_parts(parts, Either::Left(body)), a)
@@ -337,7 +346,8 @@ impl InboundHttp {
                 Err(resp) => return resp,
             }
         } else {
-            match route.admit(peer.id(), body).await {
+            let path = parts.uri.path().to_owned();
+            match route.admit(peer.id(), &path, body, gate).await {
                 Ok((bytes, a)) => {
                     parts.headers.remove(header::CONTENT_LENGTH);
                     parts.headers.remove(header::TRANSFER_ENCODING);

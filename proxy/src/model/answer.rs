@@ -38,24 +38,40 @@ pub fn policy_header(plan: &Plan) -> Option<HeaderValue> {
         .flatten()
 }
 
-fn ratelimit_value(plan: &Plan, quota: usize, remaining: u64, reset_s: u64) -> Option<HeaderValue> {
+fn quota_value(plan: &Plan, quota: usize, remaining: u64, reset_s: u64) -> Option<HeaderValue> {
     let q = plan.quotas.get(quota)?;
     HeaderValue::from_str(&format!("\"{}\";r={remaining};t={reset_s}", q.name)).ok()
+}
+
+/// The `RateLimit` value for what remains of `plan`'s tightest limit.
+pub fn ratelimit_value(plan: &Plan, room: Headroom) -> Option<HeaderValue> {
+    quota_value(plan, room.quota, room.remaining, room.reset_s)
 }
 
 /// Adds both headers to an answer that was let through.
 pub fn add_headers(
     headers: &mut HeaderMap,
-    plan: &Plan,
     policy: &Option<HeaderValue>,
-    room: Option<Headroom>,
+    ratelimit: Option<HeaderValue>,
 ) {
     if let Some(p) = policy {
         headers.insert(RATELIMIT_POLICY.clone(), p.clone());
     }
-    if let Some(h) = room.and_then(|h| ratelimit_value(plan, h.quota, h.remaining, h.reset_s)) {
-        headers.insert(RATELIMIT.clone(), h);
+    if let Some(v) = ratelimit {
+        headers.insert(RATELIMIT.clone(), v);
     }
+}
+
+/// 503 limit-store-unavailable, for a route that fails closed.
+pub fn store_unavailable() -> Response<Body> {
+    let mut r = problem(
+        503,
+        "limit_store_unavailable",
+        "the shared limit store cannot be reached; this route fails closed",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 /// 429 quota-exceeded for a refusal by `denial`.
@@ -77,7 +93,7 @@ pub fn quota_exceeded(
     if let Some(p) = policy {
         h.insert(RATELIMIT_POLICY.clone(), p.clone());
     }
-    if let Some(v) = ratelimit_value(plan, denial.quota, 0, denial.retry_after_s) {
+    if let Some(v) = quota_value(plan, denial.quota, 0, denial.retry_after_s) {
         h.insert(RATELIMIT.clone(), v);
     }
     h.insert(header::RETRY_AFTER, HeaderValue::from(denial.retry_after_s));

@@ -16,8 +16,8 @@ use super::request::{Call, ModelRequest};
 use super::ticket::Ticket;
 use crate::respond::BoxError;
 
-/// Largest single event we parse; a larger one makes the stream pass
-/// through uncounted and charged at its full reservation.
+/// Largest single event we parse; a larger one ends the stream (cut, and
+/// charged at its full reservation).
 const MAX_EVENT_BYTES: usize = 1 << 20;
 
 /// What an answer used, as far as it has been seen.
@@ -33,14 +33,25 @@ pub struct Tally {
     pub logprob_tokens: u64,
     /// Embedding vectors returned.
     pub vectors: Option<u64>,
+    /// Whether a `usage` object was seen.
+    pub usage_seen: bool,
 }
+
+/// Usage figures are the app's: clamped so that no sum overflows.
+const MAX_USAGE: u64 = 1 << 40;
 
 impl Tally {
     /// What the request used, from what was seen; unknown parts count at
     /// their reservation.
     pub fn used(&self, req: &Reserved) -> Ask {
         let prompt = self.prompt.unwrap_or(req.prompt_reserve);
-        let completion = self.completion.unwrap_or(self.counted);
+        let completion = match self.completion {
+            Some(c) => c,
+            None if req.completion_reserve == 0 => 0,
+            // Usage without completion tokens (another API's shape): the reservation stands.
+            None if self.usage_seen => req.completion_reserve,
+            None => self.counted,
+        };
         Ask {
             // Nothing reserved in tokens (a predict call): nothing charged in tokens.
             tokens: if req.ask.tokens == 0 {
@@ -59,15 +70,10 @@ impl Tally {
         let mut usage_seen = false;
         if let Some(u) = doc.get("usage").filter(|u| u.is_object()) {
             usage_seen = true;
-            self.prompt = u
-                .get("prompt_tokens")
-                .and_then(Value::as_u64)
-                .or(self.prompt);
-            self.completion = u
-                .get("completion_tokens")
-                .and_then(Value::as_u64)
-                .or(self.completion)
-                .or(Some(0));
+            self.usage_seen = true;
+            let field = |k: &str| u.get(k).and_then(Value::as_u64).map(|v| v.min(MAX_USAGE));
+            self.prompt = field("prompt_tokens").or(self.prompt);
+            self.completion = field("completion_tokens").or(self.completion);
         }
         if let Some(choices) = doc.get("choices").and_then(Value::as_array) {
             for c in choices {
@@ -78,7 +84,7 @@ impl Tally {
                     _ => false,
                 };
                 if has("content") || has("text") || has("tool_calls") || has("reasoning_content") {
-                    self.counted += 1;
+                    self.counted = self.counted.saturating_add(1);
                 }
                 if let Some(lp) = c.get("logprobs") {
                     let n = lp
@@ -86,7 +92,7 @@ impl Tally {
                         .or_else(|| lp.get("tokens"))
                         .and_then(Value::as_array)
                         .map_or(0, Vec::len);
-                    self.logprob_tokens += n as u64;
+                    self.logprob_tokens = self.logprob_tokens.saturating_add(n as u64);
                 }
             }
         }
@@ -127,35 +133,38 @@ pub struct Metered {
     reserved: Reserved,
     /// Drop the usage-only chunk warden asked for on the caller's behalf.
     swallow_usage: bool,
-    /// Parsing gave up (an event too large): pass bytes through.
-    opaque: bool,
     done: bool,
     ticket: Option<Ticket>,
+    /// The gate's hold: its concurrency slot is held until the stream ends.
+    gate: Option<Ticket>,
 }
 
 impl Metered {
-    /// Counts `inner` against `ticket`.
-    pub fn new(inner: Incoming, req: &ModelRequest, ticket: Ticket) -> Self {
+    /// Counts `inner` against `ticket`; `gate` is released when it ends.
+    pub fn new(inner: Incoming, req: &ModelRequest, ticket: Ticket, gate: Ticket) -> Self {
         Self {
             inner,
             pending: BytesMut::new(),
             tally: Tally::default(),
             reserved: Reserved::of(req),
             swallow_usage: req.stream && !req.caller_wants_usage && req.call != Call::Predict,
-            opaque: false,
             done: false,
             ticket: Some(ticket),
+            gate: Some(gate),
         }
     }
 
     fn finish(&mut self, cut: bool) {
+        if cut {
+            // What was delivered is not known to the token (deltas may carry
+            // several): a cut stream is charged its whole reservation.
+            self.tally.completion = Some(self.reserved.completion_reserve);
+        }
         if let Some(t) = self.ticket.take() {
-            let used = if self.opaque {
-                self.reserved.ask
-            } else {
-                self.tally.used(&self.reserved)
-            };
-            t.finish(used, cut);
+            t.finish(self.tally.used(&self.reserved), cut);
+        }
+        if let Some(g) = self.gate.take() {
+            g.finish(Ask::default(), false);
         }
     }
 
@@ -282,21 +291,15 @@ impl HttpBody for Metered {
                         Ok(d) => d,
                         Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                     };
-                    if this.opaque {
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
                     this.pending.extend_from_slice(&data);
                     let mut out = BytesMut::new();
-                    if this.drain_events(&mut out) {
+                    // An event too large to count is not delivered either: fail closed.
+                    if this.drain_events(&mut out) || this.pending.len() > MAX_EVENT_BYTES {
                         out.extend_from_slice(CUT_EVENT);
                         this.done = true;
                         this.pending.clear();
                         this.finish(true);
                         return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
-                    }
-                    if this.pending.len() > MAX_EVENT_BYTES {
-                        this.opaque = true;
-                        out.extend_from_slice(&this.pending.split());
                     }
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));

@@ -155,7 +155,9 @@ impl RouteMetrics {
             suspicion: all.suspicion.with_label_values(&l),
             streams_cut: all.streams_cut.with_label_values(&l),
             tracked: all.tracked.with_label_values(&l),
-            allowed: all.decisions.with_label_values(&[listener, route, "allowed"]),
+            allowed: all
+                .decisions
+                .with_label_values(&[listener, route, "allowed"]),
         }
     }
 

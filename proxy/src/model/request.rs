@@ -15,6 +15,10 @@ pub struct BadRequest(pub String);
 
 /// Most choices (`n`, `best_of`) one request may ask for.
 const MAX_CHOICES: u64 = 128;
+/// Most prompts in one completions request.
+const MAX_PROMPTS: u64 = 128;
+/// Most instances in one predict request.
+const MAX_INSTANCES: usize = 1024;
 /// Most feature values in one predict vector.
 const MAX_FEATURES: usize = 65_536;
 /// Tokens reserved for each image in a chat prompt (a high-detail image
@@ -70,7 +74,18 @@ pub struct ModelRequest {
 
 impl ModelRequest {
     /// Parses `body` as a request to a route of kind `api`.
-    pub fn parse(api: ModelApi, body: &[u8], default_max_tokens: u32) -> Result<Self, BadRequest> {
+    /// Parses `body`, sent to the normalized `path` of a route of kind `api`.
+    ///
+    /// The call is decided by the path, and only the fields listed for it
+    /// are accepted: a backend extension that widens what an answer reveals
+    /// or how long it is (`prompt_logprobs`, `n_probs`, `max_new_tokens`,
+    /// ...) would otherwise bypass every limit. Anything else gets 400.
+    pub fn parse(
+        api: ModelApi,
+        path: &str,
+        body: &[u8],
+        default_max_tokens: u32,
+    ) -> Result<Self, BadRequest> {
         let doc = match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(m)) => m,
             Ok(_) => return Err(bad("the body must be a JSON object")),
@@ -78,15 +93,20 @@ impl ModelRequest {
         };
         let call = match api {
             ModelApi::Predict => Call::Predict,
-            ModelApi::Openai if doc.contains_key("messages") => Call::Chat,
-            ModelApi::Openai if doc.contains_key("prompt") => Call::Completion,
-            ModelApi::Openai if doc.contains_key("input") => Call::Embeddings,
+            ModelApi::Openai if path.ends_with("/chat/completions") => Call::Chat,
+            ModelApi::Openai if path.ends_with("/completions") => Call::Completion,
+            ModelApi::Openai if path.ends_with("/embeddings") => Call::Embeddings,
             ModelApi::Openai => {
-                return Err(bad(
-                    "an OpenAI-compatible body needs messages, prompt or input",
-                ));
+                return Err(bad(format!(
+                    "{path} is not an endpoint this route meters (chat/completions, completions, embeddings)"
+                )));
             }
         };
+        if let Some(key) = doc.keys().find(|k| !allowed(call, k)) {
+            return Err(bad(format!(
+                "field {key:?} is not accepted on this route (only the standard fields of the API are)"
+            )));
+        }
         let mut r = Self {
             call,
             doc,
@@ -151,16 +171,28 @@ impl ModelRequest {
                     .ok_or_else(|| bad(format!("{key} must be a non-negative integer"))),
             }
         };
+        // Servers differ on which of the two wins: reserve for the larger.
         let named = match (count("max_tokens")?, count("max_completion_tokens")?) {
-            (Some(a), Some(b)) => Some(a.min(b)),
+            (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
         let n = count("n")?.unwrap_or(1);
         let best_of = count("best_of")?.unwrap_or(n);
+        // A completions request may carry several prompts, each answered `n` times.
+        let prompts = match d.get("prompt") {
+            Some(Value::Array(a)) if !a.is_empty() && !a.iter().all(Value::is_number) => {
+                a.len() as u64
+            }
+            _ => 1,
+        };
+        if prompts > MAX_PROMPTS {
+            return Err(bad(format!("at most {MAX_PROMPTS} prompts per request")));
+        }
         let choices = n.max(best_of).max(1);
         if choices > MAX_CHOICES {
             return Err(bad(format!("n and best_of must be at most {MAX_CHOICES}")));
         }
+        let choices = choices * prompts;
         self.stream = match d.get("stream") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
@@ -309,8 +341,10 @@ impl ModelRequest {
                 "a predict body needs instances: an array of feature vectors",
             ));
         };
-        if instances.is_empty() {
-            return Err(bad("instances must not be empty"));
+        if instances.is_empty() || instances.len() > MAX_INSTANCES {
+            return Err(bad(format!(
+                "instances must hold 1 to {MAX_INSTANCES} vectors"
+            )));
         }
         for inst in instances {
             let Some(values) = inst
@@ -358,6 +392,62 @@ impl ModelRequest {
     }
 }
 
+/// Fields every generation call may carry: the OpenAI API's, and sampling
+/// knobs of common servers that change neither the answer's length nor
+/// what it reveals.
+const GENERATION_FIELDS: &[&str] = &[
+    "model",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "seed",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "max_tokens",
+    "max_completion_tokens",
+    "response_format",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_stop_str_in_output",
+];
+const CHAT_FIELDS: &[&str] = &[
+    "messages",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "reasoning_effort",
+];
+const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "best_of", "suffix"];
+const EMBEDDING_FIELDS: &[&str] = &["model", "user", "input", "encoding_format", "dimensions"];
+const PREDICT_FIELDS: &[&str] = &["instances", "signature_name"];
+
+fn allowed(call: Call, key: &str) -> bool {
+    match call {
+        Call::Chat => CHAT_FIELDS.contains(&key) || GENERATION_FIELDS.contains(&key),
+        Call::Completion => COMPLETION_FIELDS.contains(&key) || GENERATION_FIELDS.contains(&key),
+        Call::Embeddings => EMBEDDING_FIELDS.contains(&key),
+        Call::Predict => PREDICT_FIELDS.contains(&key),
+    }
+}
+
 fn bad(s: impl Into<String>) -> BadRequest {
     BadRequest(s.into())
 }
@@ -397,7 +487,13 @@ mod tests {
     use super::*;
 
     fn chat(body: &str) -> ModelRequest {
-        ModelRequest::parse(ModelApi::Openai, body.as_bytes(), 256).unwrap()
+        ModelRequest::parse(
+            ModelApi::Openai,
+            "/v1/chat/completions",
+            body.as_bytes(),
+            256,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -438,12 +534,41 @@ mod tests {
 
     #[test]
     fn embeddings_count_vectors_and_predict_reads_features() {
-        let r = chat(r#"{"model":"e","input":["a","b","c"]}"#);
+        let r = ModelRequest::parse(
+            ModelApi::Openai,
+            "/v1/embeddings",
+            br#"{"model":"e","input":["a","b","c"]}"#,
+            1,
+        )
+        .unwrap();
         assert_eq!((r.call, r.ask().vectors), (Call::Embeddings, 3));
-        let r =
-            ModelRequest::parse(ModelApi::Predict, br#"{"instances":[[1,2.5],[3,4]]}"#, 1).unwrap();
+        let r = ModelRequest::parse(
+            ModelApi::Predict,
+            "/predict",
+            br#"{"instances":[[1,2.5],[3,4]]}"#,
+            1,
+        )
+        .unwrap();
         assert_eq!(r.features, vec![vec![1.0, 2.5], vec![3.0, 4.0]]);
         assert_eq!(r.ask().vectors, 2);
+    }
+
+    #[test]
+    fn the_reservation_covers_every_length_field_and_prompt() {
+        let r = chat(r#"{"messages":[],"max_tokens":100000,"max_completion_tokens":0}"#);
+        assert_eq!(r.completion_reserve, 100_000);
+        let r = ModelRequest::parse(
+            ModelApi::Openai,
+            "/v1/completions",
+            br#"{"prompt":["a","b","c"],"max_tokens":10,"n":2}"#,
+            1,
+        )
+        .unwrap();
+        assert_eq!(r.completion_reserve, 60);
+        // The call is the path's, whatever the body looks like.
+        assert!(
+            ModelRequest::parse(ModelApi::Openai, "/v1/responses", br#"{"input":"x"}"#, 1).is_err()
+        );
     }
 
     #[test]
@@ -456,9 +581,12 @@ mod tests {
             r#"{"messages":[],"max_tokens":-1}"#,
             r#"{"messages":[],"n":1000}"#,
             r#"{"messages":[],"logit_bias":{"abc":1}}"#,
+            r#"{"messages":[],"prompt_logprobs":20}"#,
+            r#"{"messages":[],"max_new_tokens":100000}"#,
         ] {
             assert!(
-                ModelRequest::parse(ModelApi::Openai, body.as_bytes(), 1).is_err(),
+                ModelRequest::parse(ModelApi::Openai, "/v1/chat/completions", body.as_bytes(), 1)
+                    .is_err(),
                 "{body}"
             );
         }
@@ -468,7 +596,7 @@ mod tests {
             r#"{"x":1}"#,
         ] {
             assert!(
-                ModelRequest::parse(ModelApi::Predict, body.as_bytes(), 1).is_err(),
+                ModelRequest::parse(ModelApi::Predict, "/predict", body.as_bytes(), 1).is_err(),
                 "{body}"
             );
         }

@@ -1,16 +1,22 @@
 //! One protected model route, request by request:
 //!
-//! read the body (bounded, 413) -> parse it (400) -> per-request
-//! information caps (400) -> extraction detection and its escalation
-//! ladder (warn header, degrade, 429 abnormal-usage, CA deny) -> admit
-//! against every limit of every level (429 quota-exceeded) -> forward ->
-//! count the answer (JSON usage or the stream as it passes) and settle.
+//! the gate: request rate and concurrency, before any work (429) -> read
+//! the body (bounded in size and time, 413/408) -> parse it (400) ->
+//! per-request information caps (400) -> extraction detection and its
+//! escalation ladder (warn header, degrade, 429 abnormal-usage, CA deny) ->
+//! admit the request's tokens, logprobs, logit_bias and vectors against
+//! every limit of every level (429 quota-exceeded) -> forward (uncompressed)
+//! -> count the answer (JSON usage or the stream as it passes) and settle.
 //!
 //! Shadow mode runs every step, counts and logs what would have been
 //! refused, and lets the request through unchanged.
 
+// A refusal is the answer itself: the Err side of these results is a response.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -38,10 +44,16 @@ static LOG: LogLimiter = LogLimiter::new(20);
 /// Most identities remembered as already reported to the CA.
 const MAX_REPORTED: usize = 10_000;
 
+/// Longest time to receive a request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A route's runtime: its config, limits, detector and metrics.
 pub struct Route {
     cfg: ModelRoute,
-    settler: Arc<Settler>,
+    /// Request rates and concurrency: checked before the body is read.
+    gate: Arc<Settler>,
+    /// Tokens, logprob tokens, logit_bias entries, vectors: reserved once the body is read.
+    budget: Arc<Settler>,
     policy_header: Option<HeaderValue>,
     max_top_logprobs: Option<u32>,
     max_logit_bias: Option<u32>,
@@ -50,20 +62,32 @@ pub struct Route {
     reported: Mutex<HashSet<String>>,
 }
 
+/// A request past the gate: it holds a request-rate charge and a
+/// concurrency slot until its answer is done.
+pub struct Gate {
+    ticket: Ticket,
+    ratelimit: Option<HeaderValue>,
+}
+
 /// What an admitted request carries to its answer.
 pub struct Admitted {
-    ticket: Ticket,
-    /// None for a request without a body.
-    request: Option<ModelRequest>,
+    /// The gate's hold (slots released when the answer is done).
+    gate: Ticket,
+    /// The request's reservations; None for a request without a body.
+    budget: Option<(Ticket, ModelRequest)>,
     outputs: OutputDetail,
-    headroom: Option<Headroom>,
+    /// The `RateLimit` value: what is left of the tightest limit.
+    ratelimit: Option<HeaderValue>,
     warning: Option<HeaderValue>,
 }
 
 impl Admitted {
     /// The app never answered: settle as nothing used.
     pub fn cancel(self) {
-        self.ticket.finish(Default::default(), false);
+        if let Some((t, _)) = self.budget {
+            t.finish(Default::default(), false);
+        }
+        self.gate.finish(Default::default(), false);
     }
 }
 
@@ -134,6 +158,8 @@ impl Route {
         reporter: Option<Reporter>,
     ) -> Self {
         let plan = Plan::new(&cfg.name, &cfg.limits);
+        let policy_header = answer::policy_header(&plan);
+        let (gate, budget) = plan.split();
         let l = &cfg.limits;
         let levels = [&l.identity, &l.namespace, &l.trust_domain];
         let max_top_logprobs = levels
@@ -157,12 +183,18 @@ impl Route {
             })
         });
         let reporter = reporter.filter(|_| cfg.detection.is_some_and(|d| d.report_to_ca));
+        let metrics = RouteMetrics::new(metrics, listener, &cfg.name);
         Self {
-            policy_header: answer::policy_header(&plan),
-            settler: Arc::new(Settler {
-                plan,
+            policy_header,
+            gate: Arc::new(Settler {
+                plan: gate,
+                store: store.clone(),
+                metrics: metrics.clone(),
+            }),
+            budget: Arc::new(Settler {
+                plan: budget,
                 store,
-                metrics: RouteMetrics::new(metrics, listener, &cfg.name),
+                metrics,
             }),
             cfg: cfg.clone(),
             max_top_logprobs,
@@ -174,7 +206,7 @@ impl Route {
     }
 
     fn metrics(&self) -> &RouteMetrics {
-        &self.settler.metrics
+        &self.budget.metrics
     }
 
     fn shadow(&self) -> bool {
@@ -204,16 +236,27 @@ impl Route {
         Some(resp())
     }
 
-    /// Everything before the app for a request with a body: the body to
-    /// forward and the admission, or the answer that refuses the request.
+    /// The first step of every request: request rate and concurrency,
+    /// before the body is read or parsed.
+    pub async fn gate(&self, peer: &SpiffeId) -> Result<Gate, Response<Body>> {
+        let (ticket, headroom) = self.charge(&self.gate, peer, Ask::default(), false).await?;
+        let ratelimit = headroom.and_then(|h| answer::ratelimit_value(&self.gate.plan, h));
+        Ok(Gate { ticket, ratelimit })
+    }
+
+    /// Everything else before the app for a request with a body (sent to
+    /// the normalized `path`): the body to forward and the admission, or
+    /// the answer that refuses the request.
     pub async fn admit(
         &self,
         peer: &SpiffeId,
+        path: &str,
         body: Incoming,
+        gate: Gate,
     ) -> Result<(Bytes, Admitted), Response<Body>> {
         let bytes = self.read_body(body).await?;
         let mut request =
-            match ModelRequest::parse(self.cfg.api, &bytes, self.cfg.default_max_tokens) {
+            match ModelRequest::parse(self.cfg.api, path, &bytes, self.cfg.default_max_tokens) {
                 Ok(r) => r,
                 Err(e) => {
                     self.metrics().decision("bad_model_request");
@@ -250,29 +293,32 @@ impl Route {
                 }
             }
         }
-        let (ticket, headroom) = self.admit_ask(peer, request.ask()).await?;
+        let (ticket, headroom) = self.charge(&self.budget, peer, request.ask(), true).await?;
+        self.metrics().allowed.inc();
         let forward = request.body(bytes);
         Ok((
             forward,
             Admitted {
-                ticket,
-                request: Some(request),
+                gate: gate.ticket,
+                budget: Some((ticket, request)),
                 outputs,
-                headroom,
+                ratelimit: headroom
+                    .and_then(|h| answer::ratelimit_value(&self.budget.plan, h))
+                    .or(gate.ratelimit),
                 warning,
             },
         ))
     }
 
     /// A request without a body (GET, HEAD, DELETE, OPTIONS, such as
-    /// `GET /v1/models`): counted against request rates and concurrency only.
-    pub async fn admit_bodiless(&self, peer: &SpiffeId) -> Result<Admitted, Response<Body>> {
-        let warning = self
+    /// `GET /v1/models`): the gate is all it is counted against.
+    pub fn admit_bodiless(&self, peer: &SpiffeId, gate: Gate) -> Result<Admitted, Response<Body>> {
+        let step = self
             .detector
             .as_ref()
             .map(|d| d.step(peer.as_str()))
             .filter(|s| *s >= Step::Warn);
-        if warning.is_some_and(|s| s >= Step::Refuse)
+        if step.is_some_and(|s| s >= Step::Refuse)
             && let Some(r) = self.refuse(
                 peer,
                 "abnormal_usage",
@@ -282,112 +328,117 @@ impl Route {
         {
             return Err(r);
         }
-        let (ticket, headroom) = self.admit_ask(peer, Ask::default()).await?;
+        self.metrics().allowed.inc();
         Ok(Admitted {
-            ticket,
-            request: None,
+            gate: gate.ticket,
+            budget: None,
             outputs: self.cfg.outputs,
-            headroom,
-            warning: warning
+            ratelimit: gate.ratelimit,
+            warning: step
                 .filter(|_| !self.shadow())
                 .and_then(|s| HeaderValue::from_str(s.label()).ok()),
         })
     }
 
     async fn read_body(&self, body: Incoming) -> Result<Bytes, Response<Body>> {
-        match Limited::new(body, self.cfg.max_body_bytes).collect().await {
-            Ok(b) => Ok(b.to_bytes()),
-            Err(e) => {
-                let too_large = e
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some();
-                let (status, reason, detail) = if too_large {
-                    (
-                        413,
-                        "body_too_large",
-                        format!(
-                            "the request body is larger than {} bytes",
-                            self.cfg.max_body_bytes
-                        ),
-                    )
-                } else {
-                    (
-                        400,
-                        "bad_model_request",
-                        "the request body could not be read".to_owned(),
-                    )
-                };
-                self.metrics().decision(reason);
-                Err(answer::problem(status, reason, &detail))
+        let read = Limited::new(body, self.cfg.max_body_bytes).collect();
+        let (status, reason, detail) = match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+            Ok(Ok(b)) => return Ok(b.to_bytes()),
+            Ok(Err(e))
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                (
+                    413,
+                    "body_too_large",
+                    format!(
+                        "the request body is larger than {} bytes",
+                        self.cfg.max_body_bytes
+                    ),
+                )
             }
-        }
+            Ok(Err(_)) => (
+                400,
+                "bad_model_request",
+                "the request body could not be read".to_owned(),
+            ),
+            Err(_) => (
+                408,
+                "body_timeout",
+                format!("the request body took longer than {BODY_READ_TIMEOUT:?}"),
+            ),
+        };
+        self.metrics().decision(reason);
+        Err(answer::problem(status, reason, &detail))
     }
 
-    /// Admits `ask` against every limit of every level, atomically.
-    async fn admit_ask(
+    /// Charges `ask` against every limit of `settler`'s plan at every
+    /// level, atomically.
+    async fn charge(
         &self,
+        settler: &Arc<Settler>,
         peer: &SpiffeId,
         ask: Ask,
+        metered: bool,
     ) -> Result<(Ticket, Option<Headroom>), Response<Body>> {
-        let plan = &self.settler.plan;
-        let (hold, headroom) = if plan.is_empty() {
-            (Hold::default(), None)
-        } else {
-            match self
-                .settler
-                .store
-                .admit(plan, &Subjects::of(peer), &ask)
-                .await
-            {
-                Ok(Ok(hold)) => {
-                    let room = hold.headroom;
-                    (hold, room)
-                }
-                Ok(Err(denial)) => {
-                    let quota = plan
-                        .quotas
-                        .get(denial.quota)
-                        .map_or("", |q| q.name.as_str());
-                    let m = self.metrics();
-                    m.all
-                        .quota_refusals
-                        .with_label_values(&[m.listener.as_str(), m.route.as_str(), quota])
-                        .inc();
-                    let detail = format!("{quota} exceeded");
-                    if let Some(r) = self.refuse(peer, "quota_exceeded", &detail, || {
-                        answer::quota_exceeded(plan, &self.policy_header, &denial)
-                    }) {
-                        return Err(r);
-                    }
-                    (Hold::default(), None)
-                }
-                Err(e) => {
-                    let m = self.metrics();
-                    let outcome = match self.cfg.on_store_error {
-                        OnStoreError::Open => "open",
-                        OnStoreError::Closed => "closed",
-                    };
-                    m.all
-                        .store_errors
-                        .with_label_values(&[m.listener.as_str(), m.route.as_str(), outcome])
-                        .inc();
-                    if LOG.allow() {
-                        tracing::error!(route = %self.cfg.name, error = %e, outcome, "limit store unavailable");
-                    }
-                    if self.cfg.on_store_error == OnStoreError::Closed {
-                        m.decision("store_unavailable");
-                        return Err(answer::problem(
-                            503,
-                            "limit_store_unavailable",
-                            "the shared limit store cannot be reached; this route fails closed",
-                        ));
-                    }
-                    (Hold::default(), None)
-                }
+        let plan = &settler.plan;
+        let ticket = |hold, room| Ok((Ticket::new(settler.clone(), hold, ask, metered), room));
+        if plan.is_empty() {
+            return ticket(Hold::default(), None);
+        }
+        if let Some(q) = plan.larger_than_a_quota(&ask) {
+            // Waiting cannot help: say so, without a Retry-After.
+            let detail = format!("the request needs more than the whole {} quota", q.name);
+            if let Some(r) = self.refuse(peer, "exceeds_quota", &detail, || {
+                answer::problem(400, "request_exceeds_quota", &detail)
+            }) {
+                return Err(r);
             }
-        };
-        self.metrics().allowed.inc();
-        Ok((Ticket::new(self.settler.clone(), hold, ask), headroom))
+            return ticket(Hold::default(), None);
+        }
+        match settler.store.admit(plan, &Subjects::of(peer), &ask).await {
+            Ok(Ok(hold)) => {
+                let room = hold.headroom;
+                ticket(hold, room)
+            }
+            Ok(Err(denial)) => {
+                let quota = plan
+                    .quotas
+                    .get(denial.quota)
+                    .map_or("", |q| q.name.as_str());
+                let m = self.metrics();
+                m.all
+                    .quota_refusals
+                    .with_label_values(&[m.listener.as_str(), m.route.as_str(), quota])
+                    .inc();
+                let detail = format!("{quota} exceeded");
+                if let Some(r) = self.refuse(peer, "quota_exceeded", &detail, || {
+                    answer::quota_exceeded(plan, &self.policy_header, &denial)
+                }) {
+                    return Err(r);
+                }
+                ticket(Hold::default(), None)
+            }
+            Err(e) => {
+                let m = self.metrics();
+                let outcome = match self.cfg.on_store_error {
+                    OnStoreError::Open => "open",
+                    OnStoreError::Closed => "closed",
+                };
+                m.all
+                    .store_errors
+                    .with_label_values(&[m.listener.as_str(), m.route.as_str(), outcome])
+                    .inc();
+                if LOG.allow() {
+                    tracing::error!(route = %self.cfg.name, error = %e, outcome, "limit store unavailable");
+                }
+                if self.cfg.on_store_error == OnStoreError::Closed {
+                    m.decision("store_unavailable");
+                    return Err(answer::store_unavailable());
+                }
+                ticket(Hold::default(), None)
+            }
+        }
     }
 
     fn check_caps(&self, peer: &SpiffeId, r: &ModelRequest) -> Option<Response<Body>> {
@@ -501,25 +552,37 @@ impl Route {
         headers::strip_hop_by_hop(&mut parts.headers);
         answer::add_headers(
             &mut parts.headers,
-            &self.settler.plan,
             &self.policy_header,
-            adm.headroom,
+            adm.ratelimit.clone(),
         );
         if let Some(w) = adm.warning.clone() {
             parts.headers.insert(answer::USAGE_WARNING.clone(), w);
         }
-        let Some(request) = adm.request else {
-            // Nothing to count in the answer: settled now, passed through.
-            adm.ticket.finish(Ask::default(), false);
+        let Some((ticket, request)) = adm.budget else {
+            // Nothing to count in the answer: the gate is settled, the body passed through.
+            adm.gate.finish(Ask::default(), false);
             return Response::from_parts(parts, crate::respond::upstream(body));
         };
+        // warden asked for an uncompressed answer: one it cannot read, it cannot count or limit.
+        let encoded = parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if encoded {
+            self.metrics().decision("response_encoded");
+            return answer::problem(
+                502,
+                "model_response_unreadable",
+                "the model's answer was compressed although the proxy asked for it uncompressed",
+            );
+        }
         let is_stream = parts
             .headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         if is_stream && parts.status.is_success() {
             parts.headers.remove(header::CONTENT_LENGTH);
-            let metered = Metered::new(body, &request, adm.ticket);
+            let metered = Metered::new(body, &request, ticket, adm.gate);
             return Response::from_parts(parts, Body::Metered(Box::new(metered)));
         }
         let bytes = match Limited::new(body, self.cfg.max_response_bytes)
@@ -528,7 +591,7 @@ impl Route {
         {
             Ok(b) => b.to_bytes(),
             Err(_) => {
-                // The ticket settles at its full reservation when dropped.
+                // The tickets settle at their full reservation when dropped.
                 self.metrics().decision("response_too_large");
                 return answer::problem(
                     502,
@@ -540,32 +603,60 @@ impl Route {
         let reserved = Reserved::of(&request);
         let mut doc = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
         let mut tally = Tally::default();
-        let usage_seen = doc.as_ref().is_some_and(|d| tally.add_document(d));
-        let used = if !parts.status.is_success() {
+        if let Some(d) = &doc {
+            tally.add_document(d);
+        }
+        let success = parts.status.is_success();
+        let used = if !success {
             // The model produced nothing: charge only what it says it used.
             let mut u = tally.used(&reserved);
-            if !usage_seen {
+            if !tally.usage_seen {
                 u.tokens = 0;
             }
             u.vectors = 0;
             u
-        } else if usage_seen || request.call == Call::Predict {
+        } else if tally.usage_seen || request.call == Call::Predict {
             tally.used(&reserved)
         } else {
             // No usage to settle from: the reservation stands.
             reserved.ask
         };
-        adm.ticket.finish(used, false);
-        let mut out = bytes;
-        if self.cfg.api == ModelApi::Predict
-            && adm.outputs != OutputDetail::Full
-            && parts.status.is_success()
-            && let Some(d) = doc.as_mut()
-            && outputs::limit(d, to_outputs(adm.outputs))
-            && let Ok(v) = serde_json::to_vec(d)
+        ticket.finish(used, false);
+        adm.gate.finish(Ask::default(), false);
+        if success
+            && tally
+                .completion
+                .is_some_and(|c| c > reserved.completion_reserve)
         {
-            out = Bytes::from(v);
-            parts.headers.remove(header::CONTENT_LENGTH);
+            // A model that ignored max_tokens: charged, but what it generated
+            // beyond the reservation is not delivered.
+            self.metrics().decision("response_over_reservation");
+            return answer::problem(
+                502,
+                "model_exceeded_reservation",
+                "the model generated more tokens than were reserved for this request",
+            );
+        }
+        let mut out = bytes;
+        if self.cfg.api == ModelApi::Predict && adm.outputs != OutputDetail::Full && success {
+            // Fail closed: an answer whose probabilities cannot be limited is not delivered.
+            let Some(d) = doc
+                .as_mut()
+                .filter(|d| d.get("predictions").is_some_and(|p| p.is_array()))
+            else {
+                self.metrics().decision("response_unlimitable");
+                return answer::problem(
+                    502,
+                    "model_response_unreadable",
+                    "the model's answer has no predictions array to limit",
+                );
+            };
+            if outputs::limit(d, to_outputs(adm.outputs))
+                && let Ok(v) = serde_json::to_vec(d)
+            {
+                out = Bytes::from(v);
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
         }
         if parts.status == StatusCode::NO_CONTENT {
             out = Bytes::new();

@@ -23,19 +23,26 @@ pub struct Ticket {
     settler: Arc<Settler>,
     hold: Option<Hold>,
     reserved: Ask,
+    /// Counted in the reservation and charge metrics (the budget's ticket,
+    /// not the gate's).
+    metered: bool,
 }
 
 impl Ticket {
-    /// A ticket for `hold`, which reserved `reserved`.
-    pub fn new(settler: Arc<Settler>, hold: Hold, reserved: Ask) -> Self {
-        let m = &settler.metrics;
-        m.reservations.inc();
-        m.reserved_tokens
-            .add(i64::try_from(reserved.tokens).unwrap_or(i64::MAX));
+    /// A ticket for `hold`, which reserved `reserved`; `metered` when it
+    /// is counted in the reservation and charge metrics.
+    pub fn new(settler: Arc<Settler>, hold: Hold, reserved: Ask, metered: bool) -> Self {
+        if metered {
+            let m = &settler.metrics;
+            m.reservations.inc();
+            m.reserved_tokens
+                .add(i64::try_from(reserved.tokens).unwrap_or(i64::MAX));
+        }
         Self {
             settler,
             hold: Some(hold),
             reserved,
+            metered,
         }
     }
 
@@ -54,19 +61,26 @@ impl Ticket {
             return;
         };
         let m = &self.settler.metrics;
-        m.reservations.dec();
-        m.reserved_tokens
-            .sub(i64::try_from(self.reserved.tokens).unwrap_or(i64::MAX));
-        for (c, n) in m.charged.iter().zip([
-            used.tokens,
-            used.logprob_tokens,
-            used.logit_bias,
-            used.vectors,
-        ]) {
-            c.inc_by(n);
+        if self.metered {
+            m.reservations.dec();
+            m.reserved_tokens
+                .sub(i64::try_from(self.reserved.tokens).unwrap_or(i64::MAX));
+            for (c, n) in m.charged.iter().zip([
+                used.tokens,
+                used.logprob_tokens,
+                used.logit_bias,
+                used.vectors,
+            ]) {
+                if n > 0 {
+                    c.inc_by(n);
+                }
+            }
+            if cut {
+                m.streams_cut.inc();
+            }
         }
-        if cut {
-            m.streams_cut.inc();
+        if hold.reservations.is_empty() && hold.slots.is_empty() {
+            return;
         }
         match &*self.settler.store {
             Store::Local(s) => s.settle(&self.settler.plan, &hold, &used, super::limits::now_us()),

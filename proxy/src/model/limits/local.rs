@@ -69,7 +69,7 @@ fn window_retry(cur: u64, prev: u64, amount: u64, limit: u64, window_ms: u64, no
         return window_ms / 1000;
     }
     // Still this window: prev * (w - e) / w + cur + amount <= limit.
-    let wait_us = if cur + amount <= limit {
+    let wait_us = if cur.saturating_add(amount) <= limit {
         let room = limit - cur - amount;
         let need = if prev == 0 {
             elapsed
@@ -254,7 +254,7 @@ impl LocalStore {
                     }
                     State::Window {
                         idx,
-                        cur: cur + amount,
+                        cur: cur.saturating_add(amount),
                         prev,
                     }
                 }

@@ -144,6 +144,33 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.quotas.is_empty()
     }
+
+    /// Splits into the gate (request rates and concurrency: checked before a
+    /// body is read) and the budget (windows: charged from what the body asks).
+    pub fn split(self) -> (Plan, Plan) {
+        let (budget, gate) = self
+            .quotas
+            .into_iter()
+            .partition(|q| matches!(q.kind, Kind::Window { .. }));
+        (
+            Plan {
+                route: self.route.clone(),
+                quotas: gate,
+            },
+            Plan {
+                route: self.route,
+                quotas: budget,
+            },
+        )
+    }
+
+    /// A window quota that `ask` exceeds on its own (it could never be admitted).
+    pub fn larger_than_a_quota(&self, ask: &Ask) -> Option<&Quota> {
+        self.quotas.iter().find(|q| match q.kind {
+            Kind::Window { unit, limit, .. } => ask.get(unit) > limit,
+            _ => false,
+        })
+    }
 }
 
 fn add_level(out: &mut Vec<Quota>, level: Level, set: &LimitSet) {
