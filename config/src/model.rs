@@ -133,17 +133,6 @@ pub struct LadderConfig {
     pub deny: f64,
 }
 
-impl Default for LadderConfig {
-    fn default() -> Self {
-        Self {
-            warn: 0.5,
-            degrade: 0.6,
-            refuse: 0.75,
-            deny: 0.9,
-        }
-    }
-}
-
 /// Extraction detection on a route.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DetectionConfig {
@@ -154,8 +143,8 @@ pub struct DetectionConfig {
     /// The served LLM's hidden size: a logprob sweep must be stopped long
     /// before it has collected this many full logprob vectors.
     pub hidden_size: u32,
-    /// Where each step starts.
-    pub ladder: LadderConfig,
+    /// Where each step starts (None: the detector's tuned defaults).
+    pub ladder: Option<LadderConfig>,
     /// What a predict caller sees at the degrade step.
     pub degrade_outputs: OutputDetail,
     /// At the deny step, ask the CA (the proxy's identity source) to deny the identity.
@@ -168,7 +157,7 @@ impl Default for DetectionConfig {
             max_identities: 10_000,
             history: 256,
             hidden_size: 4096,
-            ladder: LadderConfig::default(),
+            ladder: None,
             degrade_outputs: OutputDetail::Decimals(1),
             report_to_ca: false,
         }
@@ -490,14 +479,14 @@ fn detection(raw: &Spanned<RawDetection>, errors: &mut Collector<'_>) -> Detecti
                     "ladder scores must be in (0, 1] and non-decreasing: warn <= degrade <= refuse <= deny",
                 );
             }
-            LadderConfig {
+            Some(LadderConfig {
                 warn: v.warn,
                 degrade: v.degrade,
                 refuse: v.refuse,
                 deny: v.deny,
-            }
+            })
         }
-        None => d.ladder,
+        None => None,
     };
     let degrade_outputs = match &r.degrade_outputs {
         Some(s) => OutputDetail::parse(s).unwrap_or_else(|e| {

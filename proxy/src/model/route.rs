@@ -169,17 +169,18 @@ impl Route {
             .iter()
             .fold(None, |c, s| min_cap(c, s.max_logit_bias));
         let detector = cfg.detection.map(|d| {
+            let defaults = Settings::default();
             Detector::new(Settings {
                 max_identities: d.max_identities,
                 history: d.history,
                 hidden_size: d.hidden_size,
-                ladder: Ladder {
-                    warn: d.ladder.warn,
-                    degrade: d.ladder.degrade,
-                    refuse: d.ladder.refuse,
-                    deny: d.ladder.deny,
-                },
-                ..Settings::default()
+                ladder: d.ladder.map_or(defaults.ladder, |l| Ladder {
+                    warn: l.warn,
+                    degrade: l.degrade,
+                    refuse: l.refuse,
+                    deny: l.deny,
+                }),
+                ..defaults
             })
         });
         let reporter = reporter.filter(|_| cfg.detection.is_some_and(|d| d.report_to_ca));
