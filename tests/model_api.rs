@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::model::{ModelApp, ModelBehaviour, PROMPT_TOKENS, post};
+use common::model::{ModelApp, ModelBehaviour, PROMPT_TOKENS, Session, post};
 use common::redis::RedisServer;
 use common::*;
 use serde_json::json;
@@ -518,4 +518,72 @@ fn what_the_limits_cannot_see_or_bound_is_refused() {
     assert!(reason(&a).ends_with(":model-exceeded-reservation"));
     // The app is asked for answers it can read.
     assert!(b.app.received.lock().unwrap().len() == 1);
+}
+
+/// A uniform random query in [-4, 4]^8 from a small deterministic generator.
+fn random_vector(state: &mut u64) -> Vec<f64> {
+    (0..8)
+        .map(|_| {
+            *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((*state >> 11) as f64 / (1u64 << 53) as f64) * 8.0 - 4.0
+        })
+        .collect()
+}
+
+#[test]
+fn an_extraction_attempt_is_escalated_while_an_honest_heavy_user_is_not() {
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        "      - name: classify\n        paths: [/v1/predict]\n        api: predict\n        outputs: decimals:4\n        detection:\n          degrade_outputs: label\n",
+    );
+    let session = |who: &Creds| {
+        let (chain, key) = (who.chain(), who.key());
+        Session::open(b.proxy.addr("models"), &who.bundle(), Some((&chain, &key)))
+    };
+    let predict = |s: &mut Session, x: &[f64]| s.post("/v1/predict", &json!({"instances": [x]}).to_string());
+
+    // An honest heavy user: natural queries around the few cases it works on.
+    let honest = &mut session(&b.caller("/ns/shop/sa/forecaster"));
+    let mut state = 7u64;
+    let centers: Vec<Vec<f64>> = (0..3).map(|_| random_vector(&mut state).iter().map(|v| v / 2.0).collect()).collect();
+    for i in 0..400 {
+        let noise = random_vector(&mut state);
+        let x: Vec<f64> = centers[i % 3].iter().zip(&noise).map(|(c, n)| c + n / 16.0).collect();
+        let a = predict(honest, &x);
+        assert_eq!(a.status, 200, "honest query {i}: {a:?}");
+        assert!(a.header("warden-usage-warning").is_none(), "honest query {i} warned");
+    }
+
+    // A scraper: uniform random queries over the whole input space.
+    let scraper = &mut session(&b.caller("/ns/batch/sa/scraper"));
+    let (mut degraded_at, mut refused_at) = (None, None);
+    for q in 1..=3000 {
+        let a = predict(scraper, &random_vector(&mut state));
+        if a.status == 429 {
+            assert!(a.json()["type"].as_str().unwrap().ends_with(":abnormal-usage-detected"), "{a:?}");
+            refused_at = Some(q);
+            break;
+        }
+        assert_eq!(a.status, 200);
+        if degraded_at.is_none() && a.header("warden-usage-warning") == Some("degrade") {
+            degraded_at = Some(q);
+            // Degraded: only the top class, no probabilities.
+            assert!(a.json()["predictions"][0].is_u64(), "{}", a.body);
+        }
+    }
+    let refused_at = refused_at.expect("the scraper was never refused");
+    assert!(degraded_at.is_some_and(|d| d < refused_at));
+    // Sticky: the scraper stays refused; the honest user is still served.
+    assert_eq!(predict(scraper, &centers[0]).status, 429);
+    assert_eq!(predict(honest, &centers[1]).status, 200);
+    let reached = |step: &str| {
+        b.metric(&format!(
+            "warden_model_escalations_total{{listener=\"models\",route=\"classify\",step=\"{step}\"}}"
+        ))
+    };
+    assert!(reached("refuse") + reached("deny") >= 1.0);
+    assert_eq!(
+        b.metric("warden_model_tracked_identities{listener=\"models\",route=\"classify\"}"),
+        2.0
+    );
 }

@@ -283,3 +283,56 @@ fn dechunk(mut rest: &[u8]) -> Vec<u8> {
         rest = &rest[(start + size + 2).min(rest.len())..];
     }
 }
+
+/// A kept-alive mTLS HTTP/1.1 connection (for many requests in a row).
+pub struct Session {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl Session {
+    pub fn open(addr: SocketAddr, bundle: &str, client: ClientCert<'_>) -> Session {
+        Session {
+            tls: mtls_connect(addr, bundle, client, &[b"http/1.1"]).unwrap(),
+        }
+    }
+
+    /// POSTs `body`; the answer must have a Content-Length.
+    pub fn post(&mut self, path: &str, body: &str) -> Answer {
+        write!(
+            self.tls,
+            "POST {path} HTTP/1.1\r\nHost: model.test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        self.tls.flush().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(self.tls.read(&mut byte).unwrap(), 1, "connection closed");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .expect("a content-length");
+        let mut body = vec![0u8; len];
+        self.tls.read_exact(&mut body).unwrap();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).to_string(),
+        }
+    }
+}
