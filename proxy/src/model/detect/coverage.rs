@@ -4,8 +4,10 @@
 //! Extraction wants answers everywhere, natural use asks where the data is:
 //! uniformly random queries (Tramèr et al. 2016) and synthetic samples spread
 //! over regions that the population of callers rarely visits. The space is
-//! cut into cells by random hyperplanes (several independent tables of a few
-//! planes each, as in locality-sensitive hashing); the detector learns how
+//! cut into cells by random hyperplanes (several independent tables; in each,
+//! a few random directions each cut by three parallel planes, at the centre
+//! and at two deviations either side, as in quantized locality-sensitive
+//! hashing); the detector learns how
 //! often natural traffic lands in each cell from callers that are not
 //! suspected, and scores an identity by how much more of its recent queries
 //! land in rare cells than natural traffic does.
@@ -45,6 +47,8 @@ pub struct CoverageSettings {
     /// Excess rare share (over natural traffic's) where the signal starts,
     /// and where it is 1.
     pub excess: (f64, f64),
+    /// Queries one identity may contribute to the population.
+    pub teach: u32,
 }
 
 impl Default for CoverageSettings {
@@ -54,25 +58,29 @@ impl Default for CoverageSettings {
             tables: 4,
             warmup: 2048,
             min_population: 8192,
-            rare: 0.25,
+            rare: 2.0,
             window: 64,
             min_queries: 24,
             excess: (0.2, 0.6),
+            teach: 256,
         }
     }
 }
 
 /// Feature spaces tracked at most (one per input width).
 const MAX_SPACES: usize = 8;
+/// Where the outer hyperplanes cut each direction, in deviations of the
+/// standardized data: natural traffic is beyond it ~5% of the time per
+/// direction, a query spread over the features' whole ranges far more often.
+const TAIL: f64 = 2.0;
 /// The key of the text space.
 pub const TEXT_SPACE: usize = usize::MAX;
 
 struct Frozen {
     mean: Vec<f64>,
     inv_std: Vec<f64>,
-    /// tables * bits planes of `k` coordinates, row-major.
+    /// tables * directions unit vectors of `k` coordinates, row-major.
     planes: Vec<f64>,
-    offsets: Vec<f64>,
 }
 
 struct Warm {
@@ -98,7 +106,9 @@ impl std::fmt::Debug for Space {
         f.debug_struct("Space")
             .field("key", &self.key)
             .field("k", &self.k)
+            .field("frozen", &self.frozen.get().is_some())
             .field("total", &self.total.load(Ordering::Relaxed))
+            .field("rare_mass", &self.rare_mass())
             .finish()
     }
 }
@@ -125,7 +135,6 @@ impl Space {
                 mean: Vec::new(),
                 inv_std: Vec::new(),
                 planes: Vec::new(),
-                offsets: Vec::new(),
             });
         }
         space
@@ -139,28 +148,41 @@ impl Space {
         self.settings.tables.clamp(1, 8)
     }
 
+    /// Random directions per table: each is cut by three parallel
+    /// hyperplanes (at -TAIL, 0 and +TAIL deviations), two bits of the cell.
+    fn directions(&self) -> usize {
+        (self.bits() as usize / 2).max(1)
+    }
+
     /// The cell of `v` in each table (indices into the shared count array);
     /// `None` until the standardization is learnt.
     pub fn cells(&self, v: &[f64], out: &mut [usize; 8]) -> Option<usize> {
         let f = self.frozen.get()?;
-        let bits = self.bits() as usize;
+        let dirs = self.directions();
         let tables = self.tables();
         for (t, slot) in out.iter_mut().enumerate().take(tables) {
             let mut cell = 0usize;
-            for b in 0..bits {
-                let plane = (t * bits + b) * self.k;
+            for j in 0..dirs {
+                let plane = (t * dirs + j) * self.k;
                 let row = f.planes.get(plane..plane + self.k)?;
-                let dot: f64 = row
+                let p: f64 = row
                     .iter()
                     .zip(v)
                     .zip(f.mean.iter().zip(&f.inv_std))
                     .map(|((w, x), (m, s))| w * (x - m) * s)
                     .sum();
-                if dot > f.offsets[t * bits + b] {
-                    cell |= 1 << b;
-                }
+                let bin = if p < -TAIL {
+                    0
+                } else if p < 0.0 {
+                    1
+                } else if p < TAIL {
+                    2
+                } else {
+                    3
+                };
+                cell |= bin << (2 * j);
             }
-            *slot = (t << bits) | cell;
+            *slot = (t << self.bits()) | cell;
         }
         Some(tables)
     }
@@ -218,23 +240,20 @@ impl Space {
                         if sd > 0.0 { 1.0 / sd } else { 0.0 }
                     })
                     .collect();
-            let bits = self.bits() as usize;
+            let dirs = self.directions();
             let tables = self.tables();
             // Seeded by the space, so every detector cuts a space the same way.
             let mut rng = StdRng::seed_from_u64(0x636f_7665_7261_6765 ^ self.k as u64);
-            let mut planes = Vec::with_capacity(tables * bits * self.k);
-            let mut offsets = Vec::with_capacity(tables * bits);
-            for _ in 0..tables * bits {
+            let mut planes = Vec::with_capacity(tables * dirs * self.k);
+            for _ in 0..tables * dirs {
                 let row: Vec<f64> = (0..self.k).map(|_| gaussian(&mut rng)).collect();
                 let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
                 planes.extend(row.iter().map(|x| x / norm));
-                offsets.push(gaussian(&mut rng) * 0.75);
             }
             let _ = self.frozen.set(Frozen {
                 mean: w.mean.clone(),
                 inv_std,
                 planes,
-                offsets,
             });
         }
     }
