@@ -43,6 +43,13 @@ const DAYS: usize = 2;
 const SEEDS_PER_KIND: u64 = 10;
 const BUDGET: usize = 2_000;
 const VOCAB: u32 = 32_000;
+/// What PRADA reports for the attacks it evaluated (queries until detection).
+const PRADA_REPORTED: [(&str, &str); 3] = [
+    ("Tramer et al. (random queries)", "5,650 / 5,300"),
+    ("Papernot et al. (JbDA)", "120 / 430"),
+    ("PRADA's own T-RND / I-FGSM", "130-140 / 440-650"),
+];
+
 /// Requests an LLM sweep sends at most in the simulated day.
 const SWEEP_BUDGET: usize = 20_000;
 
@@ -1056,22 +1063,6 @@ fn main() {
     }
     if std::env::var_os("HARNESS_DEBUG").is_some() {
         println!("{detector:?}");
-        let a = Attack::new(Kind::Uniform, &task, 4242);
-        let mut r = StdRng::seed_from_u64(5);
-        for i in 0..100 {
-            let x: Vec<f64> = (0..D).map(|j| r.random_range(a.lo[j]..a.hi[j])).collect();
-            let s = detector.observe("spiffe://bench.test/probe", Query::Features(&x));
-            if i % 20 == 19 {
-                println!("  late uniform probe {i}: {:?}", s.signals);
-            }
-        }
-        for i in 0..100 {
-            let x = task.sample(&mut r).0;
-            let s = detector.observe("spiffe://bench.test/probe2", Query::Features(&x));
-            if i % 20 == 19 {
-                println!("  late natural probe {i}: {:?}", s.signals);
-            }
-        }
     }
     let fp = users.iter().filter(|u| u.max_step >= Step::Refuse).count();
     println!(
@@ -1089,8 +1080,17 @@ fn main() {
         observe_ns as f64 / observed as f64 / 1000.0
     );
 
-    println!("\nPRADA (Juuti et al., EuroS&P 2019) for comparison: queries until detection of the");
-    println!("attacks it evaluated, with no false positives: see README (Extraction detection).");
+    println!("\nPRADA (Juuti et al., EuroS&P 2019), queries until detection as reported there");
+    println!("(MNIST / GTSRB; recalled from the paper, not re-verified here):");
+    for (attack, figures) in PRADA_REPORTED {
+        println!("  {attack:<32} {figures}");
+    }
+    let worst = outcomes
+        .iter()
+        .filter_map(|o| o.first[3])
+        .max()
+        .unwrap_or(0);
+    println!("here: every detected feature-API attacker within {worst} queries\n");
 
     // observe() in isolation, with a full history.
     let mut c = Criterion::default().configure_from_args();

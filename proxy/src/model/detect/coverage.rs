@@ -99,7 +99,17 @@ pub struct Space {
     counts: Box<[AtomicU32]>,
     total: AtomicU64,
     rare_mass: AtomicU64,
+    /// Log-scale histogram of natural queries' distance to the caller's
+    /// nearest earlier query (standardized), and its cached median.
+    nearest: Box<[AtomicU32]>,
+    nearest_total: AtomicU64,
+    nearest_median: AtomicU64,
 }
+
+/// Bins of the nearest-distance histogram: log2 from -16 to +16 by quarters.
+const NEAREST_BINS: usize = 128;
+/// Natural distances needed before their median is used.
+const NEAREST_MIN: u64 = 1024;
 
 impl std::fmt::Debug for Space {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,6 +139,9 @@ impl Space {
             counts: (0..cells).map(|_| AtomicU32::new(0)).collect(),
             total: AtomicU64::new(0),
             rare_mass: AtomicU64::new(0f64.to_bits()),
+            nearest: (0..NEAREST_BINS).map(|_| AtomicU32::new(0)).collect(),
+            nearest_total: AtomicU64::new(0),
+            nearest_median: AtomicU64::new(0f64.to_bits()),
         };
         if key == TEXT_SPACE {
             let _ = space.frozen.set(Frozen {
@@ -294,6 +307,37 @@ impl Space {
         Some(rare * 2 > n)
     }
 
+    /// Learns one natural query's distance to its caller's nearest earlier
+    /// query (from callers with a full history, so the figure is for the
+    /// most crowded history and errs on the large side for shorter ones).
+    pub fn learn_nearest(&self, d: f64) {
+        if !(d > 0.0 && d.is_finite()) {
+            return;
+        }
+        let bin = ((d.log2() + 16.0) * 4.0).clamp(0.0, (NEAREST_BINS - 1) as f64) as usize;
+        self.nearest[bin].fetch_add(1, Ordering::Relaxed);
+        let n = self.nearest_total.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= NEAREST_MIN && (n == NEAREST_MIN || n.is_multiple_of(256)) {
+            let mut left = n / 2;
+            for (i, c) in self.nearest.iter().enumerate() {
+                let c = u64::from(c.load(Ordering::Relaxed));
+                if c > left {
+                    let m = 2f64.powf((i as f64 + 0.5) / 4.0 - 16.0);
+                    self.nearest_median.store(m.to_bits(), Ordering::Relaxed);
+                    break;
+                }
+                left -= c;
+            }
+        }
+    }
+
+    /// The median distance of a natural query to its caller's nearest
+    /// earlier one, once enough are known.
+    pub fn typical_nearest(&self) -> Option<f64> {
+        let m = f64::from_bits(self.nearest_median.load(Ordering::Relaxed));
+        (self.nearest_total.load(Ordering::Relaxed) >= NEAREST_MIN && m > 0.0).then_some(m)
+    }
+
     /// Share of natural traffic in rare cells (per table, averaged).
     pub fn rare_mass(&self) -> f64 {
         f64::from_bits(self.rare_mass.load(Ordering::Relaxed))
@@ -337,7 +381,8 @@ impl Population {
     pub fn max_bytes(settings: &CoverageSettings, k: usize) -> usize {
         let per_space = settings.tables.clamp(1, 8) * (1usize << settings.bits.clamp(1, 16)) * 4
             + settings.tables.clamp(1, 8) * settings.bits.clamp(1, 16) as usize * (k + 1) * 8
-            + 4 * k * 8;
+            + 4 * k * 8
+            + NEAREST_BINS * 4;
         MAX_SPACES * per_space
     }
 }

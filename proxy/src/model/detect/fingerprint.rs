@@ -47,6 +47,10 @@ pub struct FingerprintSettings {
     /// A query nearer than this fraction of the caller's spread (root of the
     /// summed per-coordinate variances) to an earlier one is a near duplicate.
     pub near_fraction: f64,
+    /// Once natural traffic's median distance to the nearest earlier query
+    /// is known, a query nearer than this fraction of it is a near duplicate
+    /// (a perturbation of an earlier query, however the step was drawn).
+    pub near_typical: f64,
     /// Queries over which the duplicate and sweep fractions are taken.
     pub window: usize,
     /// A fraction counts only once this many queries are in the window
@@ -65,6 +69,7 @@ impl Default for FingerprintSettings {
         Self {
             sketch_dim: 32,
             near_fraction: 0.05,
+            near_typical: 0.5,
             window: 64,
             min_queries: 24,
             duplicates: (0.15, 0.45),
@@ -251,6 +256,11 @@ impl FeatureHistory {
             + self.flags.held_bytes()
     }
 
+    /// Whether the ring holds `cap` queries.
+    pub fn is_full(&self) -> bool {
+        self.len == self.cap
+    }
+
     /// The input width this history is for.
     pub fn dim(&self) -> usize {
         self.dim
@@ -278,7 +288,13 @@ impl FeatureHistory {
 
     /// Records `x` and says how it relates to the earlier queries; `None`
     /// for an exact repeat of a remembered query (not recorded again).
-    pub fn observe(&mut self, x: &[f64], fp: &FingerprintSettings) -> Option<Relation> {
+    /// `typical` is natural traffic's median nearest distance when known.
+    pub fn observe(
+        &mut self,
+        x: &[f64],
+        typical: Option<f64>,
+        fp: &FingerprintSettings,
+    ) -> Option<Relation> {
         let mut v = std::mem::take(&mut self.scratch);
         sketch(x, self.k, &mut v);
         // Compared at the precision it is remembered in, so that an exact
@@ -287,7 +303,7 @@ impl FeatureHistory {
             *c = f64::from(*c as f32);
         }
         self.update_scale();
-        let rel = self.relate(&v, fp);
+        let rel = self.relate(&v, typical, fp);
         if rel.is_some() {
             self.remember(&v);
         } else {
@@ -304,7 +320,12 @@ impl FeatureHistory {
         rel
     }
 
-    fn relate(&mut self, v: &[f64], fp: &FingerprintSettings) -> Option<Relation> {
+    fn relate(
+        &mut self,
+        v: &[f64],
+        typical: Option<f64>,
+        fp: &FingerprintSettings,
+    ) -> Option<Relation> {
         let mut best = (f64::INFINITY, usize::MAX);
         let mut second = (f64::INFINITY, usize::MAX);
         for slot in 0..self.len {
@@ -336,11 +357,16 @@ impl FeatureHistory {
         if !sweep && let (Some(p), Some(pp)) = (self.recent(0), self.recent(1)) {
             sweep = collinear(v, self.row(p), self.row(pp));
         }
-        // Standardized coordinates have unit variance: the spread is sqrt(k).
-        let spread = (self.k as f64).sqrt();
+        // Near: a fraction of natural traffic's typical nearest distance when
+        // the population knows it, else of the caller's own spread
+        // (standardized coordinates have unit variance: sqrt(k)).
+        let near = match typical {
+            Some(t) => fp.near_typical * t,
+            None => fp.near_fraction * (self.k as f64).sqrt(),
+        };
         Some(Relation {
             min_distance: best.0.sqrt(),
-            near_duplicate: self.seen >= 2 && best.0.sqrt() < fp.near_fraction * spread,
+            near_duplicate: self.seen >= 2 && best.0.sqrt() < near,
             sweep,
         })
     }
@@ -578,7 +604,7 @@ mod tests {
         let mut h = FeatureHistory::new(16, 128, 64, &fp());
         for _ in 0..300 {
             let x = gauss(&mut rng, 16);
-            h.observe(&x, &fp()).unwrap();
+            h.observe(&x, None, &fp()).unwrap();
         }
         assert!(h.duplicate_fraction(24) < 0.02);
         assert!(h.sweep_fraction(24) < 0.02);
@@ -587,8 +613,8 @@ mod tests {
     #[test]
     fn exact_repeats_are_ignored() {
         let mut h = FeatureHistory::new(4, 16, 16, &fp());
-        assert!(h.observe(&[1.0, 2.0, 3.0, 4.0], &fp()).is_some());
-        assert!(h.observe(&[1.0, 2.0, 3.0, 4.0], &fp()).is_none());
+        assert!(h.observe(&[1.0, 2.0, 3.0, 4.0], None, &fp()).is_some());
+        assert!(h.observe(&[1.0, 2.0, 3.0, 4.0], None, &fp()).is_none());
         assert_eq!(h.repeats, 1);
         assert_eq!(h.flags.len(), 0);
     }
@@ -598,11 +624,11 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(2);
         let mut h = FeatureHistory::new(16, 128, 64, &fp());
         let base = gauss(&mut rng, 16);
-        h.observe(&base, &fp());
+        h.observe(&base, None, &fp());
         for i in 0..16 {
             let mut x = base.clone();
             x[i] += 0.37;
-            assert!(h.observe(&x, &fp()).unwrap().sweep, "coordinate {i}");
+            assert!(h.observe(&x, None, &fp()).unwrap().sweep, "coordinate {i}");
         }
     }
 
@@ -611,16 +637,16 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let mut h = FeatureHistory::new(16, 128, 64, &fp());
         for _ in 0..20 {
-            h.observe(&gauss(&mut rng, 16), &fp());
+            h.observe(&gauss(&mut rng, 16), None, &fp());
         }
         let base = gauss(&mut rng, 16);
-        h.observe(&base, &fp());
+        h.observe(&base, None, &fp());
         let x: Vec<f64> = base
             .iter()
             .enumerate()
             .map(|(i, v)| v + if i % 3 == 0 { 0.02 } else { -0.02 })
             .collect();
-        let r = h.observe(&x, &fp()).unwrap();
+        let r = h.observe(&x, None, &fp()).unwrap();
         assert!(r.sweep);
         assert!(r.near_duplicate);
     }
@@ -630,13 +656,13 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(4);
         let mut h = FeatureHistory::new(16, 128, 64, &fp());
         let (a, b) = (gauss(&mut rng, 16), gauss(&mut rng, 16));
-        h.observe(&a, &fp());
-        h.observe(&b, &fp());
+        h.observe(&a, None, &fp());
+        h.observe(&b, None, &fp());
         let (mut lo, mut hi) = (0.0, 1.0);
         for step in 0..8 {
             let t = (lo + hi) / 2.0;
             let x: Vec<f64> = a.iter().zip(&b).map(|(p, q)| p + t * (q - p)).collect();
-            assert!(h.observe(&x, &fp()).unwrap().sweep, "step {step}");
+            assert!(h.observe(&x, None, &fp()).unwrap().sweep, "step {step}");
             if step % 2 == 0 { lo = t } else { hi = t }
         }
     }
@@ -647,10 +673,10 @@ mod tests {
         let f = fp();
         let mut h = FeatureHistory::new(784, 64, 64, &f);
         let base: Vec<f64> = (0..784).map(|_| rng.random()).collect();
-        h.observe(&base, &f);
+        h.observe(&base, None, &f);
         let mut x = base.clone();
         x[300] += 0.5;
-        assert!(h.observe(&x, &f).unwrap().sweep);
+        assert!(h.observe(&x, None, &f).unwrap().sweep);
         assert!(
             FeatureHistory::max_bytes(784, 64, 64, &f) < 64 * 32 * 4 + 4096,
             "memory follows the sketch, not the input width"

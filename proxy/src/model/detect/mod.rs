@@ -134,8 +134,8 @@ impl Default for PradaSettings {
         Self {
             window: 64,
             min_distances: 32,
-            w_alarm: 0.62,
-            w_ok: 0.76,
+            w_alarm: 0.55,
+            w_ok: 0.72,
             trim: 0.15,
             trim_low: 0.05,
         }
@@ -424,7 +424,17 @@ impl Detector {
         let Some(hist) = id.features.as_mut() else {
             return;
         };
-        let rel = hist.observe(x, &s.fingerprint);
+        let typical = id
+            .feature_space
+            .as_ref()
+            .and_then(|space| space.typical_nearest());
+        let rel = hist.observe(x, typical, &s.fingerprint);
+        if natural
+            && hist.is_full()
+            && let (Some(r), Some(space)) = (rel, id.feature_space.as_ref())
+        {
+            space.learn_nearest(r.min_distance);
+        }
 
         let fp = &s.fingerprint;
         id.signals.duplicates = if hist.flags.len() >= fp.min_queries {
