@@ -4,8 +4,10 @@
 //! Extraction wants answers everywhere, natural use asks where the data is:
 //! uniformly random queries (Tramèr et al. 2016) and synthetic samples spread
 //! over regions that the population of callers rarely visits. The space is
-//! cut into cells by random hyperplanes (several independent tables of a few
-//! planes each, as in locality-sensitive hashing); the detector learns how
+//! cut into cells by random hyperplanes (several independent tables; in each,
+//! a few random directions each cut by three parallel planes, at the centre
+//! and at two deviations either side, as in quantized locality-sensitive
+//! hashing); the detector learns how
 //! often natural traffic lands in each cell from callers that are not
 //! suspected, and scores an identity by how much more of its recent queries
 //! land in rare cells than natural traffic does.
@@ -45,6 +47,8 @@ pub struct CoverageSettings {
     /// Excess rare share (over natural traffic's) where the signal starts,
     /// and where it is 1.
     pub excess: (f64, f64),
+    /// Queries one identity may contribute to the population.
+    pub teach: u32,
 }
 
 impl Default for CoverageSettings {
@@ -54,25 +58,29 @@ impl Default for CoverageSettings {
             tables: 4,
             warmup: 2048,
             min_population: 8192,
-            rare: 0.25,
+            rare: 2.0,
             window: 64,
             min_queries: 24,
             excess: (0.2, 0.6),
+            teach: 256,
         }
     }
 }
 
 /// Feature spaces tracked at most (one per input width).
 const MAX_SPACES: usize = 8;
+/// Where the outer hyperplanes cut each direction, in deviations of the
+/// standardized data: natural traffic is beyond it ~5% of the time per
+/// direction, a query spread over the features' whole ranges far more often.
+const TAIL: f64 = 2.0;
 /// The key of the text space.
 pub const TEXT_SPACE: usize = usize::MAX;
 
 struct Frozen {
     mean: Vec<f64>,
     inv_std: Vec<f64>,
-    /// tables * bits planes of `k` coordinates, row-major.
+    /// tables * directions unit vectors of `k` coordinates, row-major.
     planes: Vec<f64>,
-    offsets: Vec<f64>,
 }
 
 struct Warm {
@@ -91,14 +99,26 @@ pub struct Space {
     counts: Box<[AtomicU32]>,
     total: AtomicU64,
     rare_mass: AtomicU64,
+    /// Log-scale histogram of natural queries' distance to the caller's
+    /// nearest earlier query (standardized), and its cached median.
+    nearest: Box<[AtomicU32]>,
+    nearest_total: AtomicU64,
+    nearest_median: AtomicU64,
 }
+
+/// Bins of the nearest-distance histogram: log2 from -16 to +16 by quarters.
+const NEAREST_BINS: usize = 128;
+/// Natural distances needed before their median is used.
+const NEAREST_MIN: u64 = 1024;
 
 impl std::fmt::Debug for Space {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Space")
             .field("key", &self.key)
             .field("k", &self.k)
+            .field("frozen", &self.frozen.get().is_some())
             .field("total", &self.total.load(Ordering::Relaxed))
+            .field("rare_mass", &self.rare_mass())
             .finish()
     }
 }
@@ -119,13 +139,15 @@ impl Space {
             counts: (0..cells).map(|_| AtomicU32::new(0)).collect(),
             total: AtomicU64::new(0),
             rare_mass: AtomicU64::new(0f64.to_bits()),
+            nearest: (0..NEAREST_BINS).map(|_| AtomicU32::new(0)).collect(),
+            nearest_total: AtomicU64::new(0),
+            nearest_median: AtomicU64::new(0f64.to_bits()),
         };
         if key == TEXT_SPACE {
             let _ = space.frozen.set(Frozen {
                 mean: Vec::new(),
                 inv_std: Vec::new(),
                 planes: Vec::new(),
-                offsets: Vec::new(),
             });
         }
         space
@@ -139,28 +161,41 @@ impl Space {
         self.settings.tables.clamp(1, 8)
     }
 
+    /// Random directions per table: each is cut by three parallel
+    /// hyperplanes (at -TAIL, 0 and +TAIL deviations), two bits of the cell.
+    fn directions(&self) -> usize {
+        (self.bits() as usize / 2).max(1)
+    }
+
     /// The cell of `v` in each table (indices into the shared count array);
     /// `None` until the standardization is learnt.
     pub fn cells(&self, v: &[f64], out: &mut [usize; 8]) -> Option<usize> {
         let f = self.frozen.get()?;
-        let bits = self.bits() as usize;
+        let dirs = self.directions();
         let tables = self.tables();
         for (t, slot) in out.iter_mut().enumerate().take(tables) {
             let mut cell = 0usize;
-            for b in 0..bits {
-                let plane = (t * bits + b) * self.k;
+            for j in 0..dirs {
+                let plane = (t * dirs + j) * self.k;
                 let row = f.planes.get(plane..plane + self.k)?;
-                let dot: f64 = row
+                let p: f64 = row
                     .iter()
                     .zip(v)
                     .zip(f.mean.iter().zip(&f.inv_std))
                     .map(|((w, x), (m, s))| w * (x - m) * s)
                     .sum();
-                if dot > f.offsets[t * bits + b] {
-                    cell |= 1 << b;
-                }
+                let bin = if p < -TAIL {
+                    0
+                } else if p < 0.0 {
+                    1
+                } else if p < TAIL {
+                    2
+                } else {
+                    3
+                };
+                cell |= bin << (2 * j);
             }
-            *slot = (t << bits) | cell;
+            *slot = (t << self.bits()) | cell;
         }
         Some(tables)
     }
@@ -218,23 +253,20 @@ impl Space {
                         if sd > 0.0 { 1.0 / sd } else { 0.0 }
                     })
                     .collect();
-            let bits = self.bits() as usize;
+            let dirs = self.directions();
             let tables = self.tables();
             // Seeded by the space, so every detector cuts a space the same way.
             let mut rng = StdRng::seed_from_u64(0x636f_7665_7261_6765 ^ self.k as u64);
-            let mut planes = Vec::with_capacity(tables * bits * self.k);
-            let mut offsets = Vec::with_capacity(tables * bits);
-            for _ in 0..tables * bits {
+            let mut planes = Vec::with_capacity(tables * dirs * self.k);
+            for _ in 0..tables * dirs {
                 let row: Vec<f64> = (0..self.k).map(|_| gaussian(&mut rng)).collect();
                 let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
                 planes.extend(row.iter().map(|x| x / norm));
-                offsets.push(gaussian(&mut rng) * 0.75);
             }
             let _ = self.frozen.set(Frozen {
                 mean: w.mean.clone(),
                 inv_std,
                 planes,
-                offsets,
             });
         }
     }
@@ -273,6 +305,37 @@ impl Space {
             })
             .count();
         Some(rare * 2 > n)
+    }
+
+    /// Learns one natural query's distance to its caller's nearest earlier
+    /// query (from callers with a full history, so the figure is for the
+    /// most crowded history and errs on the large side for shorter ones).
+    pub fn learn_nearest(&self, d: f64) {
+        if !(d > 0.0 && d.is_finite()) {
+            return;
+        }
+        let bin = ((d.log2() + 16.0) * 4.0).clamp(0.0, (NEAREST_BINS - 1) as f64) as usize;
+        self.nearest[bin].fetch_add(1, Ordering::Relaxed);
+        let n = self.nearest_total.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= NEAREST_MIN && (n == NEAREST_MIN || n.is_multiple_of(256)) {
+            let mut left = n / 2;
+            for (i, c) in self.nearest.iter().enumerate() {
+                let c = u64::from(c.load(Ordering::Relaxed));
+                if c > left {
+                    let m = 2f64.powf((i as f64 + 0.5) / 4.0 - 16.0);
+                    self.nearest_median.store(m.to_bits(), Ordering::Relaxed);
+                    break;
+                }
+                left -= c;
+            }
+        }
+    }
+
+    /// The median distance of a natural query to its caller's nearest
+    /// earlier one, once enough are known.
+    pub fn typical_nearest(&self) -> Option<f64> {
+        let m = f64::from_bits(self.nearest_median.load(Ordering::Relaxed));
+        (self.nearest_total.load(Ordering::Relaxed) >= NEAREST_MIN && m > 0.0).then_some(m)
     }
 
     /// Share of natural traffic in rare cells (per table, averaged).
@@ -318,7 +381,8 @@ impl Population {
     pub fn max_bytes(settings: &CoverageSettings, k: usize) -> usize {
         let per_space = settings.tables.clamp(1, 8) * (1usize << settings.bits.clamp(1, 16)) * 4
             + settings.tables.clamp(1, 8) * settings.bits.clamp(1, 16) as usize * (k + 1) * 8
-            + 4 * k * 8;
+            + 4 * k * 8
+            + NEAREST_BINS * 4;
         MAX_SPACES * per_space
     }
 }

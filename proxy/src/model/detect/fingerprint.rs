@@ -47,6 +47,10 @@ pub struct FingerprintSettings {
     /// A query nearer than this fraction of the caller's spread (root of the
     /// summed per-coordinate variances) to an earlier one is a near duplicate.
     pub near_fraction: f64,
+    /// Once natural traffic's median distance to the nearest earlier query
+    /// is known, a query nearer than this fraction of it is a near duplicate
+    /// (a perturbation of an earlier query, however the step was drawn).
+    pub near_typical: f64,
     /// Queries over which the duplicate and sweep fractions are taken.
     pub window: usize,
     /// A fraction counts only once this many queries are in the window
@@ -65,6 +69,7 @@ impl Default for FingerprintSettings {
         Self {
             sketch_dim: 32,
             near_fraction: 0.05,
+            near_typical: 0.5,
             window: 64,
             min_queries: 24,
             duplicates: (0.15, 0.45),
@@ -145,6 +150,9 @@ impl Flags {
     }
 }
 
+/// Step patterns remembered per identity.
+const STEP_PATTERNS: usize = 16;
+
 const DUP: u8 = 0;
 const SWEEP: u8 = 1;
 
@@ -184,6 +192,9 @@ pub struct FeatureHistory {
     m2: Vec<f64>,
     seen: u64,
     scratch: Vec<f64>,
+    inv_sd: Vec<f64>,
+    /// Magnitude patterns of the most recent steps.
+    steps: VecDeque<u64>,
     /// PRADA's minimum distances.
     pub distances: Distances,
     /// Per-query near-duplicate and sweep flags.
@@ -207,6 +218,8 @@ impl FeatureHistory {
             m2: vec![0.0; k],
             seen: 0,
             scratch: Vec::with_capacity(k),
+            inv_sd: Vec::with_capacity(k),
+            steps: VecDeque::with_capacity(STEP_PATTERNS),
             distances: Distances::new(prada_window),
             flags: Flags::new(fp.window),
             repeats: 0,
@@ -223,7 +236,8 @@ impl FeatureHistory {
         let k = dim_cap.min(fp.sketch_dim.max(1));
         std::mem::size_of::<Self>()
             + cap * k * std::mem::size_of::<f32>()
-            + 3 * k * std::mem::size_of::<f64>()
+            + 4 * k * std::mem::size_of::<f64>()
+            + STEP_PATTERNS * 8
             + Distances::max_bytes(prada_window)
             + 2 * fp.window
     }
@@ -232,10 +246,19 @@ impl FeatureHistory {
     pub fn held_bytes(&self) -> usize {
         std::mem::size_of::<Self>()
             + self.ring.capacity() * std::mem::size_of::<f32>()
-            + (self.mean.capacity() + self.m2.capacity() + self.scratch.capacity())
+            + (self.mean.capacity()
+                + self.m2.capacity()
+                + self.scratch.capacity()
+                + self.inv_sd.capacity())
                 * std::mem::size_of::<f64>()
+            + self.steps.capacity() * 8
             + self.distances.held_bytes()
             + self.flags.held_bytes()
+    }
+
+    /// Whether the ring holds `cap` queries.
+    pub fn is_full(&self) -> bool {
+        self.len == self.cap
     }
 
     /// The input width this history is for.
@@ -252,20 +275,35 @@ impl FeatureHistory {
         (back < self.len).then(|| (self.head + self.cap - 1 - back) % self.cap)
     }
 
-    /// The caller's spread: root of the summed per-coordinate variances.
-    fn spread(&self) -> f64 {
-        if self.seen < 2 {
-            return 0.0;
-        }
-        (self.m2.iter().sum::<f64>() / (self.seen - 1) as f64).sqrt()
+    /// Per-coordinate 1/deviation of the caller's queries so far, so that
+    /// distances do not depend on the units of each feature (1 until known).
+    fn update_scale(&mut self) {
+        self.inv_sd.clear();
+        let n = self.seen;
+        self.inv_sd.extend(self.m2.iter().map(|&m2| {
+            let var = if n >= 2 { m2 / (n - 1) as f64 } else { 0.0 };
+            if var > 0.0 { 1.0 / var.sqrt() } else { 1.0 }
+        }));
     }
 
     /// Records `x` and says how it relates to the earlier queries; `None`
     /// for an exact repeat of a remembered query (not recorded again).
-    pub fn observe(&mut self, x: &[f64], fp: &FingerprintSettings) -> Option<Relation> {
+    /// `typical` is natural traffic's median nearest distance when known.
+    pub fn observe(
+        &mut self,
+        x: &[f64],
+        typical: Option<f64>,
+        fp: &FingerprintSettings,
+    ) -> Option<Relation> {
         let mut v = std::mem::take(&mut self.scratch);
         sketch(x, self.k, &mut v);
-        let rel = self.relate(&v, fp);
+        // Compared at the precision it is remembered in, so that an exact
+        // repeat is found exactly.
+        for c in &mut v {
+            *c = f64::from(*c as f32);
+        }
+        self.update_scale();
+        let rel = self.relate(&v, typical, fp);
         if rel.is_some() {
             self.remember(&v);
         } else {
@@ -282,7 +320,12 @@ impl FeatureHistory {
         rel
     }
 
-    fn relate(&self, v: &[f64], fp: &FingerprintSettings) -> Option<Relation> {
+    fn relate(
+        &mut self,
+        v: &[f64],
+        typical: Option<f64>,
+        fp: &FingerprintSettings,
+    ) -> Option<Relation> {
         let mut best = (f64::INFINITY, usize::MAX);
         let mut second = (f64::INFINITY, usize::MAX);
         for slot in 0..self.len {
@@ -290,7 +333,8 @@ impl FeatureHistory {
                 .row(slot)
                 .iter()
                 .zip(v)
-                .map(|(&a, &b)| (f64::from(a) - b).powi(2))
+                .zip(&self.inv_sd)
+                .map(|((&a, &b), &s)| ((f64::from(a) - b) * s).powi(2))
                 .sum();
             if d2 < best.0 {
                 second = best;
@@ -305,57 +349,89 @@ impl FeatureHistory {
         if best.0 == 0.0 {
             return None;
         }
-        let spread = self.spread();
-        let near = self.row(best.1);
+        let near = best.1;
         let mut sweep = self.structured(v, near);
         if !sweep && second.1 != usize::MAX {
-            sweep = collinear(v, near, self.row(second.1));
+            sweep = collinear(v, self.row(near), self.row(second.1));
         }
         if !sweep && let (Some(p), Some(pp)) = (self.recent(0), self.recent(1)) {
             sweep = collinear(v, self.row(p), self.row(pp));
         }
+        // Near: a fraction of natural traffic's typical nearest distance when
+        // the population knows it, else of the caller's own spread
+        // (standardized coordinates have unit variance: sqrt(k)).
+        let near = match typical {
+            Some(t) => fp.near_typical * t,
+            None => fp.near_fraction * (self.k as f64).sqrt(),
+        };
         Some(Relation {
             min_distance: best.0.sqrt(),
-            near_duplicate: spread > 0.0 && best.0.sqrt() < fp.near_fraction * spread,
+            near_duplicate: self.seen >= 2 && best.0.sqrt() < near,
             sweep,
         })
     }
 
-    /// A sparse change or a sign step from `near` to `v`.
-    fn structured(&self, v: &[f64], near: &[f32]) -> bool {
+    /// A sparse change, a sign step, or a step of the same per-coordinate
+    /// magnitudes as a recent step (an augmentation with a fixed step
+    /// vector), from the remembered query in `near` to `v`.
+    fn structured(&mut self, v: &[f64], near: usize) -> bool {
         let k = v.len();
-        let mut changed = 0usize;
         let mut mags = [0.0f64; 64];
-        let mut n_mags = 0usize;
         let mut max_abs = 0.0f64;
-        for (&a, &b) in near.iter().zip(v) {
-            max_abs = max_abs.max((b - f64::from(a)).abs());
+        for (i, ((&a, &b), &s)) in self.row(near).iter().zip(v).zip(&self.inv_sd).enumerate() {
+            let d = ((b - f64::from(a)) * s).abs();
+            if let Some(m) = mags.get_mut(i) {
+                *m = d;
+            }
+            max_abs = max_abs.max(d);
         }
+        let m = &mut mags[..k.min(64)];
         // Coordinates that moved by more than float noise of the largest move.
         let tol = max_abs * 1e-4;
-        for (&a, &b) in near.iter().zip(v) {
-            let d = (b - f64::from(a)).abs();
-            if d > tol {
-                changed += 1;
-                if n_mags < mags.len() {
-                    mags[n_mags] = d;
-                    n_mags += 1;
-                }
-            }
-        }
+        let changed = m.iter().filter(|&&d| d > tol).count();
         if changed == 0 {
             return false;
+        }
+        // The step's magnitudes, coarsely rounded (3 significant digits of
+        // the unstandardized step, which the attacker chose), as a pattern.
+        let mut pattern: u64 = 0xcbf2_9ce4_8422_2325;
+        for (&d, &s) in m.iter().zip(&self.inv_sd) {
+            let raw = if s > 0.0 { d / s } else { d };
+            let q = if raw > tol {
+                let e = raw.log10().floor();
+                ((raw / 10f64.powf(e - 2.0)).round() as i64, e as i64)
+            } else {
+                (0, 0)
+            };
+            pattern =
+                (pattern ^ q.0 as u64 ^ (q.1 as u64) << 20).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let repeated = changed >= 2 && self.steps.contains(&pattern);
+        if self.steps.len() == STEP_PATTERNS {
+            self.steps.pop_front();
+        }
+        self.steps.push_back(pattern);
+        if repeated {
+            return true;
         }
         let sparse_max = (k / 8).max(1);
         if changed <= sparse_max && k >= 4 {
             return true;
         }
-        // Sign step: most moved coordinates moved by the same amount.
+        // Sign step: most moved coordinates moved by the same raw amount.
         if changed >= 4 && changed * 2 >= k {
-            let m = &mut mags[..n_mags];
-            m.sort_by(f64::total_cmp);
-            let med = m[m.len() / 2];
-            let same = m.iter().filter(|&&d| (d - med).abs() <= 0.01 * med).count();
+            let mut raw = [0.0f64; 64];
+            let mut n = 0;
+            for (&d, &s) in m.iter().zip(&self.inv_sd) {
+                if d > tol && n < raw.len() {
+                    raw[n] = if s > 0.0 { d / s } else { d };
+                    n += 1;
+                }
+            }
+            let r = &mut raw[..n];
+            r.sort_by(f64::total_cmp);
+            let med = r[r.len() / 2];
+            let same = r.iter().filter(|&&d| (d - med).abs() <= 0.01 * med).count();
             return same * 4 >= changed * 3;
         }
         false
@@ -528,7 +604,7 @@ mod tests {
         let mut h = FeatureHistory::new(16, 128, 64, &fp());
         for _ in 0..300 {
             let x = gauss(&mut rng, 16);
-            h.observe(&x, &fp()).unwrap();
+            h.observe(&x, None, &fp()).unwrap();
         }
         assert!(h.duplicate_fraction(24) < 0.02);
         assert!(h.sweep_fraction(24) < 0.02);
@@ -537,8 +613,8 @@ mod tests {
     #[test]
     fn exact_repeats_are_ignored() {
         let mut h = FeatureHistory::new(4, 16, 16, &fp());
-        assert!(h.observe(&[1.0, 2.0, 3.0, 4.0], &fp()).is_some());
-        assert!(h.observe(&[1.0, 2.0, 3.0, 4.0], &fp()).is_none());
+        assert!(h.observe(&[1.0, 2.0, 3.0, 4.0], None, &fp()).is_some());
+        assert!(h.observe(&[1.0, 2.0, 3.0, 4.0], None, &fp()).is_none());
         assert_eq!(h.repeats, 1);
         assert_eq!(h.flags.len(), 0);
     }
@@ -548,11 +624,11 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(2);
         let mut h = FeatureHistory::new(16, 128, 64, &fp());
         let base = gauss(&mut rng, 16);
-        h.observe(&base, &fp());
+        h.observe(&base, None, &fp());
         for i in 0..16 {
             let mut x = base.clone();
             x[i] += 0.37;
-            assert!(h.observe(&x, &fp()).unwrap().sweep, "coordinate {i}");
+            assert!(h.observe(&x, None, &fp()).unwrap().sweep, "coordinate {i}");
         }
     }
 
@@ -561,16 +637,16 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let mut h = FeatureHistory::new(16, 128, 64, &fp());
         for _ in 0..20 {
-            h.observe(&gauss(&mut rng, 16), &fp());
+            h.observe(&gauss(&mut rng, 16), None, &fp());
         }
         let base = gauss(&mut rng, 16);
-        h.observe(&base, &fp());
+        h.observe(&base, None, &fp());
         let x: Vec<f64> = base
             .iter()
             .enumerate()
             .map(|(i, v)| v + if i % 3 == 0 { 0.02 } else { -0.02 })
             .collect();
-        let r = h.observe(&x, &fp()).unwrap();
+        let r = h.observe(&x, None, &fp()).unwrap();
         assert!(r.sweep);
         assert!(r.near_duplicate);
     }
@@ -580,13 +656,13 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(4);
         let mut h = FeatureHistory::new(16, 128, 64, &fp());
         let (a, b) = (gauss(&mut rng, 16), gauss(&mut rng, 16));
-        h.observe(&a, &fp());
-        h.observe(&b, &fp());
+        h.observe(&a, None, &fp());
+        h.observe(&b, None, &fp());
         let (mut lo, mut hi) = (0.0, 1.0);
         for step in 0..8 {
             let t = (lo + hi) / 2.0;
             let x: Vec<f64> = a.iter().zip(&b).map(|(p, q)| p + t * (q - p)).collect();
-            assert!(h.observe(&x, &fp()).unwrap().sweep, "step {step}");
+            assert!(h.observe(&x, None, &fp()).unwrap().sweep, "step {step}");
             if step % 2 == 0 { lo = t } else { hi = t }
         }
     }
@@ -597,10 +673,10 @@ mod tests {
         let f = fp();
         let mut h = FeatureHistory::new(784, 64, 64, &f);
         let base: Vec<f64> = (0..784).map(|_| rng.random()).collect();
-        h.observe(&base, &f);
+        h.observe(&base, None, &f);
         let mut x = base.clone();
         x[300] += 0.5;
-        assert!(h.observe(&x, &f).unwrap().sweep);
+        assert!(h.observe(&x, None, &f).unwrap().sweep);
         assert!(
             FeatureHistory::max_bytes(784, 64, 64, &f) < 64 * 32 * 4 + 4096,
             "memory follows the sketch, not the input width"

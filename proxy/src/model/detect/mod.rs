@@ -124,6 +124,9 @@ pub struct PradaSettings {
     /// Share of the largest distances left out of W (mode changes of
     /// natural traffic).
     pub trim: f64,
+    /// Share of the smallest distances left out of W (a record resubmitted
+    /// with one field edited now and then).
+    pub trim_low: f64,
 }
 
 impl Default for PradaSettings {
@@ -131,9 +134,10 @@ impl Default for PradaSettings {
         Self {
             window: 64,
             min_distances: 32,
-            w_alarm: 0.80,
-            w_ok: 0.90,
+            w_alarm: 0.55,
+            w_ok: 0.72,
             trim: 0.15,
+            trim_low: 0.05,
         }
     }
 }
@@ -283,6 +287,7 @@ impl Signals {
 #[derive(Debug)]
 struct Identity {
     step: Step,
+    taught: u32,
     score: f64,
     signals: Signals,
     features: Option<Box<FeatureHistory>>,
@@ -297,6 +302,7 @@ impl tracker::Tracked for Identity {
     fn starting_at(step: Step) -> Self {
         Self {
             step,
+            taught: 0,
             score: 0.0,
             signals: Signals::default(),
             features: None,
@@ -327,6 +333,7 @@ impl std::fmt::Debug for Detector {
         f.debug_struct("Detector")
             .field("settings", &self.settings)
             .field("tracked", &self.tracked())
+            .field("population", &self.population)
             .finish()
     }
 }
@@ -380,8 +387,13 @@ impl Detector {
 
     /// Whether this identity's queries may teach the population what natural
     /// traffic looks like: only while nothing is suspected of it.
+    /// Each identity teaches at most `coverage.teach` queries, so that no
+    /// single caller (an undetected attacker, a heavy user) defines what
+    /// natural looks like.
     fn natural(&self, id: &Identity) -> bool {
-        id.step == Step::Normal && id.score < self.settings.ladder.warn / 2.0
+        id.step == Step::Normal
+            && id.score < self.settings.ladder.warn / 2.0
+            && id.taught < self.settings.coverage.teach
     }
 
     fn features(&self, id: &mut Identity, x: &[f64]) {
@@ -412,7 +424,17 @@ impl Detector {
         let Some(hist) = id.features.as_mut() else {
             return;
         };
-        let rel = hist.observe(x, &s.fingerprint);
+        let typical = id
+            .feature_space
+            .as_ref()
+            .and_then(|space| space.typical_nearest());
+        let rel = hist.observe(x, typical, &s.fingerprint);
+        if natural
+            && hist.is_full()
+            && let (Some(r), Some(space)) = (rel, id.feature_space.as_ref())
+        {
+            space.learn_nearest(r.min_distance);
+        }
 
         let fp = &s.fingerprint;
         id.signals.duplicates = if hist.flags.len() >= fp.min_queries {
@@ -429,9 +451,12 @@ impl Detector {
         // The largest distances are trimmed: natural traffic from a
         // multimodal distribution jumps between modes now and then, while the
         // attack's mark is the mass of small, deliberate steps.
-        let kept = d.len() - (d.len() as f64 * s.prada.trim.clamp(0.0, 0.5)) as usize;
+        let n = d.len() as f64;
+        let low = (n * s.prada.trim_low.clamp(0.0, 0.25)) as usize;
+        let high = d.len() - (n * s.prada.trim.clamp(0.0, 0.5)) as usize;
         if d.len() >= s.prada.min_distances.max(3)
-            && let Some(w) = prada::statistic(&d.sorted()[..kept], self.sw.get(kept))
+            && low + 3 <= high
+            && let Some(w) = prada::statistic(&d.sorted()[low..high], self.sw.get(high - low))
         {
             id.signals.prada = prada::signal(w, s.prada.w_alarm, s.prada.w_ok);
         }
@@ -449,6 +474,7 @@ impl Detector {
         let n = space.cells(&v, &mut cells);
         if natural {
             space.learn(&v, n.map(|n| (&cells, n)));
+            id.taught += 1;
         }
         if let Some(n) = n
             && let Some(rare) = space.is_rare(&cells, n)
@@ -481,8 +507,9 @@ impl Detector {
             }
             if let Some(space) = space.as_ref() {
                 let n = space.text_cells(h, &mut cells);
-                if natural {
+                if natural && id.taught < s.coverage.teach {
                     space.learn(&[], Some((&cells, n)));
+                    id.taught += 1;
                 }
                 if let Some(rare) = space.is_rare(&cells, n) {
                     tally.push(rare);

@@ -196,3 +196,20 @@ fn detector_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<Detector>();
 }
+
+#[test]
+fn uniform_random_queries_raise_coverage() {
+    let d = Detector::new(Settings::default());
+    let mut rng = StdRng::seed_from_u64(15);
+    for i in 0..12_000 {
+        let x = natural(&mut rng);
+        d.observe(&format!("spiffe://td/user-{}", i % 50), Query::Features(&x));
+    }
+    let mut last = None;
+    for _ in 0..200 {
+        let x: Vec<f64> = (0..16).map(|_| rng.random_range(-4.0..13.0)).collect();
+        last = Some(d.observe("spiffe://td/random", Query::Features(&x)));
+    }
+    let a = last.unwrap();
+    assert!(a.signals.coverage > 0.5, "{a:?}");
+}
