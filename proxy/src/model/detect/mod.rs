@@ -7,7 +7,7 @@
 //! - `prada`: PRADA's test on the distances between feature-vector queries
 //!   ([`prada`]);
 //! - `duplicates` and `sweep`: near-duplicate and systematic-sweep queries
-//!   ([`fingerprint`]);
+//!   ([`fingerprint`], [`text`] for embedding inputs);
 //! - `probing`: logprob / logit_bias probing of an LLM ([`probing`]);
 //! - `coverage`: how much of the input or embedding space the identity
 //!   covers beyond what natural traffic does ([`coverage`]).
@@ -32,17 +32,22 @@ pub mod coverage;
 pub mod fingerprint;
 pub mod prada;
 pub mod probing;
+pub mod text;
 pub mod tracker;
+pub mod window;
 
 use std::sync::Arc;
 
 pub use coverage::CoverageSettings;
 pub use fingerprint::FingerprintSettings;
+pub use prada::PradaSettings;
 pub use probing::ProbingSettings;
 
 use coverage::{Population, Space, TEXT_SPACE, Tally};
-use fingerprint::{FeatureHistory, TextHistory, ramp};
+use fingerprint::FeatureHistory;
 use probing::Probing;
+use text::TextHistory;
+use window::ramp;
 
 /// Thresholds of the escalation ladder, scores in [0,1], non-decreasing
 /// warn <= degrade <= refuse <= deny.
@@ -111,38 +116,6 @@ impl Step {
             Step::Degrade => "degrade",
             Step::Refuse => "refuse",
             Step::Deny => "deny",
-        }
-    }
-}
-
-/// Tuning of PRADA's signal.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PradaSettings {
-    /// Distances (most recent) over which W is computed.
-    pub window: usize,
-    /// W is not computed on fewer distances.
-    pub min_distances: usize,
-    /// W at or below which the signal is 1 (PRADA's delta).
-    pub w_alarm: f64,
-    /// W at or above which the signal is 0.
-    pub w_ok: f64,
-    /// Share of the largest distances left out of W (mode changes of
-    /// natural traffic).
-    pub trim: f64,
-    /// Share of the smallest distances left out of W (a record resubmitted
-    /// with one field edited now and then).
-    pub trim_low: f64,
-}
-
-impl Default for PradaSettings {
-    fn default() -> Self {
-        Self {
-            window: 64,
-            min_distances: 32,
-            w_alarm: 0.55,
-            w_ok: 0.72,
-            trim: 0.15,
-            trim_low: 0.05,
         }
     }
 }
@@ -504,7 +477,7 @@ impl Detector {
             .get_or_insert_with(|| Box::new(Tally::new(&s.coverage)));
         let mut cells = [0usize; 8];
         for t in texts {
-            let h = fingerprint::simhash(t);
+            let h = text::simhash(t);
             let before = hist.repeats;
             hist.observe(h, &s.fingerprint);
             if hist.repeats != before {
