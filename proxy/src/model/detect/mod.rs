@@ -426,9 +426,10 @@ impl Detector {
             0.0
         };
         let d = &hist.distances;
-        // The largest distances are trimmed: natural traffic from a
-        // multimodal distribution jumps between modes now and then, while the
-        // attack's mark is the mass of small, deliberate steps.
+        // Both tails are trimmed: natural traffic from a multimodal
+        // distribution jumps between modes now and then (a few large
+        // distances) and resubmits an edited record now and then (a few small
+        // ones), while the attack's mark is a mass of small, deliberate steps.
         let n = d.len() as f64;
         let low = (n * s.prada.trim_low.clamp(0.0, 0.25)) as usize;
         let high = d.len() - (n * s.prada.trim.clamp(0.0, 0.5)) as usize;
