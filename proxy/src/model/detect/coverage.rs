@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::fingerprint::{Flags, ramp};
+use super::window::{Flags, ramp};
 
 /// Tuning of the coverage signal.
 #[derive(Debug, Clone, Copy, PartialEq)]

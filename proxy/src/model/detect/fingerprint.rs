@@ -19,13 +19,11 @@
 //! Inputs wider than the sketch are folded into it by a fixed signed
 //! hashing of coordinates (a count sketch): distances are kept on average,
 //! a one-coordinate change stays a one-coordinate change, lines stay lines.
-//!
-//! Texts (embedding inputs) get a 64-bit SimHash over character trigrams
-//! (Charikar 2002): near-duplicates are a few bits apart.
 
 use std::collections::VecDeque;
 
 use super::prada::Distances;
+use super::window::Flags;
 
 /// How one feature query relates to the caller's earlier ones.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -76,77 +74,6 @@ impl Default for FingerprintSettings {
             sweeps: (0.15, 0.40),
             text_bits: 4,
         }
-    }
-}
-
-/// Linear ramp: 0 at or below `lo`, 1 at or above `hi`.
-pub fn ramp(x: f64, (lo, hi): (f64, f64)) -> f64 {
-    if hi <= lo {
-        return if x >= hi { 1.0 } else { 0.0 };
-    }
-    ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
-}
-
-/// A fixed-size window of per-query flags with running counts.
-#[derive(Debug, Clone)]
-pub struct Flags {
-    ring: VecDeque<u8>,
-    cap: usize,
-    counts: [u32; 8],
-}
-
-impl Flags {
-    /// An empty window of `cap` queries.
-    pub fn new(cap: usize) -> Self {
-        Self {
-            ring: VecDeque::with_capacity(cap.max(1)),
-            cap: cap.max(1),
-            counts: [0; 8],
-        }
-    }
-
-    /// Records one query's flag bits, dropping the oldest when full.
-    pub fn push(&mut self, bits: u8) {
-        if self.ring.len() == self.cap
-            && let Some(old) = self.ring.pop_front()
-        {
-            for (b, c) in self.counts.iter_mut().enumerate() {
-                if old & (1 << b) != 0 {
-                    *c = c.saturating_sub(1);
-                }
-            }
-        }
-        for (b, c) in self.counts.iter_mut().enumerate() {
-            if bits & (1 << b) != 0 {
-                *c += 1;
-            }
-        }
-        self.ring.push_back(bits);
-    }
-
-    /// Queries in the window.
-    pub fn len(&self) -> usize {
-        self.ring.len()
-    }
-
-    /// Bytes held by the window.
-    pub fn held_bytes(&self) -> usize {
-        self.ring.capacity()
-    }
-
-    /// True when no query is in the window.
-    pub fn is_empty(&self) -> bool {
-        self.ring.is_empty()
-    }
-
-    /// Queries in the window with flag `bit` set.
-    pub fn count(&self, bit: u8) -> u32 {
-        self.counts.get(usize::from(bit)).copied().unwrap_or(0)
-    }
-
-    /// The share of the window with `bit` set, over at least `floor` queries.
-    pub fn fraction(&self, bit: u8, floor: usize) -> f64 {
-        f64::from(self.count(bit)) / self.len().max(floor).max(1) as f64
     }
 }
 
@@ -487,95 +414,6 @@ fn collinear(v: &[f64], a: &[f32], b: &[f32]) -> bool {
     uu > 0.0 && ww > 0.0 && uw * uw >= 0.9999 * uu * ww
 }
 
-/// 64-bit SimHash of a text over its lowercase character trigrams.
-pub fn simhash(text: &str) -> u64 {
-    let mut acc = [0i32; 64];
-    let chars: Vec<char> = text.chars().flat_map(char::to_lowercase).collect();
-    let mut any = false;
-    let mut add = |gram: &[char]| {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for &c in gram {
-            h ^= u64::from(c);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-        for (b, a) in acc.iter_mut().enumerate() {
-            *a += if h >> b & 1 == 1 { 1 } else { -1 };
-        }
-    };
-    if chars.len() < 3 {
-        add(&chars);
-        any = true;
-    } else {
-        for g in chars.windows(3) {
-            add(g);
-            any = true;
-        }
-    }
-    if !any {
-        return 0;
-    }
-    acc.iter()
-        .enumerate()
-        .fold(0u64, |h, (b, &a)| if a > 0 { h | 1 << b } else { h })
-}
-
-/// The embedding inputs of one identity: recent SimHashes and flags.
-#[derive(Debug, Clone)]
-pub struct TextHistory {
-    ring: VecDeque<u64>,
-    cap: usize,
-    /// Per-text near-duplicate flags.
-    pub flags: Flags,
-    /// Exact repeats seen (ignored by the signals).
-    pub repeats: u64,
-}
-
-impl TextHistory {
-    /// A history remembering `cap` texts.
-    pub fn new(cap: usize, fp: &FingerprintSettings) -> Self {
-        Self {
-            ring: VecDeque::new(),
-            cap: cap.max(1),
-            flags: Flags::new(fp.window),
-            repeats: 0,
-        }
-    }
-
-    /// Upper bound of the bytes one history holds.
-    pub fn max_bytes(cap: usize, fp: &FingerprintSettings) -> usize {
-        std::mem::size_of::<Self>() + cap * 8 + fp.window
-    }
-
-    /// Records one text by its SimHash.
-    pub fn observe(&mut self, h: u64, fp: &FingerprintSettings) {
-        let nearest = self
-            .ring
-            .iter()
-            .map(|&o| (o ^ h).count_ones())
-            .min()
-            .unwrap_or(u32::MAX);
-        if nearest == 0 {
-            self.repeats += 1;
-            return;
-        }
-        if !self.ring.is_empty() {
-            self.flags.push(u8::from(nearest <= fp.text_bits) << DUP);
-        }
-        if self.ring.len() == self.cap {
-            self.ring.pop_front();
-        }
-        self.ring.push_back(h);
-    }
-
-    /// Near-duplicate fraction of the window.
-    pub fn duplicate_fraction(&self, floor: usize) -> f64 {
-        self.flags.fraction(DUP, floor)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -681,26 +519,5 @@ mod tests {
             FeatureHistory::max_bytes(784, 64, 64, &f) < 64 * 32 * 4 + 4096,
             "memory follows the sketch, not the input width"
         );
-    }
-
-    #[test]
-    fn simhash_near_duplicates_are_close() {
-        let a = simhash("The quick brown fox jumps over the lazy dog");
-        let b = simhash("The quick brown fox jumps over the lazy dog!");
-        let c = simhash("Completely different sentence about tax law.");
-        assert!((a ^ b).count_ones() <= 8);
-        assert!((a ^ c).count_ones() > 16);
-    }
-
-    #[test]
-    fn flags_window_counts() {
-        let mut f = Flags::new(3);
-        for bits in [1u8, 1, 0, 2] {
-            f.push(bits);
-        }
-        assert_eq!(f.len(), 3);
-        assert_eq!(f.count(0), 1);
-        assert_eq!(f.count(1), 1);
-        assert!((f.fraction(0, 10) - 0.1).abs() < 1e-12);
     }
 }

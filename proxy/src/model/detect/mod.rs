@@ -7,7 +7,7 @@
 //! - `prada`: PRADA's test on the distances between feature-vector queries
 //!   ([`prada`]);
 //! - `duplicates` and `sweep`: near-duplicate and systematic-sweep queries
-//!   ([`fingerprint`]);
+//!   ([`fingerprint`], [`text`] for embedding inputs);
 //! - `probing`: logprob / logit_bias probing of an LLM ([`probing`]);
 //! - `coverage`: how much of the input or embedding space the identity
 //!   covers beyond what natural traffic does ([`coverage`]).
@@ -18,26 +18,36 @@
 //! while the identity is remembered (see [`tracker`]).
 //!
 //! Memory is bounded: at most `max_identities` identities with full state,
-//! each at most [`Settings::max_bytes_per_identity`] bytes (about 22 KiB at
-//! the defaults for a feature-vector API, 1.2 KiB for an LLM-only caller),
-//! plus a remembered step for escalated identities that were evicted, plus
-//! the population's cell counts (a few hundred KiB at most).
+//! each at most [`Settings::max_bytes_per_identity`] bytes besides its
+//! SPIFFE ID: 20.5 KiB at the defaults, of which 18.6 KiB is the ring of
+//! `history` feature vectors (`history` x `sketch_dim` f32) and PRADA's
+//! window, 1.2 KiB the text fingerprints, 0.5 KiB an LLM caller's counters;
+//! an identity only allocates what its kind of query needs. So 4096
+//! identities of a feature-vector API stay under ~90 MiB with their IDs.
+//! Add a remembered step for escalated identities that were evicted
+//! (at most `max_identities` small entries) and the population's reference
+//! (cell counts and projections, under 300 KiB for 8 input widths).
 
 pub mod coverage;
 pub mod fingerprint;
 pub mod prada;
 pub mod probing;
+pub mod text;
 pub mod tracker;
+pub mod window;
 
 use std::sync::Arc;
 
 pub use coverage::CoverageSettings;
 pub use fingerprint::FingerprintSettings;
+pub use prada::PradaSettings;
 pub use probing::ProbingSettings;
 
 use coverage::{Population, Space, TEXT_SPACE, Tally};
-use fingerprint::{FeatureHistory, TextHistory, ramp};
+use fingerprint::FeatureHistory;
 use probing::Probing;
+use text::TextHistory;
+use window::ramp;
 
 /// Thresholds of the escalation ladder, scores in [0,1], non-decreasing
 /// warn <= degrade <= refuse <= deny.
@@ -106,38 +116,6 @@ impl Step {
             Step::Degrade => "degrade",
             Step::Refuse => "refuse",
             Step::Deny => "deny",
-        }
-    }
-}
-
-/// Tuning of PRADA's signal.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PradaSettings {
-    /// Distances (most recent) over which W is computed.
-    pub window: usize,
-    /// W is not computed on fewer distances.
-    pub min_distances: usize,
-    /// W at or below which the signal is 1 (PRADA's delta).
-    pub w_alarm: f64,
-    /// W at or above which the signal is 0.
-    pub w_ok: f64,
-    /// Share of the largest distances left out of W (mode changes of
-    /// natural traffic).
-    pub trim: f64,
-    /// Share of the smallest distances left out of W (a record resubmitted
-    /// with one field edited now and then).
-    pub trim_low: f64,
-}
-
-impl Default for PradaSettings {
-    fn default() -> Self {
-        Self {
-            window: 64,
-            min_distances: 32,
-            w_alarm: 0.55,
-            w_ok: 0.72,
-            trim: 0.15,
-            trim_low: 0.05,
         }
     }
 }
@@ -448,9 +426,10 @@ impl Detector {
             0.0
         };
         let d = &hist.distances;
-        // The largest distances are trimmed: natural traffic from a
-        // multimodal distribution jumps between modes now and then, while the
-        // attack's mark is the mass of small, deliberate steps.
+        // Both tails are trimmed: natural traffic from a multimodal
+        // distribution jumps between modes now and then (a few large
+        // distances) and resubmits an edited record now and then (a few small
+        // ones), while the attack's mark is a mass of small, deliberate steps.
         let n = d.len() as f64;
         let low = (n * s.prada.trim_low.clamp(0.0, 0.25)) as usize;
         let high = d.len() - (n * s.prada.trim.clamp(0.0, 0.5)) as usize;
@@ -499,7 +478,7 @@ impl Detector {
             .get_or_insert_with(|| Box::new(Tally::new(&s.coverage)));
         let mut cells = [0usize; 8];
         for t in texts {
-            let h = fingerprint::simhash(t);
+            let h = text::simhash(t);
             let before = hist.repeats;
             hist.observe(h, &s.fingerprint);
             if hist.repeats != before {

@@ -16,6 +16,38 @@
 
 use std::f64::consts::{FRAC_1_SQRT_2, PI};
 
+/// Tuning of PRADA's signal.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PradaSettings {
+    /// Distances (most recent) over which W is computed.
+    pub window: usize,
+    /// W is not computed on fewer distances.
+    pub min_distances: usize,
+    /// W at or below which the signal is 1 (PRADA's delta).
+    pub w_alarm: f64,
+    /// W at or above which the signal is 0.
+    pub w_ok: f64,
+    /// Share of the largest distances left out of W (mode changes of
+    /// natural traffic).
+    pub trim: f64,
+    /// Share of the smallest distances left out of W (a record resubmitted
+    /// with one field edited now and then).
+    pub trim_low: f64,
+}
+
+impl Default for PradaSettings {
+    fn default() -> Self {
+        Self {
+            window: 64,
+            min_distances: 32,
+            w_alarm: 0.55,
+            w_ok: 0.72,
+            trim: 0.15,
+            trim_low: 0.05,
+        }
+    }
+}
+
 /// Standard normal cumulative distribution function.
 ///
 /// Through erf / erfc: a positive-term series below |z| = 3 (no

@@ -16,7 +16,7 @@
 //!   counted in logit vectors of `hidden_size` entries: the identity must be
 //!   stopped well before it holds `hidden_size` of them.
 
-use super::fingerprint::{Flags, ramp};
+use super::window::{Flags, ramp};
 
 /// Tuning of the probing signal.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -213,3 +213,31 @@ fn uniform_random_queries_raise_coverage() {
     let a = last.unwrap();
     assert!(a.signals.coverage > 0.5, "{a:?}");
 }
+
+#[test]
+fn connections_share_one_detector_across_threads() {
+    let settings = Settings {
+        max_identities: 100,
+        ..Settings::default()
+    };
+    let d = std::sync::Arc::new(Detector::new(settings));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let mut rng = StdRng::seed_from_u64(100 + t);
+                for i in 0..3000 {
+                    let x = natural(&mut rng);
+                    let id = format!("spiffe://td/w/{}", (i * 7 + t as usize) % 300);
+                    d.observe(&id, Query::Features(&x));
+                    let _ = d.step(&id);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(d.tracked() <= 100);
+    assert!(d.tracked() >= 80);
+}
