@@ -19,6 +19,11 @@ fn the_demo_runs_every_step_and_exits_0() {
         "[ok  ] a client without a certificate: refused at the TLS handshake",
         "[ok  ] certificate rotation under steady traffic",
         ", 0 failed;",
+        "[ok  ] model API: analyst over the chat rate",
+        "ratelimit-policy: \"identity-requests\"",
+        "[ok  ] model API: honest users of the classifier",
+        "[ok  ] model extraction: a scraper's random queries: refused (429 abnormal-usage-detected)",
+        "[ok  ] model extraction: escalated to the CA",
         "demo: every step behaved as expected",
     ] {
         assert!(text.contains(step), "missing {step:?} in:\n{text}");

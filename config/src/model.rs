@@ -143,6 +143,10 @@ pub struct DetectionConfig {
     /// The served LLM's hidden size: a logprob sweep must be stopped long
     /// before it has collected this many full logprob vectors.
     pub hidden_size: u32,
+    /// Natural queries (from callers not suspected, at most 256 each) seen
+    /// before the population-based signals (input-space coverage, typical
+    /// nearest distance) are trusted.
+    pub population: u64,
     /// Where each step starts (None: the detector's tuned defaults).
     pub ladder: Option<LadderConfig>,
     /// What a predict caller sees at the degrade step.
@@ -154,9 +158,10 @@ pub struct DetectionConfig {
 impl Default for DetectionConfig {
     fn default() -> Self {
         Self {
-            max_identities: 10_000,
-            history: 256,
+            max_identities: 4096,
+            history: 128,
             hidden_size: 4096,
+            population: 10_240,
             ladder: None,
             degrade_outputs: OutputDetail::Decimals(1),
             report_to_ca: false,
@@ -187,6 +192,9 @@ pub struct ModelRoute {
     pub limits: Limits,
     /// What a predict caller sees normally.
     pub outputs: OutputDetail,
+    /// The predict model's input width: other widths get 400 (so that a
+    /// caller cannot reset its detection history by changing widths).
+    pub input_width: Option<usize>,
     /// Extraction detection, when configured.
     pub detection: Option<DetectionConfig>,
 }
@@ -213,6 +221,8 @@ pub(crate) struct RawModelRoute {
     limits: RawLimits,
     #[serde(default)]
     outputs: Option<Spanned<String>>,
+    #[serde(default)]
+    input_width: Option<Spanned<usize>>,
     #[serde(default)]
     detection: Option<Spanned<RawDetection>>,
 }
@@ -249,6 +259,7 @@ struct RawDetection {
     max_identities: Option<usize>,
     history: Option<usize>,
     hidden_size: Option<u32>,
+    population: Option<u64>,
     #[serde(default)]
     ladder: Option<Spanned<RawLadder>>,
     degrade_outputs: Option<String>,
@@ -367,6 +378,14 @@ impl RawModelRoute {
             }),
             None => OutputDetail::Full,
         };
+        let input_width = self.input_width.as_ref().map(|w| {
+            if api != ModelApi::Predict {
+                errors.at(w, "input_width only applies to api: predict");
+            } else if w.value == 0 || w.value > 65_536 {
+                errors.at(w, "input_width must be between 1 and 65536");
+            }
+            w.value
+        });
         let detection = self.detection.as_ref().map(|d| detection(d, errors));
         ModelRoute {
             name: self.name.value,
@@ -379,6 +398,7 @@ impl RawModelRoute {
             default_max_tokens,
             limits,
             outputs,
+            input_width,
             detection,
         }
     }
@@ -461,6 +481,10 @@ fn detection(raw: &Spanned<RawDetection>, errors: &mut Collector<'_>) -> Detecti
     if !(16..=4096).contains(&history) {
         errors.at(raw, "history must be between 16 and 4096");
     }
+    let population = r.population.unwrap_or(d.population);
+    if !(512..=10_000_000).contains(&population) {
+        errors.at(raw, "population must be between 512 and 10000000");
+    }
     let hidden_size = r.hidden_size.unwrap_or(d.hidden_size);
     if hidden_size < 16 {
         errors.at(raw, "hidden_size must be at least 16");
@@ -499,6 +523,7 @@ fn detection(raw: &Spanned<RawDetection>, errors: &mut Collector<'_>) -> Detecti
         max_identities,
         history,
         hidden_size,
+        population,
         ladder,
         degrade_outputs,
         report_to_ca: r.report_to_ca,

@@ -117,7 +117,7 @@ fn classify(x: &Value) -> Value {
 
 fn sidecar_config(root: &Path, ca: SocketAddr, token_file: &str, model: SocketAddr) -> String {
     format!(
-        "identity:\n  ca_url: https://{ca}\n  token_file: {token_file}\n  spiffe_id: spiffe://{TD}/ns/ml/sa/model\n  bundle: {}\nadmin: 127.0.0.1:0\ninbound:\n  - name: model\n    listen: 127.0.0.1:0\n    app: {model}\n    policy:\n      rules:\n        - name: everyone-in-the-mesh\n          action: allow\n          from: [spiffe://{TD}/*]\n    model_api:\n      - name: chat\n        paths: [/v1/chat/completions]\n        api: openai\n        limits:\n          identity:\n            requests_per_second: 0.5\n            burst: 3\n            tokens_per_minute: 20000\n      - name: classify\n        paths: [/v1/predict]\n        api: predict\n        outputs: decimals:3\n        limits:\n          identity:\n            vectors_per_day: 100000\n        detection:\n          report_to_ca: true\n",
+        "identity:\n  ca_url: https://{ca}\n  token_file: {token_file}\n  spiffe_id: spiffe://{TD}/ns/ml/sa/model\n  bundle: {}\nadmin: 127.0.0.1:0\ninbound:\n  - name: model\n    listen: 127.0.0.1:0\n    app: {model}\n    policy:\n      rules:\n        - name: everyone-in-the-mesh\n          action: allow\n          from: [spiffe://{TD}/*]\n    model_api:\n      - name: chat\n        paths: [/v1/chat/completions]\n        api: openai\n        limits:\n          identity:\n            requests_per_second: 0.5\n            burst: 3\n            tokens_per_minute: 20000\n      - name: classify\n        paths: [/v1/predict]\n        api: predict\n        outputs: decimals:3\n        input_width: 8\n        limits:\n          identity:\n            vectors_per_day: 100000\n        detection:\n          population: 2560\n          report_to_ca: true\n",
         root.join("ca").join("bundle.pem").display()
     )
 }
@@ -237,25 +237,44 @@ pub async fn run(s: &mut Script, svc: &CaService, root: &Path, ca: &Warden) -> D
         ),
     }
 
-    // An honest heavy user: many natural queries near the data it works on.
-    let honest = enrol(svc, &client, &id("/ns/shop/sa/forecaster")?).await?;
-    let mut conn = Caller::connect(inbound, svc, &honest).await?;
+    // Natural traffic: the cases the teams using the classifier work on.
     let mut rng = StdRng::seed_from_u64(7);
     let centers: Vec<[f64; DIM]> = (0..3)
         .map(|_| std::array::from_fn(|_| rng.random_range(-2.0..2.0)))
         .collect();
+    let natural = |rng: &mut StdRng| -> Vec<f64> {
+        let c = &centers[rng.random_range(0..centers.len())];
+        c.iter().map(|v| v + gaussian(rng) * 0.5).collect()
+    };
+    // Ten teams' traffic teaches the detector what natural queries look like.
+    let mut team_refused = 0;
+    for team in 0..10 {
+        let creds = enrol(svc, &client, &id(&format!("/ns/team{team}/sa/app"))?).await?;
+        let mut conn = Caller::connect(inbound, svc, &creds).await?;
+        for _ in 0..4 {
+            let batch: Vec<Vec<f64>> = (0..64).map(|_| natural(&mut rng)).collect();
+            let (status, _, _) = conn
+                .post("/v1/predict", &json!({ "instances": batch }))
+                .await?;
+            team_refused += usize::from(status != 200);
+        }
+    }
+    // An honest heavy user: many natural queries, one at a time.
+    let honest = enrol(svc, &client, &id("/ns/shop/sa/forecaster")?).await?;
+    let mut conn = Caller::connect(inbound, svc, &honest).await?;
     let mut honest_refused = 0;
+    let mut honest_warned = 0;
     const HONEST_QUERIES: usize = 600;
     for _ in 0..HONEST_QUERIES {
-        let c = &centers[rng.random_range(0..centers.len())];
-        let x: Vec<f64> = c.iter().map(|v| v + gaussian(&mut rng) * 0.5).collect();
-        let (status, _, _) = conn.post("/v1/predict", &json!({"instances": [x]})).await?;
+        let x = natural(&mut rng);
+        let (status, head, _) = conn.post("/v1/predict", &json!({"instances": [x]})).await?;
         honest_refused += usize::from(status != 200);
+        honest_warned += usize::from(header(&head, "warden-usage-warning").is_some());
     }
     s.step(
-        honest_refused == 0,
-        "model API: an honest heavy user of the classifier",
-        format!("{HONEST_QUERIES} natural queries, {honest_refused} refused"),
+        honest_refused == 0 && honest_warned == 0 && team_refused == 0,
+        "model API: honest users of the classifier",
+        format!("10 teams x 256 queries and a heavy user's {HONEST_QUERIES}: {} refused, {honest_warned} warned", team_refused + honest_refused),
     );
 
     // A scraper copying the classifier with uniform random queries.
@@ -286,10 +305,10 @@ pub async fn run(s: &mut Script, svc: &CaService, root: &Path, ca: &Warden) -> D
         detected,
         "model extraction: a scraper's random queries",
         format!(
-            "warned at query {}, outputs coarsened at {}, refused (429 abnormal-usage-detected) at {}",
+            "refused (429 abnormal-usage-detected) at query {} (warned at {}, outputs coarsened at {}; '-': the evidence jumped past that step)",
+            fmt(stopped.as_ref().map(|(q, _)| *q)),
             fmt(warned),
             fmt(degraded),
-            fmt(stopped.as_ref().map(|(q, _)| *q))
         ),
     );
 

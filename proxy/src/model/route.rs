@@ -28,7 +28,7 @@ use warden_config::SpiffeId;
 use warden_config::model::{LimitMode, ModelApi, ModelRoute, OnStoreError, OutputDetail};
 
 use super::answer;
-use super::detect::{Detector, Ladder, LlmQuery, Query, Settings, Step};
+use super::detect::{CoverageSettings, Detector, Ladder, LlmQuery, Query, Settings, Step};
 use super::limits::{Ask, Headroom, Hold, Plan, Store, Subjects};
 use super::meter::{Metered, Reserved, Tally};
 use super::metrics::{ModelMetrics, RouteMetrics};
@@ -170,7 +170,14 @@ impl Route {
             .fold(None, |c, s| min_cap(c, s.max_logit_bias));
         let detector = cfg.detection.map(|d| {
             let defaults = Settings::default();
+            // A fifth of the population learns the standardization, the rest the cells.
+            let coverage = CoverageSettings {
+                warmup: d.population / 5,
+                min_population: d.population - d.population / 5,
+                ..defaults.coverage
+            };
             Detector::new(Settings {
+                coverage,
                 max_identities: d.max_identities,
                 history: d.history,
                 hidden_size: d.hidden_size,
@@ -264,6 +271,13 @@ impl Route {
                     return Err(answer::problem(400, "bad_model_request", &e.0));
                 }
             };
+        if let Some(w) = self.cfg.input_width
+            && request.features.iter().any(|f| f.len() != w)
+        {
+            self.metrics().decision("bad_model_request");
+            let detail = format!("this model takes feature vectors of {w} values");
+            return Err(answer::problem(400, "bad_model_request", &detail));
+        }
         if let Some(resp) = self.check_caps(peer, &request) {
             return Err(resp);
         }
