@@ -36,7 +36,6 @@ use super::outputs::{self, Outputs};
 use super::report::Reporter;
 use super::request::{Call, ModelRequest};
 use super::ticket::{Settler, Ticket};
-use crate::headers;
 use crate::respond::Body;
 
 static LOG: LogLimiter = LogLimiter::new(20);
@@ -563,13 +562,9 @@ impl Route {
     /// Counts the app's answer and settles; limits what a predict answer
     /// reveals; adds the rate-limit headers.
     pub async fn answer(&self, adm: Admitted, resp: Response<Incoming>) -> Response<Body> {
+        // Hop-by-hop headers are already gone (the inbound's forward).
         let (mut parts, body) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        answer::add_headers(
-            &mut parts.headers,
-            &self.policy_header,
-            adm.ratelimit.clone(),
-        );
+        answer::add_headers(&mut parts.headers, adm.ratelimit.clone());
         if let Some(w) = adm.warning.clone() {
             parts.headers.insert(answer::USAGE_WARNING.clone(), w);
         }
