@@ -84,7 +84,7 @@ impl Reloader {
                 .with_label_values(&["restart_required"])
                 .inc();
             tracing::warn!(
-                "policies reloaded; other changes in the config (listeners, destinations, server ids, limits, identity) take effect at the next restart"
+                "policies reloaded; other changes in the config (listeners, destinations, server ids, limits, model routes, redis, identity) take effect at the next restart"
             );
         }
     }
