@@ -320,7 +320,11 @@ impl HttpBody for Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        // The caller went away mid-stream: charge what was delivered, at least.
+        if !self.done {
+            // The caller went away mid-stream: the model may have generated
+            // more than was delivered, so the whole reservation is charged.
+            self.tally.completion = Some(self.reserved.completion_reserve);
+        }
         self.finish(false);
     }
 }
