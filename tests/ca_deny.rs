@@ -219,6 +219,24 @@ fn a_denied_reporter_can_deny_nobody() {
 }
 
 #[test]
+fn reporters_cannot_deny_each_other_or_themselves() {
+    let ca = ca_with_reporters();
+    let srv = ca.serve();
+    let (gc, gk) = svid(&ca, "/ns/security/sa/guard");
+    for target in ["/ns/security/sa/other-guard", "/ns/security/sa/guard"] {
+        let (status, v) = deny(&ca, &srv, Some((&gc, &gk)), &ca.id(target), "x");
+        assert_eq!(
+            (status, problem_reason(&v).as_str()),
+            (400, "bad-target"),
+            "{target}: {v}"
+        );
+    }
+    // The guard itself is still fine: it can renew.
+    let guard = ca.id("/ns/security/sa/guard");
+    assert_eq!(renew(&ca, &srv, &guard, (&gc, &gk)).0, 200);
+}
+
+#[test]
 fn bad_targets_and_reasons_are_refused_400_and_deny_nothing() {
     let ca = ca_with_reporters();
     let srv = ca.serve();

@@ -514,8 +514,31 @@ fn what_the_limits_cannot_see_or_bound_is_refused() {
     let a = b.post(&web, CHAT, &chat(10));
     assert_eq!(a.status, 502, "{a:?}");
     assert!(reason(&a).ends_with(":model-exceeded-reservation"));
-    // The app is asked for answers it can read.
     assert!(b.app.received.lock().unwrap().len() == 1);
+}
+
+#[test]
+fn an_answer_warden_cannot_read_is_not_delivered() {
+    let b = Bench::start(
+        ModelBehaviour {
+            gzip: true,
+            ..ModelBehaviour::default()
+        },
+        "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        limits:\n          identity:\n            tokens_per_minute: 5000\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let a = b.post(&web, CHAT, &chat(10));
+    assert_eq!(a.status, 502, "{a:?}");
+    assert!(
+        a.json()["type"]
+            .as_str()
+            .unwrap()
+            .ends_with(":model-response-unreadable")
+    );
+    // Charged at its reservation: what it used cannot be read.
+    let charged =
+        b.metric("warden_model_charged_total{listener=\"models\",route=\"chat\",unit=\"tokens\"}");
+    assert_eq!(charged as u64, chat(10).len() as u64 + 10);
 }
 
 /// A uniform random query in [-4, 4]^8 from a small deterministic generator.
@@ -574,6 +597,11 @@ fn an_extraction_attempt_is_escalated_while_an_honest_heavy_user_is_not() {
         let x = natural(&mut state, i);
         let a = predict(honest, &x);
         assert_eq!(a.status, 200, "honest query {i}: {a:?}");
+        // `outputs: decimals:4`: no probability carries more.
+        for p in a.json()["predictions"][0].as_array().unwrap() {
+            let v = p.as_f64().unwrap() * 1e4;
+            assert!((v - v.round()).abs() < 1e-6, "{}", a.body);
+        }
         assert!(
             a.header("warden-usage-warning").is_none(),
             "honest query {i} warned"

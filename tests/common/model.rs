@@ -24,6 +24,9 @@ pub struct ModelBehaviour {
     pub ignore_max_tokens: bool,
     /// Wait this long before answering.
     pub delay: Duration,
+    /// Label JSON answers `Content-Encoding: gzip` (as an app with
+    /// compression middleware would).
+    pub gzip: bool,
 }
 
 impl Default for ModelBehaviour {
@@ -32,6 +35,7 @@ impl Default for ModelBehaviour {
             generate: 5,
             ignore_max_tokens: false,
             delay: Duration::ZERO,
+            gzip: false,
         }
     }
 }
@@ -160,8 +164,13 @@ fn serve(stream: TcpStream, b: ModelBehaviour, rec: Arc<Mutex<Vec<Value>>>) {
             json!({"choices": [choice], "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n, "total_tokens": PROMPT_TOKENS + n}})
         };
         let text = answer.to_string();
+        let encoding = if b.gzip {
+            "Content-Encoding: gzip\r\n"
+        } else {
+            ""
+        };
         let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{encoding}Content-Length: {}\r\n\r\n{text}",
             text.len()
         );
         if out.write_all(resp.as_bytes()).is_err() {
