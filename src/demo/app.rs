@@ -6,26 +6,65 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Starts the app on 127.0.0.1:0: it answers `hello <caller's SPIFFE ID>`,
-/// read from `x-forwarded-client-cert` (or `hello nobody`).
-pub async fn start() -> std::io::Result<SocketAddr> {
+/// One request as the demo's servers see it.
+pub struct Received {
+    /// The request target.
+    pub path: String,
+    /// Header lines, `name: value`, as sent.
+    pub headers: Vec<String>,
+    /// The body (Content-Length bytes, at most 1 MiB).
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find_map(|l| {
+            l.split_once(':')
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim())
+        })
+    }
+}
+
+/// Serves keep-alive HTTP/1.1 on 127.0.0.1:0: each request is answered
+/// 200 with `handler`'s (content type, body).
+pub async fn serve_with(
+    handler: fn(&Received) -> (&'static str, String),
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(serve(stream));
+            tokio::spawn(serve(stream, handler));
         }
     });
     Ok(addr)
 }
 
-async fn serve(stream: TcpStream) {
+/// Starts the app: it answers `hello <caller's SPIFFE ID>`, read from
+/// `x-forwarded-client-cert` (or `hello nobody`).
+pub async fn start() -> std::io::Result<SocketAddr> {
+    serve_with(|req| {
+        let caller = req
+            .header("x-forwarded-client-cert")
+            .and_then(|v| v.split(';').find_map(|p| p.strip_prefix("URI=")))
+            .unwrap_or("nobody");
+        ("text/plain", format!("hello {caller}\n"))
+    })
+    .await
+}
+
+async fn serve(stream: TcpStream, handler: fn(&Received) -> (&'static str, String)) {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     loop {
-        let mut caller = "nobody".to_owned();
+        let mut req = Received {
+            path: String::new(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        };
         let mut line = String::new();
-        let mut first = true;
         loop {
             line.clear();
             match r.read_line(&mut line).await {
@@ -35,18 +74,23 @@ async fn serve(stream: TcpStream) {
             if line == "\r\n" {
                 break;
             }
-            if !first
-                && let Some((name, value)) = line.split_once(':')
-                && name.eq_ignore_ascii_case("x-forwarded-client-cert")
-                && let Some(uri) = value.trim().split(';').find_map(|p| p.strip_prefix("URI="))
-            {
-                caller = uri.to_owned();
+            if req.path.is_empty() {
+                req.path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            } else {
+                req.headers.push(line.trim_end().to_owned());
             }
-            first = false;
         }
-        let body = format!("hello {caller}\n");
+        let len: usize = req
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        req.body = vec![0; len.min(1 << 20)];
+        if r.read_exact(&mut req.body).await.is_err() {
+            return;
+        }
+        let (content_type, body) = handler(&req);
         let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         if w.write_all(resp.as_bytes()).await.is_err() {

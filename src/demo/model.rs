@@ -14,8 +14,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use warden_ca::CaService;
@@ -32,66 +32,24 @@ const DIM: usize = 8;
 /// softmax over 8 features) and `POST /v1/chat/completions` (a canned answer
 /// with usage).
 pub async fn start_model() -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(serve(stream));
-        }
-    });
-    Ok(addr)
+    app::serve_with(answer).await
 }
 
-async fn serve(stream: TcpStream) {
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
-    loop {
-        let (mut path, mut len, mut first) = (String::new(), 0usize, true);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match r.read_line(&mut line).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if line == "\r\n" {
-                break;
-            }
-            if first {
-                path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
-                first = false;
-            } else if let Some((n, v)) = line.split_once(':')
-                && n.eq_ignore_ascii_case("content-length")
-            {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; len.min(1 << 20)];
-        if r.read_exact(&mut body).await.is_err() {
-            return;
-        }
-        let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let answer = if path == "/v1/predict" {
-            let preds: Vec<Value> = req["instances"]
-                .as_array()
-                .map(|a| a.iter().map(classify).collect())
-                .unwrap_or_default();
-            json!({ "predictions": preds })
-        } else {
-            json!({
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Three bullet points."}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}
-            })
-        }
-        .to_string();
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
-            answer.len()
-        );
-        if w.write_all(resp.as_bytes()).await.is_err() {
-            return;
-        }
-    }
+fn answer(req: &app::Received) -> (&'static str, String) {
+    let doc: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    let answer = if req.path == "/v1/predict" {
+        let preds: Vec<Value> = doc["instances"]
+            .as_array()
+            .map(|a| a.iter().map(classify).collect())
+            .unwrap_or_default();
+        json!({ "predictions": preds })
+    } else {
+        json!({
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Three bullet points."}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}
+        })
+    };
+    ("application/json", answer.to_string())
 }
 
 /// The victim: fixed weights, softmax probabilities.

@@ -580,33 +580,10 @@ fn echo_connection(stream: TcpStream) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut out = stream;
     loop {
-        let mut head = Vec::new();
-        loop {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if line == "\r\n" {
-                break;
-            }
-            head.push(line.trim_end().to_owned());
-        }
-        let Some(first) = head.first().cloned() else {
+        let Some((head, _body)) = read_request(&mut reader) else {
             return;
         };
-        let mut len = 0usize;
-        for h in &head[1..] {
-            if let Some((n, v)) = h.split_once(':')
-                && n.eq_ignore_ascii_case("content-length")
-            {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; len];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
+        let first = &head[0];
         let mut parts = first.split_whitespace();
         let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         if target.starts_with("/slow") {
@@ -625,6 +602,32 @@ fn echo_connection(stream: TcpStream) {
             return;
         }
     }
+}
+
+/// Reads one HTTP/1.1 request with a Content-Length body: its head lines
+/// (the request line first) and its body. None when the connection ends.
+pub fn read_request<R: BufRead>(reader: &mut R) -> Option<(Vec<String>, Vec<u8>)> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push(line.trim_end().to_owned());
+    }
+    head.first()?;
+    let len = head[1..]
+        .iter()
+        .filter_map(|h| h.split_once(':'))
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0usize);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).ok()?;
+    Some((head, body))
 }
 
 /// A TCP echo server on 127.0.0.1:0: writes back every byte it reads.

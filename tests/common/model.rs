@@ -3,14 +3,14 @@
 //! client that POSTs JSON over mTLS and reads any HTTP/1.1 answer
 //! (content-length, chunked, or close-delimited).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{ClientCert, mtls_connect};
+use super::{ClientCert, mtls_connect, read_request};
 
 /// Prompt tokens the fake model reports for every request.
 pub const PROMPT_TOKENS: u64 = 10;
@@ -77,32 +77,10 @@ fn serve(stream: TcpStream, b: ModelBehaviour, rec: Arc<Mutex<Vec<Value>>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut out = stream;
     loop {
-        let mut head = Vec::new();
-        loop {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if line == "\r\n" {
-                break;
-            }
-            head.push(line.trim_end().to_owned());
-        }
-        let Some(first) = head.first().cloned() else {
+        let Some((head, body)) = read_request(&mut reader) else {
             return;
         };
-        let len = head[1..]
-            .iter()
-            .filter_map(|h| h.split_once(':'))
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .unwrap_or(0usize);
-        let mut body = vec![0; len];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let path = first.split_whitespace().nth(1).unwrap_or("").to_owned();
+        let path = head[0].split_whitespace().nth(1).unwrap_or("").to_owned();
         let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         rec.lock().unwrap().push(req.clone());
         std::thread::sleep(b.delay);
@@ -249,17 +227,7 @@ fn read_answer<S: Read>(stream: &mut S) -> Answer {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .expect("a complete head");
-    let head = String::from_utf8_lossy(&raw[..end]).to_string();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
+    let (status, headers) = parse_head(&raw[..end]);
     let rest = &raw[end + 4..];
     let chunked = headers
         .iter()
@@ -274,6 +242,22 @@ fn read_answer<S: Read>(stream: &mut S) -> Answer {
         headers,
         body: String::from_utf8_lossy(&body).to_string(),
     }
+}
+
+/// A response head: the status and the headers (names lower-cased).
+fn parse_head(head: &[u8]) -> (u16, Vec<(String, String)>) {
+    let head = String::from_utf8_lossy(head);
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers)
 }
 
 fn dechunk(mut rest: &[u8]) -> Vec<u8> {
@@ -320,17 +304,7 @@ impl Session {
             assert_eq!(self.tls.read(&mut byte).unwrap(), 1, "connection closed");
             head.push(byte[0]);
         }
-        let head = String::from_utf8_lossy(&head).to_string();
-        let mut lines = head.lines();
-        let status = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
+        let (status, headers) = parse_head(&head);
         let len: usize = headers
             .iter()
             .find(|(n, _)| n == "content-length")

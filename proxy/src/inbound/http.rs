@@ -250,11 +250,7 @@ impl InboundHttp {
         if d.result == "audit_deny" && DECISION_LOG.allow() {
             tracing::warn!(listener = %self.name, peer = %peer.id(), method = %parts.method, path = %path, rule = d.rule, "audit: would deny this request");
         }
-        let route = if self.models.is_empty() {
-            None
-        } else {
-            self.models.find(&path)
-        };
+        let route = self.models.find(&path);
         // The app sees the path that was authorized, and the caller's original Host.
         let host = parts.uri.authority().map(|a| a.as_str().to_owned());
         let pq = match (path, parts.uri.path_and_query()) {
@@ -332,11 +328,6 @@ impl InboundHttp {
             Ok(g) => g,
             Err(resp) => return resp,
         };
-        // What warden cannot read, it cannot count or limit.
-        parts.headers.insert(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
         let (req, admitted) = if bodiless {
             match route.admit_bodiless(peer.id(), gate) {
                 Ok(a) => {
@@ -346,11 +337,15 @@ impl InboundHttp {
                 Err(resp) => return resp,
             }
         } else {
-            let path = parts.uri.path().to_owned();
-            match route.admit(peer.id(), &path, body, gate).await {
+            match route.admit(peer.id(), parts.uri.path(), body, gate).await {
                 Ok((bytes, a)) => {
                     parts.headers.remove(header::CONTENT_LENGTH);
                     parts.headers.remove(header::TRANSFER_ENCODING);
+                    // The answer is counted and limited: it must come uncompressed.
+                    parts.headers.insert(
+                        header::ACCEPT_ENCODING,
+                        HeaderValue::from_static("identity"),
+                    );
                     (
                         Request::from_parts(parts, Either::Right(Full::new(bytes))),
                         a,

@@ -141,12 +141,18 @@ pub struct Metered {
 
 impl Metered {
     /// Counts `inner` against `ticket`; `gate` is released when it ends.
-    pub fn new(inner: Incoming, req: &ModelRequest, ticket: Ticket, gate: Ticket) -> Self {
+    pub fn new(
+        inner: Incoming,
+        req: &ModelRequest,
+        reserved: Reserved,
+        ticket: Ticket,
+        gate: Ticket,
+    ) -> Self {
         Self {
             inner,
             pending: BytesMut::new(),
             tally: Tally::default(),
-            reserved: Reserved::of(req),
+            reserved,
             swallow_usage: req.stream && !req.caller_wants_usage && req.call != Call::Predict,
             done: false,
             ticket: Some(ticket),

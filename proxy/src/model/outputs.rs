@@ -9,16 +9,8 @@
 
 use serde_json::{Number, Value};
 
-/// How much of a predict answer a caller may see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outputs {
-    /// The model's answer untouched.
-    Full,
-    /// Probabilities rounded to this many decimal places.
-    Decimals(u8),
-    /// Only the index of the top class.
-    Label,
-}
+/// How much of a predict answer a caller may see: the config's own type.
+pub use warden_config::model::OutputDetail as Outputs;
 
 /// Rewrites a KServe-v1-style predict answer `{"predictions": [[p0,p1,...], ...]}`
 /// in place: probabilities rounded to `Decimals(n)` places, or replaced by

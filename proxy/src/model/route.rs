@@ -14,8 +14,7 @@
 // A refusal is the answer itself: the Err side of these results is a response.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,16 +31,13 @@ use super::detect::{CoverageSettings, Detector, Ladder, LlmQuery, Query, Setting
 use super::limits::{Ask, Headroom, Hold, Plan, Store, Subjects};
 use super::meter::{Metered, Reserved, Tally};
 use super::metrics::{ModelMetrics, RouteMetrics};
-use super::outputs::{self, Outputs};
+use super::outputs;
 use super::report::Reporter;
 use super::request::{Call, ModelRequest};
 use super::ticket::{Settler, Ticket};
 use crate::respond::Body;
 
 static LOG: LogLimiter = LogLimiter::new(20);
-
-/// Most identities remembered as already reported to the CA.
-const MAX_REPORTED: usize = 10_000;
 
 /// Longest time to receive a request body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,7 +54,6 @@ pub struct Route {
     max_logit_bias: Option<u32>,
     detector: Option<Detector>,
     reporter: Option<Reporter>,
-    reported: Mutex<HashSet<String>>,
 }
 
 /// A request past the gate: it holds a request-rate charge and a
@@ -73,7 +68,7 @@ pub struct Admitted {
     /// The gate's hold (slots released when the answer is done).
     gate: Ticket,
     /// The request's reservations; None for a request without a body.
-    budget: Option<(Ticket, ModelRequest)>,
+    budget: Option<(Ticket, ModelRequest, Reserved)>,
     outputs: OutputDetail,
     /// The `RateLimit` value: what is left of the tightest limit.
     ratelimit: Option<HeaderValue>,
@@ -83,7 +78,7 @@ pub struct Admitted {
 impl Admitted {
     /// The app never answered: settle as nothing used.
     pub fn cancel(self) {
-        if let Some((t, _)) = self.budget {
+        if let Some((t, ..)) = self.budget {
             t.finish(Default::default(), false);
         }
         self.gate.finish(Default::default(), false);
@@ -115,25 +110,12 @@ impl Routes {
             .iter()
             .find(|r| r.cfg.paths.iter().any(|p| p.matches(path)))
     }
-
-    /// True when the listener protects no route.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 fn min_cap(a: Option<u32>, b: Option<u32>) -> Option<u32> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    }
-}
-
-fn to_outputs(d: OutputDetail) -> Outputs {
-    match d {
-        OutputDetail::Full => Outputs::Full,
-        OutputDetail::Decimals(n) => Outputs::Decimals(n),
-        OutputDetail::Label => Outputs::Label,
     }
 }
 
@@ -208,7 +190,6 @@ impl Route {
             max_logit_bias,
             detector,
             reporter,
-            reported: Mutex::new(HashSet::new()),
         }
     }
 
@@ -284,9 +265,6 @@ impl Route {
         let mut warning = None;
         if let Some(step) = self.assess(peer, &request) {
             if step >= Step::Refuse {
-                if step == Step::Deny {
-                    self.report(peer);
-                }
                 if let Some(r) = self.refuse(
                     peer,
                     "abnormal_usage",
@@ -307,14 +285,15 @@ impl Route {
                 }
             }
         }
-        let (ticket, headroom) = self.charge(&self.budget, peer, request.ask(), true).await?;
+        let reserved = Reserved::of(&request);
+        let (ticket, headroom) = self.charge(&self.budget, peer, reserved.ask, true).await?;
         self.metrics().allowed.inc();
         let forward = request.body(bytes);
         Ok((
             forward,
             Admitted {
                 gate: gate.ticket,
-                budget: Some((ticket, request)),
+                budget: Some((ticket, request, reserved)),
                 outputs,
                 ratelimit: headroom
                     .and_then(|h| answer::ratelimit_value(&self.budget.plan, h))
@@ -518,29 +497,21 @@ impl Route {
                 .with_label_values(&[m.listener.as_str(), m.route.as_str(), a.step.label()])
                 .inc();
             tracing::warn!(route = %self.cfg.name, peer = %peer, step = a.step.label(), score = a.score, signals = ?a.signals, "extraction detection: caller escalated");
+            // Steps are sticky: reaching deny happens once per caller, and so does the report.
+            if a.step == Step::Deny {
+                self.report(peer);
+            }
         }
         Some(a.step)
     }
 
-    /// Asks the CA, once per identity, to stop renewing it.
+    /// Asks the CA to stop renewing `peer` (called when it first reaches deny).
     fn report(&self, peer: &SpiffeId) {
         let Some(reporter) = &self.reporter else {
             return;
         };
         if self.shadow() {
             return;
-        }
-        {
-            let Ok(mut seen) = self.reported.lock() else {
-                return;
-            };
-            if seen.len() >= MAX_REPORTED {
-                // Reports are idempotent at the CA; forgetting costs one more call.
-                seen.clear();
-            }
-            if !seen.insert(peer.as_str().to_owned()) {
-                return;
-            }
         }
         let m = self.metrics().clone();
         reporter.report(
@@ -568,7 +539,7 @@ impl Route {
         if let Some(w) = adm.warning.clone() {
             parts.headers.insert(answer::USAGE_WARNING.clone(), w);
         }
-        let Some((ticket, request)) = adm.budget else {
+        let Some((ticket, request, reserved)) = adm.budget else {
             // Nothing to count in the answer: the gate is settled, the body passed through.
             adm.gate.finish(Ask::default(), false);
             return Response::from_parts(parts, crate::respond::upstream(body));
@@ -592,7 +563,7 @@ impl Route {
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         if is_stream && parts.status.is_success() {
             parts.headers.remove(header::CONTENT_LENGTH);
-            let metered = Metered::new(body, &request, ticket, adm.gate);
+            let metered = Metered::new(body, &request, reserved, ticket, adm.gate);
             return Response::from_parts(parts, Body::Metered(Box::new(metered)));
         }
         let bytes = match Limited::new(body, self.cfg.max_response_bytes)
@@ -610,7 +581,6 @@ impl Route {
                 );
             }
         };
-        let reserved = Reserved::of(&request);
         let mut doc = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
         let mut tally = Tally::default();
         if let Some(d) = &doc {
@@ -661,7 +631,7 @@ impl Route {
                     "the model's answer has no predictions array to limit",
                 );
             };
-            if outputs::limit(d, to_outputs(adm.outputs))
+            if outputs::limit(d, adm.outputs)
                 && let Ok(v) = serde_json::to_vec(d)
             {
                 out = Bytes::from(v);

@@ -46,11 +46,6 @@ impl Ticket {
         }
     }
 
-    /// What admission reserved.
-    pub fn reserved(&self) -> Ask {
-        self.reserved
-    }
-
     /// Settles with what was used; `cut` when the proxy ended a stream.
     pub fn finish(mut self, used: Ask, cut: bool) {
         self.settle(used, cut);
