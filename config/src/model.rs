@@ -99,13 +99,6 @@ pub struct LimitSet {
     pub vectors_per_day: Option<u64>,
 }
 
-impl LimitSet {
-    /// True when no limit is set.
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-}
-
 /// Limits per level: the caller, its namespace, its trust domain. The
 /// aggregate levels stop many identities from adding up to one unlimited
 /// caller.

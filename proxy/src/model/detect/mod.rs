@@ -328,11 +328,6 @@ impl Detector {
         }
     }
 
-    /// The settings in force.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// Records one query by `identity` (a SPIFFE ID string) and returns its
     /// assessment.
     pub fn observe(&self, identity: &str, query: Query<'_>) -> Assessment {
