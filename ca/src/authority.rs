@@ -19,13 +19,14 @@ use std::time::Duration;
 
 use rcgen::{Issuer, KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData};
 use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use time::OffsetDateTime;
 
 use warden_config::{CaConfig, Diagnostics, SpiffeId, TrustDomain};
 
 use crate::lifetime::{Validity, cap_lifetime};
 use crate::profile;
+pub use warden_identity::api::server_id;
+pub use warden_identity::pem::{certs_pem, parse_certs, validity_of};
 
 /// File names inside a CA directory.
 pub mod files {
@@ -129,47 +130,11 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> 
     })
 }
 
-/// Parses every certificate in PEM text (at least one).
-pub fn parse_certs(text: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not PEM certificates: {e}"))?;
-    if certs.is_empty() {
-        return Err("no certificate in file".into());
-    }
-    Ok(certs)
-}
-
 fn read_key(path: &Path) -> Result<KeyPair, CaError> {
     KeyPair::from_pem(&read_text(path)?).map_err(|e| CaError::BadFile {
         path: path.to_path_buf(),
         what: format!("not a usable private key: {e}"),
     })
-}
-
-/// The validity window written in a certificate.
-pub fn validity_of(der: &CertificateDer<'_>) -> Result<Validity, String> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| format!("not a certificate: {e}"))?;
-    let v = cert.validity();
-    Ok(Validity {
-        not_before: v.not_before.to_datetime(),
-        not_after: v.not_after.to_datetime(),
-    })
-}
-
-/// PEM text of a list of certificates.
-pub fn certs_pem(certs: &[CertificateDer<'_>]) -> String {
-    certs
-        .iter()
-        .map(|c| {
-            let block = pem::Pem::new("CERTIFICATE", c.as_ref());
-            pem::encode_config(
-                &block,
-                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-            )
-        })
-        .collect()
 }
 
 /// Options for `warden ca init`.
@@ -396,13 +361,6 @@ impl Authority {
     pub fn server_id(&self) -> SpiffeId {
         server_id(&self.config.trust_domain)
     }
-}
-
-/// The CA server's SPIFFE ID in trust domain `td`.
-pub fn server_id(td: &TrustDomain) -> SpiffeId {
-    // A valid trust domain plus a constant valid path always parses.
-    SpiffeId::new(td, warden_config::ca::SERVER_ID_PATH)
-        .unwrap_or_else(|_| unreachable!("constant path is valid"))
 }
 
 /// An external root must be a CA certificate whose public key is the given key's.

@@ -5,23 +5,21 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod audit;
 pub mod authority;
 pub mod bundle;
-pub mod client;
 pub mod csr;
 pub mod files_out;
-pub mod http;
-pub mod lifetime;
 pub mod metrics;
 pub mod profile;
-pub mod ratelog;
 pub mod server;
 pub mod service;
 pub mod store;
-pub mod tls;
 pub mod token;
+
+// The pieces the proxy shares live in `warden-identity`; re-exported so the
+// CA's own paths read as before.
+pub use warden_identity::{admin, api, client, http, lifetime, pem, ratelog, tls};
 
 pub use authority::{Authority, CaError, InitOptions, Svid};
 pub use service::{CaService, Caller, CertifyRequest, Issued, Refusal};

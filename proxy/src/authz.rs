@@ -6,9 +6,9 @@
 //! `audit_deny` and the request goes through. Only a `VerifiedPeer`, which
 //! only the TLS verifiers can make, can be authorized.
 
-use warden_ca::tls::VerifiedPeer;
 use warden_config::SpiffeId;
 use warden_config::proxy::{Action, Policy, PolicyMode, Rule};
+use warden_identity::tls::VerifiedPeer;
 
 /// The outcome, with the rule that decided it (for metrics and logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,12 +15,12 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use warden_ca::authority::{parse_certs, validity_of};
-use warden_ca::client::{CaClient, Credentials};
-use warden_ca::lifetime::renew_at;
-use warden_ca::tls;
 use warden_config::proxy::IdentitySource;
 use warden_config::{SpiffeId, TrustDomain};
+use warden_identity::client::{CaClient, Credentials};
+use warden_identity::lifetime::renew_at;
+use warden_identity::pem::{parse_certs, validity_of};
+use warden_identity::tls;
 
 use crate::metrics::ProxyMetrics;
 

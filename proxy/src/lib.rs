@@ -76,13 +76,13 @@ pub async fn run(
     let identity = identity::start(&config.identity, metrics.clone()).await?;
 
     let ready_id = identity.clone();
-    let ready: warden_ca::admin::ReadyCheck = Arc::new(move || {
+    let ready: warden_identity::admin::ReadyCheck = Arc::new(move || {
         ready_id
             .borrow()
             .as_ref()
             .is_some_and(|id| id.is_valid(OffsetDateTime::now_utc()))
     });
-    tokio::spawn(warden_ca::admin::serve(
+    tokio::spawn(warden_identity::admin::serve(
         admin,
         metrics.registry.clone(),
         ready,

@@ -125,7 +125,7 @@ impl Refusal {
     /// The response.
     pub fn response(self) -> Response<Body> {
         let detail = self.detail();
-        warden_ca::http::problem(self.status(), self.reason(), detail).map(Body::Full)
+        warden_identity::http::problem(self.status(), self.reason(), detail).map(Body::Full)
     }
 }
 

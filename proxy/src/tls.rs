@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use rustls::{ClientConfig, ServerConfig};
 
-use warden_ca::tls::{self, SpiffeClientVerifier, SpiffeServerVerifier};
 use warden_config::IdentityPattern;
+use warden_identity::tls::{self, SpiffeClientVerifier, SpiffeServerVerifier};
 
 use crate::identity::Identity;
 

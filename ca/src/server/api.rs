@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use warden_config::HumanDuration;
+
+pub use warden_identity::api::{CertifyAnswer, CertifyBody, DenyAnswer, DenyBody};
 
 use crate::http::{Body, BodyError, problem, read_body, respond};
 use crate::service::{CaService, Caller, CertifyRequest, DenyReport, Refusal};
@@ -30,58 +31,6 @@ use crate::token::MAX_TOKEN_LEN;
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// How long a client may take to send its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The JSON a client posts to `/v1/certify`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertifyBody {
-    /// PEM certificate signing request.
-    pub csr: String,
-    /// One-time join token (bootstrap only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-    /// Requested lifetime such as `1h`; the CA caps it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl: Option<String>,
-}
-
-/// The JSON `/v1/certify` answers on success.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct CertifyAnswer {
-    /// The identity in the certificate.
-    pub spiffe_id: String,
-    /// Leaf then intermediate, PEM.
-    pub certificate_chain: String,
-    /// Trust roots, PEM.
-    pub trust_bundle: String,
-    /// Serial number, hex.
-    pub serial: String,
-    /// NotBefore, RFC 3339.
-    pub not_before: String,
-    /// NotAfter, RFC 3339.
-    pub not_after: String,
-}
-
-/// The JSON a deny reporter posts to `/v1/deny`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DenyBody {
-    /// The identity to deny.
-    pub spiffe_id: String,
-    /// Why, in 1-200 printable ASCII characters; goes into the audit trail.
-    pub reason: String,
-}
-
-/// The JSON `/v1/deny` answers on success.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct DenyAnswer {
-    /// The identity that is now denied.
-    pub spiffe_id: String,
-    /// Always true on success.
-    pub denied: bool,
-    /// True when it was denied before this request.
-    pub already_denied: bool,
-}
 
 /// Routes one request.
 pub async fn handle(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) -> Response<Body> {

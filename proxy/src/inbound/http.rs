@@ -27,9 +27,9 @@ use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
-use warden_ca::ratelog::LogLimiter;
-use warden_ca::tls::VerifiedPeer;
 use warden_config::proxy::Inbound;
+use warden_identity::ratelog::LogLimiter;
+use warden_identity::tls::VerifiedPeer;
 
 use crate::authz::{self, Request as AuthzRequest};
 use crate::headers;

@@ -17,9 +17,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use warden_ca::ratelog::LogLimiter;
-use warden_ca::tls;
 use warden_config::proxy::{Inbound, Protocol};
+use warden_identity::ratelog::LogLimiter;
+use warden_identity::tls;
 
 use crate::identity::{Identity, IdentityRx};
 use crate::idle::IdleTimeout;

@@ -5,14 +5,15 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use warden_ca::tls::VerifiedPeer;
 use warden_config::proxy::Inbound;
+use warden_identity::tls::VerifiedPeer;
 
 use crate::authz::{self, Request};
 use crate::metrics::ProxyMetrics;
 use crate::reload::PolicyRx;
 
-static TCP_LOG: warden_ca::ratelog::LogLimiter = warden_ca::ratelog::LogLimiter::new(20);
+static TCP_LOG: warden_identity::ratelog::LogLimiter =
+    warden_identity::ratelog::LogLimiter::new(20);
 
 /// Serves one authenticated TCP connection.
 pub async fn serve<S>(

@@ -106,7 +106,7 @@ pub fn abnormal_usage() -> Response<Body> {
 
 /// A problem answer with a status, a fixed reason and a detail.
 pub fn problem(status: u16, reason: &str, detail: &str) -> Response<Body> {
-    warden_ca::http::problem(status, reason, detail).map(crate::respond::Body::Full)
+    warden_identity::http::problem(status, reason, detail).map(crate::respond::Body::Full)
 }
 
 /// The warning header on answers to a caller at the warn step or above.

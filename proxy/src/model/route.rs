@@ -22,9 +22,9 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use warden_ca::ratelog::LogLimiter;
 use warden_config::SpiffeId;
 use warden_config::model::{LimitMode, ModelApi, ModelRoute, OnStoreError, OutputDetail};
+use warden_identity::ratelog::LogLimiter;
 
 use super::answer;
 use super::detect::{CoverageSettings, Detector, Ladder, LlmQuery, Query, Settings, Step};

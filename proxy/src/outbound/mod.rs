@@ -35,7 +35,8 @@ use crate::tls::{H2, HTTP1, client_config};
 
 pub use connector::MtlsConnector;
 
-static UPSTREAM_LOG: warden_ca::ratelog::LogLimiter = warden_ca::ratelog::LogLimiter::new(10);
+static UPSTREAM_LOG: warden_identity::ratelog::LogLimiter =
+    warden_identity::ratelog::LogLimiter::new(10);
 
 /// Keeps a client config for `cfg` rebuilt from every new identity.
 fn config_channel(

@@ -23,8 +23,8 @@ use tokio_rustls::TlsConnector;
 
 use warden_config::{IdentityPattern, SpiffeId, TrustDomain};
 
-use crate::authority::{parse_certs, server_id, validity_of};
-use crate::server::api::{CertifyAnswer, CertifyBody, DenyAnswer, DenyBody};
+use crate::api::{CertifyAnswer, CertifyBody, DenyAnswer, DenyBody, server_id};
+use crate::pem::{parse_certs, validity_of};
 use crate::tls::{self, RotatingCert, SpiffeServerVerifier};
 
 /// How long one call to the CA may take, connection included.

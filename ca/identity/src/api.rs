@@ -1,0 +1,66 @@
+//! The CA's HTTPS API as data: the JSON bodies of `/v1/certify` and
+//! `/v1/deny`, and the CA server's own SPIFFE ID, shared by the server (in
+//! the CA crate) and its client (here).
+
+use serde::{Deserialize, Serialize};
+
+use warden_config::{SpiffeId, TrustDomain};
+
+/// The JSON a client posts to `/v1/certify`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertifyBody {
+    /// PEM certificate signing request.
+    pub csr: String,
+    /// One-time join token (bootstrap only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Requested lifetime such as `1h`; the CA caps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// The JSON `/v1/certify` answers on success.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CertifyAnswer {
+    /// The identity in the certificate.
+    pub spiffe_id: String,
+    /// Leaf then intermediate, PEM.
+    pub certificate_chain: String,
+    /// Trust roots, PEM.
+    pub trust_bundle: String,
+    /// Serial number, hex.
+    pub serial: String,
+    /// NotBefore, RFC 3339.
+    pub not_before: String,
+    /// NotAfter, RFC 3339.
+    pub not_after: String,
+}
+
+/// The JSON a deny reporter posts to `/v1/deny`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyBody {
+    /// The identity to deny.
+    pub spiffe_id: String,
+    /// Why, in 1-200 printable ASCII characters; goes into the audit trail.
+    pub reason: String,
+}
+
+/// The JSON `/v1/deny` answers on success.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DenyAnswer {
+    /// The identity that is now denied.
+    pub spiffe_id: String,
+    /// Always true on success.
+    pub denied: bool,
+    /// True when it was denied before this request.
+    pub already_denied: bool,
+}
+
+/// The CA server's SPIFFE ID in trust domain `td`.
+pub fn server_id(td: &TrustDomain) -> SpiffeId {
+    // A valid trust domain plus a constant valid path always parses.
+    SpiffeId::new(td, warden_config::ca::SERVER_ID_PATH)
+        .unwrap_or_else(|_| unreachable!("constant path is valid"))
+}
