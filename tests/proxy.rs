@@ -111,8 +111,9 @@ fn an_allowed_caller_reaches_the_app_which_sees_its_verified_identity() {
         1.0
     );
     assert_eq!(
-        m.proxy
-            .metric("warden_proxy_requests_total{class=\"2xx\",listener=\"app\"}"),
+        m.proxy.metric(
+            "warden_proxy_requests_total{class=\"2xx\",direction=\"inbound\",listener=\"app\"}"
+        ),
         1.0
     );
     let _ = &m.app;
@@ -333,8 +334,9 @@ fn outbound_originates_mtls_and_the_app_sees_the_callers_identity() {
     }
     // Keep-alive pooling: three requests, one mTLS connection.
     assert_eq!(
-        m.proxy
-            .metric("warden_proxy_connections_opened_total{listener=\"app\"}"),
+        m.proxy.metric(
+            "warden_proxy_connections_opened_total{direction=\"inbound\",listener=\"app\"}"
+        ),
         1.0
     );
 }
@@ -352,8 +354,9 @@ fn outbound_refuses_a_server_with_the_wrong_identity_with_502() {
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("wrong-server-identity"), "{body}");
     assert_eq!(
-        m.proxy
-            .metric("warden_proxy_requests_total{class=\"2xx\",listener=\"app\"}"),
+        m.proxy.metric(
+            "warden_proxy_requests_total{class=\"2xx\",direction=\"inbound\",listener=\"app\"}"
+        ),
         0.0
     );
 }

@@ -138,11 +138,15 @@ fn many_h2_streams_share_one_connection() {
         assert!(body.starts_with(&format!("GET /item/{i}\n")), "{body}");
     }
     assert_eq!(
-        proxy.metric("warden_proxy_connections_opened_total{listener=\"app\"}"),
+        proxy.metric(
+            "warden_proxy_connections_opened_total{direction=\"inbound\",listener=\"app\"}"
+        ),
         1.0
     );
     assert_eq!(
-        proxy.metric("warden_proxy_requests_total{class=\"2xx\",listener=\"app\"}"),
+        proxy.metric(
+            "warden_proxy_requests_total{class=\"2xx\",direction=\"inbound\",listener=\"app\"}"
+        ),
         32.0
     );
 }
@@ -181,7 +185,7 @@ fn tcp_outbound_reaches_a_tcp_inbound_and_refuses_the_wrong_server() {
     let _ = s.read_to_end(&mut buf);
     assert!(buf.is_empty());
     assert!(wait_for(Duration::from_secs(5), || {
-        bad.metric("warden_proxy_rejected_requests_total{listener=\"to-db\",reason=\"wrong_server_identity\"}") == 1.0
+        bad.metric("warden_proxy_rejected_requests_total{direction=\"outbound\",listener=\"to-db\",reason=\"wrong_server_identity\"}") == 1.0
     }));
 }
 
@@ -364,9 +368,9 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
         idle >= Duration::from_millis(900) && idle < Duration::from_secs(5),
         "closed after {idle:?}"
     );
-    assert!(wait_for(Duration::from_secs(5), || proxy
-        .metric("warden_proxy_connections_open{listener=\"app\"}")
-        == 0.0));
+    assert!(wait_for(Duration::from_secs(5), || proxy.metric(
+        "warden_proxy_connections_open{direction=\"inbound\",listener=\"app\"}"
+    ) == 0.0));
 }
 
 #[test]
@@ -427,7 +431,9 @@ fn h2c_from_the_app_rides_one_multiplexed_mtls_connection() {
         assert!(body.contains("URI=spiffe://example.org/web"), "{body}");
     }
     assert_eq!(
-        server.metric("warden_proxy_connections_opened_total{listener=\"app\"}"),
+        server.metric(
+            "warden_proxy_connections_opened_total{direction=\"inbound\",listener=\"app\"}"
+        ),
         1.0,
         "one mTLS connection for 16 streams"
     );

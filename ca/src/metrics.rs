@@ -24,6 +24,7 @@ impl CaMetrics {
     /// Creates and registers every metric.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        warden_identity::admin::register_process(&registry)?;
         let issuances = IntCounterVec::new(
             Opts::new(
                 "warden_ca_issuances_total",

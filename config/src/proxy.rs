@@ -172,14 +172,23 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// A connection with no request in flight is closed after this.
     pub idle_timeout: Duration,
-    /// Largest request header block, in bytes.
+    /// Largest request header section (the request target and every
+    /// header line), in bytes; 431 beyond.
     pub max_header_bytes: usize,
-    /// Most request headers.
+    /// Largest single header line (name and value), in bytes; 431 beyond.
+    pub max_header_line_bytes: usize,
+    /// Most request headers; 431 beyond.
     pub max_headers: usize,
     /// Most concurrent h2 streams per connection.
     pub max_concurrent_streams: u32,
     /// Most requests in flight on the listener (503 beyond).
     pub max_requests_in_flight: usize,
+    /// Longest time to open a connection to the upstream (the app
+    /// inbound, the destination outbound); 504 beyond.
+    pub connect_timeout: Duration,
+    /// Longest time from sending a request to the upstream's response
+    /// head; 504 beyond. A streamed answer that has started is not cut.
+    pub response_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -189,10 +198,16 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
-            max_header_bytes: 64 * 1024,
+            // nginx's `large_client_header_buffers 4 8k`: a line of at most
+            // 8 KiB, 32 KiB in all; Envoy's 100 headers.
+            max_header_bytes: 32 * 1024,
+            max_header_line_bytes: 8 * 1024,
             max_headers: 100,
             max_concurrent_streams: 128,
             max_requests_in_flight: 10_000,
+            connect_timeout: Duration::from_secs(5),
+            // Long enough for a model's non-streamed completion.
+            response_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -339,9 +354,12 @@ struct RawLimits {
     header_read_timeout: Option<HumanDuration>,
     idle_timeout: Option<HumanDuration>,
     max_header_bytes: Option<usize>,
+    max_header_line_bytes: Option<usize>,
     max_headers: Option<usize>,
     max_concurrent_streams: Option<u32>,
     max_requests_in_flight: Option<usize>,
+    connect_timeout: Option<HumanDuration>,
+    response_timeout: Option<HumanDuration>,
 }
 
 impl RawLimits {
@@ -354,6 +372,9 @@ impl RawLimits {
             header_read_timeout: dur(self.header_read_timeout, d.header_read_timeout),
             idle_timeout: dur(self.idle_timeout, d.idle_timeout),
             max_header_bytes: self.max_header_bytes.unwrap_or(d.max_header_bytes),
+            max_header_line_bytes: self
+                .max_header_line_bytes
+                .unwrap_or(d.max_header_line_bytes),
             max_headers: self.max_headers.unwrap_or(d.max_headers),
             max_concurrent_streams: self
                 .max_concurrent_streams
@@ -361,6 +382,8 @@ impl RawLimits {
             max_requests_in_flight: self
                 .max_requests_in_flight
                 .unwrap_or(d.max_requests_in_flight),
+            connect_timeout: dur(self.connect_timeout, d.connect_timeout),
+            response_timeout: dur(self.response_timeout, d.response_timeout),
         }
     }
 }

@@ -19,6 +19,8 @@ pub struct Decision<'p> {
     pub result: &'static str,
     /// The deciding rule's name, or `default`.
     pub rule: &'p str,
+    /// The deciding rule's position in the policy; `None` for the default rule.
+    pub index: Option<usize>,
 }
 
 /// The request facts a rule can match.
@@ -54,37 +56,40 @@ pub fn decide<'p>(policy: &'p Policy, peer: &VerifiedPeer, req: Request<'_>) -> 
 }
 
 fn decide_id<'p>(policy: &'p Policy, id: &SpiffeId, req: Request<'_>) -> Decision<'p> {
-    let mut allow: Option<&str> = None;
-    for rule in &policy.rules {
+    let mut allow: Option<usize> = None;
+    for (i, rule) in policy.rules.iter().enumerate() {
         if !matches(rule, id, req) {
             continue;
         }
         match rule.action {
-            Action::Deny => return refuse(policy, &rule.name),
-            Action::Allow => allow = allow.or(Some(&rule.name)),
+            Action::Deny => return refuse(policy, &rule.name, Some(i)),
+            Action::Allow => allow = allow.or(Some(i)),
         }
     }
     match allow {
-        Some(rule) => Decision {
+        Some(i) => Decision {
             allowed: true,
             result: "allow",
-            rule,
+            rule: &policy.rules[i].name,
+            index: Some(i),
         },
-        None => refuse(policy, "default"),
+        None => refuse(policy, "default", None),
     }
 }
 
-fn refuse<'p>(policy: &Policy, rule: &'p str) -> Decision<'p> {
+fn refuse<'p>(policy: &Policy, rule: &'p str, index: Option<usize>) -> Decision<'p> {
     match policy.mode {
         PolicyMode::Enforce => Decision {
             allowed: false,
             result: "deny",
             rule,
+            index,
         },
         PolicyMode::Audit => Decision {
             allowed: true,
             result: "audit_deny",
             rule,
+            index,
         },
     }
 }

@@ -17,6 +17,7 @@ pub mod normalize;
 pub mod outbound;
 pub mod reload;
 pub mod respond;
+pub mod stack;
 pub mod tls;
 
 use std::path::PathBuf;

@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::metrics::ProxyMetrics;
+use crate::metrics::ConnMetrics;
+use crate::respond::RefusalCounters;
 
 /// Binds `addr` and prints `listening <name> <addr>` (DESIGN.md fixed point).
 pub async fn bind(name: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -43,27 +44,26 @@ pub async fn next(
 /// Counts a connection open until dropped, and holds its slot under the limit.
 #[derive(Debug)]
 pub struct ConnGuard {
-    metrics: ProxyMetrics,
-    name: Arc<str>,
+    metrics: ConnMetrics,
     _permit: OwnedSemaphorePermit,
 }
 
 impl ConnGuard {
     /// Takes a slot, or returns `None` when the listener is full (the
-    /// connection is then closed at once and counted).
-    pub fn admit(limit: &Arc<Semaphore>, metrics: &ProxyMetrics, name: &Arc<str>) -> Option<Self> {
+    /// connection is then closed at once and counted as `max_connections`).
+    pub fn admit(
+        limit: &Arc<Semaphore>,
+        metrics: &ConnMetrics,
+        refusals: &RefusalCounters,
+    ) -> Option<Self> {
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            metrics
-                .rejected
-                .with_label_values(&[name, "max_connections"])
-                .inc();
+            refusals.count_max_connections();
             return None;
         };
-        metrics.conns_opened.with_label_values(&[name]).inc();
-        metrics.conns_open.with_label_values(&[name]).inc();
+        metrics.opened.inc();
+        metrics.open.inc();
         Some(Self {
             metrics: metrics.clone(),
-            name: name.clone(),
             _permit: permit,
         })
     }
@@ -71,13 +71,7 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.metrics
-            .conns_closed
-            .with_label_values(&[&self.name])
-            .inc();
-        self.metrics
-            .conns_open
-            .with_label_values(&[&self.name])
-            .dec();
+        self.metrics.closed.inc();
+        self.metrics.open.dec();
     }
 }

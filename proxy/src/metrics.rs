@@ -1,11 +1,38 @@
 //! The proxy's Prometheus metrics. Names are a stable surface; label values
 //! come from config (listener and rule names) or fixed sets, never from
-//! client input.
+//! client input. Listener families carry a `direction` label (`inbound`,
+//! `outbound`), and every per-request handle is resolved once per listener
+//! ([`ProxyMetrics::observe`], [`ProxyMetrics::refusals`], [`ConnMetrics`]).
+
+use std::sync::Arc;
 
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
+use tokio::sync::Semaphore;
+
+use crate::respond::RefusalCounters;
+use crate::stack::observe::Shared;
+
+/// Which way a listener's traffic goes: a label value on its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// mTLS from peers to the local app.
+    Inbound,
+    /// Plain from the local app to an mTLS destination.
+    Outbound,
+}
+
+impl Direction {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
 
 /// Handles to every proxy metric.
 #[derive(Debug, Clone)]
@@ -34,6 +61,8 @@ pub struct ProxyMetrics {
     pub renewals: IntCounterVec,
     /// Config reloads, by result.
     pub config_reloads: IntCounterVec,
+    /// Access-log lines dropped by its rate limit.
+    pub access_log_dropped: IntCounter,
     /// Model API protection.
     pub model: crate::model::metrics::ModelMetrics,
 }
@@ -51,12 +80,12 @@ impl ProxyMetrics {
         let conns_opened = counter(
             "warden_proxy_connections_opened_total",
             "Connections accepted.",
-            &["listener"],
+            &["direction", "listener"],
         )?;
         let conns_closed = counter(
             "warden_proxy_connections_closed_total",
             "Connections ended.",
-            &["listener"],
+            &["direction", "listener"],
         )?;
         let handshake_failures = counter(
             "warden_proxy_handshake_failures_total",
@@ -66,12 +95,12 @@ impl ProxyMetrics {
         let requests = counter(
             "warden_proxy_requests_total",
             "Requests by status class.",
-            &["listener", "class"],
+            &["direction", "listener", "class"],
         )?;
         let rejected = counter(
             "warden_proxy_rejected_requests_total",
             "Requests refused before reaching the app, by reason.",
-            &["listener", "reason"],
+            &["direction", "listener", "reason"],
         )?;
         let authz = counter(
             "warden_proxy_authz_decisions_total",
@@ -90,7 +119,7 @@ impl ProxyMetrics {
         )?;
         let conns_open = IntGaugeVec::new(
             Opts::new("warden_proxy_connections_open", "Connections open now."),
-            &["listener"],
+            &["direction", "listener"],
         )?;
         registry.register(Box::new(conns_open.clone()))?;
         let latency = HistogramVec::new(
@@ -102,7 +131,7 @@ impl ProxyMetrics {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0,
             ]),
-            &["listener"],
+            &["direction", "listener"],
         )?;
         registry.register(Box::new(latency.clone()))?;
         let cert_expiry = Gauge::new(
@@ -110,8 +139,15 @@ impl ProxyMetrics {
             "NotAfter of the current certificate, unix seconds (0: none).",
         )?;
         registry.register(Box::new(cert_expiry.clone()))?;
+        let access_log_dropped = IntCounter::new(
+            "warden_proxy_access_log_dropped_total",
+            "Access-log lines dropped by the log's rate limit.",
+        )?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
+        warden_identity::admin::register_process(&registry)?;
         let model = crate::model::metrics::ModelMetrics::new(&registry)?;
         Ok(Self {
+            access_log_dropped,
             model,
             registry,
             conns_opened,
@@ -129,6 +165,47 @@ impl ProxyMetrics {
     }
 }
 
+impl ProxyMetrics {
+    /// What the requests of listener `name` share: their in-flight slots
+    /// and their metric handles.
+    pub fn observe(&self, direction: Direction, name: &Arc<str>, max_in_flight: usize) -> Shared {
+        Shared {
+            listener: name.clone(),
+            direction: direction.label(),
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            requests: RequestMetrics::new(self, direction, name),
+            refusals: self.refusals(direction, name),
+            log_dropped: self.access_log_dropped.clone(),
+        }
+    }
+
+    /// Listener `name`'s refusal counters, one per reason.
+    pub fn refusals(&self, direction: Direction, name: &str) -> RefusalCounters {
+        RefusalCounters::new(&self.rejected, direction.label(), name)
+    }
+
+    /// Listener `name`'s connection counters.
+    pub fn connections(&self, direction: Direction, name: &str) -> ConnMetrics {
+        let labels = [direction.label(), name];
+        ConnMetrics {
+            opened: self.conns_opened.with_label_values(&labels),
+            closed: self.conns_closed.with_label_values(&labels),
+            open: self.conns_open.with_label_values(&labels),
+        }
+    }
+}
+
+/// One listener's connection counters, resolved once.
+#[derive(Debug, Clone)]
+pub struct ConnMetrics {
+    /// Accepted.
+    pub opened: IntCounter,
+    /// Ended.
+    pub closed: IntCounter,
+    /// Open now.
+    pub open: IntGauge,
+}
+
 /// One listener's per-request metrics, resolved once: the request path
 /// touches atomics only, no label lookups.
 #[derive(Debug, Clone)]
@@ -139,8 +216,9 @@ pub struct RequestMetrics {
 
 impl RequestMetrics {
     /// The handles for listener `name`.
-    pub fn new(metrics: &ProxyMetrics, name: &str) -> Self {
-        let class = |c: &str| metrics.requests.with_label_values(&[name, c]);
+    pub fn new(metrics: &ProxyMetrics, direction: Direction, name: &str) -> Self {
+        let d = direction.label();
+        let class = |c: &str| metrics.requests.with_label_values(&[d, name, c]);
         Self {
             by_class: [
                 class("1xx"),
@@ -149,11 +227,11 @@ impl RequestMetrics {
                 class("4xx"),
                 class("5xx"),
             ],
-            latency: metrics.latency.with_label_values(&[name]),
+            latency: metrics.latency.with_label_values(&[d, name]),
         }
     }
 
-    /// Counts an answer with `status`, taken `seconds` after the request arrived.
+    /// Counts an answer with `status`, ended `seconds` after the request arrived.
     pub fn observe(&self, status: http::StatusCode, seconds: f64) {
         let i = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
         self.by_class[i].inc();

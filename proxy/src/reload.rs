@@ -16,16 +16,17 @@ use tokio::sync::watch;
 use warden_config::ProxyConfig;
 use warden_config::proxy::Policy;
 
+use crate::inbound::CompiledPolicy;
 use crate::metrics::ProxyMetrics;
 
 /// The policy an inbound listener enforces now.
-pub type PolicyRx = watch::Receiver<Arc<Policy>>;
+pub type PolicyRx = watch::Receiver<Arc<CompiledPolicy>>;
 
 /// Owns the policy channels and applies reloads to them.
 pub struct Reloader {
     path: PathBuf,
     running: ProxyConfig,
-    policies: HashMap<String, watch::Sender<Arc<Policy>>>,
+    policies: HashMap<String, watch::Sender<Arc<CompiledPolicy>>>,
     metrics: ProxyMetrics,
 }
 
@@ -42,7 +43,8 @@ impl Reloader {
 
     /// The policy channel of inbound listener `name`.
     pub fn policy(&mut self, name: &str, initial: &Policy) -> PolicyRx {
-        let (tx, rx) = watch::channel(Arc::new(initial.clone()));
+        let compiled = CompiledPolicy::new(initial.clone(), &self.metrics.authz, name);
+        let (tx, rx) = watch::channel(Arc::new(compiled));
         self.policies.insert(name.to_owned(), tx);
         rx
     }
@@ -63,9 +65,11 @@ impl Reloader {
         for l in &new.inbound {
             if let Some(tx) = self.policies.get(&l.name) {
                 tx.send_if_modified(|p| {
-                    let changed = **p != l.policy;
+                    let changed = p.policy != l.policy;
                     if changed {
-                        *p = Arc::new(l.policy.clone());
+                        let compiled =
+                            CompiledPolicy::new(l.policy.clone(), &self.metrics.authz, &l.name);
+                        *p = Arc::new(compiled);
                         tracing::info!(listener = %l.name, rules = l.policy.rules.len(), "policy reloaded");
                     }
                     changed

@@ -1,15 +1,34 @@
-//! Every answer the proxy itself gives (as opposed to the app's), in one
-//! place: a fixed reason, a status, an RFC 9457 problem body.
+//! Every refusal the proxy makes, typed, and the one place that turns it
+//! into an answer (as opposed to the app's):
+//! - an HTTP caller gets the status and an RFC 9457 `application/problem+json`
+//!   body whose type names the reason;
+//! - a gRPC caller (`content-type: application/grpc*`) gets a trailers-only
+//!   answer, HTTP 200 with `grpc-status` and `grpc-message`, which is what
+//!   gRPC clients read (an HTTP 403 is an opaque `UNKNOWN` to them);
+//! - an HTTP/1.1 connection that can no longer be trusted to frame requests
+//!   the way the app would (a malformed method or path, CONNECT) is closed
+//!   after the answer.
+//!
+//! Every refusal is counted by listener and reason ([`RefusalCounters`],
+//! resolved once per listener) and its reason rides in the answer's
+//! extensions for the access log.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::Response;
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use http::{HeaderName, Response, Version};
 use http_body_util::Full;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use prometheus::{IntCounter, IntCounterVec};
+use tower::{Layer, Service};
 
 use crate::model::meter::Metered;
+use crate::stack::{Req, Resp};
 
 /// The body type of every proxied response: the upstream's, streamed; one
 /// of ours; or a model API stream counted as it passes. An enum rather than
@@ -58,74 +77,326 @@ impl HttpBody for Body {
     }
 }
 
-/// Why the proxy answered instead of the app.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why the proxy answered instead of the app (or the destination).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    /// The path cannot be normalized safely (400).
+    /// The path cannot be matched the way the app would read it (400).
     BadPath,
-    /// The caller is not allowed (403).
-    Forbidden,
-    /// The app could not be reached (502).
-    AppUnavailable,
-    /// The destination's identity is not the expected one (502).
-    WrongServerIdentity,
-    /// The destination could not be reached (502).
-    UpstreamUnavailable,
-    /// No valid certificate right now (503).
-    NoIdentity,
     /// A method spelled in lower case: apps disagree on what it means (400).
     BadMethod,
     /// CONNECT is not proxied (405).
     MethodNotAllowed,
+    /// The header section is larger than the listener allows (431).
+    HeadersTooLarge {
+        /// Which bound: `header_bytes`, `header_count` or `header_value`.
+        what: &'static str,
+    },
+    /// The caller is not allowed (403).
+    Forbidden {
+        /// The deciding rule (`default` when none matched).
+        rule: Arc<str>,
+    },
+    /// The caller is over a request-rate limit (429).
+    RateLimited {
+        /// `RateLimit-Policy`, `RateLimit` and `Retry-After` for the answer.
+        headers: Vec<(HeaderName, HeaderValue)>,
+    },
     /// The listener's limit on requests in flight is reached (503).
     Overloaded,
+    /// No valid certificate right now (503).
+    NoIdentity,
+    /// The app could not be reached (502).
+    AppUnavailable,
+    /// The app took longer than `connect_timeout` to accept a connection (504).
+    AppConnectTimeout,
+    /// The app sent no response head within `response_timeout` (504).
+    AppTimeout,
+    /// The destination's identity is not the expected one (502).
+    WrongServerIdentity,
+    /// The destination could not be reached over mTLS (502).
+    UpstreamUnavailable,
+    /// The destination sent no response head within `response_timeout` (504).
+    UpstreamTimeout,
+    /// A bug: a stage's future polled after it finished (500).
+    Internal,
 }
 
+/// Every reason label, in [`Refusal::index`] order (for per-reason counters).
+pub const REASONS: [&str; 16] = [
+    "bad_path",
+    "bad_method",
+    "method_not_allowed",
+    "headers_too_large",
+    "forbidden",
+    "rate_limited",
+    "overloaded",
+    "no_identity",
+    "app_unavailable",
+    "app_connect_timeout",
+    "app_timeout",
+    "wrong_server_identity",
+    "upstream_unavailable",
+    "upstream_timeout",
+    "internal",
+    "max_connections",
+];
+
 impl Refusal {
-    /// Fixed label for metrics and the problem type.
-    pub fn reason(self) -> &'static str {
+    /// Position of this refusal's reason in [`REASONS`].
+    pub fn index(&self) -> usize {
         match self {
-            Self::BadPath => "bad_path",
-            Self::Forbidden => "forbidden",
-            Self::AppUnavailable => "app_unavailable",
-            Self::WrongServerIdentity => "wrong_server_identity",
-            Self::UpstreamUnavailable => "upstream_unavailable",
-            Self::NoIdentity => "no_identity",
-            Self::BadMethod => "bad_method",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::Overloaded => "overloaded",
+            Self::BadPath => 0,
+            Self::BadMethod => 1,
+            Self::MethodNotAllowed => 2,
+            Self::HeadersTooLarge { .. } => 3,
+            Self::Forbidden { .. } => 4,
+            Self::RateLimited { .. } => 5,
+            Self::Overloaded => 6,
+            Self::NoIdentity => 7,
+            Self::AppUnavailable => 8,
+            Self::AppConnectTimeout => 9,
+            Self::AppTimeout => 10,
+            Self::WrongServerIdentity => 11,
+            Self::UpstreamUnavailable => 12,
+            Self::UpstreamTimeout => 13,
+            Self::Internal => 14,
         }
     }
 
-    fn status(self) -> u16 {
+    /// Fixed label for metrics, logs and the problem type.
+    pub fn reason(&self) -> &'static str {
+        REASONS[self.index()]
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
         match self {
             Self::BadPath | Self::BadMethod => 400,
+            Self::Forbidden { .. } => 403,
             Self::MethodNotAllowed => 405,
-            Self::Forbidden => 403,
+            Self::RateLimited { .. } => 429,
+            Self::HeadersTooLarge { .. } => 431,
+            Self::Internal => 500,
             Self::AppUnavailable | Self::WrongServerIdentity | Self::UpstreamUnavailable => 502,
             Self::NoIdentity | Self::Overloaded => 503,
+            Self::AppConnectTimeout | Self::AppTimeout | Self::UpstreamTimeout => 504,
         }
     }
 
-    /// What the problem body says.
-    pub fn detail(self) -> &'static str {
+    /// The gRPC status code a gRPC caller gets instead.
+    fn grpc_status(&self) -> &'static str {
         match self {
-            Self::BadPath => "the request path cannot be normalized safely",
-            Self::Forbidden => "the caller's identity is not allowed to make this request",
-            Self::AppUnavailable => "the app behind this proxy did not answer",
-            Self::WrongServerIdentity => "the destination did not prove the expected SPIFFE ID",
-            Self::UpstreamUnavailable => "the destination could not be reached over mTLS",
-            Self::NoIdentity => "this proxy holds no valid certificate right now",
+            Self::BadPath | Self::BadMethod => "3", // INVALID_ARGUMENT
+            Self::MethodNotAllowed => "12",         // UNIMPLEMENTED
+            Self::Forbidden { .. } => "7",          // PERMISSION_DENIED
+            Self::HeadersTooLarge { .. } | Self::RateLimited { .. } => "8", // RESOURCE_EXHAUSTED
+            Self::AppConnectTimeout | Self::AppTimeout | Self::UpstreamTimeout => "4", // DEADLINE_EXCEEDED
+            Self::Internal => "13",                                                    // INTERNAL
+            Self::Overloaded
+            | Self::NoIdentity
+            | Self::AppUnavailable
+            | Self::WrongServerIdentity
+            | Self::UpstreamUnavailable => "14", // UNAVAILABLE
+        }
+    }
+
+    /// What the answer says.
+    pub fn detail(&self) -> &'static str {
+        match self {
+            Self::BadPath => "the request path cannot be matched the way the app would read it",
             Self::BadMethod => "request methods are case-sensitive and must be upper case",
             Self::MethodNotAllowed => "CONNECT is not proxied",
+            Self::HeadersTooLarge { .. } => "the request's header section is too large",
+            Self::Forbidden { .. } => "the caller's identity is not allowed to make this request",
+            Self::RateLimited { .. } => "the caller is over its request-rate limit",
             Self::Overloaded => "too many requests in flight on this listener",
+            Self::NoIdentity => "this proxy holds no valid certificate right now",
+            Self::AppUnavailable => "the app behind this proxy did not answer",
+            Self::AppConnectTimeout => {
+                "the app behind this proxy did not accept a connection in time"
+            }
+            Self::AppTimeout => "the app behind this proxy did not answer in time",
+            Self::WrongServerIdentity => "the destination did not prove the expected SPIFFE ID",
+            Self::UpstreamUnavailable => "the destination could not be reached over mTLS",
+            Self::UpstreamTimeout => "the destination did not answer in time",
+            Self::Internal => "internal error",
         }
     }
 
-    /// The response.
-    pub fn response(self) -> Response<Body> {
-        let detail = self.detail();
-        warden_identity::http::problem(self.status(), self.reason(), detail).map(Body::Full)
+    /// After this refusal an HTTP/1.1 connection is closed: the caller
+    /// framed something the app might read differently.
+    fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::BadPath | Self::BadMethod | Self::MethodNotAllowed | Self::HeadersTooLarge { .. }
+        )
+    }
+
+    /// The answer for a caller speaking `to`.
+    pub fn answer(&self, to: Caller) -> Resp {
+        let mut resp = if to.grpc {
+            let mut r = Response::new(Body::Full(Full::new(Bytes::new())));
+            let h = r.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert(GRPC_STATUS, HeaderValue::from_static(self.grpc_status()));
+            h.insert(GRPC_MESSAGE, HeaderValue::from_static(self.detail()));
+            r
+        } else {
+            warden_identity::http::problem(self.status(), self.reason(), self.detail())
+                .map(Body::Full)
+        };
+        if let Self::RateLimited { headers } = self {
+            for (name, value) in headers {
+                resp.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        if to.version == Version::HTTP_11 && self.closes_connection() {
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp.extensions_mut().insert(Refused(self.reason()));
+        resp
+    }
+}
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+/// The reason of a refusal, in its answer's extensions (for the access log).
+#[derive(Debug, Clone, Copy)]
+pub struct Refused(pub &'static str);
+
+/// What a refusal's answer depends on about the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// A gRPC call (`content-type: application/grpc*`).
+    pub grpc: bool,
+    /// The HTTP version the caller speaks.
+    pub version: Version,
+}
+
+impl Caller {
+    /// Read from the request before any stage sees it.
+    pub fn of(req: &Req) -> Self {
+        Self {
+            grpc: req
+                .headers()
+                .get(CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            version: req.version(),
+        }
+    }
+}
+
+/// One listener's refusal counters, one per reason, resolved once.
+#[derive(Debug, Clone)]
+pub struct RefusalCounters(Arc<[IntCounter]>);
+
+impl RefusalCounters {
+    /// The counters of `listener` in `family` (labels: direction, listener, reason).
+    pub fn new(family: &IntCounterVec, direction: &str, listener: &str) -> Self {
+        Self(
+            REASONS
+                .iter()
+                .map(|r| family.with_label_values(&[direction, listener, r]))
+                .collect(),
+        )
+    }
+
+    /// Counts one refusal.
+    pub fn count(&self, r: &Refusal) {
+        if let Some(c) = self.0.get(r.index()) {
+            c.inc();
+        }
+    }
+
+    /// Counts a connection refused at the listener's connection limit.
+    pub fn count_max_connections(&self) {
+        if let Some(c) = self.0.get(REASONS.len() - 1) {
+            c.inc();
+        }
+    }
+}
+
+/// The layer that answers every refusal from the stages below it.
+#[derive(Debug, Clone)]
+pub struct RespondLayer {
+    counters: RefusalCounters,
+}
+
+impl RespondLayer {
+    /// Refusals counted in `counters`.
+    pub fn new(counters: RefusalCounters) -> Self {
+        Self { counters }
+    }
+}
+
+impl<S> Layer<S> for RespondLayer {
+    type Service = Respond<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Respond {
+            inner,
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+/// See [`RespondLayer`].
+#[derive(Debug, Clone)]
+pub struct Respond<S> {
+    inner: S,
+    counters: RefusalCounters,
+}
+
+impl<S> Service<Req> for Respond<S>
+where
+    S: Service<Req, Response = Resp, Error = Refusal>,
+    S::Future: Unpin,
+{
+    type Response = Resp;
+    type Error = Infallible;
+    type Future = Answer<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        Answer {
+            caller: Caller::of(&req),
+            inner: self.inner.call(req),
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+/// The future of [`Respond`].
+pub struct Answer<F> {
+    caller: Caller,
+    inner: F,
+    counters: RefusalCounters,
+}
+
+impl<F> Future for Answer<F>
+where
+    F: Future<Output = Result<Resp, Refusal>> + Unpin,
+{
+    type Output = Result<Resp, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(resp)) => Poll::Ready(Ok(resp)),
+            Poll::Ready(Err(r)) => {
+                this.counters.count(&r);
+                Poll::Ready(Ok(r.answer(this.caller)))
+            }
+        }
     }
 }
 

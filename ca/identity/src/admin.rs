@@ -76,3 +76,19 @@ fn answer(req: &Request<Incoming>, registry: &Registry, ready: &ReadyCheck) -> R
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
+
+/// Registers what every warden process exports besides its own metrics:
+/// the standard `process_*` family (CPU, memory, file descriptors, start
+/// time) and `warden_build_info{version}` = 1, so that dashboards and
+/// alerts can tell versions apart during a rollout.
+pub fn register_process(registry: &Registry) -> Result<(), prometheus::Error> {
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    let info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new("warden_build_info", "warden's version; always 1."),
+        &["version"],
+    )?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    registry.register(Box::new(info))
+}

@@ -1,36 +1,59 @@
-//! Inbound: accept mTLS from peers and forward to the local app.
+//! Inbound: accept mTLS from peers and forward to the local app. The whole
+//! path, top to bottom:
 //!
-//! accept -> connection limit -> TLS 1.3 handshake (client certificate
-//! required; chain -> bundle; exactly one URI SAN; our trust domain) ->
-//! `VerifiedPeer` -> HTTP (`http.rs`) or TCP (`tcp.rs`).
-//! A refused handshake is counted by reason and logged (rate-limited).
+//! accept -> connection limit -> TLS 1.3 + peer identity (client
+//! certificate required: chain -> bundle, the X.509-SVID leaf profile, our
+//! trust domain; refused handshakes counted by reason) -> `VerifiedPeer` ->
+//! TCP (`tcp.rs`), or HTTP/1.1 or h2 by ALPN (`server.rs`) -> per request,
+//! the stack in [`stack`]:
+//!
+//! observe -> respond -> limits -> path -> authorize -> rate limit ->
+//! identity header -> model guard -> timeout -> app client.
 
-mod http;
+mod app;
+mod authorize;
+mod identity;
+mod limits;
+mod model;
+mod path;
+mod server;
 mod tcp;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+use tower::{Service, ServiceBuilder};
 
 use warden_config::proxy::{Inbound, Protocol};
 use warden_identity::ratelog::LogLimiter;
-use warden_identity::tls;
+use warden_identity::tls::{self, VerifiedPeer};
 
+use crate::headers;
 use crate::identity::{Identity, IdentityRx};
 use crate::idle::IdleTimeout;
 use crate::listener::ConnGuard;
-use crate::metrics::ProxyMetrics;
+use crate::metrics::{Direction, ProxyMetrics};
 use crate::model::limits::Store;
 use crate::model::report::Reporter;
+use crate::model::route::Routes;
 use crate::reload::PolicyRx;
+use crate::respond::{Refusal, RefusalCounters, RespondLayer};
+use crate::stack::observe::{ObserveLayer, Observed, Shared};
+use crate::stack::timeout::TimeoutLayer;
+use crate::stack::{CheckLayer, ReqBody};
 use crate::tls::{H2, HTTP1, server_config};
 
-pub use http::InboundHttp;
+pub use authorize::CompiledPolicy;
 
 static HANDSHAKE_LOG: LogLimiter = LogLimiter::new(10);
 
@@ -41,7 +64,77 @@ struct Listener {
     name: Arc<str>,
     policy: PolicyRx,
     metrics: ProxyMetrics,
-    http: Arc<InboundHttp>,
+    observe: Arc<Shared>,
+    refusals: RefusalCounters,
+    app: app::AppClient,
+    models: Arc<Routes>,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl Listener {
+    /// The request stack for one connection from `peer`: every stage an
+    /// inbound request goes through, in order.
+    fn stack(
+        &self,
+        peer: Arc<VerifiedPeer>,
+        xfcc: http::HeaderValue,
+        busy: Arc<AtomicUsize>,
+    ) -> impl Service<
+        http::Request<Incoming>,
+        Response = http::Response<Observed>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static {
+        let l = &self.cfg.limits;
+        ServiceBuilder::new()
+            .map_request(|req: http::Request<Incoming>| req.map(ReqBody::caller))
+            .layer(ObserveLayer::new(
+                self.observe.clone(),
+                busy,
+                Some(peer.id().as_str().into()),
+            ))
+            .layer(RespondLayer::new(self.refusals.clone()))
+            .layer(CheckLayer(limits::RequestLimits::new(l)))
+            .layer(CheckLayer(path::NormalizePath))
+            .layer(authorize::AuthorizeLayer::new(
+                self.name.clone(),
+                self.policy.clone(),
+                peer.clone(),
+            ))
+            .layer(CheckLayer(identity::IdentityHeader {
+                xfcc,
+                app_h2c: self.cfg.app_h2c,
+            }))
+            .layer(model::ModelGuardLayer::new(self.models.clone(), peer))
+            .layer(TimeoutLayer::new(l.response_timeout, Refusal::AppTimeout))
+            .service(self.app.clone())
+    }
+
+    /// Serves HTTP/1.1 or h2 on one authenticated connection.
+    async fn serve_http<S>(
+        &self,
+        tls: S,
+        peer: VerifiedPeer,
+        own: &Identity,
+        busy: Arc<AtomicUsize>,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some(xfcc) = headers::xfcc_value(own.id.as_str(), peer.id().as_str()) else {
+            return;
+        };
+        let svc = TowerToHyperService::new(self.stack(Arc::new(peer), xfcc, busy));
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(tls), svc)
+            .into_owned();
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(listener = %self.name, error = %e, "connection ended with an error");
+        }
+    }
 }
 
 /// Serves one inbound listener until `shutdown`, then drains within `drain`.
@@ -61,19 +154,33 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let graceful = GracefulShutdown::new();
     let reporter = Some(Reporter::new(identity.clone()));
-    let http = Arc::new(InboundHttp::new(
-        &cfg,
-        policy.clone(),
-        metrics.clone(),
-        &store,
-        reporter,
-    ));
+    let refusals = metrics.refusals(Direction::Inbound, &name);
+    let conns = metrics.connections(Direction::Inbound, &name);
     let shared = Arc::new(Listener {
-        cfg: cfg.clone(),
         name: name.clone(),
         policy,
+        observe: Arc::new(metrics.observe(
+            Direction::Inbound,
+            &name,
+            cfg.limits.max_requests_in_flight,
+        )),
+        refusals: refusals.clone(),
+        app: app::AppClient::new(
+            name.clone(),
+            cfg.app,
+            cfg.app_h2c,
+            cfg.limits.connect_timeout,
+        ),
+        models: Arc::new(Routes::new(
+            &cfg.name,
+            &cfg.model_api,
+            &store,
+            &metrics.model,
+            reporter,
+        )),
+        builder: server::builder(&cfg.limits),
         metrics: metrics.clone(),
-        http,
+        cfg: cfg.clone(),
     });
     let alpn: &[&[u8]] = match cfg.protocol {
         Protocol::Http => &[H2, HTTP1],
@@ -86,7 +193,7 @@ pub async fn serve(
         else {
             break;
         };
-        let Some(guard) = ConnGuard::admit(&limit, &metrics, &name) else {
+        let Some(guard) = ConnGuard::admit(&limit, &conns, &refusals) else {
             continue;
         };
         // Fail closed: no valid certificate, no handshake.
@@ -118,7 +225,7 @@ pub async fn serve(
             let _guard = guard;
             let (cfg, name, metrics) = (&l.cfg, &l.name, &l.metrics);
             let _ = stream.set_nodelay(true);
-            let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let busy = Arc::new(AtomicUsize::new(0));
             let stream = IdleTimeout::new(stream, cfg.limits.idle_timeout).with_busy(busy.clone());
             let tls = match tls::accept(&acceptor, stream, cfg.limits.handshake_timeout).await {
                 Ok(t) => t,
@@ -146,7 +253,7 @@ pub async fn serve(
                 }
             };
             match cfg.protocol {
-                Protocol::Http => l.http.serve(tls, peer, &id, busy, watcher).await,
+                Protocol::Http => l.serve_http(tls, peer, &id, busy, watcher).await,
                 Protocol::Tcp => tcp::serve(cfg, &l.policy, tls, peer, metrics).await,
             }
         });

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use warden_config::proxy::Inbound;
 use warden_identity::tls::VerifiedPeer;
 
-use crate::authz::{self, Request};
+use crate::authz::Request;
 use crate::metrics::ProxyMetrics;
 use crate::reload::PolicyRx;
 
@@ -26,18 +26,13 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let policy = policy.borrow().clone();
-    let d = authz::decide(
-        &policy,
+    let (d, _) = policy.decide(
         &peer,
         Request {
             method: None,
             path: None,
         },
     );
-    metrics
-        .authz
-        .with_label_values(&[&cfg.name, d.rule, d.result])
-        .inc();
     if !d.allowed {
         if TCP_LOG.allow() {
             tracing::info!(listener = %cfg.name, peer = %peer.id(), rule = d.rule, "connection denied");
@@ -52,7 +47,7 @@ pub async fn serve<S>(
         Err(e) => {
             metrics
                 .rejected
-                .with_label_values(&[&cfg.name, "app_unavailable"])
+                .with_label_values(&["inbound", &cfg.name, "app_unavailable"])
                 .inc();
             tracing::warn!(listener = %cfg.name, error = %e, "app unreachable");
             return;

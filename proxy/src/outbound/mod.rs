@@ -1,36 +1,41 @@
 //! Outbound: a plain listener on loopback for the app; warden originates
 //! mTLS to the destination with the workload's SVID and refuses a server
-//! whose SPIFFE ID is not the expected one (secure naming: the app gets 502,
-//! a TCP connection is closed). HTTP/1.1 requests ride pooled keep-alive
-//! connections; h2 (prior-knowledge h2c from the app) rides one multiplexed
-//! h2 connection.
+//! whose SPIFFE ID is not the expected one (secure naming: the app gets 502
+//! and the log names what the server presented; a TCP connection is
+//! closed). HTTP/1.1 requests ride pooled keep-alive connections; h2
+//! (prior-knowledge h2c from the app) rides one multiplexed h2 connection.
+//!
+//! Per request, the stack: observe -> respond -> timeout -> upstream
+//! client (`upstream.rs`).
 
 mod connector;
+mod upstream;
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
 
-use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use rustls::ClientConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tower::ServiceBuilder;
 
 use warden_config::proxy::{Outbound, Protocol};
 
-use crate::headers;
 use crate::identity::IdentityRx;
 use crate::idle::IdleTimeout;
 use crate::listener::ConnGuard;
-use crate::metrics::{ProxyMetrics, RequestMetrics};
-use crate::respond::{Body, Refusal, upstream};
+use crate::metrics::{Direction, ProxyMetrics};
+use crate::respond::{Refusal, RefusalCounters, RespondLayer};
+use crate::stack::ReqBody;
+use crate::stack::observe::ObserveLayer;
+use crate::stack::timeout::TimeoutLayer;
 use crate::tls::{H2, HTTP1, client_config};
 
 pub use connector::MtlsConnector;
@@ -62,15 +67,6 @@ fn config_channel(
     rx
 }
 
-struct OutboundHttp {
-    name: String,
-    authority: http::uri::Authority,
-    h1: Client<MtlsConnector, Incoming>,
-    h2: Client<MtlsConnector, Incoming>,
-    requests: RequestMetrics,
-    metrics: ProxyMetrics,
-}
-
 /// Serves one outbound listener until `shutdown`, then drains within `drain`.
 pub async fn serve(
     cfg: Outbound,
@@ -83,7 +79,7 @@ pub async fn serve(
     let name: Arc<str> = cfg.name.as_str().into();
     let limit = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let graceful = GracefulShutdown::new();
-    let timeout = cfg.limits.handshake_timeout;
+    let timeout = cfg.limits.handshake_timeout.min(cfg.limits.connect_timeout);
     let h1_conn = MtlsConnector::new(
         &cfg.destination,
         config_channel(&cfg, identity.clone(), HTTP1),
@@ -94,19 +90,23 @@ pub async fn serve(
         config_channel(&cfg, identity, H2),
         timeout,
     );
-    let http = Arc::new(OutboundHttp {
-        name: cfg.name.clone(),
-        authority: http::uri::Authority::try_from(cfg.destination.as_str())
-            .unwrap_or_else(|_| http::uri::Authority::from_static("invalid")),
-        h1: Client::builder(TokioExecutor::new())
+    let refusals = metrics.refusals(Direction::Outbound, &name);
+    let conns = metrics.connections(Direction::Outbound, &name);
+    let observe = Arc::new(metrics.observe(
+        Direction::Outbound,
+        &name,
+        cfg.limits.max_requests_in_flight,
+    ));
+    let pooled = upstream::Upstream::new(
+        name.clone(),
+        &cfg.destination,
+        Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(h1_conn.clone()),
-        h2: Client::builder(TokioExecutor::new())
+        Client::builder(TokioExecutor::new())
             .http2_only(true)
             .build(h2_conn),
-        requests: RequestMetrics::new(&metrics, &cfg.name),
-        metrics: metrics.clone(),
-    });
+    );
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -121,32 +121,42 @@ pub async fn serve(
         let Some((stream, _)) = crate::listener::next(&listener, &mut shutdown, &name).await else {
             break;
         };
-        let Some(guard) = ConnGuard::admit(&limit, &metrics, &name) else {
+        let Some(guard) = ConnGuard::admit(&limit, &conns, &refusals) else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let stream = IdleTimeout::new(stream, cfg.limits.idle_timeout);
+        let busy = Arc::new(AtomicUsize::new(0));
+        let stream = IdleTimeout::new(stream, cfg.limits.idle_timeout).with_busy(busy.clone());
         match cfg.protocol {
             Protocol::Tcp => {
-                let (conn, metrics, name) = (h1_conn.clone(), metrics.clone(), name.clone());
+                let (conn, refusals, name) = (h1_conn.clone(), refusals.clone(), name.clone());
                 tokio::spawn(async move {
                     let _guard = guard;
-                    splice(stream, &conn, &metrics, &name).await;
+                    splice(stream, &conn, &refusals, &name).await;
                 });
             }
             Protocol::Http => {
-                let (http, builder) = (http.clone(), builder.clone());
-                let watcher = graceful.watcher();
                 // Without pooling, this app connection gets its own upstream connection.
-                let own = (!cfg.pool).then(|| Arc::new(OwnUpstream::new(h1_conn.clone())));
+                let upstream = if cfg.pool {
+                    pooled.clone()
+                } else {
+                    pooled.with_own_connection(h1_conn.clone())
+                };
+                let stack = ServiceBuilder::new()
+                    .map_request(|req: http::Request<Incoming>| req.map(ReqBody::caller))
+                    .layer(ObserveLayer::new(observe.clone(), busy, None))
+                    .layer(RespondLayer::new(refusals.clone()))
+                    .layer(TimeoutLayer::new(
+                        cfg.limits.response_timeout,
+                        Refusal::UpstreamTimeout,
+                    ))
+                    .service(upstream);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let _guard = guard;
-                    let svc = service_fn(move |req| {
-                        let (http, own) = (http.clone(), own.clone());
-                        async move { Ok::<_, Infallible>(http.handle(req, own.as_deref()).await) }
-                    });
                     let conn = builder
-                        .serve_connection(TokioIo::new(stream), svc)
+                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(stack))
                         .into_owned();
                     let _ = watcher.watch(conn).await;
                 });
@@ -165,7 +175,7 @@ pub async fn serve(
 async fn splice(
     mut app: IdleTimeout<TcpStream>,
     conn: &MtlsConnector,
-    metrics: &ProxyMetrics,
+    refusals: &RefusalCounters,
     name: &str,
 ) {
     match conn.connect().await {
@@ -173,10 +183,10 @@ async fn splice(
             let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
         }
         Err(e) => {
-            let reason = upstream_failure(&*e).reason();
-            metrics.rejected.with_label_values(&[name, reason]).inc();
+            let refusal = upstream_failure(&*e);
+            refusals.count(&refusal);
             if UPSTREAM_LOG.allow() {
-                tracing::warn!(listener = %name, reason, error = %e, "cannot reach the destination");
+                tracing::warn!(listener = %name, reason = refusal.reason(), error = %crate::stack::error_chain(&*e), "cannot reach the destination");
             }
         }
     }
@@ -184,7 +194,7 @@ async fn splice(
 
 /// Secure-naming failures get their own answer: they mean a wrong or
 /// impersonating server, not a network problem.
-fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> Refusal {
+pub(crate) fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> Refusal {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(rustls::Error::InvalidCertificate(c)) = err.downcast_ref::<rustls::Error>() {
@@ -205,103 +215,4 @@ fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> Refusal {
         cur = err.source();
     }
     Refusal::UpstreamUnavailable
-}
-
-/// An upstream connection owned by one app connection (`pool: false`).
-struct OwnUpstream {
-    connector: MtlsConnector,
-    sender: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>,
-}
-
-impl OwnUpstream {
-    fn new(connector: MtlsConnector) -> Self {
-        Self {
-            connector,
-            sender: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    async fn request(
-        &self,
-        req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, crate::respond::BoxError> {
-        let mut slot = self.sender.lock().await;
-        let reusable = slot.as_ref().is_some_and(|s| !s.is_closed());
-        if !reusable {
-            let tls = self.connector.connect().await?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-            tokio::spawn(conn);
-            *slot = Some(sender);
-        }
-        let sender = slot.as_mut().ok_or("no upstream connection")?;
-        sender.ready().await?;
-        Ok(sender.send_request(req).await?)
-    }
-}
-
-impl OutboundHttp {
-    async fn handle(&self, req: Request<Incoming>, own: Option<&OwnUpstream>) -> Response<Body> {
-        let start = Instant::now();
-        let (mut parts, body) = req.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        let pq = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let h2 = parts.version == http::Version::HTTP_2;
-        parts.uri = match Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => return Refusal::BadPath.response(),
-        };
-        let req = Request::from_parts(parts, body);
-        let result = match own {
-            Some(own) if !h2 => {
-                // The request goes as origin-form on a connection of its own.
-                let (mut parts, body) = req.into_parts();
-                parts.uri = parts
-                    .uri
-                    .path_and_query()
-                    .cloned()
-                    .map(Uri::from)
-                    .unwrap_or_default();
-                if !parts.headers.contains_key(http::header::HOST)
-                    && let Ok(h) = http::HeaderValue::from_str(self.authority.as_str())
-                {
-                    parts.headers.insert(http::header::HOST, h);
-                }
-                own.request(Request::from_parts(parts, body)).await
-            }
-            _ => {
-                let client = if h2 { &self.h2 } else { &self.h1 };
-                client.request(req).await.map_err(Into::into)
-            }
-        };
-        let resp = match result {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, upstream(body))
-            }
-            Err(e) => {
-                let r = upstream_failure(&*e);
-                self.metrics
-                    .rejected
-                    .with_label_values(&[&self.name, r.reason()])
-                    .inc();
-                if UPSTREAM_LOG.allow() {
-                    tracing::warn!(listener = %self.name, reason = r.reason(), error = %e, "request to the destination failed");
-                }
-                r.response()
-            }
-        };
-        self.requests
-            .observe(resp.status(), start.elapsed().as_secs_f64());
-        resp
-    }
 }

@@ -1,0 +1,152 @@
+//! The model guard stage: a request under a `model_api` route is admitted
+//! (or refused) by its route: the request-rate and concurrency gate, then
+//! for a request with a body the bounded read, the API's own fields, the
+//! information caps, extraction detection and the token reservation. It is
+//! forwarded with the body the route read, uncompressed, and its answer is
+//! settled by the route (JSON usage, or the event stream as it passes).
+//! Requests under no route pass through untouched.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Method, header};
+use hyper::body::Body as _;
+use tower::{Layer, Service};
+
+use warden_identity::tls::VerifiedPeer;
+
+use crate::model::route::Routes;
+use crate::respond::{Body, Refusal};
+use crate::stack::{Req, ReqBody, Resp, StageFuture};
+
+/// The layer, for one connection's verified caller.
+#[derive(Clone)]
+pub struct ModelGuardLayer {
+    routes: Arc<Routes>,
+    peer: Arc<VerifiedPeer>,
+}
+
+impl ModelGuardLayer {
+    /// Guards `routes` for `peer`.
+    pub fn new(routes: Arc<Routes>, peer: Arc<VerifiedPeer>) -> Self {
+        Self { routes, peer }
+    }
+}
+
+impl<S> Layer<S> for ModelGuardLayer {
+    type Service = ModelGuard<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ModelGuard {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`ModelGuardLayer`].
+#[derive(Clone)]
+pub struct ModelGuard<S> {
+    inner: S,
+    layer: ModelGuardLayer,
+}
+
+impl<S> Service<Req> for ModelGuard<S>
+where
+    S: Service<Req, Response = Resp, Error = Refusal> + Clone + Send + 'static,
+    S::Future: Send + Unpin + 'static,
+{
+    type Response = Resp;
+    type Error = Refusal;
+    type Future = Guarded<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        if self.layer.routes.find(req.uri().path()).is_none() {
+            return Guarded::Pass(self.inner.call(req));
+        }
+        let (routes, peer) = (self.layer.routes.clone(), self.layer.peer.clone());
+        let mut inner = self.inner.clone();
+        Guarded::Route(Box::pin(async move {
+            let Some(route) = routes.find(req.uri().path()) else {
+                return Err(Refusal::Internal);
+            };
+            let (mut parts, mut body) = req.into_parts();
+            let bodiless = matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+            ) && body.is_end_stream();
+            let gate = match route.gate(peer.id()).await {
+                Ok(g) => g,
+                Err(answer) => return Ok(answer),
+            };
+            let (req, admitted) = if bodiless {
+                match route.admit_bodiless(peer.id(), gate) {
+                    Ok(a) => (http::Request::from_parts(parts, body), a),
+                    Err(answer) => return Ok(answer),
+                }
+            } else {
+                let Some(caller) = body.take_caller() else {
+                    return Err(Refusal::Internal);
+                };
+                match route.admit(peer.id(), parts.uri.path(), caller, gate).await {
+                    Ok((bytes, a)) => {
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                        parts.headers.remove(header::TRANSFER_ENCODING);
+                        // The answer is counted and limited: it must come uncompressed.
+                        parts.headers.insert(
+                            header::ACCEPT_ENCODING,
+                            HeaderValue::from_static("identity"),
+                        );
+                        (http::Request::from_parts(parts, ReqBody::read(bytes)), a)
+                    }
+                    Err(answer) => return Ok(answer),
+                }
+            };
+            match inner.call(req).await {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    match body {
+                        Body::Upstream(b) => Ok(route
+                            .answer(admitted, http::Response::from_parts(parts, b))
+                            .await),
+                        // Only the app client answers below this stage.
+                        other => Ok(http::Response::from_parts(parts, other)),
+                    }
+                }
+                Err(refusal) => {
+                    // The app never answered: nothing was generated.
+                    admitted.cancel();
+                    Err(refusal)
+                }
+            }
+        }))
+    }
+}
+
+/// The future of [`ModelGuard`].
+pub enum Guarded<F> {
+    /// Under no model route.
+    Pass(F),
+    /// Under one.
+    Route(StageFuture),
+}
+
+impl<F> Future for Guarded<F>
+where
+    F: Future<Output = Result<Resp, Refusal>> + Unpin,
+{
+    type Output = Result<Resp, Refusal>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Pass(f) => Pin::new(f).poll(cx),
+            Self::Route(f) => f.as_mut().poll(cx),
+        }
+    }
+}

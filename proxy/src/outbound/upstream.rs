@@ -1,0 +1,151 @@
+//! The upstream client, last in the outbound stack: the app's request, its
+//! hop-by-hop headers removed, goes to the destination over mTLS: HTTP/1.1
+//! on pooled keep-alive connections, h2 multiplexed on one, or (`pool:
+//! false`) on a connection owned by the app's connection. A destination that
+//! proves the wrong identity is answered 502 `wrong_server_identity`, with
+//! what it presented in the log; one that cannot be reached, 502
+//! `upstream_unavailable`.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioIo;
+use tower::Service;
+
+use super::{MtlsConnector, UPSTREAM_LOG, upstream_failure};
+use crate::headers;
+use crate::respond::{Body, BoxError, Refusal};
+use crate::stack::{Req, ReqBody, Resp, StageFuture, error_chain};
+
+/// The clients of one outbound listener, and perhaps one app connection's own.
+#[derive(Clone)]
+pub struct Upstream {
+    listener: Arc<str>,
+    authority: Authority,
+    h1: Client<MtlsConnector, ReqBody>,
+    h2: Client<MtlsConnector, ReqBody>,
+    own: Option<Arc<OwnUpstream>>,
+}
+
+impl Upstream {
+    /// Pooled clients to `destination`.
+    pub fn new(
+        listener: Arc<str>,
+        destination: &str,
+        h1: Client<MtlsConnector, ReqBody>,
+        h2: Client<MtlsConnector, ReqBody>,
+    ) -> Self {
+        Self {
+            listener,
+            authority: Authority::try_from(destination)
+                .unwrap_or_else(|_| Authority::from_static("invalid")),
+            h1,
+            h2,
+            own: None,
+        }
+    }
+
+    /// The same, but HTTP/1.1 requests go on a connection of their own.
+    pub fn with_own_connection(&self, connector: MtlsConnector) -> Self {
+        Self {
+            own: Some(Arc::new(OwnUpstream::new(connector))),
+            ..self.clone()
+        }
+    }
+}
+
+impl Service<Req> for Upstream {
+    type Response = Resp;
+    type Error = Refusal;
+    type Future = StageFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            let pq = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            let h2 = parts.version == http::Version::HTTP_2;
+            let result = match &this.own {
+                Some(own) if !h2 => {
+                    // Origin-form on a connection of its own.
+                    parts.uri = Uri::from(pq);
+                    if !parts.headers.contains_key(http::header::HOST)
+                        && let Ok(h) = http::HeaderValue::from_str(this.authority.as_str())
+                    {
+                        parts.headers.insert(http::header::HOST, h);
+                    }
+                    own.request(Request::from_parts(parts, body)).await
+                }
+                _ => {
+                    parts.uri = Uri::builder()
+                        .scheme(Scheme::HTTP)
+                        .authority(this.authority.clone())
+                        .path_and_query(pq)
+                        .build()
+                        .map_err(|_| Refusal::BadPath)?;
+                    let client = if h2 { &this.h2 } else { &this.h1 };
+                    client
+                        .request(Request::from_parts(parts, body))
+                        .await
+                        .map_err(Into::into)
+                }
+            };
+            match result {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    headers::strip_hop_by_hop(&mut parts.headers);
+                    Ok(Response::from_parts(parts, Body::Upstream(body)))
+                }
+                Err(e) => {
+                    let r = upstream_failure(&*e);
+                    if UPSTREAM_LOG.allow() {
+                        tracing::warn!(listener = %this.listener, reason = r.reason(), error = %error_chain(&*e), "request to the destination failed");
+                    }
+                    Err(r)
+                }
+            }
+        })
+    }
+}
+
+/// An upstream connection owned by one app connection (`pool: false`).
+pub struct OwnUpstream {
+    connector: MtlsConnector,
+    sender: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ReqBody>>>,
+}
+
+impl OwnUpstream {
+    fn new(connector: MtlsConnector) -> Self {
+        Self {
+            connector,
+            sender: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn request(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, BoxError> {
+        let mut slot = self.sender.lock().await;
+        let reusable = slot.as_ref().is_some_and(|s| !s.is_closed());
+        if !reusable {
+            let tls = self.connector.connect().await?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+            tokio::spawn(conn);
+            *slot = Some(sender);
+        }
+        let sender = slot.as_mut().ok_or("no upstream connection")?;
+        sender.ready().await?;
+        Ok(sender.send_request(req).await?)
+    }
+}

@@ -1,0 +1,115 @@
+//! What every request stage is made of, inbound and outbound alike.
+//!
+//! A stage is a tower `Layer` + `Service` over one request type ([`Req`])
+//! and one answer type ([`Resp`]); a stage that refuses returns a typed
+//! [`Refusal`] as its error, and one layer near the top (`respond`) turns it
+//! into the answer. A stage that only looks at the request and perhaps
+//! rewrites it implements [`Check`] and is wrapped in a [`CheckLayer`]: no
+//! allocation, no boxed future, no task.
+
+pub mod body;
+pub mod observe;
+pub mod timeout;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tower::{Layer, Service};
+
+use crate::respond::{Body, Refusal};
+
+pub use body::ReqBody;
+
+/// The request every stage sees.
+pub type Req = http::Request<ReqBody>;
+/// The answer every stage below `respond` returns.
+pub type Resp = http::Response<Body>;
+/// A boxed stage future, for the stages that must wait on something.
+pub type StageFuture = Pin<Box<dyn Future<Output = Result<Resp, Refusal>> + Send>>;
+
+/// A synchronous stage: it checks (and may rewrite) the request, or refuses it.
+pub trait Check: Clone + Send + Sync + 'static {
+    /// `Ok` passes the request on; `Err` answers it without going further.
+    fn check(&self, req: &mut Req) -> Result<(), Refusal>;
+}
+
+/// Wraps a [`Check`] as a layer.
+#[derive(Clone, Debug)]
+pub struct CheckLayer<C>(pub C);
+
+impl<C: Clone, S> Layer<S> for CheckLayer<C> {
+    type Service = Checked<C, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Checked {
+            check: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+/// A [`Check`] in front of the rest of the stack.
+#[derive(Clone, Debug)]
+pub struct Checked<C, S> {
+    check: C,
+    inner: S,
+}
+
+impl<C, S> Service<Req> for Checked<C, S>
+where
+    C: Check,
+    S: Service<Req, Response = Resp, Error = Refusal>,
+    S::Future: Unpin,
+{
+    type Response = Resp;
+    type Error = Refusal;
+    type Future = Step<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        match self.check.check(&mut req) {
+            Ok(()) => Step::Next(self.inner.call(req)),
+            Err(r) => Step::Refused(Some(r)),
+        }
+    }
+}
+
+/// The future of a [`Checked`] stage: the rest of the stack's, or the refusal.
+pub enum Step<F> {
+    /// Passed: waiting on the next stages.
+    Next(F),
+    /// Refused (taken once polled).
+    Refused(Option<Refusal>),
+}
+
+impl<F> Future for Step<F>
+where
+    F: Future<Output = Result<Resp, Refusal>> + Unpin,
+{
+    type Output = Result<Resp, Refusal>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Next(f) => Pin::new(f).poll(cx),
+            Self::Refused(r) => Poll::Ready(Err(r.take().unwrap_or(Refusal::Internal))),
+        }
+    }
+}
+
+/// An error and its causes on one line, for logs: hyper's own says only
+/// `client error (Connect)`, its causes say what happened (a refused
+/// connection, or the identity a server presented).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        cur = err.source();
+    }
+    s
+}

@@ -1,0 +1,305 @@
+//! The outermost stage: what holds for a request until its answer's body
+//! has ended (or was dropped), not just until the head was sent, so that a
+//! streamed answer (a model's server-sent events, a large download) counts:
+//! - a slot under the listener's `max_requests_in_flight` (503 past it);
+//! - the connection's busy count, which keeps its idle timeout from firing;
+//! - the status-class counter and the latency histogram (time to the last byte);
+//! - one access-log line (target `warden::access`, at info, rate-limited
+//!   with the dropped lines counted): peer, method, path as authorized,
+//!   status, duration, bytes, rule or refusal reason, listener, direction.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{Method, Response, StatusCode};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use prometheus::IntCounter;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::{Layer, Service};
+
+use warden_identity::ratelog::LogLimiter;
+
+use crate::metrics::RequestMetrics;
+use crate::respond::{Body, BoxError, Caller, Refusal, RefusalCounters, Refused};
+use crate::stack::{Req, Resp};
+
+static ACCESS_LOG: LogLimiter = LogLimiter::new(200);
+
+/// What authorization decided, in the answer's extensions (for the access log).
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    /// The deciding rule.
+    pub rule: Arc<str>,
+    /// The normalized path that was authorized (and forwarded).
+    pub path: PathAndQuery,
+}
+
+/// What one listener's requests share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Slots for requests in flight.
+    pub in_flight: Arc<Semaphore>,
+    /// Status classes and latency.
+    pub requests: RequestMetrics,
+    /// Refusals by reason.
+    pub refusals: RefusalCounters,
+    /// Access-log lines dropped by the rate limit.
+    pub log_dropped: IntCounter,
+}
+
+/// The layer, for one connection.
+#[derive(Debug, Clone)]
+pub struct ObserveLayer {
+    shared: Arc<Shared>,
+    busy: Arc<AtomicUsize>,
+    peer: Option<Arc<str>>,
+}
+
+impl ObserveLayer {
+    /// For a connection whose busy count is `busy` and whose caller is `peer`
+    /// (a SPIFFE ID inbound; none outbound, where the caller is the local app).
+    pub fn new(shared: Arc<Shared>, busy: Arc<AtomicUsize>, peer: Option<Arc<str>>) -> Self {
+        Self { shared, busy, peer }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`ObserveLayer`].
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    layer: ObserveLayer,
+}
+
+impl<S> Service<Req> for Observe<S>
+where
+    S: Service<Req, Response = Resp, Error = Infallible>,
+    S::Future: Unpin,
+{
+    type Response = Response<Observed>;
+    type Error = Infallible;
+    type Future = Observing<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let l = &self.layer;
+        let record = Record {
+            start: Instant::now(),
+            method: req.method().clone(),
+            path: req.uri().path_and_query().cloned(),
+            status: StatusCode::OK,
+            bytes: 0,
+            rule: None,
+            reason: None,
+            peer: l.peer.clone(),
+            shared: l.shared.clone(),
+            _busy: Busy::new(&l.busy),
+            _permit: None,
+        };
+        match l.shared.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => Observing {
+                inner: Some(self.inner.call(req)),
+                refused: None,
+                record: Some(Record {
+                    _permit: Some(permit),
+                    ..record
+                }),
+            },
+            Err(_) => {
+                let r = Refusal::Overloaded;
+                l.shared.refusals.count(&r);
+                Observing {
+                    inner: None,
+                    refused: Some(r.answer(Caller::of(&req))),
+                    record: Some(record),
+                }
+            }
+        }
+    }
+}
+
+/// The future of [`Observe`].
+pub struct Observing<F> {
+    inner: Option<F>,
+    refused: Option<Resp>,
+    record: Option<Record>,
+}
+
+impl<F> Future for Observing<F>
+where
+    F: Future<Output = Result<Resp, Infallible>> + Unpin,
+{
+    type Output = Result<Response<Observed>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let resp = match (&mut this.inner, this.refused.take()) {
+            (_, Some(r)) => r,
+            (Some(f), None) => match Pin::new(f).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(r)) => r,
+            },
+            (None, None) => Refusal::Internal.answer(Caller {
+                grpc: false,
+                version: http::Version::HTTP_11,
+            }),
+        };
+        let (parts, body) = resp.into_parts();
+        let record = this.record.take().map(|mut r| {
+            r.status = parts.status;
+            if let Some(a) = parts.extensions.get::<Authorized>() {
+                r.rule = Some(a.rule.clone());
+                r.path = Some(a.path.clone());
+            }
+            r.reason = parts.extensions.get::<Refused>().map(|x| x.0);
+            r
+        });
+        let mut observed = Observed {
+            inner: body,
+            record,
+        };
+        if observed.inner.is_end_stream() {
+            observed.finish();
+        }
+        Poll::Ready(Ok(Response::from_parts(parts, observed)))
+    }
+}
+
+/// Counts a connection's requests in flight, so its idle timer waits for them.
+#[derive(Debug)]
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One request's accounting, closed when its answer ends.
+struct Record {
+    start: Instant,
+    method: Method,
+    path: Option<PathAndQuery>,
+    status: StatusCode,
+    bytes: u64,
+    rule: Option<Arc<str>>,
+    reason: Option<&'static str>,
+    peer: Option<Arc<str>>,
+    shared: Arc<Shared>,
+    _busy: Busy,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Record {
+    fn close(self) {
+        let seconds = self.start.elapsed().as_secs_f64();
+        let s = &self.shared;
+        s.requests.observe(self.status, seconds);
+        if !tracing::enabled!(target: "warden::access", tracing::Level::INFO) {
+            return;
+        }
+        if !ACCESS_LOG.allow() {
+            s.log_dropped.inc();
+            return;
+        }
+        tracing::info!(
+            target: "warden::access",
+            listener = %s.listener,
+            direction = s.direction,
+            peer = self.peer.as_deref().unwrap_or(""),
+            method = %self.method,
+            path = self.path.as_ref().map_or("", PathAndQuery::path),
+            status = self.status.as_u16(),
+            duration_ms = seconds * 1000.0,
+            bytes = self.bytes,
+            rule = self.rule.as_deref().unwrap_or(""),
+            reason = self.reason.unwrap_or(""),
+            "request"
+        );
+    }
+}
+
+/// An answer's body, holding its request's [`Record`] until it ends.
+pub struct Observed {
+    inner: Body,
+    record: Option<Record>,
+}
+
+impl Observed {
+    fn finish(&mut self) {
+        if let Some(r) = self.record.take() {
+            r.close();
+        }
+    }
+}
+
+impl HttpBody for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(r), Some(d)) = (this.record.as_mut(), frame.data_ref()) {
+                    r.bytes += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+            }
+            Poll::Ready(_) => this.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
