@@ -404,3 +404,93 @@ where
 pub fn upstream(body: Incoming) -> Body {
     Body::Upstream(body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    use crate::metrics::{Direction, ProxyMetrics};
+    use crate::stack::ReqBody;
+
+    fn refusing(r: Refusal) -> impl Service<Req, Response = Resp, Error = Infallible> + Clone {
+        let metrics = ProxyMetrics::new().unwrap();
+        let counters = metrics.refusals(Direction::Inbound, "l");
+        let inner = tower::service_fn(move |_req: Req| {
+            let r = r.clone();
+            async move { Err::<Resp, _>(r) }
+        });
+        RespondLayer::new(counters).layer(tower::util::BoxCloneService::new(inner))
+    }
+
+    fn req(content_type: &str, version: Version) -> Req {
+        let mut r = http::Request::new(ReqBody::read(Bytes::new()));
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
+        *r.version_mut() = version;
+        r
+    }
+
+    #[tokio::test]
+    async fn grpc_callers_get_a_grpc_status_and_others_a_problem() {
+        let forbidden = Refusal::Forbidden { rule: "r".into() };
+        let grpc = refusing(forbidden.clone())
+            .oneshot(req("application/grpc+proto", Version::HTTP_2))
+            .await
+            .unwrap();
+        assert_eq!(grpc.status(), 200);
+        assert_eq!(grpc.headers()[GRPC_STATUS], "7");
+        let http = refusing(forbidden)
+            .oneshot(req("application/json", Version::HTTP_2))
+            .await
+            .unwrap();
+        assert_eq!(http.status(), 403);
+        assert_eq!(http.headers()[CONTENT_TYPE], "application/problem+json");
+        assert!(http.headers().get(CONNECTION).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_framing_refusal_closes_an_http1_connection_only() {
+        let h1 = refusing(Refusal::BadPath)
+            .oneshot(req("text/plain", Version::HTTP_11))
+            .await
+            .unwrap();
+        assert_eq!(h1.status(), 400);
+        assert_eq!(h1.headers()[CONNECTION], "close");
+        let h2 = refusing(Refusal::BadPath)
+            .oneshot(req("text/plain", Version::HTTP_2))
+            .await
+            .unwrap();
+        assert!(h2.headers().get(CONNECTION).is_none());
+    }
+
+    #[test]
+    fn every_refusal_has_its_own_reason() {
+        let all = [
+            Refusal::BadPath,
+            Refusal::BadMethod,
+            Refusal::MethodNotAllowed,
+            Refusal::HeadersTooLarge { what: "x" },
+            Refusal::Forbidden { rule: "r".into() },
+            Refusal::RateLimited { headers: vec![] },
+            Refusal::Overloaded,
+            Refusal::NoIdentity,
+            Refusal::AppUnavailable,
+            Refusal::AppConnectTimeout,
+            Refusal::AppTimeout,
+            Refusal::WrongServerIdentity,
+            Refusal::UpstreamUnavailable,
+            Refusal::UpstreamTimeout,
+            Refusal::Internal,
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for r in &all {
+            assert!(seen.insert(r.reason()), "{r:?}");
+        }
+        assert_eq!(
+            seen.len() + 1,
+            REASONS.len(),
+            "max_connections is the one left"
+        );
+    }
+}

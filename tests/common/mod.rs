@@ -4,6 +4,7 @@
 //! Verification here deliberately uses stock rustls/webpki, not warden's code.
 #![allow(dead_code)]
 
+pub mod h2;
 pub mod model;
 #[macro_use]
 pub mod redis;
@@ -663,8 +664,20 @@ impl Proxy {
     }
 
     pub fn start_file(path: &Path) -> Proxy {
+        Self::start_file_env(path, &[])
+    }
+
+    /// As `start`, with extra environment variables for the process.
+    pub fn start_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Proxy {
+        let path = dir.join(format!("proxy-{}.yaml", rand_suffix()));
+        std::fs::write(&path, config).unwrap();
+        Self::start_file_env(&path, env)
+    }
+
+    pub fn start_file_env(path: &Path, env: &[(&str, &str)]) -> Proxy {
         let mut child = warden()
             .env("WARDEN_LOG", "info")
+            .envs(env.iter().copied())
             .args(["proxy", "--config", s(path)])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -698,6 +711,11 @@ impl Proxy {
 
     pub fn metric(&self, prefix: &str) -> f64 {
         metric(self.addr("admin"), prefix)
+    }
+
+    /// What the process has written to stderr so far.
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     pub fn signal(&self, sig: &str) {

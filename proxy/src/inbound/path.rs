@@ -47,3 +47,32 @@ impl Check for NormalizePath {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stack::ReqBody;
+
+    fn checked(target: &str) -> Result<Req, Refusal> {
+        let mut req = http::Request::builder()
+            .uri(target)
+            .body(ReqBody::read(bytes::Bytes::new()))
+            .unwrap();
+        NormalizePath.check(&mut req).map(|()| req)
+    }
+
+    #[test]
+    fn later_stages_see_the_normal_path_and_the_query_as_sent() {
+        let r = checked("/a/./b/../c?x=%2e").unwrap();
+        assert_eq!(r.uri(), "/a/c?x=%2e");
+        assert_eq!(checked("/a/b").unwrap().uri(), "/a/b");
+        assert_eq!(checked("/a/%2e%2e/%2e%2e/x").unwrap_err(), Refusal::BadPath);
+    }
+
+    #[test]
+    fn an_absolute_form_target_keeps_its_authority_only_as_host() {
+        let r = checked("http://evil.test/admin/../x").unwrap();
+        assert_eq!(r.uri(), "/x");
+        assert_eq!(r.headers()[http::header::HOST], "evil.test");
+    }
+}

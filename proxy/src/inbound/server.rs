@@ -1,6 +1,6 @@
 //! The HTTP version stage: HTTP/1.1 or h2, as ALPN chose, served by hyper
-//! with the listener's bounds. hyper's own header bounds are set at twice
-//! the listener's, as a memory backstop: the `limits` stage below answers
+//! with the listener's bounds. hyper's own header bounds are set at four
+//! times the listener's, as a memory backstop: the `limits` stage below answers
 //! 431 (counted, with a problem body) for anything between, the same way on
 //! both protocols.
 
@@ -12,12 +12,12 @@ use warden_config::proxy::Limits;
 /// A connection builder for a listener with `limits`.
 pub fn builder(l: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    let backstop = l.max_header_bytes.saturating_mul(2).max(16 * 1024);
+    let backstop = l.max_header_bytes.saturating_mul(4).max(16 * 1024);
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(l.header_read_timeout)
-        .max_headers(l.max_headers.saturating_mul(2))
+        .max_headers(l.max_headers.saturating_mul(4))
         .max_buf_size(backstop);
     builder
         .http2()

@@ -303,3 +303,47 @@ impl Drop for Observed {
         self.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use tower::ServiceExt;
+
+    use crate::metrics::{Direction, ProxyMetrics};
+    use crate::stack::ReqBody;
+
+    #[tokio::test]
+    async fn the_slot_and_the_busy_count_are_held_until_the_body_ends() {
+        let metrics = ProxyMetrics::new().unwrap();
+        let shared = Arc::new(metrics.observe(Direction::Inbound, &"l".into(), 1));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let answer = tower::service_fn(|_req: Req| async {
+            Ok::<_, Infallible>(Response::new(Body::Full(Full::new(Bytes::from_static(
+                b"streamed",
+            )))))
+        });
+        let svc = ObserveLayer::new(shared.clone(), busy.clone(), None)
+            .layer(tower::util::BoxCloneService::new(answer));
+        let req = || http::Request::new(ReqBody::read(Bytes::new()));
+        let resp = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(
+            shared.in_flight.available_permits(),
+            0,
+            "head sent, body not"
+        );
+        assert_eq!(busy.load(Ordering::Relaxed), 1);
+        let refused = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(refused.status(), 503);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"streamed");
+        assert_eq!(shared.in_flight.available_permits(), 1);
+        assert_eq!(
+            busy.load(Ordering::Relaxed),
+            1,
+            "the refused answer is still held"
+        );
+        drop(refused);
+        assert_eq!(busy.load(Ordering::Relaxed), 0);
+    }
+}
