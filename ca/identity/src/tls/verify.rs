@@ -224,8 +224,8 @@ pub fn verified_client(
 
 /// Verifies a client's chain as the handshake does, outside of one: the
 /// leaf profile, the chain against `roots` (clientAuth EKU, validity at
-/// `now`), then the SPIFFE ID's trust domain. For tools and benchmarks; the proxy gets
-/// its `VerifiedPeer` from the handshake.
+/// `now`), then the SPIFFE ID's trust domain. For tools and benchmarks; the
+/// proxy gets its `VerifiedPeer` from the handshake.
 pub fn verify_client_chain(
     leaf: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
