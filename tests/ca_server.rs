@@ -634,7 +634,8 @@ fn the_library_client_bootstraps_renews_fetches_the_bundle_and_insists_on_the_ca
     let fooled = CaClient::new(&fake.to_string(), td.clone(), &ca.bundle_pem()).unwrap();
     let r = rt.block_on(fooled.fetch_bundle());
     assert!(
-        matches!(&r, Err(ClientError::Unreachable { detail, .. }) if detail.contains("NotValidForName")),
+        matches!(&r, Err(ClientError::Unreachable { detail, .. })
+            if detail.contains("not valid for name") && detail.contains("spiffe://example.org/web2")),
         "{r:?}"
     );
 

@@ -83,3 +83,64 @@ pub fn svid(id: &SpiffeId, validity: Validity) -> Result<CertificateParams, rcge
     p.use_authority_key_identifier_extension = true;
     Ok(p)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+    use super::*;
+    use rcgen::{Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+    use warden_identity::tls::{KeyUsageBits, PeerIdError, peer_id};
+
+    fn validity() -> Validity {
+        let now = time::OffsetDateTime::now_utc();
+        Validity {
+            not_before: now - time::Duration::seconds(30),
+            not_after: now + time::Duration::hours(1),
+        }
+    }
+
+    fn key() -> KeyPair {
+        KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap()
+    }
+
+    #[test]
+    fn every_leaf_the_ca_signs_passes_the_leaf_profile_the_verifiers_enforce() {
+        let td = TrustDomain::parse("example.org").unwrap();
+        let root_key = key();
+        let root_params = root(&td, validity()).unwrap();
+        root_params.self_signed(&root_key).unwrap();
+        let root_issuer = Issuer::new(root_params, root_key);
+        let int_key = key();
+        let int_params = intermediate(&td, validity()).unwrap();
+        int_params.signed_by(&int_key, &root_issuer).unwrap();
+        let int_issuer = Issuer::new(int_params, int_key);
+        for path in ["/web", "/ns/shop/sa/web", "/a.b/c-d/e_f"] {
+            let id = SpiffeId::new(&td, path).unwrap();
+            let leaf = svid(&id, validity())
+                .unwrap()
+                .signed_by(&key(), &int_issuer)
+                .unwrap();
+            assert_eq!(peer_id(leaf.der()).unwrap(), id);
+            // Tighter than the profile allows: digitalSignature alone, both EKUs.
+            let (_, cert) = x509_parser::parse_x509_certificate(leaf.der()).unwrap();
+            let ku = cert.key_usage().unwrap().unwrap();
+            assert_eq!(ku.value.flags, KeyUsageBits::DIGITAL_SIGNATURE);
+            let eku = cert.extended_key_usage().unwrap().unwrap();
+            assert!(eku.value.server_auth && eku.value.client_auth);
+            assert!(!cert.basic_constraints().unwrap().unwrap().value.ca);
+        }
+    }
+
+    #[test]
+    fn the_signing_certificates_are_never_identities() {
+        let td = TrustDomain::parse("example.org").unwrap();
+        for params in [root(&td, validity()), intermediate(&td, validity())] {
+            let cert = params.unwrap().self_signed(&key()).unwrap();
+            assert_eq!(
+                peer_id(cert.der()),
+                Err(PeerIdError::IdWithoutPath(td.clone()))
+            );
+        }
+    }
+}

@@ -1,7 +1,10 @@
 //! The outbound connector: TCP to the destination, then mTLS with our SVID,
 //! the destination's chain and SPIFFE ID checked by the client config's
 //! verifier. It reports h2 when ALPN chose it, so hyper's pool multiplexes.
+//! It also reads its own failures back out of whatever wraps them (hyper's
+//! `client error (Connect)` says nothing), for logs and metric labels.
 
+use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -89,6 +92,30 @@ impl MtlsConnector {
             .map_err(|_| "connecting to the destination timed out")?
     }
 
+    /// One line for the log saying why reaching the destination failed,
+    /// found anywhere in `err`'s `source()` chain: for a valid SVID with the
+    /// wrong SPIFFE ID, the ID the destination presented; for a certificate
+    /// that is not an X.509-SVID leaf, which rule it broke; otherwise every
+    /// message in the chain, joined with `: `.
+    pub fn describe_error(err: &(dyn StdError + 'static)) -> String {
+        let line = match tls_error(err) {
+            Some(tls) => describe_tls(tls),
+            None => chain(err)
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(": "),
+        };
+        line.replace(['\n', '\r'], " ")
+    }
+
+    /// The bounded `reason` label of a refused handshake in `err`'s chain,
+    /// from the same set as `warden_proxy_handshake_failures_total` on the
+    /// inbound (`wrong_identity`, `signing_key_usage`, ...); `None` when the
+    /// failure was not TLS (refused connection, timeout).
+    pub fn handshake_reason(err: &(dyn StdError + 'static)) -> Option<&'static str> {
+        tls_error(err).map(warden_identity::tls::tls_failure_reason)
+    }
+
     async fn connect_inner(&self) -> Result<TlsStream<TcpStream>, BoxError> {
         let config = self.config.borrow().clone().ok_or("no valid certificate")?;
         let tcp = TcpStream::connect(&*self.destination).await?;
@@ -118,5 +145,131 @@ impl tower_service::Service<Uri> for MtlsConnector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { Ok(MtlsStream(TokioIo::new(this.connect().await?))) })
+    }
+}
+
+/// `err` and its sources. `io::Error::source()` skips the error it wraps
+/// (tokio-rustls puts rustls's error there), so step into it instead.
+fn chain<'a>(
+    err: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    let mut next = Some(err);
+    std::iter::from_fn(move || {
+        let mut cur = next?;
+        while let Some(inner) = cur
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            cur = inner;
+        }
+        next = cur.source();
+        Some(cur)
+    })
+    .take(16)
+}
+
+fn tls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
+    chain(err).find_map(|e| e.downcast_ref::<rustls::Error>())
+}
+
+fn describe_tls(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::NotValidForNameContext {
+            expected,
+            presented,
+        }) => match presented.as_slice() {
+            [] => format!("destination {} presented no SPIFFE ID", expected.to_str()),
+            names => format!(
+                "destination {} presented {}, not the expected SPIFFE ID",
+                expected.to_str(),
+                names.join(", ")
+            ),
+        },
+        rustls::Error::InvalidCertificate(C::Other(o)) => {
+            match o.0.downcast_ref::<warden_identity::tls::PeerIdError>() {
+                Some(p) => format!("destination certificate is not a usable X.509-SVID: {p}"),
+                None => format!("destination certificate refused: {o}"),
+            }
+        }
+        other => format!("TLS handshake with the destination failed: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+    use super::*;
+    use rustls::CertificateError;
+    use warden_identity::tls::{KeyUsageBits, PeerIdError};
+
+    /// Wraps its cause the way hyper-util's client error does: a Display
+    /// that says nothing, the cause only as `source()`.
+    #[derive(Debug)]
+    struct Connect(BoxError);
+
+    impl std::fmt::Display for Connect {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+
+    impl StdError for Connect {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    fn from_handshake(e: CertificateError) -> Connect {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(e),
+        );
+        Connect(Box::new(io))
+    }
+
+    #[test]
+    fn a_wrong_identity_is_described_by_the_id_the_destination_presented() {
+        let err = from_handshake(CertificateError::NotValidForNameContext {
+            expected: ServerName::try_from("127.0.0.1").unwrap(),
+            presented: vec!["spiffe://example.org/web".into()],
+        });
+        assert_eq!(err.to_string(), "client error (Connect)");
+        assert_eq!(
+            MtlsConnector::describe_error(&err),
+            "destination 127.0.0.1 presented spiffe://example.org/web, not the expected SPIFFE ID"
+        );
+        assert_eq!(
+            MtlsConnector::handshake_reason(&err),
+            Some("wrong_identity")
+        );
+    }
+
+    #[test]
+    fn a_leaf_that_breaks_the_profile_is_described_by_the_rule() {
+        let bits = KeyUsageBits(KeyUsageBits::DIGITAL_SIGNATURE | KeyUsageBits::KEY_CERT_SIGN);
+        let err = from_handshake(CertificateError::Other(rustls::OtherError(Arc::new(
+            PeerIdError::SigningKeyUsage(bits),
+        ))));
+        assert_eq!(
+            MtlsConnector::describe_error(&err),
+            "destination certificate is not a usable X.509-SVID: leaf keyUsage (digitalSignature, keyCertSign) has keyCertSign or cRLSign; a leaf SVID must not sign"
+        );
+        assert_eq!(
+            MtlsConnector::handshake_reason(&err),
+            Some("signing_key_usage")
+        );
+    }
+
+    #[test]
+    fn other_failures_are_described_by_their_whole_chain() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let err = Connect(Box::new(refused));
+        assert_eq!(
+            MtlsConnector::describe_error(&err),
+            "client error (Connect): connection refused"
+        );
+        assert_eq!(MtlsConnector::handshake_reason(&err), None);
     }
 }

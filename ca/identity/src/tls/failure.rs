@@ -5,14 +5,16 @@ use rustls::{CertificateError, Error};
 /// The label for a handshake that failed with `err` (as tokio-rustls reports it).
 pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
     match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
-        Some(e) => rustls_reason(e),
+        Some(e) => tls_failure_reason(e),
         None if err.kind() == std::io::ErrorKind::TimedOut => "timeout",
         None if err.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
         None => "io",
     }
 }
 
-fn rustls_reason(e: &Error) -> &'static str {
+/// The label for a rustls error, wherever it was found (the outbound digs it
+/// out of a connector's error chain).
+pub fn tls_failure_reason(e: &Error) -> &'static str {
     match e {
         Error::NoCertificatesPresented => "no_client_cert",
         Error::InvalidCertificate(c) => match c {

@@ -4,7 +4,10 @@
 
 mod failure;
 mod peer;
+mod profile;
 mod resolver;
+#[cfg(test)]
+mod tests;
 mod verify;
 
 use std::sync::Arc;
@@ -13,8 +16,9 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::CertificateDer;
 
-pub use failure::handshake_failure_reason;
-pub use peer::{PeerIdError, VerifiedPeer, peer_id};
+pub use failure::{handshake_failure_reason, tls_failure_reason};
+pub use peer::{KeyUsageBits, PeerIdError, VerifiedPeer};
+pub use profile::peer_id;
 pub use resolver::{RotatingCert, certified_key};
 pub use verify::{
     SpiffeClientVerifier, SpiffeServerVerifier, verified_client, verify_client_chain,

@@ -1,6 +1,8 @@
-//! Certificate verifiers that check the chain with webpki and then the SPIFFE
-//! ID (rustls-webpki has no URI-name matching, so the stock server verifier
-//! would refuse every URI-only certificate).
+//! Certificate verifiers that check the X.509-SVID leaf profile, the chain
+//! with webpki, and then the SPIFFE ID (rustls-webpki has no URI-name
+//! matching, so the stock server verifier would refuse every URI-only
+//! certificate). Both sides run the same steps in the same order, so a leaf
+//! is refused for the same reason whichever side presents it.
 
 use std::sync::Arc;
 
@@ -14,16 +16,26 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use warden_config::{IdentityPattern, TrustDomain};
+use warden_config::{IdentityPattern, SpiffeId, TrustDomain};
 
 use super::peer::{PeerIdError, VerifiedPeer};
+use super::profile::peer_id;
 
 fn identity_error(e: PeerIdError) -> Error {
     Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
-/// Client side: verifies a server's chain against one trust domain's bundle
-/// and requires its SPIFFE ID to match `expected` (secure naming).
+/// The leaf's SPIFFE ID if it has the X.509-SVID profile; run before the
+/// chain check (see `profile.rs` for why).
+fn profiled_id(leaf: &CertificateDer<'_>) -> Result<SpiffeId, Error> {
+    peer_id(leaf).map_err(identity_error)
+}
+
+/// Client side: checks the server's leaf profile, its chain against one
+/// trust domain's bundle (serverAuth EKU, validity), and requires its SPIFFE
+/// ID to match `expected` (secure naming). A valid SVID with another ID is
+/// refused with rustls's `NotValidForNameContext`, whose `presented` holds
+/// that ID (what the server proved) and `expected` the name dialled.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
@@ -55,10 +67,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        let id = profiled_id(end_entity)?;
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
@@ -67,11 +80,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let peer = VerifiedPeer::from_verified_leaf(end_entity, &self.trust_domain)
-            .map_err(identity_error)?;
+        let peer =
+            VerifiedPeer::from_verified_id(id, &self.trust_domain).map_err(identity_error)?;
         if !self.expected.matches(peer.id()) {
             tracing::debug!(got = %peer.id(), expected = %self.expected, "server identity mismatch");
-            return Err(Error::InvalidCertificate(CertificateError::NotValidForName));
+            return Err(Error::InvalidCertificate(
+                CertificateError::NotValidForNameContext {
+                    expected: server_name.to_owned(),
+                    presented: vec![peer.into_id().to_string()],
+                },
+            ));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -111,9 +129,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// Server side: webpki's client verifier (chain, clientAuth EKU, validity)
-/// followed by the SPIFFE checks, so a certificate with two URI SANs or from
-/// the wrong trust domain fails the handshake itself.
+/// Server side: the leaf profile, then webpki's client verifier (chain,
+/// clientAuth EKU, validity), then the trust domain, so a certificate that is
+/// not an X.509-SVID leaf or is from the wrong trust domain fails the
+/// handshake itself.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
@@ -162,9 +181,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
+        let id = profiled_id(end_entity)?;
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        VerifiedPeer::from_verified_leaf(end_entity, &self.trust_domain).map_err(identity_error)?;
+        VerifiedPeer::from_verified_id(id, &self.trust_domain).map_err(identity_error)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -199,13 +219,13 @@ pub fn verified_client(
     trust_domain: &TrustDomain,
 ) -> Option<Result<VerifiedPeer, PeerIdError>> {
     let leaf = conn.peer_certificates()?.first()?;
-    Some(VerifiedPeer::from_verified_leaf(leaf, trust_domain))
+    Some(peer_id(leaf).and_then(|id| VerifiedPeer::from_verified_id(id, trust_domain)))
 }
 
 /// Verifies a client's chain as the handshake does, outside of one: the
-/// chain against `roots` (clientAuth EKU, validity at `now`), then exactly
-/// one SPIFFE ID in `trust_domain`. For tools and benchmarks; the proxy gets
-/// its `VerifiedPeer` from the handshake.
+/// leaf profile, the chain against `roots` (clientAuth EKU, validity at
+/// `now`), then the SPIFFE ID's trust domain. For tools and benchmarks; the
+/// proxy gets its `VerifiedPeer` from the handshake.
 pub fn verify_client_chain(
     leaf: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
@@ -213,6 +233,7 @@ pub fn verify_client_chain(
     trust_domain: &TrustDomain,
     now: UnixTime,
 ) -> Result<VerifiedPeer, Error> {
+    let id = profiled_id(leaf)?;
     let ee = webpki::EndEntityCert::try_from(leaf)
         .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
     let algs = super::provider().signature_verification_algorithms.all;
@@ -226,5 +247,5 @@ pub fn verify_client_chain(
         None,
     )
     .map_err(|e| Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
-    VerifiedPeer::from_verified_leaf(leaf, trust_domain).map_err(identity_error)
+    VerifiedPeer::from_verified_id(id, trust_domain).map_err(identity_error)
 }
