@@ -165,7 +165,7 @@ fn an_inbound_listener_refuses_each_leaf_that_breaks_the_profile_and_counts_it_b
     }
     let metric = |reason: &str| {
         proxy.metric(&format!(
-            "warden_proxy_handshake_failures_total{{listener=\"app\",reason=\"{reason}\"}}"
+            "warden_proxy_handshake_failures_total{{direction=\"inbound\",listener=\"app\",reason=\"{reason}\"}}"
         ))
     };
     assert!(
@@ -176,7 +176,9 @@ fn an_inbound_listener_refuses_each_leaf_that_breaks_the_profile_and_counts_it_b
         counts.keys().map(|r| (r, metric(r))).collect::<Vec<_>>()
     );
     assert_eq!(
-        proxy.metric("warden_proxy_requests_total{class=\"2xx\",listener=\"app\"}"),
+        proxy.metric(
+            "warden_proxy_requests_total{class=\"2xx\",direction=\"inbound\",listener=\"app\"}"
+        ),
         1.0,
         "only the good leaf reached the app"
     );
@@ -241,14 +243,14 @@ fn an_outbound_listener_refuses_each_destination_whose_leaf_breaks_the_profile_w
     let good = destination(forge_leaf(&ca.dir, svid_params(&[WEB])));
     let cases: Vec<_> = violations()
         .into_iter()
-        .map(|(what, _, params)| (what, destination(forge_leaf(&ca.dir, params))))
+        .map(|(what, reason, params)| (what, reason, destination(forge_leaf(&ca.dir, params))))
         .collect();
     let mut config = format!(
         "{}admin: 127.0.0.1:0\noutbound:\n{}",
         creds(&ca, "/client").identity_yaml(),
         outbound_listener("good", good, "spiffe://example.org/*", "http")
     );
-    for (i, (_, dest)) in cases.iter().enumerate() {
+    for (i, (_, _, dest)) in cases.iter().enumerate() {
         config += &outbound_listener(&format!("bad-{i}"), *dest, "spiffe://example.org/*", "http");
     }
     let proxy = Proxy::start(ca.tmp.path(), &config);
@@ -258,13 +260,18 @@ fn an_outbound_listener_refuses_each_destination_whose_leaf_breaks_the_profile_w
         plain_get(proxy.addr("good"), "/x").unwrap(),
         (200, "ok".into())
     );
-    for (i, (what, _)) in cases.iter().enumerate() {
+    for (i, (what, reason, _)) in cases.iter().enumerate() {
         let (status, _) = plain_get(proxy.addr(&format!("bad-{i}")), "/x").unwrap();
         assert_eq!(status, 502, "{what}");
         let counted = proxy.metric(&format!(
-            "warden_proxy_rejected_requests_total{{listener=\"bad-{i}\",reason=\"upstream_unavailable\"}}"
+            "warden_proxy_rejected_requests_total{{direction=\"outbound\",listener=\"bad-{i}\",reason=\"upstream_unavailable\"}}"
         ));
         assert_eq!(counted, 1.0, "{what}");
+        // The handshake is counted by the rule the destination broke, as inbound.
+        let by_rule = proxy.metric(&format!(
+            "warden_proxy_handshake_failures_total{{direction=\"outbound\",listener=\"bad-{i}\",reason=\"{reason}\"}}"
+        ));
+        assert_eq!(by_rule, 1.0, "{what}");
     }
 }
 
@@ -292,18 +299,17 @@ fn a_destination_with_a_valid_svid_but_the_wrong_id_is_refused_and_logged_with_t
 
     let metric = |listener: &str| {
         proxy.metric(&format!(
-            "warden_proxy_rejected_requests_total{{listener=\"{listener}\",reason=\"wrong_server_identity\"}}"
+            "warden_proxy_rejected_requests_total{{direction=\"outbound\",listener=\"{listener}\",reason=\"wrong_server_identity\"}}"
         ))
     };
     assert!(wait_for(Duration::from_secs(5), || metric("db-http")
         == 1.0
         && metric("db-tcp") == 1.0));
-    // The TCP path logs the whole error; the HTTP path logs hyper's
-    // `client error (Connect)` until it describes the error with
-    // `MtlsConnector::describe_error` (unit-tested in connector.rs).
+    // Both paths name what the destination presented.
     let logged = |s: &str| {
-        s.lines()
-            .any(|l| l.contains("listener=db-tcp") && l.contains(WEB))
+        ["listener=db-tcp", "listener=db-http"]
+            .iter()
+            .all(|l| s.lines().any(|line| line.contains(l) && line.contains(WEB)))
     };
     assert!(
         wait_for(Duration::from_secs(5), || logged(

@@ -237,10 +237,10 @@ fn no_client_certificate_a_foreign_ca_and_an_expired_certificate_fail_the_handsh
     );
     assert!(wait_for(Duration::from_secs(5), || {
         m.proxy.metric(
-            "warden_proxy_handshake_failures_total{listener=\"app\",reason=\"no_client_cert\"}",
+            "warden_proxy_handshake_failures_total{direction=\"inbound\",listener=\"app\",reason=\"no_client_cert\"}",
         ) == 1.0
             && m.proxy.metric(
-                "warden_proxy_handshake_failures_total{listener=\"app\",reason=\"cert_expired\"}",
+                "warden_proxy_handshake_failures_total{direction=\"inbound\",listener=\"app\",reason=\"cert_expired\"}",
             ) == 1.0
     }));
 }
@@ -262,8 +262,8 @@ fn two_uri_sans_or_a_foreign_trust_domain_fail_the_handshake_even_from_our_ca() 
     );
     assert!(mtls_get(addr, &bundle, Some((&td, &td_key)), "GET", "/api/x", "").is_err());
     assert!(wait_for(Duration::from_secs(5), || {
-        m.proxy.metric("warden_proxy_handshake_failures_total{listener=\"app\",reason=\"uri_san_count\"}") == 1.0
-            && m.proxy.metric("warden_proxy_handshake_failures_total{listener=\"app\",reason=\"wrong_trust_domain\"}") == 1.0
+        m.proxy.metric("warden_proxy_handshake_failures_total{direction=\"inbound\",listener=\"app\",reason=\"uri_san_count\"}") == 1.0
+            && m.proxy.metric("warden_proxy_handshake_failures_total{direction=\"inbound\",listener=\"app\",reason=\"wrong_trust_domain\"}") == 1.0
     }));
 }
 

@@ -89,8 +89,8 @@ impl ProxyMetrics {
         )?;
         let handshake_failures = counter(
             "warden_proxy_handshake_failures_total",
-            "Refused TLS handshakes by reason.",
-            &["listener", "reason"],
+            "Refused TLS handshakes by reason: peers refused inbound, destinations outbound.",
+            &["direction", "listener", "reason"],
         )?;
         let requests = counter(
             "warden_proxy_requests_total",

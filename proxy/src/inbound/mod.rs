@@ -201,7 +201,7 @@ pub async fn serve(
         let Some(id) = current.filter(|id| id.is_valid(time::OffsetDateTime::now_utc())) else {
             metrics
                 .handshake_failures
-                .with_label_values(&[&name, "no_identity"])
+                .with_label_values(&["inbound", &name, "no_identity"])
                 .inc();
             continue;
         };
@@ -233,7 +233,7 @@ pub async fn serve(
                     let reason = tls::handshake_failure_reason(&e);
                     metrics
                         .handshake_failures
-                        .with_label_values(&[name, reason])
+                        .with_label_values(&["inbound", name, reason])
                         .inc();
                     if HANDSHAKE_LOG.allow() {
                         tracing::warn!(listener = %name, peer = %peer_addr, reason, error = %e, "handshake refused");
@@ -247,7 +247,7 @@ pub async fn serve(
                 _ => {
                     metrics
                         .handshake_failures
-                        .with_label_values(&[name, "no_client_cert"])
+                        .with_label_values(&["inbound", name, "no_client_cert"])
                         .inc();
                     return;
                 }

@@ -100,10 +100,7 @@ impl MtlsConnector {
     pub fn describe_error(err: &(dyn StdError + 'static)) -> String {
         let line = match tls_error(err) {
             Some(tls) => describe_tls(tls),
-            None => chain(err)
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join(": "),
+            None => crate::stack::error_chain(err),
         };
         line.replace(['\n', '\r'], " ")
     }
@@ -150,26 +147,8 @@ impl tower_service::Service<Uri> for MtlsConnector {
 
 /// `err` and its sources. `io::Error::source()` skips the error it wraps
 /// (tokio-rustls puts rustls's error there), so step into it instead.
-fn chain<'a>(
-    err: &'a (dyn StdError + 'static),
-) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
-    let mut next = Some(err);
-    std::iter::from_fn(move || {
-        let mut cur = next?;
-        while let Some(inner) = cur
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            cur = inner;
-        }
-        next = cur.source();
-        Some(cur)
-    })
-    .take(16)
-}
-
 fn tls_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
-    chain(err).find_map(|e| e.downcast_ref::<rustls::Error>())
+    crate::stack::causes(err).find_map(|e| e.downcast_ref::<rustls::Error>())
 }
 
 fn describe_tls(e: &rustls::Error) -> String {

@@ -99,6 +99,7 @@ pub async fn serve(
     ));
     let pooled = upstream::Upstream::new(
         name.clone(),
+        metrics.handshake_failures.clone(),
         &cfg.destination,
         Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -130,9 +131,10 @@ pub async fn serve(
         match cfg.protocol {
             Protocol::Tcp => {
                 let (conn, refusals, name) = (h1_conn.clone(), refusals.clone(), name.clone());
+                let handshakes = metrics.handshake_failures.clone();
                 tokio::spawn(async move {
                     let _guard = guard;
-                    splice(stream, &conn, &refusals, &name).await;
+                    splice(stream, &conn, &refusals, &handshakes, &name).await;
                 });
             }
             Protocol::Http => {
@@ -176,6 +178,7 @@ async fn splice(
     mut app: IdleTimeout<TcpStream>,
     conn: &MtlsConnector,
     refusals: &RefusalCounters,
+    handshakes: &prometheus::IntCounterVec,
     name: &str,
 ) {
     match conn.connect().await {
@@ -183,11 +186,7 @@ async fn splice(
             let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
         }
         Err(e) => {
-            let refusal = upstream_failure(&*e);
-            refusals.count(&refusal);
-            if UPSTREAM_LOG.allow() {
-                tracing::warn!(listener = %name, reason = refusal.reason(), error = %crate::stack::error_chain(&*e), "cannot reach the destination");
-            }
+            refusals.count(&upstream_failed(name, handshakes, &*e));
         }
     }
 }
@@ -195,24 +194,36 @@ async fn splice(
 /// Secure-naming failures get their own answer: they mean a wrong or
 /// impersonating server, not a network problem.
 pub(crate) fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> Refusal {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(rustls::Error::InvalidCertificate(c)) = err.downcast_ref::<rustls::Error>() {
-            return match c {
+    let wrong_name = crate::stack::causes(e).any(|c| {
+        matches!(
+            c.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName
-                | rustls::CertificateError::NotValidForNameContext { .. } => {
-                    Refusal::WrongServerIdentity
-                }
-                _ => Refusal::UpstreamUnavailable,
-            };
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-        {
-            cur = Some(inner);
-            continue;
-        }
-        cur = err.source();
+                    | rustls::CertificateError::NotValidForNameContext { .. }
+            ))
+        )
+    });
+    if wrong_name {
+        Refusal::WrongServerIdentity
+    } else {
+        Refusal::UpstreamUnavailable
     }
-    Refusal::UpstreamUnavailable
+}
+
+/// Counts and logs (rate-limited) a failed upstream connection or request.
+pub(crate) fn upstream_failed(
+    listener: &str,
+    handshakes: &prometheus::IntCounterVec,
+    e: &(dyn std::error::Error + 'static),
+) -> Refusal {
+    let refusal = upstream_failure(e);
+    if let Some(reason) = MtlsConnector::handshake_reason(e) {
+        handshakes
+            .with_label_values(&["outbound", listener, reason])
+            .inc();
+    }
+    if UPSTREAM_LOG.allow() {
+        tracing::warn!(listener = %listener, reason = refusal.reason(), error = %MtlsConnector::describe_error(e), "cannot reach the destination");
+    }
+    refusal
 }

@@ -16,15 +16,16 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use tower::Service;
 
-use super::{MtlsConnector, UPSTREAM_LOG, upstream_failure};
+use super::{MtlsConnector, upstream_failed};
 use crate::headers;
 use crate::respond::{Body, BoxError, Refusal};
-use crate::stack::{Req, ReqBody, Resp, StageFuture, error_chain};
+use crate::stack::{Req, ReqBody, Resp, StageFuture};
 
 /// The clients of one outbound listener, and perhaps one app connection's own.
 #[derive(Clone)]
 pub struct Upstream {
     listener: Arc<str>,
+    handshakes: prometheus::IntCounterVec,
     authority: Authority,
     h1: Client<MtlsConnector, ReqBody>,
     h2: Client<MtlsConnector, ReqBody>,
@@ -35,12 +36,14 @@ impl Upstream {
     /// Pooled clients to `destination`.
     pub fn new(
         listener: Arc<str>,
+        handshakes: prometheus::IntCounterVec,
         destination: &str,
         h1: Client<MtlsConnector, ReqBody>,
         h2: Client<MtlsConnector, ReqBody>,
     ) -> Self {
         Self {
             listener,
+            handshakes,
             authority: Authority::try_from(destination)
                 .unwrap_or_else(|_| Authority::from_static("invalid")),
             h1,
@@ -109,13 +112,7 @@ impl Service<Req> for Upstream {
                     headers::strip_hop_by_hop(&mut parts.headers);
                     Ok(Response::from_parts(parts, Body::Upstream(body)))
                 }
-                Err(e) => {
-                    let r = upstream_failure(&*e);
-                    if UPSTREAM_LOG.allow() {
-                        tracing::warn!(listener = %this.listener, reason = r.reason(), error = %error_chain(&*e), "request to the destination failed");
-                    }
-                    Err(r)
-                }
+                Err(e) => Err(upstream_failed(&this.listener, &this.handshakes, &*e)),
             }
         })
     }

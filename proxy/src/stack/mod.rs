@@ -100,16 +100,32 @@ where
     }
 }
 
+/// An error and its causes, outermost first: what `source()` chains, with
+/// the error inside an `io::Error` looked into (tokio-rustls and hyper wrap
+/// theirs so); at most 16.
+pub fn causes<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    let mut next = Some(err);
+    std::iter::from_fn(move || {
+        let mut cur = next?;
+        while let Some(inner) = cur
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            cur = inner;
+        }
+        next = cur.source();
+        Some(cur)
+    })
+    .take(16)
+}
+
 /// An error and its causes on one line, for logs: hyper's own says only
-/// `client error (Connect)`, its causes say what happened (a refused
-/// connection, or the identity a server presented).
+/// `client error (Connect)`, its causes say what happened.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        s.push_str(": ");
-        s.push_str(&err.to_string());
-        cur = err.source();
-    }
-    s
+    causes(e)
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
