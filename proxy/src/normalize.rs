@@ -25,8 +25,8 @@
 //! decoding (`%2e%2e` is `..`, as Tomcat, nginx and Go read it), `//`
 //! collapses, and the result is encoded again as above. Refused (400):
 //! - `;`, raw or as `%3B`: a parameter separator to Tomcat, Jetty, Spring
-//!   and JAX-RS (and to Spring's matrix variables even once decoded), a
-//!   plain character to nginx, Node, Go and Python. Stripping parameters
+//!   and JAX-RS (and, encoded, to any stack that decodes before it splits),
+//!   a plain character to nginx, Node, Go and Python. Stripping parameters
 //!   would silently drop data the app may read (matrix variables, session
 //!   ids); refusing them is what Spring Security's default firewall does.
 //! - `%2F`, `%5C` and a raw `\`: a separator to nginx, Go or Windows, not
@@ -44,7 +44,8 @@
 //!   `.` or `..` segment, which servers resolve with or without a trailing `/`;
 //! - `..` above the root.
 //!
-//! Not changed: case (paths are case-sensitive; `/Admin` is not `/admin`),
+//! Not changed: case (paths are case-sensitive; `/Admin` is not `/admin`,
+//! so an app that folds case is protected by allow rules, not deny rules),
 //! `*` inside a segment (a plain character; `OPTIONS *` is not a path), and
 //! the query, which is passed on as it is and not matched. The fragment
 //! never gets here: the request-target parser drops it.
@@ -262,12 +263,14 @@ fn push_encoded(out: &mut String, segment: &str) {
 fn rebuild(raw: &[u8]) -> Result<String, PathError> {
     let decoded = decode(raw)?;
     let text = std::str::from_utf8(&decoded).map_err(|_| PathError::BadUtf8)?;
-    for c in text.chars().filter(|c| !c.is_ascii()) {
-        if c.is_control() {
-            return Err(PathError::Ambiguous);
-        }
-        if folds_to_delimiter(c) {
-            return Err(PathError::LookAlike);
+    if !text.is_ascii() {
+        for c in text.chars().filter(|c| !c.is_ascii()) {
+            if c.is_control() {
+                return Err(PathError::Ambiguous);
+            }
+            if folds_to_delimiter(c) {
+                return Err(PathError::LookAlike);
+            }
         }
     }
     let mut kept: Vec<&str> = Vec::new();
@@ -349,8 +352,8 @@ mod tests {
         ("/a%3fb", ["/a%3Fb", "/a%3Fb", "/a%3fb", "/a%3Fb"], Ok("/a%3Fb")),
         ("/a%23b", ["/a%23b", "/a%23b", "/a%23b", "/a%23b"], Ok("/a%23b")),
         ("/caf%c3%a9", ["/caf%C3%A9", "/caf%C3%A9", "/caf%c3%a9", "/caf%C3%A9"], Ok("/caf%C3%A9")),
-        // Path parameters: Tomcat strips them, the others do not (and
-        // Spring with matrix variables splits a decoded %3B too).
+        // Path parameters: Tomcat strips them, the others do not (and a
+        // stack that decodes before it splits reads %3B as one too).
         ("/admin;x", ["/admin", "/admin;x", "/admin;x", "/admin;x"], Err(PathError::Parameter)),
         ("/admin/x;", ["/admin/x", "/admin/x;", "/admin/x;", "/admin/x;"], Err(PathError::Parameter)),
         ("/public/..;/admin", ["/admin", "/public/..;/admin", "/public/..;/admin", "/public/..;/admin"], Err(PathError::Parameter)),
