@@ -60,15 +60,19 @@ impl Identity {
     }
 
     /// Builds and checks an identity from PEM texts.
-    pub fn from_pem(chain_pem: &str, key_pem: &str, bundle_pem: &str) -> Result<Self, String> {
-        let chain = parse_certs(chain_pem).map_err(|e| format!("certificate: {e}"))?;
-        let bundle = parse_certs(bundle_pem).map_err(|e| format!("bundle: {e}"))?;
-        let id = tls::peer_id(&chain[0]).map_err(|e| format!("certificate: {e}"))?;
-        let roots = tls::root_store(&bundle).map_err(|e| format!("bundle: {e}"))?;
+    pub fn from_pem(
+        chain_pem: &str,
+        key_pem: &str,
+        bundle_pem: &str,
+    ) -> Result<Self, IdentityError> {
+        let chain = parse_certs(chain_pem).map_err(IdentityError::Certificate)?;
+        let bundle = parse_certs(bundle_pem).map_err(IdentityError::Bundle)?;
+        let id = tls::peer_id(&chain[0])?;
+        let roots = tls::root_store(&bundle).map_err(IdentityError::Roots)?;
         verify_chain(&chain, &roots)?;
-        let key = tls::certified_key(chain_pem, key_pem, &tls::provider())
-            .map_err(|e| format!("key does not match the certificate: {e}"))?;
-        let v = validity_of(&chain[0])?;
+        let key =
+            tls::certified_key(chain_pem, key_pem, &tls::provider()).map_err(IdentityError::Key)?;
+        let v = validity_of(&chain[0]).map_err(IdentityError::Certificate)?;
         Ok(Self {
             trust_domain: id.trust_domain(),
             id,
@@ -84,8 +88,11 @@ impl Identity {
 /// Our own chain must verify against our bundle (for the client or the
 /// server role, whichever its EKU allows): a mismatched pair would only fail
 /// later, at every peer.
-fn verify_chain(chain: &[CertificateDer<'static>], roots: &RootCertStore) -> Result<(), String> {
-    let ee = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| e.to_string())?;
+fn verify_chain(
+    chain: &[CertificateDer<'static>],
+    roots: &RootCertStore,
+) -> Result<(), IdentityError> {
+    let ee = webpki::EndEntityCert::try_from(&chain[0]).map_err(IdentityError::Chain)?;
     let algs = tls::provider().signature_verification_algorithms.all;
     let verify = |usage| {
         ee.verify_for_usage(
@@ -102,17 +109,46 @@ fn verify_chain(chain: &[CertificateDer<'static>], roots: &RootCertStore) -> Res
         Ok(_) => Ok(()),
         Err(_) => verify(webpki::KeyUsage::client_auth())
             .map(|_| ())
-            .map_err(|e| format!("certificate does not verify against the bundle: {e}")),
+            .map_err(IdentityError::Chain),
     }
 }
 
 /// The published identity: `None` before the first and after expiry.
 pub type IdentityRx = watch::Receiver<Option<Arc<Identity>>>;
 
-/// Why the identity could not be set up at start.
+/// Why an identity could not be set up, loaded or renewed.
 #[derive(Debug, thiserror::Error)]
-#[error("identity: {0}")]
-pub struct IdentityError(pub String);
+pub enum IdentityError {
+    /// A file could not be read.
+    #[error("identity: {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The certificate file or answer is not usable PEM.
+    #[error("identity: certificate: {0}")]
+    Certificate(String),
+    /// The bundle is not usable PEM.
+    #[error("identity: bundle: {0}")]
+    Bundle(String),
+    /// The bundle's certificates are not usable roots.
+    #[error("identity: bundle: {0}")]
+    Roots(rustls::Error),
+    /// The leaf is not an X.509-SVID.
+    #[error("identity: certificate: {0}")]
+    NotSvid(#[from] tls::PeerIdError),
+    /// The chain does not verify against the bundle.
+    #[error("identity: certificate does not verify against the bundle: {0}")]
+    Chain(webpki::Error),
+    /// The key is unusable or not the certificate's.
+    #[error("identity: key does not match the certificate: {0}")]
+    Key(rustls::Error),
+    /// The CA client could not be made, or the CA refused.
+    #[error("identity: {0}")]
+    Ca(#[from] warden_identity::client::ClientError),
+}
 
 /// Starts keeping the identity from `source`; returns the channel.
 pub async fn start(
@@ -122,7 +158,7 @@ pub async fn start(
     let (tx, rx) = watch::channel(None);
     match source.clone() {
         IdentitySource::Files { cert, key, bundle } => {
-            let first = load_files(&cert, &key, &bundle).map_err(IdentityError)?;
+            let first = load_files(&cert, &key, &bundle)?;
             publish(&tx, &metrics, first);
             tokio::spawn(watch_files(tx, metrics, cert, key, bundle));
         }
@@ -133,9 +169,8 @@ pub async fn start(
             spiffe_id,
             ttl,
         } => {
-            let bundle_pem = read(&bundle).map_err(IdentityError)?;
-            let client = CaClient::new(&url, spiffe_id.trust_domain(), &bundle_pem)
-                .map_err(|e| IdentityError(e.to_string()))?;
+            let bundle_pem = read(&bundle)?;
+            let client = CaClient::new(&url, spiffe_id.trust_domain(), &bundle_pem)?;
             tokio::spawn(keep_from_ca(
                 tx, metrics, client, token_file, spiffe_id, ttl,
             ));
@@ -152,11 +187,14 @@ fn publish(tx: &watch::Sender<Option<Arc<Identity>>>, metrics: &ProxyMetrics, id
     let _ = tx.send(Some(Arc::new(id)));
 }
 
-fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+fn read(path: &Path) -> Result<String, IdentityError> {
+    std::fs::read_to_string(path).map_err(|source| IdentityError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
-fn load_files(cert: &Path, key: &Path, bundle: &Path) -> Result<Identity, String> {
+fn load_files(cert: &Path, key: &Path, bundle: &Path) -> Result<Identity, IdentityError> {
     Identity::from_pem(&read(cert)?, &read(key)?, &read(bundle)?)
 }
 
@@ -237,10 +275,10 @@ async fn keep_from_ca(
                 Ok(token) => client
                     .bootstrap(&id, token.trim(), ttl)
                     .await
-                    .map_err(|e| e.to_string()),
+                    .map_err(IdentityError::from),
                 Err(e) => Err(e),
             },
-            Some(c) => client.renew(c, ttl).await.map_err(|e| e.to_string()),
+            Some(c) => client.renew(c, ttl).await.map_err(IdentityError::from),
         };
         let checked = result.and_then(|c| {
             Identity::from_pem(&c.chain_pem, &c.key_pem, &c.bundle_pem).map(|mut i| {

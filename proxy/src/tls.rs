@@ -12,6 +12,17 @@ use warden_identity::tls::{self, SpiffeClientVerifier, SpiffeServerVerifier};
 
 use crate::identity::Identity;
 
+/// Why a TLS config could not be built from the current identity.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    /// rustls refused the settings.
+    #[error("tls config: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built from the roots.
+    #[error("tls config: client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
 /// ALPN ids.
 pub const H2: &[u8] = b"h2";
 /// ALPN id of HTTP/1.1.
@@ -19,20 +30,18 @@ pub const HTTP1: &[u8] = b"http/1.1";
 
 /// The inbound config: TLS 1.3, client certificate required and verified
 /// against our bundle with exactly one SPIFFE ID in our trust domain.
-pub fn server_config(id: &Identity, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(id: &Identity, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsConfigError> {
     let provider = tls::provider();
     let verifier = SpiffeClientVerifier::new(
         id.roots.clone(),
         id.trust_domain.clone(),
         provider.clone(),
         false,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let resolver = Arc::new(tls::RotatingCert::default());
     resolver.set((*id.key).clone());
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -49,7 +58,7 @@ pub fn client_config(
     id: &Identity,
     expected: &IdentityPattern,
     alpn: &[u8],
-) -> Result<Arc<ClientConfig>, String> {
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
     let provider = tls::provider();
     let verifier = SpiffeServerVerifier::new(
         id.roots.clone(),
@@ -60,8 +69,7 @@ pub fn client_config(
     let resolver = Arc::new(tls::RotatingCert::default());
     resolver.set((*id.key).clone());
     let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(resolver);
