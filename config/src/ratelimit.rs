@@ -198,7 +198,7 @@ pub(crate) fn validate_rate_limits(
     out.into_iter().map(|(l, _)| l).collect()
 }
 
-/// True when every request `later` applies to is already taken by `earlier`.
+/// True when every request `later` applies to is already charged to `earlier`.
 fn shadows(earlier: &RateLimit, later: &RateLimit) -> bool {
     let covered = |wide: &[PathMatch], narrow: &[PathMatch]| {
         wide.is_empty()
@@ -212,7 +212,10 @@ fn shadows(earlier: &RateLimit, later: &RateLimit) -> bool {
                     .iter()
                     .any(|e| crate::pattern::method_covers(e, m))
             }));
-    (earlier.rule.is_none() || earlier.rule == later.rule)
+    // An earlier limit with overrides only lets other callers through to later limits.
+    let limits_everyone = earlier.identity.is_some() || earlier.total.is_some();
+    limits_everyone
+        && (earlier.rule.is_none() || earlier.rule == later.rule)
         && methods
         && covered(&earlier.paths, &later.paths)
 }
@@ -339,6 +342,8 @@ mod tests {
           overrides: [{{from: [spiffe://other/x], requests_per_second: 30}}]
         - {{name: orders, paths: [/api/orders], identity: {{requests_per_second: 1}}}}
         - {{name: login, paths: [/login], identity: {{requests_per_second: 1}}}}
+        - {{name: batch, overrides: [{{from: [spiffe://td/ns/b/*], requests_per_second: 1}}]}}
+        - {{name: rest, identity: {{requests_per_second: 1}}}}
 "
             ),
         ))
@@ -352,6 +357,6 @@ mod tests {
         ] {
             assert!(w.contains(want), "{want}\n{w}");
         }
-        assert!(!w.contains("\"login\""), "{w}");
+        assert!(!w.contains("\"login\"") && !w.contains("\"rest\""), "{w}");
     }
 }
