@@ -74,18 +74,33 @@ fn excluded_by_itself(r: &Rule, on: &Listener<'_>) -> Option<&'static str> {
     None
 }
 
-/// True when deny rule `d` surely matches every request allow rule `r` matches.
+/// True when deny rule `d` surely matches every request allow rule `r` matches:
+/// `d`'s positive fields cover `r`'s, and `d`'s exclusions exclude nothing `r` matches.
 fn denies_all_of(d: &Rule, r: &Rule, on: &Listener<'_>) -> bool {
-    // A deny with exclusions might exclude what `r` allows: not worth proving.
-    if !(d.not_from.is_empty() && d.not_methods.is_empty() && d.not_paths.is_empty()) {
+    let Some(callers) = callers(r, on) else {
         return false;
-    }
-    let from = callers(r, on).is_some_and(|c| all_covered(&c, &d.from, IdentityPattern::covers));
+    };
+    let from = d.from.is_empty() || all_covered(&callers, &d.from, IdentityPattern::covers);
+    let not_from = callers
+        .iter()
+        .all(|c| d.not_from.iter().all(|n| !n.overlaps(c)));
     let methods =
         d.methods.is_empty() || all_covered(&r.methods, &d.methods, |w, n| method_covers(w, n));
+    // `r`'s methods, with the HEAD that a GET brings.
+    let excluded = |m: &str| d.not_methods.iter().any(|n| method_covers(n, m));
+    let not_methods = d.not_methods.is_empty()
+        || (!r.methods.is_empty()
+            && r.methods
+                .iter()
+                .all(|m| !excluded(m) && !(m == "GET" && excluded("HEAD"))));
     let paths = d.paths.is_empty() || all_covered(&r.paths, &d.paths, PathMatch::covers);
+    let not_paths = d.not_paths.is_empty()
+        || (!r.paths.is_empty()
+            && r.paths
+                .iter()
+                .all(|p| d.not_paths.iter().all(|n| !n.overlaps(p))));
     let ports = d.ports.is_empty() || all_covered(&r.ports, &d.ports, |w, n| w == n);
-    from && methods && paths && ports
+    from && not_from && methods && not_methods && paths && not_paths && ports
 }
 
 #[cfg(test)]
@@ -134,7 +149,8 @@ mod tests {
             "      rules:
         - {name: reads, action: allow, from: [spiffe://td/ns/shop/*], methods: [HEAD], paths: [/admin/users]}
         - {name: everyone, action: allow, not_from: [spiffe://td/ns/x/*]}
-        - {name: other-port, action: allow, from: [spiffe://td/ns/shop/*], paths: [/admin/x]}
+        - {name: shop-any, action: allow, from: [spiffe://td/ns/shop/*], paths: [/admin/x]}
+        - {name: ops-any, action: allow, from: [spiffe://td/ns/ops/*], paths: [/admin/x]}
         - {name: no-admin, action: deny, from: [spiffe://td/*], methods: [GET], paths: [/admin/*]}
         - {name: no-ops, action: deny, from: [spiffe://td/*], not_from: [spiffe://td/ns/ops/*]}
 ",
@@ -143,11 +159,38 @@ mod tests {
             w.contains("p.yaml:14:11: warning: rule \"reads\" never lets a request through: deny rule \"no-admin\" matches every request it matches"),
             "{w}"
         );
-        // Any method: POST to /admin/x is not denied; a deny with exclusions is never assumed to cover.
+        // shop is surely not in ns/ops; ops-any is not denied a POST; everyone includes ns/ops.
         assert!(
-            !w.contains("\"other-port\" never") && !w.contains("\"everyone\" never"),
+            w.contains("rule \"shop-any\" never lets a request through: deny rule \"no-ops\""),
             "{w}"
         );
+        assert!(
+            !w.contains("\"ops-any\" never") && !w.contains("\"everyone\" never"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn a_deny_with_exclusions_shadows_what_it_surely_does_not_exclude() {
+        let w = warnings(
+            "      rules:
+        - {name: shop-admin, action: allow, from: [spiffe://td/ns/shop/*], paths: [/admin/*]}
+        - {name: ops-admin, action: allow, from: [spiffe://td/ns/ops/*], paths: [/admin/*]}
+        - {name: shop-posts, action: allow, from: [spiffe://td/ns/shop/*], methods: [POST], paths: [/api/orders]}
+        - {name: shop-gets, action: allow, from: [spiffe://td/ns/shop/*], methods: [GET], paths: [/api/*]}
+        - {name: shop-public, action: allow, from: [spiffe://td/ns/shop/*], paths: [/api/public/x]}
+        - {name: admin-only-ops, action: deny, not_from: [spiffe://td/ns/ops/sa/admin], paths: [/admin/*]}
+        - {name: reads-only, action: deny, from: [spiffe://td/ns/shop/*], not_methods: [HEAD], not_paths: [/api/public/*]}
+",
+        );
+        for name in ["shop-admin", "shop-posts"] {
+            let want = format!("rule \"{name}\" never lets a request through");
+            assert!(w.contains(&want), "{name}: {w}");
+        }
+        // ops/* holds ops/sa/admin; a GET brings HEAD, which reads-only excludes; so is /api/public/x.
+        for name in ["ops-admin", "shop-gets", "shop-public"] {
+            assert!(!w.contains(&format!("\"{name}\"")), "{name}: {w}");
+        }
     }
 
     #[test]

@@ -71,6 +71,13 @@ impl PathMatch {
     }
 }
 
+impl PathMatch {
+    /// True when some path is matched by both.
+    pub fn overlaps(&self, other: &PathMatch) -> bool {
+        self.covers(other) || other.covers(self)
+    }
+}
+
 /// True when a rule listing `listed` is about requests with `method`.
 /// HEAD is answered by GET handlers in most frameworks, so a rule about GET
 /// is about HEAD too, in `methods` and `not_methods` alike: a deny on GET
@@ -179,6 +186,11 @@ impl IdentityPattern {
             (Self::Exact(a), Self::Exact(b)) => a == b,
             _ => false,
         }
+    }
+
+    /// True when some ID is named by both patterns.
+    pub fn overlaps(&self, other: &IdentityPattern) -> bool {
+        self.covers(other) || other.covers(self)
     }
 
     /// True when `id` is one of the IDs this pattern names.
@@ -294,6 +306,8 @@ mod tests {
         for (a, b) in no {
             assert!(!p(a).covers(&p(b)), "{a} does not cover {b}");
         }
+        assert!(p("spiffe://td/a").overlaps(&p("spiffe://td/*")));
+        assert!(!p("spiffe://td/a/*").overlaps(&p("spiffe://td/b")));
     }
 
     #[test]
