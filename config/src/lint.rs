@@ -92,7 +92,7 @@ fn denies_all_of(d: &Rule, r: &Rule, on: &Listener<'_>) -> bool {
         || (!r.methods.is_empty()
             && r.methods
                 .iter()
-                .all(|m| !excluded(m) && !(m == "GET" && excluded("HEAD"))));
+                .all(|m| !(excluded(m) || (m == "GET" && excluded("HEAD")))));
     let paths = d.paths.is_empty() || all_covered(&r.paths, &d.paths, PathMatch::covers);
     let not_paths = d.not_paths.is_empty()
         || (!r.paths.is_empty()
