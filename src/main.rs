@@ -53,7 +53,7 @@ enum Command {
         #[arg(long, env = "WARDEN_CONFIG")]
         config: PathBuf,
     },
-    /// Validate a config file (proxy or CA): exit 0, or exit 2 listing `file:line:column: problem`.
+    /// Validate a config file (proxy or CA): exit 0, or exit 2 listing `file:line:column: problem`; warnings (rules that can never match) do not change the exit code.
     Check {
         /// The file to check.
         #[arg(long)]
@@ -287,7 +287,12 @@ async fn run(command: Command) -> Result<(), Failure> {
             if is_ca_config(&config) {
                 CaConfig::load(&config).map_err(usage)?;
             } else {
-                ProxyConfig::load(&config).map_err(usage)?;
+                let trust_domain = warden_proxy::authz::cert_trust_domain;
+                let (_, warnings) = ProxyConfig::check(&config, trust_domain).map_err(usage)?;
+                // Warnings do not change the exit code.
+                if !warnings.0.is_empty() {
+                    eprintln!("{warnings}");
+                }
             }
             println!("{}: ok", config.display());
             Ok(())

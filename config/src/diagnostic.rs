@@ -52,11 +52,38 @@ impl fmt::Display for Diagnostics {
     }
 }
 
-/// Collects semantic errors found after parsing, each tied to a spanned value.
+/// Problems that do not stop a config from loading, such as a rule that can
+/// never match. `warden check` prints them (`file:line:column: warning: ...`)
+/// and still exits 0; nothing else reads them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Warnings(pub Vec<Diagnostic>);
+
+impl fmt::Display for Warnings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(
+                f,
+                "{}:{}:{}: warning: {}",
+                d.file.display(),
+                d.line,
+                d.column,
+                d.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects semantic errors (and warnings) found after parsing, each tied
+/// to a spanned value.
 #[derive(Debug)]
 pub struct Collector<'a> {
     file: &'a Path,
     found: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
 }
 
 impl<'a> Collector<'a> {
@@ -65,6 +92,7 @@ impl<'a> Collector<'a> {
         Self {
             file,
             found: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -75,18 +103,42 @@ impl<'a> Collector<'a> {
 
     /// Records `message` at a raw location.
     pub fn at_location(&mut self, loc: Location, message: impl Into<String>) {
-        self.found.push(Diagnostic {
+        let d = self.diagnostic(loc, message.into());
+        self.found.push(d);
+    }
+
+    /// Records a warning at the place `value` was written.
+    pub fn warn<T>(&mut self, value: &Spanned<T>, message: impl Into<String>) {
+        self.warn_location(value.referenced, message);
+    }
+
+    /// Records a warning at a raw location.
+    pub fn warn_location(&mut self, loc: Location, message: impl Into<String>) {
+        let d = self.diagnostic(loc, message.into());
+        self.warnings.push(d);
+    }
+
+    fn diagnostic(&self, loc: Location, message: String) -> Diagnostic {
+        Diagnostic {
             file: self.file.to_path_buf(),
             line: loc.line(),
             column: loc.column(),
-            message: message.into(),
-        });
+            message,
+        }
     }
 
-    /// `Ok(v)` when nothing was recorded, else every recorded problem.
+    /// `Ok(v)` when no error was recorded, else every recorded error
+    /// (warnings are dropped).
     pub fn finish<T>(self, v: T) -> Result<T, Diagnostics> {
+        self.finish_with_warnings(v).map(|(v, _)| v)
+    }
+
+    /// Like [`Collector::finish`], and also the warnings, in file order.
+    pub fn finish_with_warnings<T>(self, v: T) -> Result<(T, Warnings), Diagnostics> {
         if self.found.is_empty() {
-            Ok(v)
+            let mut w = self.warnings;
+            w.sort_by_key(|d| (d.line, d.column));
+            Ok((v, Warnings(w)))
         } else {
             Err(Diagnostics(self.found))
         }

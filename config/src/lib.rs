@@ -7,13 +7,16 @@
 pub mod ca;
 pub mod diagnostic;
 pub mod duration;
+mod lint;
 pub mod model;
 pub mod pattern;
+pub mod policy;
 pub mod proxy;
+mod ratelimit;
 pub mod spiffe;
 
 pub use ca::CaConfig;
-pub use diagnostic::{Diagnostic, Diagnostics};
+pub use diagnostic::{Diagnostic, Diagnostics, Warnings};
 pub use duration::HumanDuration;
 pub use pattern::IdentityPattern;
 pub use proxy::ProxyConfig;

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use crate::diagnostic::Collector;
-use crate::proxy::PathMatch;
+use crate::pattern::PathMatch;
 
 /// The kind of model API behind a route: decides how bodies are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -1,6 +1,8 @@
-//! Identity patterns: which SPIFFE IDs a rule or a destination accepts.
+//! What a rule matches on: identity patterns (which SPIFFE IDs a rule or a
+//! destination accepts), path patterns over normalized paths, and method names.
 //!
-//! Three shapes, written as SPIFFE IDs so they read like what they match:
+//! Identity patterns have three shapes, written as SPIFFE IDs so they read
+//! like what they match:
 //! - `spiffe://td/ns/prod/web`: exactly that ID;
 //! - `spiffe://td/ns/prod/*`: every ID whose path continues below `/ns/prod/`
 //!   (whole segments only: `/ns/production` does not match);
@@ -15,6 +17,95 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer};
 
 use crate::spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
+
+/// A path matcher: `/exact` or `/prefix/*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// The normalized path equals this.
+    Exact(String),
+    /// The normalized path starts with this (which ends in `/`), or equals it without the slash.
+    Prefix(String),
+}
+
+impl PathMatch {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err(format!("path {s:?} must start with '/'"));
+        }
+        let body = s.strip_suffix('*').unwrap_or(s);
+        if body.contains('*') || (s.ends_with('*') && !body.ends_with('/')) {
+            return Err(format!(
+                "path {s:?}: '*' is only allowed at the end, after '/', as in /api/*"
+            ));
+        }
+        let bad = |seg: &str| seg == "." || seg == ".." || seg.contains('%') || seg.contains('\\');
+        if body.split('/').skip(1).any(bad) || body.contains("//") {
+            return Err(format!(
+                "path {s:?} is not normalized (no '.', '..', '//', '%' or '\\')"
+            ));
+        }
+        Ok(if s.ends_with('*') {
+            Self::Prefix(body.to_owned())
+        } else {
+            Self::Exact(s.to_owned())
+        })
+    }
+
+    /// True when the normalized `path` matches.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Exact(p) => p == path,
+            Self::Prefix(p) => path.starts_with(p.as_str()) || path == &p[..p.len() - 1],
+        }
+    }
+
+    /// True when every path `other` matches, this matches too.
+    pub fn covers(&self, other: &PathMatch) -> bool {
+        match (self, other) {
+            (Self::Exact(a), Self::Exact(b)) => a == b,
+            (Self::Prefix(_), Self::Exact(b)) => self.matches(b),
+            // `/a/b/*` also matches `/a/b`, which `/a/*` matches as well.
+            (Self::Prefix(a), Self::Prefix(b)) => b.starts_with(a.as_str()),
+            (Self::Exact(_), Self::Prefix(_)) => false,
+        }
+    }
+}
+
+impl PathMatch {
+    /// True when some path is matched by both.
+    pub fn overlaps(&self, other: &PathMatch) -> bool {
+        self.covers(other) || other.covers(self)
+    }
+}
+
+/// True when a rule listing `listed` is about requests with `method`.
+/// HEAD is answered by GET handlers in most frameworks, so a rule about GET
+/// is about HEAD too, in `methods` and `not_methods` alike: a deny on GET
+/// cannot be bypassed with HEAD, nor can an allow of everything but GET.
+pub fn method_covers(listed: &str, method: &str) -> bool {
+    listed == method || (method == "HEAD" && listed == "GET")
+}
+
+/// Methods defined by RFC 9110, PATCH (RFC 5789) and WebDAV (RFC 4918):
+/// a rule naming another is more likely a typo than an extension method.
+pub const KNOWN_METHODS: &[&str] = &[
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "CONNECT",
+    "OPTIONS",
+    "TRACE",
+    "PATCH",
+    "PROPFIND",
+    "PROPPATCH",
+    "MKCOL",
+    "COPY",
+    "MOVE",
+    "LOCK",
+    "UNLOCK",
+];
 
 /// A pattern over SPIFFE IDs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -74,6 +165,32 @@ impl IdentityPattern {
                 trust_domain == td
             }
         }
+    }
+
+    /// True when every ID `other` names is also named by this pattern (used
+    /// to find rules that can never match).
+    pub fn covers(&self, other: &IdentityPattern) -> bool {
+        match (self, other) {
+            (Self::TrustDomain(td), o) => o.is_in(td),
+            (Self::Prefix { .. }, Self::Exact(id)) => self.matches(id),
+            (
+                Self::Prefix {
+                    trust_domain: a,
+                    prefix: p,
+                },
+                Self::Prefix {
+                    trust_domain: b,
+                    prefix: q,
+                },
+            ) => a == b && q.starts_with(p.as_str()),
+            (Self::Exact(a), Self::Exact(b)) => a == b,
+            _ => false,
+        }
+    }
+
+    /// True when some ID is named by both patterns.
+    pub fn overlaps(&self, other: &IdentityPattern) -> bool {
+        self.covers(other) || other.covers(self)
     }
 
     /// True when `id` is one of the IDs this pattern names.
@@ -161,6 +278,75 @@ mod tests {
         for s in ["spiffe://td2/a", "spiffe://td.evil/a/*", "spiffe://t/*"] {
             assert!(!IdentityPattern::parse(s).unwrap().is_in(&td), "{s}");
         }
+    }
+
+    #[test]
+    fn covers_means_every_id_of_the_other_pattern_matches() {
+        let p = |s: &str| IdentityPattern::parse(s).unwrap();
+        let yes = [
+            ("spiffe://td/*", "spiffe://td/a"),
+            ("spiffe://td/*", "spiffe://td/a/*"),
+            ("spiffe://td/*", "spiffe://td/*"),
+            ("spiffe://td/a/*", "spiffe://td/a/b"),
+            ("spiffe://td/a/*", "spiffe://td/a/b/*"),
+            ("spiffe://td/a/*", "spiffe://td/a/*"),
+            ("spiffe://td/a", "spiffe://td/a"),
+        ];
+        for (a, b) in yes {
+            assert!(p(a).covers(&p(b)), "{a} covers {b}");
+        }
+        let no = [
+            ("spiffe://td/a", "spiffe://td/a/*"),
+            ("spiffe://td/a/*", "spiffe://td/a"),
+            ("spiffe://td/a/*", "spiffe://td/ab/*"),
+            ("spiffe://td/a/*", "spiffe://td/*"),
+            ("spiffe://td/*", "spiffe://td2/*"),
+            ("spiffe://td/a", "spiffe://td/b"),
+        ];
+        for (a, b) in no {
+            assert!(!p(a).covers(&p(b)), "{a} does not cover {b}");
+        }
+        assert!(p("spiffe://td/a").overlaps(&p("spiffe://td/*")));
+        assert!(!p("spiffe://td/a/*").overlaps(&p("spiffe://td/b")));
+    }
+
+    #[test]
+    fn prefix_paths_match_below_and_at_the_prefix() {
+        let p = PathMatch::parse("/api/*").unwrap();
+        assert!(p.matches("/api/x") && p.matches("/api/") && p.matches("/api"));
+        assert!(!p.matches("/apix") && !p.matches("/ap"));
+        for bad in ["api", "/a*", "/a/*/b", "/a/../b", "/a//b", "/a%2e/b"] {
+            assert!(PathMatch::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_path_pattern_covers_the_paths_of_narrower_ones() {
+        let p = |s: &str| PathMatch::parse(s).unwrap();
+        for (a, b) in [
+            ("/a/*", "/a/*"),
+            ("/a/*", "/a/b/*"),
+            ("/a/*", "/a"),
+            ("/a/*", "/a/b"),
+            ("/*", "/a/*"),
+            ("/x", "/x"),
+        ] {
+            assert!(p(a).covers(&p(b)), "{a} covers {b}");
+        }
+        for (a, b) in [
+            ("/a", "/a/*"),
+            ("/a/b/*", "/a/*"),
+            ("/a/*", "/ab"),
+            ("/x", "/y"),
+        ] {
+            assert!(!p(a).covers(&p(b)), "{a} does not cover {b}");
+        }
+    }
+
+    #[test]
+    fn get_covers_head_but_not_the_other_way() {
+        assert!(method_covers("GET", "HEAD") && method_covers("GET", "GET"));
+        assert!(!method_covers("HEAD", "GET") && !method_covers("GET", "POST"));
     }
 
     #[test]

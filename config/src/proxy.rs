@@ -11,11 +11,17 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::diagnostic::{Collector, Diagnostics, load_yaml, parse_yaml};
+use crate::diagnostic::{Collector, Diagnostics, Warnings, load_yaml, parse_yaml};
 use crate::duration::HumanDuration;
+use crate::lint::never_matching;
 use crate::model::{ModelRoute, RawModelRoute, validate_routes};
 use crate::pattern::IdentityPattern;
-use crate::spiffe::SpiffeId;
+use crate::policy::{Listener, RawRule, validate_rules};
+use crate::ratelimit::{RawRateLimit, validate_rate_limits};
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+pub use crate::pattern::PathMatch;
+pub use crate::policy::{Action, Policy, PolicyMode, Rate, RateLimit, RateOverride, Rule};
 
 /// A validated proxy config.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,93 +78,6 @@ pub enum Protocol {
     Http,
     /// Opaque bytes after the handshake and the identity check.
     Tcp,
-}
-
-/// Whether a policy's denials are enforced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyMode {
-    /// Denied requests are refused.
-    #[default]
-    Enforce,
-    /// Denied requests are logged and counted, then let through.
-    Audit,
-}
-
-/// Allow or deny.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    /// Let matching requests through (unless a deny rule also matches).
-    Allow,
-    /// Refuse matching requests; wins over allow.
-    Deny,
-}
-
-/// A path matcher: `/exact` or `/prefix/*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PathMatch {
-    /// The normalized path equals this.
-    Exact(String),
-    /// The normalized path starts with this (which ends in `/`), or equals it without the slash.
-    Prefix(String),
-}
-
-impl PathMatch {
-    pub(crate) fn parse(s: &str) -> Result<Self, String> {
-        if !s.starts_with('/') {
-            return Err(format!("path {s:?} must start with '/'"));
-        }
-        let body = s.strip_suffix('*').unwrap_or(s);
-        if body.contains('*') || (s.ends_with('*') && !body.ends_with('/')) {
-            return Err(format!(
-                "path {s:?}: '*' is only allowed at the end, after '/', as in /api/*"
-            ));
-        }
-        let bad = |seg: &str| seg == "." || seg == ".." || seg.contains('%') || seg.contains('\\');
-        if body.split('/').skip(1).any(bad) || body.contains("//") {
-            return Err(format!(
-                "path {s:?} is not normalized (no '.', '..', '//', '%' or '\\')"
-            ));
-        }
-        Ok(if s.ends_with('*') {
-            Self::Prefix(body.to_owned())
-        } else {
-            Self::Exact(s.to_owned())
-        })
-    }
-
-    /// True when the normalized `path` matches.
-    pub fn matches(&self, path: &str) -> bool {
-        match self {
-            Self::Exact(p) => p == path,
-            Self::Prefix(p) => path.starts_with(p.as_str()) || path == &p[..p.len() - 1],
-        }
-    }
-}
-
-/// One authorization rule: who (identity patterns) may do what (methods, paths).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    /// Name used in metrics and logs.
-    pub name: String,
-    /// Allow or deny.
-    pub action: Action,
-    /// Callers this rule is about.
-    pub from: Vec<IdentityPattern>,
-    /// Methods (upper case); empty: any.
-    pub methods: Vec<String>,
-    /// Paths; empty: any.
-    pub paths: Vec<PathMatch>,
-}
-
-/// An inbound listener's authorization policy: default deny.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Policy {
-    /// Enforce or audit.
-    pub mode: PolicyMode,
-    /// Rules, evaluated all together: any matching deny wins, else any matching allow.
-    pub rules: Vec<Rule>,
 }
 
 /// Limits on one listener, each with a safe default.
@@ -332,18 +251,8 @@ struct RawPolicy {
     mode: PolicyMode,
     #[serde(default)]
     rules: Vec<Spanned<RawRule>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRule {
-    name: String,
-    action: Action,
-    from: Vec<IdentityPattern>,
     #[serde(default)]
-    methods: Vec<String>,
-    #[serde(default)]
-    paths: Vec<Spanned<String>>,
+    rate_limits: Vec<Spanned<RawRateLimit>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -391,18 +300,49 @@ impl RawLimits {
 impl ProxyConfig {
     /// Loads and validates a proxy config file.
     pub fn load(path: &Path) -> Result<Self, Diagnostics> {
-        Self::validate(path, load_yaml(path)?)
+        Self::validate(path, load_yaml(path)?, |_| None).map(|(c, _)| c)
     }
 
     /// Parses and validates config text (`path` is used in messages only).
     pub fn parse(path: &Path, text: &str) -> Result<Self, Diagnostics> {
-        Self::validate(path, parse_yaml(path, text)?)
+        Self::validate(path, parse_yaml(path, text)?, |_| None).map(|(c, _)| c)
     }
 
-    fn validate(path: &Path, raw: RawConfig) -> Result<Self, Diagnostics> {
+    /// What `warden check` does: [`ProxyConfig::load`], plus warnings about
+    /// rules that can never match. Patterns are compared with the proxy's
+    /// trust domain (every caller is in it): the one of `identity.spiffe_id`
+    /// for an identity from a CA; for certificate files, what
+    /// `cert_trust_domain` reads from the certificate file (None, e.g. the
+    /// file is not there yet: those checks are skipped).
+    pub fn check(
+        path: &Path,
+        cert_trust_domain: impl FnOnce(&Path) -> Option<TrustDomain>,
+    ) -> Result<(Self, Warnings), Diagnostics> {
+        Self::validate(path, load_yaml(path)?, cert_trust_domain)
+    }
+
+    /// [`ProxyConfig::check`] on config text.
+    pub fn check_text(
+        path: &Path,
+        text: &str,
+        cert_trust_domain: impl FnOnce(&Path) -> Option<TrustDomain>,
+    ) -> Result<(Self, Warnings), Diagnostics> {
+        Self::validate(path, parse_yaml(path, text)?, cert_trust_domain)
+    }
+
+    fn validate(
+        path: &Path,
+        raw: RawConfig,
+        cert_trust_domain: impl FnOnce(&Path) -> Option<TrustDomain>,
+    ) -> Result<(Self, Warnings), Diagnostics> {
         let mut errors = Collector::new(path);
         let base = path.parent().unwrap_or(Path::new("."));
         let identity = identity_source(&raw.identity, base, &mut errors);
+        let trust_domain = match &identity {
+            Some(IdentitySource::Ca { spiffe_id, .. }) => Some(spiffe_id.trust_domain()),
+            Some(IdentitySource::Files { cert, .. }) => cert_trust_domain(cert),
+            None => None,
+        };
         let workers = match &raw.workers {
             Some(w) if w.value == 0 || w.value > 256 => {
                 errors.at(w, "workers must be between 1 and 256");
@@ -439,42 +379,14 @@ impl ProxyConfig {
         for l in raw.inbound {
             let (l, loc) = (l.value, l.referenced);
             check_listener(&l.name, l.listen, &mut errors);
-            let mut rules = Vec::new();
-            let mut rule_names = HashSet::new();
-            for r in l.policy.rules {
-                let rloc = r.referenced;
-                let r = r.value;
-                if !rule_names.insert(r.name.clone()) {
-                    errors.at_location(rloc, format!("rule name {:?} is used twice", r.name));
-                }
-                if r.from.is_empty() {
-                    errors.at_location(rloc, "a rule needs at least one identity in `from`");
-                }
-                if l.protocol == Protocol::Tcp && (!r.methods.is_empty() || !r.paths.is_empty()) {
-                    errors.at_location(rloc, "a tcp listener's rules can only match `from`");
-                }
-                let mut methods = Vec::new();
-                for m in &r.methods {
-                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
-                        errors.at_location(rloc, format!("method {m:?} is not an HTTP method"));
-                    }
-                    methods.push(m.to_ascii_uppercase());
-                }
-                let mut paths = Vec::new();
-                for p in &r.paths {
-                    match PathMatch::parse(&p.value) {
-                        Ok(m) => paths.push(m),
-                        Err(e) => errors.at(p, e),
-                    }
-                }
-                rules.push(Rule {
-                    name: r.name,
-                    action: r.action,
-                    from: r.from,
-                    methods,
-                    paths,
-                });
-            }
+            let on = Listener {
+                tcp: l.protocol == Protocol::Tcp,
+                port: Some(l.listen.port()).filter(|p| *p != 0),
+                trust_domain: trust_domain.as_ref(),
+            };
+            let rules = validate_rules(l.policy.rules, &on, &mut errors);
+            let rate_limits = validate_rate_limits(l.policy.rate_limits, &rules, &on, &mut errors);
+            never_matching(&rules, &on, &mut errors);
             if l.app_h2c && l.protocol == Protocol::Tcp {
                 errors.at_location(loc, "app_h2c only applies to protocol: http");
             }
@@ -490,7 +402,8 @@ impl ProxyConfig {
                 app_h2c: l.app_h2c,
                 policy: Policy {
                     mode: l.policy.mode,
-                    rules,
+                    rules: rules.into_iter().map(|(r, _)| r).collect(),
+                    rate_limits,
                 },
                 limits: l.limits.resolve(),
                 model_api,
@@ -525,7 +438,7 @@ impl ProxyConfig {
             });
         }
 
-        errors.finish(ProxyConfig {
+        errors.finish_with_warnings(ProxyConfig {
             identity: identity.unwrap_or(IdentitySource::Files {
                 cert: PathBuf::new(),
                 key: PathBuf::new(),
@@ -662,16 +575,6 @@ outbound:
         assert_eq!(c.inbound[0].limits, Limits::default());
         assert_eq!(c.outbound[0].protocol, Protocol::Http);
         assert_eq!(c.workers, 1);
-    }
-
-    #[test]
-    fn prefix_paths_match_below_and_at_the_prefix() {
-        let p = PathMatch::parse("/api/*").unwrap();
-        assert!(p.matches("/api/x") && p.matches("/api/") && p.matches("/api"));
-        assert!(!p.matches("/apix") && !p.matches("/ap"));
-        for bad in ["api", "/a*", "/a/*/b", "/a/../b", "/a//b", "/a%2e/b"] {
-            assert!(PathMatch::parse(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod normalize;
 pub mod outbound;
+pub mod ratelimit;
 pub mod reload;
 pub mod respond;
 pub mod stack;

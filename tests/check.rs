@@ -1,0 +1,52 @@
+//! `warden check` on proxy configs: warnings about rules that can never
+//! match are printed as `file:line:column: warning: ...` and keep exit 0.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use common::{Ca, run, s};
+
+#[test]
+fn check_warns_about_rules_that_can_never_match_and_still_exits_0() {
+    let ca = Ca::init("example.org");
+    let creds = ca.issue(&ca.id("/ns/web/sa/web"), None);
+    let f = ca.tmp.path().join("p.yaml");
+    let text = format!(
+        "identity: {{cert: {c}/cert.pem, key: {c}/key.pem, bundle: {c}/bundle.pem}}
+admin: 127.0.0.1:0
+inbound:
+  - name: web
+    listen: 127.0.0.1:8443
+    app: 127.0.0.1:8080
+    policy:
+      rules:
+        - {{name: everyone, action: allow, from: [spiffe://example.org/*]}}
+        - {{name: admin-only-ops, action: deny, not_from: [spiffe://example.org/ns/ops/sa/admin], paths: [/admin/*]}}
+        - {{name: partner, action: allow, from: [spiffe://partner.org/*], methods: [get]}}
+        - {{name: same, action: allow, from: [spiffe://example.org/*], paths: [/x/*], not_paths: [/x/*]}}
+        - {{name: shop-admin, action: allow, from: [spiffe://example.org/ns/shop/*], paths: [/admin/*]}}
+",
+        c = s(&creds)
+    );
+    std::fs::write(&f, text).unwrap();
+    let out = run(&["check", "--config", s(&f)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let p = f.display();
+    for want in [
+        format!(
+            "{p}:11:49: warning: spiffe://partner.org/* is outside this proxy's trust domain example.org"
+        ),
+        format!("{p}:11:84: warning: method \"get\" is read as \"GET\""),
+        format!(
+            "{p}:12:11: warning: rule \"same\" can never match: every path in `paths` is excluded by `not_paths`"
+        ),
+        format!(
+            "{p}:13:11: warning: rule \"shop-admin\" never lets a request through: deny rule \"admin-only-ops\""
+        ),
+    ] {
+        assert!(err.contains(&want), "{want}\n{err}");
+    }
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
+}
