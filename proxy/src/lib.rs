@@ -99,7 +99,7 @@ pub async fn run(
         ),
         None => model::limits::Store::Local(model::limits::local::LocalStore::default()),
     });
-    let mut reloader = reload::Reloader::new(path, config.clone(), metrics.clone());
+    let mut reloader = reload::Reloader::new(path, config.clone(), metrics.clone(), store.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for (cfg, l) in inbound {
         let policy = reloader.policy(&cfg.name, &cfg.policy);

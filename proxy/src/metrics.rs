@@ -2,18 +2,12 @@
 //! come from config (listener and rule names) or fixed sets, never from
 //! client input. Listener families carry a `direction` label (`inbound`,
 //! `outbound`), and every per-request handle is resolved once per listener
-//! ([`ProxyMetrics::observe`], [`ProxyMetrics::refusals`], [`ConnMetrics`]).
-
-use std::sync::Arc;
+//! ([`RequestMetrics`], [`ConnMetrics`], and the stages' own).
 
 use prometheus::{
     Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
-use tokio::sync::Semaphore;
-
-use crate::respond::RefusalCounters;
-use crate::stack::observe::Shared;
 
 /// Which way a listener's traffic goes: a label value on its metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,24 +160,6 @@ impl ProxyMetrics {
 }
 
 impl ProxyMetrics {
-    /// What the requests of listener `name` share: their in-flight slots
-    /// and their metric handles.
-    pub fn observe(&self, direction: Direction, name: &Arc<str>, max_in_flight: usize) -> Shared {
-        Shared {
-            listener: name.clone(),
-            direction: direction.label(),
-            in_flight: Arc::new(Semaphore::new(max_in_flight)),
-            requests: RequestMetrics::new(self, direction, name),
-            refusals: self.refusals(direction, name),
-            log_dropped: self.access_log_dropped.clone(),
-        }
-    }
-
-    /// Listener `name`'s refusal counters, one per reason.
-    pub fn refusals(&self, direction: Direction, name: &str) -> RefusalCounters {
-        RefusalCounters::new(&self.rejected, direction.label(), name)
-    }
-
     /// Listener `name`'s connection counters.
     pub fn connections(&self, direction: Direction, name: &str) -> ConnMetrics {
         let labels = [direction.label(), name];

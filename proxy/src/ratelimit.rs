@@ -163,6 +163,14 @@ impl Limit {
     }
 }
 
+impl std::fmt::Debug for RateLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimits")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RateLimits {
     /// Compiles the rate limits of `policy` for listener `listener`, keeping
     /// their state in `store`.

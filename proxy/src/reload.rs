@@ -16,11 +16,9 @@ use tokio::sync::watch;
 use warden_config::ProxyConfig;
 use warden_config::proxy::Policy;
 
-use crate::inbound::CompiledPolicy;
+use crate::inbound::{CompiledPolicy, PolicyRx};
 use crate::metrics::ProxyMetrics;
-
-/// The policy an inbound listener enforces now.
-pub type PolicyRx = watch::Receiver<Arc<CompiledPolicy>>;
+use crate::model::limits::Store;
 
 /// Owns the policy channels and applies reloads to them.
 pub struct Reloader {
@@ -28,22 +26,35 @@ pub struct Reloader {
     running: ProxyConfig,
     policies: HashMap<String, watch::Sender<Arc<CompiledPolicy>>>,
     metrics: ProxyMetrics,
+    store: Arc<Store>,
 }
 
 impl Reloader {
-    /// A reloader for `running`, read from `path`.
-    pub fn new(path: PathBuf, running: ProxyConfig, metrics: ProxyMetrics) -> Self {
+    /// A reloader for `running`, read from `path`; rate limits keep their
+    /// state in `store`.
+    pub fn new(
+        path: PathBuf,
+        running: ProxyConfig,
+        metrics: ProxyMetrics,
+        store: Arc<Store>,
+    ) -> Self {
         Self {
             path,
             running,
             policies: HashMap::new(),
             metrics,
+            store,
         }
     }
 
     /// The policy channel of inbound listener `name`.
     pub fn policy(&mut self, name: &str, initial: &Policy) -> PolicyRx {
-        let compiled = CompiledPolicy::new(initial.clone(), &self.metrics.authz, name);
+        let compiled = CompiledPolicy::new(
+            initial.clone(),
+            &self.metrics.authz,
+            name,
+            self.store.clone(),
+        );
         let (tx, rx) = watch::channel(Arc::new(compiled));
         self.policies.insert(name.to_owned(), tx);
         rx
@@ -67,8 +78,12 @@ impl Reloader {
                 tx.send_if_modified(|p| {
                     let changed = p.policy != l.policy;
                     if changed {
-                        let compiled =
-                            CompiledPolicy::new(l.policy.clone(), &self.metrics.authz, &l.name);
+                        let compiled = CompiledPolicy::new(
+                            l.policy.clone(),
+                            &self.metrics.authz,
+                            &l.name,
+                            self.store.clone(),
+                        );
                         *p = Arc::new(compiled);
                         tracing::info!(listener = %l.name, rules = l.policy.rules.len(), "policy reloaded");
                     }

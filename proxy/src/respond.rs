@@ -13,6 +13,7 @@
 //! resolved once per listener) and its reason rides in the answer's
 //! extensions for the access log.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -23,62 +24,16 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use http::{HeaderName, Response, Version};
 use http_body_util::Full;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use prometheus::{IntCounter, IntCounterVec};
 use tower::{Layer, Service};
 
-use crate::model::meter::Metered;
-use crate::stack::{Req, Resp};
-
-/// The body type of every proxied response: the upstream's, streamed; one
-/// of ours; or a model API stream counted as it passes. An enum rather than
-/// a box: no allocation per response (only a metered stream is boxed).
-pub enum Body {
-    /// The app's or the destination's answer, passed through.
-    Upstream(Incoming),
-    /// An answer made (or rewritten) by the proxy.
-    Full(Full<Bytes>),
-    /// A model API stream, counted against its reservation.
-    Metered(Box<Metered>),
-}
-
-/// Errors a body can carry.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl HttpBody for Body {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Self::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Self::Full(b) => Pin::new(b).poll_frame(cx).map_err(|e| match e {}),
-            Self::Metered(b) => Pin::new(&mut **b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Upstream(b) => b.is_end_stream(),
-            Self::Full(b) => b.is_end_stream(),
-            Self::Metered(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Upstream(b) => b.size_hint(),
-            Self::Full(b) => b.size_hint(),
-            Self::Metered(b) => b.size_hint(),
-        }
-    }
-}
+use crate::metrics::{Direction, ProxyMetrics};
+use crate::ratelimit::Limited;
+pub use crate::stack::body::{Body, BoxError, upstream};
+use crate::stack::body::{Req, Resp};
 
 /// Why the proxy answered instead of the app (or the destination).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Refusal {
     /// The path cannot be matched the way the app would read it (400).
     BadPath,
@@ -96,11 +51,9 @@ pub enum Refusal {
         /// The deciding rule (`default` when none matched).
         rule: Arc<str>,
     },
-    /// The caller is over a request-rate limit (429).
-    RateLimited {
-        /// `RateLimit-Policy`, `RateLimit` and `Retry-After` for the answer.
-        headers: Vec<(HeaderName, HeaderValue)>,
-    },
+    /// The caller is over a request-rate limit (429), or the limit's
+    /// shared store is unreachable and it fails closed (503).
+    RateLimited(Box<Limited>),
     /// The listener's limit on requests in flight is reached (503).
     Overloaded,
     /// No valid certificate right now (503).
@@ -122,7 +75,7 @@ pub enum Refusal {
 }
 
 /// Every reason label, in [`Refusal::index`] order (for per-reason counters).
-pub const REASONS: [&str; 16] = [
+pub const REASONS: [&str; 17] = [
     "bad_path",
     "bad_method",
     "method_not_allowed",
@@ -138,6 +91,7 @@ pub const REASONS: [&str; 16] = [
     "upstream_unavailable",
     "upstream_timeout",
     "internal",
+    "limit_store_unavailable",
     "max_connections",
 ];
 
@@ -150,7 +104,10 @@ impl Refusal {
             Self::MethodNotAllowed => 2,
             Self::HeadersTooLarge { .. } => 3,
             Self::Forbidden { .. } => 4,
-            Self::RateLimited { .. } => 5,
+            Self::RateLimited(l) => match **l {
+                Limited::Exceeded(_) => 5,
+                Limited::StoreUnavailable(_) => 15,
+            },
             Self::Overloaded => 6,
             Self::NoIdentity => 7,
             Self::AppUnavailable => 8,
@@ -174,7 +131,7 @@ impl Refusal {
             Self::BadPath | Self::BadMethod => 400,
             Self::Forbidden { .. } => 403,
             Self::MethodNotAllowed => 405,
-            Self::RateLimited { .. } => 429,
+            Self::RateLimited(l) => l.status(),
             Self::HeadersTooLarge { .. } => 431,
             Self::Internal => 500,
             Self::AppUnavailable | Self::WrongServerIdentity | Self::UpstreamUnavailable => 502,
@@ -189,7 +146,11 @@ impl Refusal {
             Self::BadPath | Self::BadMethod => "3", // INVALID_ARGUMENT
             Self::MethodNotAllowed => "12",         // UNIMPLEMENTED
             Self::Forbidden { .. } => "7",          // PERMISSION_DENIED
-            Self::HeadersTooLarge { .. } | Self::RateLimited { .. } => "8", // RESOURCE_EXHAUSTED
+            Self::HeadersTooLarge { .. } => "8",    // RESOURCE_EXHAUSTED
+            Self::RateLimited(l) => match **l {
+                Limited::Exceeded(_) => "8",
+                Limited::StoreUnavailable(_) => "14", // UNAVAILABLE
+            },
             Self::AppConnectTimeout | Self::AppTimeout | Self::UpstreamTimeout => "4", // DEADLINE_EXCEEDED
             Self::Internal => "13",                                                    // INTERNAL
             Self::Overloaded
@@ -201,14 +162,30 @@ impl Refusal {
     }
 
     /// What the answer says.
-    pub fn detail(&self) -> &'static str {
+    pub fn detail(&self) -> Cow<'static, str> {
+        match self {
+            Self::RateLimited(l) => Cow::Owned(l.detail()),
+            other => Cow::Borrowed(other.fixed_detail()),
+        }
+    }
+
+    /// The problem type: the reason, but a rate limit's is the model
+    /// routes' (`quota-exceeded`), so one client handles both alike.
+    fn problem_type(&self) -> &'static str {
+        match self {
+            Self::RateLimited(l) => l.reason(),
+            other => other.reason(),
+        }
+    }
+
+    fn fixed_detail(&self) -> &'static str {
         match self {
             Self::BadPath => "the request path cannot be matched the way the app would read it",
             Self::BadMethod => "request methods are case-sensitive and must be upper case",
             Self::MethodNotAllowed => "CONNECT is not proxied",
             Self::HeadersTooLarge { .. } => "the request's header section is too large",
             Self::Forbidden { .. } => "the caller's identity is not allowed to make this request",
-            Self::RateLimited { .. } => "the caller is over its request-rate limit",
+            Self::RateLimited(_) => "the caller is over its request-rate limit",
             Self::Overloaded => "too many requests in flight on this listener",
             Self::NoIdentity => "this proxy holds no valid certificate right now",
             Self::AppUnavailable => "the app behind this proxy did not answer",
@@ -239,15 +216,15 @@ impl Refusal {
             let h = r.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
             h.insert(GRPC_STATUS, HeaderValue::from_static(self.grpc_status()));
-            h.insert(GRPC_MESSAGE, HeaderValue::from_static(self.detail()));
+            h.insert(GRPC_MESSAGE, HeaderValue::from_static(self.fixed_detail()));
             r
         } else {
-            warden_identity::http::problem(self.status(), self.reason(), self.detail())
+            warden_identity::http::problem(self.status(), self.problem_type(), &self.detail())
                 .map(Body::Full)
         };
-        if let Self::RateLimited { headers } = self {
-            for (name, value) in headers {
-                resp.headers_mut().insert(name.clone(), value.clone());
+        if let Self::RateLimited(l) = self {
+            for (name, value) in l.headers() {
+                resp.headers_mut().insert(name, value);
             }
         }
         if to.version == Version::HTTP_11 && self.closes_connection() {
@@ -293,6 +270,11 @@ impl Caller {
 pub struct RefusalCounters(Arc<[IntCounter]>);
 
 impl RefusalCounters {
+    /// The counters of listener `name` (in `warden_proxy_rejected_requests_total`).
+    pub fn for_listener(metrics: &ProxyMetrics, direction: Direction, name: &str) -> Self {
+        Self::new(&metrics.rejected, direction.label(), name)
+    }
+
     /// The counters of `listener` in `family` (labels: direction, listener, reason).
     pub fn new(family: &IntCounterVec, direction: &str, listener: &str) -> Self {
         Self(
@@ -400,22 +382,16 @@ where
     }
 }
 
-/// An upstream response body, passed through as it streams.
-pub fn upstream(body: Incoming) -> Body {
-    Body::Upstream(body)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tower::ServiceExt;
 
-    use crate::metrics::{Direction, ProxyMetrics};
     use crate::stack::ReqBody;
 
     fn refusing(r: Refusal) -> impl Service<Req, Response = Resp, Error = Infallible> + Clone {
         let metrics = ProxyMetrics::new().unwrap();
-        let counters = metrics.refusals(Direction::Inbound, "l");
+        let counters = RefusalCounters::for_listener(&metrics, Direction::Inbound, "l");
         let inner = tower::service_fn(move |_req: Req| {
             let r = r.clone();
             async move { Err::<Resp, _>(r) }
@@ -472,7 +448,6 @@ mod tests {
             Refusal::MethodNotAllowed,
             Refusal::HeadersTooLarge { what: "x" },
             Refusal::Forbidden { rule: "r".into() },
-            Refusal::RateLimited { headers: vec![] },
             Refusal::Overloaded,
             Refusal::NoIdentity,
             Refusal::AppUnavailable,

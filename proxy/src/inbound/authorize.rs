@@ -21,18 +21,25 @@ use warden_identity::ratelog::LogLimiter;
 use warden_identity::tls::VerifiedPeer;
 
 use crate::authz::{self, Decision, Request as AuthzRequest};
-use crate::reload::PolicyRx;
+use crate::model::limits::Store;
+use crate::ratelimit::RateLimits;
 use crate::respond::Refusal;
 use crate::stack::observe::Authorized;
 use crate::stack::{Req, Resp};
 
 static DECISION_LOG: LogLimiter = LogLimiter::new(20);
 
-/// A policy with its rules' names shared and their counters resolved.
+/// The policy an inbound listener enforces now (replaced by a reload).
+pub type PolicyRx = tokio::sync::watch::Receiver<Arc<CompiledPolicy>>;
+
+/// A policy with its rules' names shared, their counters resolved and its
+/// rate limits compiled.
 #[derive(Debug)]
 pub struct CompiledPolicy {
     /// The rules.
     pub policy: Policy,
+    /// Its rate limits, on the listener's store.
+    pub rate_limits: RateLimits,
     /// Per rule, then `default` last: its name and allow/deny/audit_deny counters.
     rules: Vec<RuleHandles>,
 }
@@ -47,8 +54,8 @@ struct RuleHandles {
 
 impl CompiledPolicy {
     /// Compiles `policy` of listener `listener`, counting in `family`
-    /// (labels: listener, rule, result).
-    pub fn new(policy: Policy, family: &IntCounterVec, listener: &str) -> Self {
+    /// (labels: listener, rule, result), with its rate limits in `store`.
+    pub fn new(policy: Policy, family: &IntCounterVec, listener: &str, store: Arc<Store>) -> Self {
         let names = policy
             .rules
             .iter()
@@ -62,12 +69,23 @@ impl CompiledPolicy {
                 audit_deny: family.with_label_values(&[listener, name, "audit_deny"]),
             })
             .collect();
-        Self { policy, rules }
+        let rate_limits = RateLimits::new(listener, &policy, store);
+        Self {
+            policy,
+            rate_limits,
+            rules,
+        }
     }
 
-    /// Decides, counts, and names the deciding rule.
-    pub fn decide(&self, peer: &VerifiedPeer, req: AuthzRequest<'_>) -> (Decision<'_>, Arc<str>) {
-        let d = authz::decide(&self.policy, peer, req);
+    /// Decides a request on a connection accepted on `local_port`, counts
+    /// the decision, and names the deciding rule.
+    pub fn decide(
+        &self,
+        peer: &VerifiedPeer,
+        local_port: u16,
+        req: AuthzRequest<'_>,
+    ) -> (Decision<'_>, Arc<str>) {
+        let d = authz::decide_on(&self.policy, peer, local_port, req);
         let i = d.index.unwrap_or(self.policy.rules.len());
         let Some(h) = self.rules.get(i) else {
             return (d, Arc::from(d.rule));
@@ -87,15 +105,23 @@ pub struct AuthorizeLayer {
     listener: Arc<str>,
     policy: PolicyRx,
     peer: Arc<VerifiedPeer>,
+    local_port: u16,
 }
 
 impl AuthorizeLayer {
-    /// Authorizes `peer`'s requests on `listener` under the latest `policy`.
-    pub fn new(listener: Arc<str>, policy: PolicyRx, peer: Arc<VerifiedPeer>) -> Self {
+    /// Authorizes `peer`'s requests on `listener`, on a connection accepted
+    /// on `local_port`, under the latest `policy`.
+    pub fn new(
+        listener: Arc<str>,
+        policy: PolicyRx,
+        peer: Arc<VerifiedPeer>,
+        local_port: u16,
+    ) -> Self {
         Self {
             listener,
             policy,
             peer,
+            local_port,
         }
     }
 }
@@ -136,6 +162,7 @@ where
         let compiled = l.policy.borrow().clone();
         let (d, rule) = compiled.decide(
             &l.peer,
+            l.local_port,
             AuthzRequest {
                 method: Some(req.method().as_str()),
                 path: Some(req.uri().path()),

@@ -82,27 +82,27 @@ mod tests {
         let l = RequestLimits::new(&Limits::default());
         assert!(l.check(&mut req(&[("a", "x".repeat(8000))])).is_ok());
         let one_big = l.check(&mut req(&[("a", "x".repeat(12 * 1024))]));
-        assert_eq!(
+        assert!(matches!(
             one_big,
             Err(Refusal::HeadersTooLarge {
                 what: "header_line"
             })
-        );
+        ));
         let many: Vec<_> = (0..64)
             .map(|i| ("x-h", format!("{i}{}", "v".repeat(1024))))
             .collect();
-        assert_eq!(
+        assert!(matches!(
             l.check(&mut req(&many)),
             Err(Refusal::HeadersTooLarge {
                 what: "header_bytes"
             })
-        );
+        ));
         let count: Vec<_> = (0..101).map(|i| ("x-h", i.to_string())).collect();
-        assert_eq!(
+        assert!(matches!(
             l.check(&mut req(&count)),
             Err(Refusal::HeadersTooLarge {
                 what: "header_count"
             })
-        );
+        ));
     }
 }

@@ -16,6 +16,7 @@ mod identity;
 mod limits;
 mod model;
 mod path;
+mod rate_limit;
 mod server;
 mod tcp;
 
@@ -46,14 +47,13 @@ use crate::metrics::{Direction, ProxyMetrics};
 use crate::model::limits::Store;
 use crate::model::report::Reporter;
 use crate::model::route::Routes;
-use crate::reload::PolicyRx;
 use crate::respond::{Refusal, RefusalCounters, RespondLayer};
 use crate::stack::observe::{ObserveLayer, Observed, Shared};
 use crate::stack::timeout::TimeoutLayer;
 use crate::stack::{CheckLayer, ReqBody};
 use crate::tls::{H2, HTTP1, server_config};
 
-pub use authorize::CompiledPolicy;
+pub use authorize::{CompiledPolicy, PolicyRx};
 
 static HANDSHAKE_LOG: LogLimiter = LogLimiter::new(10);
 
@@ -77,6 +77,7 @@ impl Listener {
     fn stack(
         &self,
         peer: Arc<VerifiedPeer>,
+        local_port: u16,
         xfcc: http::HeaderValue,
         busy: Arc<AtomicUsize>,
     ) -> impl Service<
@@ -102,6 +103,12 @@ impl Listener {
                 self.name.clone(),
                 self.policy.clone(),
                 peer.clone(),
+                local_port,
+            ))
+            .layer(rate_limit::RateLimitLayer::new(
+                self.policy.clone(),
+                peer.clone(),
+                local_port,
             ))
             .layer(CheckLayer(identity::IdentityHeader {
                 xfcc,
@@ -117,6 +124,7 @@ impl Listener {
         &self,
         tls: S,
         peer: VerifiedPeer,
+        local_port: u16,
         own: &Identity,
         busy: Arc<AtomicUsize>,
         watcher: hyper_util::server::graceful::Watcher,
@@ -126,7 +134,7 @@ impl Listener {
         let Some(xfcc) = headers::xfcc_value(own.id.as_str(), peer.id().as_str()) else {
             return;
         };
-        let svc = TowerToHyperService::new(self.stack(Arc::new(peer), xfcc, busy));
+        let svc = TowerToHyperService::new(self.stack(Arc::new(peer), local_port, xfcc, busy));
         let conn = self
             .builder
             .serve_connection(TokioIo::new(tls), svc)
@@ -154,12 +162,13 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let graceful = GracefulShutdown::new();
     let reporter = Some(Reporter::new(identity.clone()));
-    let refusals = metrics.refusals(Direction::Inbound, &name);
+    let refusals = RefusalCounters::for_listener(&metrics, Direction::Inbound, &name);
     let conns = metrics.connections(Direction::Inbound, &name);
     let shared = Arc::new(Listener {
         name: name.clone(),
         policy,
-        observe: Arc::new(metrics.observe(
+        observe: Arc::new(Shared::new(
+            &metrics,
             Direction::Inbound,
             &name,
             cfg.limits.max_requests_in_flight,
@@ -225,6 +234,8 @@ pub async fn serve(
             let _guard = guard;
             let (cfg, name, metrics) = (&l.cfg, &l.name, &l.metrics);
             let _ = stream.set_nodelay(true);
+            // Rules with `ports` match the port the connection was accepted on.
+            let local_port = stream.local_addr().map_or(0, |a| a.port());
             let busy = Arc::new(AtomicUsize::new(0));
             let stream = IdleTimeout::new(stream, cfg.limits.idle_timeout).with_busy(busy.clone());
             let tls = match tls::accept(&acceptor, stream, cfg.limits.handshake_timeout).await {
@@ -253,8 +264,11 @@ pub async fn serve(
                 }
             };
             match cfg.protocol {
-                Protocol::Http => l.serve_http(tls, peer, &id, busy, watcher).await,
-                Protocol::Tcp => tcp::serve(cfg, &l.policy, tls, peer, metrics).await,
+                Protocol::Http => {
+                    l.serve_http(tls, peer, local_port, &id, busy, watcher)
+                        .await
+                }
+                Protocol::Tcp => tcp::serve(cfg, &l.policy, tls, peer, local_port, metrics).await,
             }
         });
     }

@@ -6,8 +6,6 @@
 //! settled by the route (JSON usage, or the event stream as it passes).
 //! Requests under no route pass through untouched.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -19,7 +17,7 @@ use warden_identity::tls::VerifiedPeer;
 
 use crate::model::route::Routes;
 use crate::respond::{Body, Refusal};
-use crate::stack::{Req, ReqBody, Resp, StageFuture};
+use crate::stack::{Branch, Req, ReqBody, Resp};
 
 /// The layer, for one connection's verified caller.
 #[derive(Clone)]
@@ -60,7 +58,7 @@ where
 {
     type Response = Resp;
     type Error = Refusal;
-    type Future = Guarded<S::Future>;
+    type Future = Branch<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Refusal>> {
         self.inner.poll_ready(cx)
@@ -68,11 +66,11 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         if self.layer.routes.find(req.uri().path()).is_none() {
-            return Guarded::Pass(self.inner.call(req));
+            return Branch::Pass(self.inner.call(req));
         }
         let (routes, peer) = (self.layer.routes.clone(), self.layer.peer.clone());
         let mut inner = self.inner.clone();
-        Guarded::Route(Box::pin(async move {
+        Branch::Staged(Box::pin(async move {
             let Some(route) = routes.find(req.uri().path()) else {
                 return Err(Refusal::Internal);
             };
@@ -126,27 +124,5 @@ where
                 }
             }
         }))
-    }
-}
-
-/// The future of [`ModelGuard`].
-pub enum Guarded<F> {
-    /// Under no model route.
-    Pass(F),
-    /// Under one.
-    Route(StageFuture),
-}
-
-impl<F> Future for Guarded<F>
-where
-    F: Future<Output = Result<Resp, Refusal>> + Unpin,
-{
-    type Output = Result<Resp, Refusal>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Self::Pass(f) => Pin::new(f).poll(cx),
-            Self::Route(f) => f.as_mut().poll(cx),
-        }
     }
 }

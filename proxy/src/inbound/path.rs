@@ -66,7 +66,10 @@ mod tests {
         let r = checked("/a/./b/../c?x=%2e").unwrap();
         assert_eq!(r.uri(), "/a/c?x=%2e");
         assert_eq!(checked("/a/b").unwrap().uri(), "/a/b");
-        assert_eq!(checked("/a/%2e%2e/%2e%2e/x").unwrap_err(), Refusal::BadPath);
+        assert!(matches!(
+            checked("/a/%2e%2e/%2e%2e/x"),
+            Err(Refusal::BadPath)
+        ));
     }
 
     #[test]

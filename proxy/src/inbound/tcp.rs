@@ -9,8 +9,8 @@ use warden_config::proxy::Inbound;
 use warden_identity::tls::VerifiedPeer;
 
 use crate::authz::Request;
+use crate::inbound::authorize::PolicyRx;
 use crate::metrics::ProxyMetrics;
-use crate::reload::PolicyRx;
 
 static TCP_LOG: warden_identity::ratelog::LogLimiter =
     warden_identity::ratelog::LogLimiter::new(20);
@@ -21,6 +21,7 @@ pub async fn serve<S>(
     policy: &PolicyRx,
     mut tls: S,
     peer: VerifiedPeer,
+    local_port: u16,
     metrics: &ProxyMetrics,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -28,6 +29,7 @@ pub async fn serve<S>(
     let policy = policy.borrow().clone();
     let (d, _) = policy.decide(
         &peer,
+        local_port,
         Request {
             method: None,
             path: None,

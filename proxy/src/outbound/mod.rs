@@ -34,7 +34,7 @@ use crate::listener::ConnGuard;
 use crate::metrics::{Direction, ProxyMetrics};
 use crate::respond::{Refusal, RefusalCounters, RespondLayer};
 use crate::stack::ReqBody;
-use crate::stack::observe::ObserveLayer;
+use crate::stack::observe::{ObserveLayer, Shared};
 use crate::stack::timeout::TimeoutLayer;
 use crate::tls::{H2, HTTP1, client_config};
 
@@ -90,9 +90,10 @@ pub async fn serve(
         config_channel(&cfg, identity, H2),
         timeout,
     );
-    let refusals = metrics.refusals(Direction::Outbound, &name);
+    let refusals = RefusalCounters::for_listener(&metrics, Direction::Outbound, &name);
     let conns = metrics.connections(Direction::Outbound, &name);
-    let observe = Arc::new(metrics.observe(
+    let observe = Arc::new(Shared::new(
+        &metrics,
         Direction::Outbound,
         &name,
         cfg.limits.max_requests_in_flight,

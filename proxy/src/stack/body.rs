@@ -1,3 +1,7 @@
+//! The bodies that travel through the stack. The answer's ([`Body`]): the
+//! upstream's, streamed; one the proxy made; or a model API stream metered
+//! as it passes.
+//!
 //! The request body as it travels down the stack: the caller's, streamed
 //! (its trailers cleaned like its head: a trailer is just a late header), or
 //! one a stage read whole and perhaps rewrote (a model API request).
@@ -16,9 +20,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
 use crate::headers;
+use crate::model::meter::Metered;
+
+/// The request every stage sees.
+pub type Req = http::Request<ReqBody>;
+/// The answer every stage below `respond` returns.
+pub type Resp = http::Response<Body>;
 
 /// Most bytes of an unread body drained after an early answer.
 pub const DRAIN_BYTES: usize = 64 * 1024;
@@ -55,7 +65,7 @@ impl ReqBody {
     }
 }
 
-impl Body for ReqBody {
+impl HttpBody for ReqBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -122,4 +132,56 @@ fn drain(mut body: Incoming) {
         };
         let _ = tokio::time::timeout(DRAIN_TIME, read).await;
     });
+}
+
+/// The body type of every proxied response: the upstream's, streamed; one
+/// of ours; or a model API stream counted as it passes. An enum rather than
+/// a box: no allocation per response (only a metered stream is boxed).
+pub enum Body {
+    /// The app's or the destination's answer, passed through.
+    Upstream(Incoming),
+    /// An answer made (or rewritten) by the proxy.
+    Full(Full<Bytes>),
+    /// A model API stream, counted against its reservation.
+    Metered(Box<Metered>),
+}
+
+/// Errors a body can carry.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::Full(b) => Pin::new(b).poll_frame(cx).map_err(|e| match e {}),
+            Self::Metered(b) => Pin::new(&mut **b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream(b) => b.is_end_stream(),
+            Self::Full(b) => b.is_end_stream(),
+            Self::Metered(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Upstream(b) => b.size_hint(),
+            Self::Full(b) => b.size_hint(),
+            Self::Metered(b) => b.size_hint(),
+        }
+    }
+}
+
+/// An upstream response body, passed through as it streams.
+pub fn upstream(body: Incoming) -> Body {
+    Body::Upstream(body)
 }

@@ -17,14 +17,9 @@ use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
-use crate::respond::{Body, Refusal};
+use crate::respond::Refusal;
 
-pub use body::ReqBody;
-
-/// The request every stage sees.
-pub type Req = http::Request<ReqBody>;
-/// The answer every stage below `respond` returns.
-pub type Resp = http::Response<Body>;
+pub use body::{Body, Req, ReqBody, Resp};
 /// A boxed stage future, for the stages that must wait on something.
 pub type StageFuture = Pin<Box<dyn Future<Output = Result<Resp, Refusal>> + Send>>;
 
@@ -96,6 +91,29 @@ where
         match self.get_mut() {
             Self::Next(f) => Pin::new(f).poll(cx),
             Self::Refused(r) => Poll::Ready(Err(r.take().unwrap_or(Refusal::Internal))),
+        }
+    }
+}
+
+/// The future of a stage that waits on something only for some requests:
+/// the rest of the stack's future as it is, or the stage's own, boxed.
+pub enum Branch<F> {
+    /// The stage had nothing to do.
+    Pass(F),
+    /// The stage's own work, then the rest of the stack.
+    Staged(StageFuture),
+}
+
+impl<F> Future for Branch<F>
+where
+    F: Future<Output = Result<Resp, Refusal>> + Unpin,
+{
+    type Output = Result<Resp, Refusal>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Pass(f) => Pin::new(f).poll(cx),
+            Self::Staged(f) => f.as_mut().poll(cx),
         }
     }
 }

@@ -27,8 +27,10 @@ use tower::{Layer, Service};
 use warden_identity::ratelog::LogLimiter;
 
 use crate::metrics::RequestMetrics;
-use crate::respond::{Body, BoxError, Caller, Refusal, RefusalCounters, Refused};
-use crate::stack::{Req, Resp};
+use crate::metrics::{Direction, ProxyMetrics};
+use crate::respond::{Caller, Refusal, RefusalCounters, Refused};
+use crate::stack::body::{Body, BoxError};
+use crate::stack::body::{Req, Resp};
 
 static ACCESS_LOG: LogLimiter = LogLimiter::new(200);
 
@@ -56,6 +58,26 @@ pub struct Shared {
     pub refusals: RefusalCounters,
     /// Access-log lines dropped by the rate limit.
     pub log_dropped: IntCounter,
+}
+
+impl Shared {
+    /// What the requests of listener `name` share: `max_in_flight` slots
+    /// and their metric handles.
+    pub fn new(
+        metrics: &ProxyMetrics,
+        direction: Direction,
+        name: &Arc<str>,
+        max_in_flight: usize,
+    ) -> Self {
+        Self {
+            listener: name.clone(),
+            direction: direction.label(),
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            requests: RequestMetrics::new(metrics, direction, name),
+            refusals: RefusalCounters::for_listener(metrics, direction, name),
+            log_dropped: metrics.access_log_dropped.clone(),
+        }
+    }
 }
 
 /// The layer, for one connection.
@@ -310,13 +332,12 @@ mod tests {
     use http_body_util::{BodyExt, Full};
     use tower::ServiceExt;
 
-    use crate::metrics::{Direction, ProxyMetrics};
     use crate::stack::ReqBody;
 
     #[tokio::test]
     async fn the_slot_and_the_busy_count_are_held_until_the_body_ends() {
         let metrics = ProxyMetrics::new().unwrap();
-        let shared = Arc::new(metrics.observe(Direction::Inbound, &"l".into(), 1));
+        let shared = Arc::new(Shared::new(&metrics, Direction::Inbound, &"l".into(), 1));
         let busy = Arc::new(AtomicUsize::new(0));
         let answer = tower::service_fn(|_req: Req| async {
             Ok::<_, Infallible>(Response::new(Body::Full(Full::new(Bytes::from_static(
