@@ -5,6 +5,7 @@
 pub mod answer;
 pub mod detect;
 pub mod limits;
+mod lru;
 pub mod meter;
 pub mod metrics;
 pub mod outputs;

@@ -89,7 +89,9 @@ impl Admitted {
 pub struct Routes(Vec<Route>);
 
 impl Routes {
-    /// Builds the runtime of every route of `listener`.
+    /// Builds the runtime of every route of `listener`; each route keeps
+    /// its limits in a store of its own made from `store`
+    /// ([`Store::for_route`]), and has its own detector.
     pub fn new(
         listener: &str,
         cfg: &[ModelRoute],
@@ -99,7 +101,7 @@ impl Routes {
     ) -> Self {
         Self(
             cfg.iter()
-                .map(|r| Route::new(listener, r, store.clone(), metrics, reporter.clone()))
+                .map(|r| Route::new(listener, r, store, metrics, reporter.clone()))
                 .collect(),
         )
     }
@@ -134,7 +136,7 @@ impl Route {
     fn new(
         listener: &str,
         cfg: &ModelRoute,
-        store: Arc<Store>,
+        store: &Store,
         metrics: &ModelMetrics,
         reporter: Option<Reporter>,
     ) -> Self {
@@ -173,6 +175,8 @@ impl Route {
         });
         let reporter = reporter.filter(|_| cfg.detection.is_some_and(|d| d.report_to_ca));
         let metrics = RouteMetrics::new(metrics, listener, &cfg.name);
+        // The route's own state: no lock in common with any other route.
+        let store = Arc::new(store.for_route());
         Self {
             policy_header,
             gate: Arc::new(Settler {
@@ -644,3 +648,7 @@ impl Route {
         Response::from_parts(parts, Body::Full(Full::new(out)))
     }
 }
+
+#[cfg(test)]
+#[path = "route_tests.rs"]
+mod tests;

@@ -1,17 +1,40 @@
-//! Limit state in this process: one map behind one lock, so every quota of
-//! every level is checked and charged in one step. The map is bounded:
-//! past `capacity` keys, state that is equivalent to no state (a full
-//! GCRA bucket, windows with nothing counted, no slot held) is dropped
-//! first, then the least recently used. What eviction forgets of one
-//! caller, its namespace and trust-domain aggregates still hold.
+//! Limit state in this process, sharded so that callers rarely wait for
+//! one another and routes never do (each route owns its store: see
+//! [`super::Store::for_route`]).
+//!
+//! A key's shard is chosen by a hash of its subject (the caller, its
+//! namespace or its trust domain), so every quota of one level lives in one
+//! shard and an admission locks at most three shards, always in ascending
+//! order (no deadlock), holding them while it checks and charges every
+//! quota: the step stays atomic.
+//!
+//! Each shard is bounded (its share of `capacity`) and makes room in O(1):
+//! of the [`EVICTION_PROBES`] least recently used keys it drops the first
+//! that is equivalent to no state (a full GCRA bucket, windows with nothing
+//! counted, no slot held), else the least recently used. A key that holds a
+//! concurrency slot is pinned, never dropped; there are at most three per
+//! request in flight. What eviction forgets of one caller, its namespace
+//! and trust-domain aggregates still hold.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Ask, Denial, Headroom, Hold, Kind, Plan, Reservation, Subjects, write_state_key};
+use super::{
+    Ask, Denial, Headroom, Hold, Kind, Level, Plan, Reservation, Subjects, write_state_key,
+};
+use crate::model::lru::LruMap;
 
-/// Keys kept by default (about 100 bytes each).
+/// Keys kept by default, per route (about 150 bytes each).
 pub const DEFAULT_CAPACITY: usize = 100_000;
+
+/// Most shards of one store.
+const MAX_SHARDS: usize = 64;
+
+/// Fewest keys a shard is sized for (a small store has fewer shards).
+const MIN_SHARD_KEYS: usize = 64;
+
+/// Least recently used keys looked at, at most, to find one to drop.
+pub const EVICTION_PROBES: usize = 8;
 
 #[derive(Debug, Clone, Copy)]
 enum State {
@@ -23,17 +46,80 @@ enum State {
     Slots(u32),
 }
 
-#[derive(Debug)]
-struct Entry {
-    state: State,
-    touched_us: u64,
+impl State {
+    fn holds_slots(self) -> bool {
+        matches!(self, State::Slots(n) if n > 0)
+    }
+}
+
+/// One shard: its keys in recency order, at most `cap` of them unpinned.
+struct Shard {
+    map: LruMap<State>,
+    cap: usize,
+}
+
+impl Shard {
+    fn state(&self, key: &str) -> Option<State> {
+        self.map.find(key).map(|i| *self.map.get(i))
+    }
+
+    /// Writes `state` under `key` (marking it used), making room first.
+    fn put(&mut self, key: &str, state: State, now_us: u64) {
+        let i = match self.map.find(key) {
+            Some(i) => {
+                *self.map.get_mut(i) = state;
+                self.map.touch(i);
+                i
+            }
+            None => {
+                match self.victim(now_us) {
+                    Some(v) => {
+                        self.map.replace(v, Arc::from(key), state);
+                        v
+                    }
+                    // Room left, or every key holds a slot (bounded by the requests in flight).
+                    None => self.map.insert(Arc::from(key), state),
+                }
+            }
+        };
+        if state.holds_slots() {
+            self.map.pin(i);
+        }
+    }
+
+    /// The key to drop: the first idle one of the least recently used few,
+    /// else the least recently used (pinned keys are never offered).
+    fn victim(&self, now_us: u64) -> Option<usize> {
+        if self.map.len() < self.cap {
+            return None;
+        }
+        let oldest = self.map.oldest()?;
+        let mut at = Some(oldest);
+        for _ in 0..EVICTION_PROBES {
+            let Some(i) = at else { break };
+            if is_idle(*self.map.get(i), now_us) {
+                return Some(i);
+            }
+            at = self.map.newer(i);
+        }
+        Some(oldest)
+    }
 }
 
 /// In-process limit state.
-#[derive(Debug)]
 pub struct LocalStore {
-    map: Mutex<HashMap<String, Entry>>,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
     capacity: usize,
+}
+
+impl std::fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStore")
+            .field("shards", &self.shards.len())
+            .field("capacity", &self.capacity)
+            .finish()
+    }
 }
 
 impl Default for LocalStore {
@@ -100,22 +186,82 @@ enum Change {
 }
 
 impl LocalStore {
-    /// A store that keeps at most about `capacity` keys.
+    /// A store that keeps at most `capacity` keys (besides those holding a
+    /// concurrency slot), over up to 64 shards.
     pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(16);
+        let n = (capacity / MIN_SHARD_KEYS).clamp(1, MAX_SHARDS);
         Self {
-            map: Mutex::new(HashMap::new()),
-            capacity: capacity.max(16),
+            // The shares add up to `capacity` exactly.
+            shards: (0..n)
+                .map(|i| {
+                    Mutex::new(Shard {
+                        map: LruMap::default(),
+                        cap: capacity / n + usize::from(i < capacity % n),
+                    })
+                })
+                .collect(),
+            hasher: RandomState::new(),
+            capacity,
         }
+    }
+
+    /// The most keys it keeps.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Shards (each behind its own lock).
+    pub fn shards(&self) -> usize {
+        self.shards.len()
     }
 
     /// Keys held now.
     pub fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|s| s.map.len()).unwrap_or(0))
+            .sum()
     }
 
     /// True when no key is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Holds every lock of the store until dropped (to show what does not wait for it).
+    #[cfg(test)]
+    pub(crate) fn freeze(&self) -> Frozen<'_> {
+        Frozen(self.shards.iter().filter_map(|s| s.lock().ok()).collect())
+    }
+
+    fn shard_of(&self, subject: &str) -> usize {
+        (self.hasher.hash_one(subject) % self.shards.len() as u64) as usize
+    }
+
+    /// Locks the shards of `who`'s levels that `plan` uses, in ascending
+    /// order; None when a lock is poisoned (a panic mid-update).
+    fn lock(&self, plan: &Plan, who: &Subjects) -> Option<Locked<'_>> {
+        let mut levels = [None; 3];
+        for (slot, level) in
+            levels
+                .iter_mut()
+                .zip([Level::Identity, Level::Namespace, Level::TrustDomain])
+        {
+            if plan.quotas.iter().any(|q| q.level == level)
+                && let Some(subject) = who.get(level)
+            {
+                *slot = Some(self.shard_of(subject));
+            }
+        }
+        let mut order: Vec<usize> = levels.iter().flatten().copied().collect();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards = Vec::with_capacity(order.len());
+        for i in order {
+            guards.push((i, self.shards[i].lock().ok()?));
+        }
+        Some(Locked { levels, guards })
     }
 
     /// See [`super::Store::admit`].
@@ -126,7 +272,7 @@ impl LocalStore {
         ask: &Ask,
         now_us: u64,
     ) -> Result<Hold, Denial> {
-        let Ok(mut map) = self.map.lock() else {
+        let Some(mut locked) = self.lock(plan, who) else {
             // A poisoned lock means a panic mid-update: fail closed.
             return Err(Denial {
                 quota: 0,
@@ -142,7 +288,7 @@ impl LocalStore {
                 continue;
             };
             write_state_key(&mut key, &plan.route, &q.name, subject);
-            let state = map.get(key.as_str()).map(|e| e.state);
+            let state = locked.shard(q.level).and_then(|s| s.state(&key));
             let (change, remaining, reset_s, limit) = match q.kind {
                 Kind::Rate { interval_us, burst } => {
                     let tau = interval_us.saturating_mul(u64::from(burst));
@@ -227,9 +373,6 @@ impl LocalStore {
         if let Some(d) = denial {
             return Err(d);
         }
-        if map.len() + changes.len() > self.capacity {
-            evict(&mut map, self.capacity, now_us);
-        }
         let mut hold = Hold {
             headroom: headroom.map(|(_, h)| h),
             ..Hold::default()
@@ -263,25 +406,16 @@ impl LocalStore {
                     State::Slots(n)
                 }
             };
-            let entry = Entry {
-                state,
-                touched_us: now_us,
-            };
-            match map.get_mut(key.as_str()) {
-                Some(e) => *e = entry,
-                None => {
-                    map.insert(key.clone(), entry);
-                }
+            if let Some(shard) = locked.shard(plan.quotas[i].level) {
+                shard.put(&key, state, now_us);
             }
         }
         Ok(hold)
     }
 
-    /// See [`super::Store::settle`].
+    /// See [`super::Store::settle`]. Each key is settled on its own (a
+    /// refund needs no atomicity across keys), one shard lock at a time.
     pub fn settle(&self, plan: &Plan, hold: &Hold, used: &Ask, now_us: u64) {
-        let Ok(mut map) = self.map.lock() else {
-            return;
-        };
         for r in &hold.reservations {
             let Some(Kind::Window {
                 unit, window_ms, ..
@@ -289,11 +423,17 @@ impl LocalStore {
             else {
                 continue;
             };
-            let actual = used.get(unit);
-            let Some(e) = map.get_mut(&r.key) else {
+            let Some(subject) = key_subject(&r.key) else {
                 continue;
             };
-            let (idx, mut cur, mut prev) = roll(Some(e.state), window_ms, now_us);
+            let Ok(mut shard) = self.shards[self.shard_of(subject)].lock() else {
+                continue;
+            };
+            let Some(e) = shard.map.find(&r.key) else {
+                continue;
+            };
+            let actual = used.get(unit);
+            let (idx, mut cur, mut prev) = roll(Some(*shard.map.get(e)), window_ms, now_us);
             if actual >= r.amount {
                 // More than reserved: charged now, where it is still counted.
                 let extra = actual - r.amount;
@@ -311,16 +451,61 @@ impl LocalStore {
                     prev = prev.saturating_sub(refund);
                 }
             }
-            e.state = State::Window { idx, cur, prev };
+            *shard.map.get_mut(e) = State::Window { idx, cur, prev };
         }
         for (_, key, _) in &hold.slots {
-            if let Some(e) = map.get_mut(key)
-                && let State::Slots(n) = e.state
+            let Some(subject) = key_subject(key) else {
+                continue;
+            };
+            let Ok(mut shard) = self.shards[self.shard_of(subject)].lock() else {
+                continue;
+            };
+            if let Some(e) = shard.map.find(key)
+                && let State::Slots(n) = *shard.map.get(e)
             {
-                e.state = State::Slots(n.saturating_sub(1));
+                let n = n.saturating_sub(1);
+                *shard.map.get_mut(e) = State::Slots(n);
+                if n == 0 {
+                    // Nothing held any more: it may be dropped again.
+                    shard.map.unpin(e);
+                }
             }
         }
     }
+}
+
+/// Every lock of a store, held.
+#[cfg(test)]
+pub(crate) struct Frozen<'a>(#[allow(dead_code)] Vec<MutexGuard<'a, Shard>>);
+
+/// The shards one admission holds, and which of them each level uses.
+struct Locked<'a> {
+    /// Shard index of each level (identity, namespace, trust domain).
+    levels: [Option<usize>; 3],
+    guards: Vec<(usize, MutexGuard<'a, Shard>)>,
+}
+
+impl Locked<'_> {
+    fn shard(&mut self, level: Level) -> Option<&mut Shard> {
+        let want = self.levels[match level {
+            Level::Identity => 0,
+            Level::Namespace => 1,
+            Level::TrustDomain => 2,
+        }]?;
+        self.guards
+            .iter_mut()
+            .find(|(i, _)| *i == want)
+            .map(|(_, g)| &mut **g)
+    }
+}
+
+/// The subject part of a state key (`route|quota|subject`; route and quota
+/// names have no `|`).
+fn key_subject(key: &str) -> Option<&str> {
+    let mut parts = key.splitn(3, '|');
+    parts.next()?;
+    parts.next()?;
+    parts.next()
 }
 
 fn deny(denial: &mut Option<Denial>, quota: usize, retry_after_s: u64) {
@@ -343,28 +528,6 @@ fn is_idle(state: State, now_us: u64) -> bool {
         // Day windows are the longest: two of them behind, nothing counts.
         State::Window { cur, prev, .. } => cur == 0 && prev == 0,
     }
-}
-
-fn evict(map: &mut HashMap<String, Entry>, capacity: usize, now_us: u64) {
-    map.retain(|_, e| !is_idle(e.state, now_us));
-    let target = capacity - capacity / 10;
-    if map.len() <= target {
-        return;
-    }
-    // Still full of live state: drop the least recently used, never a held slot.
-    let mut ages: Vec<u64> = map
-        .values()
-        .filter(|e| !matches!(e.state, State::Slots(n) if n > 0))
-        .map(|e| e.touched_us)
-        .collect();
-    let excess = map.len() - target;
-    if excess >= ages.len() {
-        map.retain(|_, e| matches!(e.state, State::Slots(n) if n > 0));
-        return;
-    }
-    let (_, cutoff, _) = ages.select_nth_unstable(excess);
-    let cutoff = *cutoff;
-    map.retain(|_, e| matches!(e.state, State::Slots(n) if n > 0) || e.touched_us > cutoff);
 }
 
 #[cfg(test)]
@@ -561,5 +724,64 @@ mod tests {
             let _ = s.admit(&p, &who(&format!("spiffe://td/w{n}")), &ask, T0 + n);
             assert!(s.len() <= 1000, "{} keys", s.len());
         }
+    }
+
+    #[test]
+    fn a_held_slot_is_never_evicted() {
+        let p = plan(
+            LimitSet {
+                requests_per_second: Some(1000.0),
+                concurrent: Some(1),
+                ..LimitSet::default()
+            },
+            LimitSet::default(),
+        );
+        let s = LocalStore::new(16);
+        let a = who("spiffe://td/a");
+        let hold = s.admit(&p, &a, &Ask::default(), T0).unwrap();
+        // A crowd of callers passes through the full store ...
+        for n in 0..1000u64 {
+            let h = s
+                .admit(
+                    &p,
+                    &who(&format!("spiffe://td/w{n}")),
+                    &Ask::default(),
+                    T0 + n,
+                )
+                .unwrap();
+            s.settle(&p, &h, &Ask::default(), T0 + n);
+            assert!(s.len() <= 17, "{} keys", s.len());
+        }
+        // ... and the slot a holds is still counted, until it is released.
+        assert!(s.admit(&p, &a, &Ask::default(), T0 + 2000).is_err());
+        s.settle(&p, &hold, &Ask::default(), T0 + 2000);
+        assert!(s.admit(&p, &a, &Ask::default(), T0 + 2000).is_ok());
+    }
+
+    #[test]
+    fn idle_state_is_dropped_before_live_state() {
+        let p = plan(
+            LimitSet {
+                tokens_per_day: Some(1000),
+                ..LimitSet::default()
+            },
+            LimitSet::default(),
+        );
+        let s = LocalStore::new(16);
+        let ask = |n| Ask {
+            tokens: n,
+            ..Ask::default()
+        };
+        // One caller with tokens counted, then callers whose reservations
+        // are all refunded (their state is as good as none).
+        let heavy = who("spiffe://td/heavy");
+        s.admit(&p, &heavy, &ask(900), T0).unwrap();
+        for n in 0..100u64 {
+            let w = who(&format!("spiffe://td/w{n}"));
+            let h = s.admit(&p, &w, &ask(10), T0).unwrap();
+            s.settle(&p, &h, &ask(0), T0);
+        }
+        // The heavy caller's count is still there.
+        assert!(s.admit(&p, &heavy, &ask(200), T0).is_err());
     }
 }
