@@ -122,6 +122,7 @@ impl<V> LruMap<V> {
     }
 
     /// The key of slot `i`.
+    #[cfg(test)]
     pub fn key(&self, i: usize) -> &Arc<str> {
         &self.nodes[i].key
     }

@@ -12,4 +12,6 @@ pub mod outputs;
 pub mod report;
 pub mod request;
 pub mod route;
+pub mod sse;
 pub mod ticket;
+pub mod usage;

@@ -29,12 +29,13 @@ use warden_identity::ratelog::LogLimiter;
 use super::answer;
 use super::detect::{CoverageSettings, Detector, Ladder, LlmQuery, Query, Settings, Step};
 use super::limits::{Ask, Headroom, Hold, Plan, Store, Subjects};
-use super::meter::{Metered, Reserved, Tally};
+use super::meter::Metered;
 use super::metrics::{ModelMetrics, RouteMetrics};
 use super::outputs;
 use super::report::Reporter;
 use super::request::{Call, ModelRequest};
 use super::ticket::{Settler, Ticket};
+use super::usage::{Reserved, Tally};
 use crate::respond::Body;
 
 static LOG: LogLimiter = LogLimiter::new(20);
@@ -480,7 +481,7 @@ impl Route {
                 let inputs: Vec<&str> = r.inputs.iter().map(String::as_str).collect();
                 d.observe(id, Query::Embeddings(&inputs))
             }
-            Call::Chat | Call::Completion => d.observe(
+            Call::Chat | Call::Completion | Call::Responses => d.observe(
                 id,
                 Query::Llm(LlmQuery {
                     prompt: &r.text,

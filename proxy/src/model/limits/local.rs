@@ -254,12 +254,18 @@ impl LocalStore {
                 *slot = Some(self.shard_of(subject));
             }
         }
-        let mut order: Vec<usize> = levels.iter().flatten().copied().collect();
-        order.sort_unstable();
-        order.dedup();
-        let mut guards = Vec::with_capacity(order.len());
-        for i in order {
-            guards.push((i, self.shards[i].lock().ok()?));
+        // No allocation: at most three shards, distinct, in ascending order.
+        let (mut order, mut n) = ([0usize; 3], 0);
+        for &i in levels.iter().flatten() {
+            if !order[..n].contains(&i) {
+                order[n] = i;
+                n += 1;
+            }
+        }
+        order[..n].sort_unstable();
+        let mut guards = [None, None, None];
+        for (g, &i) in guards.iter_mut().zip(&order[..n]) {
+            *g = Some((i, self.shards[i].lock().ok()?));
         }
         Some(Locked { levels, guards })
     }
@@ -413,65 +419,88 @@ impl LocalStore {
         Ok(hold)
     }
 
-    /// See [`super::Store::settle`]. Each key is settled on its own (a
-    /// refund needs no atomicity across keys), one shard lock at a time.
+    /// See [`super::Store::settle`]. A refund needs no atomicity across
+    /// keys: each shard is locked once, one at a time.
     pub fn settle(&self, plan: &Plan, hold: &Hold, used: &Ask, now_us: u64) {
+        let mut items: Vec<(usize, Settled<'_>)> =
+            Vec::with_capacity(hold.reservations.len() + hold.slots.len());
         for r in &hold.reservations {
-            let Some(Kind::Window {
-                unit, window_ms, ..
-            }) = plan.quotas.get(r.quota).map(|q| q.kind)
-            else {
-                continue;
-            };
-            let Some(subject) = key_subject(&r.key) else {
-                continue;
-            };
-            let Ok(mut shard) = self.shards[self.shard_of(subject)].lock() else {
-                continue;
-            };
-            let Some(e) = shard.map.find(&r.key) else {
-                continue;
-            };
-            let actual = used.get(unit);
-            let (idx, mut cur, mut prev) = roll(Some(*shard.map.get(e)), window_ms, now_us);
-            if actual >= r.amount {
-                // More than reserved: charged now, where it is still counted.
-                let extra = actual - r.amount;
-                if r.window + 1 == idx {
-                    prev = prev.saturating_add(extra);
-                } else {
-                    cur = cur.saturating_add(extra);
-                }
-            } else {
-                // A refund goes back to the window that was charged, if it still counts.
-                let refund = r.amount - actual;
-                if r.window == idx {
-                    cur = cur.saturating_sub(refund);
-                } else if r.window + 1 == idx {
-                    prev = prev.saturating_sub(refund);
-                }
+            if let Some(subject) = key_subject(&r.key) {
+                items.push((self.shard_of(subject), Settled::Reservation(r)));
             }
-            *shard.map.get_mut(e) = State::Window { idx, cur, prev };
         }
         for (_, key, _) in &hold.slots {
-            let Some(subject) = key_subject(key) else {
+            if let Some(subject) = key_subject(key) {
+                items.push((self.shard_of(subject), Settled::Slot(key)));
+            }
+        }
+        items.sort_by_key(|(shard, _)| *shard);
+        let mut current: Option<(usize, MutexGuard<'_, Shard>)> = None;
+        for (i, item) in items {
+            if current.as_ref().is_none_or(|(c, _)| *c != i) {
+                // One lock at a time: the last is released before the next is taken.
+                drop(current.take());
+                current = self.shards[i].lock().ok().map(|g| (i, g));
+            }
+            let Some((_, shard)) = current.as_mut() else {
                 continue;
             };
-            let Ok(mut shard) = self.shards[self.shard_of(subject)].lock() else {
-                continue;
-            };
-            if let Some(e) = shard.map.find(key)
-                && let State::Slots(n) = *shard.map.get(e)
-            {
-                let n = n.saturating_sub(1);
-                *shard.map.get_mut(e) = State::Slots(n);
-                if n == 0 {
-                    // Nothing held any more: it may be dropped again.
-                    shard.map.unpin(e);
+            match item {
+                Settled::Reservation(r) => settle_window(shard, plan, r, used, now_us),
+                Settled::Slot(key) => {
+                    if let Some(e) = shard.map.find(key)
+                        && let State::Slots(n) = *shard.map.get(e)
+                    {
+                        let n = n.saturating_sub(1);
+                        *shard.map.get_mut(e) = State::Slots(n);
+                        if n == 0 {
+                            // Nothing held any more: it may be dropped again.
+                            shard.map.unpin(e);
+                        }
+                    }
                 }
             }
         }
     }
+}
+
+/// One part of a hold to settle.
+enum Settled<'h> {
+    Reservation(&'h Reservation),
+    Slot(&'h str),
+}
+
+/// Settles one reservation: what `used` says replaces what was reserved.
+fn settle_window(shard: &mut Shard, plan: &Plan, r: &Reservation, used: &Ask, now_us: u64) {
+    let Some(Kind::Window {
+        unit, window_ms, ..
+    }) = plan.quotas.get(r.quota).map(|q| q.kind)
+    else {
+        return;
+    };
+    let Some(e) = shard.map.find(&r.key) else {
+        return;
+    };
+    let actual = used.get(unit);
+    let (idx, mut cur, mut prev) = roll(Some(*shard.map.get(e)), window_ms, now_us);
+    if actual >= r.amount {
+        // More than reserved: charged now, where it is still counted.
+        let extra = actual - r.amount;
+        if r.window + 1 == idx {
+            prev = prev.saturating_add(extra);
+        } else {
+            cur = cur.saturating_add(extra);
+        }
+    } else {
+        // A refund goes back to the window that was charged, if it still counts.
+        let refund = r.amount - actual;
+        if r.window == idx {
+            cur = cur.saturating_sub(refund);
+        } else if r.window + 1 == idx {
+            prev = prev.saturating_sub(refund);
+        }
+    }
+    *shard.map.get_mut(e) = State::Window { idx, cur, prev };
 }
 
 /// Every lock of a store, held.
@@ -482,7 +511,7 @@ pub(crate) struct Frozen<'a>(#[allow(dead_code)] Vec<MutexGuard<'a, Shard>>);
 struct Locked<'a> {
     /// Shard index of each level (identity, namespace, trust domain).
     levels: [Option<usize>; 3],
-    guards: Vec<(usize, MutexGuard<'a, Shard>)>,
+    guards: [Option<(usize, MutexGuard<'a, Shard>)>; 3],
 }
 
 impl Locked<'_> {
@@ -494,6 +523,7 @@ impl Locked<'_> {
         }]?;
         self.guards
             .iter_mut()
+            .flatten()
             .find(|(i, _)| *i == want)
             .map(|(_, g)| &mut **g)
     }
