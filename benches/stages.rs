@@ -17,7 +17,7 @@ use warden_ca::{Authority, CaService, InitOptions};
 use warden_config::model::{LimitSet, Limits, ModelApi};
 use warden_config::{ProxyConfig, SpiffeId, TrustDomain};
 use warden_proxy::model::limits::local::LocalStore;
-use warden_proxy::model::limits::{Ask, Plan, Subjects, now_us};
+use warden_proxy::model::limits::{Ask, Plan, Store, Subjects, now_us};
 use warden_proxy::model::request::ModelRequest;
 use warden_proxy::{authz, headers, normalize};
 
@@ -171,6 +171,7 @@ fn stages(c: &mut Criterion) {
             })
         },
     );
+    limits_contention(&mut g, &plan, &ids);
     let body = br#"{"model":"m","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Summarize the attached quarterly report in three bullet points."}],"max_tokens":256,"temperature":0.2}"#;
     g.bench_function("chat request body parse (220 B)", |b| {
         b.iter(|| {
@@ -184,6 +185,130 @@ fn stages(c: &mut Criterion) {
         })
     });
     g.finish();
+}
+
+/// Two routes admitting and settling at once, one thread each: what a
+/// lock shared between them costs (each iteration is one admit + settle
+/// on each route, in parallel).
+fn limits_contention(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    plan: &Plan,
+    ids: &[SpiffeId],
+) {
+    let plans = [
+        Plan {
+            route: "chat".into(),
+            ..plan.clone()
+        },
+        Plan {
+            route: "embed".into(),
+            ..plan.clone()
+        },
+    ];
+    let [a, b] = route_stores();
+    let own = [std::sync::Arc::new(a), std::sync::Arc::new(b)];
+    // For comparison: both routes on one (sharded) store, as a caller of
+    // `Store::admit` with the proxy's store would have them.
+    let one = std::sync::Arc::new(LocalStore::default());
+    for (name, stores) in [
+        (
+            "limits: 2 routes on 2 threads, admit + settle each, 3 levels x 3 limits",
+            own,
+        ),
+        (
+            "limits: 2 routes on 2 threads, one sharded store for both",
+            [one.clone(), one],
+        ),
+    ] {
+        contend(g, name, &stores, &plans, ids);
+    }
+
+    // A full store, a new caller on every admission: what eviction costs,
+    // with the evicted state idle (all refunded) or live (tokens counted).
+    for (name, used) in [
+        ("limits: admit of a new caller into a full store", 0),
+        (
+            "limits: admit of a new caller into a store full of live state",
+            100,
+        ),
+    ] {
+        let store = LocalStore::new(100_000);
+        let mut n = 0u64;
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    n += 1;
+                    let id =
+                        SpiffeId::parse(&format!("spiffe://bench.test/ns/t{}/sa/w{n}", n % 64))
+                            .unwrap();
+                    let who = Subjects::of(&id);
+                    let ask = Ask {
+                        tokens: 300,
+                        ..Ask::default()
+                    };
+                    let start = std::time::Instant::now();
+                    let hold = store.admit(plan, &who, &ask, now_us()).unwrap();
+                    let took = start.elapsed();
+                    store.settle(
+                        plan,
+                        &hold,
+                        &Ask {
+                            tokens: used,
+                            ..Ask::default()
+                        },
+                        now_us(),
+                    );
+                    total += took;
+                    black_box(hold);
+                }
+                total
+            })
+        });
+    }
+}
+
+/// Runs one admit + settle per iteration on each of `stores`, each on its
+/// own thread with its own plan.
+fn contend(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    stores: &[std::sync::Arc<LocalStore>; 2],
+    plans: &[Plan; 2],
+    ids: &[SpiffeId],
+) {
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for (store, plan) in stores.iter().zip(plans) {
+                    s.spawn(move || {
+                        for i in 0..iters {
+                            let who = Subjects::of(&ids[i as usize % ids.len()]);
+                            let ask = Ask {
+                                tokens: 300,
+                                ..Ask::default()
+                            };
+                            let hold = store.admit(plan, &who, &ask, now_us()).unwrap();
+                            store.settle(plan, &hold, &Ask::default(), now_us());
+                        }
+                    });
+                }
+            });
+            start.elapsed()
+        })
+    });
+}
+
+/// The limit state each of two routes uses, as the proxy gives it to them:
+/// a store of its own ([`Store::for_route`]).
+fn route_stores() -> [LocalStore; 2] {
+    let proxy = Store::Local(LocalStore::default());
+    let own = || match proxy.for_route() {
+        Store::Local(s) => s,
+        Store::Redis(_) => unreachable!("a local store makes local stores"),
+    };
+    [own(), own()]
 }
 
 criterion_group!(benches, stages);

@@ -237,6 +237,137 @@ fn a_model_that_ignores_max_tokens_has_its_stream_cut_with_an_error_event() {
     assert_eq!(charged, body.len() as u64 + 10);
 }
 
+const RESPONSES: &str = "/v1/responses";
+
+#[test]
+fn a_responses_api_request_is_reserved_and_settled_from_its_usage() {
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        "      - name: llm\n        paths: [/v1/*]\n        api: openai\n        default_max_tokens: 32\n        limits:\n          identity:\n            tokens_per_minute: 100000\n            max_top_logprobs: 2\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let body = json!({"model": "m", "instructions": "be brief", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hello"}]}
+    ]})
+    .to_string();
+    let a = b.post(&web, RESPONSES, &body);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.json()["usage"]["output_tokens"], 5);
+    assert!(a.header("ratelimit").is_some());
+    // warden set the reservation's length on the forwarded request.
+    assert_eq!(b.app.last()["max_output_tokens"], 32);
+    let tokens = "warden_model_charged_total{listener=\"models\",route=\"llm\",unit=\"tokens\"}";
+    assert_eq!(b.metric(tokens) as u64, PROMPT_TOKENS + 5);
+    // Information caps apply as for chat; fields of other APIs are refused.
+    let a = b.post(
+        &web,
+        RESPONSES,
+        &json!({"input": "hi", "top_logprobs": 5, "include": ["message.output_text.logprobs"]})
+            .to_string(),
+    );
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.json()["type"]
+            .as_str()
+            .unwrap()
+            .ends_with(":information-limit")
+    );
+    let a = b.post(
+        &web,
+        RESPONSES,
+        &json!({"input": "hi", "max_tokens": 5}).to_string(),
+    );
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.json()["type"]
+            .as_str()
+            .unwrap()
+            .ends_with(":bad-model-request")
+    );
+    assert_eq!(b.app.received.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn a_responses_api_stream_is_metered_from_its_completed_event() {
+    let b = Bench::start(
+        ModelBehaviour {
+            generate: 12,
+            ..ModelBehaviour::default()
+        },
+        "      - name: llm\n        paths: [/v1/*]\n        api: openai\n        default_max_tokens: 64\n        limits:\n          identity:\n            tokens_per_day: 100000\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let body = json!({"model": "m", "input": "hi", "stream": true}).to_string();
+    let a = b.post(&web, RESPONSES, &body);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.header("content-type"), Some("text/event-stream"));
+    assert_eq!(
+        a.body.matches("event: response.output_text.delta").count(),
+        12
+    );
+    // Delivered as the model sent it, to its terminal event.
+    assert!(
+        a.body.contains("event: response.completed\ndata: "),
+        "{}",
+        a.body
+    );
+    assert_eq!(b.app.last()["max_output_tokens"], 64);
+    let tokens = "warden_model_charged_total{listener=\"models\",route=\"llm\",unit=\"tokens\"}";
+    assert_eq!(b.metric(tokens) as u64, PROMPT_TOKENS + 12);
+    // Stopped by max_output_tokens: settled from `response.incomplete`.
+    let body = json!({"input": "hi", "stream": true, "max_output_tokens": 4}).to_string();
+    let a = b.post(&web, RESPONSES, &body);
+    assert!(
+        a.body.contains("event: response.incomplete\n"),
+        "{}",
+        a.body
+    );
+    assert_eq!(b.metric(tokens) as u64, 2 * PROMPT_TOKENS + 12 + 4);
+    assert_eq!(
+        b.metric("warden_model_reservations_outstanding{listener=\"models\",route=\"llm\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn a_responses_api_stream_past_its_reservation_is_cut_with_the_apis_error_event() {
+    let b = Bench::start(
+        ModelBehaviour {
+            generate: 40,
+            ignore_max_tokens: true,
+            ..ModelBehaviour::default()
+        },
+        "      - name: llm\n        paths: [/v1/*]\n        api: openai\n        limits:\n          identity:\n            tokens_per_minute: 100000\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let body = json!({"input": "hi", "stream": true, "max_output_tokens": 10}).to_string();
+    let a = b.post(&web, RESPONSES, &body);
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.body.matches("event: response.output_text.delta").count(),
+        10,
+        "{}",
+        a.body
+    );
+    assert!(!a.body.contains("response.completed") && !a.body.contains("[DONE]"));
+    let last = a.body.trim_end().rsplit("\n\n").next().unwrap();
+    let event: serde_json::Value =
+        serde_json::from_str(last.strip_prefix("event: error\ndata: ").expect(last)).unwrap();
+    assert_eq!(event["type"], "error");
+    assert_eq!(event["code"], "stream_budget_exhausted");
+    // created, item added, part added, 10 deltas: the error is number 13.
+    assert_eq!(event["sequence_number"], 13);
+    assert_eq!(
+        b.metric("warden_model_streams_cut_total{listener=\"models\",route=\"llm\"}"),
+        1.0
+    );
+    // Charged the prompt bound (no usage arrived) and the whole reservation.
+    let charged = b
+        .metric("warden_model_charged_total{listener=\"models\",route=\"llm\",unit=\"tokens\"}")
+        as u64;
+    assert_eq!(charged, body.len() as u64 + 10);
+}
+
 #[test]
 fn requests_get_a_max_tokens_and_information_caps_are_enforced() {
     let b = Bench::start(
@@ -502,9 +633,12 @@ fn what_the_limits_cannot_see_or_bound_is_refused() {
         (400, true),
         "{a:?}"
     );
-    // An endpoint the route does not know how to meter.
-    let a = b.post(&web, "/v1/responses", &json!({"input": "hi"}).to_string());
-    assert_eq!(a.status, 400, "{a:?}");
+    // Endpoints the route does not know how to meter fail closed.
+    for path in ["/v1/audio/speech", "/v1/responses/resp_1/cancel"] {
+        let a = b.post(&web, path, &json!({"input": "hi"}).to_string());
+        assert_eq!(a.status, 400, "{path}: {a:?}");
+        assert!(reason(&a).ends_with(":bad-model-request"), "{a:?}");
+    }
     // More than the whole quota: waiting cannot help, so no Retry-After.
     let a = b.post(&web, CHAT, &chat(100_000));
     assert_eq!(a.status, 400, "{a:?}");

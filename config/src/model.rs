@@ -14,8 +14,8 @@ use crate::pattern::PathMatch;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelApi {
-    /// OpenAI-compatible chat/completions, completions and embeddings (JSON,
-    /// server-sent-event streams, `usage` in answers).
+    /// OpenAI-compatible chat/completions, completions, embeddings and the
+    /// Responses API (JSON, server-sent-event streams, `usage` in answers).
     Openai,
     /// A generic JSON predict endpoint (KServe v1: `{"instances": [[...]]}`
     /// in, `{"predictions": [[...]]}` out) taking numeric feature vectors.

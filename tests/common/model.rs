@@ -1,5 +1,6 @@
-//! A fake model server (OpenAI-compatible chat, completions, embeddings and
-//! a KServe-v1 predict endpoint) that records what it received, and a
+//! A fake model server (OpenAI-compatible chat, completions, embeddings,
+//! the Responses API, plain and streamed, and a KServe-v1 predict endpoint)
+//! that records what it received, and a
 //! client that POSTs JSON over mTLS and reads any HTTP/1.1 answer
 //! (content-length, chunked, or close-delimited).
 
@@ -84,12 +85,36 @@ fn serve(stream: TcpStream, b: ModelBehaviour, rec: Arc<Mutex<Vec<Value>>>) {
         let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         rec.lock().unwrap().push(req.clone());
         std::thread::sleep(b.delay);
-        let max = req["max_tokens"].as_u64().unwrap_or(u64::MAX);
+        let responses = path.ends_with("/responses");
+        let max = if responses {
+            req["max_output_tokens"].as_u64()
+        } else {
+            req["max_tokens"].as_u64()
+        }
+        .unwrap_or(u64::MAX);
         let n = if b.ignore_max_tokens {
             b.generate
         } else {
             b.generate.min(max)
         };
+        if responses {
+            let stream = req["stream"] == json!(true);
+            let (head, body) = response_answer(&req, n, n < b.generate, stream);
+            if stream {
+                let _ = out.write_all(head.as_bytes());
+                for piece in body.as_bytes().chunks(37) {
+                    if out.write_all(piece).is_err() {
+                        return;
+                    }
+                    let _ = out.flush();
+                }
+                return;
+            }
+            if out.write_all(format!("{head}{body}").as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
         if req["stream"] == json!(true) {
             let mut events = String::new();
             for i in 0..n {
@@ -155,6 +180,76 @@ fn serve(stream: TcpStream, b: ModelBehaviour, rec: Arc<Mutex<Vec<Value>>>) {
             return;
         }
     }
+}
+
+/// A Responses API answer of `n` generated tokens (`cut`: stopped at
+/// `max_output_tokens`): the response head and body, a JSON response or
+/// its event stream ending in `response.completed` or `response.incomplete`.
+fn response_answer(req: &Value, n: u64, cut: bool, stream: bool) -> (String, String) {
+    let logprobs = req["include"]
+        .as_array()
+        .is_some_and(|a| a.contains(&json!("message.output_text.logprobs")));
+    let lp = |k: u64| -> Vec<Value> {
+        (0..k)
+            .map(|_| json!({"token": "t", "logprob": -0.1, "bytes": [116], "top_logprobs": []}))
+            .collect()
+    };
+    let mut part =
+        json!({"type": "output_text", "text": "t ".repeat(n as usize), "annotations": []});
+    if logprobs {
+        part["logprobs"] = json!(lp(n));
+    }
+    let (status, terminal) = if cut {
+        ("incomplete", "response.incomplete")
+    } else {
+        ("completed", "response.completed")
+    };
+    let item = json!({"type": "message", "id": "msg_1", "role": "assistant", "status": "completed", "content": [part]});
+    let mut response = json!({
+        "id": "resp_1", "object": "response", "created_at": 1, "model": req["model"],
+        "status": status, "output": [item],
+        "usage": {"input_tokens": PROMPT_TOKENS, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": n, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": PROMPT_TOKENS + n},
+    });
+    if cut {
+        response["incomplete_details"] = json!({"reason": "max_output_tokens"});
+    }
+    if !stream {
+        let text = response.to_string();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            text.len()
+        );
+        return (head, text);
+    }
+    let mut started = response.clone();
+    started["status"] = json!("in_progress");
+    started["output"] = json!([]);
+    started["usage"] = Value::Null;
+    let mut events = vec![
+        json!({"type": "response.created", "response": started}),
+        json!({"type": "response.output_item.added", "output_index": 0, "item": {"type": "message", "id": "msg_1", "role": "assistant", "status": "in_progress", "content": []}}),
+        json!({"type": "response.content_part.added", "item_id": "msg_1", "output_index": 0, "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}),
+    ];
+    for i in 0..n {
+        let mut delta = json!({"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": format!("t{i} ")});
+        if logprobs {
+            delta["logprobs"] = json!(lp(1));
+        }
+        events.push(delta);
+    }
+    events.push(json!({"type": "response.output_text.done", "item_id": "msg_1", "output_index": 0, "content_index": 0, "text": "t ".repeat(n as usize)}));
+    events.push(json!({"type": "response.output_item.done", "output_index": 0, "item": item}));
+    events.push(json!({"type": terminal, "response": response}));
+    let mut body = String::new();
+    for (seq, mut e) in events.into_iter().enumerate() {
+        e["sequence_number"] = json!(seq);
+        body.push_str(&format!(
+            "event: {}\ndata: {e}\n\n",
+            e["type"].as_str().unwrap()
+        ));
+    }
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+    (head.to_owned(), body)
 }
 
 /// A 3-class linear model with softmax probabilities.

@@ -5,10 +5,13 @@
 pub mod answer;
 pub mod detect;
 pub mod limits;
+mod lru;
 pub mod meter;
 pub mod metrics;
 pub mod outputs;
 pub mod report;
 pub mod request;
 pub mod route;
+pub mod sse;
 pub mod ticket;
+pub mod usage;

@@ -29,12 +29,13 @@ use warden_identity::ratelog::LogLimiter;
 use super::answer;
 use super::detect::{CoverageSettings, Detector, Ladder, LlmQuery, Query, Settings, Step};
 use super::limits::{Ask, Headroom, Hold, Plan, Store, Subjects};
-use super::meter::{Metered, Reserved, Tally};
+use super::meter::Metered;
 use super::metrics::{ModelMetrics, RouteMetrics};
 use super::outputs;
 use super::report::Reporter;
 use super::request::{Call, ModelRequest};
 use super::ticket::{Settler, Ticket};
+use super::usage::{Reserved, Tally};
 use crate::respond::Body;
 
 static LOG: LogLimiter = LogLimiter::new(20);
@@ -89,7 +90,9 @@ impl Admitted {
 pub struct Routes(Vec<Route>);
 
 impl Routes {
-    /// Builds the runtime of every route of `listener`.
+    /// Builds the runtime of every route of `listener`; each route keeps
+    /// its limits in a store of its own made from `store`
+    /// ([`Store::for_route`]), and has its own detector.
     pub fn new(
         listener: &str,
         cfg: &[ModelRoute],
@@ -99,7 +102,7 @@ impl Routes {
     ) -> Self {
         Self(
             cfg.iter()
-                .map(|r| Route::new(listener, r, store.clone(), metrics, reporter.clone()))
+                .map(|r| Route::new(listener, r, store, metrics, reporter.clone()))
                 .collect(),
         )
     }
@@ -134,7 +137,7 @@ impl Route {
     fn new(
         listener: &str,
         cfg: &ModelRoute,
-        store: Arc<Store>,
+        store: &Store,
         metrics: &ModelMetrics,
         reporter: Option<Reporter>,
     ) -> Self {
@@ -173,6 +176,8 @@ impl Route {
         });
         let reporter = reporter.filter(|_| cfg.detection.is_some_and(|d| d.report_to_ca));
         let metrics = RouteMetrics::new(metrics, listener, &cfg.name);
+        // The route's own state: no lock in common with any other route.
+        let store = Arc::new(store.for_route());
         Self {
             policy_header,
             gate: Arc::new(Settler {
@@ -476,7 +481,7 @@ impl Route {
                 let inputs: Vec<&str> = r.inputs.iter().map(String::as_str).collect();
                 d.observe(id, Query::Embeddings(&inputs))
             }
-            Call::Chat | Call::Completion => d.observe(
+            Call::Chat | Call::Completion | Call::Responses => d.observe(
                 id,
                 Query::Llm(LlmQuery {
                     prompt: &r.text,
@@ -644,3 +649,7 @@ impl Route {
         Response::from_parts(parts, Body::Full(Full::new(out)))
     }
 }
+
+#[cfg(test)]
+#[path = "route_tests.rs"]
+mod tests;

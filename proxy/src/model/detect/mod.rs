@@ -297,7 +297,7 @@ impl tracker::Tracked for Identity {
     }
 }
 
-/// Shared by every connection of a listener: Send + Sync, internally
+/// One per route, shared by its connections: Send + Sync, internally
 /// sharded locks (short critical sections), bounded memory.
 pub struct Detector {
     settings: Settings,

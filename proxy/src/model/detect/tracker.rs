@@ -1,22 +1,22 @@
-//! Bounded per-identity state, shared by every connection.
+//! Bounded per-identity state, shared by every connection of a route.
 //!
 //! Identities are spread over shards by a hash of the SPIFFE ID, each shard
 //! behind its own short-held mutex. Each shard holds at most its share of
 //! `max_identities` (the shares add up to it exactly) and evicts its least
-//! recently seen identity to make room
-//! (an O(1) doubly linked list over a slab). An identity evicted above
-//! `Normal` leaves its step behind in a small per-shard table, so that a
-//! crowd of new identities cannot wash out an escalation: the step stays
-//! sticky for as long as it is remembered there.
+//! recently seen identity to make room, in O(1) ([`LruMap`]). An identity
+//! evicted above `Normal` leaves its step behind in a small per-shard table
+//! (at most as many entries as the shard holds identities), so that a crowd
+//! of new identities cannot wash out an escalation: the step stays sticky
+//! for as long as it is remembered there. When that table is full, the
+//! least recently evicted of its mildest steps is forgotten, also in O(1):
+//! nothing here scans a table under its lock.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use super::Step;
-
-const NIL: usize = usize::MAX;
+use crate::model::lru::LruMap;
 
 /// What the tracker needs to know of an identity's state.
 pub trait Tracked {
@@ -26,81 +26,60 @@ pub trait Tracked {
     fn step(&self) -> Step;
 }
 
-struct Slot<T> {
-    key: Arc<str>,
-    value: T,
-    prev: usize,
-    next: usize,
-}
+/// The steps an evicted identity is remembered at, mildest first.
+const REMEMBERED: [Step; 4] = [Step::Warn, Step::Degrade, Step::Refuse, Step::Deny];
 
 struct Shard<T> {
-    index: HashMap<Arc<str>, usize>,
-    slots: Vec<Slot<T>>,
-    /// Most recently seen.
-    head: usize,
-    /// Least recently seen.
-    tail: usize,
-    /// Steps of escalated identities that were evicted.
-    remembered: HashMap<Arc<str>, Step>,
+    live: LruMap<T>,
+    /// Escalated identities that were evicted, one table per step of
+    /// [`REMEMBERED`], each in eviction order.
+    remembered: [LruMap<()>; 4],
 }
 
 impl<T: Tracked> Shard<T> {
     fn new() -> Self {
         Self {
-            index: HashMap::new(),
-            slots: Vec::new(),
-            head: NIL,
-            tail: NIL,
-            remembered: HashMap::new(),
+            live: LruMap::default(),
+            remembered: Default::default(),
         }
     }
 
-    fn unlink(&mut self, i: usize) {
-        let (prev, next) = (self.slots[i].prev, self.slots[i].next);
-        if prev == NIL {
-            self.head = next;
-        } else {
-            self.slots[prev].next = next;
-        }
-        if next == NIL {
-            self.tail = prev;
-        } else {
-            self.slots[next].prev = prev;
-        }
-    }
-
-    fn push_front(&mut self, i: usize) {
-        self.slots[i].prev = NIL;
-        self.slots[i].next = self.head;
-        if self.head != NIL {
-            self.slots[self.head].prev = i;
-        }
-        self.head = i;
-        if self.tail == NIL {
-            self.tail = i;
-        }
-    }
-
-    fn remember(&mut self, key: Arc<str>, step: Step, cap: usize) {
-        if step == Step::Normal {
-            return;
-        }
-        if self.remembered.len() >= cap && !self.remembered.contains_key(&key) {
-            // Forget the mildest to make room (rare: only when many escalated
-            // identities are evicted).
-            let mildest = self
-                .remembered
-                .iter()
-                .min_by_key(|(_, s)| **s)
-                .map(|(k, s)| (k.clone(), *s));
-            match mildest {
-                Some((k, s)) if s <= step => {
-                    self.remembered.remove(&k);
-                }
-                _ => return,
+    /// The remembered step of `key`, forgetting it.
+    fn recall(&mut self, key: &str) -> Option<Step> {
+        for (table, step) in self.remembered.iter_mut().zip(REMEMBERED) {
+            if let Some(i) = table.find(key) {
+                table.remove(i);
+                return Some(step);
             }
         }
-        self.remembered.insert(key, step);
+        None
+    }
+
+    fn remembered_step(&self, key: &str) -> Option<Step> {
+        self.remembered
+            .iter()
+            .zip(REMEMBERED)
+            .find(|(t, _)| t.find(key).is_some())
+            .map(|(_, s)| s)
+    }
+
+    fn remember(&mut self, key: std::sync::Arc<str>, step: Step, cap: usize) {
+        let Some(at) = REMEMBERED.iter().position(|s| *s == step) else {
+            return;
+        };
+        let held: usize = self.remembered.iter().map(LruMap::len).sum();
+        if held >= cap {
+            // Forget the least recently evicted of the mildest steps, if
+            // none is above this one (rare: only when many escalated
+            // identities are evicted).
+            let Some(table) = self.remembered[..=at].iter_mut().find(|t| !t.is_empty()) else {
+                return;
+            };
+            if let Some(i) = table.oldest() {
+                table.remove(i);
+            }
+        }
+        self.remembered[at].insert(key, ());
     }
 }
 
@@ -130,7 +109,7 @@ impl<T: Tracked> Tracker<T> {
     }
 
     fn shard(&self, key: &str) -> (&Mutex<Shard<T>>, usize) {
-        let i = self.hasher.hash_one(key) as usize % self.shards.len();
+        let i = (self.hasher.hash_one(key) % self.shards.len() as u64) as usize;
         (&self.shards[i], self.caps[i])
     }
 
@@ -142,35 +121,28 @@ impl<T: Tracked> Tracker<T> {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let i = if let Some(&i) = shard.index.get(key) {
-            shard.unlink(i);
-            i
-        } else {
-            let key: Arc<str> = Arc::from(key);
-            let start = shard.remembered.remove(&key).unwrap_or(Step::Normal);
-            let slot = Slot {
-                key: key.clone(),
-                value: T::starting_at(start),
-                prev: NIL,
-                next: NIL,
-            };
-            let i = if shard.slots.len() < cap {
-                shard.slots.push(slot);
-                self.tracked.fetch_add(1, Ordering::Relaxed);
-                shard.slots.len() - 1
-            } else {
-                let victim = shard.tail;
-                shard.unlink(victim);
-                let old = std::mem::replace(&mut shard.slots[victim], slot);
-                shard.index.remove(&old.key);
-                shard.remember(old.key, old.value.step(), cap);
-                victim
-            };
-            shard.index.insert(key, i);
-            i
+        let i = match shard.live.find(key) {
+            Some(i) => {
+                shard.live.touch(i);
+                i
+            }
+            None => {
+                let start = shard.recall(key).unwrap_or(Step::Normal);
+                let fresh = T::starting_at(start);
+                match shard.live.oldest().filter(|_| shard.live.len() >= cap) {
+                    Some(victim) => {
+                        let (old_key, old) = shard.live.replace(victim, key.into(), fresh);
+                        shard.remember(old_key, old.step(), cap);
+                        victim
+                    }
+                    None => {
+                        self.tracked.fetch_add(1, Ordering::Relaxed);
+                        shard.live.insert(key.into(), fresh)
+                    }
+                }
+            }
         };
-        shard.push_front(i);
-        f(&mut shard.slots[i].value)
+        f(shard.live.get_mut(i))
     }
 
     /// Runs `f` on the state of `key` if tracked, without marking it seen.
@@ -179,7 +151,7 @@ impl<T: Tracked> Tracker<T> {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        shard.index.get(key).map(|&i| f(&shard.slots[i].value))
+        shard.live.find(key).map(|i| f(shard.live.get(i)))
     }
 
     /// The step of `key`: its state's, else the one remembered at eviction,
@@ -189,9 +161,9 @@ impl<T: Tracked> Tracker<T> {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        match shard.index.get(key) {
-            Some(&i) => shard.slots[i].value.step(),
-            None => shard.remembered.get(key).copied().unwrap_or(Step::Normal),
+        match shard.live.find(key) {
+            Some(i) => shard.live.get(i).step(),
+            None => shard.remembered_step(key).unwrap_or(Step::Normal),
         }
     }
 
@@ -208,6 +180,19 @@ impl<T: Tracked> Tracker<T> {
     /// The most identities ever held with full state.
     pub fn capacity(&self) -> usize {
         self.caps.iter().sum()
+    }
+
+    /// Evicted identities whose step is remembered now (for tests).
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .map(|s| s.remembered.iter().map(LruMap::len).sum::<usize>())
+                    .unwrap_or(0)
+            })
+            .sum()
     }
 }
 
@@ -274,5 +259,25 @@ mod tests {
         assert_eq!(t.step("bad"), Step::Refuse);
         assert_eq!(t.with("bad", |s| s.step), Step::Refuse);
         assert_eq!(t.step("never-seen"), Step::Normal);
+    }
+
+    #[test]
+    fn remembered_steps_stay_bounded_and_the_mildest_go_first() {
+        let t: Tracker<S> = Tracker::new(4, 1);
+        t.with("deny", |s| s.step = Step::Deny);
+        // Many escalated identities pass through, each evicted in turn.
+        for i in 0..1000 {
+            t.with(&format!("warn{i}"), |s| s.step = Step::Warn);
+        }
+        assert!(t.remembered() <= 4, "{}", t.remembered());
+        // The worst one is not washed out by a crowd of milder ones.
+        assert_eq!(t.step("deny"), Step::Deny);
+        // A milder step never pushes out a worse one.
+        let full: Tracker<S> = Tracker::new(1, 1);
+        full.with("a", |s| s.step = Step::Refuse);
+        full.with("b", |s| s.step = Step::Warn);
+        full.with("c", |_| ());
+        assert_eq!(full.step("a"), Step::Refuse);
+        assert_eq!(full.step("b"), Step::Normal);
     }
 }

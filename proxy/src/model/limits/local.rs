@@ -1,17 +1,40 @@
-//! Limit state in this process: one map behind one lock, so every quota of
-//! every level is checked and charged in one step. The map is bounded:
-//! past `capacity` keys, state that is equivalent to no state (a full
-//! GCRA bucket, windows with nothing counted, no slot held) is dropped
-//! first, then the least recently used. What eviction forgets of one
-//! caller, its namespace and trust-domain aggregates still hold.
+//! Limit state in this process, sharded so that callers rarely wait for
+//! one another and routes never do (each route owns its store: see
+//! [`super::Store::for_route`]).
+//!
+//! A key's shard is chosen by a hash of its subject (the caller, its
+//! namespace or its trust domain), so every quota of one level lives in one
+//! shard and an admission locks at most three shards, always in ascending
+//! order (no deadlock), holding them while it checks and charges every
+//! quota: the step stays atomic.
+//!
+//! Each shard is bounded (its share of `capacity`) and makes room in O(1):
+//! of the [`EVICTION_PROBES`] least recently used keys it drops the first
+//! that is equivalent to no state (a full GCRA bucket, windows with nothing
+//! counted, no slot held), else the least recently used. A key that holds a
+//! concurrency slot is pinned, never dropped; there are at most three per
+//! request in flight. What eviction forgets of one caller, its namespace
+//! and trust-domain aggregates still hold.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Ask, Denial, Headroom, Hold, Kind, Plan, Reservation, Subjects, write_state_key};
+use super::{
+    Ask, Denial, Headroom, Hold, Kind, Level, Plan, Reservation, Subjects, write_state_key,
+};
+use crate::model::lru::LruMap;
 
-/// Keys kept by default (about 100 bytes each).
+/// Keys kept by default, per route (about 150 bytes each).
 pub const DEFAULT_CAPACITY: usize = 100_000;
+
+/// Most shards of one store.
+const MAX_SHARDS: usize = 64;
+
+/// Fewest keys a shard is sized for (a small store has fewer shards).
+const MIN_SHARD_KEYS: usize = 64;
+
+/// Least recently used keys looked at, at most, to find one to drop.
+pub const EVICTION_PROBES: usize = 8;
 
 #[derive(Debug, Clone, Copy)]
 enum State {
@@ -23,17 +46,80 @@ enum State {
     Slots(u32),
 }
 
-#[derive(Debug)]
-struct Entry {
-    state: State,
-    touched_us: u64,
+impl State {
+    fn holds_slots(self) -> bool {
+        matches!(self, State::Slots(n) if n > 0)
+    }
+}
+
+/// One shard: its keys in recency order, at most `cap` of them unpinned.
+struct Shard {
+    map: LruMap<State>,
+    cap: usize,
+}
+
+impl Shard {
+    fn state(&self, key: &str) -> Option<State> {
+        self.map.find(key).map(|i| *self.map.get(i))
+    }
+
+    /// Writes `state` under `key` (marking it used), making room first.
+    fn put(&mut self, key: &str, state: State, now_us: u64) {
+        let i = match self.map.find(key) {
+            Some(i) => {
+                *self.map.get_mut(i) = state;
+                self.map.touch(i);
+                i
+            }
+            None => {
+                match self.victim(now_us) {
+                    Some(v) => {
+                        self.map.replace(v, Arc::from(key), state);
+                        v
+                    }
+                    // Room left, or every key holds a slot (bounded by the requests in flight).
+                    None => self.map.insert(Arc::from(key), state),
+                }
+            }
+        };
+        if state.holds_slots() {
+            self.map.pin(i);
+        }
+    }
+
+    /// The key to drop: the first idle one of the least recently used few,
+    /// else the least recently used (pinned keys are never offered).
+    fn victim(&self, now_us: u64) -> Option<usize> {
+        if self.map.len() < self.cap {
+            return None;
+        }
+        let oldest = self.map.oldest()?;
+        let mut at = Some(oldest);
+        for _ in 0..EVICTION_PROBES {
+            let Some(i) = at else { break };
+            if is_idle(*self.map.get(i), now_us) {
+                return Some(i);
+            }
+            at = self.map.newer(i);
+        }
+        Some(oldest)
+    }
 }
 
 /// In-process limit state.
-#[derive(Debug)]
 pub struct LocalStore {
-    map: Mutex<HashMap<String, Entry>>,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
     capacity: usize,
+}
+
+impl std::fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStore")
+            .field("shards", &self.shards.len())
+            .field("capacity", &self.capacity)
+            .finish()
+    }
 }
 
 impl Default for LocalStore {
@@ -100,22 +186,88 @@ enum Change {
 }
 
 impl LocalStore {
-    /// A store that keeps at most about `capacity` keys.
+    /// A store that keeps at most `capacity` keys (besides those holding a
+    /// concurrency slot), over up to 64 shards.
     pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(16);
+        let n = (capacity / MIN_SHARD_KEYS).clamp(1, MAX_SHARDS);
         Self {
-            map: Mutex::new(HashMap::new()),
-            capacity: capacity.max(16),
+            // The shares add up to `capacity` exactly.
+            shards: (0..n)
+                .map(|i| {
+                    Mutex::new(Shard {
+                        map: LruMap::default(),
+                        cap: capacity / n + usize::from(i < capacity % n),
+                    })
+                })
+                .collect(),
+            hasher: RandomState::new(),
+            capacity,
         }
+    }
+
+    /// The most keys it keeps.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Shards (each behind its own lock).
+    pub fn shards(&self) -> usize {
+        self.shards.len()
     }
 
     /// Keys held now.
     pub fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|s| s.map.len()).unwrap_or(0))
+            .sum()
     }
 
     /// True when no key is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Holds every lock of the store until dropped (to show what does not wait for it).
+    #[cfg(test)]
+    pub(crate) fn freeze(&self) -> Frozen<'_> {
+        Frozen(self.shards.iter().filter_map(|s| s.lock().ok()).collect())
+    }
+
+    fn shard_of(&self, subject: &str) -> usize {
+        (self.hasher.hash_one(subject) % self.shards.len() as u64) as usize
+    }
+
+    /// Locks the shards of `who`'s levels that `plan` uses, in ascending
+    /// order; None when a lock is poisoned (a panic mid-update).
+    fn lock(&self, plan: &Plan, who: &Subjects) -> Option<Locked<'_>> {
+        let mut levels = [None; 3];
+        for (slot, level) in
+            levels
+                .iter_mut()
+                .zip([Level::Identity, Level::Namespace, Level::TrustDomain])
+        {
+            if plan.quotas.iter().any(|q| q.level == level)
+                && let Some(subject) = who.get(level)
+            {
+                *slot = Some(self.shard_of(subject));
+            }
+        }
+        // No allocation: at most three shards, distinct, in ascending order.
+        let (mut order, mut n) = ([0usize; 3], 0);
+        for &i in levels.iter().flatten() {
+            if !order[..n].contains(&i) {
+                order[n] = i;
+                n += 1;
+            }
+        }
+        order[..n].sort_unstable();
+        let mut guards = [None, None, None];
+        for (g, &i) in guards.iter_mut().zip(&order[..n]) {
+            *g = Some((i, self.shards[i].lock().ok()?));
+        }
+        Some(Locked { levels, guards })
     }
 
     /// See [`super::Store::admit`].
@@ -126,7 +278,7 @@ impl LocalStore {
         ask: &Ask,
         now_us: u64,
     ) -> Result<Hold, Denial> {
-        let Ok(mut map) = self.map.lock() else {
+        let Some(mut locked) = self.lock(plan, who) else {
             // A poisoned lock means a panic mid-update: fail closed.
             return Err(Denial {
                 quota: 0,
@@ -142,7 +294,7 @@ impl LocalStore {
                 continue;
             };
             write_state_key(&mut key, &plan.route, &q.name, subject);
-            let state = map.get(key.as_str()).map(|e| e.state);
+            let state = locked.shard(q.level).and_then(|s| s.state(&key));
             let (change, remaining, reset_s, limit) = match q.kind {
                 Kind::Rate { interval_us, burst } => {
                     let tau = interval_us.saturating_mul(u64::from(burst));
@@ -227,9 +379,6 @@ impl LocalStore {
         if let Some(d) = denial {
             return Err(d);
         }
-        if map.len() + changes.len() > self.capacity {
-            evict(&mut map, self.capacity, now_us);
-        }
         let mut hold = Hold {
             headroom: headroom.map(|(_, h)| h),
             ..Hold::default()
@@ -263,64 +412,130 @@ impl LocalStore {
                     State::Slots(n)
                 }
             };
-            let entry = Entry {
-                state,
-                touched_us: now_us,
-            };
-            match map.get_mut(key.as_str()) {
-                Some(e) => *e = entry,
-                None => {
-                    map.insert(key.clone(), entry);
-                }
+            if let Some(shard) = locked.shard(plan.quotas[i].level) {
+                shard.put(&key, state, now_us);
             }
         }
         Ok(hold)
     }
 
-    /// See [`super::Store::settle`].
+    /// See [`super::Store::settle`]. A refund needs no atomicity across
+    /// keys: each shard is locked once, one at a time.
     pub fn settle(&self, plan: &Plan, hold: &Hold, used: &Ask, now_us: u64) {
-        let Ok(mut map) = self.map.lock() else {
-            return;
-        };
+        let mut items: Vec<(usize, Settled<'_>)> =
+            Vec::with_capacity(hold.reservations.len() + hold.slots.len());
         for r in &hold.reservations {
-            let Some(Kind::Window {
-                unit, window_ms, ..
-            }) = plan.quotas.get(r.quota).map(|q| q.kind)
-            else {
-                continue;
-            };
-            let actual = used.get(unit);
-            let Some(e) = map.get_mut(&r.key) else {
-                continue;
-            };
-            let (idx, mut cur, mut prev) = roll(Some(e.state), window_ms, now_us);
-            if actual >= r.amount {
-                // More than reserved: charged now, where it is still counted.
-                let extra = actual - r.amount;
-                if r.window + 1 == idx {
-                    prev = prev.saturating_add(extra);
-                } else {
-                    cur = cur.saturating_add(extra);
-                }
-            } else {
-                // A refund goes back to the window that was charged, if it still counts.
-                let refund = r.amount - actual;
-                if r.window == idx {
-                    cur = cur.saturating_sub(refund);
-                } else if r.window + 1 == idx {
-                    prev = prev.saturating_sub(refund);
-                }
+            if let Some(subject) = key_subject(&r.key) {
+                items.push((self.shard_of(subject), Settled::Reservation(r)));
             }
-            e.state = State::Window { idx, cur, prev };
         }
         for (_, key, _) in &hold.slots {
-            if let Some(e) = map.get_mut(key)
-                && let State::Slots(n) = e.state
-            {
-                e.state = State::Slots(n.saturating_sub(1));
+            if let Some(subject) = key_subject(key) {
+                items.push((self.shard_of(subject), Settled::Slot(key)));
+            }
+        }
+        items.sort_by_key(|(shard, _)| *shard);
+        let mut current: Option<(usize, MutexGuard<'_, Shard>)> = None;
+        for (i, item) in items {
+            if current.as_ref().is_none_or(|(c, _)| *c != i) {
+                // One lock at a time: the last is released before the next is taken.
+                drop(current.take());
+                current = self.shards[i].lock().ok().map(|g| (i, g));
+            }
+            let Some((_, shard)) = current.as_mut() else {
+                continue;
+            };
+            match item {
+                Settled::Reservation(r) => settle_window(shard, plan, r, used, now_us),
+                Settled::Slot(key) => {
+                    if let Some(e) = shard.map.find(key)
+                        && let State::Slots(n) = *shard.map.get(e)
+                    {
+                        let n = n.saturating_sub(1);
+                        *shard.map.get_mut(e) = State::Slots(n);
+                        if n == 0 {
+                            // Nothing held any more: it may be dropped again.
+                            shard.map.unpin(e);
+                        }
+                    }
+                }
             }
         }
     }
+}
+
+/// One part of a hold to settle.
+enum Settled<'h> {
+    Reservation(&'h Reservation),
+    Slot(&'h str),
+}
+
+/// Settles one reservation: what `used` says replaces what was reserved.
+fn settle_window(shard: &mut Shard, plan: &Plan, r: &Reservation, used: &Ask, now_us: u64) {
+    let Some(Kind::Window {
+        unit, window_ms, ..
+    }) = plan.quotas.get(r.quota).map(|q| q.kind)
+    else {
+        return;
+    };
+    let Some(e) = shard.map.find(&r.key) else {
+        return;
+    };
+    let actual = used.get(unit);
+    let (idx, mut cur, mut prev) = roll(Some(*shard.map.get(e)), window_ms, now_us);
+    if actual >= r.amount {
+        // More than reserved: charged now, where it is still counted.
+        let extra = actual - r.amount;
+        if r.window + 1 == idx {
+            prev = prev.saturating_add(extra);
+        } else {
+            cur = cur.saturating_add(extra);
+        }
+    } else {
+        // A refund goes back to the window that was charged, if it still counts.
+        let refund = r.amount - actual;
+        if r.window == idx {
+            cur = cur.saturating_sub(refund);
+        } else if r.window + 1 == idx {
+            prev = prev.saturating_sub(refund);
+        }
+    }
+    *shard.map.get_mut(e) = State::Window { idx, cur, prev };
+}
+
+/// Every lock of a store, held.
+#[cfg(test)]
+pub(crate) struct Frozen<'a>(#[allow(dead_code)] Vec<MutexGuard<'a, Shard>>);
+
+/// The shards one admission holds, and which of them each level uses.
+struct Locked<'a> {
+    /// Shard index of each level (identity, namespace, trust domain).
+    levels: [Option<usize>; 3],
+    guards: [Option<(usize, MutexGuard<'a, Shard>)>; 3],
+}
+
+impl Locked<'_> {
+    fn shard(&mut self, level: Level) -> Option<&mut Shard> {
+        let want = self.levels[match level {
+            Level::Identity => 0,
+            Level::Namespace => 1,
+            Level::TrustDomain => 2,
+        }]?;
+        self.guards
+            .iter_mut()
+            .flatten()
+            .find(|(i, _)| *i == want)
+            .map(|(_, g)| &mut **g)
+    }
+}
+
+/// The subject part of a state key (`route|quota|subject`; route and quota
+/// names have no `|`).
+fn key_subject(key: &str) -> Option<&str> {
+    let mut parts = key.splitn(3, '|');
+    parts.next()?;
+    parts.next()?;
+    parts.next()
 }
 
 fn deny(denial: &mut Option<Denial>, quota: usize, retry_after_s: u64) {
@@ -345,221 +560,6 @@ fn is_idle(state: State, now_us: u64) -> bool {
     }
 }
 
-fn evict(map: &mut HashMap<String, Entry>, capacity: usize, now_us: u64) {
-    map.retain(|_, e| !is_idle(e.state, now_us));
-    let target = capacity - capacity / 10;
-    if map.len() <= target {
-        return;
-    }
-    // Still full of live state: drop the least recently used, never a held slot.
-    let mut ages: Vec<u64> = map
-        .values()
-        .filter(|e| !matches!(e.state, State::Slots(n) if n > 0))
-        .map(|e| e.touched_us)
-        .collect();
-    let excess = map.len() - target;
-    if excess >= ages.len() {
-        map.retain(|_, e| matches!(e.state, State::Slots(n) if n > 0));
-        return;
-    }
-    let (_, cutoff, _) = ages.select_nth_unstable(excess);
-    let cutoff = *cutoff;
-    map.retain(|_, e| matches!(e.state, State::Slots(n) if n > 0) || e.touched_us > cutoff);
-}
-
 #[cfg(test)]
-mod tests {
-    use super::super::{Level, Unit};
-    use super::*;
-    use warden_config::SpiffeId;
-    use warden_config::model::{LimitSet, Limits};
-
-    fn who(id: &str) -> Subjects {
-        Subjects::of(&SpiffeId::parse(id).unwrap())
-    }
-
-    fn plan(identity: LimitSet, namespace: LimitSet) -> Plan {
-        Plan::new(
-            "r",
-            &Limits {
-                identity,
-                namespace,
-                ..Limits::default()
-            },
-        )
-    }
-
-    const T0: u64 = 1_800_000_000_000_000 + 30_000_000 * 60; // a minute boundary, plus 0
-
-    #[test]
-    fn gcra_allows_the_burst_then_the_rate() {
-        let p = plan(
-            LimitSet {
-                requests_per_second: Some(10.0),
-                burst: 3,
-                ..LimitSet::default()
-            },
-            LimitSet::default(),
-        );
-        let s = LocalStore::default();
-        let a = who("spiffe://td/ns/a/sa/x");
-        for _ in 0..3 {
-            s.admit(&p, &a, &Ask::default(), T0).unwrap();
-        }
-        let d = s.admit(&p, &a, &Ask::default(), T0).unwrap_err();
-        assert_eq!(d.retry_after_s, 1);
-        // 100 ms later one more request is allowed, and only one.
-        s.admit(&p, &a, &Ask::default(), T0 + 100_000).unwrap();
-        assert!(s.admit(&p, &a, &Ask::default(), T0 + 100_000).is_err());
-        // Another caller has its own bucket.
-        s.admit(&p, &who("spiffe://td/ns/a/sa/y"), &Ask::default(), T0)
-            .unwrap();
-    }
-
-    #[test]
-    fn reservations_never_overshoot_and_refunds_come_back() {
-        let p = plan(
-            LimitSet {
-                tokens_per_minute: Some(1000),
-                ..LimitSet::default()
-            },
-            LimitSet::default(),
-        );
-        let s = LocalStore::default();
-        let a = who("spiffe://td/ns/a/sa/x");
-        let ask = Ask {
-            tokens: 300,
-            ..Ask::default()
-        };
-        let holds: Vec<_> = (0..10)
-            .filter_map(|_| s.admit(&p, &a, &ask, T0).ok())
-            .collect();
-        assert_eq!(holds.len(), 3, "3 x 300 fit in 1000, a fourth does not");
-        // Each used only 100: 600 come back, so two more fit.
-        for h in &holds {
-            s.settle(
-                &p,
-                h,
-                &Ask {
-                    tokens: 100,
-                    ..Ask::default()
-                },
-                T0 + 1,
-            );
-        }
-        assert!(s.admit(&p, &a, &ask, T0 + 2).is_ok());
-        assert!(s.admit(&p, &a, &ask, T0 + 3).is_ok());
-        let d = s.admit(&p, &a, &ask, T0 + 4).unwrap_err();
-        // 900 counted now: the ask fits once 2/9 of the next minute has passed.
-        assert_eq!(d.retry_after_s, 74, "{d:?}");
-    }
-
-    #[test]
-    fn the_aggregate_level_binds_many_identities() {
-        let p = plan(
-            LimitSet {
-                tokens_per_minute: Some(1000),
-                ..LimitSet::default()
-            },
-            LimitSet {
-                tokens_per_minute: Some(1500),
-                ..LimitSet::default()
-            },
-        );
-        let s = LocalStore::default();
-        let ask = Ask {
-            tokens: 500,
-            ..Ask::default()
-        };
-        let mut admitted = 0;
-        for n in 0..10 {
-            if s.admit(&p, &who(&format!("spiffe://td/ns/a/sa/w{n}")), &ask, T0)
-                .is_ok()
-            {
-                admitted += 1;
-            }
-        }
-        assert_eq!(admitted, 3);
-        // A refused request charged nothing anywhere: another namespace is untouched.
-        let d = s
-            .admit(&p, &who("spiffe://td/ns/a/sa/w0"), &ask, T0)
-            .unwrap_err();
-        assert_eq!(p.quotas[d.quota].level, Level::Namespace);
-        assert!(
-            s.admit(&p, &who("spiffe://td/ns/b/sa/w0"), &ask, T0)
-                .is_ok()
-        );
-    }
-
-    #[test]
-    fn a_sliding_window_forgets_gradually() {
-        let p = plan(
-            LimitSet {
-                tokens_per_minute: Some(100),
-                ..LimitSet::default()
-            },
-            LimitSet::default(),
-        );
-        let s = LocalStore::default();
-        let a = who("spiffe://td/ns/a/sa/x");
-        let ask = |n| Ask {
-            tokens: n,
-            ..Ask::default()
-        };
-        s.admit(&p, &a, &ask(100), T0).unwrap();
-        // Half-way through the next minute, half of the last one still counts.
-        let half = T0 + 90_000_000;
-        assert!(s.admit(&p, &a, &ask(51), half).is_err());
-        assert!(s.admit(&p, &a, &ask(50), half).is_ok());
-        // An ask larger than the whole quota can never fit.
-        let d = s.admit(&p, &a, &ask(101), half).unwrap_err();
-        assert_eq!(d.retry_after_s, 60);
-        assert_eq!(
-            p.quotas[0].kind,
-            Kind::Window {
-                unit: Unit::Tokens,
-                window_ms: 60_000,
-                limit: 100
-            }
-        );
-    }
-
-    #[test]
-    fn concurrency_slots_are_released_at_settle() {
-        let p = plan(
-            LimitSet {
-                concurrent: Some(2),
-                ..LimitSet::default()
-            },
-            LimitSet::default(),
-        );
-        let s = LocalStore::default();
-        let a = who("spiffe://td/ns/a/sa/x");
-        let h1 = s.admit(&p, &a, &Ask::default(), T0).unwrap();
-        let _h2 = s.admit(&p, &a, &Ask::default(), T0).unwrap();
-        assert!(s.admit(&p, &a, &Ask::default(), T0).is_err());
-        s.settle(&p, &h1, &Ask::default(), T0);
-        assert!(s.admit(&p, &a, &Ask::default(), T0).is_ok());
-    }
-
-    #[test]
-    fn the_map_stays_bounded() {
-        let p = plan(
-            LimitSet {
-                requests_per_second: Some(1.0),
-                tokens_per_day: Some(10),
-                ..LimitSet::default()
-            },
-            LimitSet::default(),
-        );
-        let s = LocalStore::new(1000);
-        for n in 0..20_000u64 {
-            let ask = Ask {
-                tokens: 1,
-                ..Ask::default()
-            };
-            let _ = s.admit(&p, &who(&format!("spiffe://td/w{n}")), &ask, T0 + n);
-            assert!(s.len() <= 1000, "{} keys", s.len());
-        }
-    }
-}
+#[path = "local_tests.rs"]
+mod tests;

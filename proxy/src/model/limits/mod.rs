@@ -9,8 +9,9 @@
 //!   and settled from what the answer says it used; the rest is refunded.
 //! - Concurrent requests: a slot per request until its answer has been sent.
 //!
-//! State lives in-process ([`local`]) or in Redis ([`redis`]) with the same
-//! semantics, so several proxies can share every limit.
+//! State lives in-process ([`local`], one store per route, sharded) or in
+//! Redis ([`redis`]) with the same semantics, so several proxies can share
+//! every limit.
 
 pub mod local;
 pub mod redis;
@@ -381,6 +382,16 @@ pub enum Store {
 }
 
 impl Store {
+    /// A store for one route's own use: in-process state shares no lock
+    /// and no bound with any other route's; with Redis the state is the
+    /// server's (keys carry the route's name) and the connection is shared.
+    pub fn for_route(&self) -> Store {
+        match self {
+            Self::Local(s) => Self::Local(local::LocalStore::new(s.capacity())),
+            Self::Redis(s) => Self::Redis(s.clone()),
+        }
+    }
+
     /// Admits `ask` against every quota of `plan` for `who`, atomically:
     /// either everything is charged and a hold returned, or nothing is.
     pub async fn admit(
@@ -417,7 +428,8 @@ pub fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// A store shared by every route of a proxy.
+/// A store handed to the routes of a proxy (each takes its own with
+/// [`Store::for_route`]).
 pub type SharedStore = Arc<Store>;
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ use warden_config::model::ModelApi;
 
 use super::limits::Ask;
 
+mod responses;
+
 /// Why a body cannot be admitted (400, with this text as the detail).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadRequest(pub String);
@@ -34,6 +36,8 @@ pub enum Call {
     Completion,
     /// `input`: embeddings.
     Embeddings,
+    /// `input` and `instructions`: the Responses API (`/v1/responses`).
+    Responses,
     /// `instances`: a generic predict call.
     Predict,
 }
@@ -96,9 +100,10 @@ impl ModelRequest {
             ModelApi::Openai if path.ends_with("/chat/completions") => Call::Chat,
             ModelApi::Openai if path.ends_with("/completions") => Call::Completion,
             ModelApi::Openai if path.ends_with("/embeddings") => Call::Embeddings,
+            ModelApi::Openai if path.ends_with("/responses") => Call::Responses,
             ModelApi::Openai => {
                 return Err(bad(format!(
-                    "{path} is not an endpoint this route meters (chat/completions, completions, embeddings)"
+                    "{path} is not an endpoint this route meters (chat/completions, completions, embeddings, responses)"
                 )));
             }
         };
@@ -126,6 +131,7 @@ impl ModelRequest {
         match call {
             Call::Chat | Call::Completion => r.read_generation(default_max_tokens)?,
             Call::Embeddings => r.read_inputs()?,
+            Call::Responses => r.read_response_request(default_max_tokens)?,
             Call::Predict => r.read_instances()?,
         }
         Ok(r)
@@ -162,15 +168,7 @@ impl ModelRequest {
 
     fn read_generation(&mut self, default_max_tokens: u32) -> Result<(), BadRequest> {
         let d = &self.doc;
-        let count = |key: &str| -> Result<Option<u64>, BadRequest> {
-            match d.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v
-                    .as_u64()
-                    .map(Some)
-                    .ok_or_else(|| bad(format!("{key} must be a non-negative integer"))),
-            }
-        };
+        let count = |key: &str| count(d, key);
         // Servers differ on which of the two wins: reserve for the larger.
         let named = match (count("max_tokens")?, count("max_completion_tokens")?) {
             (Some(a), Some(b)) => Some(a.max(b)),
@@ -193,11 +191,7 @@ impl ModelRequest {
             return Err(bad(format!("n and best_of must be at most {MAX_CHOICES}")));
         }
         let choices = choices * prompts;
-        self.stream = match d.get("stream") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(bad("stream must be a boolean")),
-        };
+        self.stream = flag(d, "stream")?;
         self.caller_wants_usage = d
             .get("stream_options")
             .and_then(|o| o.get("include_usage"))
@@ -206,11 +200,7 @@ impl ModelRequest {
         // Logprobs: a boolean plus top_logprobs (chat), or a count (completions).
         match self.call {
             Call::Chat => {
-                self.logprobs = match d.get("logprobs") {
-                    None | Some(Value::Null) => false,
-                    Some(Value::Bool(b)) => *b,
-                    Some(_) => return Err(bad("logprobs must be a boolean")),
-                };
+                self.logprobs = flag(d, "logprobs")?;
                 let top = count("top_logprobs")?.unwrap_or(0);
                 self.top_logprobs = u32::try_from(top).unwrap_or(u32::MAX);
                 if top > 0 {
@@ -373,6 +363,9 @@ impl ModelRequest {
         for key in ["logprobs", "top_logprobs", "logit_bias", "echo"] {
             changed |= self.doc.remove(key).is_some();
         }
+        if self.call == Call::Responses {
+            changed |= responses::strip_logprobs(&mut self.doc);
+        }
         if changed {
             self.rewritten = true;
             self.logprobs = false;
@@ -444,7 +437,28 @@ fn allowed(call: Call, key: &str) -> bool {
         Call::Chat => CHAT_FIELDS.contains(&key) || GENERATION_FIELDS.contains(&key),
         Call::Completion => COMPLETION_FIELDS.contains(&key) || GENERATION_FIELDS.contains(&key),
         Call::Embeddings => EMBEDDING_FIELDS.contains(&key),
+        Call::Responses => responses::FIELDS.contains(&key),
         Call::Predict => PREDICT_FIELDS.contains(&key),
+    }
+}
+
+/// A non-negative integer field, if present.
+fn count(d: &Map<String, Value>, key: &str) -> Result<Option<u64>, BadRequest> {
+    match d.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| bad(format!("{key} must be a non-negative integer"))),
+    }
+}
+
+/// A boolean field (absent: false).
+fn flag(d: &Map<String, Value>, key: &str) -> Result<bool, BadRequest> {
+    match d.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(bad(format!("{key} must be a boolean"))),
     }
 }
 
@@ -567,7 +581,8 @@ mod tests {
         assert_eq!(r.completion_reserve, 60);
         // The call is the path's, whatever the body looks like.
         assert!(
-            ModelRequest::parse(ModelApi::Openai, "/v1/responses", br#"{"input":"x"}"#, 1).is_err()
+            ModelRequest::parse(ModelApi::Openai, "/v1/audio/speech", br#"{"input":"x"}"#, 1)
+                .is_err()
         );
     }
 
