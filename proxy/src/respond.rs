@@ -29,8 +29,7 @@ use tower::{Layer, Service};
 
 use crate::metrics::{Direction, ProxyMetrics};
 use crate::ratelimit::Limited;
-pub use crate::stack::body::{Body, BoxError, upstream};
-use crate::stack::body::{Req, Resp};
+use crate::stack::body::{Body, Req, Resp};
 
 /// Why the proxy answered instead of the app (or the destination).
 #[derive(Debug, Clone)]

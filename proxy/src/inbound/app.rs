@@ -19,7 +19,8 @@ use tower::Service;
 use warden_identity::ratelog::LogLimiter;
 
 use crate::headers;
-use crate::respond::{Body, Refusal};
+use crate::respond::Refusal;
+use crate::stack::body::Body;
 use crate::stack::{Req, ReqBody, StageFuture, error_chain};
 
 static APP_LOG: LogLimiter = LogLimiter::new(10);

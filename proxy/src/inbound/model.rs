@@ -16,7 +16,8 @@ use tower::{Layer, Service};
 use warden_identity::tls::VerifiedPeer;
 
 use crate::model::route::Routes;
-use crate::respond::{Body, Refusal};
+use crate::respond::Refusal;
+use crate::stack::body::Body;
 use crate::stack::{Branch, Req, ReqBody, Resp};
 
 /// The layer, for one connection's verified caller.

@@ -12,7 +12,7 @@
 use http::{HeaderMap, HeaderName, HeaderValue, Response, header};
 
 use super::limits::{Denial, Headroom, Kind, Plan};
-use crate::respond::Body;
+use crate::stack::body::Body;
 
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -106,7 +106,7 @@ pub fn abnormal_usage() -> Response<Body> {
 
 /// A problem answer with a status, a fixed reason and a detail.
 pub fn problem(status: u16, reason: &str, detail: &str) -> Response<Body> {
-    warden_identity::http::problem(status, reason, detail).map(crate::respond::Body::Full)
+    warden_identity::http::problem(status, reason, detail).map(Body::Full)
 }
 
 /// The warning header on answers to a caller at the warn step or above.

@@ -22,7 +22,8 @@ use super::request::{Call, ModelRequest};
 use super::sse::{Block, Event, Parser};
 use super::ticket::Ticket;
 use super::usage::{Reserved, Tally};
-use crate::respond::BoxError;
+/// Errors the metered stream can carry (the response body's error type).
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Largest single event we parse; a larger one ends the stream (cut, and
 /// charged at its full reservation).

@@ -36,7 +36,7 @@ use super::report::Reporter;
 use super::request::{Call, ModelRequest};
 use super::ticket::{Settler, Ticket};
 use super::usage::{Reserved, Tally};
-use crate::respond::Body;
+use crate::stack::body::{Body, upstream};
 
 static LOG: LogLimiter = LogLimiter::new(20);
 
@@ -547,7 +547,7 @@ impl Route {
         let Some((ticket, request, reserved)) = adm.budget else {
             // Nothing to count in the answer: the gate is settled, the body passed through.
             adm.gate.finish(Ask::default(), false);
-            return Response::from_parts(parts, crate::respond::upstream(body));
+            return Response::from_parts(parts, upstream(body));
         };
         // warden asked for an uncompressed answer: one it cannot read, it cannot count or limit.
         let encoded = parts

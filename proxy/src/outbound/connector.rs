@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::respond::BoxError;
+use crate::stack::body::BoxError;
 
 /// A TLS stream that tells hyper what ALPN chose.
 pub struct MtlsStream(TokioIo<TlsStream<TcpStream>>);

@@ -18,7 +18,8 @@ use tower::Service;
 
 use super::{MtlsConnector, upstream_failed};
 use crate::headers;
-use crate::respond::{Body, BoxError, Refusal};
+use crate::respond::Refusal;
+use crate::stack::body::{Body, BoxError};
 use crate::stack::{Req, ReqBody, Resp, StageFuture};
 
 /// The clients of one outbound listener, and perhaps one app connection's own.
