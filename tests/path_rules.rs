@@ -388,7 +388,7 @@ fn the_query_is_passed_on_as_it_is_and_never_matched() {
 }
 
 #[test]
-fn paths_are_case_sensitive_so_only_an_allow_rule_protects_a_case_insensitive_app() {
+fn a_refusing_match_ignores_case_and_a_trailing_slash_and_an_allowing_one_does_not() {
     let m = mesh();
     m.check(
         "closed",
@@ -399,9 +399,18 @@ fn paths_are_case_sensitive_so_only_an_allow_rule_protects_a_case_insensitive_ap
             ("/ADMIN", Denied),
         ],
     );
-    // A deny rule names one spelling; an app that folds case (Express's
-    // default router, IIS) would serve `/admin` here.
-    m.check("open", true, &[("/ADMIN/users", Forwarded("/ADMIN/users"))]);
+    // An app that folds case (Express's default router, IIS) would serve
+    // `/admin` here: the deny rule reads paths widely.
+    m.check(
+        "open",
+        true,
+        &[
+            ("/ADMIN/users", Denied),
+            ("/Admin", Denied),
+            ("/v1/items:purge/", Denied),
+            ("/V1/ITEMS:PURGE", Denied),
+        ],
+    );
 }
 
 #[test]

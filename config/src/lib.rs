@@ -1,6 +1,8 @@
 //! warden's configuration: file schemas, validation that names file, line and
 //! column, and the identity types everything else is keyed on (`SpiffeId`,
-//! `TrustDomain`, `IdentityPattern`). No network, no I/O beyond reading files.
+//! `TrustDomain`, `IdentityPattern`), and the request-path normal form that
+//! rules are written in and requests are matched in. No network, no I/O
+//! beyond reading files.
 
 #![forbid(unsafe_code)]
 
@@ -9,6 +11,7 @@ pub mod diagnostic;
 pub mod duration;
 mod lint;
 pub mod model;
+pub mod normalize;
 pub mod pattern;
 pub mod policy;
 pub mod proxy;

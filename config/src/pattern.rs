@@ -11,6 +11,7 @@
 //! `*` is only allowed as the whole last segment; anything else is an error,
 //! so a typo can never widen a rule silently.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -38,11 +39,18 @@ impl PathMatch {
                 "path {s:?}: '*' is only allowed at the end, after '/', as in /api/*"
             ));
         }
-        let bad = |seg: &str| seg == "." || seg == ".." || seg.contains('%') || seg.contains('\\');
-        if body.split('/').skip(1).any(bad) || body.contains("//") {
-            return Err(format!(
-                "path {s:?} is not normalized (no '.', '..', '//', '%' or '\\')"
-            ));
+        // Requests are matched in their normal form; a rule in any other
+        // spelling could never match (a deny that never fires).
+        match crate::normalize::normalize(body) {
+            Ok(Cow::Borrowed(_)) => {}
+            Ok(Cow::Owned(canonical)) => {
+                return Err(format!(
+                    "path {s:?} is not in normal form: requests are matched as {canonical:?}"
+                ));
+            }
+            Err(e) => {
+                return Err(format!("path {s:?} can never match a request: {e}"));
+            }
         }
         Ok(if s.ends_with('*') {
             Self::Prefix(body.to_owned())
@@ -56,6 +64,22 @@ impl PathMatch {
         match self {
             Self::Exact(p) => p == path,
             Self::Prefix(p) => path.starts_with(p.as_str()) || path == &p[..p.len() - 1],
+        }
+    }
+
+    /// The wide reading, for matches that refuse (a deny rule's `paths`, an
+    /// allow rule's `not_paths`): ASCII case is ignored and an exact path
+    /// also matches with a trailing `/`, since apps that fold case (Express,
+    /// IIS) or route `/x/` like `/x` serve those spellings the same. A match
+    /// that allows stays strict ([`PathMatch::matches`]): either way a
+    /// respelled path fails closed.
+    pub fn matches_widely(&self, path: &str) -> bool {
+        let eq = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+        match self {
+            Self::Exact(p) => eq(p, path) || path.strip_suffix('/').is_some_and(|q| eq(p, q)),
+            Self::Prefix(p) => {
+                path.get(..p.len()).is_some_and(|head| eq(head, p)) || eq(&p[..p.len() - 1], path)
+            }
         }
     }
 
@@ -315,7 +339,10 @@ mod tests {
         let p = PathMatch::parse("/api/*").unwrap();
         assert!(p.matches("/api/x") && p.matches("/api/") && p.matches("/api"));
         assert!(!p.matches("/apix") && !p.matches("/ap"));
-        for bad in ["api", "/a*", "/a/*/b", "/a/../b", "/a//b", "/a%2e/b"] {
+        for bad in [
+            "api", "/a*", "/a/*/b", "/a/../b", "/a//b", "/a%2e/b", "/admin;x", "/x%3a", "/café",
+            "/Admin.",
+        ] {
             assert!(PathMatch::parse(bad).is_err(), "{bad}");
         }
     }

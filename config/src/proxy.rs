@@ -585,7 +585,7 @@ outbound:
         let e = parse(&text).unwrap_err();
         let s = e.to_string();
         assert!(
-            s.contains("/etc/warden/proxy.yaml:20:19: path \"/admin/../x\" is not normalized"),
+            s.contains("/etc/warden/proxy.yaml:20:19: path \"/admin/../x\" is not in normal form"),
             "{s}"
         );
         assert!(

@@ -5,14 +5,16 @@
 //! the default rule. A rule matches (as in Istio's AuthorizationPolicy) when
 //! every positive field it has matches (`from`, `methods`, `paths`, `ports`)
 //! and none of its negative fields does (`not_from`, `not_methods`,
-//! `not_paths`); a rule naming GET is about HEAD too, on either side. In
+//! `not_paths`); a rule naming GET is about HEAD too, on either side. A
+//! path that refuses (a deny's `paths`, an allow's `not_paths`) also
+//! matches in other ASCII case and with a trailing `/`. In
 //! audit mode a refusal is logged and counted as `audit_deny` and the
 //! request goes through. Only a `VerifiedPeer`, which only the TLS verifiers
 //! can make, can be authorized.
 
 use std::path::Path;
 
-use warden_config::pattern::method_covers;
+use warden_config::pattern::{PathMatch, method_covers};
 use warden_config::proxy::{Action, Policy, PolicyMode, Rule};
 use warden_config::{SpiffeId, TrustDomain};
 use warden_identity::tls::VerifiedPeer;
@@ -39,6 +41,8 @@ pub struct Request<'a> {
     pub path: Option<&'a str>,
 }
 
+type PathTest = fn(&PathMatch, &str) -> bool;
+
 fn any_method(listed: &[String], method: &str) -> bool {
     listed.iter().any(|l| method_covers(l, method))
 }
@@ -52,13 +56,19 @@ pub(crate) fn matches(rule: &Rule, id: &SpiffeId, port: Option<u16>, req: Reques
     let methods =
         rule.methods.is_empty() || req.method.is_some_and(|m| any_method(&rule.methods, m));
     let not_methods = req.method.is_some_and(|m| any_method(&rule.not_methods, m));
+    // A path match that refuses is read widely, one that allows strictly
+    // (see `PathMatch::matches_widely`): a respelled path fails closed.
+    let (in_paths, in_not_paths): (PathTest, PathTest) = match rule.action {
+        Action::Deny => (PathMatch::matches_widely, PathMatch::matches),
+        Action::Allow => (PathMatch::matches, PathMatch::matches_widely),
+    };
     let paths = rule.paths.is_empty()
         || req
             .path
-            .is_some_and(|p| rule.paths.iter().any(|r| r.matches(p)));
+            .is_some_and(|p| rule.paths.iter().any(|r| in_paths(r, p)));
     let not_paths = req
         .path
-        .is_some_and(|p| rule.not_paths.iter().any(|r| r.matches(p)));
+        .is_some_and(|p| rule.not_paths.iter().any(|r| in_not_paths(r, p)));
     let ports = rule.ports.is_empty()
         || match port {
             Some(p) => rule.ports.contains(&p),
@@ -286,6 +296,28 @@ mod tests {
         assert_eq!(d(&p, WEB, "GET", "/admin/users").rule, "default");
         assert!(!d(&p, WEB, "GET", "/admin").allowed);
         assert_eq!(d(&p, ADMIN, "GET", "/admin/users").rule, "ops-admin");
+    }
+
+    #[test]
+    fn a_respelled_path_cannot_slip_past_a_refusing_match() {
+        let p = rules(
+            "enforce",
+            &[
+                "{name: everyone, action: allow, from: [spiffe://td/*], not_paths: [/admin/*]}",
+                "{name: no-export, action: deny, from: [spiffe://td/*], paths: [/export]}",
+            ],
+        );
+        for path in ["/ADMIN/users", "/Admin", "/export/", "/EXPORT"] {
+            assert!(!d(&p, WEB, "GET", path).allowed, "{path}");
+        }
+        assert!(d(&p, WEB, "GET", "/exports").allowed);
+        // An allow's own paths stay strict: another case is not allowed by it.
+        let strict = rules(
+            "enforce",
+            &["{name: api, action: allow, from: [spiffe://td/*], paths: [/api/*]}"],
+        );
+        assert!(d(&strict, WEB, "GET", "/api/x").allowed);
+        assert!(!d(&strict, WEB, "GET", "/API/x").allowed);
     }
 
     #[test]

@@ -13,7 +13,8 @@ pub mod inbound;
 pub mod listener;
 pub mod metrics;
 pub mod model;
-pub mod normalize;
+/// The path normal form lives with the config, whose rules are written in it.
+pub use warden_config::normalize;
 pub mod outbound;
 pub mod ratelimit;
 pub mod reload;

@@ -1,4 +1,4 @@
-//! The path stage: the request's path is normalized (see `crate::normalize`
+//! The path stage: the request's path is normalized (see `warden_config::normalize`
 //! for the rules) and replaced by the normal form, so every later stage
 //! matches, and the app receives, one spelling. A path that cannot be made
 //! unambiguous is refused (400). The query is kept as sent and never matched.
@@ -8,9 +8,9 @@ use std::borrow::Cow;
 use http::Uri;
 use http::uri::{Parts, PathAndQuery};
 
-use crate::normalize::normalize;
 use crate::respond::Refusal;
 use crate::stack::{Check, Req};
+use warden_config::normalize::normalize;
 
 /// See the module docs.
 #[derive(Debug, Clone, Copy)]
