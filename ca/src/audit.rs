@@ -24,8 +24,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::authority::CaError;
 use crate::store::{self, AuditHead, Store, WriteTx};
 
-/// `prev` of the first line.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub use crate::store::GENESIS;
 
 const HASH_PREFIX: &str = ",\"hash\":\"";
 const HASH_SUFFIX: &str = "\"}";

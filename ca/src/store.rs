@@ -182,10 +182,13 @@ pub fn read_audit_head(conn: &Connection) -> rusqlite::Result<AuditHead> {
         .optional()?;
     Ok(head.unwrap_or_else(|| AuditHead {
         seq: 0,
-        hash: crate::audit::GENESIS.to_owned(),
+        hash: GENESIS.to_owned(),
         len: 0,
     }))
 }
+
+/// `prev` of the audit trail's first line: the head of an empty trail.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Records the new audit head.
 pub fn set_audit_head(tx: &WriteTx<'_>, head: &AuditHead) -> rusqlite::Result<()> {
