@@ -32,3 +32,31 @@ impl Check for IdentityHeader {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stack::ReqBody;
+
+    #[test]
+    fn the_app_sees_one_verified_identity_and_te_trailers_only_over_h2c() {
+        let xfcc = HeaderValue::from_static("By=spiffe://td/app;URI=spiffe://td/web");
+        for app_h2c in [false, true] {
+            let mut req = http::Request::builder()
+                .header("x-forwarded-client-cert", "URI=spiffe://td/admin")
+                .header("X_Forwarded_Client_Cert", "URI=spiffe://td/admin")
+                .header("te", "trailers")
+                .body(ReqBody::read(bytes::Bytes::new()))
+                .unwrap();
+            let stage = IdentityHeader {
+                xfcc: xfcc.clone(),
+                app_h2c,
+            };
+            stage.check(&mut req).unwrap();
+            let all: Vec<_> = req.headers().get_all(headers::XFCC).iter().collect();
+            assert_eq!(all, vec![&xfcc]);
+            assert_eq!(req.headers().len(), 1 + usize::from(app_h2c));
+            assert_eq!(req.headers().contains_key(header::TE), app_h2c);
+        }
+    }
+}

@@ -69,3 +69,38 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    use crate::stack::ReqBody;
+    use crate::stack::body::Body;
+
+    fn app(delay: Duration) -> tower::util::BoxCloneService<Req, Resp, Refusal> {
+        tower::util::BoxCloneService::new(tower::service_fn(move |_req: Req| async move {
+            tokio::time::sleep(delay).await;
+            Ok(http::Response::new(Body::Full(Default::default())))
+        }))
+    }
+
+    fn req() -> Req {
+        http::Request::new(ReqBody::read(bytes::Bytes::new()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_later_than_the_timeout_is_refused_and_one_in_time_passes() {
+        let layer = TimeoutLayer::new(Duration::from_secs(5), Refusal::AppTimeout);
+        let slow = layer
+            .layer(app(Duration::from_secs(6)))
+            .oneshot(req())
+            .await;
+        assert!(matches!(slow, Err(Refusal::AppTimeout)));
+        let fast = layer
+            .layer(app(Duration::from_secs(4)))
+            .oneshot(req())
+            .await;
+        assert_eq!(fast.unwrap().status(), 200);
+    }
+}
