@@ -9,6 +9,7 @@ mod lru;
 pub mod meter;
 pub mod metrics;
 pub mod outputs;
+pub mod refusal;
 pub mod report;
 pub mod request;
 pub mod route;
