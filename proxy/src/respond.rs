@@ -28,9 +28,9 @@ use prometheus::{IntCounter, IntCounterVec};
 use tower::{Layer, Service};
 
 use crate::metrics::{Direction, ProxyMetrics};
-use crate::model::refusal::GuardRefusal;
 use crate::ratelimit::Limited;
 use crate::stack::body::{Body, Req, Resp};
+use warden_guard::refusal::GuardRefusal;
 
 /// Why the proxy answered instead of the app (or the destination).
 #[derive(Debug, Clone)]

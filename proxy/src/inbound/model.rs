@@ -5,7 +5,7 @@
 //! forwarded with the body the route read, uncompressed, and its answer is
 //! settled by the route (JSON usage, or the event stream as it passes).
 //! Requests under no route pass through untouched. A route's refusals
-//! ([`GuardRefusal`](crate::model::refusal::GuardRefusal)) are answered by
+//! ([`GuardRefusal`](warden_guard::refusal::GuardRefusal)) are answered by
 //! `respond` as [`Refusal::Model`].
 
 use std::sync::Arc;
@@ -17,10 +17,10 @@ use tower::{Layer, Service};
 
 use warden_identity::tls::VerifiedPeer;
 
-use crate::model::route::Routes;
 use crate::respond::Refusal;
 use crate::stack::body::Body;
 use crate::stack::{Branch, Req, ReqBody, Resp};
+use warden_guard::route::Routes;
 
 /// The layer, for one connection's verified caller.
 #[derive(Clone)]

@@ -6,7 +6,7 @@
 use warden_config::SpiffeId;
 
 use crate::identity::IdentityRx;
-use crate::model::report::Report;
+use warden_guard::report::Report;
 
 /// Sends deny reports to the CA of the proxy's identity.
 #[derive(Clone)]

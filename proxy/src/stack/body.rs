@@ -23,8 +23,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
 use crate::headers;
-use crate::model::answer::AnswerBody;
-use crate::model::meter::Metered;
+use warden_guard::answer::AnswerBody;
+use warden_guard::meter::Metered;
 
 /// The request every stage sees.
 pub type Req = http::Request<ReqBody>;
