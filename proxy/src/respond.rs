@@ -476,6 +476,57 @@ mod tests {
         assert!(h2.headers().get(CONNECTION).is_none());
     }
 
+    #[tokio::test]
+    async fn a_model_refusal_keeps_its_problem_type_and_headers_and_is_counted_as_model() {
+        let metrics = ProxyMetrics::new().unwrap();
+        let counters = RefusalCounters::for_listener(&metrics, Direction::Inbound, "l");
+        let refusal = Refusal::Model(Box::new(
+            GuardRefusal::new(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                "used up",
+            )
+            .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("17")),
+        ));
+        let inner = tower::service_fn(move |_req: Req| {
+            let r = refusal.clone();
+            async move { Err::<Resp, _>(r) }
+        });
+        let svc = RespondLayer::new(counters).layer(tower::util::BoxCloneService::new(inner));
+        let http = svc
+            .clone()
+            .oneshot(req("application/json", Version::HTTP_11))
+            .await
+            .unwrap();
+        assert_eq!(http.status(), 429);
+        assert_eq!(http.headers()["retry-after"], "17");
+        assert_eq!(http.headers()[CONTENT_TYPE], "application/problem+json");
+        assert!(http.headers().get(CONNECTION).is_none());
+        assert_eq!(
+            http.extensions().get::<Refused>().unwrap().0,
+            "quota_exceeded"
+        );
+        let body = http_body_util::BodyExt::collect(http.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["type"], "urn:warden:problem:quota-exceeded");
+        assert_eq!(doc["detail"], "used up");
+        let grpc = svc
+            .oneshot(req("application/grpc", Version::HTTP_2))
+            .await
+            .unwrap();
+        assert_eq!(grpc.status(), 200);
+        assert_eq!(grpc.headers()[GRPC_STATUS], "8");
+        assert_eq!(grpc.headers()[GRPC_MESSAGE], "used up");
+        let counted = metrics
+            .rejected
+            .with_label_values(&["inbound", "l", "model"])
+            .get();
+        assert_eq!(counted, 2);
+    }
+
     #[test]
     fn every_refusal_has_its_own_reason() {
         let all = [

@@ -3,7 +3,7 @@
 //! limited) and the rate-limit headers on it
 //! (draft-ietf-httpapi-ratelimit-headers): `RateLimit`, what remains of the
 //! tightest quota. Refusals, and the headers they carry, are in
-//! [`refusal`](super::refusal).
+//! `refusal.rs`.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
