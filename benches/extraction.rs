@@ -1,4 +1,4 @@
-//! Evaluation harness of extraction detection: does `model::detect` stop
+//! Evaluation harness of extraction detection: does `warden_guard::detect` stop
 //! model-stealing identities without stopping honest ones, and how much of
 //! the model has an attacker copied by the time it is stopped?
 //!
@@ -30,8 +30,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use warden_proxy::model::detect::{Detector, LlmQuery, Query, Settings, Step};
-use warden_proxy::model::outputs::{Outputs, limit};
+use warden_guard::detect::{Detector, LlmQuery, Query, Settings, Step};
+use warden_guard::outputs::{Outputs, limit};
 
 const D: usize = 16;
 const K: usize = 4;

@@ -16,9 +16,9 @@ use time::OffsetDateTime;
 use warden_ca::{Authority, CaService, InitOptions};
 use warden_config::model::{LimitSet, Limits, ModelApi};
 use warden_config::{ProxyConfig, SpiffeId, TrustDomain};
-use warden_proxy::model::limits::local::LocalStore;
-use warden_proxy::model::limits::{Ask, Plan, Store, Subjects, now_us};
-use warden_proxy::model::request::ModelRequest;
+use warden_guard::limits::local::LocalStore;
+use warden_guard::limits::{Ask, Plan, Store, Subjects, now_us};
+use warden_guard::request::ModelRequest;
 use warden_proxy::{authz, headers, normalize};
 
 fn stages(c: &mut Criterion) {

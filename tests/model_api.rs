@@ -127,6 +127,11 @@ fn over_the_rate_a_429_carries_ratelimit_headers_retry_after_and_a_problem() {
         b.metric("warden_model_quota_refusals_total{listener=\"models\",quota=\"identity-requests\",route=\"chat\"}"),
         1.0
     );
+    // Counted with every other refusal of the listener too.
+    assert_eq!(
+        b.metric("warden_proxy_rejected_requests_total{direction=\"inbound\",listener=\"models\",reason=\"model\"}"),
+        1.0
+    );
 }
 
 #[test]

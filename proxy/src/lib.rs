@@ -12,7 +12,6 @@ pub mod idle;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;
-pub mod model;
 /// The path normal form lives with the config, whose rules are written in it.
 pub use warden_config::normalize;
 pub mod outbound;
@@ -48,7 +47,7 @@ pub enum StartError {
     Identity(#[from] identity::IdentityError),
     /// The shared limit store's URL is unusable.
     #[error(transparent)]
-    Store(model::limits::StoreError),
+    Store(warden_guard::limits::StoreError),
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -95,10 +94,12 @@ pub async fn run(
     let store = Arc::new(match &config.redis {
         // Connects lazily and reconnects by itself: a proxy starts while Redis
         // is down, and each route's `on_redis_error` decides meanwhile.
-        Some(url) => model::limits::Store::Redis(
-            model::limits::redis::RedisStore::new(url).map_err(StartError::Store)?,
+        Some(url) => warden_guard::limits::Store::Redis(
+            warden_guard::limits::redis::RedisStore::new(url).map_err(StartError::Store)?,
         ),
-        None => model::limits::Store::Local(model::limits::local::LocalStore::default()),
+        None => {
+            warden_guard::limits::Store::Local(warden_guard::limits::local::LocalStore::default())
+        }
     });
     let mut reloader = reload::Reloader::new(path, config.clone(), metrics.clone(), store.clone());
     let mut tasks = tokio::task::JoinSet::new();

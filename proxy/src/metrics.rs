@@ -58,7 +58,7 @@ pub struct ProxyMetrics {
     /// Access-log lines dropped by its rate limit.
     pub access_log_dropped: IntCounter,
     /// Model API protection.
-    pub model: crate::model::metrics::ModelMetrics,
+    pub model: warden_guard::metrics::ModelMetrics,
 }
 
 impl ProxyMetrics {
@@ -139,7 +139,7 @@ impl ProxyMetrics {
         )?;
         registry.register(Box::new(access_log_dropped.clone()))?;
         warden_identity::admin::register_process(&registry)?;
-        let model = crate::model::metrics::ModelMetrics::new(&registry)?;
+        let model = warden_guard::metrics::ModelMetrics::new(&registry)?;
         Ok(Self {
             access_log_dropped,
             model,

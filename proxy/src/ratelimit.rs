@@ -27,8 +27,8 @@ use warden_identity::ratelog::LogLimiter;
 use warden_identity::tls::VerifiedPeer;
 
 use crate::authz::{self, Request};
-use crate::model::answer;
-use crate::model::limits::{
+use warden_guard::answer;
+use warden_guard::limits::{
     Ask, Denial, Headroom, Hold, Kind, Level, Plan, Quota, Store, StoreError, Subjects,
 };
 

@@ -18,7 +18,7 @@ use warden_config::proxy::Policy;
 
 use crate::inbound::{CompiledPolicy, PolicyRx};
 use crate::metrics::ProxyMetrics;
-use crate::model::limits::Store;
+use warden_guard::limits::Store;
 
 /// Owns the policy channels and applies reloads to them.
 pub struct Reloader {

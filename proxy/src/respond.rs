@@ -30,6 +30,7 @@ use tower::{Layer, Service};
 use crate::metrics::{Direction, ProxyMetrics};
 use crate::ratelimit::Limited;
 use crate::stack::body::{Body, Req, Resp};
+use warden_guard::refusal::GuardRefusal;
 
 /// Why the proxy answered instead of the app (or the destination).
 #[derive(Debug, Clone)]
@@ -71,10 +72,13 @@ pub enum Refusal {
     UpstreamTimeout,
     /// A bug: a stage's future polled after it finished (500).
     Internal,
+    /// A model API route refused the request or will not deliver the
+    /// app's answer: its status, problem type and headers are the guard's.
+    Model(Box<GuardRefusal>),
 }
 
 /// Every reason label, in [`Refusal::index`] order (for per-reason counters).
-pub const REASONS: [&str; 17] = [
+pub const REASONS: [&str; 18] = [
     "bad_path",
     "bad_method",
     "method_not_allowed",
@@ -91,6 +95,7 @@ pub const REASONS: [&str; 17] = [
     "upstream_timeout",
     "internal",
     "limit_store_unavailable",
+    "model",
     "max_connections",
 ];
 
@@ -116,6 +121,7 @@ impl Refusal {
             Self::UpstreamUnavailable => 12,
             Self::UpstreamTimeout => 13,
             Self::Internal => 14,
+            Self::Model(_) => 16,
         }
     }
 
@@ -136,6 +142,7 @@ impl Refusal {
             Self::AppUnavailable | Self::WrongServerIdentity | Self::UpstreamUnavailable => 502,
             Self::NoIdentity | Self::Overloaded => 503,
             Self::AppConnectTimeout | Self::AppTimeout | Self::UpstreamTimeout => 504,
+            Self::Model(m) => m.status().as_u16(),
         }
     }
 
@@ -157,6 +164,12 @@ impl Refusal {
             | Self::AppUnavailable
             | Self::WrongServerIdentity
             | Self::UpstreamUnavailable => "14", // UNAVAILABLE
+            Self::Model(m) => match m.status().as_u16() {
+                400 | 413 => "3", // INVALID_ARGUMENT
+                408 => "4",       // DEADLINE_EXCEEDED
+                429 => "8",       // RESOURCE_EXHAUSTED
+                _ => "14",        // UNAVAILABLE
+            },
         }
     }
 
@@ -164,15 +177,18 @@ impl Refusal {
     pub fn detail(&self) -> Cow<'static, str> {
         match self {
             Self::RateLimited(l) => Cow::Owned(l.detail()),
+            Self::Model(m) => m.detail().clone(),
             other => Cow::Borrowed(other.fixed_detail()),
         }
     }
 
     /// The problem type: the reason, but a rate limit's is the model
-    /// routes' (`quota-exceeded`), so one client handles both alike.
+    /// routes' (`quota-exceeded`), so one client handles both alike, and
+    /// a model route's is the guard's own (also in the access log).
     fn problem_type(&self) -> &'static str {
         match self {
             Self::RateLimited(l) => l.reason(),
+            Self::Model(m) => m.reason(),
             other => other.reason(),
         }
     }
@@ -196,6 +212,7 @@ impl Refusal {
             Self::UpstreamUnavailable => "the destination could not be reached over mTLS",
             Self::UpstreamTimeout => "the destination did not answer in time",
             Self::Internal => "internal error",
+            Self::Model(_) => "the model API guard refused this request",
         }
     }
 
@@ -215,22 +232,42 @@ impl Refusal {
             let h = r.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
             h.insert(GRPC_STATUS, HeaderValue::from_static(self.grpc_status()));
-            h.insert(GRPC_MESSAGE, HeaderValue::from_static(self.fixed_detail()));
+            let message = match self {
+                // A guard's detail says which limit; it is plain ASCII, else the fixed one.
+                Self::Model(m) => HeaderValue::from_str(m.detail()).ok(),
+                _ => None,
+            };
+            h.insert(
+                GRPC_MESSAGE,
+                message.unwrap_or_else(|| HeaderValue::from_static(self.fixed_detail())),
+            );
             r
         } else {
             warden_identity::http::problem(self.status(), self.problem_type(), &self.detail())
                 .map(Body::Full)
         };
-        if let Self::RateLimited(l) = self {
-            for (name, value) in l.headers() {
-                resp.headers_mut().insert(name, value);
+        match self {
+            Self::RateLimited(l) => {
+                for (name, value) in l.headers() {
+                    resp.headers_mut().insert(name, value);
+                }
             }
+            Self::Model(m) => {
+                for (name, value) in m.headers() {
+                    resp.headers_mut().insert(name.clone(), value.clone());
+                }
+            }
+            _ => {}
         }
         if to.version == Version::HTTP_11 && self.closes_connection() {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        resp.extensions_mut().insert(Refused(self.reason()));
+        let logged = match self {
+            Self::Model(m) => m.reason(),
+            other => other.reason(),
+        };
+        resp.extensions_mut().insert(Refused(logged));
         resp
     }
 }
@@ -439,6 +476,57 @@ mod tests {
         assert!(h2.headers().get(CONNECTION).is_none());
     }
 
+    #[tokio::test]
+    async fn a_model_refusal_keeps_its_problem_type_and_headers_and_is_counted_as_model() {
+        let metrics = ProxyMetrics::new().unwrap();
+        let counters = RefusalCounters::for_listener(&metrics, Direction::Inbound, "l");
+        let refusal = Refusal::Model(Box::new(
+            GuardRefusal::new(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                "used up",
+            )
+            .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("17")),
+        ));
+        let inner = tower::service_fn(move |_req: Req| {
+            let r = refusal.clone();
+            async move { Err::<Resp, _>(r) }
+        });
+        let svc = RespondLayer::new(counters).layer(tower::util::BoxCloneService::new(inner));
+        let http = svc
+            .clone()
+            .oneshot(req("application/json", Version::HTTP_11))
+            .await
+            .unwrap();
+        assert_eq!(http.status(), 429);
+        assert_eq!(http.headers()["retry-after"], "17");
+        assert_eq!(http.headers()[CONTENT_TYPE], "application/problem+json");
+        assert!(http.headers().get(CONNECTION).is_none());
+        assert_eq!(
+            http.extensions().get::<Refused>().unwrap().0,
+            "quota_exceeded"
+        );
+        let body = http_body_util::BodyExt::collect(http.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["type"], "urn:warden:problem:quota-exceeded");
+        assert_eq!(doc["detail"], "used up");
+        let grpc = svc
+            .oneshot(req("application/grpc", Version::HTTP_2))
+            .await
+            .unwrap();
+        assert_eq!(grpc.status(), 200);
+        assert_eq!(grpc.headers()[GRPC_STATUS], "8");
+        assert_eq!(grpc.headers()[GRPC_MESSAGE], "used up");
+        let counted = metrics
+            .rejected
+            .with_label_values(&["inbound", "l", "model"])
+            .get();
+        assert_eq!(counted, 2);
+    }
+
     #[test]
     fn every_refusal_has_its_own_reason() {
         let all = [
@@ -456,6 +544,11 @@ mod tests {
             Refusal::UpstreamUnavailable,
             Refusal::UpstreamTimeout,
             Refusal::Internal,
+            Refusal::Model(Box::new(GuardRefusal::new(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                "x",
+            ))),
         ];
         let mut seen = std::collections::HashSet::new();
         for r in &all {

@@ -6,15 +6,23 @@
 //!
 //! It exists so that the proxy links none of the CA's store and signing code
 //! (`cargo tree -p warden-proxy` shows no rusqlite), and the CA none of the
-//! proxy.
+//! proxy. Without its default `full` feature it is only [`ratelog`], which
+//! is all the model guard takes.
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "full")]
 pub mod admin;
+#[cfg(feature = "full")]
 pub mod api;
+#[cfg(feature = "full")]
 pub mod client;
+#[cfg(feature = "full")]
 pub mod http;
+#[cfg(feature = "full")]
 pub mod lifetime;
+#[cfg(feature = "full")]
 pub mod pem;
 pub mod ratelog;
+#[cfg(feature = "full")]
 pub mod tls;

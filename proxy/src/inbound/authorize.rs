@@ -21,11 +21,11 @@ use warden_identity::ratelog::LogLimiter;
 use warden_identity::tls::VerifiedPeer;
 
 use crate::authz::{self, Decision, Request as AuthzRequest};
-use crate::model::limits::Store;
 use crate::ratelimit::RateLimits;
 use crate::respond::Refusal;
 use crate::stack::observe::Authorized;
 use crate::stack::{Req, Resp};
+use warden_guard::limits::Store;
 
 static DECISION_LOG: LogLimiter = LogLimiter::new(20);
 

@@ -17,6 +17,7 @@ mod limits;
 mod model;
 mod path;
 mod rate_limit;
+mod report;
 mod server;
 mod tcp;
 
@@ -44,14 +45,13 @@ use crate::identity::{Identity, IdentityRx};
 use crate::idle::IdleTimeout;
 use crate::listener::ConnGuard;
 use crate::metrics::{Direction, ProxyMetrics};
-use crate::model::limits::Store;
-use crate::model::report::Reporter;
-use crate::model::route::Routes;
 use crate::respond::{Refusal, RefusalCounters, RespondLayer};
 use crate::stack::observe::{ObserveLayer, Observed, Shared};
 use crate::stack::timeout::TimeoutLayer;
 use crate::stack::{CheckLayer, ReqBody};
 use crate::tls::{H2, HTTP1, server_config};
+use warden_guard::limits::Store;
+use warden_guard::route::Routes;
 
 pub use authorize::{CompiledPolicy, PolicyRx};
 
@@ -161,7 +161,8 @@ pub async fn serve(
     let name: Arc<str> = cfg.name.as_str().into();
     let limit = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let graceful = GracefulShutdown::new();
-    let reporter = Some(Reporter::new(identity.clone()));
+    let reporter: Option<warden_guard::report::Reporter> =
+        Some(Arc::new(report::CaReporter::new(identity.clone())));
     let refusals = RefusalCounters::for_listener(&metrics, Direction::Inbound, &name);
     let conns = metrics.connections(Direction::Inbound, &name);
     let shared = Arc::new(Listener {

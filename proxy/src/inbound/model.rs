@@ -4,7 +4,9 @@
 //! information caps, extraction detection and the token reservation. It is
 //! forwarded with the body the route read, uncompressed, and its answer is
 //! settled by the route (JSON usage, or the event stream as it passes).
-//! Requests under no route pass through untouched.
+//! Requests under no route pass through untouched. A route's refusals
+//! ([`GuardRefusal`](warden_guard::refusal::GuardRefusal)) are answered by
+//! `respond` as [`Refusal::Model`].
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,10 +17,10 @@ use tower::{Layer, Service};
 
 use warden_identity::tls::VerifiedPeer;
 
-use crate::model::route::Routes;
 use crate::respond::Refusal;
 use crate::stack::body::Body;
 use crate::stack::{Branch, Req, ReqBody, Resp};
+use warden_guard::route::Routes;
 
 /// The layer, for one connection's verified caller.
 #[derive(Clone)]
@@ -82,12 +84,12 @@ where
             ) && body.is_end_stream();
             let gate = match route.gate(peer.id()).await {
                 Ok(g) => g,
-                Err(answer) => return Ok(answer),
+                Err(refused) => return Err(Refusal::Model(Box::new(refused))),
             };
             let (req, admitted) = if bodiless {
                 match route.admit_bodiless(peer.id(), gate) {
                     Ok(a) => (http::Request::from_parts(parts, body), a),
-                    Err(answer) => return Ok(answer),
+                    Err(refused) => return Err(Refusal::Model(Box::new(refused))),
                 }
             } else {
                 let Some(caller) = body.take_caller() else {
@@ -104,16 +106,18 @@ where
                         );
                         (http::Request::from_parts(parts, ReqBody::read(bytes)), a)
                     }
-                    Err(answer) => return Ok(answer),
+                    Err(refused) => return Err(Refusal::Model(Box::new(refused))),
                 }
             };
             match inner.call(req).await {
                 Ok(resp) => {
                     let (parts, body) = resp.into_parts();
                     match body {
-                        Body::Upstream(b) => Ok(route
+                        Body::Upstream(b) => route
                             .answer(admitted, http::Response::from_parts(parts, b))
-                            .await),
+                            .await
+                            .map(|resp| resp.map(Body::from))
+                            .map_err(|refused| Refusal::Model(Box::new(refused))),
                         // Only the app client answers below this stage.
                         other => Ok(http::Response::from_parts(parts, other)),
                     }

@@ -23,7 +23,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
 use crate::headers;
-use crate::model::meter::Metered;
+use warden_guard::answer::AnswerBody;
+use warden_guard::meter::Metered;
 
 /// The request every stage sees.
 pub type Req = http::Request<ReqBody>;
@@ -143,7 +144,7 @@ pub enum Body {
     /// An answer made (or rewritten) by the proxy.
     Full(Full<Bytes>),
     /// A model API stream, counted against its reservation.
-    Metered(Box<Metered>),
+    Metered(Box<Metered<Incoming>>),
 }
 
 /// Errors a body can carry.
@@ -177,6 +178,16 @@ impl HttpBody for Body {
             Self::Upstream(b) => b.size_hint(),
             Self::Full(b) => b.size_hint(),
             Self::Metered(b) => b.size_hint(),
+        }
+    }
+}
+
+impl From<AnswerBody<Incoming>> for Body {
+    fn from(b: AnswerBody<Incoming>) -> Self {
+        match b {
+            AnswerBody::Upstream(b) => Self::Upstream(b),
+            AnswerBody::Metered(m) => Self::Metered(m),
+            AnswerBody::Full(bytes) => Self::Full(Full::new(bytes)),
         }
     }
 }

@@ -1,32 +1,28 @@
-//! The last step of the escalation ladder: ask the CA that issued this
-//! proxy's identity to deny a caller, so its certificate is not renewed and
-//! it drops off the mesh when the current one expires. The call is made in
-//! the background with the proxy's own SVID; the CA accepts it only from
-//! identities listed in its `deny_reporters`.
+//! How the proxy sends the model guard's deny reports: to the CA that
+//! issued this proxy's identity, in the background, with the proxy's own
+//! SVID; the CA accepts them only from identities listed in its
+//! `deny_reporters`.
 
 use warden_config::SpiffeId;
 
 use crate::identity::IdentityRx;
+use warden_guard::report::Report;
 
 /// Sends deny reports to the CA of the proxy's identity.
 #[derive(Clone)]
-pub struct Reporter {
+pub struct CaReporter {
     identity: IdentityRx,
 }
 
-impl Reporter {
+impl CaReporter {
     /// A reporter using whatever identity the proxy holds when it reports.
     pub fn new(identity: IdentityRx) -> Self {
         Self { identity }
     }
+}
 
-    /// Reports `target` in the background; `done(ok)` is called with the outcome.
-    pub fn report(
-        &self,
-        target: SpiffeId,
-        reason: String,
-        done: impl FnOnce(bool) + Send + 'static,
-    ) {
+impl Report for CaReporter {
+    fn report(&self, target: SpiffeId, reason: String, done: Box<dyn FnOnce(bool) + Send>) {
         let link = self.identity.borrow().as_ref().and_then(|id| id.ca.clone());
         let Some(link) = link else {
             tracing::warn!(peer = %target, "cannot report to the CA: this proxy's identity does not come from a CA");

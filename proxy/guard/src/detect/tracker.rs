@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::Step;
-use crate::model::lru::LruMap;
+use crate::lru::LruMap;
 
 /// What the tracker needs to know of an identity's state.
 pub trait Tracked {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use warden_config::{ProxyConfig, SpiffeId};
 
 use super::*;
-use crate::model::limits::local::LocalStore;
+use crate::limits::local::LocalStore;
 
 fn routes(store: &Arc<Store>) -> Routes {
     let limits = "        limits:\n          identity:\n            requests_per_second: 100\n            concurrent: 4\n            tokens_per_minute: 100000\n          namespace:\n            requests_per_second: 1000\n";

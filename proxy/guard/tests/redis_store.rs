@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[macro_use]
-#[path = "../../tests/common/redis.rs"]
+#[path = "../../../tests/common/redis.rs"]
 mod redis_server;
 use redis_server::{RedisServer, free_port};
 
@@ -19,9 +19,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use warden_config::SpiffeId;
 use warden_config::model::{LimitSet, Limits};
-use warden_proxy::model::limits::local::LocalStore;
-use warden_proxy::model::limits::redis::{RedisStore, SLOT_LEASE_MS};
-use warden_proxy::model::limits::{Ask, Hold, Level, Plan, Store, Subjects, now_us};
+use warden_guard::limits::local::LocalStore;
+use warden_guard::limits::redis::{RedisStore, SLOT_LEASE_MS};
+use warden_guard::limits::{Ask, Hold, Level, Plan, Store, Subjects, now_us};
 
 fn who(id: &str) -> Subjects {
     Subjects::of(&SpiffeId::parse(id).unwrap())

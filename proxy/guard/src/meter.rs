@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use serde_json::Value;
 
 use super::limits::Ask;
@@ -23,7 +23,7 @@ use super::sse::{Block, Event, Parser};
 use super::ticket::Ticket;
 use super::usage::{Reserved, Tally};
 /// Errors the metered stream can carry (the response body's error type).
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Largest single event we parse; a larger one ends the stream (cut, and
 /// charged at its full reservation).
@@ -163,9 +163,9 @@ impl Counter {
     }
 }
 
-/// A streamed answer being counted on its way to the caller.
-pub struct Metered {
-    inner: Incoming,
+/// A streamed answer (the app's body `B`) being counted on its way to the caller.
+pub struct Metered<B> {
+    inner: B,
     counter: Counter,
     done: bool,
     ticket: Option<Ticket>,
@@ -173,10 +173,10 @@ pub struct Metered {
     gate: Option<Ticket>,
 }
 
-impl Metered {
+impl<B> Metered<B> {
     /// Counts `inner` against `ticket`; `gate` is released when it ends.
     pub fn new(
-        inner: Incoming,
+        inner: B,
         req: &ModelRequest,
         reserved: Reserved,
         ticket: Ticket,
@@ -207,7 +207,11 @@ impl Metered {
     }
 }
 
-impl HttpBody for Metered {
+impl<B> HttpBody for Metered<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -262,7 +266,7 @@ impl HttpBody for Metered {
     }
 }
 
-impl Drop for Metered {
+impl<B> Drop for Metered<B> {
     fn drop(&mut self) {
         if !self.done {
             // The caller went away mid-stream: the model may have generated

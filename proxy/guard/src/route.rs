@@ -11,32 +11,38 @@
 //! Shadow mode runs every step, counts and logs what would have been
 //! refused, and lets the request through unchanged.
 
-// A refusal is the answer itself: the Err side of these results is a response.
-#![allow(clippy::result_large_err)]
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body::Body as HttpBody;
+use http_body_util::{BodyExt, Limited};
 
 use warden_config::SpiffeId;
 use warden_config::model::{LimitMode, ModelApi, ModelRoute, OnStoreError, OutputDetail};
 use warden_identity::ratelog::LogLimiter;
 
-use super::answer;
+use super::answer::{self, AnswerBody};
 use super::detect::{CoverageSettings, Detector, Ladder, LlmQuery, Query, Settings, Step};
 use super::limits::{Ask, Headroom, Hold, Plan, Store, Subjects};
 use super::meter::Metered;
 use super::metrics::{ModelMetrics, RouteMetrics};
 use super::outputs;
+use super::refusal::{self, GuardRefusal};
 use super::report::Reporter;
 use super::request::{Call, ModelRequest};
 use super::ticket::{Settler, Ticket};
 use super::usage::{Reserved, Tally};
-use crate::stack::body::{Body, upstream};
+
+/// Errors an app's body can carry.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body's error, boxed (a named function: a closure here trips rustc's
+/// inference of the error's lifetime in the `Send` check of the stage's future).
+fn boxed<E: Into<BoxError>>(e: E) -> BoxError {
+    e.into()
+}
 
 static LOG: LogLimiter = LogLimiter::new(20);
 
@@ -206,15 +212,15 @@ impl Route {
         self.cfg.mode == LimitMode::Shadow
     }
 
-    /// Refuses with `resp` (counted as `result`), or in shadow mode counts
+    /// Refuses with `refusal` (counted as `result`), or in shadow mode counts
     /// `shadow_<result>`, logs, and returns None to go on.
     fn refuse(
         &self,
         peer: &SpiffeId,
         result: &'static str,
         detail: &str,
-        resp: impl FnOnce() -> Response<Body>,
-    ) -> Option<Response<Body>> {
+        refusal: impl FnOnce() -> GuardRefusal,
+    ) -> Option<GuardRefusal> {
         if self.shadow() {
             self.metrics().decision(&format!("shadow_{result}"));
             if LOG.allow() {
@@ -226,12 +232,12 @@ impl Route {
         if LOG.allow() {
             tracing::info!(route = %self.cfg.name, peer = %peer, result, detail, "model request refused");
         }
-        Some(resp())
+        Some(refusal())
     }
 
     /// The first step of every request: request rate and concurrency,
     /// before the body is read or parsed.
-    pub async fn gate(&self, peer: &SpiffeId) -> Result<Gate, Response<Body>> {
+    pub async fn gate(&self, peer: &SpiffeId) -> Result<Gate, GuardRefusal> {
         let (ticket, headroom) = self.charge(&self.gate, peer, Ask::default(), false).await?;
         let ratelimit = headroom.and_then(|h| answer::ratelimit_value(&self.gate.plan, h));
         Ok(Gate { ticket, ratelimit })
@@ -239,21 +245,25 @@ impl Route {
 
     /// Everything else before the app for a request with a body (sent to
     /// the normalized `path`): the body to forward and the admission, or
-    /// the answer that refuses the request.
-    pub async fn admit(
+    /// the refusal.
+    pub async fn admit<B>(
         &self,
         peer: &SpiffeId,
         path: &str,
-        body: Incoming,
+        body: B,
         gate: Gate,
-    ) -> Result<(Bytes, Admitted), Response<Body>> {
+    ) -> Result<(Bytes, Admitted), GuardRefusal>
+    where
+        B: HttpBody<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
         let bytes = self.read_body(body).await?;
         let mut request =
             match ModelRequest::parse(self.cfg.api, path, &bytes, self.cfg.default_max_tokens) {
                 Ok(r) => r,
                 Err(e) => {
                     self.metrics().decision("bad_model_request");
-                    return Err(answer::problem(400, "bad_model_request", &e.0));
+                    return Err(refusal::bad_request("bad_model_request", e.0));
                 }
             };
         if let Some(w) = self.cfg.input_width
@@ -261,10 +271,10 @@ impl Route {
         {
             self.metrics().decision("bad_model_request");
             let detail = format!("this model takes feature vectors of {w} values");
-            return Err(answer::problem(400, "bad_model_request", &detail));
+            return Err(refusal::bad_request("bad_model_request", detail));
         }
-        if let Some(resp) = self.check_caps(peer, &request) {
-            return Err(resp);
+        if let Some(refused) = self.check_caps(peer, &request) {
+            return Err(refused);
         }
         let mut outputs = self.cfg.outputs;
         let mut warning = None;
@@ -274,7 +284,7 @@ impl Route {
                     peer,
                     "abnormal_usage",
                     "extraction suspected",
-                    answer::abnormal_usage,
+                    refusal::abnormal_usage,
                 ) {
                     return Err(r);
                 }
@@ -310,7 +320,7 @@ impl Route {
 
     /// A request without a body (GET, HEAD, DELETE, OPTIONS, such as
     /// `GET /v1/models`): the gate is all it is counted against.
-    pub fn admit_bodiless(&self, peer: &SpiffeId, gate: Gate) -> Result<Admitted, Response<Body>> {
+    pub fn admit_bodiless(&self, peer: &SpiffeId, gate: Gate) -> Result<Admitted, GuardRefusal> {
         let step = self
             .detector
             .as_ref()
@@ -321,7 +331,7 @@ impl Route {
                 peer,
                 "abnormal_usage",
                 "extraction suspected",
-                answer::abnormal_usage,
+                refusal::abnormal_usage,
             )
         {
             return Err(r);
@@ -338,8 +348,12 @@ impl Route {
         })
     }
 
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, Response<Body>> {
-        let read = Limited::new(body, self.cfg.max_body_bytes).collect();
+    async fn read_body<B>(&self, body: B) -> Result<Bytes, GuardRefusal>
+    where
+        B: HttpBody<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let read = Limited::new(body.map_err(boxed::<B::Error>), self.cfg.max_body_bytes).collect();
         let (status, reason, detail) = match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
             Ok(Ok(b)) => return Ok(b.to_bytes()),
             Ok(Err(e))
@@ -347,7 +361,7 @@ impl Route {
                     .is_some() =>
             {
                 (
-                    413,
+                    StatusCode::PAYLOAD_TOO_LARGE,
                     "body_too_large",
                     format!(
                         "the request body is larger than {} bytes",
@@ -356,18 +370,18 @@ impl Route {
                 )
             }
             Ok(Err(_)) => (
-                400,
+                StatusCode::BAD_REQUEST,
                 "bad_model_request",
                 "the request body could not be read".to_owned(),
             ),
             Err(_) => (
-                408,
+                StatusCode::REQUEST_TIMEOUT,
                 "body_timeout",
                 format!("the request body took longer than {BODY_READ_TIMEOUT:?}"),
             ),
         };
         self.metrics().decision(reason);
-        Err(answer::problem(status, reason, &detail))
+        Err(GuardRefusal::new(status, reason, detail))
     }
 
     /// Charges `ask` against every limit of `settler`'s plan at every
@@ -378,7 +392,7 @@ impl Route {
         peer: &SpiffeId,
         ask: Ask,
         metered: bool,
-    ) -> Result<(Ticket, Option<Headroom>), Response<Body>> {
+    ) -> Result<(Ticket, Option<Headroom>), GuardRefusal> {
         let plan = &settler.plan;
         let ticket = |hold, room| Ok((Ticket::new(settler.clone(), hold, ask, metered), room));
         if plan.is_empty() {
@@ -388,7 +402,7 @@ impl Route {
             // Waiting cannot help: say so, without a Retry-After.
             let detail = format!("the request needs more than the whole {} quota", q.name);
             if let Some(r) = self.refuse(peer, "exceeds_quota", &detail, || {
-                answer::problem(400, "request_exceeds_quota", &detail)
+                refusal::bad_request("request_exceeds_quota", detail.clone())
             }) {
                 return Err(r);
             }
@@ -411,7 +425,7 @@ impl Route {
                     .inc();
                 let detail = format!("{quota} exceeded");
                 if let Some(r) = self.refuse(peer, "quota_exceeded", &detail, || {
-                    answer::quota_exceeded(plan, &self.policy_header, &denial)
+                    refusal::quota_exceeded(plan, &self.policy_header, &denial)
                 }) {
                     return Err(r);
                 }
@@ -432,14 +446,14 @@ impl Route {
                 }
                 if self.cfg.on_store_error == OnStoreError::Closed {
                     m.decision("store_unavailable");
-                    return Err(answer::store_unavailable());
+                    return Err(refusal::store_unavailable());
                 }
                 ticket(Hold::default(), None)
             }
         }
     }
 
-    fn check_caps(&self, peer: &SpiffeId, r: &ModelRequest) -> Option<Response<Body>> {
+    fn check_caps(&self, peer: &SpiffeId, r: &ModelRequest) -> Option<GuardRefusal> {
         let detail = if let Some(cap) = self
             .max_top_logprobs
             .filter(|c| r.logprobs && (r.top_logprobs > *c || *c == 0))
@@ -460,7 +474,7 @@ impl Route {
             return None;
         };
         self.refuse(peer, "information_limit", &detail, || {
-            answer::problem(400, "information_limit", &detail)
+            refusal::bad_request("information_limit", detail.clone())
         })
     }
 
@@ -522,7 +536,7 @@ impl Route {
         reporter.report(
             peer.clone(),
             format!("abnormal usage of model route {}", self.cfg.name),
-            move |ok| {
+            Box::new(move |ok| {
                 m.all
                     .ca_reports
                     .with_label_values(&[
@@ -531,13 +545,22 @@ impl Route {
                         if ok { "ok" } else { "failed" },
                     ])
                     .inc();
-            },
+            }),
         );
     }
 
     /// Counts the app's answer and settles; limits what a predict answer
-    /// reveals; adds the rate-limit headers.
-    pub async fn answer(&self, adm: Admitted, resp: Response<Incoming>) -> Response<Body> {
+    /// reveals; adds the rate-limit headers. Refuses an answer it cannot
+    /// count or limit (502).
+    pub async fn answer<B>(
+        &self,
+        adm: Admitted,
+        resp: Response<B>,
+    ) -> Result<Response<AnswerBody<B>>, GuardRefusal>
+    where
+        B: HttpBody<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
         // Hop-by-hop headers are already gone (the inbound's forward).
         let (mut parts, body) = resp.into_parts();
         answer::add_headers(&mut parts.headers, adm.ratelimit.clone());
@@ -547,7 +570,7 @@ impl Route {
         let Some((ticket, request, reserved)) = adm.budget else {
             // Nothing to count in the answer: the gate is settled, the body passed through.
             adm.gate.finish(Ask::default(), false);
-            return Response::from_parts(parts, upstream(body));
+            return Ok(Response::from_parts(parts, AnswerBody::Upstream(body)));
         };
         // warden asked for an uncompressed answer: one it cannot read, it cannot count or limit.
         let encoded = parts
@@ -556,11 +579,10 @@ impl Route {
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
         if encoded {
             self.metrics().decision("response_encoded");
-            return answer::problem(
-                502,
+            return Err(refusal::bad_answer(
                 "model_response_unreadable",
                 "the model's answer was compressed although the proxy asked for it uncompressed",
-            );
+            ));
         }
         let is_stream = parts
             .headers
@@ -569,9 +591,12 @@ impl Route {
         if is_stream && parts.status.is_success() {
             parts.headers.remove(header::CONTENT_LENGTH);
             let metered = Metered::new(body, &request, reserved, ticket, adm.gate);
-            return Response::from_parts(parts, Body::Metered(Box::new(metered)));
+            return Ok(Response::from_parts(
+                parts,
+                AnswerBody::Metered(Box::new(metered)),
+            ));
         }
-        let bytes = match Limited::new(body, self.cfg.max_response_bytes)
+        let bytes = match Limited::new(body.map_err(boxed::<B::Error>), self.cfg.max_response_bytes)
             .collect()
             .await
         {
@@ -579,11 +604,10 @@ impl Route {
             Err(_) => {
                 // The tickets settle at their full reservation when dropped.
                 self.metrics().decision("response_too_large");
-                return answer::problem(
-                    502,
+                return Err(refusal::bad_answer(
                     "model_response_too_large",
                     "the model's answer was too large or broken",
-                );
+                ));
             }
         };
         let mut doc = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
@@ -616,11 +640,10 @@ impl Route {
             // A model that ignored max_tokens: charged, but what it generated
             // beyond the reservation is not delivered.
             self.metrics().decision("response_over_reservation");
-            return answer::problem(
-                502,
+            return Err(refusal::bad_answer(
                 "model_exceeded_reservation",
                 "the model generated more tokens than were reserved for this request",
-            );
+            ));
         }
         let mut out = bytes;
         if self.cfg.api == ModelApi::Predict && adm.outputs != OutputDetail::Full && success {
@@ -630,11 +653,10 @@ impl Route {
                 .filter(|d| d.get("predictions").is_some_and(|p| p.is_array()))
             else {
                 self.metrics().decision("response_unlimitable");
-                return answer::problem(
-                    502,
+                return Err(refusal::bad_answer(
                     "model_response_unreadable",
                     "the model's answer has no predictions array to limit",
-                );
+                ));
             };
             if outputs::limit(d, adm.outputs)
                 && let Ok(v) = serde_json::to_vec(d)
@@ -646,7 +668,7 @@ impl Route {
         if parts.status == StatusCode::NO_CONTENT {
             out = Bytes::new();
         }
-        Response::from_parts(parts, Body::Full(Full::new(out)))
+        Ok(Response::from_parts(parts, AnswerBody::Full(out)))
     }
 }
 

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::{
     Ask, Denial, Headroom, Hold, Kind, Level, Plan, Reservation, Subjects, write_state_key,
 };
-use crate::model::lru::LruMap;
+use crate::lru::LruMap;
 
 /// Keys kept by default, per route (about 150 bytes each).
 pub const DEFAULT_CAPACITY: usize = 100_000;
