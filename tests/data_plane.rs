@@ -81,7 +81,7 @@ fn h2_get(path: &str, headers: &[(String, String)]) -> http::Request<Full<Bytes>
     b.body(Full::new(Bytes::new())).unwrap()
 }
 
-/// An app whose `/stream` answers with a head at once, then five chunks
+/// An app whose `/big` answers 8 MiB at once, whose `/stream` answers with a head at once, then five chunks
 /// 200 ms apart; whose `/hang` never answers; and whose other paths answer
 /// `ok` at once.
 fn streaming_app() -> SocketAddr {
@@ -98,6 +98,16 @@ fn streaming_app() -> SocketAddr {
                     if target == "/hang" {
                         std::thread::sleep(Duration::from_secs(30));
                         return;
+                    }
+                    if target == "/big" {
+                        let body = vec![b'x'; 8 << 20];
+                        let _ = write!(
+                            out,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = out.write_all(&body);
+                        continue;
                     }
                     if target == "/stream" {
                         let _ = out.write_all(
@@ -221,6 +231,29 @@ fn a_streamed_answer_counts_in_flight_until_its_last_byte() {
         "warden_proxy_request_duration_seconds_count{direction=\"inbound\",listener=\"app\"}",
     );
     assert_eq!(total - slowest, 1.0, "exactly the stream took over 0.5 s");
+}
+
+#[test]
+fn a_caller_that_stops_reading_idles_out_and_gives_its_slot_back() {
+    let app = streaming_app();
+    let m = mesh(
+        app,
+        "    limits: {max_requests_in_flight: 1, idle_timeout: 1s}\n",
+        &[],
+    );
+    let mut s = m.tls();
+    write!(s, "GET /big HTTP/1.1\r\nHost: app.test\r\n\r\n").unwrap();
+    s.flush().unwrap();
+    // It never reads the 8 MiB: the answer stalls on it, not on the app.
+    assert!(
+        wait_for(Duration::from_secs(5), || m.get("/other").0 == 503),
+        "the stalled answer holds the slot"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || m.get("/other").0 == 200),
+        "the stalled connection idled out and freed its slot"
+    );
+    drop(s);
 }
 
 #[test]

@@ -125,14 +125,9 @@ fn violations() -> Vec<(&'static str, &'static str, CertificateParams)> {
             with(|p| p.key_usages.push(Ku::CrlSign)),
         ),
         (
-            "EKU without clientAuth",
+            "EKU for neither side",
             "eku_missing_purpose",
-            with(|p| p.extended_key_usages = vec![Eku::ServerAuth]),
-        ),
-        (
-            "EKU without serverAuth",
-            "eku_missing_purpose",
-            with(|p| p.extended_key_usages = vec![Eku::ClientAuth]),
+            with(|p| p.extended_key_usages = vec![Eku::CodeSigning]),
         ),
     ]
 }

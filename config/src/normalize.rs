@@ -149,10 +149,23 @@ const FOLDS_TO_DELIMITER: [(u32, u32); 26] = [
     (0x1F100, 0x1F100),
 ];
 
+/// Blocks whose code points NFKC (and Windows' best-fit mapping) fold to
+/// ASCII letters and digits: fullwidth forms, letterlike symbols (the
+/// Kelvin sign is `K`), circled letters, mathematical alphanumerics. A
+/// deny rule on `/admin/*` must not be dodged with a fullwidth `ａ` that a
+/// folding app routes as `a`.
+const FOLDS_TO_ASCII: [(u32, u32); 4] = [
+    (0x2100, 0x214F),
+    (0x24B6, 0x24E9),
+    (0xFF01, 0xFF5E),
+    (0x1D400, 0x1D7FF),
+];
+
 fn folds_to_delimiter(c: char) -> bool {
     let c = u32::from(c);
     FOLDS_TO_DELIMITER
         .iter()
+        .chain(FOLDS_TO_ASCII.iter())
         .any(|&(lo, hi)| (lo..=hi).contains(&c))
 }
 
@@ -525,6 +538,8 @@ mod tests {
             assert_eq!(n(p), Err(PathError::LookAlike), "{p}");
         }
         assert!(folds_to_delimiter('\u{1F100}'));
+        assert!(folds_to_delimiter('\u{FF41}'), "fullwidth a");
+        assert!(folds_to_delimiter('\u{212A}'), "the Kelvin sign");
         assert!(!folds_to_delimiter('é'));
         assert!(FOLDS_TO_DELIMITER.windows(2).all(|w| w[0].1 < w[1].0));
     }

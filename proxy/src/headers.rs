@@ -8,9 +8,14 @@
 //! Look-alikes spelled with `_` (`x_forwarded_client_cert`) go too: servers
 //! that map header names to CGI variables read `-` and `_` the same.
 //! Then exactly one XFCC is added, in Envoy's form: `By=<our id>;URI=<peer id>`.
+//!
+//! Headers with which a client could make the app act on another method or
+//! path than the one authorized go too ([`OVERRIDES`]): method overrides
+//! (Express's `method-override`, ASP.NET, Google APIs) and URL rewrites
+//! (IIS URL Rewrite, Symfony and Laminas read `X-Original-URL`).
 
 use http::HeaderMap;
-use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
 
 /// The identity header the app receives.
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -18,7 +23,9 @@ pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Removes hop-by-hop headers (RFC 9110 section 7.6.1) and those named in `Connection`.
+/// Removes hop-by-hop headers (RFC 9110 section 7.6.1) and those named in
+/// `Connection`. `Trailer` is end to end and stays, so declared trailers
+/// still reach the other side.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -35,13 +42,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         KEEP_ALIVE,
         PROXY_CONNECTION,
         TE,
-        TRAILER,
         TRANSFER_ENCODING,
         UPGRADE,
     ] {
         headers.remove(name);
     }
 }
+
+/// Request headers that some app stacks read as the method or the path to
+/// act on instead of the request's own: a client could authorize one
+/// request and have the app perform another.
+pub const OVERRIDES: [&str; 7] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-forwarded-prefix",
+];
 
 /// Removes every spelling of the identity header a client could send.
 pub fn strip_identity(headers: &mut HeaderMap) {
@@ -65,6 +84,9 @@ pub fn strip_identity(headers: &mut HeaderMap) {
 pub fn set_identity(headers: &mut HeaderMap, xfcc: &HeaderValue) {
     strip_hop_by_hop(headers);
     strip_identity(headers);
+    for name in OVERRIDES {
+        headers.remove(name);
+    }
     headers.insert(XFCC, xfcc.clone());
 }
 
@@ -94,6 +116,8 @@ mod tests {
         );
         h.append("x-secret", HeaderValue::from_static("1"));
         h.append("x-kept", HeaderValue::from_static("1"));
+        h.append("X-HTTP-Method-Override", HeaderValue::from_static("DELETE"));
+        h.append("x-original-url", HeaderValue::from_static("/admin"));
         h.append(
             "X_Forwarded_Client_Cert",
             HeaderValue::from_static("URI=spiffe://td/admin"),

@@ -140,11 +140,13 @@ impl Limit {
     }
 
     /// The tier charged for this request, if the limit applies to it.
+    /// Paths are read widely (any ASCII case, a trailing `/`): choosing a
+    /// limit is a match that refuses, so a respelled path must not escape it.
     fn tier(&self, id: &SpiffeId, port: u16, method: &str, path: &str) -> Option<&Arc<Tier>> {
         let selected =
             self.methods.is_empty() || self.methods.iter().any(|m| method_covers(m, method));
         let selected = selected
-            && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches_widely(path)))
             && self.rule.as_ref().is_none_or(|r| {
                 let req = Request {
                     method: Some(method),

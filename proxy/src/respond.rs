@@ -216,7 +216,7 @@ impl Refusal {
         }
     }
 
-    /// After this refusal an HTTP/1.1 connection is closed: the caller
+    /// After this refusal an HTTP/1.x connection is closed: the caller
     /// framed something the app might read differently.
     fn closes_connection(&self) -> bool {
         matches!(
@@ -259,7 +259,7 @@ impl Refusal {
             }
             _ => {}
         }
-        if to.version == Version::HTTP_11 && self.closes_connection() {
+        if to.version < Version::HTTP_2 && self.closes_connection() {
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
@@ -267,7 +267,10 @@ impl Refusal {
             Self::Model(m) => m.reason(),
             other => other.reason(),
         };
-        resp.extensions_mut().insert(Refused(logged));
+        resp.extensions_mut().insert(Refused {
+            reason: logged,
+            status: self.status(),
+        });
         resp
     }
 }
@@ -275,9 +278,16 @@ impl Refusal {
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
-/// The reason of a refusal, in its answer's extensions (for the access log).
+/// A refusal, in its answer's extensions: for the access log and the
+/// status-class metrics, which count a gRPC refusal (HTTP 200 on the wire)
+/// by the status it stands for.
 #[derive(Debug, Clone, Copy)]
-pub struct Refused(pub &'static str);
+pub struct Refused {
+    /// The reason label.
+    pub reason: &'static str,
+    /// The HTTP status the refusal stands for.
+    pub status: u16,
+}
 
 /// What a refusal's answer depends on about the caller.
 #[derive(Debug, Clone, Copy)]
@@ -295,10 +305,17 @@ impl Caller {
             grpc: req
                 .headers()
                 .get(CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+                .is_some_and(|v| is_grpc(v.as_bytes())),
             version: req.version(),
         }
     }
+}
+
+/// `application/grpc`, alone or followed by `+format` or `;parameters`.
+fn is_grpc(content_type: &[u8]) -> bool {
+    content_type
+        .strip_prefix(b"application/grpc")
+        .is_some_and(|rest| rest.is_empty() || rest[0] == b'+' || rest[0] == b';')
 }
 
 /// One listener's refusal counters, one per reason, resolved once.
@@ -503,7 +520,7 @@ mod tests {
         assert_eq!(http.headers()[CONTENT_TYPE], "application/problem+json");
         assert!(http.headers().get(CONNECTION).is_none());
         assert_eq!(
-            http.extensions().get::<Refused>().unwrap().0,
+            http.extensions().get::<Refused>().unwrap().reason,
             "quota_exceeded"
         );
         let body = http_body_util::BodyExt::collect(http.into_body())

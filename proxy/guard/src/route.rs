@@ -113,11 +113,14 @@ impl Routes {
         )
     }
 
-    /// The route covering the normalized `path`.
+    /// The route covering the normalized `path`, read widely (any ASCII
+    /// case, a trailing `/`): a respelled path must not escape its route.
+    /// The call itself is then decided by the exact path, so a respelled
+    /// endpoint is refused as not metered (fail closed).
     pub fn find(&self, path: &str) -> Option<&Route> {
         self.0
             .iter()
-            .find(|r| r.cfg.paths.iter().any(|p| p.matches(path)))
+            .find(|r| r.cfg.paths.iter().any(|p| p.matches_widely(path)))
     }
 }
 

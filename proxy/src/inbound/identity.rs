@@ -2,7 +2,8 @@
 //! app learns, in `x-forwarded-client-cert` (Envoy's `By=<ours>;URI=<peer>`).
 //! Every copy and look-alike the client sent goes first, and so do the
 //! hop-by-hop headers and those `Connection` names (see `crate::headers`);
-//! `te: trailers` is kept for an h2c app, where gRPC needs it.
+//! `te: trailers` is kept for an h2c app, where gRPC needs it; h2 cookie
+//! crumbs are joined into one field for an HTTP/1.1 app.
 
 use http::{HeaderValue, header};
 
@@ -29,6 +30,18 @@ impl Check for IdentityHeader {
         if te_trailers {
             h.insert(header::TE, HeaderValue::from_static("trailers"));
         }
+        // h2 may split `cookie` into crumbs; an HTTP/1.1 app must get one
+        // field (RFC 9113 section 8.2.3), or it may read only one crumb.
+        if !self.app_h2c && h.get_all(header::COOKIE).iter().nth(1).is_some() {
+            let joined: Vec<&[u8]> = h
+                .get_all(header::COOKIE)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
+            if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+                h.insert(header::COOKIE, v);
+            }
+        }
         Ok(())
     }
 }
@@ -37,6 +50,22 @@ impl Check for IdentityHeader {
 mod tests {
     use super::*;
     use crate::stack::ReqBody;
+
+    #[test]
+    fn cookie_crumbs_become_one_field_for_an_http1_app() {
+        let mut req = http::Request::builder()
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(ReqBody::read(bytes::Bytes::new()))
+            .unwrap();
+        let stage = IdentityHeader {
+            xfcc: HeaderValue::from_static("By=x;URI=y"),
+            app_h2c: false,
+        };
+        stage.check(&mut req).unwrap();
+        let all: Vec<_> = req.headers().get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, vec!["a=1; b=2"]);
+    }
 
     #[test]
     fn the_app_sees_one_verified_identity_and_te_trailers_only_over_h2c() {

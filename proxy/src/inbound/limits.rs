@@ -38,7 +38,20 @@ impl Check for RequestLimits {
             });
         }
         // As HTTP/1.1 spells it: the request line, then `name: value\r\n` each.
-        let mut total = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len()) + 16;
+        // An authority (h2's `:authority`, an absolute-form target) counts:
+        // it becomes the Host the app sees.
+        let uri = req.uri();
+        let mut total = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + 16;
+        if uri
+            .authority()
+            .is_some_and(|a| a.as_str().len() + 6 > self.max_line)
+        {
+            return Err(Refusal::HeadersTooLarge {
+                what: "header_line",
+            });
+        }
         for (name, value) in headers {
             let line = name.as_str().len() + value.len() + 4;
             if line > self.max_line {

@@ -75,7 +75,18 @@ impl Service<Req> for Upstream {
         let this = self.clone();
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();
+            // gRPC over h2 needs `te: trailers`, the one TE value h2 allows.
+            let te_trailers = parts.version == http::Version::HTTP_2
+                && parts
+                    .headers
+                    .get(http::header::TE)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
             headers::strip_hop_by_hop(&mut parts.headers);
+            if te_trailers {
+                parts
+                    .headers
+                    .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+            }
             let pq = parts
                 .uri
                 .path_and_query()

@@ -2,7 +2,11 @@
 //! has ended (or was dropped), not just until the head was sent, so that a
 //! streamed answer (a model's server-sent events, a large download) counts:
 //! - a slot under the listener's `max_requests_in_flight` (503 past it);
-//! - the connection's busy count, which keeps its idle timeout from firing;
+//! - the connection's busy count, which keeps its idle timeout from firing
+//!   while the request waits on the upstream (for the head, or for a body
+//!   chunk the app has not sent yet), and only then: a caller that stops
+//!   reading does not keep its connection busy, so a stalled connection
+//!   idles out and gives its slots back;
 //! - the status-class counter and the latency histogram (time to the last byte);
 //! - one access-log line (target `warden::access`, at info, rate-limited
 //!   with the dropped lines counted): peer, method, path as authorized,
@@ -139,7 +143,7 @@ where
             reason: None,
             peer: l.peer.clone(),
             shared: l.shared.clone(),
-            _busy: Busy::new(&l.busy),
+            busy: Busy::new(&l.busy),
             _permit: None,
         };
         match l.shared.in_flight.clone().try_acquire_owned() {
@@ -192,12 +196,18 @@ where
         };
         let (parts, body) = resp.into_parts();
         let record = this.record.take().map(|mut r| {
+            // The head is here: from now on the request waits on the caller,
+            // except while its body waits on the upstream (below).
+            r.busy.release();
             r.status = parts.status;
             if let Some(a) = parts.extensions.get::<Authorized>() {
                 r.rule = Some(a.rule.clone());
                 r.path = Some(a.path.clone());
             }
-            r.reason = parts.extensions.get::<Refused>().map(|x| x.0);
+            if let Some(refused) = parts.extensions.get::<Refused>() {
+                r.reason = Some(refused.reason);
+                r.status = StatusCode::from_u16(refused.status).unwrap_or(r.status);
+            }
             r
         });
         let mut observed = Observed {
@@ -211,20 +221,43 @@ where
     }
 }
 
-/// Counts a connection's requests in flight, so its idle timer waits for them.
+/// A request's share of its connection's busy count: held while the
+/// request waits on the upstream, so the idle timer waits for the upstream,
+/// never for a caller that does not read.
 #[derive(Debug)]
-struct Busy(Arc<AtomicUsize>);
+struct Busy {
+    count: Arc<AtomicUsize>,
+    held: bool,
+}
 
 impl Busy {
+    /// Held from the start: the request waits for its head.
     fn new(count: &Arc<AtomicUsize>) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
-        Self(count.clone())
+        Self {
+            count: count.clone(),
+            held: true,
+        }
+    }
+
+    fn hold(&mut self) {
+        if !self.held {
+            self.count.fetch_add(1, Ordering::Relaxed);
+            self.held = true;
+        }
+    }
+
+    fn release(&mut self) {
+        if self.held {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            self.held = false;
+        }
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.release();
     }
 }
 
@@ -239,7 +272,7 @@ struct Record {
     reason: Option<&'static str>,
     peer: Option<Arc<str>>,
     shared: Arc<Shared>,
-    _busy: Busy,
+    busy: Busy,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -296,6 +329,13 @@ impl HttpBody for Observed {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(r) = this.record.as_mut() {
+            if polled.is_pending() {
+                r.busy.hold();
+            } else {
+                r.busy.release();
+            }
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(r), Some(d)) = (this.record.as_mut(), frame.data_ref()) {
@@ -335,7 +375,7 @@ mod tests {
     use crate::stack::ReqBody;
 
     #[tokio::test]
-    async fn the_slot_and_the_busy_count_are_held_until_the_body_ends() {
+    async fn the_slot_is_held_until_the_body_ends_and_busy_only_while_waiting_on_the_upstream() {
         let metrics = ProxyMetrics::new().unwrap();
         let shared = Arc::new(Shared::new(&metrics, Direction::Inbound, &"l".into(), 1));
         let busy = Arc::new(AtomicUsize::new(0));
@@ -353,17 +393,16 @@ mod tests {
             0,
             "head sent, body not"
         );
-        assert_eq!(busy.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            busy.load(Ordering::Relaxed),
+            0,
+            "waiting on the caller to read is not busy"
+        );
         let refused = svc.clone().oneshot(req()).await.unwrap();
         assert_eq!(refused.status(), 503);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"streamed");
         assert_eq!(shared.in_flight.available_permits(), 1);
-        assert_eq!(
-            busy.load(Ordering::Relaxed),
-            1,
-            "the refused answer is still held"
-        );
         drop(refused);
         assert_eq!(busy.load(Ordering::Relaxed), 0);
     }

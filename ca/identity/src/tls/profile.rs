@@ -11,8 +11,13 @@
 //!   issuer we know of (warden, SPIRE) writes it, so its absence is refused;
 //! - keyUsage present and critical, with digitalSignature and without
 //!   keyCertSign or cRLSign (4.3, 5.2);
-//! - extendedKeyUsage, when present, lists both serverAuth and clientAuth
-//!   (4.4), so a leaf is judged the same whichever side presents it.
+//! - extendedKeyUsage, when present, lists serverAuth or clientAuth. The
+//!   spec (4.4) has issuers list both, and warden's CA does; as a validator
+//!   warden asks, like webpki, rustls and Envoy, for the purpose of the
+//!   side in use (clientAuth from a client, serverAuth from a server:
+//!   `wrong_key_usage` otherwise), so single-purpose certificates from
+//!   other issuers (openssl, cert-manager) work where they are used as
+//!   meant, and a leaf fit for neither side is refused the same on both.
 //!
 //! The verifiers run this before the chain check: webpki only checks the
 //! purpose of the side in use, and checking the profile first means both
@@ -105,7 +110,7 @@ fn extended_key_usage(cert: &X509Certificate<'_>) -> Result<(), PeerIdError> {
         return Ok(()); // spec 4.4: leaves SHOULD include it; absence is allowed
     };
     let (server_auth, client_auth) = (eku.value.server_auth, eku.value.client_auth);
-    if !(server_auth && client_auth) {
+    if !(server_auth || client_auth) {
         return Err(PeerIdError::EkuMissingPurpose {
             server_auth,
             client_auth,

@@ -180,14 +180,9 @@ fn violations() -> Vec<(&'static str, &'static str, CertificateParams)> {
             with(|p| p.key_usages.push(KeyUsagePurpose::CrlSign)),
         ),
         (
-            "EKU without clientAuth",
+            "EKU for neither side",
             "eku_missing_purpose",
-            with(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]),
-        ),
-        (
-            "EKU without serverAuth",
-            "eku_missing_purpose",
-            with(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth]),
+            with(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning]),
         ),
     ]
 }
@@ -270,6 +265,42 @@ async fn a_leaf_without_eku_or_with_key_agreement_passes_both_verifiers() {
         let (s, c) = handshake(server_config(&pki, &odd), client_config(&pki, &good, WEB)).await;
         assert!(s.is_ok() && c.is_ok(), "as server: {s:?} {c:?}");
     }
+}
+
+#[tokio::test]
+async fn a_single_purpose_leaf_works_on_its_side_only() {
+    let pki = Pki::new();
+    let good = pki.sign(svid(WEB));
+    let mut client_only = svid(WEB);
+    client_only.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let mut server_only = svid(WEB);
+    server_only.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let (client_only, server_only) = (pki.sign(client_only), pki.sign(server_only));
+    let (s, c) = handshake(
+        server_config(&pki, &good),
+        client_config(&pki, &client_only, WEB),
+    )
+    .await;
+    assert!(
+        s.is_ok() && c.is_ok(),
+        "clientAuth as a client: {s:?} {c:?}"
+    );
+    let (s, c) = handshake(
+        server_config(&pki, &server_only),
+        client_config(&pki, &good, WEB),
+    )
+    .await;
+    assert!(
+        s.is_ok() && c.is_ok(),
+        "serverAuth as a server: {s:?} {c:?}"
+    );
+    let (s, _) = handshake(
+        server_config(&pki, &good),
+        client_config(&pki, &server_only, WEB),
+    )
+    .await;
+    let err = s.expect_err("serverAuth only, as a client");
+    assert_eq!(handshake_failure_reason(&err), "wrong_key_usage", "{err}");
 }
 
 #[tokio::test]
