@@ -8,7 +8,6 @@
 mod common;
 
 use std::io::Write;
-use std::sync::Arc;
 
 use common::*;
 
@@ -102,7 +101,6 @@ impl Mesh {
 
     /// One GET on a fresh h2 connection, `:path` exactly `target`; (status, body).
     fn h2(&self, listener: &str, target: &str) -> (u16, String) {
-        use http_body_util::BodyExt;
         let uri: http::Uri = format!("https://app.test{target}")
             .parse()
             .unwrap_or_else(|e| panic!("{target} cannot be sent over h2: {e}"));
@@ -111,41 +109,18 @@ impl Mesh {
             Some(target),
             "the client must send the target as it is"
         );
-        let mut config = client_config(
+        let req = http::Request::get(uri)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let answer = common::h2::h2_send(
+            self.proxy.addr(listener),
             &self.ca.bundle_pem(),
-            Some((&self.web.chain(), &self.web.key())),
-        );
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let addr = self.proxy.addr(listener);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect("proxy.invalid".try_into().unwrap(), tcp)
-                .await
-                .unwrap();
-            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-            let (mut send, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(tls),
-            )
-            .await
-            .unwrap();
-            tokio::spawn(conn);
-            let req = http::Request::get(uri)
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .unwrap();
-            let resp = send
-                .send_request(req)
-                .await
-                .unwrap_or_else(|e| panic!("h2 {target} on {listener}: {e}"));
-            let status = resp.status().as_u16();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            (status, String::from_utf8_lossy(&body).into_owned())
-        })
+            &self.web,
+            vec![req],
+        )
+        .remove(0);
+        let (status, _, body) = answer.unwrap_or_else(|e| panic!("h2 {target} on {listener}: {e}"));
+        (status, body)
     }
 
     /// Sends each target over HTTP/1.1 and, when `h2`, over h2, and checks

@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -31,50 +30,20 @@ fn h2_requests(
     addr: std::net::SocketAddr,
     bundle: &str,
     who: &Creds,
-    reqs: Vec<http::Request<http_body_util::Empty<bytes::Bytes>>>,
+    reqs: Vec<http::Request<http_body_util::Full<bytes::Bytes>>>,
 ) -> Vec<(u16, String)> {
-    use http_body_util::BodyExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut config = client_config(bundle, Some((&who.chain(), &who.key())));
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect("proxy.invalid".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
-        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-        let (send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tls),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        let futs = reqs.into_iter().map(|r| {
-            let mut send = send.clone();
-            async move {
-                let resp = send.send_request(r).await.unwrap();
-                let status = resp.status().as_u16();
-                let body = resp.into_body().collect().await.unwrap().to_bytes();
-                (status, String::from_utf8_lossy(&body).to_string())
-            }
-        });
-        let mut out = Vec::new();
-        let handles: Vec<_> = futs.map(tokio::spawn).collect();
-        for h in handles {
-            out.push(h.await.unwrap());
-        }
-        out
-    })
+    common::h2::h2_send(addr, bundle, who, reqs)
+        .into_iter()
+        .map(|a| {
+            let (status, _, body) = a.unwrap();
+            (status, body)
+        })
+        .collect()
 }
 
-fn get(uri: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+fn get(uri: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
     http::Request::get(uri)
-        .body(http_body_util::Empty::new())
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap()
 }
 
