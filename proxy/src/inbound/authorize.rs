@@ -23,7 +23,7 @@ use warden_identity::tls::VerifiedPeer;
 use crate::authz::{self, Decision, Request as AuthzRequest};
 use crate::ratelimit::RateLimits;
 use crate::respond::Refusal;
-use crate::stack::observe::Authorized;
+use crate::stack::observe::{Authorized, Logged};
 use crate::stack::{Req, Resp};
 use warden_guard::limits::Store;
 
@@ -181,9 +181,9 @@ where
             tracing::warn!(listener = %l.listener, peer = %l.peer.id(), method = %req.method(), path = %req.uri().path(), rule = %rule, "audit: would deny this request");
         }
         let note = req
-            .uri()
-            .path_and_query()
-            .cloned()
+            .extensions()
+            .get::<Logged>()
+            .and(req.uri().path_and_query().cloned())
             .map(|path| Authorized { rule, path });
         Decided::Next(self.inner.call(req), note)
     }

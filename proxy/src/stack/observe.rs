@@ -38,6 +38,12 @@ use crate::stack::body::{Req, Resp};
 
 static ACCESS_LOG: LogLimiter = LogLimiter::new(200);
 
+/// In a request's extensions when its access-log line will be written
+/// (decided when it arrives, within the log's rate limit): the stages below
+/// note what the line needs only then, so the other requests cost nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Logged;
+
 /// What authorization decided, in the answer's extensions (for the access log).
 #[derive(Debug, Clone)]
 pub struct Authorized {
@@ -131,9 +137,20 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, mut req: Req) -> Self::Future {
         let l = &self.layer;
+        let logged = tracing::enabled!(target: "warden::access", tracing::Level::INFO) && {
+            let allowed = ACCESS_LOG.allow();
+            if !allowed {
+                l.shared.log_dropped.inc();
+            }
+            allowed
+        };
+        if logged {
+            req.extensions_mut().insert(Logged);
+        }
         let record = Record {
+            logged,
             start: Instant::now(),
             method: req.method().clone(),
             path: req.uri().path_and_query().cloned(),
@@ -263,6 +280,7 @@ impl Drop for Busy {
 
 /// One request's accounting, closed when its answer ends.
 struct Record {
+    logged: bool,
     start: Instant,
     method: Method,
     path: Option<PathAndQuery>,
@@ -281,11 +299,7 @@ impl Record {
         let seconds = self.start.elapsed().as_secs_f64();
         let s = &self.shared;
         s.requests.observe(self.status, seconds);
-        if !tracing::enabled!(target: "warden::access", tracing::Level::INFO) {
-            return;
-        }
-        if !ACCESS_LOG.allow() {
-            s.log_dropped.inc();
+        if !self.logged {
             return;
         }
         tracing::info!(
