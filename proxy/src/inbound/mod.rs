@@ -19,6 +19,8 @@ mod path;
 mod rate_limit;
 mod report;
 mod server;
+#[cfg(test)]
+mod stack_tests;
 mod tcp;
 
 use std::sync::Arc;
