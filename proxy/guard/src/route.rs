@@ -93,7 +93,7 @@ impl Admitted {
 }
 
 /// The routes of one listener, matched by path (first match wins).
-pub struct Routes(Vec<Route>);
+pub struct Routes(Vec<Arc<Route>>);
 
 impl Routes {
     /// Builds the runtime of every route of `listener`; each route keeps
@@ -108,7 +108,7 @@ impl Routes {
     ) -> Self {
         Self(
             cfg.iter()
-                .map(|r| Route::new(listener, r, store, metrics, reporter.clone()))
+                .map(|r| Arc::new(Route::new(listener, r, store, metrics, reporter.clone())))
                 .collect(),
         )
     }
@@ -116,8 +116,9 @@ impl Routes {
     /// The route covering the normalized `path`, read widely (any ASCII
     /// case, a trailing `/`): a respelled path must not escape its route.
     /// The call itself is then decided by the exact path, so a respelled
-    /// endpoint is refused as not metered (fail closed).
-    pub fn find(&self, path: &str) -> Option<&Route> {
+    /// endpoint is refused as not metered (fail closed). Shared, so a
+    /// request's future can hold the route it was matched to.
+    pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
         self.0
             .iter()
             .find(|r| r.cfg.paths.iter().any(|p| p.matches_widely(path)))

@@ -68,15 +68,12 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        if self.layer.routes.find(req.uri().path()).is_none() {
+        let Some(route) = self.layer.routes.find(req.uri().path()).cloned() else {
             return Branch::Pass(self.inner.call(req));
-        }
-        let (routes, peer) = (self.layer.routes.clone(), self.layer.peer.clone());
+        };
+        let peer = self.layer.peer.clone();
         let mut inner = self.inner.clone();
         Branch::Staged(Box::pin(async move {
-            let Some(route) = routes.find(req.uri().path()) else {
-                return Err(Refusal::Internal);
-            };
             let (mut parts, mut body) = req.into_parts();
             let bodiless = matches!(
                 parts.method,
