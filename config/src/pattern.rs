@@ -93,9 +93,7 @@ impl PathMatch {
             (Self::Exact(_), Self::Prefix(_)) => false,
         }
     }
-}
 
-impl PathMatch {
     /// True when some path is matched by both.
     pub fn overlaps(&self, other: &PathMatch) -> bool {
         self.covers(other) || other.covers(self)

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use http::{HeaderName, Response, Version};
 use http_body_util::Full;
-use prometheus::{IntCounter, IntCounterVec};
+use prometheus::IntCounter;
 use tower::{Layer, Service};
 
 use crate::metrics::{Direction, ProxyMetrics};
@@ -325,15 +325,11 @@ pub struct RefusalCounters(Arc<[IntCounter]>);
 impl RefusalCounters {
     /// The counters of listener `name` (in `warden_proxy_rejected_requests_total`).
     pub fn for_listener(metrics: &ProxyMetrics, direction: Direction, name: &str) -> Self {
-        Self::new(&metrics.rejected, direction.label(), name)
-    }
-
-    /// The counters of `listener` in `family` (labels: direction, listener, reason).
-    pub fn new(family: &IntCounterVec, direction: &str, listener: &str) -> Self {
+        let labels = |r| [direction.label(), name, r];
         Self(
             REASONS
                 .iter()
-                .map(|r| family.with_label_values(&[direction, listener, r]))
+                .map(|r| metrics.rejected.with_label_values(&labels(r)))
                 .collect(),
         )
     }
