@@ -1,5 +1,5 @@
 //! `warden proxy`, the request stack end to end: header limits (431), the
-//! app timeouts (504), answers held in flight until their body ends, typed
+//! app and destination timeouts (504), answers held in flight until their body ends, typed
 //! refusals for gRPC callers, early answers a real client reads, the access
 //! log, and the process metrics.
 
@@ -195,6 +195,36 @@ fn a_hung_app_is_answered_504_within_the_timeout_while_other_requests_flow() {
     for _ in 0..3 {
         assert_eq!(m.get("/fine"), (200, "ok".into()));
     }
+}
+
+#[test]
+fn an_outbound_destination_that_sends_no_head_is_answered_504_within_its_timeout() {
+    let app = streaming_app();
+    let m = mesh(app, "    limits: {response_timeout: 5s}\n", &[]);
+    let config = format!(
+        "{}admin: 127.0.0.1:0\noutbound:\n  - name: to-app\n    listen: 127.0.0.1:0\n    destination: {}\n    server_id: spiffe://example.org/app\n    limits: {{response_timeout: 300ms}}\n",
+        m.web.identity_yaml(),
+        m.proxy.addr("app")
+    );
+    let out = Proxy::start(m.ca.tmp.path(), &config);
+    let start = Instant::now();
+    let (status, body) = plain_get(out.addr("to-app"), "/hang").unwrap();
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("upstream-timeout"), "{body}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the outbound's own timeout answered"
+    );
+    assert_eq!(
+        plain_get(out.addr("to-app"), "/fine").unwrap(),
+        (200, "ok".into())
+    );
+    assert_eq!(
+        out.metric(
+            "warden_proxy_rejected_requests_total{direction=\"outbound\",listener=\"to-app\",reason=\"upstream_timeout\"}"
+        ),
+        1.0
+    );
 }
 
 #[test]

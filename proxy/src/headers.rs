@@ -52,41 +52,45 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Request headers that some app stacks read as the method or the path to
 /// act on instead of the request's own: a client could authorize one
 /// request and have the app perform another.
-pub const OVERRIDES: [&str; 7] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-original-uri",
-    "x-forwarded-prefix",
+pub const OVERRIDES: [HeaderName; 7] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-original-uri"),
+    HeaderName::from_static("x-forwarded-prefix"),
 ];
+
+/// A spelling of the identity header that some servers read as it:
+/// `x_forwarded_client_cert` and its mixes of `-` and `_`.
+fn identity_lookalike(name: &HeaderName) -> bool {
+    let (name, xfcc) = (name.as_str().as_bytes(), b"x-forwarded-client-cert");
+    name.len() == xfcc.len()
+        && name
+            .iter()
+            .zip(xfcc)
+            .all(|(&n, &x)| n == x || (n == b'_' && x == b'-'))
+}
 
 /// Removes every spelling of the identity header a client could send.
 pub fn strip_identity(headers: &mut HeaderMap) {
-    headers.remove(XFCC);
-    if headers.keys().any(|k| k.as_str().contains('_')) {
-        let lookalikes: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| {
-                k.as_str().len() == XFCC.as_str().len()
-                    && k.as_str().replace('_', "-") == XFCC.as_str()
-            })
-            .cloned()
-            .collect();
-        for name in lookalikes {
-            headers.remove(name);
-        }
+    strip_where(headers, identity_lookalike);
+}
+
+/// Removes the headers `spoofed` picks, in one pass over the names (and no
+/// allocation when there are none, the usual case).
+fn strip_where(headers: &mut HeaderMap, spoofed: impl Fn(&HeaderName) -> bool) {
+    let found: Vec<HeaderName> = headers.keys().filter(|k| spoofed(k)).cloned().collect();
+    for name in found {
+        headers.remove(name);
     }
 }
 
 /// Replaces whatever identity header the client sent with the verified one.
 pub fn set_identity(headers: &mut HeaderMap, xfcc: &HeaderValue) {
     strip_hop_by_hop(headers);
-    strip_identity(headers);
-    for name in OVERRIDES {
-        headers.remove(name);
-    }
+    strip_where(headers, |k| identity_lookalike(k) || OVERRIDES.contains(k));
     headers.insert(XFCC, xfcc.clone());
 }
 

@@ -3,7 +3,10 @@
 //! normalized and authorized, and the app's answer comes back with its
 //! hop-by-hop headers removed. An app that does not accept a connection
 //! within `connect_timeout` is answered 504 (`app_connect_timeout`); one
-//! that refuses or drops it, 502 (`app_unavailable`).
+//! that refuses or drops it, 502 (`app_unavailable`); one that sends no
+//! response head within `response_timeout`, 504 (`app_timeout`), so a hung
+//! app cannot hold the listener's requests in flight. A streamed answer
+//! that has started is not cut by it (the idle timeout watches a stalled one).
 
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
@@ -31,16 +34,18 @@ pub struct AppClient {
     client: Client<HttpConnector, ReqBody>,
     authority: Authority,
     h2c: bool,
+    response_timeout: Duration,
     listener: std::sync::Arc<str>,
 }
 
 impl AppClient {
-    /// A client for the app at `addr` (h2c when `h2c`), connecting within `connect_timeout`.
+    /// A client for the app at `addr` (h2c when `h2c`), connecting within
+    /// `connect_timeout` and answered within `response_timeout`.
     pub fn new(
         listener: std::sync::Arc<str>,
         addr: SocketAddr,
         h2c: bool,
-        connect_timeout: Duration,
+        (connect_timeout, response_timeout): (Duration, Duration),
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -54,6 +59,7 @@ impl AppClient {
             authority: Authority::try_from(addr.to_string())
                 .unwrap_or_else(|_| Authority::from_static("127.0.0.1")),
             h2c,
+            response_timeout,
             listener,
         }
     }
@@ -83,9 +89,12 @@ impl Service<Req> for AppClient {
             http::Version::HTTP_11
         };
         let fut = self.client.request(http::Request::from_parts(parts, body));
-        let listener = self.listener.clone();
+        let (listener, after) = (self.listener.clone(), self.response_timeout);
         Box::pin(async move {
-            match fut.await {
+            match tokio::time::timeout(after, fut)
+                .await
+                .map_err(|_| Refusal::AppTimeout)?
+            {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
                     headers::strip_hop_by_hop(&mut parts.headers);

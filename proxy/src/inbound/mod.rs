@@ -8,7 +8,7 @@
 //! the stack in [`stack`]:
 //!
 //! observe -> respond -> limits -> path -> authorize -> rate limit ->
-//! identity header -> model guard -> timeout -> app client.
+//! identity header -> model guard -> app client (with the response timeout).
 
 mod app;
 mod authorize;
@@ -31,7 +31,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -47,9 +46,8 @@ use crate::identity::{Identity, IdentityRx};
 use crate::idle::IdleTimeout;
 use crate::listener::ConnGuard;
 use crate::metrics::{Direction, ProxyMetrics};
-use crate::respond::{Refusal, RefusalCounters, RespondLayer};
+use crate::respond::{RefusalCounters, RespondLayer};
 use crate::stack::observe::{ObserveLayer, Observed, Shared};
-use crate::stack::timeout::TimeoutLayer;
 use crate::stack::{CheckLayer, ReqBody};
 use crate::tls::{H2, HTTP1, server_config};
 use warden_guard::limits::Store;
@@ -117,7 +115,6 @@ impl Listener {
                 app_h2c: self.cfg.app_h2c,
             }))
             .layer(model::ModelGuardLayer::new(self.models.clone(), peer))
-            .layer(TimeoutLayer::new(l.response_timeout, Refusal::AppTimeout))
             .service(self.app.clone())
     }
 
@@ -136,7 +133,7 @@ impl Listener {
         let Some(xfcc) = headers::xfcc_value(own.id.as_str(), peer.id().as_str()) else {
             return;
         };
-        let svc = TowerToHyperService::new(self.stack(Arc::new(peer), local_port, xfcc, busy));
+        let svc = crate::stack::Serve::new(self.stack(Arc::new(peer), local_port, xfcc, busy));
         let conn = self
             .builder
             .serve_connection(TokioIo::new(tls), svc)
@@ -181,7 +178,7 @@ pub async fn serve(
             name.clone(),
             cfg.app,
             cfg.app_h2c,
-            cfg.limits.connect_timeout,
+            (cfg.limits.connect_timeout, cfg.limits.response_timeout),
         ),
         models: Arc::new(Routes::new(
             &cfg.name,

@@ -5,8 +5,8 @@
 //! closed). HTTP/1.1 requests ride pooled keep-alive connections; h2
 //! (prior-knowledge h2c from the app) rides one multiplexed h2 connection.
 //!
-//! Per request, the stack: observe -> respond -> timeout -> upstream
-//! client (`upstream.rs`).
+//! Per request, the stack: observe -> respond -> upstream client
+//! (`upstream.rs`, with the response-head timeout).
 
 mod connector;
 mod upstream;
@@ -20,7 +20,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use rustls::ClientConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -35,7 +34,6 @@ use crate::metrics::{Direction, ProxyMetrics};
 use crate::respond::{Refusal, RefusalCounters, RespondLayer};
 use crate::stack::ReqBody;
 use crate::stack::observe::{ObserveLayer, Shared};
-use crate::stack::timeout::TimeoutLayer;
 use crate::tls::{H2, HTTP1, client_config};
 
 pub use connector::MtlsConnector;
@@ -102,12 +100,15 @@ pub async fn serve(
         name.clone(),
         metrics.handshake_failures.clone(),
         &cfg.destination,
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(h1_conn.clone()),
-        Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(h2_conn),
+        (
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(h1_conn.clone()),
+            Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(h2_conn),
+        ),
+        cfg.limits.response_timeout,
     );
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -149,17 +150,13 @@ pub async fn serve(
                     .map_request(|req: http::Request<Incoming>| req.map(ReqBody::caller))
                     .layer(ObserveLayer::new(observe.clone(), busy, None))
                     .layer(RespondLayer::new(refusals.clone()))
-                    .layer(TimeoutLayer::new(
-                        cfg.limits.response_timeout,
-                        Refusal::UpstreamTimeout,
-                    ))
                     .service(upstream);
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let _guard = guard;
                     let conn = builder
-                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(stack))
+                        .serve_connection(TokioIo::new(stream), crate::stack::Serve::new(stack))
                         .into_owned();
                     let _ = watcher.watch(conn).await;
                 });

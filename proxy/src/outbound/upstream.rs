@@ -4,15 +4,19 @@
 //! false`) on a connection owned by the app's connection. A destination that
 //! proves the wrong identity is answered 502 `wrong_server_identity`, with
 //! what it presented in the log; one that cannot be reached, 502
-//! `upstream_unavailable`.
+//! `upstream_unavailable`; one that sends no response head within
+//! `response_timeout`, 504 `upstream_timeout`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::TokioIo;
 use tower::Service;
 
@@ -22,33 +26,47 @@ use crate::respond::Refusal;
 use crate::stack::body::{Body, BoxError};
 use crate::stack::{Req, ReqBody, Resp, StageFuture};
 
-/// The clients of one outbound listener, and perhaps one app connection's own.
+/// The clients of one outbound listener, and perhaps one app connection's
+/// own. A clone shares them (two reference counts, nothing copied).
 #[derive(Clone)]
 pub struct Upstream {
+    pooled: Arc<Pooled>,
+    own: Option<Arc<OwnUpstream>>,
+}
+
+/// What every request of the listener shares.
+struct Pooled {
     listener: Arc<str>,
     handshakes: prometheus::IntCounterVec,
     authority: Authority,
     h1: Client<MtlsConnector, ReqBody>,
     h2: Client<MtlsConnector, ReqBody>,
-    own: Option<Arc<OwnUpstream>>,
+    response_timeout: Duration,
 }
 
 impl Upstream {
-    /// Pooled clients to `destination`.
+    /// Pooled clients to `destination`, which must send a response head
+    /// within `response_timeout`.
     pub fn new(
         listener: Arc<str>,
         handshakes: prometheus::IntCounterVec,
         destination: &str,
-        h1: Client<MtlsConnector, ReqBody>,
-        h2: Client<MtlsConnector, ReqBody>,
+        (h1, h2): (
+            Client<MtlsConnector, ReqBody>,
+            Client<MtlsConnector, ReqBody>,
+        ),
+        response_timeout: Duration,
     ) -> Self {
         Self {
-            listener,
-            handshakes,
-            authority: Authority::try_from(destination)
-                .unwrap_or_else(|_| Authority::from_static("invalid")),
-            h1,
-            h2,
+            pooled: Arc::new(Pooled {
+                listener,
+                handshakes,
+                authority: Authority::try_from(destination)
+                    .unwrap_or_else(|_| Authority::from_static("invalid")),
+                h1,
+                h2,
+                response_timeout,
+            }),
             own: None,
         }
     }
@@ -56,8 +74,8 @@ impl Upstream {
     /// The same, but HTTP/1.1 requests go on a connection of their own.
     pub fn with_own_connection(&self, connector: MtlsConnector) -> Self {
         Self {
+            pooled: self.pooled.clone(),
             own: Some(Arc::new(OwnUpstream::new(connector))),
-            ..self.clone()
         }
     }
 }
@@ -72,62 +90,82 @@ impl Service<Req> for Upstream {
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let (mut parts, body) = req.into_parts();
-            // gRPC over h2 needs `te: trailers`, the one TE value h2 allows.
-            let te_trailers = parts.version == http::Version::HTTP_2
-                && parts
-                    .headers
-                    .get(http::header::TE)
-                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-            headers::strip_hop_by_hop(&mut parts.headers);
-            if te_trailers {
-                parts
-                    .headers
-                    .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-            }
-            let pq = parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            let h2 = parts.version == http::Version::HTTP_2;
-            let result = match &this.own {
-                Some(own) if !h2 => {
-                    // Origin-form on a connection of its own.
-                    parts.uri = Uri::from(pq);
-                    if !parts.headers.contains_key(http::header::HOST)
-                        && let Ok(h) = http::HeaderValue::from_str(this.authority.as_str())
-                    {
-                        parts.headers.insert(http::header::HOST, h);
-                    }
-                    own.request(Request::from_parts(parts, body)).await
+        let (mut parts, body) = req.into_parts();
+        // gRPC over h2 needs `te: trailers`, the one TE value h2 allows.
+        let te_trailers = parts.version == http::Version::HTTP_2
+            && parts
+                .headers
+                .get(http::header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        headers::strip_hop_by_hop(&mut parts.headers);
+        if te_trailers {
+            parts
+                .headers
+                .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        }
+        let pooled = &self.pooled;
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let h2 = parts.version == http::Version::HTTP_2;
+        // The request is rewritten and sent here, so that the future boxed
+        // below holds only the client's (already boxed) one and the timer.
+        let sent = match self.own.as_ref().filter(|_| !h2) {
+            // HTTP/1.1 on a connection of its own goes in origin-form.
+            Some(own) => {
+                parts.uri = Uri::from(pq);
+                if !parts.headers.contains_key(http::header::HOST)
+                    && let Ok(h) = http::HeaderValue::from_str(pooled.authority.as_str())
+                {
+                    parts.headers.insert(http::header::HOST, h);
                 }
-                _ => {
-                    parts.uri = Uri::builder()
-                        .scheme(Scheme::HTTP)
-                        .authority(this.authority.clone())
-                        .path_and_query(pq)
-                        .build()
-                        .map_err(|_| Refusal::BadPath)?;
-                    let client = if h2 { &this.h2 } else { &this.h1 };
-                    client
-                        .request(Request::from_parts(parts, body))
-                        .await
-                        .map_err(Into::into)
+                let own = own.clone();
+                let req = Request::from_parts(parts, body);
+                Sent::Own(Box::pin(async move { own.request(req).await }))
+            }
+            None => {
+                let uri = Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(pooled.authority.clone())
+                    .path_and_query(pq)
+                    .build();
+                let Ok(uri) = uri else {
+                    return Box::pin(async { Err(Refusal::BadPath) });
+                };
+                parts.uri = uri;
+                let client = if h2 { &pooled.h2 } else { &pooled.h1 };
+                Sent::Pooled(client.request(Request::from_parts(parts, body)))
+            }
+        };
+        let pooled = pooled.clone();
+        Box::pin(async move {
+            let answer = async {
+                match sent {
+                    Sent::Pooled(f) => f.await.map_err(Into::into),
+                    Sent::Own(f) => f.await,
                 }
             };
-            match result {
-                Ok(resp) => {
+            // A stalled head is answered 504; a streamed body that has
+            // started is the idle timeout's.
+            match tokio::time::timeout(pooled.response_timeout, answer).await {
+                Err(_) => Err(Refusal::UpstreamTimeout),
+                Ok(Ok(resp)) => {
                     let (mut parts, body) = resp.into_parts();
                     headers::strip_hop_by_hop(&mut parts.headers);
                     Ok(Response::from_parts(parts, Body::Upstream(body)))
                 }
-                Err(e) => Err(upstream_failed(&this.listener, &this.handshakes, &*e)),
+                Ok(Err(e)) => Err(upstream_failed(&pooled.listener, &pooled.handshakes, &*e)),
             }
         })
     }
+}
+
+/// A request on its way: on a pooled connection, or on the app connection's own.
+enum Sent {
+    Pooled(ResponseFuture),
+    Own(Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>),
 }
 
 /// An upstream connection owned by one app connection (`pool: false`).

@@ -9,11 +9,11 @@
 
 pub mod body;
 pub mod observe;
-pub mod timeout;
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use tower::{Layer, Service};
 
@@ -22,6 +22,39 @@ use crate::respond::Refusal;
 pub use body::{Body, Req, ReqBody, Resp};
 /// A boxed stage future, for the stages that must wait on something.
 pub type StageFuture = Pin<Box<dyn Future<Output = Result<Resp, Refusal>> + Send>>;
+
+/// One connection's stack as hyper's service. hyper calls a service by
+/// shared reference; tower's adapter (`TowerToHyperService`) clones the
+/// whole stack for every request to get the `&mut` that tower's `call`
+/// takes, which costs a reference count per stage, a pooled client's
+/// handles included. A connection's requests are dispatched one at a time
+/// from its own task, so the stack is borrowed instead.
+pub struct Serve<S>(RefCell<S>);
+
+impl<S> Serve<S> {
+    /// Serves a connection's requests with `stack`.
+    pub fn new(stack: S) -> Self {
+        Self(RefCell::new(stack))
+    }
+}
+
+impl<S, R> hyper::service::Service<R> for Serve<S>
+where
+    S: tower::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> Self::Future {
+        let mut stack = self.0.borrow_mut();
+        // No stage waits in `poll_ready` (the in-flight slots are taken in
+        // `observe`, which answers 503 past them): this keeps tower's
+        // contract, it never returns `Pending`.
+        let _ready = stack.poll_ready(&mut Context::from_waker(Waker::noop()));
+        stack.call(req)
+    }
+}
 
 /// A synchronous stage: it checks (and may rewrite) the request, or refuses it.
 pub trait Check: Clone + Send + Sync + 'static {
