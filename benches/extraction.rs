@@ -32,6 +32,7 @@ use serde_json::{Value, json};
 
 use warden_guard::detect::{Detector, LlmQuery, Query, Settings, Step};
 use warden_guard::outputs::{Outputs, limit};
+use warden_guard::request::predict::Shape;
 
 const D: usize = 16;
 const K: usize = 4;
@@ -268,7 +269,7 @@ fn surrogate(data: &[(Vec<f64>, Vec<f64>)], seed: u64) -> Option<Mlp> {
 /// The victim's answer as the proxy lets it out, through `outputs::limit`.
 fn answer(victim: &Mlp, x: &[f64], outputs: Outputs) -> Vec<f64> {
     let mut doc = json!({ "predictions": [victim.probs(x)] });
-    limit(&mut doc, outputs);
+    limit(&mut doc, Shape::Rows, "", outputs);
     match &doc["predictions"][0] {
         Value::Array(a) => a.iter().map(|v| v.as_f64().unwrap()).collect(),
         v => one_hot(v.as_u64().unwrap() as usize),

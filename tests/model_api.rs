@@ -680,6 +680,65 @@ fn an_answer_warden_cannot_read_is_not_delivered() {
     assert_eq!(charged as u64, chat(10).len() as u64 + 10);
 }
 
+#[test]
+fn open_inference_and_custom_predict_apis_are_read_and_their_answers_limited() {
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        "      - name: oip\n        paths: [/v2/models/*]\n        api: predict\n        outputs: label\n        format: open_inference\n        limits:\n          identity:\n            vectors_per_day: 3\n      - name: custom\n        paths: [/custom/*]\n        api: predict\n        outputs: decimals:1\n        format: json\n        input: /data/features\n        output: /result/scores\n",
+    );
+    let web = b.caller("/ns/shop/sa/web");
+    let infer = json!({"id": "7", "inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1.0, 2.0], [-1.0, -2.0]]}]});
+    let a = b.post(&web, "/v2/models/m/infer", &infer.to_string());
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.json()["outputs"],
+        json!([{"name": "probs", "shape": [2], "datatype": "INT64", "data": [0, 1]}])
+    );
+    assert_eq!(a.json()["id"], "7");
+    // Two vectors counted of three a day: a third passes, a fourth does not.
+    let one =
+        json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 1]}]});
+    assert_eq!(
+        b.post(&web, "/v2/models/m/infer", &one.to_string()).status,
+        200
+    );
+    assert_eq!(
+        b.post(&web, "/v2/models/m/infer", &one.to_string()).status,
+        429
+    );
+    // An answer with scores in strings is not delivered.
+    let other = b.caller("/ns/shop/sa/other");
+    let a = b.post(&other, "/v2/models/m/classify", &one.to_string());
+    assert_eq!(a.status, 502, "{a:?}");
+    // A request asking for the classification extension never reaches the app.
+    let ask = json!({"inputs": one["inputs"], "outputs": [{"name": "probs", "parameters": {"classification": 2}}]});
+    assert_eq!(
+        b.post(&other, "/v2/models/m/infer", &ask.to_string())
+            .status,
+        400
+    );
+    // The custom API: rows at /data/features, scores at /result/scores.
+    let a = b.post(
+        &web,
+        "/custom/score",
+        &json!({"data": {"features": [[0.3, 0.1]]}}).to_string(),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    for p in a.json()["result"]["scores"][0].as_array().unwrap() {
+        let p = p.as_f64().unwrap();
+        assert_eq!(
+            (p * 10.0).round() / 10.0,
+            p,
+            "rounded to one decimal: {a:?}"
+        );
+    }
+    assert_eq!(
+        b.post(&web, "/custom/score", r#"{"features": [[1]]}"#)
+            .status,
+        400
+    );
+}
+
 /// A uniform random query in [-4, 4]^8 from a small deterministic generator.
 fn random_vector(state: &mut u64) -> Vec<f64> {
     (0..8)

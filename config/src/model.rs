@@ -17,9 +17,51 @@ pub enum ModelApi {
     /// OpenAI-compatible chat/completions, completions, embeddings and the
     /// Responses API (JSON, server-sent-event streams, `usage` in answers).
     Openai,
-    /// A generic JSON predict endpoint (KServe v1: `{"instances": [[...]]}`
-    /// in, `{"predictions": [[...]]}` out) taking numeric feature vectors.
+    /// A JSON predict endpoint taking numeric feature vectors, in one of
+    /// the [`PredictFormat`]s.
     Predict,
+}
+
+/// The JSON shape of a predict route's requests and answers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PredictFormat {
+    /// Whichever standard shape a request comes in (`instances`, TF
+    /// Serving's columnar `inputs`, or Open Inference Protocol tensors),
+    /// its answer expected in the same.
+    #[default]
+    Auto,
+    /// KServe v1: `instances` in, `predictions` out.
+    KserveV1,
+    /// TF Serving's REST API: rows (`instances` -> `predictions`) or
+    /// columns (`inputs` -> `outputs`).
+    TfServing,
+    /// The Open Inference Protocol (KServe v2, Triton, MLServer): `inputs`
+    /// tensors in, `outputs` tensors out.
+    OpenInference,
+    /// Any JSON API, located by JSON pointers.
+    Json(JsonFormat),
+}
+
+/// Where a custom predict API keeps its feature vectors and its scores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonFormat {
+    /// JSON pointer (RFC 6901) to one feature vector or an array of them
+    /// (`""`: the whole body).
+    pub input: String,
+    /// JSON pointer to the answer's scores: one array or one per row.
+    pub output: String,
+    /// Other top-level request fields accepted (the input's own always is).
+    pub fields: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawFormat {
+    Auto,
+    KserveV1,
+    TfServing,
+    OpenInference,
+    Json,
 }
 
 /// Whether a route's refusals are enforced.
@@ -188,6 +230,8 @@ pub struct ModelRoute {
     /// The predict model's input width: other widths get 400 (so that a
     /// caller cannot reset its detection history by changing widths).
     pub input_width: Option<usize>,
+    /// The predict API's JSON shape.
+    pub format: PredictFormat,
     /// Extraction detection, when configured.
     pub detection: Option<DetectionConfig>,
 }
@@ -216,6 +260,14 @@ pub(crate) struct RawModelRoute {
     outputs: Option<Spanned<String>>,
     #[serde(default)]
     input_width: Option<Spanned<usize>>,
+    #[serde(default)]
+    format: Option<Spanned<RawFormat>>,
+    #[serde(default)]
+    input: Option<Spanned<String>>,
+    #[serde(default)]
+    output: Option<Spanned<String>>,
+    #[serde(default)]
+    fields: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     detection: Option<Spanned<RawDetection>>,
 }
@@ -379,6 +431,7 @@ impl RawModelRoute {
             }
             w.value
         });
+        let format = self.format(errors);
         let detection = self.detection.as_ref().map(|d| detection(d, errors));
         ModelRoute {
             name: self.name.value,
@@ -392,7 +445,66 @@ impl RawModelRoute {
             limits,
             outputs,
             input_width,
+            format,
             detection,
+        }
+    }
+
+    /// The predict format, with its pointers checked.
+    fn format(&self, errors: &mut Collector<'_>) -> PredictFormat {
+        let raw = self.format.as_ref();
+        if let Some(f) = raw
+            && self.api != ModelApi::Predict
+        {
+            errors.at(f, "format only applies to api: predict");
+        }
+        let json = raw.is_some_and(|f| f.value == RawFormat::Json);
+        let custom = [
+            ("input", self.input.as_ref()),
+            ("output", self.output.as_ref()),
+        ];
+        if !json {
+            for (what, v) in custom {
+                if let Some(v) = v {
+                    errors.at(v, format!("{what} only applies to format: json"));
+                }
+            }
+            if let Some(f) = &self.fields {
+                errors.at(f, "fields only applies to format: json");
+            }
+        }
+        match raw.map(|f| f.value) {
+            None | Some(RawFormat::Auto) => PredictFormat::Auto,
+            Some(RawFormat::KserveV1) => PredictFormat::KserveV1,
+            Some(RawFormat::TfServing) => PredictFormat::TfServing,
+            Some(RawFormat::OpenInference) => PredictFormat::OpenInference,
+            Some(RawFormat::Json) => {
+                let mut pointer = |what: &str, v: Option<&Spanned<String>>| match v {
+                    Some(p) if p.value.is_empty() || p.value.starts_with('/') => p.value.clone(),
+                    Some(p) => {
+                        errors.at(
+                            p,
+                            format!("{what} must be a JSON pointer: \"\" or starting with /"),
+                        );
+                        String::new()
+                    }
+                    None => {
+                        if let Some(f) = raw {
+                            errors.at(f, format!("format: json needs {what}: a JSON pointer"));
+                        }
+                        String::new()
+                    }
+                };
+                PredictFormat::Json(JsonFormat {
+                    input: pointer("input", self.input.as_ref()),
+                    output: pointer("output", self.output.as_ref()),
+                    fields: self
+                        .fields
+                        .as_ref()
+                        .map(|f| f.value.clone())
+                        .unwrap_or_default(),
+                })
+            }
         }
     }
 }

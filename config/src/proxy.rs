@@ -595,6 +595,61 @@ outbound:
     }
 
     #[test]
+    fn predict_formats_and_their_pointers_are_checked() {
+        let route = |keys: &str| {
+            SIDECAR.replace(
+                "    policy:\n",
+                &format!("    model_api:\n      - name: m\n        paths: [/predict]\n{keys}    policy:\n"),
+            )
+        };
+        let ok = parse(&route(
+            "        api: predict\n        format: json\n        input: /data\n        output: \"\"\n        fields: [model]\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.inbound[0].model_api[0].format,
+            crate::model::PredictFormat::Json(crate::model::JsonFormat {
+                input: "/data".into(),
+                output: String::new(),
+                fields: vec!["model".into()],
+            })
+        );
+        let oip = parse(&route(
+            "        api: predict\n        format: open_inference\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            oip.inbound[0].model_api[0].format,
+            crate::model::PredictFormat::OpenInference
+        );
+        for (keys, says) in [
+            (
+                "        api: predict\n        format: json\n        output: /y\n",
+                "format: json needs input",
+            ),
+            (
+                "        api: predict\n        format: json\n        input: data\n        output: /y\n",
+                "input must be a JSON pointer",
+            ),
+            (
+                "        api: predict\n        input: /x\n",
+                "input only applies to format: json",
+            ),
+            (
+                "        api: openai\n        format: kserve_v1\n",
+                "format only applies to api: predict",
+            ),
+            (
+                "        api: predict\n        format: onnx\n",
+                "unknown variant",
+            ),
+        ] {
+            let e = parse(&route(keys)).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("proxy.yaml:"), "{keys}: {e}");
+        }
+    }
+
+    #[test]
     fn a_bad_identity_pattern_is_located() {
         let e = parse(&SIDECAR.replace("ns/shop/*]", "ns/*/x]")).unwrap_err();
         assert_eq!(

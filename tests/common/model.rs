@@ -1,5 +1,6 @@
 //! A fake model server (OpenAI-compatible chat, completions, embeddings,
-//! the Responses API, plain and streamed, and a KServe-v1 predict endpoint)
+//! the Responses API, plain and streamed, and predict endpoints in KServe
+//! v1, Open Inference (`/infer`, `/classify`) and a custom shape (`/score`))
 //! that records what it received, and a
 //! client that POSTs JSON over mTLS and reads any HTTP/1.1 answer
 //! (content-length, chunked, or close-delimited).
@@ -150,6 +151,40 @@ fn serve(stream: TcpStream, b: ModelBehaviour, rec: Arc<Mutex<Vec<Value>>>) {
                 .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}))
                 .collect();
             json!({"data": data, "usage": {"prompt_tokens": 5 * inputs, "total_tokens": 5 * inputs}})
+        } else if path.ends_with("/infer") {
+            // Open Inference Protocol: one FP32 tensor of probabilities per row.
+            let t = &req["inputs"][0];
+            let width = t["shape"]
+                .as_array()
+                .and_then(|s| s.last())
+                .and_then(Value::as_u64)
+                .unwrap_or(1) as usize;
+            let flat: Vec<Value> = t["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|v| v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]))
+                .collect();
+            let rows: Vec<Value> = flat
+                .chunks(width.max(1))
+                .map(|r| predict(&json!(r)))
+                .collect();
+            let data: Vec<Value> = rows
+                .iter()
+                .flat_map(|r| r.as_array().cloned().unwrap_or_default())
+                .collect();
+            json!({"model_name": "m", "id": req["id"], "outputs": [
+                {"name": "probs", "shape": [rows.len(), 3], "datatype": "FP32", "data": data}
+            ]})
+        } else if path.ends_with("/classify") {
+            // Triton's classification extension: scores inside strings.
+            json!({"outputs": [{"name": "c", "shape": [1], "datatype": "BYTES", "data": ["0.9:1:b"]}]})
+        } else if path.ends_with("/score") {
+            let rows: Vec<Value> = req["data"]["features"]
+                .as_array()
+                .map(|a| a.iter().map(predict).collect())
+                .unwrap_or_default();
+            json!({"result": {"scores": rows}})
         } else if path.ends_with("/predict") {
             let preds: Vec<Value> = req["instances"]
                 .as_array()

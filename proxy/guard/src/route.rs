@@ -20,7 +20,9 @@ use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, Limited};
 
 use warden_config::SpiffeId;
-use warden_config::model::{LimitMode, ModelApi, ModelRoute, OnStoreError, OutputDetail};
+use warden_config::model::{
+    LimitMode, ModelApi, ModelRoute, OnStoreError, OutputDetail, PredictFormat,
+};
 use warden_identity::ratelog::LogLimiter;
 
 use super::answer::{self, AnswerBody};
@@ -31,6 +33,7 @@ use super::metrics::{ModelMetrics, RouteMetrics};
 use super::outputs;
 use super::refusal::{self, GuardRefusal};
 use super::report::Reporter;
+use super::request::predict::Shape;
 use super::request::{Call, ModelRequest};
 use super::ticket::{Settler, Ticket};
 use super::usage::{Reserved, Tally};
@@ -262,14 +265,16 @@ impl Route {
         B::Error: Into<BoxError>,
     {
         let bytes = self.read_body(body).await?;
-        let mut request =
-            match ModelRequest::parse(self.cfg.api, path, &bytes, self.cfg.default_max_tokens) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.metrics().decision("bad_model_request");
-                    return Err(refusal::bad_request("bad_model_request", e.0));
-                }
-            };
+        let mut request = match match self.cfg.api {
+            ModelApi::Predict => ModelRequest::predict(&self.cfg.format, &bytes),
+            api => ModelRequest::parse(api, path, &bytes, self.cfg.default_max_tokens),
+        } {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics().decision("bad_model_request");
+                return Err(refusal::bad_request("bad_model_request", e.0));
+            }
+        };
         if let Some(w) = self.cfg.input_width
             && request.features.iter().any(|f| f.len() != w)
         {
@@ -652,19 +657,22 @@ impl Route {
         let mut out = bytes;
         if self.cfg.api == ModelApi::Predict && adm.outputs != OutputDetail::Full && success {
             // Fail closed: an answer whose probabilities cannot be limited is not delivered.
-            let Some(d) = doc
+            let pointer = match &self.cfg.format {
+                PredictFormat::Json(j) => j.output.as_str(),
+                _ => "",
+            };
+            let shape = request.shape.unwrap_or(Shape::Rows);
+            let limited = doc
                 .as_mut()
-                .filter(|d| d.get("predictions").is_some_and(|p| p.is_array()))
-            else {
+                .and_then(|d| Some((outputs::limit(d, shape, pointer, adm.outputs)?, d)));
+            let Some((changed, d)) = limited else {
                 self.metrics().decision("response_unlimitable");
                 return Err(refusal::bad_answer(
                     "model_response_unreadable",
-                    "the model's answer has no predictions array to limit",
+                    "the model's answer has no scores where its format puts them",
                 ));
             };
-            if outputs::limit(d, adm.outputs)
-                && let Ok(v) = serde_json::to_vec(d)
-            {
+            if changed && let Ok(v) = serde_json::to_vec(d) {
                 out = Bytes::from(v);
                 parts.headers.remove(header::CONTENT_LENGTH);
             }

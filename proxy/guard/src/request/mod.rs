@@ -5,10 +5,11 @@
 
 use serde_json::{Map, Value};
 
-use warden_config::model::ModelApi;
+use warden_config::model::{ModelApi, PredictFormat};
 
 use super::limits::Ask;
 
+pub mod predict;
 mod responses;
 
 /// Why a body cannot be admitted (400, with this text as the detail).
@@ -19,10 +20,6 @@ pub struct BadRequest(pub String);
 const MAX_CHOICES: u64 = 128;
 /// Most prompts in one completions request.
 const MAX_PROMPTS: u64 = 128;
-/// Most instances in one predict request.
-const MAX_INSTANCES: usize = 1024;
-/// Most feature values in one predict vector.
-const MAX_FEATURES: usize = 65_536;
 /// Tokens reserved for each image in a chat prompt (a high-detail image
 /// costs at most about this much on common models).
 const IMAGE_TOKENS: u64 = 2_000;
@@ -38,7 +35,7 @@ pub enum Call {
     Embeddings,
     /// `input` and `instructions`: the Responses API (`/v1/responses`).
     Responses,
-    /// `instances`: a generic predict call.
+    /// A predict call (in one of the [`PredictFormat`]s).
     Predict,
 }
 
@@ -72,13 +69,16 @@ pub struct ModelRequest {
     pub inputs: Vec<String>,
     /// Predict feature vectors.
     pub features: Vec<Vec<f64>>,
+    /// The shape a predict request came in, and its answer must come back in.
+    pub shape: Option<predict::Shape>,
     /// Whether the document was changed and must be serialized again.
     pub rewritten: bool,
 }
 
 impl ModelRequest {
-    /// Parses `body` as a request to a route of kind `api`.
-    /// Parses `body`, sent to the normalized `path` of a route of kind `api`.
+    /// Parses `body`, sent to the normalized `path` of a route of kind `api`
+    /// (a predict route reads the standard formats: [`Self::predict`] reads
+    /// the route's own).
     ///
     /// The call is decided by the path, and only the fields listed for it
     /// are accepted: a backend extension that widens what an answer reveals
@@ -90,6 +90,9 @@ impl ModelRequest {
         body: &[u8],
         default_max_tokens: u32,
     ) -> Result<Self, BadRequest> {
+        if api == ModelApi::Predict {
+            return Self::predict(&PredictFormat::Auto, body);
+        }
         let doc = match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(m)) => m,
             Ok(_) => return Err(bad("the body must be a JSON object")),
@@ -112,10 +115,37 @@ impl ModelRequest {
                 "field {key:?} is not accepted on this route (only the standard fields of the API are)"
             )));
         }
-        let mut r = Self {
+        let mut r = Self::read(call, doc, body.len());
+        match call {
+            Call::Chat | Call::Completion => r.read_generation(default_max_tokens)?,
+            Call::Embeddings => r.read_inputs()?,
+            Call::Responses => r.read_response_request(default_max_tokens)?,
+            // Decided above.
+            Call::Predict => return Err(bad("not a predict route")),
+        }
+        Ok(r)
+    }
+
+    /// Parses the `body` of a predict request in `format`: its rows, and
+    /// the shape of its answer. Predict bodies are forwarded as they came
+    /// (nothing in them is rewritten).
+    pub fn predict(format: &PredictFormat, body: &[u8]) -> Result<Self, BadRequest> {
+        let doc = serde_json::from_slice::<Value>(body)
+            .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+        let (shape, features) = predict::read(format, &doc)?;
+        Ok(Self {
+            features,
+            shape: Some(shape),
+            ..Self::read(Call::Predict, Map::new(), body.len())
+        })
+    }
+
+    /// A `call` of `len` bytes, before its fields are read.
+    fn read(call: Call, doc: Map<String, Value>, len: usize) -> Self {
+        Self {
             call,
             doc,
-            prompt_reserve: body.len() as u64,
+            prompt_reserve: len as u64,
             completion_reserve: 0,
             max_tokens: 0,
             stream: false,
@@ -126,15 +156,9 @@ impl ModelRequest {
             text: String::new(),
             inputs: Vec::new(),
             features: Vec::new(),
+            shape: None,
             rewritten: false,
-        };
-        match call {
-            Call::Chat | Call::Completion => r.read_generation(default_max_tokens)?,
-            Call::Embeddings => r.read_inputs()?,
-            Call::Responses => r.read_response_request(default_max_tokens)?,
-            Call::Predict => r.read_instances()?,
         }
-        Ok(r)
     }
 
     /// What admission reserves.
@@ -325,38 +349,6 @@ impl ModelRequest {
         Ok(())
     }
 
-    fn read_instances(&mut self) -> Result<(), BadRequest> {
-        let Some(instances) = self.doc.get("instances").and_then(Value::as_array) else {
-            return Err(bad(
-                "a predict body needs instances: an array of feature vectors",
-            ));
-        };
-        if instances.is_empty() || instances.len() > MAX_INSTANCES {
-            return Err(bad(format!(
-                "instances must hold 1 to {MAX_INSTANCES} vectors"
-            )));
-        }
-        for inst in instances {
-            let Some(values) = inst
-                .as_array()
-                .filter(|v| !v.is_empty() && v.len() <= MAX_FEATURES)
-            else {
-                return Err(bad(format!(
-                    "each instance must be an array of 1 to {MAX_FEATURES} numbers"
-                )));
-            };
-            let mut v = Vec::with_capacity(values.len());
-            for x in values {
-                v.push(
-                    x.as_f64()
-                        .ok_or_else(|| bad("feature values must be numbers"))?,
-                );
-            }
-            self.features.push(v);
-        }
-        Ok(())
-    }
-
     /// Degrade step: no logprobs, no logit_bias, no echo of the prompt's logprobs.
     pub fn strip_information(&mut self) {
         let mut changed = false;
@@ -430,7 +422,6 @@ const CHAT_FIELDS: &[&str] = &[
 ];
 const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "best_of", "suffix"];
 const EMBEDDING_FIELDS: &[&str] = &["model", "user", "input", "encoding_format", "dimensions"];
-const PREDICT_FIELDS: &[&str] = &["instances", "signature_name"];
 
 fn allowed(call: Call, key: &str) -> bool {
     match call {
@@ -438,7 +429,7 @@ fn allowed(call: Call, key: &str) -> bool {
         Call::Completion => COMPLETION_FIELDS.contains(&key) || GENERATION_FIELDS.contains(&key),
         Call::Embeddings => EMBEDDING_FIELDS.contains(&key),
         Call::Responses => responses::FIELDS.contains(&key),
-        Call::Predict => PREDICT_FIELDS.contains(&key),
+        Call::Predict => false,
     }
 }
 
