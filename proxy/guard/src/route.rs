@@ -25,7 +25,7 @@ use warden_config::model::{
 };
 use warden_identity::ratelog::LogLimiter;
 
-use super::answer::{self, AnswerBody};
+use super::answer::{self, AnswerBody, USAGE_WARNING};
 use super::detect::{CoverageSettings, Detector, Ladder, LlmQuery, Query, Settings, Step};
 use super::limits::{Ask, Headroom, Hold, Plan, Store, Subjects};
 use super::meter::Metered;
@@ -245,15 +245,46 @@ impl Route {
     /// The first step of every request: request rate and concurrency,
     /// before the body is read or parsed.
     pub async fn gate(&self, peer: &SpiffeId) -> Result<Gate, GuardRefusal> {
-        let (ticket, headroom) = self.charge(&self.gate, peer, Ask::default(), false).await?;
+        let (ticket, headroom) = self
+            .charge(&self.gate, peer, Ask::default(), false)
+            .await
+            .map_err(|r| self.warned(peer, r))?;
         let ratelimit = headroom.and_then(|h| answer::ratelimit_value(&self.gate.plan, h));
         Ok(Gate { ticket, ratelimit })
     }
 
     /// Everything else before the app for a request with a body (sent to
     /// the normalized `path`): the body to forward and the admission, or
-    /// the refusal.
+    /// the refusal (with the warning header when the caller is suspected).
     pub async fn admit<B>(
+        &self,
+        peer: &SpiffeId,
+        path: &str,
+        body: B,
+        gate: Gate,
+    ) -> Result<(Bytes, Admitted), GuardRefusal>
+    where
+        B: HttpBody<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        self.admit_body(peer, path, body, gate)
+            .await
+            .map_err(|r| self.warned(peer, r))
+    }
+
+    /// A refusal to `peer`, with `warden-usage-warning` when it is at the
+    /// warn step or above: every answer to a suspected caller says so.
+    fn warned(&self, peer: &SpiffeId, refusal: GuardRefusal) -> GuardRefusal {
+        let step = self.detector.as_ref().map(|d| d.step(peer.as_str()));
+        match step.filter(|s| *s >= Step::Warn && !self.shadow()) {
+            Some(s) => {
+                refusal.with_header(USAGE_WARNING.clone(), HeaderValue::from_static(s.label()))
+            }
+            None => refusal,
+        }
+    }
+
+    async fn admit_body<B>(
         &self,
         peer: &SpiffeId,
         path: &str,
@@ -282,12 +313,15 @@ impl Route {
             let detail = format!("this model takes feature vectors of {w} values");
             return Err(refusal::bad_request("bad_model_request", detail));
         }
+        // Every request the detector can read is evidence, the ones an
+        // information cap refuses too: thousands of refused probes are a signal.
+        let mut outputs = self.cfg.outputs;
+        let mut warning = None;
+        let assessed = self.assess(peer, &request);
         if let Some(refused) = self.check_caps(peer, &request) {
             return Err(refused);
         }
-        let mut outputs = self.cfg.outputs;
-        let mut warning = None;
-        if let Some(step) = self.assess(peer, &request) {
+        if let Some(step) = assessed {
             if step >= Step::Refuse {
                 if let Some(r) = self.refuse(
                     peer,
@@ -305,7 +339,7 @@ impl Route {
                     }
                 }
                 if step >= Step::Warn {
-                    warning = HeaderValue::from_str(step.label()).ok();
+                    warning = Some(HeaderValue::from_static(step.label()));
                 }
             }
         }
@@ -343,7 +377,7 @@ impl Route {
                 refusal::abnormal_usage,
             )
         {
-            return Err(r);
+            return Err(self.warned(peer, r));
         }
         self.metrics().allowed.inc();
         Ok(Admitted {
@@ -353,7 +387,7 @@ impl Route {
             ratelimit: gate.ratelimit,
             warning: step
                 .filter(|_| !self.shadow())
-                .and_then(|s| HeaderValue::from_str(s.label()).ok()),
+                .map(|s| HeaderValue::from_static(s.label())),
         })
     }
 
