@@ -50,3 +50,64 @@ inbound:
     }
     assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
 }
+
+#[test]
+fn check_warns_about_model_routes_whose_probing_defence_is_disarmed() {
+    let ca = Ca::init("example.org");
+    let creds = ca.issue(&ca.id("/ns/web/sa/web"), None);
+    let f = ca.tmp.path().join("m.yaml");
+    let text = format!(
+        "identity: {{cert: {c}/cert.pem, key: {c}/key.pem, bundle: {c}/bundle.pem}}
+admin: 127.0.0.1:0
+inbound:
+  - name: models
+    listen: 127.0.0.1:8443
+    app: 127.0.0.1:8080
+    model_api:
+      - name: open
+        paths: [/a/*]
+        api: openai
+      - name: default-size
+        paths: [/b/*]
+        api: openai
+        detection: {{report_to_ca: false}}
+      - name: huge
+        paths: [/c/*]
+        api: openai
+        detection: {{hidden_size: 1000000}}
+      - name: closed
+        paths: [/d/*]
+        api: openai
+        limits:
+          identity: {{max_top_logprobs: 0, max_logit_bias: 0}}
+      - name: budgeted
+        paths: [/e/*]
+        api: openai
+        limits:
+          identity: {{logit_bias_per_day: 1000, max_top_logprobs: 0}}
+",
+        c = s(&creds)
+    );
+    std::fs::write(&f, text).unwrap();
+    let out = run(&["check", "--config", s(&f)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let p = f.display();
+    for want in [
+        format!(
+            "{p}:8:15: warning: route \"open\" allows logprobs and logit_bias with neither detection nor"
+        ),
+        format!(
+            "{p}:14:20: warning: detection on route \"default-size\" allows logprobs and logit_bias but names no hidden_size"
+        ),
+        format!(
+            "{p}:18:20: warning: hidden_size on route \"huge\" is larger than any served model's"
+        ),
+    ] {
+        assert!(err.contains(&want), "{want}\n{err}");
+    }
+    assert!(
+        !err.contains("\"closed\"") && !err.contains("\"budgeted\""),
+        "{err}"
+    );
+}

@@ -433,6 +433,7 @@ impl RawModelRoute {
         });
         let format = self.format(errors);
         let detection = self.detection.as_ref().map(|d| detection(d, errors));
+        self.warn_disarmed(&limits, errors);
         ModelRoute {
             name: self.name.value,
             paths,
@@ -447,6 +448,52 @@ impl RawModelRoute {
             input_width,
             format,
             detection,
+        }
+    }
+
+    /// Warns about an LLM route whose logprobs or logit_bias nothing
+    /// bounds, or whose detection is scaled to a hidden size nobody chose.
+    fn warn_disarmed(&self, limits: &Limits, errors: &mut Collector<'_>) {
+        if self.api != ModelApi::Openai {
+            return;
+        }
+        let levels = [limits.identity, limits.namespace, limits.trust_domain];
+        let logprobs = !levels.iter().any(|l| l.max_top_logprobs == Some(0));
+        let logit_bias = !levels.iter().any(|l| l.max_logit_bias == Some(0));
+        if !logprobs && !logit_bias {
+            return;
+        }
+        let what = match (logprobs, logit_bias) {
+            (true, true) => "logprobs and logit_bias",
+            (true, false) => "logprobs",
+            _ => "logit_bias",
+        };
+        let budgeted = levels
+            .iter()
+            .any(|l| l.logprob_tokens_per_day.is_some() || l.logit_bias_per_day.is_some());
+        match &self.detection {
+            None if !budgeted => errors.warn(
+                &self.name,
+                format!(
+                    "route {:?} allows {what} with neither detection nor a logprob_tokens_per_day or logit_bias_per_day budget: nothing bounds a logit-probing extraction (set max_top_logprobs: 0 and max_logit_bias: 0 if the model need not reveal them)",
+                    self.name.value
+                ),
+            ),
+            Some(d) if d.value.hidden_size.is_none() => errors.warn(
+                d,
+                format!(
+                    "detection on route {:?} allows {what} but names no hidden_size: the probing signal assumes 4096 and starts only after 8 x 4096 revealed values; set the served model's hidden size (its config.json `hidden_size`)",
+                    self.name.value
+                ),
+            ),
+            Some(d) if d.value.hidden_size.is_some_and(|h| h > 32_768) => errors.warn(
+                d,
+                format!(
+                    "hidden_size on route {:?} is larger than any served model's (at most 32768): the probing signal scales with it and would start late",
+                    self.name.value
+                ),
+            ),
+            _ => {}
         }
     }
 
