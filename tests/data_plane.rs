@@ -81,7 +81,7 @@ fn h2_get(path: &str, headers: &[(String, String)]) -> http::Request<Full<Bytes>
     b.body(Full::new(Bytes::new())).unwrap()
 }
 
-/// An app whose `/big` answers 8 MiB at once, whose `/stream` answers with a head at once, then five chunks
+/// An app whose `/big` answers 128 MiB at once, whose `/stream` answers with a head at once, then five chunks
 /// 200 ms apart; whose `/hang` never answers; and whose other paths answer
 /// `ok` at once.
 fn streaming_app() -> SocketAddr {
@@ -100,13 +100,19 @@ fn streaming_app() -> SocketAddr {
                         return;
                     }
                     if target == "/big" {
-                        let body = vec![b'x'; 8 << 20];
+                        // More than every socket buffer on the way can hold
+                        // (Linux autotunes a receive buffer up to 32 MiB).
+                        let chunk = vec![b'x'; 1 << 20];
                         let _ = write!(
                             out,
                             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                            body.len()
+                            128 << 20
                         );
-                        let _ = out.write_all(&body);
+                        for _ in 0..128 {
+                            if out.write_all(&chunk).is_err() {
+                                return;
+                            }
+                        }
                         continue;
                     }
                     if target == "/stream" {
@@ -274,7 +280,7 @@ fn a_caller_that_stops_reading_idles_out_and_gives_its_slot_back() {
     let mut s = m.tls();
     write!(s, "GET /big HTTP/1.1\r\nHost: app.test\r\n\r\n").unwrap();
     s.flush().unwrap();
-    // It never reads the 8 MiB: the answer stalls on it, not on the app.
+    // It never reads the 128 MiB: the answer stalls on it, not on the app.
     assert!(
         wait_for(Duration::from_secs(5), || m.get("/other").0 == 503),
         "the stalled answer holds the slot"

@@ -751,6 +751,72 @@ fn random_vector(state: &mut u64) -> Vec<f64> {
         .collect()
 }
 
+/// Three cases natural callers work on, in [-2, 2]^8.
+fn cases(state: &mut u64) -> Vec<Vec<f64>> {
+    (0..3)
+        .map(|_| random_vector(state).iter().map(|v| v / 2.0).collect())
+        .collect()
+}
+
+/// A natural query: near case `i % 3`.
+fn near(cases: &[Vec<f64>], state: &mut u64, i: usize) -> Vec<f64> {
+    let noise = random_vector(state);
+    cases[i % 3]
+        .iter()
+        .zip(&noise)
+        .map(|(c, n)| c + n / 16.0)
+        .collect()
+}
+
+#[test]
+fn with_a_reference_a_new_deployment_stops_a_scraper_from_its_first_queries() {
+    // What natural looks like, given by the operator: nobody teaches it.
+    let mut state = 11u64;
+    let centers = cases(&mut state);
+    let natural = |state: &mut u64, i: usize| near(&centers, state, i);
+    let file = std::env::temp_dir().join(format!("warden-reference-{}.jsonl", std::process::id()));
+    let rows: String = (0..300)
+        .map(|i| format!("{}\n", json!(natural(&mut state, i))))
+        .collect();
+    std::fs::write(&file, rows).unwrap();
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        &format!(
+            "      - name: classify\n        paths: [/v1/predict]\n        api: predict\n        input_width: 8\n        detection:\n          reference: {}\n",
+            file.display()
+        ),
+    );
+    let session = |who: &Creds| {
+        let (chain, key) = (who.chain(), who.key());
+        Session::open(b.proxy.addr("models"), &who.bundle(), Some((&chain, &key)))
+    };
+    let predict =
+        |s: &mut Session, x: &[f64]| s.post("/v1/predict", &json!({"instances": [x]}).to_string());
+    // The first two callers the route ever sees: an honest one and a scraper.
+    let honest = &mut session(&b.caller("/ns/shop/sa/forecaster"));
+    let scraper = &mut session(&b.caller("/ns/batch/sa/scraper"));
+    let mut refused_at = None;
+    for q in 1..=200 {
+        let a = predict(honest, &natural(&mut state, q));
+        assert_eq!(a.status, 200, "honest query {q}: {a:?}");
+        assert!(
+            a.header("warden-usage-warning").is_none(),
+            "honest query {q} warned"
+        );
+        if refused_at.is_none() {
+            let a = predict(scraper, &random_vector(&mut state));
+            if a.status == 429 {
+                refused_at = Some(q);
+            } else {
+                assert_eq!(a.status, 200, "{a:?}");
+            }
+        }
+    }
+    std::fs::remove_file(&file).unwrap();
+    let refused_at = refused_at.expect("the scraper was never refused");
+    assert!(refused_at <= 100, "refused at query {refused_at}");
+}
+
 #[test]
 fn an_extraction_attempt_is_escalated_while_an_honest_heavy_user_is_not() {
     let b = Bench::start(
@@ -767,17 +833,8 @@ fn an_extraction_attempt_is_escalated_while_an_honest_heavy_user_is_not() {
     // Natural traffic: ten teams' queries around the cases they work on
     // teach the detector what natural looks like (256 queries each at most).
     let mut state = 7u64;
-    let centers: Vec<Vec<f64>> = (0..3)
-        .map(|_| random_vector(&mut state).iter().map(|v| v / 2.0).collect())
-        .collect();
-    let natural = |state: &mut u64, i: usize| -> Vec<f64> {
-        let noise = random_vector(state);
-        centers[i % 3]
-            .iter()
-            .zip(&noise)
-            .map(|(c, n)| c + n / 16.0)
-            .collect()
-    };
+    let centers = cases(&mut state);
+    let natural = |state: &mut u64, i: usize| near(&centers, state, i);
     for team in 0..10 {
         let s = &mut session(&b.caller(&format!("/ns/team{team}/sa/app")));
         for _ in 0..4 {

@@ -96,6 +96,11 @@ impl<'a> Collector<'a> {
         }
     }
 
+    /// The file being checked (paths in it are relative to its directory).
+    pub fn file(&self) -> &Path {
+        self.file
+    }
+
     /// Records `message` at the place `value` was written.
     pub fn at<T>(&mut self, value: &Spanned<T>, message: impl Into<String>) {
         self.at_location(value.referenced, message);

@@ -16,6 +16,7 @@ pub mod pattern;
 pub mod policy;
 pub mod proxy;
 mod ratelimit;
+pub mod reference;
 pub mod spiffe;
 
 pub use ca::CaConfig;

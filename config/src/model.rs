@@ -9,6 +9,7 @@ use serde_saphyr::Spanned;
 
 use crate::diagnostic::Collector;
 use crate::pattern::PathMatch;
+use crate::reference::Reference;
 
 /// The kind of model API behind a route: decides how bodies are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -169,7 +170,7 @@ pub struct LadderConfig {
 }
 
 /// Extraction detection on a route.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DetectionConfig {
     /// Most identities tracked at once (least recently seen evicted).
     pub max_identities: usize,
@@ -188,6 +189,10 @@ pub struct DetectionConfig {
     pub degrade_outputs: OutputDetail,
     /// At the deny step, ask the CA (the proxy's identity source) to deny the identity.
     pub report_to_ca: bool,
+    /// Natural inputs that define what natural looks like (predict routes):
+    /// with one, the population signals count from the first query and
+    /// never learn from live callers.
+    pub reference: Option<std::sync::Arc<Reference>>,
 }
 
 impl Default for DetectionConfig {
@@ -200,6 +205,7 @@ impl Default for DetectionConfig {
             ladder: None,
             degrade_outputs: OutputDetail::Decimals(1),
             report_to_ca: false,
+            reference: None,
         }
     }
 }
@@ -310,6 +316,8 @@ struct RawDetection {
     degrade_outputs: Option<String>,
     #[serde(default)]
     report_to_ca: bool,
+    #[serde(default)]
+    reference: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -432,7 +440,10 @@ impl RawModelRoute {
             w.value
         });
         let format = self.format(errors);
-        let detection = self.detection.as_ref().map(|d| detection(d, errors));
+        let mut detection = self.detection.as_ref().map(|d| detection(d, errors));
+        if let Some(d) = detection.as_mut() {
+            d.reference = self.reference(input_width, errors);
+        }
         self.warn_disarmed(&limits, errors);
         ModelRoute {
             name: self.name.value,
@@ -448,6 +459,37 @@ impl RawModelRoute {
             input_width,
             format,
             detection,
+        }
+    }
+
+    /// The detection reference, read and checked against the route.
+    fn reference(
+        &self,
+        input_width: Option<usize>,
+        errors: &mut Collector<'_>,
+    ) -> Option<std::sync::Arc<Reference>> {
+        let at = self.detection.as_ref()?.value.reference.as_ref()?;
+        if self.api != ModelApi::Predict {
+            errors.at(at, "reference only applies to api: predict");
+            return None;
+        }
+        match Reference::load(errors.file(), &at.value) {
+            Ok(r) if input_width.is_some_and(|w| w != r.width()) => {
+                errors.at(
+                    at,
+                    format!(
+                        "reference vectors have {} values, the route's input_width is {}",
+                        r.width(),
+                        input_width.unwrap_or_default()
+                    ),
+                );
+                None
+            }
+            Ok(r) => Some(std::sync::Arc::new(r)),
+            Err(e) => {
+                errors.at(at, e);
+                None
+            }
         }
     }
 
@@ -679,5 +721,6 @@ fn detection(raw: &Spanned<RawDetection>, errors: &mut Collector<'_>) -> Detecti
         ladder,
         degrade_outputs,
         report_to_ca: r.report_to_ca,
+        reference: None,
     }
 }

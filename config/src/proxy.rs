@@ -650,6 +650,47 @@ outbound:
     }
 
     #[test]
+    fn a_detection_reference_is_read_from_beside_the_config_and_checked() {
+        let dir = std::env::temp_dir().join(format!("warden-ref-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good: String = (0..40).map(|i| format!("[{i}, 1.5, 2]\n")).collect();
+        std::fs::write(dir.join("natural.jsonl"), format!("# sample\n{good}")).unwrap();
+        std::fs::write(dir.join("bad.jsonl"), format!("{good}[1, 2]\n")).unwrap();
+        let route = |reference: &str, width: usize| {
+            SIDECAR.replace(
+                "    policy:\n",
+                &format!("    model_api:\n      - name: m\n        paths: [/predict]\n        api: predict\n        input_width: {width}\n        detection:\n          reference: {reference}\n    policy:\n"),
+            )
+        };
+        let config = dir.join("proxy.yaml");
+        let parse_at = |text: &str| ProxyConfig::parse(&config, text);
+        let ok = parse_at(&route("natural.jsonl", 3)).unwrap();
+        let r = ok.inbound[0].model_api[0]
+            .detection
+            .as_ref()
+            .and_then(|d| d.reference.clone())
+            .unwrap();
+        assert_eq!((r.rows.len(), r.width()), (40, 3));
+        for (reference, width, says) in [
+            (
+                "bad.jsonl",
+                3,
+                "bad.jsonl:41: 2 values, where the first vector has 3",
+            ),
+            (
+                "natural.jsonl",
+                4,
+                "reference vectors have 3 values, the route's input_width is 4",
+            ),
+            ("missing.jsonl", 3, "cannot read reference"),
+        ] {
+            let e = parse_at(&route(reference, width)).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("proxy.yaml:"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_bad_identity_pattern_is_located() {
         let e = parse(&SIDECAR.replace("ns/shop/*]", "ns/*/x]")).unwrap_err();
         assert_eq!(

@@ -165,7 +165,7 @@ impl Route {
         let max_logit_bias = levels
             .iter()
             .fold(None, |c, s| min_cap(c, s.max_logit_bias));
-        let detector = cfg.detection.map(|d| {
+        let detector = cfg.detection.as_ref().map(|d| {
             let defaults = Settings::default();
             // A fifth of the population learns the standardization, the rest the cells.
             let coverage = CoverageSettings {
@@ -173,7 +173,7 @@ impl Route {
                 min_population: d.population - d.population / 5,
                 ..defaults.coverage
             };
-            Detector::new(Settings {
+            let detector = Detector::new(Settings {
                 coverage,
                 max_identities: d.max_identities,
                 history: d.history,
@@ -185,9 +185,13 @@ impl Route {
                     deny: l.deny,
                 }),
                 ..defaults
-            })
+            });
+            if let Some(r) = &d.reference {
+                detector.seed(&r.rows);
+            }
+            detector
         });
-        let reporter = reporter.filter(|_| cfg.detection.is_some_and(|d| d.report_to_ca));
+        let reporter = reporter.filter(|_| cfg.detection.as_ref().is_some_and(|d| d.report_to_ca));
         let metrics = RouteMetrics::new(metrics, listener, &cfg.name);
         // The route's own state: no lock in common with any other route.
         let store = Arc::new(store.for_route());
@@ -334,7 +338,7 @@ impl Route {
             } else if !self.shadow() {
                 if step >= Step::Degrade {
                     request.strip_information();
-                    if let Some(d) = self.cfg.detection {
+                    if let Some(d) = &self.cfg.detection {
                         outputs = coarser(outputs, d.degrade_outputs);
                     }
                 }

@@ -18,7 +18,7 @@
 //! random-hyperplane hash of their trigram counts. Until the population has
 //! seen enough queries the signal stays 0: it cannot know what is rare yet.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use rand::rngs::StdRng;
@@ -104,6 +104,8 @@ pub struct Space {
     nearest: Box<[AtomicU32]>,
     nearest_total: AtomicU64,
     nearest_median: AtomicU64,
+    /// Defined by an operator's reference: live traffic teaches nothing.
+    fixed: AtomicBool,
 }
 
 /// Bins of the nearest-distance histogram: log2 from -16 to +16 by quarters.
@@ -142,6 +144,7 @@ impl Space {
             nearest: (0..NEAREST_BINS).map(|_| AtomicU32::new(0)).collect(),
             nearest_total: AtomicU64::new(0),
             nearest_median: AtomicU64::new(0f64.to_bits()),
+            fixed: AtomicBool::new(false),
         };
         if key == TEXT_SPACE {
             let _ = space.frozen.set(Frozen {
@@ -215,6 +218,9 @@ impl Space {
     /// Learns from one natural query (already sketched to `k` coordinates);
     /// `cells` are its cells when known.
     pub fn learn(&self, v: &[f64], cells: Option<(&[usize; 8], usize)>) {
+        if self.fixed.load(Ordering::Relaxed) {
+            return;
+        }
         let Some((cells, n)) = cells else {
             self.learn_standardization(v);
             return;
@@ -238,37 +244,108 @@ impl Space {
             return;
         };
         w.n += 1;
-        let n = w.n as f64;
+        let n = w.n;
         let Warm { mean, m2, .. } = &mut *w;
-        for ((m, s), &x) in mean.iter_mut().zip(m2.iter_mut()).zip(v) {
-            let d = x - *m;
-            *m += d / n;
-            *s += d * (x - *m);
-        }
+        welford(mean, m2, n, v);
         if w.n >= self.settings.warmup.max(2) {
-            let inv_std =
-                w.m2.iter()
-                    .map(|s| {
-                        let sd = (s / (n - 1.0)).sqrt();
-                        if sd > 0.0 { 1.0 / sd } else { 0.0 }
-                    })
-                    .collect();
-            let dirs = self.directions();
-            let tables = self.tables();
-            // Seeded by the space, so every detector cuts a space the same way.
-            let mut rng = StdRng::seed_from_u64(0x636f_7665_7261_6765 ^ self.k as u64);
-            let mut planes = Vec::with_capacity(tables * dirs * self.k);
-            for _ in 0..tables * dirs {
-                let row: Vec<f64> = (0..self.k).map(|_| gaussian(&mut rng)).collect();
-                let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-                planes.extend(row.iter().map(|x| x / norm));
-            }
-            let _ = self.frozen.set(Frozen {
-                mean: w.mean.clone(),
-                inv_std,
-                planes,
-            });
+            self.freeze(w.n, w.mean.clone(), &w.m2);
         }
+    }
+
+    /// Fixes the standardization (from `n` queries' means and sums of
+    /// squared deviations) and cuts the space.
+    fn freeze(&self, n: u64, mean: Vec<f64>, m2: &[f64]) {
+        let n = n as f64;
+        let inv_std = m2
+            .iter()
+            .map(|s| {
+                let sd = (s / (n - 1.0).max(1.0)).sqrt();
+                if sd > 0.0 { 1.0 / sd } else { 0.0 }
+            })
+            .collect();
+        let dirs = self.directions();
+        let tables = self.tables();
+        // Seeded by the space, so every detector cuts a space the same way.
+        let mut rng = StdRng::seed_from_u64(0x636f_7665_7261_6765 ^ self.k as u64);
+        let mut planes = Vec::with_capacity(tables * dirs * self.k);
+        for _ in 0..tables * dirs {
+            let row: Vec<f64> = (0..self.k).map(|_| gaussian(&mut rng)).collect();
+            let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+            planes.extend(row.iter().map(|x| x / norm));
+        }
+        let _ = self.frozen.set(Frozen {
+            mean,
+            inv_std,
+            planes,
+        });
+    }
+
+    /// Defines natural traffic by an operator's reference (vectors sketched
+    /// to this space's width), at once and for good: the standardization is
+    /// the reference's, its cells count as a whole population (weighted up
+    /// to `min_population`), the typical nearest distance is taken within
+    /// it, and live callers teach nothing from then on. No-op on a space
+    /// that was already cut by live traffic, or for an empty reference.
+    pub fn seed(&self, rows: &[Vec<f64>], history: usize) {
+        let rows: Vec<&Vec<f64>> = rows.iter().filter(|r| r.len() == self.k).collect();
+        if rows.len() < 2 || self.frozen.get().is_some() {
+            return;
+        }
+        let (mut mean, mut m2) = (vec![0.0; self.k], vec![0.0; self.k]);
+        for (i, r) in rows.iter().enumerate() {
+            welford(&mut mean, &mut m2, i as u64 + 1, r);
+        }
+        // Distances as a caller's history measures them: in the reference's
+        // standard units, to the nearest of the `history` vectors before.
+        let inv: Vec<f64> = m2
+            .iter()
+            .map(|s| {
+                let sd = (s / (rows.len() - 1) as f64).sqrt();
+                if sd > 0.0 { 1.0 / sd } else { 1.0 }
+            })
+            .collect();
+        self.freeze(rows.len() as u64, mean, &m2);
+        let weight = self
+            .settings
+            .min_population
+            .div_ceil(rows.len() as u64)
+            .max(1);
+        let mut cells = [0usize; 8];
+        for r in &rows {
+            if let Some(n) = self.cells(r, &mut cells) {
+                for &c in cells.iter().take(n) {
+                    if let Some(a) = self.counts.get(c) {
+                        a.fetch_add(u32::try_from(weight).unwrap_or(u32::MAX), Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let total = weight * rows.len() as u64;
+        self.total.store(total, Ordering::Relaxed);
+        self.refresh_rare_mass(total);
+        let mut nearest: Vec<f64> = (1..rows.len())
+            .filter_map(|i| {
+                rows[i.saturating_sub(history.max(1))..i]
+                    .iter()
+                    .map(|p| {
+                        p.iter()
+                            .zip(rows[i].iter())
+                            .zip(&inv)
+                            .map(|((a, b), s)| ((a - b) * s).powi(2))
+                            .sum::<f64>()
+                            .sqrt()
+                    })
+                    .filter(|d| *d > 0.0)
+                    .reduce(f64::min)
+            })
+            .collect();
+        if !nearest.is_empty() {
+            nearest.sort_by(f64::total_cmp);
+            let m = nearest[nearest.len() / 2];
+            self.nearest_median.store(m.to_bits(), Ordering::Relaxed);
+            self.nearest_total.store(NEAREST_MIN, Ordering::Relaxed);
+        }
+        self.fixed.store(true, Ordering::Relaxed);
     }
 
     fn rare_threshold(&self, total: u64) -> f64 {
@@ -311,7 +388,7 @@ impl Space {
     /// query (from callers with a full history, so the figure is for the
     /// most crowded history and errs on the large side for shorter ones).
     pub fn learn_nearest(&self, d: f64) {
-        if !(d > 0.0 && d.is_finite()) {
+        if !(d > 0.0 && d.is_finite()) || self.fixed.load(Ordering::Relaxed) {
             return;
         }
         let bin = ((d.log2() + 16.0) * 4.0).clamp(0.0, (NEAREST_BINS - 1) as f64) as usize;
@@ -341,6 +418,17 @@ impl Space {
     /// Share of natural traffic in rare cells (per table, averaged).
     pub fn rare_mass(&self) -> f64 {
         f64::from_bits(self.rare_mass.load(Ordering::Relaxed))
+    }
+}
+
+/// Adds the `n`-th vector `x` to running means and sums of squared
+/// deviations (Welford's update).
+pub(crate) fn welford(mean: &mut [f64], m2: &mut [f64], n: u64, x: &[f64]) {
+    let n = n as f64;
+    for ((m, s), &v) in mean.iter_mut().zip(m2.iter_mut()).zip(x) {
+        let d = v - *m;
+        *m += d / n;
+        *s += d * (v - *m);
     }
 }
 

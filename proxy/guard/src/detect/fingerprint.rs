@@ -19,6 +19,12 @@
 //! Inputs wider than the sketch are folded into it by a fixed signed
 //! hashing of coordinates (a count sketch): distances are kept on average,
 //! a one-coordinate change stays a one-coordinate change, lines stay lines.
+//! A sign step does not stay equal magnitudes: a coordinate of the sketch
+//! sums the steps of its `n` inputs, so it moves by the step times an
+//! integer of `n`'s parity, at most `n`. That is what is tested, with each
+//! coordinate's `n` known from the hashing, so a sign step is seen at every
+//! input width, and integer-valued natural inputs (pixels, counts), whose
+//! sums have no such parity, are not taken for one.
 
 use std::collections::VecDeque;
 
@@ -120,6 +126,8 @@ pub struct FeatureHistory {
     seen: u64,
     scratch: Vec<f64>,
     inv_sd: Vec<f64>,
+    /// Inputs folded into each sketch coordinate (all 1 when none are).
+    folded: Vec<u32>,
     /// Magnitude patterns of the most recent steps.
     steps: VecDeque<u64>,
     /// PRADA's minimum distances.
@@ -134,9 +142,16 @@ impl FeatureHistory {
     /// A history for inputs of `dim` features, remembering `cap` of them.
     pub fn new(dim: usize, cap: usize, prada_window: usize, fp: &FingerprintSettings) -> Self {
         let k = dim.min(fp.sketch_dim.max(1));
+        let mut folded = vec![u32::from(dim <= k); k];
+        if dim > k {
+            for i in 0..dim {
+                folded[bucket(i, k).0] += 1;
+            }
+        }
         Self {
             dim,
             k,
+            folded,
             cap: cap.max(2),
             ring: Vec::new(),
             len: 0,
@@ -164,6 +179,7 @@ impl FeatureHistory {
         std::mem::size_of::<Self>()
             + cap * k * std::mem::size_of::<f32>()
             + 4 * k * std::mem::size_of::<f64>()
+            + k * std::mem::size_of::<u32>()
             + STEP_PATTERNS * 8
             + Distances::max_bytes(prada_window)
             + 2 * fp.window
@@ -178,6 +194,7 @@ impl FeatureHistory {
                 + self.scratch.capacity()
                 + self.inv_sd.capacity())
                 * std::mem::size_of::<f64>()
+            + self.folded.capacity() * std::mem::size_of::<u32>()
             + self.steps.capacity() * 8
             + self.distances.held_bytes()
             + self.flags.held_bytes()
@@ -345,21 +362,14 @@ impl FeatureHistory {
         if changed <= sparse_max && k >= 4 {
             return true;
         }
-        // Sign step: most moved coordinates moved by the same raw amount.
-        if changed >= 4 && changed * 2 >= k {
+        // Sign step: every input moved by the same raw amount (coordinates
+        // that fold an even number of inputs may not move at all).
+        if changed >= 4 {
             let mut raw = [0.0f64; 64];
-            let mut n = 0;
-            for (&d, &s) in m.iter().zip(&self.inv_sd) {
-                if d > tol && n < raw.len() {
-                    raw[n] = if s > 0.0 { d / s } else { d };
-                    n += 1;
-                }
+            for ((r, &d), &s) in raw.iter_mut().zip(m.iter()).zip(&self.inv_sd) {
+                *r = if s > 0.0 { d / s } else { d };
             }
-            let r = &mut raw[..n];
-            r.sort_by(f64::total_cmp);
-            let med = r[r.len() / 2];
-            let same = r.iter().filter(|&&d| (d - med).abs() <= 0.01 * med).count();
-            return same * 4 >= changed * 3;
+            return sign_step(&raw[..m.len()], &self.folded, tol);
         }
         false
     }
@@ -382,12 +392,7 @@ impl FeatureHistory {
             self.head = (self.head + 1) % self.cap;
         }
         self.seen += 1;
-        let n = self.seen as f64;
-        for ((m, s), &x) in self.mean.iter_mut().zip(self.m2.iter_mut()).zip(v) {
-            let d = x - *m;
-            *m += d / n;
-            *s += d * (x - *m);
-        }
+        super::coverage::welford(&mut self.mean, &mut self.m2, self.seen, v);
     }
 
     /// Near-duplicate fraction of the window.
@@ -399,6 +404,44 @@ impl FeatureHistory {
     pub fn sweep_fraction(&self, floor: usize) -> f64 {
         self.flags.fraction(SWEEP, floor)
     }
+}
+
+/// Whether a step whose sketch coordinates moved by `raw` (each summing
+/// `folded` inputs) moved every input by one amount `u`: each coordinate by
+/// `u` times an integer of its count's parity and at most its count, for at
+/// least 85% of the coordinates. `u` is the smallest move of a coordinate
+/// of odd count (an odd sum of +-1 is never 0), else half the smallest move.
+fn sign_step(raw: &[f64], folded: &[u32], tol: f64) -> bool {
+    let smallest = |odd: bool| {
+        raw.iter()
+            .zip(folded)
+            .filter(|&(&d, &n)| n > 0 && (!odd || n % 2 == 1) && (odd || d > tol))
+            .map(|(&d, _)| d)
+            .fold(f64::INFINITY, f64::min)
+    };
+    let u = match smallest(true) {
+        u if u.is_finite() => u,
+        _ => smallest(false) / 2.0,
+    };
+    if !(u.is_finite() && u > tol) {
+        return false;
+    }
+    let (mut coords, mut fit) = (0usize, 0usize);
+    for (&d, &n) in raw.iter().zip(folded) {
+        if n == 0 {
+            continue;
+        }
+        coords += 1;
+        let m = d / u;
+        let r = m.round();
+        if (m - r).abs() <= 0.01 * r.max(1.0)
+            && r <= f64::from(n)
+            && (r as u64 % 2) == u64::from(n % 2)
+        {
+            fit += 1;
+        }
+    }
+    coords >= 4 && fit * 100 >= coords * 85
 }
 
 /// `v` on the line through `a` and `b` (within float noise).
@@ -519,5 +562,74 @@ mod tests {
             FeatureHistory::max_bytes(784, 64, 64, &f) < 64 * 32 * 4 + 4096,
             "memory follows the sketch, not the input width"
         );
+    }
+
+    /// Widths from a handful to thousands: folded or not.
+    const WIDTHS: [usize; 9] = [4, 8, 16, 32, 33, 64, 256, 1024, 4096];
+
+    #[test]
+    fn sign_steps_are_sweeps_at_every_input_width() {
+        let f = fp();
+        for d in WIDTHS {
+            let mut rng = StdRng::seed_from_u64(d as u64);
+            let mut h = FeatureHistory::new(d, 128, 64, &f);
+            let seeds: Vec<Vec<f64>> = (0..10).map(|_| gauss(&mut rng, d)).collect();
+            for x in &seeds {
+                h.observe(x, None, &f);
+            }
+            // JbDA / T-RND: each seed plus lambda times a sign vector.
+            let mut swept = 0;
+            for x in &seeds {
+                let step: Vec<f64> = x
+                    .iter()
+                    .map(|v| v + if rng.random::<bool>() { 0.05 } else { -0.05 })
+                    .collect();
+                swept += usize::from(h.observe(&step, None, &f).unwrap().sweep);
+            }
+            assert!(swept >= 9, "width {d}: {swept} of 10 sign steps seen");
+        }
+    }
+
+    #[test]
+    fn natural_queries_are_not_sweeps_at_any_width_real_or_integer_valued() {
+        // Integer-valued inputs (pixels, counts) fold into sums of integers:
+        // the sign-step test must not take them for steps.
+        let f = fp();
+        for d in WIDTHS {
+            let mut rng = StdRng::seed_from_u64(100 + d as u64);
+            let mut real = FeatureHistory::new(d, 128, 64, &f);
+            let mut ints = FeatureHistory::new(d, 128, 64, &f);
+            let (mut real_sweeps, mut int_sweeps) = (0, 0);
+            for _ in 0..300 {
+                let x = gauss(&mut rng, d);
+                real_sweeps += usize::from(real.observe(&x, None, &f).unwrap().sweep);
+                // Pixels or counts: small integers, mostly 0.
+                let x: Vec<f64> = (0..d)
+                    .map(|_| {
+                        if rng.random::<f64>() < 0.6 {
+                            0.0
+                        } else {
+                            f64::from(rng.random_range(1..=16u8))
+                        }
+                    })
+                    .collect();
+                if let Some(r) = ints.observe(&x, None, &f) {
+                    int_sweeps += usize::from(r.sweep);
+                }
+            }
+            assert!(
+                real_sweeps <= 3,
+                "width {d}: {real_sweeps} of 300 natural queries were sweeps"
+            );
+            // Below the sweep signal's start (15% of the window). At 4
+            // inputs of 17 values, one-coordinate differences are natural
+            // (a third of the queries): known, left to the evaluation.
+            if d >= 8 {
+                assert!(
+                    int_sweeps < 45,
+                    "width {d}: {int_sweeps} of 300 integer queries were sweeps"
+                );
+            }
+        }
     }
 }

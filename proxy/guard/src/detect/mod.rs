@@ -328,6 +328,31 @@ impl Detector {
         }
     }
 
+    /// Defines natural traffic for feature vectors of the `rows`' width by an
+    /// operator's reference (see [`Space::seed`](coverage::Space::seed)):
+    /// the coverage and typical-distance signals count from the first query,
+    /// and no caller teaches them.
+    pub fn seed(&self, rows: &[Vec<f64>]) {
+        let Some(dim) = rows.first().map(Vec::len).filter(|d| *d > 0) else {
+            return;
+        };
+        let s = &self.settings;
+        let k = dim.min(s.fingerprint.sketch_dim.max(1));
+        let Some(space) = self.population.space(dim, k, &s.coverage) else {
+            return;
+        };
+        let sketched: Vec<Vec<f64>> = rows
+            .iter()
+            .filter(|r| r.len() == dim)
+            .map(|r| {
+                let mut v = Vec::with_capacity(k);
+                fingerprint::sketch(r, k, &mut v);
+                v
+            })
+            .collect();
+        space.seed(&sketched, s.history);
+    }
+
     /// Records one query by `identity` (a SPIFFE ID string) and returns its
     /// assessment.
     pub fn observe(&self, identity: &str, query: Query<'_>) -> Assessment {

@@ -241,3 +241,68 @@ fn connections_share_one_detector_across_threads() {
     assert!(d.tracked() <= 100);
     assert!(d.tracked() >= 80);
 }
+
+/// Natural inputs of a task `d` wide: four clusters, features on their own scales.
+fn natural_wide(rng: &mut StdRng, d: usize) -> Vec<f64> {
+    let c = f64::from(rng.random_range(0..4u8));
+    (0..d)
+        .map(|i| (1.0 + (i % 5) as f64) * (c + 0.4 * gauss(rng)))
+        .collect()
+}
+
+/// Without the reference, the random attacker here is never stopped (the
+/// population signals wait for ~10,000 natural queries).
+#[test]
+fn with_a_reference_a_first_day_attacker_is_stopped_and_honest_callers_are_not() {
+    for d in [4, 16, 64, 512] {
+        let mut rng = StdRng::seed_from_u64(40 + d as u64);
+        let reference: Vec<Vec<f64>> = (0..500).map(|_| natural_wide(&mut rng, d)).collect();
+        let det = Detector::new(Settings::default());
+        det.seed(&reference);
+        // A new deployment: one honest caller and one attacker, both from
+        // their first query; nothing else has ever been seen.
+        let mut stopped_at = None;
+        for q in 0..400 {
+            let honest = natural_wide(&mut rng, d);
+            assert_eq!(
+                det.observe("spiffe://td/ns/app/sa/honest", Query::Features(&honest))
+                    .step,
+                Step::Normal,
+                "width {d}: the honest caller was flagged at query {q}"
+            );
+            // Uniform random over the features' ranges (Tramer et al.).
+            let random: Vec<f64> = (0..d)
+                .map(|i| rng.random_range(-2.0..5.0) * (1.0 + (i % 5) as f64))
+                .collect();
+            let a = det.observe("spiffe://td/ns/app/sa/thief", Query::Features(&random));
+            if a.step >= Step::Refuse && stopped_at.is_none() {
+                stopped_at = Some(q);
+            }
+        }
+        let at = stopped_at
+            .unwrap_or_else(|| panic!("width {d}: the random attacker was never stopped"));
+        assert!(at < 100, "width {d}: stopped after {at} queries");
+    }
+}
+
+#[test]
+fn live_callers_teach_a_seeded_reference_nothing() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let reference: Vec<Vec<f64>> = (0..200).map(|_| natural(&mut rng)).collect();
+    let det = Detector::new(Settings::default());
+    det.seed(&reference);
+    let space = det
+        .population
+        .space(16, 16, &det.settings.coverage)
+        .unwrap();
+    let before = space.rare_mass();
+    for _ in 0..3000 {
+        let random: Vec<f64> = (0..16).map(|_| rng.random_range(-5.0..15.0)).collect();
+        det.observe("spiffe://td/ns/app/sa/thief", Query::Features(&random));
+    }
+    assert_eq!(
+        space.rare_mass(),
+        before,
+        "live traffic moved the reference"
+    );
+}

@@ -1,0 +1,92 @@
+//! A predict route's reference traffic: natural inputs the operator
+//! supplies (a sample of the training data, or requests recorded from
+//! honest callers), so that extraction detection knows what natural looks
+//! like from its first query, and never learns it from the callers it is
+//! judging.
+//!
+//! The file holds one feature vector per line, as a JSON array of numbers
+//! (blank lines and lines starting with `#` are skipped). A relative path is
+//! taken from the config file's directory.
+
+use std::path::{Path, PathBuf};
+
+/// Most vectors read from a reference.
+pub const MAX_ROWS: usize = 100_000;
+/// Largest reference file read.
+pub const MAX_BYTES: u64 = 64 << 20;
+/// Fewest vectors a reference must hold to say anything.
+pub const MIN_ROWS: usize = 32;
+
+/// Natural inputs of one predict route, all of one width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reference {
+    /// Where they were read from.
+    pub path: PathBuf,
+    /// The vectors.
+    pub rows: Vec<Vec<f64>>,
+}
+
+impl Reference {
+    /// Reads `path` (relative to `config`'s directory when relative); the
+    /// error says what is wrong, with the line of the file where it is.
+    pub fn load(config: &Path, path: &str) -> Result<Self, String> {
+        let p = Path::new(path);
+        let path = if p.is_relative() {
+            config.parent().unwrap_or(Path::new(".")).join(p)
+        } else {
+            p.to_path_buf()
+        };
+        let shown = path.display();
+        let size = std::fs::metadata(&path)
+            .map_err(|e| format!("cannot read reference {shown}: {e}"))?
+            .len();
+        if size > MAX_BYTES {
+            return Err(format!(
+                "reference {shown} is larger than {MAX_BYTES} bytes"
+            ));
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read reference {shown}: {e}"))?;
+        let mut rows: Vec<Vec<f64>> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let at = || format!("reference {shown}:{}", i + 1);
+            let row: Vec<f64> = serde_json::from_str(line)
+                .map_err(|e| format!("{}: not a JSON array of numbers: {e}", at()))?;
+            if row.is_empty() || row.iter().any(|v| !v.is_finite()) {
+                return Err(format!("{}: a vector of finite numbers is needed", at()));
+            }
+            if let Some(first) = rows.first()
+                && first.len() != row.len()
+            {
+                return Err(format!(
+                    "{}: {} values, where the first vector has {}",
+                    at(),
+                    row.len(),
+                    first.len()
+                ));
+            }
+            if rows.len() == MAX_ROWS {
+                return Err(format!(
+                    "reference {shown} holds more than {MAX_ROWS} vectors"
+                ));
+            }
+            rows.push(row);
+        }
+        if rows.len() < MIN_ROWS {
+            return Err(format!(
+                "reference {shown} holds {} vectors; at least {MIN_ROWS} are needed",
+                rows.len()
+            ));
+        }
+        Ok(Self { path, rows })
+    }
+
+    /// The vectors' width.
+    pub fn width(&self) -> usize {
+        self.rows.first().map_or(0, Vec::len)
+    }
+}
