@@ -59,6 +59,15 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Propose model route limits from usage recordings (`record:` on a route, best in `mode: shadow`): a multiple of the heaviest caller and namespace, as YAML with the evidence.
+    Limits {
+        /// Recording files (several proxies' files of one route add up).
+        #[arg(long = "record", required = true, num_args = 1..)]
+        records: Vec<PathBuf>,
+        /// The multiple of the heaviest observed volume to allow.
+        #[arg(long, default_value_t = 2.0)]
+        headroom: f64,
+    },
     /// Run the whole system on loopback and show what it does, step by step.
     Demo {
         /// Leave everything running afterwards and print how to call it by hand.
@@ -300,6 +309,20 @@ async fn run(command: Command) -> Result<(), Failure> {
         Command::Proxy { config: path } => {
             let config = ProxyConfig::load(&path).map_err(usage)?;
             warden_proxy::run(config, path, shutdown_on_signal()).await?;
+            Ok(())
+        }
+        Command::Limits { records, headroom } => {
+            if !(headroom.is_finite() && headroom >= 1.0) {
+                return Err(usage("--headroom must be at least 1"));
+            }
+            let mut books = Vec::with_capacity(records.len());
+            for f in &records {
+                let bytes = std::fs::read(f).map_err(|e| usage(format!("{}: {e}", f.display())))?;
+                let book: warden_guard::record::Book = serde_json::from_slice(&bytes)
+                    .map_err(|e| usage(format!("{}: not a usage recording: {e}", f.display())))?;
+                books.push(book);
+            }
+            print!("{}", warden_guard::record::propose(&books, headroom));
             Ok(())
         }
         Command::Demo { keep_running } => demo::run(keep_running).await.map_err(Failure::from),

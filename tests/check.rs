@@ -85,6 +85,10 @@ inbound:
         api: openai
         limits:
           identity: {{logit_bias_per_day: 1000, max_top_logprobs: 0}}
+      - name: classify
+        paths: [/f/*]
+        api: predict
+        detection: {{history: 64}}
 ",
         c = s(&creds)
     );

@@ -444,6 +444,74 @@ fn a_namespace_limit_binds_many_identities_together() {
 }
 
 #[test]
+fn limits_are_proposed_from_a_shadow_recording_of_real_traffic() {
+    let ca_tmp = tempfile::tempdir().unwrap();
+    let file = ca_tmp.path().join("chat-usage.json");
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        &format!(
+            "      - name: chat\n        paths: [/v1/*]\n        api: openai\n        mode: shadow\n        record: {}\n        limits:\n          identity:\n            tokens_per_minute: 10\n",
+            file.display()
+        ),
+    );
+    let (heavy, light) = (b.caller("/ns/ml/sa/trainer"), b.caller("/ns/web/sa/front"));
+    for _ in 0..6 {
+        assert_eq!(
+            b.post(&heavy, CHAT, &chat(20)).status,
+            200,
+            "shadow mode lets it through"
+        );
+    }
+    assert_eq!(b.post(&light, CHAT, &chat(5)).status, 200);
+    let Bench { mut proxy, .. } = b;
+    proxy.signal("TERM");
+    let exit = proxy.wait_exit(Duration::from_secs(15));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    // Written at the end (and every minute while it runs).
+    let out = run_ok(&[
+        "limits",
+        "--record",
+        file.to_str().unwrap(),
+        "--headroom",
+        "3",
+    ]);
+    assert!(
+        out.contains("# route chat: 2 callers, 2 namespaces over 1 days; 3x the heaviest"),
+        "{out}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("tokens_per_day:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("spiffe://example.org/ns/ml/sa/trainer"),
+        "{out}"
+    );
+    // Three times the trainer's settled tokens (each answer reports its usage).
+    let used: u64 = line
+        .split("# 3x ")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let proposed: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(proposed, used * 3, "{out}");
+    assert!(
+        used > 0 && used.is_multiple_of(6),
+        "six equal requests: {out}"
+    );
+    // A file that is not a recording is refused with a reason.
+    let bad = ca_tmp.path().join("x.json");
+    std::fs::write(&bad, "{}").unwrap();
+    let out = run(&["limits", "--record", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a usage recording"));
+}
+
+#[test]
 fn shadow_mode_counts_what_it_would_refuse_and_lets_it_through() {
     let b = Bench::start(
         ModelBehaviour::default(),

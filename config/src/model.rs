@@ -238,6 +238,8 @@ pub struct ModelRoute {
     pub input_width: Option<usize>,
     /// The predict API's JSON shape.
     pub format: PredictFormat,
+    /// Where per-caller usage is recorded for sizing limits (`warden limits`).
+    pub record: Option<std::path::PathBuf>,
     /// Extraction detection, when configured.
     pub detection: Option<DetectionConfig>,
 }
@@ -274,6 +276,8 @@ pub(crate) struct RawModelRoute {
     output: Option<Spanned<String>>,
     #[serde(default)]
     fields: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    record: Option<Spanned<String>>,
     #[serde(default)]
     detection: Option<Spanned<RawDetection>>,
 }
@@ -458,6 +462,7 @@ impl RawModelRoute {
             outputs,
             input_width,
             format,
+            record: self.record.as_ref().and_then(|r| recording(r, errors)),
             detection,
         }
     }
@@ -494,9 +499,21 @@ impl RawModelRoute {
     }
 
     /// Warns about an LLM route whose logprobs or logit_bias nothing
-    /// bounds, or whose detection is scaled to a hidden size nobody chose.
+    /// bounds, or whose detection is scaled to a hidden size nobody chose;
+    /// and about predict detection that must learn natural from its callers.
     fn warn_disarmed(&self, limits: &Limits, errors: &mut Collector<'_>) {
-        if self.api != ModelApi::Openai {
+        if self.api == ModelApi::Predict {
+            if let Some(d) = &self.detection
+                && d.value.reference.is_none()
+            {
+                errors.warn(
+                    d,
+                    format!(
+                        "detection on route {:?} has no reference: input-space coverage and the typical distance wait for the population's ~10,000 natural queries, which a small deployment may never reach; give natural inputs with reference: FILE",
+                        self.name.value
+                    ),
+                );
+            }
             return;
         }
         let levels = [limits.identity, limits.namespace, limits.trust_domain];
@@ -594,6 +611,31 @@ impl RawModelRoute {
                         .unwrap_or_default(),
                 })
             }
+        }
+    }
+}
+
+/// The recording's path (relative to the config file's directory), whose
+/// directory must exist.
+fn recording(raw: &Spanned<String>, errors: &mut Collector<'_>) -> Option<std::path::PathBuf> {
+    let p = std::path::Path::new(&raw.value);
+    let path = if p.is_relative() {
+        errors
+            .file()
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(p)
+    } else {
+        p.to_path_buf()
+    };
+    match path.parent() {
+        Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => Some(path),
+        _ => {
+            errors.at(
+                raw,
+                format!("record: the directory of {} does not exist", path.display()),
+            );
+            None
         }
     }
 }

@@ -17,6 +17,7 @@ mod lru;
 pub mod meter;
 pub mod metrics;
 pub mod outputs;
+pub mod record;
 pub mod refusal;
 pub mod report;
 pub mod request;

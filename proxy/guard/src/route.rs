@@ -31,6 +31,7 @@ use super::limits::{Ask, Headroom, Hold, Plan, Store, Subjects};
 use super::meter::Metered;
 use super::metrics::{ModelMetrics, RouteMetrics};
 use super::outputs;
+use super::record::Recorder;
 use super::refusal::{self, GuardRefusal};
 use super::report::Reporter;
 use super::request::predict::Shape;
@@ -126,6 +127,12 @@ impl Routes {
             .iter()
             .find(|r| r.cfg.paths.iter().any(|p| p.matches_widely(path)))
     }
+
+    /// The usage recorders of the routes that have one (`record:`), for the
+    /// proxy to flush.
+    pub fn recorders(&self) -> impl Iterator<Item = &Arc<Recorder>> {
+        self.0.iter().filter_map(|r| r.gate.recorder.as_ref())
+    }
 }
 
 fn min_cap(a: Option<u32>, b: Option<u32>) -> Option<u32> {
@@ -195,17 +202,23 @@ impl Route {
         let metrics = RouteMetrics::new(metrics, listener, &cfg.name);
         // The route's own state: no lock in common with any other route.
         let store = Arc::new(store.for_route());
+        let recorder = cfg
+            .record
+            .as_ref()
+            .map(|path| Arc::new(Recorder::new(&cfg.name, path)));
         Self {
             policy_header,
             gate: Arc::new(Settler {
                 plan: gate,
                 store: store.clone(),
                 metrics: metrics.clone(),
+                recorder: recorder.clone(),
             }),
             budget: Arc::new(Settler {
                 plan: budget,
                 store,
                 metrics,
+                recorder,
             }),
             cfg: cfg.clone(),
             max_top_logprobs,
@@ -441,7 +454,8 @@ impl Route {
         metered: bool,
     ) -> Result<(Ticket, Option<Headroom>), GuardRefusal> {
         let plan = &settler.plan;
-        let ticket = |hold, room| Ok((Ticket::new(settler.clone(), hold, ask, metered), room));
+        let ticket =
+            |hold, room| Ok((Ticket::new(settler.clone(), peer, hold, ask, metered), room));
         if plan.is_empty() {
             return ticket(Hold::default(), None);
         }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use super::limits::{Ask, Hold, Plan, Store};
 use super::metrics::RouteMetrics;
+use super::record::Recorder;
+use warden_config::SpiffeId;
 
 /// What a ticket needs from its route.
 pub struct Settler {
@@ -16,6 +18,8 @@ pub struct Settler {
     pub store: Arc<Store>,
     /// The route's metrics.
     pub metrics: RouteMetrics,
+    /// Where settled usage is recorded for sizing limits (`record:`).
+    pub recorder: Option<Arc<Recorder>>,
 }
 
 /// One admitted request's hold.
@@ -26,12 +30,20 @@ pub struct Ticket {
     /// Counted in the reservation and charge metrics (the budget's ticket,
     /// not the gate's).
     metered: bool,
+    /// The caller, when its usage is recorded.
+    peer: Option<SpiffeId>,
 }
 
 impl Ticket {
-    /// A ticket for `hold`, which reserved `reserved`; `metered` when it
-    /// is counted in the reservation and charge metrics.
-    pub fn new(settler: Arc<Settler>, hold: Hold, reserved: Ask, metered: bool) -> Self {
+    /// A ticket of `peer` for `hold`, which reserved `reserved`; `metered`
+    /// when it is counted in the reservation and charge metrics.
+    pub fn new(
+        settler: Arc<Settler>,
+        peer: &SpiffeId,
+        hold: Hold,
+        reserved: Ask,
+        metered: bool,
+    ) -> Self {
         if metered {
             let m = &settler.metrics;
             m.reservations.inc();
@@ -39,6 +51,7 @@ impl Ticket {
                 .add(i64::try_from(reserved.tokens).unwrap_or(i64::MAX));
         }
         Self {
+            peer: settler.recorder.as_ref().map(|_| peer.clone()),
             settler,
             hold: Some(hold),
             reserved,
@@ -55,6 +68,10 @@ impl Ticket {
         let Some(hold) = self.hold.take() else {
             return;
         };
+        if let (Some(r), Some(peer)) = (&self.settler.recorder, &self.peer) {
+            // The gate's ticket is the request; the budget's, what it used.
+            r.record(peer, u64::from(!self.metered), &used);
+        }
         let m = &self.settler.metrics;
         if self.metered {
             m.reservations.dec();

@@ -191,6 +191,11 @@ pub async fn serve(
         metrics: metrics.clone(),
         cfg: cfg.clone(),
     });
+    // Usage recordings (`record:`) are written every minute and at the end.
+    let recorders: Vec<_> = shared.models.recorders().cloned().collect();
+    for r in &recorders {
+        tokio::spawn(r.clone().keep(Duration::from_secs(60)));
+    }
     let alpn: &[&[u8]] = match cfg.protocol {
         Protocol::Http => &[H2, HTTP1],
         Protocol::Tcp => &[],
@@ -278,5 +283,10 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(listener = %name, "drain timeout: closing connections with requests in flight");
+    }
+    for r in recorders {
+        if let Err(e) = r.flush() {
+            tracing::warn!(listener = %name, error = %e, "cannot write the usage recording");
+        }
     }
 }
