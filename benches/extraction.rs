@@ -14,7 +14,7 @@
 //! `refuse`. The same attackers also run unprotected (full probabilities
 //! for their whole budget) for comparison. Then `observe` is timed.
 //!
-//! `cargo bench --bench extraction`
+//! `cargo bench --bench extraction` (`HARNESS_WIDTH=n`: a task n inputs wide)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmarks fail loudly by design
 #![allow(clippy::needless_range_loop)] // the model's loops read as the maths does
@@ -34,7 +34,18 @@ use warden_guard::detect::{Detector, LlmQuery, Query, Settings, Step};
 use warden_guard::outputs::{Outputs, limit};
 use warden_guard::request::predict::Shape;
 
-const D: usize = 16;
+/// Input width of the task (`HARNESS_WIDTH`, default 16): wide inputs are
+/// folded by the detector, and its signals must hold at every width.
+fn d() -> usize {
+    static WIDTH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WIDTH.get_or_init(|| {
+        std::env::var("HARNESS_WIDTH")
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .filter(|w| (2..=4096).contains(w))
+            .unwrap_or(16)
+    })
+}
 const K: usize = 4;
 const H: usize = 32;
 const DAY: f64 = 86_400.0;
@@ -74,24 +85,24 @@ impl Task {
         let mut blobs = Vec::new();
         for c in 0..K {
             for _ in 0..2 {
-                let center = (0..D).map(|_| 0.7 * gauss(rng)).collect();
-                let sd = (0..D).map(|_| rng.random_range(0.5..1.2)).collect();
+                let center = (0..d()).map(|_| 0.7 * gauss(rng)).collect();
+                let sd = (0..d()).map(|_| rng.random_range(0.5..1.2)).collect();
                 blobs.push((c, center, sd));
             }
         }
         Self {
             blobs,
-            scale: (0..D)
+            scale: (0..d())
                 .map(|_| rng.random_range(-1.5f64..1.5).exp())
                 .collect(),
-            offset: (0..D).map(|_| rng.random_range(-5.0..5.0)).collect(),
+            offset: (0..d()).map(|_| rng.random_range(-5.0..5.0)).collect(),
         }
     }
 
     fn sample_class(&self, rng: &mut StdRng, class: usize) -> Vec<f64> {
         let pick = 2 * class + rng.random_range(0..2);
         let (_, c, sd) = &self.blobs[pick];
-        (0..D)
+        (0..d())
             .map(|j| (c[j] + sd[j] * gauss(rng)) * self.scale[j] + self.offset[j])
             .collect()
     }
@@ -104,7 +115,7 @@ impl Task {
 
 // ---------------------------------------------------------------- the model
 
-/// D -> H (tanh) -> K (softmax), inputs standardized by the training data.
+/// d() -> H (tanh) -> K (softmax), inputs standardized by the training data.
 #[derive(Clone)]
 struct Mlp {
     mean: Vec<f64>,
@@ -118,10 +129,10 @@ struct Mlp {
 impl Mlp {
     fn new(rng: &mut StdRng, xs: &[Vec<f64>]) -> Self {
         let n = xs.len().max(1) as f64;
-        let mean: Vec<f64> = (0..D)
+        let mean: Vec<f64> = (0..d())
             .map(|j| xs.iter().map(|x| x[j]).sum::<f64>() / n)
             .collect();
-        let inv_sd = (0..D)
+        let inv_sd = (0..d())
             .map(|j| {
                 let v = xs.iter().map(|x| (x[j] - mean[j]).powi(2)).sum::<f64>() / n;
                 if v > 1e-12 { 1.0 / v.sqrt() } else { 1.0 }
@@ -130,21 +141,23 @@ impl Mlp {
         Self {
             mean,
             inv_sd,
-            w1: (0..H * D).map(|_| gauss(rng) / (D as f64).sqrt()).collect(),
+            w1: (0..H * d())
+                .map(|_| gauss(rng) / (d() as f64).sqrt())
+                .collect(),
             b1: vec![0.0; H],
             w2: (0..K * H).map(|_| gauss(rng) / (H as f64).sqrt()).collect(),
             b2: vec![0.0; K],
         }
     }
 
-    fn forward(&self, x: &[f64]) -> ([f64; D], [f64; H], [f64; K]) {
-        let mut z = [0.0; D];
-        for j in 0..D {
+    fn forward(&self, x: &[f64]) -> (Vec<f64>, [f64; H], [f64; K]) {
+        let mut z = vec![0.0; d()];
+        for j in 0..d() {
             z[j] = (x[j] - self.mean[j]) * self.inv_sd[j];
         }
         let mut h = [0.0; H];
         for i in 0..H {
-            let a: f64 = self.b1[i] + (0..D).map(|j| self.w1[i * D + j] * z[j]).sum::<f64>();
+            let a: f64 = self.b1[i] + (0..d()).map(|j| self.w1[i * d() + j] * z[j]).sum::<f64>();
             h[i] = a.tanh();
         }
         let mut p = [0.0; K];
@@ -178,7 +191,7 @@ impl Mlp {
         if xs.is_empty() {
             return;
         }
-        let (mut v1, mut vb1) = (vec![0.0; H * D], vec![0.0; H]);
+        let (mut v1, mut vb1) = (vec![0.0; H * d()], vec![0.0; H]);
         let (mut v2, mut vb2) = (vec![0.0; K * H], vec![0.0; K]);
         let mu = 0.9;
         for t in 0..steps {
@@ -202,10 +215,10 @@ impl Mlp {
             }
             for j in 0..H {
                 let da = dh[j] * (1.0 - h[j] * h[j]);
-                for q in 0..D {
+                for q in 0..d() {
                     let g = da * z[q];
-                    v1[j * D + q] = mu * v1[j * D + q] - lr * g;
-                    self.w1[j * D + q] += v1[j * D + q];
+                    v1[j * d() + q] = mu * v1[j * d() + q] - lr * g;
+                    self.w1[j * d() + q] += v1[j * d() + q];
                 }
                 vb1[j] = mu * vb1[j] - lr * da;
                 self.b1[j] += vb1[j];
@@ -223,10 +236,10 @@ impl Mlp {
                 dh[j] += dpk * self.w2[k * H + j];
             }
         }
-        (0..D)
+        (0..d())
             .map(|q| {
                 let g: f64 = (0..H)
-                    .map(|j| dh[j] * (1.0 - h[j] * h[j]) * self.w1[j * D + q])
+                    .map(|j| dh[j] * (1.0 - h[j] * h[j]) * self.w1[j * d() + q])
                     .sum::<f64>()
                     * self.inv_sd[q];
                 if g >= 0.0 { 1.0 } else { -1.0 }
@@ -343,7 +356,7 @@ fn benign_day(task: &Task, rng: &mut StdRng) -> (Vec<Benign>, Vec<(f64, usize, R
                     } else if r < 0.13 && !recent.is_empty() {
                         // The same record with one field edited.
                         let mut x = recent[rng.random_range(0..recent.len())].clone();
-                        let j = rng.random_range(0..D);
+                        let j = rng.random_range(0..d());
                         x[j] += task.scale[j] * gauss(rng);
                         x
                     } else {
@@ -473,10 +486,10 @@ impl Attack {
         let seeds: Vec<Vec<f64>> = (0..20).map(|_| task.sample(&mut rng).0).collect();
         let mut probe = StdRng::seed_from_u64(1);
         let range: Vec<Vec<f64>> = (0..2000).map(|_| task.sample(&mut probe).0).collect();
-        let lo = (0..D)
+        let lo = (0..d())
             .map(|j| range.iter().map(|x| x[j]).fold(f64::INFINITY, f64::min))
             .collect();
-        let hi = (0..D)
+        let hi = (0..d())
             .map(|j| range.iter().map(|x| x[j]).fold(f64::NEG_INFINITY, f64::max))
             .collect();
         let n_seeds = match kind {
@@ -501,7 +514,7 @@ impl Attack {
 
     fn step_sizes(&self) -> Vec<f64> {
         let n = self.seeds.len() as f64;
-        (0..D)
+        (0..d())
             .map(|j| {
                 let m = self.seeds.iter().map(|x| x[j]).sum::<f64>() / n;
                 let v = self.seeds.iter().map(|x| (x[j] - m).powi(2)).sum::<f64>() / n;
@@ -519,7 +532,7 @@ impl Attack {
             return Some(x);
         }
         let x = match self.kind {
-            Kind::Uniform => (0..D)
+            Kind::Uniform => (0..d())
                 .map(|j| self.rng.random_range(self.lo[j]..self.hi[j]))
                 .collect(),
             Kind::Jbda | Kind::TRnd => {
@@ -857,7 +870,8 @@ fn main() {
 
     println!("# Extraction detection: evaluation harness");
     println!(
-        "victim: MLP {D}-{H}-{K} on a {K}-class Gaussian mixture, test accuracy {:.1}%",
+        "victim: MLP {}-{H}-{K} on a {K}-class Gaussian mixture, test accuracy {:.1}%",
+        d(),
         100.0 * acc
     );
     println!(
