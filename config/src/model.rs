@@ -618,16 +618,7 @@ impl RawModelRoute {
 /// The recording's path (relative to the config file's directory), whose
 /// directory must exist.
 fn recording(raw: &Spanned<String>, errors: &mut Collector<'_>) -> Option<std::path::PathBuf> {
-    let p = std::path::Path::new(&raw.value);
-    let path = if p.is_relative() {
-        errors
-            .file()
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join(p)
-    } else {
-        p.to_path_buf()
-    };
+    let path = crate::reference::beside(errors.file(), &raw.value);
     match path.parent() {
         Some(dir) if dir.as_os_str().is_empty() || dir.is_dir() => Some(path),
         _ => {

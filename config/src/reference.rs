@@ -17,6 +17,17 @@ pub const MAX_BYTES: u64 = 64 << 20;
 /// Fewest vectors a reference must hold to say anything.
 pub const MIN_ROWS: usize = 32;
 
+/// `path` as written in the config file `config`: a relative one is taken
+/// from the config file's directory (as every file a route names).
+pub fn beside(config: &Path, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_relative() {
+        config.parent().unwrap_or(Path::new(".")).join(p)
+    } else {
+        p.to_path_buf()
+    }
+}
+
 /// Natural inputs of one predict route, all of one width.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reference {
@@ -30,12 +41,7 @@ impl Reference {
     /// Reads `path` (relative to `config`'s directory when relative); the
     /// error says what is wrong, with the line of the file where it is.
     pub fn load(config: &Path, path: &str) -> Result<Self, String> {
-        let p = Path::new(path);
-        let path = if p.is_relative() {
-            config.parent().unwrap_or(Path::new(".")).join(p)
-        } else {
-            p.to_path_buf()
-        };
+        let path = beside(config, path);
         let shown = path.display();
         let size = std::fs::metadata(&path)
             .map_err(|e| format!("cannot read reference {shown}: {e}"))?

@@ -292,13 +292,22 @@ impl Route {
     /// A refusal to `peer`, with `warden-usage-warning` when it is at the
     /// warn step or above: every answer to a suspected caller says so.
     fn warned(&self, peer: &SpiffeId, refusal: GuardRefusal) -> GuardRefusal {
-        let step = self.detector.as_ref().map(|d| d.step(peer.as_str()));
-        match step.filter(|s| *s >= Step::Warn && !self.shadow()) {
-            Some(s) => {
-                refusal.with_header(USAGE_WARNING.clone(), HeaderValue::from_static(s.label()))
-            }
+        match self.warning(self.step_of(peer)) {
+            Some(w) => refusal.with_header(USAGE_WARNING.clone(), w),
             None => refusal,
         }
+    }
+
+    /// The caller's step now (None without detection).
+    fn step_of(&self, peer: &SpiffeId) -> Option<Step> {
+        self.detector.as_ref().map(|d| d.step(peer.as_str()))
+    }
+
+    /// The `warden-usage-warning` value for a caller at `step`: from the
+    /// warn step on, and never in shadow mode.
+    fn warning(&self, step: Option<Step>) -> Option<HeaderValue> {
+        step.filter(|s| *s >= Step::Warn && !self.shadow())
+            .map(|s| HeaderValue::from_static(s.label()))
     }
 
     async fn admit_body<B>(
@@ -333,7 +342,6 @@ impl Route {
         // Every request the detector can read is evidence, the ones an
         // information cap refuses too: thousands of refused probes are a signal.
         let mut outputs = self.cfg.outputs;
-        let mut warning = None;
         let assessed = self.assess(peer, &request);
         if let Some(refused) = self.check_caps(peer, &request) {
             return Err(refused);
@@ -348,18 +356,14 @@ impl Route {
                 ) {
                     return Err(r);
                 }
-            } else if !self.shadow() {
-                if step >= Step::Degrade {
-                    request.strip_information();
-                    if let Some(d) = &self.cfg.detection {
-                        outputs = coarser(outputs, d.degrade_outputs);
-                    }
-                }
-                if step >= Step::Warn {
-                    warning = Some(HeaderValue::from_static(step.label()));
+            } else if !self.shadow() && step >= Step::Degrade {
+                request.strip_information();
+                if let Some(d) = &self.cfg.detection {
+                    outputs = coarser(outputs, d.degrade_outputs);
                 }
             }
         }
+        let warning = self.warning(assessed);
         let reserved = Reserved::of(&request);
         let (ticket, headroom) = self.charge(&self.budget, peer, reserved.ask, true).await?;
         self.metrics().allowed.inc();
@@ -381,11 +385,7 @@ impl Route {
     /// A request without a body (GET, HEAD, DELETE, OPTIONS, such as
     /// `GET /v1/models`): the gate is all it is counted against.
     pub fn admit_bodiless(&self, peer: &SpiffeId, gate: Gate) -> Result<Admitted, GuardRefusal> {
-        let step = self
-            .detector
-            .as_ref()
-            .map(|d| d.step(peer.as_str()))
-            .filter(|s| *s >= Step::Warn);
+        let step = self.step_of(peer);
         if step.is_some_and(|s| s >= Step::Refuse)
             && let Some(r) = self.refuse(
                 peer,
@@ -394,7 +394,10 @@ impl Route {
                 refusal::abnormal_usage,
             )
         {
-            return Err(self.warned(peer, r));
+            return Err(match self.warning(step) {
+                Some(w) => r.with_header(USAGE_WARNING.clone(), w),
+                None => r,
+            });
         }
         self.metrics().allowed.inc();
         Ok(Admitted {
@@ -402,9 +405,7 @@ impl Route {
             budget: None,
             outputs: self.cfg.outputs,
             ratelimit: gate.ratelimit,
-            warning: step
-                .filter(|_| !self.shadow())
-                .map(|s| HeaderValue::from_static(s.label())),
+            warning: self.warning(step),
         })
     }
 

@@ -55,10 +55,7 @@ pub fn read(format: &PredictFormat, body: &Value) -> Result<(Shape, Vec<Vec<f64>
         PredictFormat::KserveV1 => Shape::Rows,
         PredictFormat::OpenInference => Shape::Tensors,
         PredictFormat::TfServing | PredictFormat::Auto => {
-            let Some(doc) = body.as_object() else {
-                return Err(bad("the body must be a JSON object"));
-            };
-            match (doc.get("instances"), doc.get("inputs")) {
+            match (body.get("instances"), body.get("inputs")) {
                 (Some(_), None) => Shape::Rows,
                 (None, Some(Value::Array(a)))
                     if *format == PredictFormat::Auto
