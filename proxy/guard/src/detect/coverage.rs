@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::natural::{Natural, lifted};
 use super::window::{Flags, ramp};
 
 /// Tuning of the coverage signal.
@@ -49,6 +50,10 @@ pub struct CoverageSettings {
     pub excess: (f64, f64),
     /// Queries one identity may contribute to the population.
     pub teach: u32,
+    /// Share of a caller's queries that are outliers of the reference where
+    /// the signal starts, and where it is 1 (raised above the reference's
+    /// own rate).
+    pub outliers: (f64, f64),
 }
 
 impl Default for CoverageSettings {
@@ -63,6 +68,7 @@ impl Default for CoverageSettings {
             min_queries: 24,
             excess: (0.2, 0.6),
             teach: 256,
+            outliers: (0.15, 0.45),
         }
     }
 }
@@ -99,19 +105,14 @@ pub struct Space {
     counts: Box<[AtomicU32]>,
     total: AtomicU64,
     rare_mass: AtomicU64,
-    /// Log-scale histogram of natural queries' distance to the caller's
-    /// nearest earlier query (standardized), and its cached median.
-    nearest: Box<[AtomicU32]>,
-    nearest_total: AtomicU64,
+    /// The reference's median distance of a row to the nearest of the
+    /// `history` rows before it (standardized); 0 until seeded.
     nearest_median: AtomicU64,
     /// Defined by an operator's reference: live traffic teaches nothing.
     fixed: AtomicBool,
+    /// Natural traffic's rates, measured on the reference.
+    natural: OnceLock<Natural>,
 }
-
-/// Bins of the nearest-distance histogram: log2 from -16 to +16 by quarters.
-const NEAREST_BINS: usize = 128;
-/// Natural distances needed before their median is used.
-const NEAREST_MIN: u64 = 1024;
 
 impl std::fmt::Debug for Space {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,10 +142,9 @@ impl Space {
             counts: (0..cells).map(|_| AtomicU32::new(0)).collect(),
             total: AtomicU64::new(0),
             rare_mass: AtomicU64::new(0f64.to_bits()),
-            nearest: (0..NEAREST_BINS).map(|_| AtomicU32::new(0)).collect(),
-            nearest_total: AtomicU64::new(0),
             nearest_median: AtomicU64::new(0f64.to_bits()),
             fixed: AtomicBool::new(false),
+            natural: OnceLock::new(),
         };
         if key == TEXT_SPACE {
             let _ = space.frozen.set(Frozen {
@@ -343,9 +343,18 @@ impl Space {
             nearest.sort_by(f64::total_cmp);
             let m = nearest[nearest.len() / 2];
             self.nearest_median.store(m.to_bits(), Ordering::Relaxed);
-            self.nearest_total.store(NEAREST_MIN, Ordering::Relaxed);
         }
         self.fixed.store(true, Ordering::Relaxed);
+    }
+
+    /// Keeps what the reference says of natural traffic (once).
+    pub fn calibrate(&self, natural: Natural) {
+        let _ = self.natural.set(natural);
+    }
+
+    /// Natural traffic's rates, when a reference measured them.
+    pub fn natural(&self) -> Option<&Natural> {
+        self.natural.get()
     }
 
     fn rare_threshold(&self, total: u64) -> f64 {
@@ -384,35 +393,11 @@ impl Space {
         Some(rare * 2 > n)
     }
 
-    /// Learns one natural query's distance to its caller's nearest earlier
-    /// query (from callers with a full history, so the figure is for the
-    /// most crowded history and errs on the large side for shorter ones).
-    pub fn learn_nearest(&self, d: f64) {
-        if !(d > 0.0 && d.is_finite()) || self.fixed.load(Ordering::Relaxed) {
-            return;
-        }
-        let bin = ((d.log2() + 16.0) * 4.0).clamp(0.0, (NEAREST_BINS - 1) as f64) as usize;
-        self.nearest[bin].fetch_add(1, Ordering::Relaxed);
-        let n = self.nearest_total.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= NEAREST_MIN && (n == NEAREST_MIN || n.is_multiple_of(256)) {
-            let mut left = n / 2;
-            for (i, c) in self.nearest.iter().enumerate() {
-                let c = u64::from(c.load(Ordering::Relaxed));
-                if c > left {
-                    let m = 2f64.powf((i as f64 + 0.5) / 4.0 - 16.0);
-                    self.nearest_median.store(m.to_bits(), Ordering::Relaxed);
-                    break;
-                }
-                left -= c;
-            }
-        }
-    }
-
     /// The median distance of a natural query to its caller's nearest
-    /// earlier one, once enough are known.
+    /// earlier one, when a reference gave it.
     pub fn typical_nearest(&self) -> Option<f64> {
         let m = f64::from_bits(self.nearest_median.load(Ordering::Relaxed));
-        (self.nearest_total.load(Ordering::Relaxed) >= NEAREST_MIN && m > 0.0).then_some(m)
+        (m > 0.0).then_some(m)
     }
 
     /// Share of natural traffic in rare cells (per table, averaged).
@@ -469,8 +454,7 @@ impl Population {
     pub fn max_bytes(settings: &CoverageSettings, k: usize) -> usize {
         let per_space = settings.tables.clamp(1, 8) * (1usize << settings.bits.clamp(1, 16)) * 4
             + settings.tables.clamp(1, 8) * settings.bits.clamp(1, 16) as usize * (k + 1) * 8
-            + 4 * k * 8
-            + NEAREST_BINS * 4;
+            + 4 * k * 8;
         MAX_SPACES * per_space
     }
 }
@@ -489,18 +473,35 @@ impl Tally {
         }
     }
 
-    /// Records whether one query was in a rare cell.
-    pub fn push(&mut self, rare: bool) {
-        self.flags.push(u8::from(rare));
+    /// Records whether one query was in a rare cell, and whether it was an
+    /// outlier of the reference.
+    pub fn push(&mut self, rare: bool, outlying: bool) {
+        self.flags.push(u8::from(rare) | u8::from(outlying) << 1);
     }
 
-    /// The coverage signal against the space's natural rare share.
-    pub fn signal(&self, natural_rare: f64, s: &CoverageSettings) -> f64 {
+    /// The coverage signal: the share in rare cells beyond the space's
+    /// natural rare share, or the share of outliers beyond the reference's
+    /// own rate.
+    pub fn signal(
+        &self,
+        natural_rare: f64,
+        natural: Option<&Natural>,
+        s: &CoverageSettings,
+    ) -> f64 {
         if self.flags.len() < s.min_queries {
             return 0.0;
         }
-        let share = self.flags.fraction(0, s.min_queries);
-        ramp(share - natural_rare, s.excess)
+        let cells = ramp(
+            self.flags.fraction(0, s.min_queries) - natural_rare,
+            s.excess,
+        );
+        let outliers = natural.map_or(0.0, |n| {
+            ramp(
+                self.flags.fraction(1, s.min_queries),
+                lifted(s.outliers, n.outlier_rate, s.window),
+            )
+        });
+        cells.max(outliers)
     }
 }
 
@@ -534,13 +535,13 @@ mod tests {
         for _ in 0..64 {
             let v = natural(&mut rng);
             let n = space.cells(&v, &mut cells).unwrap();
-            honest.push(space.is_rare(&cells, n).unwrap());
+            honest.push(space.is_rare(&cells, n).unwrap(), false);
             let v: Vec<f64> = (0..8).map(|_| rng.random_range(-4.0..4.0)).collect();
             let n = space.cells(&v, &mut cells).unwrap();
-            random.push(space.is_rare(&cells, n).unwrap());
+            random.push(space.is_rare(&cells, n).unwrap(), false);
         }
-        assert_eq!(honest.signal(natural_rare, &s), 0.0);
-        assert!(random.signal(natural_rare, &s) > 0.9);
+        assert_eq!(honest.signal(natural_rare, None, &s), 0.0);
+        assert!(random.signal(natural_rare, None, &s) > 0.9);
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub struct Relation {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FingerprintSettings {
     /// Inputs wider than this are folded into this many coordinates; memory
-    /// per identity grows with it.
+    /// per identity grows with it (at most 64).
     pub sketch_dim: usize,
     /// A query nearer than this fraction of the caller's spread (root of the
     /// summed per-coordinate variances) to an earlier one is a near duplicate.
@@ -80,6 +80,14 @@ impl Default for FingerprintSettings {
             sweeps: (0.15, 0.40),
             text_bits: 4,
         }
+    }
+}
+
+impl FingerprintSettings {
+    /// Coordinates an input of `dim` values is kept in: itself when it
+    /// fits the sketch, else the sketch (at most 64 coordinates).
+    pub fn width(&self, dim: usize) -> usize {
+        dim.min(self.sketch_dim.clamp(1, MAX_LANES))
     }
 }
 
@@ -141,7 +149,7 @@ pub struct FeatureHistory {
 impl FeatureHistory {
     /// A history for inputs of `dim` features, remembering `cap` of them.
     pub fn new(dim: usize, cap: usize, prada_window: usize, fp: &FingerprintSettings) -> Self {
-        let k = dim.min(fp.sketch_dim.max(1));
+        let k = fp.width(dim);
         let mut folded = vec![u32::from(dim <= k); k];
         if dim > k {
             for i in 0..dim {
@@ -175,7 +183,7 @@ impl FeatureHistory {
         prada_window: usize,
         fp: &FingerprintSettings,
     ) -> usize {
-        let k = dim_cap.min(fp.sketch_dim.max(1));
+        let k = fp.width(dim_cap);
         std::mem::size_of::<Self>()
             + cap * k * std::mem::size_of::<f32>()
             + 4 * k * std::mem::size_of::<f64>()
@@ -203,6 +211,17 @@ impl FeatureHistory {
     /// Whether the ring holds `cap` queries.
     pub fn is_full(&self) -> bool {
         self.len == self.cap
+    }
+
+    /// The last query as compared: folded into the sketch, at the ring's
+    /// precision.
+    pub fn sketched(&self) -> &[f64] {
+        &self.scratch
+    }
+
+    /// Queries recorded so far (exact repeats excluded).
+    pub fn seen(&self) -> u64 {
+        self.seen
     }
 
     /// The input width this history is for.
@@ -272,14 +291,17 @@ impl FeatureHistory {
     ) -> Option<Relation> {
         let mut best = (f64::INFINITY, usize::MAX);
         let mut second = (f64::INFINITY, usize::MAX);
+        // The scan over the ring is most of a query's cost: in f32 (what the
+        // ring holds), in lanes the compiler can vectorize.
+        let mut query = [0f32; MAX_LANES];
+        let mut scale = [0f32; MAX_LANES];
+        let k = self.k.min(MAX_LANES);
+        for i in 0..k {
+            query[i] = v[i] as f32;
+            scale[i] = self.inv_sd[i] as f32;
+        }
         for slot in 0..self.len {
-            let d2: f64 = self
-                .row(slot)
-                .iter()
-                .zip(v)
-                .zip(&self.inv_sd)
-                .map(|((&a, &b), &s)| ((f64::from(a) - b) * s).powi(2))
-                .sum();
+            let d2 = f64::from(distance2(self.row(slot), &query[..k], &scale[..k]));
             if d2 < best.0 {
                 second = best;
                 best = (d2, slot);
@@ -306,13 +328,23 @@ impl FeatureHistory {
         // (standardized coordinates have unit variance: sqrt(k)).
         let near = match typical {
             Some(t) => fp.near_typical * t,
-            None => fp.near_fraction * (self.k as f64).sqrt(),
+            None => fp.near_fraction * (self.k as f64).sqrt() * self.spacing(),
         };
         Some(Relation {
             min_distance: best.0.sqrt(),
             near_duplicate: self.seen >= 2 && best.0.sqrt() < near,
             sweep,
         })
+    }
+
+    /// How natural nearest-neighbour distances shrink at this width relative
+    /// to the sketch's full width: among `cap` independent draws in `k`
+    /// dimensions they scale as cap^(-1/k), so in few dimensions honest
+    /// queries land much closer to each other than in many, and a fixed
+    /// fraction of the spread would call them near duplicates.
+    fn spacing(&self) -> f64 {
+        let full = 32f64.max(self.k as f64);
+        (self.cap as f64).powf(1.0 / full - 1.0 / self.k as f64)
     }
 
     /// A sparse change, a sign step, or a step of the same per-coordinate
@@ -336,21 +368,24 @@ impl FeatureHistory {
         if changed == 0 {
             return false;
         }
-        // The step's magnitudes, coarsely rounded (3 significant digits of
-        // the unstandardized step, which the attacker chose), as a pattern.
+        // The step's magnitudes, coarsely rounded (about 3 significant
+        // digits of the unstandardized step, which the attacker chose: the
+        // exponent and the top 10 mantissa bits, rounded), as a pattern.
         let mut pattern: u64 = 0xcbf2_9ce4_8422_2325;
         for (&d, &s) in m.iter().zip(&self.inv_sd) {
             let raw = if s > 0.0 { d / s } else { d };
             let q = if raw > tol {
-                let e = raw.log10().floor();
-                ((raw / 10f64.powf(e - 2.0)).round() as i64, e as i64)
+                ((raw as f32).to_bits() + (1 << 12)) >> 13
             } else {
-                (0, 0)
+                0
             };
-            pattern =
-                (pattern ^ q.0 as u64 ^ (q.1 as u64) << 20).wrapping_mul(0x0000_0100_0000_01b3);
+            pattern = (pattern ^ u64::from(q)).wrapping_mul(0x0000_0100_0000_01b3);
         }
-        let repeated = changed >= 2 && self.steps.contains(&pattern);
+        // A repeat means a fixed step vector only when enough coordinates
+        // moved: on a coarse grid (values to one decimal) natural steps over
+        // a few coordinates take few distinct values and repeat by chance;
+        // over 8 or more, 16 remembered patterns almost never meet one.
+        let repeated = changed >= 8 && self.steps.contains(&pattern);
         if self.steps.len() == STEP_PATTERNS {
             self.steps.pop_front();
         }
@@ -358,8 +393,12 @@ impl FeatureHistory {
         if repeated {
             return true;
         }
-        let sparse_max = (k / 8).max(1);
-        if changed <= sparse_max && k >= 4 {
+        // Sparse: at most an eighth of the coordinates moved. Below 8 inputs
+        // one moved coordinate is a quarter or more of them, which natural
+        // neighbours in coarsely recorded data share all the time; and a
+        // model that narrow is solved from width + 1 queries, before any
+        // share of a window means anything (budgets stop that, not this).
+        if k >= 8 && changed <= k / 8 {
             return true;
         }
         // Sign step: every input moved by the same raw amount (coordinates
@@ -404,6 +443,35 @@ impl FeatureHistory {
     pub fn sweep_fraction(&self, floor: usize) -> f64 {
         self.flags.fraction(SWEEP, floor)
     }
+}
+
+/// Sketch coordinates at most (the scan's stack buffers).
+const MAX_LANES: usize = 64;
+
+/// Squared distance between a remembered row and the query, each
+/// coordinate scaled, summed in eight independent lanes.
+fn distance2(row: &[f32], query: &[f32], scale: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut rows = row.chunks_exact(8);
+    let mut qs = query.chunks_exact(8);
+    let mut ss = scale.chunks_exact(8);
+    for ((r, q), s) in (&mut rows).zip(&mut qs).zip(&mut ss) {
+        for i in 0..8 {
+            let d = (r[i] - q[i]) * s[i];
+            acc[i] += d * d;
+        }
+    }
+    let mut tail = 0f32;
+    for ((r, q), s) in rows
+        .remainder()
+        .iter()
+        .zip(qs.remainder())
+        .zip(ss.remainder())
+    {
+        let d = (r - q) * s;
+        tail += d * d;
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Whether a step whose sketch coordinates moved by `raw` (each summing
@@ -621,10 +689,8 @@ mod tests {
                 real_sweeps <= 3,
                 "width {d}: {real_sweeps} of 300 natural queries were sweeps"
             );
-            // Below the sweep signal's start (15% of the window). At 4
-            // inputs of 17 values, one-coordinate differences are natural
-            // (a third of the queries): known, left to the evaluation.
-            if d >= 8 {
+            // Below the sweep signal's start (15% of the window).
+            {
                 assert!(
                     int_sweeps < 45,
                     "width {d}: {int_sweeps} of 300 integer queries were sweeps"

@@ -30,6 +30,7 @@
 
 pub mod coverage;
 pub mod fingerprint;
+pub mod natural;
 pub mod prada;
 pub mod probing;
 pub mod text;
@@ -337,7 +338,7 @@ impl Detector {
             return;
         };
         let s = &self.settings;
-        let k = dim.min(s.fingerprint.sketch_dim.max(1));
+        let k = s.fingerprint.width(dim);
         let Some(space) = self.population.space(dim, k, &s.coverage) else {
             return;
         };
@@ -351,6 +352,17 @@ impl Detector {
             })
             .collect();
         space.seed(&sketched, s.history);
+        let raw: Vec<Vec<f64>> = rows.iter().filter(|r| r.len() == dim).cloned().collect();
+        let nat = natural::Natural::measure(
+            &raw,
+            &sketched,
+            s.history,
+            space.typical_nearest(),
+            &s.fingerprint,
+            &s.prada,
+            &self.sw,
+        );
+        space.calibrate(nat);
     }
 
     /// Records one query by `identity` (a SPIFFE ID string) and returns its
@@ -414,7 +426,7 @@ impl Detector {
             id.feature_space = None;
             id.feature_cover = None;
         }
-        let k = x.len().min(s.fingerprint.sketch_dim.max(1));
+        let k = s.fingerprint.width(x.len());
         if id.feature_space.is_none() {
             id.feature_space = self.population.space(x.len(), k, &s.coverage);
         }
@@ -422,42 +434,36 @@ impl Detector {
         let Some(hist) = id.features.as_mut() else {
             return;
         };
+        // Only a reference says what a natural nearest distance is: learnt
+        // from live callers it would be taught by the ones being judged
+        // (an undetected crawler's large distances make honest ones look
+        // near).
         let typical = id
             .feature_space
             .as_ref()
             .and_then(|space| space.typical_nearest());
         let rel = hist.observe(x, typical, &s.fingerprint);
-        if natural
-            && hist.is_full()
-            && let (Some(r), Some(space)) = (rel, id.feature_space.as_ref())
-        {
-            space.learn_nearest(r.min_distance);
-        }
 
         let fp = &s.fingerprint;
-        id.signals.duplicates = if hist.flags.len() >= fp.min_queries {
-            ramp(hist.duplicate_fraction(fp.min_queries), fp.duplicates)
-        } else {
-            0.0
+        let nat = id.feature_space.as_ref().and_then(|space| space.natural());
+        let (dup_ramp, sweep_ramp) = match nat {
+            Some(n) => (
+                natural::lifted(fp.duplicates, n.duplicate_rate, fp.window),
+                natural::lifted(fp.sweeps, n.sweep_rate, fp.window),
+            ),
+            None => (fp.duplicates, fp.sweeps),
         };
-        id.signals.sweep = if hist.flags.len() >= fp.min_queries {
-            ramp(hist.sweep_fraction(fp.min_queries), fp.sweeps)
-        } else {
-            0.0
-        };
-        let d = &hist.distances;
-        // Both tails are trimmed: natural traffic from a multimodal
-        // distribution jumps between modes now and then (a few large
-        // distances) and resubmits an edited record now and then (a few small
-        // ones), while the attack's mark is a mass of small, deliberate steps.
-        let n = d.len() as f64;
-        let low = (n * s.prada.trim_low.clamp(0.0, 0.25)) as usize;
-        let high = d.len() - (n * s.prada.trim.clamp(0.0, 0.5)) as usize;
-        if d.len() >= s.prada.min_distances.max(3)
-            && low + 3 <= high
-            && let Some(w) = prada::statistic(&d.sorted()[low..high], self.sw.get(high - low))
-        {
-            id.signals.prada = prada::signal(w, s.prada.w_alarm, s.prada.w_ok);
+        if hist.flags.len() >= fp.min_queries {
+            id.signals.duplicates = ramp(hist.duplicate_fraction(fp.min_queries), dup_ramp);
+            id.signals.sweep = ramp(hist.sweep_fraction(fp.min_queries), sweep_ramp);
+        }
+        if let Some(w) = prada::trimmed_w(&hist.distances, &s.prada, &self.sw) {
+            // Natural traffic of this task reaches `w_floor`: the ramp is
+            // moved down to start below it.
+            let shift = nat
+                .and_then(|n| n.w_floor)
+                .map_or(0.0, |f| (s.prada.w_ok - (f - prada::FLOOR_MARGIN)).max(0.0));
+            id.signals.prada = prada::signal(w, s.prada.w_alarm - shift, s.prada.w_ok - shift);
         }
 
         // Coverage: only new information counts (an exact repeat is skipped).
@@ -467,22 +473,21 @@ impl Detector {
         let Some(space) = id.feature_space.as_ref() else {
             return;
         };
-        let mut v = Vec::with_capacity(k);
-        fingerprint::sketch(x, k, &mut v);
+        let v = hist.sketched();
         let mut cells = [0usize; 8];
-        let n = space.cells(&v, &mut cells);
+        let n = space.cells(v, &mut cells);
         if natural {
-            space.learn(&v, n.map(|n| (&cells, n)));
+            space.learn(v, n.map(|n| (&cells, n)));
             id.taught += 1;
         }
-        if let Some(n) = n
-            && let Some(rare) = space.is_rare(&cells, n)
-        {
+        let rare = n.and_then(|n| space.is_rare(&cells, n));
+        let outlying = space.natural().and_then(|nat| nat.outlying(v));
+        if rare.is_some() || outlying.is_some() {
             let tally = id
                 .feature_cover
                 .get_or_insert_with(|| Box::new(Tally::new(&s.coverage)));
-            tally.push(rare);
-            id.signals.coverage = tally.signal(space.rare_mass(), &s.coverage);
+            tally.push(rare == Some(true), outlying == Some(true));
+            id.signals.coverage = tally.signal(space.rare_mass(), space.natural(), &s.coverage);
         }
     }
 
@@ -511,7 +516,7 @@ impl Detector {
                     id.taught += 1;
                 }
                 if let Some(rare) = space.is_rare(&cells, n) {
-                    tally.push(rare);
+                    tally.push(rare, false);
                 }
             }
         }
@@ -523,10 +528,10 @@ impl Detector {
                 .max(ramp(hist.duplicate_fraction(fp.min_queries), fp.duplicates));
         }
         if let Some(space) = space.as_ref() {
-            id.signals.coverage = id
-                .signals
-                .coverage
-                .max(tally.signal(space.rare_mass(), &s.coverage));
+            id.signals.coverage =
+                id.signals
+                    .coverage
+                    .max(tally.signal(space.rare_mass(), None, &s.coverage));
         }
     }
 

@@ -308,6 +308,38 @@ impl Distances {
     }
 }
 
+/// How far below natural traffic's lowest W (a reference's `w_floor`) the
+/// signal starts.
+pub const FLOOR_MARGIN: f64 = 0.03;
+
+/// Distances below this fraction of the median are isolated spikes when
+/// few (an edited record), the attack's mark when many.
+const SPIKE: f64 = 0.25;
+/// Share of the distances that may be trimmed as spikes at most.
+const MAX_SPIKES: f64 = 0.2;
+
+/// W over `d` with both tails trimmed, once there are enough distances.
+///
+/// Natural traffic from a multimodal distribution jumps between modes now
+/// and then (a few large distances) and resubmits an edited record now and
+/// then (a few small ones), while the attack's mark is a mass of small,
+/// deliberate steps. Among concentrated distances (wide inputs) a single
+/// edit is far below the rest, so the low trim takes every spike under a
+/// quarter of the median, up to a fifth of the window: a mass of small
+/// steps is more than that and stays.
+pub fn trimmed_w(d: &Distances, s: &PradaSettings, table: &Table) -> Option<f64> {
+    let n = d.len() as f64;
+    let sorted = d.sorted();
+    let spikes = sorted.partition_point(|&x| x < SPIKE * d.median());
+    let low =
+        ((n * s.trim_low.clamp(0.0, 0.25)) as usize).max(spikes.min((n * MAX_SPIKES) as usize));
+    let high = d.len() - (n * s.trim.clamp(0.0, 0.5)) as usize;
+    if d.len() < s.min_distances.max(3) || low + 3 > high {
+        return None;
+    }
+    statistic(&sorted[low..high], table.get(high - low))
+}
+
 /// PRADA's signal in [0, 1] from W: 0 at or above `w_ok`, 1 at or below
 /// `w_alarm`, linear between.
 pub fn signal(w: f64, w_alarm: f64, w_ok: f64) -> f64 {

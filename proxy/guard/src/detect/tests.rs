@@ -306,3 +306,80 @@ fn live_callers_teach_a_seeded_reference_nothing() {
         "live traffic moved the reference"
     );
 }
+
+/// Four inputs recorded to a coarse grid, in three clusters: honest
+/// neighbours often share fields exactly.
+fn coarse(rng: &mut StdRng, class: usize) -> Vec<f64> {
+    let centre = [
+        [5.0, 3.4, 1.5, 0.2],
+        [5.9, 2.8, 4.3, 1.3],
+        [6.6, 3.0, 5.5, 2.0],
+    ][class];
+    let sd = [0.4, 0.3, 0.4, 0.2];
+    (0..4)
+        .map(|j| ((centre[j] + sd[j] * gauss(rng)) * 10.0).round() / 10.0)
+        .collect()
+}
+
+#[test]
+fn honest_callers_of_coarse_narrow_data_are_not_taken_for_sweeps() {
+    // Bare and with a reference; a heavy caller of every class and one that
+    // asks about a single class only.
+    for seeded in [false, true] {
+        let d = Detector::new(Settings::default());
+        let mut rng = StdRng::seed_from_u64(21);
+        if seeded {
+            let rows: Vec<Vec<f64>> = (0..1000).map(|i| coarse(&mut rng, i % 3)).collect();
+            d.seed(&rows);
+        }
+        let mut worst = Step::Normal;
+        for i in 0..3000 {
+            let heavy = d.observe(
+                "spiffe://t/ns/a/sa/heavy",
+                Query::Features(&coarse(&mut rng, i % 3)),
+            );
+            let skewed = d.observe(
+                "spiffe://t/ns/a/sa/skewed",
+                Query::Features(&coarse(&mut rng, 1)),
+            );
+            worst = worst.max(heavy.step).max(skewed.step);
+        }
+        assert!(worst < Step::Degrade, "seeded {seeded}: {worst:?}");
+    }
+}
+
+/// Sixteen inputs driven by three latent factors, as real features are.
+fn correlated(rng: &mut StdRng, map: &[f64]) -> Vec<f64> {
+    let z = [gauss(rng), gauss(rng), gauss(rng)];
+    (0..16)
+        .map(|j| (0..3).map(|f| map[3 * j + f] * z[f]).sum::<f64>() + 0.2 * gauss(rng))
+        .collect()
+}
+
+#[test]
+fn with_a_reference_queries_that_ignore_the_data_s_correlations_are_refused() {
+    let mut rng = StdRng::seed_from_u64(22);
+    let map: Vec<f64> = (0..48).map(|_| gauss(&mut rng)).collect();
+    let d = Detector::new(Settings::default());
+    let rows: Vec<Vec<f64>> = (0..1000).map(|_| correlated(&mut rng, &map)).collect();
+    d.seed(&rows);
+    let (lo, hi) = (-3.0, 3.0);
+    let mut refused_at = None;
+    for n in 1..=200 {
+        // Each input within its natural range, the inputs independent.
+        let x: Vec<f64> = (0..16).map(|_| rng.random_range(lo..hi)).collect();
+        let a = d.observe("spiffe://t/ns/x/sa/random", Query::Features(&x));
+        if a.step >= Step::Refuse {
+            refused_at = Some(n);
+            break;
+        }
+    }
+    assert!(refused_at.is_some_and(|n| n <= 30), "{refused_at:?}");
+    for _ in 0..2000 {
+        let a = d.observe(
+            "spiffe://t/ns/a/sa/honest",
+            Query::Features(&correlated(&mut rng, &map)),
+        );
+        assert!(a.step < Step::Warn, "{a:?}");
+    }
+}
