@@ -860,10 +860,17 @@ fn with_a_reference_a_new_deployment_stops_a_scraper_from_its_first_queries() {
     };
     let predict =
         |s: &mut Session, x: &[f64]| s.post("/v1/predict", &json!({"instances": [x]}).to_string());
-    // The first two callers the route ever sees: an honest one and a scraper.
+    // The first callers the route ever sees: an honest one, a scraper, and a
+    // scraper that claims, in every identity header a proxy might trust, to
+    // be the honest one.
+    let honest_id = b.ca.id("/ns/shop/sa/forecaster");
     let honest = &mut session(&b.caller("/ns/shop/sa/forecaster"));
     let scraper = &mut session(&b.caller("/ns/batch/sa/scraper"));
-    let mut refused_at = None;
+    let spoofer = &mut session(&b.caller("/ns/batch/sa/spoofer"));
+    let claims = format!(
+        "x-forwarded-client-cert: By={honest_id};URI={honest_id}\r\nx-spiffe-id: {honest_id}\r\nx-client-identity: {honest_id}\r\n"
+    );
+    let mut refused_at = [None, None];
     for q in 1..=200 {
         let a = predict(honest, &natural(&mut state, q));
         assert_eq!(a.status, 200, "honest query {q}: {a:?}");
@@ -871,18 +878,27 @@ fn with_a_reference_a_new_deployment_stops_a_scraper_from_its_first_queries() {
             a.header("warden-usage-warning").is_none(),
             "honest query {q} warned"
         );
-        if refused_at.is_none() {
-            let a = predict(scraper, &random_vector(&mut state));
+        for (i, who) in [&mut *scraper, &mut *spoofer].into_iter().enumerate() {
+            if refused_at[i].is_some() {
+                continue;
+            }
+            let body = json!({"instances": [random_vector(&mut state)]}).to_string();
+            let a = who.post_with("/v1/predict", &body, if i == 1 { &claims } else { "" });
             if a.status == 429 {
-                refused_at = Some(q);
+                refused_at[i] = Some(q);
             } else {
                 assert_eq!(a.status, 200, "{a:?}");
             }
         }
     }
     std::fs::remove_file(&file).unwrap();
-    let refused_at = refused_at.expect("the scraper was never refused");
-    assert!(refused_at <= 100, "refused at query {refused_at}");
+    let [plain, spoofed] = refused_at.map(|r| r.expect("a scraper was never refused"));
+    assert!(plain <= 100, "refused at query {plain}");
+    // Spoofed identity headers change nothing: the verified identity is judged.
+    assert!(
+        spoofed <= 100,
+        "spoofing scraper refused at query {spoofed}"
+    );
 }
 
 #[test]

@@ -146,9 +146,10 @@ struct Route {
     observed: u64,
 }
 
-/// The attacker's seed, so that protected and unprotected runs match.
-fn attack_seed(kind: Kind, variant: Variant, s: u64) -> u64 {
-    1000 * kind as u64 + 100 * variant as u64 + s
+/// The attacker's seed: protected and unprotected runs match, and the
+/// variants of one attacker are the same attack delivered differently.
+fn attack_seed(kind: Kind, s: u64) -> u64 {
+    1000 * kind as u64 + s
 }
 
 fn run_route(task: &Task, victim: &Net, mode: Mode, eval: &[Vec<f64>], seed: u64) -> Route {
@@ -168,7 +169,7 @@ fn run_route(task: &Task, victim: &Net, mode: Mode, eval: &[Vec<f64>], seed: u64
                 heap.push(Reverse((rng.random_range(0..1000), attacks.len())));
                 attacks.push((
                     format!("spiffe://bench.test/ns/x/sa/{kind:?}-{variant:?}-{s}").to_lowercase(),
-                    Attack::new(kind, variant, task, attack_seed(kind, variant, s)),
+                    Attack::new(kind, variant, task, attack_seed(kind, s)),
                     [None; 5],
                 ));
             }
@@ -257,7 +258,7 @@ fn unprotected(
     victim: &Net,
     eval: &[Vec<f64>],
 ) -> Curve {
-    let mut a = Attack::new(kind, variant, task, attack_seed(kind, variant, s));
+    let mut a = Attack::new(kind, variant, task, attack_seed(kind, s));
     while let Some(x) = a.next(task) {
         let y = answer(victim, &x, Outputs::Full, task.classes);
         a.receive(x, y);
@@ -338,7 +339,11 @@ fn show(v: Option<usize>) -> String {
 struct Tally {
     attackers: usize,
     detected: usize,
-    /// Agreement at the stop no higher than the unprotected attacker's after 50 queries.
+    /// Groups (task, victim) of these attackers.
+    groups: usize,
+    /// Groups whose mean agreement at the stop is no higher than the
+    /// unprotected attacker's after 50 queries (within a point: surrogate
+    /// training noise).
     bounded: usize,
 }
 
@@ -409,7 +414,7 @@ fn report(tasks: &[Task], trials: &[Trial]) -> String {
                     let detected = refuse.len();
                     let max = refuse.iter().max().copied();
                     let agree = os.iter().map(|o| o.agree).sum::<f64>() / os.len() as f64;
-                    let bounded = os.iter().filter(|o| o.agree <= curve.at50 + 0.005).count();
+                    let bounded = usize::from(agree <= curve.at50 + 0.01);
                     if route.mode == Mode::Reference {
                         let key = (task.split, kind, variant);
                         let tally = match by_split.iter_mut().find(|e| e.0 == key) {
@@ -421,6 +426,7 @@ fn report(tasks: &[Task], trials: &[Trial]) -> String {
                         };
                         tally.attackers += os.len();
                         tally.detected += detected;
+                        tally.groups += 1;
                         tally.bounded += bounded;
                     }
                     let _ = writeln!(
@@ -499,6 +505,11 @@ fn report(tasks: &[Task], trials: &[Trial]) -> String {
             "{:<20} {:>14} {:>14} {:>14} {:>22}",
             "attack", "plain", "paced", "mixed", "agree@stop <= free@50"
         );
+        let _ = writeln!(
+            w,
+            "{:<20} {:>14} {:>14} {:>14} {:>22}",
+            "", "detected", "detected", "detected", "groups (task, victim)"
+        );
         let mut total = Tally::default();
         for kind in Kind::ALL {
             let mut cells = Vec::new();
@@ -511,9 +522,10 @@ fn report(tasks: &[Task], trials: &[Trial]) -> String {
                     .unwrap_or_default();
                 cells.push(format!("{}/{}", t.detected, t.attackers));
                 bounded.0 += t.bounded;
-                bounded.1 += t.attackers;
+                bounded.1 += t.groups;
                 total.attackers += t.attackers;
                 total.detected += t.detected;
+                total.groups += t.groups;
                 total.bounded += t.bounded;
             }
             let _ = writeln!(
@@ -534,12 +546,12 @@ fn report(tasks: &[Task], trials: &[Trial]) -> String {
             });
         let _ = writeln!(
             w,
-            "detected {}/{} ({:.1}%); agreement at the stop no higher than free@50: {}/{}",
+            "detected {}/{} ({:.1}%); mean agreement at the stop no higher than free@50 in {}/{} groups",
             total.detected,
             total.attackers,
             100.0 * total.detected as f64 / total.attackers.max(1) as f64,
             total.bounded,
-            total.attackers
+            total.groups
         );
         let _ = writeln!(
             w,

@@ -421,9 +421,14 @@ impl Session {
 
     /// POSTs `body`; the answer must have a Content-Length.
     pub fn post(&mut self, path: &str, body: &str) -> Answer {
+        self.post_with(path, body, "")
+    }
+
+    /// POSTs `body` with `extra` header lines (each ending in CRLF).
+    pub fn post_with(&mut self, path: &str, body: &str, extra: &str) -> Answer {
         write!(
             self.tls,
-            "POST {path} HTTP/1.1\r\nHost: model.test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: model.test\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .unwrap();

@@ -454,7 +454,9 @@ impl Population {
     pub fn max_bytes(settings: &CoverageSettings, k: usize) -> usize {
         let per_space = settings.tables.clamp(1, 8) * (1usize << settings.bits.clamp(1, 16)) * 4
             + settings.tables.clamp(1, 8) * settings.bits.clamp(1, 16) as usize * (k + 1) * 8
-            + 4 * k * 8;
+            + 4 * k * 8
+            // A reference's outlier test: its mean and whitening factor.
+            + (k * k + k) * 8;
         MAX_SPACES * per_space
     }
 }

@@ -383,9 +383,9 @@ impl FeatureHistory {
         }
         // A repeat means a fixed step vector only when enough coordinates
         // moved: on a coarse grid (values to one decimal) natural steps over
-        // a few coordinates take few distinct values and repeat by chance;
-        // over 8 or more, 16 remembered patterns almost never meet one.
-        let repeated = changed >= 8 && self.steps.contains(&pattern);
+        // two or three coordinates take few distinct values and repeat by
+        // chance; over four or more, 16 remembered patterns rarely meet one.
+        let repeated = changed >= 4 && self.steps.contains(&pattern);
         if self.steps.len() == STEP_PATTERNS {
             self.steps.pop_front();
         }
