@@ -89,10 +89,21 @@ inbound:
         paths: [/f/*]
         api: predict
         detection: {{history: 64}}
+      - name: small-reference
+        paths: [/g/*]
+        api: predict
+        input_width: 8
+        detection: {{reference: few.jsonl}}
 ",
         c = s(&creds)
     );
     std::fs::write(&f, text).unwrap();
+    // 40 natural vectors of 8 inputs: enough to load, too few for the
+    // outlier test (8 per input).
+    let rows: String = (0..40)
+        .map(|i| format!("[{}]\n", vec![format!("{}.5", i % 7); 8].join(",")))
+        .collect();
+    std::fs::write(ca.tmp.path().join("few.jsonl"), rows).unwrap();
     let out = run(&["check", "--config", s(&f)]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
@@ -106,6 +117,9 @@ inbound:
         ),
         format!(
             "{p}:18:20: warning: hidden_size on route \"huge\" is larger than any served model's"
+        ),
+        format!(
+            "{p}:37:32: warning: reference has 40 vectors, fewer than the 64 its outlier test needs"
         ),
     ] {
         assert!(err.contains(&want), "{want}\n{err}");

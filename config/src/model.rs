@@ -490,7 +490,19 @@ impl RawModelRoute {
                 );
                 None
             }
-            Ok(r) => Some(std::sync::Arc::new(r)),
+            Ok(r) => {
+                if r.rows.len() < r.outlier_rows() {
+                    errors.warn(
+                        at,
+                        format!(
+                            "reference has {} vectors, fewer than the {} its outlier test needs: uniform-random and out-of-distribution queries are then caught by coverage cells alone; give more natural inputs",
+                            r.rows.len(),
+                            r.outlier_rows()
+                        ),
+                    );
+                }
+                Some(std::sync::Arc::new(r))
+            }
             Err(e) => {
                 errors.at(at, e);
                 None

@@ -16,6 +16,13 @@ pub const MAX_ROWS: usize = 100_000;
 pub const MAX_BYTES: u64 = 64 << 20;
 /// Fewest vectors a reference must hold to say anything.
 pub const MIN_ROWS: usize = 32;
+/// Vectors per compared coordinate that the detector's outlier test needs
+/// to fit the reference's covariance (inputs are compared in at most
+/// [`COMPARED`] coordinates).
+pub const ROWS_PER_COORDINATE: usize = 8;
+/// Coordinates the detector compares inputs in at most (wider ones are
+/// folded into this many).
+pub const COMPARED: usize = 32;
 
 /// `path` as written in the config file `config`: a relative one is taken
 /// from the config file's directory (as every file a route names).
@@ -94,5 +101,10 @@ impl Reference {
     /// The vectors' width.
     pub fn width(&self) -> usize {
         self.rows.first().map_or(0, Vec::len)
+    }
+
+    /// Vectors the outlier test needs for this reference's width.
+    pub fn outlier_rows(&self) -> usize {
+        ROWS_PER_COORDINATE * self.width().min(COMPARED)
     }
 }

@@ -25,6 +25,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
+use warden_config::reference::ROWS_PER_COORDINATE;
+
 use super::fingerprint::{FeatureHistory, FingerprintSettings};
 use super::prada::{self, PradaSettings};
 
@@ -127,11 +129,11 @@ pub fn lifted((lo, hi): (f64, f64), rate: f64, window: usize) -> (f64, f64) {
 
 impl Outliers {
     /// Fits on even rows, sets the cut at the 99th percentile of the odd
-    /// ones (with 25% headroom); `None` with fewer than 4 rows per
-    /// coordinate.
+    /// ones (with 25% headroom); `None` with fewer than
+    /// `ROWS_PER_COORDINATE` rows per coordinate (`warden check` warns).
     fn fit(rows: &[Vec<f64>]) -> Option<Self> {
         let k = rows.first()?.len();
-        if k == 0 || rows.len() < 8 * k {
+        if k == 0 || rows.len() < ROWS_PER_COORDINATE * k {
             return None;
         }
         let fit: Vec<&Vec<f64>> = rows.iter().step_by(2).collect();
