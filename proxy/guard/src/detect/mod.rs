@@ -10,9 +10,12 @@
 //!   ([`fingerprint`], [`text`] for embedding inputs);
 //! - `probing`: logprob / logit_bias probing of an LLM ([`probing`]);
 //! - `coverage`: how much of the input or embedding space the identity
-//!   covers beyond what natural traffic does ([`coverage`]).
+//!   covers beyond what natural traffic does, and how many of its queries
+//!   are outliers of an operator's reference ([`coverage`], [`natural`]).
 //!
-//! Each is in [0, 1] and calibrated to stay at 0 for natural traffic; they
+//! Each is in [0, 1] and calibrated to stay at 0 for natural traffic: with
+//! a reference, against the rates natural traffic of that very task reaches
+//! ([`natural`]), else by fixed thresholds. They
 //! combine as independent evidence (`1 - prod(1 - s)`) into one score, and
 //! the score climbs the [`Ladder`]. The step is sticky: it never goes down
 //! while the identity is remembered (see [`tracker`]).
@@ -26,7 +29,8 @@
 //! identities of a feature-vector API stay under ~90 MiB with their IDs.
 //! Add a remembered step for escalated identities that were evicted
 //! (at most `max_identities` small entries) and the population's reference
-//! (cell counts and projections, under 300 KiB for 8 input widths).
+//! (cell counts, projections and a reference's covariance factor, under
+//! 400 KiB for 8 input widths).
 
 pub mod coverage;
 pub mod fingerprint;
