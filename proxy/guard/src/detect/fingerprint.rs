@@ -352,7 +352,7 @@ impl FeatureHistory {
     /// vector), from the remembered query in `near` to `v`.
     fn structured(&mut self, v: &[f64], near: usize) -> bool {
         let k = v.len();
-        let mut mags = [0.0f64; 64];
+        let mut mags = [0.0f64; MAX_LANES];
         let mut max_abs = 0.0f64;
         for (i, ((&a, &b), &s)) in self.row(near).iter().zip(v).zip(&self.inv_sd).enumerate() {
             let d = ((b - f64::from(a)) * s).abs();
@@ -361,7 +361,7 @@ impl FeatureHistory {
             }
             max_abs = max_abs.max(d);
         }
-        let m = &mut mags[..k.min(64)];
+        let m = &mut mags[..k.min(MAX_LANES)];
         // Coordinates that moved by more than float noise of the largest move.
         let tol = max_abs * 1e-4;
         let changed = m.iter().filter(|&&d| d > tol).count();
@@ -404,7 +404,7 @@ impl FeatureHistory {
         // Sign step: every input moved by the same raw amount (coordinates
         // that fold an even number of inputs may not move at all).
         if changed >= 4 {
-            let mut raw = [0.0f64; 64];
+            let mut raw = [0.0f64; MAX_LANES];
             for ((r, &d), &s) in raw.iter_mut().zip(m.iter()).zip(&self.inv_sd) {
                 *r = if s > 0.0 { d / s } else { d };
             }

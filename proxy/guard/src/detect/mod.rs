@@ -346,9 +346,13 @@ impl Detector {
         let Some(space) = self.population.space(dim, k, &s.coverage) else {
             return;
         };
+        let rows: Vec<&[f64]> = rows
+            .iter()
+            .map(Vec::as_slice)
+            .filter(|r| r.len() == dim)
+            .collect();
         let sketched: Vec<Vec<f64>> = rows
             .iter()
-            .filter(|r| r.len() == dim)
             .map(|r| {
                 let mut v = Vec::with_capacity(k);
                 fingerprint::sketch(r, k, &mut v);
@@ -356,9 +360,8 @@ impl Detector {
             })
             .collect();
         space.seed(&sketched, s.history);
-        let raw: Vec<Vec<f64>> = rows.iter().filter(|r| r.len() == dim).cloned().collect();
         let nat = natural::Natural::measure(
-            &raw,
+            &rows,
             &sketched,
             s.history,
             space.typical_nearest(),

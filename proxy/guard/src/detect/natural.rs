@@ -65,7 +65,7 @@ impl Natural {
     /// Measures `rows` (raw inputs) and `sketched` (the same rows in the
     /// sketch); `typical` is their typical nearest distance.
     pub fn measure(
-        rows: &[Vec<f64>],
+        rows: &[&[f64]],
         sketched: &[Vec<f64>],
         history: usize,
         typical: Option<f64>,
@@ -76,13 +76,13 @@ impl Natural {
         let mut rng = StdRng::seed_from_u64(0x006e_6174_7572_616c);
         let (mut queries, mut sweeps, mut dups) = (0usize, 0usize, 0usize);
         let mut ws = Vec::new();
-        let dim = rows.first().map_or(0, Vec::len);
+        let dim = rows.first().map_or(0, |r| r.len());
         for _ in 0..CALLERS {
             let mut order: Vec<usize> = (0..rows.len()).collect();
             order.shuffle(&mut rng);
             let mut h = FeatureHistory::new(dim, history, ps.window, fp);
             for &i in order.iter().take(QUERIES) {
-                let Some(r) = h.observe(&rows[i], typical, fp) else {
+                let Some(r) = h.observe(rows[i], typical, fp) else {
                     continue;
                 };
                 if h.seen() < 2 {
