@@ -129,3 +129,52 @@ inbound:
         "{err}"
     );
 }
+
+#[test]
+fn a_reference_of_texts_serves_an_embeddings_route_and_is_refused_on_a_predict_route() {
+    let ca = Ca::init("example.org");
+    let creds = ca.issue(&ca.id("/ns/web/sa/web"), None);
+    let f = ca.tmp.path().join("t.yaml");
+    let route = |api: &str| {
+        format!(
+            "identity: {{cert: {c}/cert.pem, key: {c}/key.pem, bundle: {c}/bundle.pem}}
+admin: 127.0.0.1:0
+inbound:
+  - name: models
+    listen: 127.0.0.1:8443
+    app: 127.0.0.1:8080
+    model_api:
+      - name: embed
+        paths: [/v1/embeddings]
+        api: {api}
+        detection: {{hidden_size: 4096, reference: texts.jsonl}}
+",
+            c = s(&creds)
+        )
+    };
+    let texts: String = (0..40)
+        .map(|i| {
+            format!(
+                "{:?}\n",
+                format!("natural question number {i} about invoices")
+            )
+        })
+        .collect();
+    std::fs::write(ca.tmp.path().join("texts.jsonl"), texts).unwrap();
+
+    std::fs::write(&f, route("openai")).unwrap();
+    let out = run(&["check", "--config", s(&f)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("reference"), "{err}");
+
+    std::fs::write(&f, route("predict")).unwrap();
+    let out = run(&["check", "--config", s(&f)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    let want = format!(
+        "error: {}:11:51: a reference of texts is for api: openai",
+        f.display()
+    );
+    assert!(err.contains(&want), "{want}\n{err}");
+}

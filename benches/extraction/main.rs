@@ -14,7 +14,8 @@
 //! The proxy's policy is applied to every answer: full probabilities at
 //! `normal`/`warn`, the top label only from `degrade`, nothing from
 //! `refuse`. The same attackers also run unprotected for comparison. Then
-//! the LLM route (`llm`), then `observe` is timed.
+//! the LLM route (`llm`), the embeddings route with its crawlers, budgets
+//! and sybils (`text`), then `observe` is timed.
 //!
 //! `cargo bench --bench extraction` (`HARNESS_TASKS=iris,wine` to run some
 //! tasks only; `HARNESS_SEEDS=n` attackers per kind and variant, default 3).
@@ -26,6 +27,7 @@ mod attack;
 mod llm;
 mod model;
 mod task;
+mod text;
 mod traffic;
 
 use std::cmp::Reverse;
@@ -600,6 +602,7 @@ fn main() {
     trials.sort_by_key(|t| (t.task, t.victim as usize));
     print!("{}", report(&tasks, &trials));
     llm::run(&Settings::default());
+    text::run(&Settings::default(), seeds());
     println!("\nharness ran in {:.0} s", started.elapsed().as_secs_f64());
 
     // observe() in isolation, with a full history, at several widths.

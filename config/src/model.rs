@@ -474,11 +474,18 @@ impl RawModelRoute {
         errors: &mut Collector<'_>,
     ) -> Option<std::sync::Arc<Reference>> {
         let at = self.detection.as_ref()?.value.reference.as_ref()?;
-        if self.api != ModelApi::Predict {
-            errors.at(at, "reference only applies to api: predict");
-            return None;
-        }
         match Reference::load(errors.file(), &at.value) {
+            Ok(r) if r.is_texts() != (self.api == ModelApi::Openai) => {
+                errors.at(
+                    at,
+                    if r.is_texts() {
+                        "a reference of texts is for api: openai (its embeddings calls); api: predict takes feature vectors, one JSON array per line"
+                    } else {
+                        "a reference of feature vectors is for api: predict; api: openai takes texts (for its embeddings calls), one JSON string per line"
+                    },
+                );
+                None
+            }
             Ok(r) if input_width.is_some_and(|w| w != r.width()) => {
                 errors.at(
                     at,
@@ -491,7 +498,7 @@ impl RawModelRoute {
                 None
             }
             Ok(r) => {
-                if r.rows.len() < r.outlier_rows() {
+                if !r.is_texts() && r.rows.len() < r.outlier_rows() {
                     errors.warn(
                         at,
                         format!(

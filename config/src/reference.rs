@@ -4,9 +4,10 @@
 //! like from its first query, and never learns it from the callers it is
 //! judging.
 //!
-//! The file holds one feature vector per line, as a JSON array of numbers
-//! (blank lines and lines starting with `#` are skipped). A relative path is
-//! taken from the config file's directory.
+//! The file holds one natural input per line: for a predict route a feature
+//! vector, as a JSON array of numbers; for an embeddings route a text, as a
+//! JSON string (blank lines and lines starting with `#` are skipped). A
+//! relative path is taken from the config file's directory.
 
 use std::path::{Path, PathBuf};
 
@@ -35,13 +36,15 @@ pub fn beside(config: &Path, path: &str) -> PathBuf {
     }
 }
 
-/// Natural inputs of one predict route, all of one width.
+/// Natural inputs of one route: feature vectors all of one width, or texts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reference {
     /// Where they were read from.
     pub path: PathBuf,
-    /// The vectors.
+    /// The vectors (empty for texts).
     pub rows: Vec<Vec<f64>>,
+    /// The texts (empty for vectors).
+    pub texts: Vec<String>,
 }
 
 impl Reference {
@@ -61,14 +64,42 @@ impl Reference {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| format!("cannot read reference {shown}: {e}"))?;
         let mut rows: Vec<Vec<f64>> = Vec::new();
+        let mut texts: Vec<String> = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
             let at = || format!("reference {shown}:{}", i + 1);
-            let row: Vec<f64> = serde_json::from_str(line)
-                .map_err(|e| format!("{}: not a JSON array of numbers: {e}", at()))?;
+            if rows.len() + texts.len() == MAX_ROWS {
+                return Err(format!(
+                    "reference {shown} holds more than {MAX_ROWS} inputs"
+                ));
+            }
+            if line.starts_with('"') {
+                let t: String = serde_json::from_str(line)
+                    .map_err(|e| format!("{}: not a JSON string: {e}", at()))?;
+                if !rows.is_empty() {
+                    return Err(format!(
+                        "{}: a text, where the reference holds vectors (one kind per file)",
+                        at()
+                    ));
+                }
+                texts.push(t);
+                continue;
+            }
+            let row: Vec<f64> = serde_json::from_str(line).map_err(|e| {
+                format!(
+                    "{}: neither a JSON array of numbers nor a JSON string: {e}",
+                    at()
+                )
+            })?;
+            if !texts.is_empty() {
+                return Err(format!(
+                    "{}: a vector, where the reference holds texts (one kind per file)",
+                    at()
+                ));
+            }
             if row.is_empty() || row.iter().any(|v| !v.is_finite()) {
                 return Err(format!("{}: a vector of finite numbers is needed", at()));
             }
@@ -82,23 +113,23 @@ impl Reference {
                     first.len()
                 ));
             }
-            if rows.len() == MAX_ROWS {
-                return Err(format!(
-                    "reference {shown} holds more than {MAX_ROWS} vectors"
-                ));
-            }
             rows.push(row);
         }
-        if rows.len() < MIN_ROWS {
+        let n = rows.len() + texts.len();
+        if n < MIN_ROWS {
             return Err(format!(
-                "reference {shown} holds {} vectors; at least {MIN_ROWS} are needed",
-                rows.len()
+                "reference {shown} holds {n} inputs; at least {MIN_ROWS} are needed"
             ));
         }
-        Ok(Self { path, rows })
+        Ok(Self { path, rows, texts })
     }
 
-    /// The vectors' width.
+    /// Whether it holds texts (for an embeddings route).
+    pub fn is_texts(&self) -> bool {
+        !self.texts.is_empty()
+    }
+
+    /// The vectors' width (0 for texts).
     pub fn width(&self) -> usize {
         self.rows.first().map_or(0, Vec::len)
     }

@@ -195,6 +195,7 @@ impl Route {
             });
             if let Some(r) = &d.reference {
                 detector.seed(&r.rows);
+                detector.seed_texts(&r.texts);
             }
             detector
         });

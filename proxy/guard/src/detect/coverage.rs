@@ -15,8 +15,10 @@
 //! Feature vectors are standardized with the population's per-coordinate
 //! mean and deviation, frozen after a warm-up so that cells stay fixed.
 //! Texts use the top bits of their SimHash, which already is a
-//! random-hyperplane hash of their trigram counts. Until the population has
-//! seen enough queries the signal stays 0: it cannot know what is rare yet.
+//! random-hyperplane hash of their trigram counts. An operator's reference
+//! (vectors, or texts) defines the cells' natural counts at once, and live
+//! callers teach nothing; without one, until the population has seen
+//! enough queries the signal stays 0: it cannot know what is rare yet.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -305,24 +307,7 @@ impl Space {
             })
             .collect();
         self.freeze(rows.len() as u64, mean, &m2);
-        let weight = self
-            .settings
-            .min_population
-            .div_ceil(rows.len() as u64)
-            .max(1);
-        let mut cells = [0usize; 8];
-        for r in &rows {
-            if let Some(n) = self.cells(r, &mut cells) {
-                for &c in cells.iter().take(n) {
-                    if let Some(a) = self.counts.get(c) {
-                        a.fetch_add(u32::try_from(weight).unwrap_or(u32::MAX), Ordering::Relaxed);
-                    }
-                }
-            }
-        }
-        let total = weight * rows.len() as u64;
-        self.total.store(total, Ordering::Relaxed);
-        self.refresh_rare_mass(total);
+        self.count_reference(&rows, |r, cells| self.cells(r, cells));
         let mut nearest: Vec<f64> = (1..rows.len())
             .filter_map(|i| {
                 rows[i.saturating_sub(history.max(1))..i]
@@ -345,6 +330,46 @@ impl Space {
             self.nearest_median.store(m.to_bits(), Ordering::Relaxed);
         }
         self.fixed.store(true, Ordering::Relaxed);
+    }
+
+    /// Defines natural texts by an operator's reference (their SimHashes):
+    /// their cells count as a whole population and live callers teach
+    /// nothing from then on. No-op on a feature space, on a text space
+    /// already taught by live traffic, or for fewer than two texts.
+    pub fn seed_texts(&self, hashes: &[u64]) {
+        if self.key != TEXT_SPACE || hashes.len() < 2 || self.total.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        self.count_reference(hashes, |h, cells| Some(self.text_cells(*h, cells)));
+        self.fixed.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts a reference's cells as a population of `min_population`
+    /// queries (each row weighted alike).
+    fn count_reference<T>(
+        &self,
+        rows: &[T],
+        cells_of: impl Fn(&T, &mut [usize; 8]) -> Option<usize>,
+    ) {
+        let weight = self
+            .settings
+            .min_population
+            .div_ceil(rows.len() as u64)
+            .max(1);
+        let add = u32::try_from(weight).unwrap_or(u32::MAX);
+        let mut cells = [0usize; 8];
+        for r in rows {
+            if let Some(n) = cells_of(r, &mut cells) {
+                for &c in cells.iter().take(n) {
+                    if let Some(a) = self.counts.get(c) {
+                        a.fetch_add(add, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let total = weight * rows.len() as u64;
+        self.total.store(total, Ordering::Relaxed);
+        self.refresh_rare_mass(total);
     }
 
     /// Keeps what the reference says of natural traffic (once).

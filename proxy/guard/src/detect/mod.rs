@@ -372,6 +372,20 @@ impl Detector {
         space.calibrate(nat);
     }
 
+    /// Defines natural embedding inputs by an operator's reference of texts
+    /// (see [`Space::seed_texts`](coverage::Space::seed_texts)): the text
+    /// coverage signal counts from the first query, and no caller teaches it.
+    pub fn seed_texts(&self, texts: &[String]) {
+        let Some(space) = self
+            .population
+            .space(TEXT_SPACE, 0, &self.settings.coverage)
+        else {
+            return;
+        };
+        let hashes: Vec<u64> = texts.iter().map(|t| text::simhash(t)).collect();
+        space.seed_texts(&hashes);
+    }
+
     /// Records one query by `identity` (a SPIFFE ID string) and returns its
     /// assessment.
     pub fn observe(&self, identity: &str, query: Query<'_>) -> Assessment {

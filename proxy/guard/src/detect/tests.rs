@@ -192,6 +192,52 @@ fn embeddings_near_duplicate_sweep_is_flagged() {
 }
 
 #[test]
+fn with_a_reference_of_texts_a_templated_crawl_is_refused_in_its_first_batch() {
+    let d = Detector::new(Settings::default());
+    let mut rng = StdRng::seed_from_u64(21);
+    let topics = [
+        "invoice payment overdue",
+        "router firmware upgrade",
+        "patient discharge summary",
+    ];
+    let natural = |rng: &mut StdRng| {
+        let t = topics[rng.random_range(0..topics.len())];
+        format!(
+            "{t} for account {} filed on day {}",
+            rng.random_range(0..5000),
+            rng.random_range(1..29)
+        )
+    };
+    let reference: Vec<String> = (0..2000).map(|_| natural(&mut rng)).collect();
+    d.seed_texts(&reference);
+    let honest: Vec<String> = (0..32).map(|_| natural(&mut rng)).collect();
+    let honest: Vec<&str> = honest.iter().map(String::as_str).collect();
+    let h = d.observe("spiffe://td/ns/docs/sa/indexer", Query::Embeddings(&honest));
+    assert_eq!(h.step, Step::Normal, "{h:?}");
+    let crawl: Vec<String> = (0..32)
+        .map(|i| {
+            format!(
+                "Represent this sentence for searching relevant passages: w{}",
+                i * 7919
+            )
+        })
+        .collect();
+    let crawl: Vec<&str> = crawl.iter().map(String::as_str).collect();
+    let a = d.observe("spiffe://td/ns/x/sa/crawler", Query::Embeddings(&crawl));
+    assert!(a.step >= Step::Refuse, "{a:?}");
+    // The reference defines natural: live callers teach nothing.
+    let space = d
+        .population
+        .space(TEXT_SPACE, 0, &d.settings.coverage)
+        .unwrap();
+    let before = format!("{space:?}");
+    for _ in 0..10 {
+        d.observe("spiffe://td/ns/x/sa/crawler-2", Query::Embeddings(&crawl));
+    }
+    assert_eq!(format!("{space:?}"), before);
+}
+
+#[test]
 fn detector_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<Detector>();
