@@ -160,7 +160,8 @@ enum CaCommand {
     /// Audit trail tools.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// Obtain a certificate from a CA server: with a join token, or by renewing a current one.
+    /// Obtain a certificate from a CA server: with a join token, a pod's
+    /// ServiceAccount token, or by renewing a current one.
     Certify {
         /// The CA server, e.g. https://127.0.0.1:8443.
         #[arg(long)]
@@ -168,12 +169,17 @@ enum CaCommand {
         /// The CA's trust bundle (PEM) to verify the server with.
         #[arg(long)]
         bundle: PathBuf,
-        /// The identity to obtain.
-        #[arg(long)]
-        spiffe_id: SpiffeId,
+        /// The identity to obtain (with --k8s-token: the one the token names,
+        /// in the bundle's trust domain, unless given).
+        #[arg(long, required_unless_present = "k8s_token")]
+        spiffe_id: Option<SpiffeId>,
         /// A join token (for a first certificate).
-        #[arg(long, env = "WARDEN_JOIN_TOKEN", conflicts_with = "renew_from")]
+        #[arg(long, env = "WARDEN_JOIN_TOKEN", conflicts_with_all = ["renew_from", "k8s_token"])]
         token: Option<String>,
+        /// A file holding a projected ServiceAccount token with warden's
+        /// audience (for a pod's certificate).
+        #[arg(long, conflicts_with = "renew_from")]
+        k8s_token: Option<PathBuf>,
         /// Renew: a directory holding the current cert.pem and key.pem.
         #[arg(long)]
         renew_from: Option<PathBuf>,
@@ -414,22 +420,41 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
             bundle,
             spiffe_id,
             token,
+            k8s_token,
             renew_from,
             out_dir,
             ttl,
         } => {
             let bundle_pem = std::fs::read_to_string(&bundle)
                 .map_err(|e| usage(format!("{}: {e}", bundle.display())))?;
+            let sa_token = k8s_token
+                .as_ref()
+                .map(|f| {
+                    std::fs::read_to_string(f).map_err(|e| usage(format!("{}: {e}", f.display())))
+                })
+                .transpose()?;
+            let spiffe_id = match (spiffe_id, &sa_token) {
+                (Some(id), _) => id,
+                (None, Some(t)) => {
+                    let certs = warden_ca::pem::parse_certs(&bundle_pem).map_err(usage)?;
+                    let td = warden_ca::tls::bundle_trust_domain(&certs).ok_or_else(|| {
+                        usage("the bundle names no trust domain (no spiffe:// URI SAN): give --spiffe-id")
+                    })?;
+                    warden_ca::client::pod_identity(t, &td)?
+                }
+                (None, None) => return Err(usage("give --spiffe-id")),
+            };
             let client =
                 CaClient::new(&server, spiffe_id.trust_domain(), &bundle_pem).map_err(usage)?;
-            let creds = match (token, renew_from) {
-                (Some(token), None) => client.bootstrap(&spiffe_id, &token, ttl).await?,
-                (None, Some(from)) => {
+            let creds = match (token, sa_token, renew_from) {
+                (Some(token), None, None) => client.bootstrap(&spiffe_id, &token, ttl).await?,
+                (None, Some(t), None) => client.bootstrap_kubernetes(&spiffe_id, &t, ttl).await?,
+                (None, None, Some(from)) => {
                     client
                         .renew(&read_credentials(&from, &spiffe_id)?, ttl)
                         .await?
                 }
-                _ => return Err(usage("give either --token or --renew-from")),
+                _ => return Err(usage("give one of --token, --k8s-token or --renew-from")),
             };
             files_out::write_credentials(
                 &out_dir,

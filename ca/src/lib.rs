@@ -1,5 +1,6 @@
 //! warden's certificate authority: keys and certificate shapes, SVID issuance
-//! from CSRs after attestation (join tokens, or a current SVID for renewal),
+//! from CSRs after attestation (join tokens, Kubernetes ServiceAccount
+//! tokens, or a current SVID for renewal),
 //! the store and the hash-chained audit trail, the HTTPS API server, and the
 //! client the proxy uses to obtain and renew its identity.
 
@@ -10,6 +11,7 @@ pub mod authority;
 pub mod bundle;
 pub mod csr;
 pub mod files_out;
+pub mod kubernetes;
 pub mod metrics;
 pub mod profile;
 pub mod server;

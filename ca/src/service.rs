@@ -52,6 +52,8 @@ pub enum Caller {
         /// Its NotAfter.
         not_after: OffsetDateTime,
     },
+    /// A pod attested by its ServiceAccount token (see [`crate::kubernetes`]).
+    Pod(crate::kubernetes::Pod),
 }
 
 /// A signed certificate and what the workload needs with it.
@@ -83,6 +85,9 @@ pub enum Refusal {
     /// The client certificate expired after the connection was made.
     #[error("the client certificate has expired")]
     SvidExpired,
+    /// A Kubernetes ServiceAccount token did not attest a pod.
+    #[error(transparent)]
+    Kubernetes(#[from] crate::kubernetes::Refused),
     /// The CSR is unacceptable.
     #[error(transparent)]
     Csr(#[from] CsrError),
@@ -122,6 +127,7 @@ impl Refusal {
             Self::TokenUsed => "token_used",
             Self::TokenExpired => "token_expired",
             Self::SvidExpired => "svid_expired",
+            Self::Kubernetes(k) => k.reason(),
             Self::Csr(e) => e.reason(),
             Self::Denied(_) => "denied",
             Self::Reserved(_) => "reserved_id",
@@ -142,6 +148,7 @@ impl Refusal {
             | Self::TokenUsed
             | Self::TokenExpired
             | Self::SvidExpired => 401,
+            Self::Kubernetes(k) => k.status(),
             Self::Csr(_) | Self::BadRequest(_) | Self::BadTarget(_) => 400,
             Self::TooLarge(_) => 413,
             Self::Denied(_)
@@ -162,6 +169,8 @@ pub struct CaService {
     pub store: Store,
     /// Metrics.
     pub metrics: CaMetrics,
+    /// Attestation of pods, when `ca.yaml` has a `kubernetes:` section.
+    pub kubernetes: Option<crate::kubernetes::Attestor>,
     audit_path: PathBuf,
 }
 
@@ -191,10 +200,18 @@ impl CaService {
                     .set(unix(v.not_after) as f64);
             }
         }
+        let kubernetes = authority
+            .config
+            .kubernetes
+            .clone()
+            .map(|k| crate::kubernetes::Attestor::new(k, authority.trust_domain().clone()))
+            .transpose()
+            .map_err(|e| CaError::Setup(format!("kubernetes: {e}")))?;
         Ok(Self {
             authority,
             store,
             metrics,
+            kubernetes,
             audit_path,
         })
     }
@@ -242,11 +259,7 @@ impl CaService {
         caller: Caller,
         now: OffsetDateTime,
     ) -> Result<Issued, Refusal> {
-        let kind = if req.token.is_some() {
-            "bootstrap"
-        } else {
-            "renewal"
-        };
+        let kind = kind_of(&req, &caller);
         let mut claimed: Option<SpiffeId> = None;
         let result = self.try_certify(req, caller, now, &mut claimed);
         match &result {
@@ -315,6 +328,11 @@ impl CaService {
         claimed: &mut Option<SpiffeId>,
     ) -> Result<Issued, Refusal> {
         let token_hash = req.token.as_deref().map(token::hash);
+        let kind = kind_of(&req, &caller);
+        let pod = match &caller {
+            Caller::Pod(p) => Some(p.subject.clone()),
+            _ => None,
+        };
         let id = match (&token_hash, caller) {
             (Some(hash), _) => {
                 let rec = store::token(&self.store.lock(), hash).map_err(CaError::from)?;
@@ -337,6 +355,7 @@ impl CaService {
                 }
                 id
             }
+            (None, Caller::Pod(p)) => p.id,
             (None, Caller::Anonymous) => return Err(Refusal::Unauthenticated),
         };
         *claimed = Some(id.clone());
@@ -345,11 +364,6 @@ impl CaService {
         let svid = self
             .authority
             .sign(&id, &request.public_key, req.ttl, now)?;
-        let kind = if token_hash.is_some() {
-            "bootstrap"
-        } else {
-            "renewal"
-        };
         let key_sha256 = key_fingerprint(&request.public_key);
         self.write(
             now,
@@ -369,7 +383,15 @@ impl CaService {
                 store::insert_issued(tx, &rec, unix(now)).map_err(CaError::from)?;
                 Ok(rec)
             },
-            issued_event,
+            |rec| match &pod {
+                // Which pod it was, for whoever reads the trail.
+                Some(p) => issued_event(rec)
+                    .with("namespace", p.namespace.as_str())
+                    .with("service_account", p.service_account.as_str())
+                    .with("pod", p.pod.as_str())
+                    .with("pod_uid", p.pod_uid.as_str()),
+                None => issued_event(rec),
+            },
         )?;
         Ok(Issued {
             spiffe_id: id,
@@ -481,6 +503,16 @@ fn issued_record(id: &SpiffeId, svid: &Svid, key_sha256: String, kind: &str) -> 
         not_after: unix(svid.validity.not_after),
         key_sha256,
         kind: kind.to_owned(),
+    }
+}
+
+/// How a certify request proves its identity: the label of metrics, logs
+/// and the audit trail.
+fn kind_of(req: &CertifyRequest, caller: &Caller) -> &'static str {
+    match (req.token.is_some(), caller) {
+        (true, _) => "bootstrap",
+        (false, Caller::Pod(_)) => "kubernetes",
+        (false, _) => "renewal",
     }
 }
 

@@ -9,6 +9,7 @@ use serde_saphyr::Spanned;
 
 use crate::diagnostic::{Collector, Diagnostics, load_yaml, parse_yaml};
 use crate::duration::HumanDuration;
+use crate::kubernetes::{KubernetesConfig, RawKubernetes};
 use crate::pattern::IdentityPattern;
 use crate::spiffe::TrustDomain;
 
@@ -40,6 +41,9 @@ pub struct CaConfig {
     /// Workloads that may ask the CA, over mTLS, to deny another identity
     /// (`POST /v1/deny`). Empty: nobody may.
     pub deny_reporters: Vec<IdentityPattern>,
+    /// Attestation of pods by their projected ServiceAccount token; `None`:
+    /// only join tokens bootstrap an identity.
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +55,7 @@ struct RawCaConfig {
     token_ttl: Option<Spanned<HumanDuration>>,
     #[serde(default)]
     deny_reporters: Vec<Spanned<IdentityPattern>>,
+    kubernetes: Option<RawKubernetes>,
 }
 
 impl CaConfig {
@@ -124,7 +129,12 @@ impl CaConfig {
                 );
             }
         }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let kubernetes = raw
+            .kubernetes
+            .map(|k| k.validate(&raw.trust_domain, base, &mut errors));
         errors.finish(CaConfig {
+            kubernetes,
             trust_domain: raw.trust_domain,
             default_ttl,
             max_ttl,

@@ -9,6 +9,7 @@
 pub mod ca;
 pub mod diagnostic;
 pub mod duration;
+pub mod kubernetes;
 mod lint;
 pub mod model;
 pub mod normalize;

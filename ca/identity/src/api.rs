@@ -15,6 +15,10 @@ pub struct CertifyBody {
     /// One-time join token (bootstrap only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// A Kubernetes projected ServiceAccount token for warden's audience
+    /// (a pod's bootstrap: no join token, no client certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_token: Option<String>,
     /// Requested lifetime such as `1h`; the CA caps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,

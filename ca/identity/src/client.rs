@@ -87,6 +87,47 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// What proves the identity asked for.
+#[derive(Clone, Copy)]
+enum Proof<'a> {
+    /// A one-time join token.
+    JoinToken(&'a str),
+    /// A projected ServiceAccount token.
+    ServiceAccount(&'a str),
+    /// The current certificate, over mTLS.
+    Current(&'a Credentials),
+}
+
+/// The SPIFFE ID a projected ServiceAccount token names in `td`:
+/// `spiffe://<td>/ns/<namespace>/sa/<service account>`, read from the
+/// token's own claims (the CA verifies them; a workload only needs to know
+/// what to put in its CSR).
+pub fn pod_identity(token: &str, td: &TrustDomain) -> Result<SpiffeId, ClientError> {
+    use base64::Engine as _;
+    let bad = |what: &str| ClientError::Local(format!("the ServiceAccount token {what}"));
+    let payload = token
+        .trim()
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| bad("is not a JWT"))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| bad("payload is not base64url"))?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| bad("payload is not JSON"))?;
+    let k = &claims["kubernetes.io"];
+    let (Some(ns), Some(sa)) = (
+        k["namespace"].as_str(),
+        k["serviceaccount"]["name"].as_str(),
+    ) else {
+        return Err(bad(
+            "has no kubernetes.io namespace and serviceaccount claims (is it a projected token?)",
+        ));
+    };
+    SpiffeId::new(td, &format!("/ns/{ns}/sa/{sa}"))
+        .map_err(|e| bad(&format!("names no valid SPIFFE ID: {e}")))
+}
+
 /// A client for one CA server.
 #[derive(Debug, Clone)]
 pub struct CaClient {
@@ -135,7 +176,18 @@ impl CaClient {
         token: &str,
         ttl: Option<Duration>,
     ) -> Result<Credentials, ClientError> {
-        self.certify(id, Some(token), ttl, None).await
+        self.certify(id, Proof::JoinToken(token), ttl).await
+    }
+
+    /// Obtains an identity with a pod's projected ServiceAccount token; `id`
+    /// is the one the token names (see [`pod_identity`]).
+    pub async fn bootstrap_kubernetes(
+        &self,
+        id: &SpiffeId,
+        token: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Credentials, ClientError> {
+        self.certify(id, Proof::ServiceAccount(token), ttl).await
     }
 
     /// Renews `current` (same identity, new key) over mTLS with it.
@@ -144,7 +196,7 @@ impl CaClient {
         current: &Credentials,
         ttl: Option<Duration>,
     ) -> Result<Credentials, ClientError> {
-        self.certify(&current.spiffe_id, None, ttl, Some(current))
+        self.certify(&current.spiffe_id, Proof::Current(current), ttl)
             .await
     }
 
@@ -197,9 +249,8 @@ impl CaClient {
     async fn certify(
         &self,
         id: &SpiffeId,
-        token: Option<&str>,
+        proof: Proof<'_>,
         ttl: Option<Duration>,
-        current: Option<&Credentials>,
     ) -> Result<Credentials, ClientError> {
         let local = |e: rcgen::Error| ClientError::Local(format!("making the key and CSR: {e}"));
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(local)?;
@@ -211,9 +262,15 @@ impl CaClient {
             .map_err(local)?
             .pem()
             .map_err(local)?;
+        let (token, k8s_token, current) = match proof {
+            Proof::JoinToken(t) => (Some(t.to_owned()), None, None),
+            Proof::ServiceAccount(t) => (None, Some(t.trim().to_owned()), None),
+            Proof::Current(c) => (None, None, Some(c)),
+        };
         let body = CertifyBody {
             csr,
-            token: token.map(str::to_owned),
+            token,
+            k8s_token,
             ttl: ttl.map(humantime_secs),
         };
         let json = serde_json::to_vec(&body).map_err(|e| ClientError::Local(e.to_string()))?;

@@ -1,9 +1,10 @@
 //! The CA's HTTPS API.
 //!
 //! - `POST /v1/certify`: `{"csr": PEM, "token": "...", "ttl": "1h"}` with a
-//!   join token (bootstrap), or without one over mTLS with the current SVID
-//!   (renewal). Answers the chain, the bundle and the expiry, or a
-//!   problem+json refusal.
+//!   join token (bootstrap), `{"csr", "k8s_token": JWT}` with a pod's
+//!   projected ServiceAccount token (Kubernetes), or neither over mTLS with
+//!   the current SVID (renewal). Answers the chain, the bundle and the
+//!   expiry, or a problem+json refusal.
 //! - `GET /v1/bundle`: the trust bundle as PEM; `?format=spiffe` (or
 //!   `Accept: application/json`) for the SPIFFE JSON bundle.
 //! - `POST /v1/deny`: `{"spiffe_id": "...", "reason": "..."}` over mTLS from
@@ -49,12 +50,20 @@ pub async fn handle(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>)
 /// malformed request) to the blocking pool: it signs and writes the store.
 async fn certify(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
     let now = OffsetDateTime::now_utc();
-    let decision = match parse(req).await {
-        Ok(request) => tokio::task::spawn_blocking(move || svc.certify(request, caller, now)).await,
-        Err(refusal) => {
-            // Refused before the request says whether it bootstraps or renews.
+    let parsed = match parse(req).await {
+        Ok((request, Some(k8s_token))) => attest(&svc, &k8s_token, now)
+            .await
+            .map(|pod| (request, Caller::Pod(pod))),
+        Ok((request, None)) => Ok((request, caller)),
+        Err(refusal) => Err(("malformed", refusal, None)),
+    };
+    let decision = match parsed {
+        Ok((request, caller)) => {
+            tokio::task::spawn_blocking(move || svc.certify(request, caller, now)).await
+        }
+        Err((kind, refusal, claimed)) => {
             tokio::task::spawn_blocking(move || {
-                svc.record_refusal("malformed", &refusal, None, now);
+                svc.record_refusal(kind, &refusal, claimed.as_ref(), now);
                 Err(refusal)
             })
             .await
@@ -77,9 +86,44 @@ async fn certify(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) ->
             }
         }
         // Already counted, logged and audited.
-        Ok(Err(r)) => problem(r.status(), r.reason(), &r.to_string()),
+        Ok(Err(r)) => refused(&r),
         Err(join) => problem(500, "internal", &format!("issuance task failed: {join}")),
     }
+}
+
+/// Attests a pod by its ServiceAccount token; a refusal comes with the
+/// identity the token named, once verified data said which.
+async fn attest(
+    svc: &CaService,
+    token: &str,
+    now: OffsetDateTime,
+) -> Result<crate::kubernetes::Pod, (&'static str, Refusal, Option<warden_config::SpiffeId>)> {
+    let Some(attestor) = &svc.kubernetes else {
+        return Err((
+            "kubernetes",
+            crate::kubernetes::Refused::Disabled.into(),
+            None,
+        ));
+    };
+    let mut claimed = None;
+    match attestor
+        .attest(token, now.unix_timestamp(), &mut claimed)
+        .await
+    {
+        Ok(pod) => Ok(pod),
+        Err(r) => Err(("kubernetes", r.into(), claimed)),
+    }
+}
+
+/// The problem answer of a refusal (with `Retry-After` when it has one).
+fn refused(r: &Refusal) -> Response<Body> {
+    let mut resp = problem(r.status(), r.reason(), &r.to_string());
+    if let Refusal::Kubernetes(crate::kubernetes::Refused::RateLimited(_, s)) = r
+        && let Ok(v) = header::HeaderValue::from_str(&s.to_string())
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
 }
 
 /// Reads the whole body (always, so that a refusal reaches the client), then
@@ -121,10 +165,16 @@ async fn body(req: Request<Incoming>) -> Result<bytes::Bytes, Refusal> {
         })
 }
 
-async fn parse(req: Request<Incoming>) -> Result<CertifyRequest, Refusal> {
+/// The certify request, and the ServiceAccount token it carries, if any.
+async fn parse(req: Request<Incoming>) -> Result<(CertifyRequest, Option<String>), Refusal> {
     let bytes = body(req).await?;
     let body: CertifyBody = serde_json::from_slice(&bytes)
         .map_err(|e| Refusal::BadRequest(format!("body is not a certify request: {e}")))?;
+    if body.token.is_some() && body.k8s_token.is_some() {
+        return Err(Refusal::BadRequest(
+            "a request carries a join token or a ServiceAccount token, not both".into(),
+        ));
+    }
     if body.token.as_ref().is_some_and(|t| t.len() > MAX_TOKEN_LEN) {
         return Err(Refusal::TokenUnknown);
     }
@@ -134,12 +184,15 @@ async fn parse(req: Request<Incoming>) -> Result<CertifyRequest, Refusal> {
         .map(HumanDuration::parse)
         .transpose()
         .map_err(Refusal::BadRequest)?;
-    Ok(CertifyRequest {
-        csr: body.csr,
-        token: body.token,
-        // Asking for less than a minute is clamped up: renewal needs room.
-        ttl: ttl.map(|d| d.0.max(warden_config::ca::MIN_LEAF_TTL)),
-    })
+    Ok((
+        CertifyRequest {
+            csr: body.csr,
+            token: body.token,
+            // Asking for less than a minute is clamped up: renewal needs room.
+            ttl: ttl.map(|d| d.0.max(warden_config::ca::MIN_LEAF_TTL)),
+        },
+        body.k8s_token,
+    ))
 }
 
 fn bundle(svc: &CaService, req: &Request<Incoming>) -> Response<Body> {

@@ -88,7 +88,8 @@ impl CaService {
         reporter: &mut Option<SpiffeId>,
     ) -> Result<Denial, Refusal> {
         let id = match caller {
-            Caller::Anonymous => return Err(Refusal::NotReporter(None)),
+            // Deny reports come over mTLS only, never with a pod's token.
+            Caller::Anonymous | Caller::Pod(_) => return Err(Refusal::NotReporter(None)),
             Caller::Svid { id, not_after } => {
                 *reporter = Some(id.clone());
                 if not_after <= now {

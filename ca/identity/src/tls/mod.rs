@@ -18,7 +18,7 @@ use rustls_pki_types::CertificateDer;
 
 pub use failure::{handshake_failure_reason, tls_failure_reason};
 pub use peer::{KeyUsageBits, PeerIdError, VerifiedPeer};
-pub use profile::peer_id;
+pub use profile::{bundle_trust_domain, peer_id};
 pub use resolver::{RotatingCert, certified_key};
 pub use verify::{
     SpiffeClientVerifier, SpiffeServerVerifier, verified_client, verify_client_chain,

@@ -118,3 +118,21 @@ fn extended_key_usage(cert: &X509Certificate<'_>) -> Result<(), PeerIdError> {
     }
     Ok(())
 }
+
+/// The trust domain a bundle names: the `spiffe://<trust domain>` URI SAN of
+/// its first certificate that has one (warden's roots and intermediates
+/// carry it, as the X.509-SVID spec allows for signing certificates).
+pub fn bundle_trust_domain(
+    bundle: &[rustls_pki_types::CertificateDer<'_>],
+) -> Option<warden_config::TrustDomain> {
+    bundle.iter().find_map(|der| {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let san = cert.subject_alternative_name().ok()??;
+        san.value.general_names.iter().find_map(|n| match n {
+            GeneralName::URI(u) if !u.trim_start_matches("spiffe://").contains('/') => {
+                warden_config::TrustDomain::parse(u).ok()
+            }
+            _ => None,
+        })
+    })
+}
