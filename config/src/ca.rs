@@ -261,6 +261,26 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_section_defaults_and_located_errors() {
+        let c = parse("trust_domain: td\nkubernetes:\n  allow: [spiffe://td/ns/shop/*]\n").unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.audience, "warden");
+        assert_eq!(k.verify, crate::kubernetes::Verify::TokenReview);
+        assert!(k.api.token_file.ends_with("serviceaccount/token"));
+        assert!(parse("trust_domain: td\n").unwrap().kubernetes.is_none());
+        let e = parse(
+            "trust_domain: td\nkubernetes:\n  verify: jwks\n  allow: [spiffe://other/ns/a/*, spiffe://td/web/*]\n  max_token_lifetime: 30d\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.0.len(), 4, "{e}");
+        let at: Vec<(u64, u64)> = e.0.iter().map(|d| (d.line, d.column)).collect();
+        assert!(at.contains(&(3, 11)), "jwks without an issuer: {e}");
+        assert!(at.contains(&(4, 11)), "another trust domain: {e}");
+        assert!(at.contains(&(4, 34)), "not a pod path: {e}");
+        assert!(at.contains(&(5, 23)), "lifetime: {e}");
+    }
+
+    #[test]
     fn bad_duration_is_located() {
         let e = parse("trust_domain: td\nmax_ttl: soon\n").unwrap_err();
         assert_eq!((e.0[0].line, e.0[0].column), (2, 10), "{e}");

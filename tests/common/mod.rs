@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod h2;
+pub mod kube;
 pub mod model;
 #[macro_use]
 pub mod redis;

@@ -21,7 +21,7 @@ pub const MAX_JWKS_BYTES: usize = 64 * 1024;
 /// Most keys kept from one JWKS.
 pub const MAX_KEYS: usize = 32;
 /// Fewest seconds between two fetches.
-pub const MIN_REFETCH: Duration = Duration::from_secs(10);
+pub const MIN_REFETCH: Duration = Duration::from_secs(2);
 /// Keys older than this are fetched again on the next use (a removed key
 /// stops verifying within this time).
 pub const MAX_AGE: Duration = Duration::from_secs(300);

@@ -1,0 +1,430 @@
+//! Kubernetes attestation against the real `warden ca serve`, with the
+//! Kubernetes API played over TLS by `common::kube` (JSON shapes of the API
+//! reference; tokens with the claim set of projected ServiceAccount
+//! tokens, RS256 and ES256). Every refusal class has a case here.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::net::SocketAddr;
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+use common::kube::{ISSUER, Kube, Pod};
+use common::{Ca, Server, csr, https, problem_reason, run, s, uri_sans};
+
+/// A CA with a `kubernetes:` section, and the fake API it calls.
+fn setup(section: &str) -> (Ca, Kube, Server) {
+    let ca = Ca::init("example.org");
+    let kube = Kube::start(ca.tmp.path());
+    let config = ca.dir.join("ca.yaml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "kubernetes:\n  allow: [spiffe://example.org/ns/shop/*]\n  api: {{url: {}, ca_file: {}, token_file: {}}}\n{section}",
+        kube.url(),
+        s(&kube.ca_file),
+        s(&kube.reviewer_token_file)
+    ));
+    std::fs::write(&config, text).unwrap();
+    let server = ca.serve();
+    (ca, kube, server)
+}
+
+/// POST /v1/certify with a ServiceAccount token and a CSR for `id`.
+fn attest(addr: SocketAddr, bundle: &str, id: &str, token: &str) -> (u16, Value, String) {
+    let (_key, csr) = csr(&[id]);
+    let body = json!({ "csr": csr, "k8s_token": token });
+    let (status, text) = https(
+        addr,
+        bundle,
+        None,
+        "POST",
+        "/v1/certify",
+        body.to_string().as_bytes(),
+    )
+    .unwrap();
+    let json: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+    let reason = problem_reason(&json);
+    (status, json, reason)
+}
+
+fn pod_id(p: &Pod) -> String {
+    format!(
+        "spiffe://example.org/ns/{}/sa/{}",
+        p.namespace, p.service_account
+    )
+}
+
+/// `claims` with `key` set to `value`.
+fn with(mut claims: Value, key: &str, value: Value) -> Value {
+    claims[key] = value;
+    claims
+}
+
+#[test]
+fn tokenreview_mode_issues_the_pod_identity_and_refuses_each_class() {
+    let (ca, kube, server) = setup("  verify: tokenreview\n  attestations_per_minute: 4\n");
+    let bundle = ca.bundle_pem();
+    let cart = kube.add_pod("shop", "cart-5d8f", "cart");
+
+    // The pod's own identity, from its token alone.
+    let (status, answer, _) = attest(server.api, &bundle, &pod_id(&cart), &kube.token(&cart));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["spiffe_id"], pod_id(&cart));
+    let leaf = common::certs(answer["certificate_chain"].as_str().unwrap());
+    assert_eq!(uri_sans(&leaf[0]), [pod_id(&cart)]);
+    assert!(kube.calls("review") >= 1 && kube.calls("pod") >= 1);
+
+    // A CSR for any other identity.
+    let (status, _, reason) = attest(
+        server.api,
+        &bundle,
+        "spiffe://example.org/ns/shop/sa/admin",
+        &kube.token(&cart),
+    );
+    assert_eq!((status, reason.as_str()), (400, "csr-san-mismatch"));
+
+    // A token the API server does not authenticate (here: for the API's
+    // default audience, not warden's).
+    let default_aud = kube.sign(
+        &with(
+            kube.claims(&cart),
+            "aud",
+            json!(["https://kubernetes.default.svc"]),
+        ),
+        "rsa-1",
+    );
+    let (status, answer, reason) = attest(server.api, &bundle, &pod_id(&cart), &default_aud);
+    assert_eq!((status, reason.as_str()), (401, "k8s-rejected"), "{answer}");
+
+    // Not bound to a pod (`kubectl create token`).
+    let mut unbound = kube.claims(&cart);
+    unbound["kubernetes.io"]
+        .as_object_mut()
+        .unwrap()
+        .remove("pod");
+    let (status, _, reason) = attest(
+        server.api,
+        &bundle,
+        &pod_id(&cart),
+        &kube.sign(&unbound, "rsa-1"),
+    );
+    assert_eq!((status, reason.as_str()), (401, "k8s-no-pod"));
+
+    // Outside the allowlist.
+    let other = kube.add_pod("billing", "ledger-0", "ledger");
+    let (status, _, reason) = attest(server.api, &bundle, &pod_id(&other), &kube.token(&other));
+    assert_eq!((status, reason.as_str()), (403, "k8s-not-allowed"));
+
+    // A deleted pod's token stops working at once.
+    let gone = kube.add_pod("shop", "search-0", "search");
+    let token = kube.token(&gone);
+    kube.delete_pod(&gone);
+    let (status, _, reason) = attest(server.api, &bundle, &pod_id(&gone), &token);
+    assert_eq!((status, reason.as_str()), (401, "k8s-pod-gone"));
+
+    // A pod of the same name, recreated: another UID.
+    let old = kube.add_pod("shop", "web-0", "web");
+    let token = kube.token(&old);
+    kube.delete_pod(&old);
+    kube.add_pod("shop", "web-0", "web");
+    let (status, _, reason) = attest(server.api, &bundle, &pod_id(&old), &token);
+    assert_eq!((status, reason.as_str()), (401, "k8s-pod-changed"));
+
+    // A pod attesting too often (4 a minute here).
+    let busy = kube.add_pod("shop", "busy-0", "busy");
+    let mut last = 0;
+    for _ in 0..5 {
+        let (status, _, _) = attest(server.api, &bundle, &pod_id(&busy), &kube.token(&busy));
+        last = status;
+    }
+    assert_eq!(last, 429);
+    let (_, body) = {
+        let (_key, csr) = csr(&[&pod_id(&busy)]);
+        let body = json!({ "csr": csr, "k8s_token": kube.token(&busy) });
+        https(
+            server.api,
+            &bundle,
+            None,
+            "POST",
+            "/v1/certify",
+            body.to_string().as_bytes(),
+        )
+        .unwrap()
+    };
+    assert!(body.contains("retry in"), "{body}");
+
+    // Counted by reason, and the trail names the pod.
+    for reason in [
+        "k8s_rejected",
+        "k8s_no_pod",
+        "k8s_not_allowed",
+        "k8s_pod_gone",
+        "k8s_pod_changed",
+        "k8s_rate_limited",
+    ] {
+        assert!(
+            server.metric(&format!("warden_ca_refusals_total{{reason=\"{reason}\"}}")) >= 1.0,
+            "{reason}"
+        );
+    }
+    let audit = std::fs::read_to_string(ca.dir.join("audit.jsonl")).unwrap();
+    let issued = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["kind"] == "kubernetes" && e["pod"] == "cart-5d8f")
+        .expect("an audit line for the pod's issuance");
+    assert_eq!(
+        (
+            issued["namespace"].as_str(),
+            issued["service_account"].as_str()
+        ),
+        (Some("shop"), Some("cart"))
+    );
+    assert_eq!(issued["pod_uid"], cart.uid);
+    assert!(
+        audit.contains("k8s_pod_gone") && audit.contains("spiffe://example.org/ns/shop/sa/search"),
+        "a refusal with a verified identity is audited"
+    );
+}
+
+#[test]
+fn jwks_mode_verifies_offline_and_refuses_each_class() {
+    let (ca, kube, server) = setup(&format!(
+        "  verify: jwks\n  issuer: {ISSUER}\n  max_token_lifetime: 24h\n"
+    ));
+    let bundle = ca.bundle_pem();
+    let cart = kube.add_pod("shop", "cart-5d8f", "cart");
+    let id = pod_id(&cart);
+    let claims = kube.claims(&cart);
+
+    // RS256 and ES256; `aud` as an array or a string.
+    for (c, kid) in [
+        (claims.clone(), "rsa-1"),
+        (with(claims.clone(), "aud", "warden".into()), "ec-1"),
+    ] {
+        let (status, answer, _) = attest(server.api, &bundle, &id, &kube.sign(&c, kid));
+        assert_eq!(status, 200, "{kid}: {answer}");
+    }
+    assert_eq!(
+        kube.calls("review") + kube.calls("pod"),
+        0,
+        "offline: no call per attestation"
+    );
+    assert_eq!(kube.calls("discovery"), 1);
+
+    let refused = |token: &str| attest(server.api, &bundle, &id, token).2;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let good = kube.sign(&claims, "rsa-1");
+    let parts: Vec<&str> = good.split('.').collect();
+
+    // alg none (unsigned) and HMAC.
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "kid": "rsa-1"})),
+        parts[1]
+    );
+    assert_eq!(refused(&none), "k8s-algorithm");
+    let hmac = format!(
+        "{}.{}.{}",
+        b64(&json!({"alg": "HS256", "kid": "rsa-1"})),
+        parts[1],
+        parts[2]
+    );
+    assert_eq!(refused(&hmac), "k8s-algorithm");
+
+    // Another payload under the cluster's signature.
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64(&with(
+            claims.clone(),
+            "sub",
+            "system:serviceaccount:shop:admin".into()
+        )),
+        parts[2]
+    );
+    assert_eq!(refused(&forged), "k8s-bad-signature");
+
+    // Each claim rule.
+    let now = claims["iat"].as_i64().unwrap();
+    for (c, want) in [
+        (
+            with(claims.clone(), "iss", "https://evil.example".into()),
+            "k8s-wrong-issuer",
+        ),
+        (
+            with(
+                claims.clone(),
+                "aud",
+                json!(["https://kubernetes.default.svc"]),
+            ),
+            "k8s-wrong-audience",
+        ),
+        (
+            with(
+                with(claims.clone(), "exp", (now - 120).into()),
+                "iat",
+                (now - 3720).into(),
+            ),
+            "k8s-expired",
+        ),
+        (
+            with(claims.clone(), "nbf", (now + 600).into()),
+            "k8s-not-yet-valid",
+        ),
+        (
+            with(claims.clone(), "exp", (now + 3 * 86_400).into()),
+            "k8s-lifetime",
+        ),
+        (
+            with(
+                claims.clone(),
+                "sub",
+                "system:serviceaccount:shop:admin".into(),
+            ),
+            "k8s-subject",
+        ),
+    ] {
+        assert_eq!(refused(&kube.sign(&c, "rsa-1")), want, "{c}");
+    }
+    let mut unbound = claims.clone();
+    unbound["kubernetes.io"]
+        .as_object_mut()
+        .unwrap()
+        .remove("pod");
+    assert_eq!(refused(&kube.sign(&unbound, "rsa-1")), "k8s-no-pod");
+
+    // A key rotation: a token signed with the new key verifies as soon as
+    // the CA may fetch again (at most every 2 s; the proxy retries).
+    let before = kube.calls("jwks");
+    kube.rotate("rsa-2", jsonwebtoken::Algorithm::RS256);
+    let rotated = kube.sign(&claims, "rsa-2");
+    assert!(common::wait_for(std::time::Duration::from_secs(10), || {
+        attest(server.api, &bundle, &id, &rotated).0 == 200
+    }));
+    assert_eq!(
+        kube.calls("jwks"),
+        before + 1,
+        "fetched once for the new key"
+    );
+    // Tokens naming unknown keys do not make the CA hammer the JWKS endpoint.
+    let before = kube.calls("jwks");
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        let t = format!(
+            "{}.{}.{}",
+            b64(&json!({"alg": "RS256", "kid": format!("nope-{i}")})),
+            parts[1],
+            parts[2]
+        );
+        assert_eq!(refused(&t), "k8s-unknown-key");
+    }
+    // One fetch per 2 s at most, however many tokens.
+    let allowed = 1 + started.elapsed().as_secs() as usize / 2;
+    assert!(
+        kube.calls("jwks") <= before + allowed,
+        "{} fetches for 20 unknown keys in {:?}",
+        kube.calls("jwks") - before,
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_jwks_file_needs_no_api_and_ca_certify_takes_a_service_account_token() {
+    let ca = Ca::init("example.org");
+    let kube = Kube::start(ca.tmp.path());
+    let pod = kube.add_pod("shop", "cart-5d8f", "cart");
+    // The cluster's JWKS, as `kubectl get --raw /openid/v1/jwks` prints it.
+    let jwks = {
+        let (status, text) = raw_get(&kube, "/openid/v1/jwks");
+        assert_eq!(status, 200);
+        text
+    };
+    std::fs::write(ca.tmp.path().join("jwks.json"), jwks).unwrap();
+    let config = ca.dir.join("ca.yaml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "kubernetes:\n  allow: [spiffe://example.org/ns/shop/sa/cart]\n  verify: jwks\n  issuer: {ISSUER}\n  jwks_file: {}\n",
+        s(&ca.tmp.path().join("jwks.json"))
+    ));
+    std::fs::write(&config, text).unwrap();
+    let server = ca.serve();
+    let token_file = ca.tmp.path().join("token");
+    std::fs::write(&token_file, kube.token(&pod)).unwrap();
+    let out = ca.tmp.path().join("out");
+    let url = format!("https://{}", server.api);
+    let bundle = s(&ca.dir.join("bundle.pem")).to_owned();
+    let r = run(&[
+        "ca",
+        "certify",
+        "--server",
+        &url,
+        "--bundle",
+        &bundle,
+        "--k8s-token",
+        s(&token_file),
+        "--out-dir",
+        s(&out),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        String::from_utf8_lossy(&r.stdout)
+            .contains("obtained spiffe://example.org/ns/shop/sa/cart")
+    );
+    let chain = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+    assert_eq!(uri_sans(&common::certs(&chain)[0]), [pod_id(&pod)]);
+    assert_eq!(
+        (kube.calls("discovery"), kube.calls("jwks")),
+        (0, 1),
+        "only the test's own fetch"
+    );
+
+    // Refused: the CLI says why, with the CA's reason.
+    let other = kube.add_pod("shop", "search-0", "search");
+    std::fs::write(&token_file, kube.token(&other)).unwrap();
+    let r = run(&[
+        "ca",
+        "certify",
+        "--server",
+        &url,
+        "--bundle",
+        &bundle,
+        "--k8s-token",
+        s(&token_file),
+        "--out-dir",
+        s(&out),
+    ]);
+    assert!(!r.status.success());
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("k8s-not-allowed"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
+/// A GET to the fake API as the reviewer.
+fn raw_get(kube: &Kube, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let pem = std::fs::read_to_string(&kube.ca_file).unwrap();
+    let config = common::client_config(&pem, None);
+    let mut conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        rustls::pki_types::ServerName::try_from("kubernetes.default.svc").unwrap(),
+    )
+    .unwrap();
+    let mut sock = std::net::TcpStream::connect(kube.addr).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let token = std::fs::read_to_string(&kube.reviewer_token_file).unwrap();
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: k\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw);
+    common::parse_response(&raw)
+}
