@@ -10,7 +10,6 @@ pub mod audit;
 pub mod authority;
 pub mod bundle;
 pub mod csr;
-pub mod files_out;
 pub mod kubernetes;
 pub mod metrics;
 pub mod profile;
@@ -21,7 +20,7 @@ pub mod token;
 
 // The pieces the proxy shares live in `warden-identity`; re-exported so the
 // CA's own paths read as before.
-pub use warden_identity::{admin, api, client, http, lifetime, pem, ratelog, tls};
+pub use warden_identity::{admin, api, client, files_out, http, lifetime, pem, ratelog, tls};
 
 pub use authority::{Authority, CaError, InitOptions, Svid};
 pub use service::{CaService, Caller, CertifyRequest, Issued, Refusal};

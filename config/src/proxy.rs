@@ -67,8 +67,32 @@ pub enum IdentitySource {
         spiffe_id: SpiffeId,
         /// Requested certificate lifetime (the CA caps it).
         ttl: Option<Duration>,
+        /// Where the current certificate and key are kept (0600, written
+        /// atomically), so that a restart serves them at once and renews
+        /// instead of needing a new token.
+        state_dir: Option<PathBuf>,
+    },
+    /// A warden CA, attesting this pod by its projected ServiceAccount
+    /// token (re-read at every attestation: the kubelet rotates it); renewed
+    /// over mTLS, and attested again after any restart.
+    Kubernetes {
+        /// `https://host:port` of the CA.
+        url: String,
+        /// The CA's trust bundle.
+        bundle: PathBuf,
+        /// The projected token (audience `warden`).
+        token_file: PathBuf,
+        /// The trust domain, when given or read here from the bundle; else
+        /// the proxy reads it from the bundle at start.
+        trust_domain: Option<TrustDomain>,
+        /// Requested certificate lifetime (the CA caps it).
+        ttl: Option<Duration>,
     },
 }
+
+/// Where a pod's projected ServiceAccount token is mounted by default
+/// (the volume `warden inject` adds).
+pub const DEFAULT_K8S_TOKEN_FILE: &str = "/var/run/secrets/tokens/warden";
 
 /// Application protocol of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -200,6 +224,18 @@ struct RawIdentity {
     ca_url: Option<String>,
     token_file: Option<PathBuf>,
     spiffe_id: Option<SpiffeId>,
+    ttl: Option<HumanDuration>,
+    state_dir: Option<PathBuf>,
+    kubernetes: Option<Spanned<RawKubernetesIdentity>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetesIdentity {
+    ca_url: String,
+    bundle: PathBuf,
+    token_file: Option<PathBuf>,
+    trust_domain: Option<TrustDomain>,
     ttl: Option<HumanDuration>,
 }
 
@@ -337,12 +373,11 @@ impl ProxyConfig {
     ) -> Result<(Self, Warnings), Diagnostics> {
         let mut errors = Collector::new(path);
         let base = path.parent().unwrap_or(Path::new("."));
-        let identity = identity_source(&raw.identity, base, &mut errors);
-        let trust_domain = match &identity {
-            Some(IdentitySource::Ca { spiffe_id, .. }) => Some(spiffe_id.trust_domain()),
-            Some(IdentitySource::Files { cert, .. }) => cert_trust_domain(cert),
-            None => None,
-        };
+        let (identity, trust_domain) =
+            match identity_source(&raw.identity, base, &mut errors, cert_trust_domain) {
+                Some((source, td)) => (Some(source), td),
+                None => (None, None),
+            };
         let workers = match &raw.workers {
             Some(w) if w.value == 0 || w.value > 256 => {
                 errors.at(w, "workers must be between 1 and 256");
@@ -470,33 +505,85 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
+/// The identity source, and the trust domain it is in when known here
+/// (`trust_domain_of` reads it from a certificate or bundle file).
 fn identity_source(
     raw: &Spanned<RawIdentity>,
     base: &Path,
     errors: &mut Collector<'_>,
-) -> Option<IdentitySource> {
+    trust_domain_of: impl FnOnce(&Path) -> Option<TrustDomain>,
+) -> Option<(IdentitySource, Option<TrustDomain>)> {
     let r = &raw.value;
+    if let Some(k) = &r.kubernetes {
+        if r.cert.is_some()
+            || r.key.is_some()
+            || r.bundle.is_some()
+            || r.ca_url.is_some()
+            || r.token_file.is_some()
+            || r.spiffe_id.is_some()
+            || r.ttl.is_some()
+            || r.state_dir.is_some()
+        {
+            errors.at(
+                raw,
+                "identity `kubernetes:` takes its own `ca_url`, `bundle`, `token_file`, `trust_domain` and `ttl`; nothing else goes beside it",
+            );
+            return None;
+        }
+        let bundle = resolve(base, &k.value.bundle);
+        let trust_domain = k
+            .value
+            .trust_domain
+            .clone()
+            .or_else(|| trust_domain_of(&bundle));
+        if !valid_url(&k.value.ca_url) {
+            errors.at(
+                k,
+                format!("ca_url {:?} needs a host and a port", k.value.ca_url),
+            );
+        }
+        let source = IdentitySource::Kubernetes {
+            url: k.value.ca_url.clone(),
+            bundle,
+            token_file: k.value.token_file.as_ref().map_or_else(
+                || PathBuf::from(DEFAULT_K8S_TOKEN_FILE),
+                |f| resolve(base, f),
+            ),
+            trust_domain: trust_domain.clone(),
+            ttl: k.value.ttl.map(|t| t.0),
+        };
+        return Some((source, trust_domain));
+    }
     let Some(bundle) = &r.bundle else {
         errors.at(raw, "identity needs `bundle` (the trust roots)");
         return None;
     };
     let bundle = resolve(base, bundle);
     match (&r.cert, &r.key, &r.ca_url) {
-        (Some(cert), Some(key), None) if r.token_file.is_none() && r.spiffe_id.is_none() => {
-            Some(IdentitySource::Files {
-                cert: resolve(base, cert),
+        (Some(cert), Some(key), None)
+            if r.token_file.is_none() && r.spiffe_id.is_none() && r.state_dir.is_none() =>
+        {
+            let cert = resolve(base, cert);
+            let td = trust_domain_of(&cert);
+            let source = IdentitySource::Files {
+                cert,
                 key: resolve(base, key),
                 bundle,
-            })
+            };
+            Some((source, td))
         }
         (None, None, Some(url)) => match (&r.token_file, &r.spiffe_id) {
-            (Some(token_file), Some(id)) => Some(IdentitySource::Ca {
-                url: url.clone(),
-                bundle,
-                token_file: resolve(base, token_file),
-                spiffe_id: id.clone(),
-                ttl: r.ttl.map(|t| t.0),
-            }),
+            (Some(token_file), Some(id)) => Some((
+                IdentitySource::Ca {
+                    url: url.clone(),
+                    bundle,
+                    token_file: resolve(base, token_file),
+                    spiffe_id: id.clone(),
+                    ttl: r.ttl.map(|t| t.0),
+                    state_dir: r.state_dir.as_ref().map(|d| resolve(base, d)),
+                },
+                Some(id.trust_domain()),
+            )),
             _ => {
                 errors.at(
                     raw,
@@ -508,11 +595,19 @@ fn identity_source(
         _ => {
             errors.at(
                 raw,
-                "identity is either files (`cert`, `key`, `bundle`) or a CA (`ca_url`, `token_file`, `spiffe_id`, `bundle`)",
+                "identity is files (`cert`, `key`, `bundle`), a CA (`ca_url`, `token_file`, `spiffe_id`, `bundle`, `state_dir`) or `kubernetes:`",
             );
             None
         }
     }
+}
+
+fn valid_url(url: &str) -> bool {
+    valid_host_port(
+        url.strip_prefix("https://")
+            .unwrap_or(url)
+            .trim_end_matches('/'),
+    )
 }
 
 #[cfg(test)]
@@ -718,7 +813,7 @@ outbound:
     #[test]
     fn identity_is_files_or_a_ca() {
         let e = parse(&SIDECAR.replace("  key: key.pem\n", "")).unwrap_err();
-        assert!(e.to_string().contains("identity is either files"), "{e}");
+        assert!(e.to_string().contains("identity is files"), "{e}");
         let ca = SIDECAR.replace(
             "  cert: cert.pem\n  key: key.pem\n",
             "  ca_url: https://ca:8443\n  token_file: /run/token\n  spiffe_id: spiffe://example.org/web\n",

@@ -133,6 +133,8 @@ pub fn cert_trust_domain(cert: &Path) -> Option<TrustDomain> {
     warden_identity::tls::peer_id(leaf)
         .ok()
         .map(|id| id.trust_domain())
+        // A bundle: the trust domain its signing certificates name.
+        .or_else(|| warden_identity::tls::bundle_trust_domain(&certs))
 }
 
 fn refuse<'p>(policy: &Policy, rule: &'p str, index: Option<usize>) -> Decision<'p> {

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use warden_config::proxy::IdentitySource;
 use warden_config::{SpiffeId, TrustDomain};
 use warden_identity::client::{CaClient, Credentials};
+use warden_identity::files_out;
 use warden_identity::lifetime::renew_at;
 use warden_identity::pem::{parse_certs, validity_of};
 use warden_identity::tls;
@@ -150,12 +151,38 @@ pub enum IdentityError {
     Ca(#[from] warden_identity::client::ClientError),
 }
 
-/// Starts keeping the identity from `source`; returns the channel.
+/// Why the proxy holds no identity right now, in words an operator can act
+/// on (for `/ready` and the logs); `None` while it holds one.
+#[derive(Debug, Clone, Default)]
+pub struct Waiting(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Waiting {
+    fn set(&self, why: String) {
+        if let Ok(mut w) = self.0.lock() {
+            *w = Some(why);
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut w) = self.0.lock() {
+            *w = None;
+        }
+    }
+
+    /// The reason, when one was given.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|w| w.clone())
+    }
+}
+
+/// Starts keeping the identity from `source`; returns the channel, and why
+/// it is empty when it is.
 pub async fn start(
     source: &IdentitySource,
     metrics: ProxyMetrics,
-) -> Result<IdentityRx, IdentityError> {
+) -> Result<(IdentityRx, Waiting), IdentityError> {
     let (tx, rx) = watch::channel(None);
+    let waiting = Waiting::default();
     match source.clone() {
         IdentitySource::Files { cert, key, bundle } => {
             let first = load_files(&cert, &key, &bundle)?;
@@ -168,15 +195,60 @@ pub async fn start(
             token_file,
             spiffe_id,
             ttl,
+            state_dir,
         } => {
             let bundle_pem = read(&bundle)?;
             let client = CaClient::new(&url, spiffe_id.trust_domain(), &bundle_pem)?;
+            let proof = Proof::JoinToken {
+                token_file,
+                id: spiffe_id,
+                state_dir,
+            };
             tokio::spawn(keep_from_ca(
-                tx, metrics, client, token_file, spiffe_id, ttl,
+                tx,
+                metrics,
+                client,
+                proof,
+                ttl,
+                waiting.clone(),
+            ));
+        }
+        IdentitySource::Kubernetes {
+            url,
+            bundle,
+            token_file,
+            trust_domain,
+            ttl,
+        } => {
+            let bundle_pem = read(&bundle)?;
+            let trust_domain = match trust_domain {
+                Some(td) => td,
+                None => parse_certs(&bundle_pem)
+                    .ok()
+                    .and_then(|c| tls::bundle_trust_domain(&c))
+                    .ok_or_else(|| {
+                        IdentityError::Bundle(format!(
+                            "{} names no trust domain (no spiffe:// URI SAN): set identity.kubernetes.trust_domain",
+                            bundle.display()
+                        ))
+                    })?,
+            };
+            let client = CaClient::new(&url, trust_domain.clone(), &bundle_pem)?;
+            let proof = Proof::ServiceAccount {
+                token_file,
+                trust_domain,
+            };
+            tokio::spawn(keep_from_ca(
+                tx,
+                metrics,
+                client,
+                proof,
+                ttl,
+                waiting.clone(),
             ));
         }
     }
-    Ok(rx)
+    Ok((rx, waiting))
 }
 
 fn publish(tx: &watch::Sender<Option<Arc<Identity>>>, metrics: &ProxyMetrics, id: Identity) {
@@ -259,25 +331,195 @@ fn jitter() -> f64 {
     (rand::random::<f64>() - 0.5) / 5.0
 }
 
+/// How this proxy proves who it is to the CA when it holds no certificate.
+enum Proof {
+    /// A one-time join token; the certificate is kept in `state_dir` so that
+    /// a restart does not need another token.
+    JoinToken {
+        token_file: PathBuf,
+        id: SpiffeId,
+        state_dir: Option<PathBuf>,
+    },
+    /// The pod's projected ServiceAccount token, read anew each time.
+    ServiceAccount {
+        token_file: PathBuf,
+        trust_domain: TrustDomain,
+    },
+}
+
+impl Proof {
+    async fn bootstrap(
+        &self,
+        client: &CaClient,
+        ttl: Option<Duration>,
+    ) -> Result<Credentials, IdentityError> {
+        match self {
+            Proof::JoinToken { token_file, id, .. } => {
+                let token = read(token_file)?;
+                Ok(client.bootstrap(id, token.trim(), ttl).await?)
+            }
+            Proof::ServiceAccount {
+                token_file,
+                trust_domain,
+            } => {
+                let token = read(token_file)?;
+                let id = warden_identity::client::pod_identity(&token, trust_domain)?;
+                let creds = client.bootstrap_kubernetes(&id, &token, ttl).await?;
+                if !creds.spiffe_id.is_in(trust_domain) {
+                    return Err(IdentityError::Certificate(format!(
+                        "the CA issued {}, outside the bundle's trust domain {trust_domain}",
+                        creds.spiffe_id
+                    )));
+                }
+                Ok(creds)
+            }
+        }
+    }
+
+    /// The certificate kept in `state_dir` by an earlier run, when it is
+    /// still valid, verifies, and carries the configured ID.
+    fn stored(&self) -> Option<(Credentials, Identity)> {
+        let Proof::JoinToken {
+            id,
+            state_dir: Some(dir),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let file = |name| std::fs::read_to_string(dir.join(name)).ok();
+        let (chain, key, bundle) = (
+            file(files_out::CERT)?,
+            file(files_out::KEY)?,
+            file(files_out::BUNDLE)?,
+        );
+        let identity = match Identity::from_pem(&chain, &key, &bundle) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "the stored certificate is not usable; using the join token");
+                return None;
+            }
+        };
+        if &identity.id != id || !identity.is_valid(OffsetDateTime::now_utc()) {
+            tracing::info!(dir = %dir.display(), stored = %identity.id, not_after = %identity.not_after, "the stored certificate is expired or for another identity; using the join token");
+            return None;
+        }
+        let creds = Credentials {
+            spiffe_id: identity.id.clone(),
+            chain_pem: chain,
+            key_pem: key,
+            bundle_pem: bundle,
+            not_before: identity.not_before,
+            not_after: identity.not_after,
+        };
+        Some((creds, identity))
+    }
+
+    /// Keeps a new certificate for the next start (join tokens only).
+    fn store(&self, c: &Credentials) {
+        if let Proof::JoinToken {
+            state_dir: Some(dir),
+            ..
+        } = self
+            && let Err(e) =
+                files_out::write_credentials(dir, &c.chain_pem, &c.key_pem, &c.bundle_pem)
+        {
+            tracing::error!(error = %e, "cannot keep the certificate in state_dir: a restart will need a new join token");
+        }
+    }
+
+    /// What an operator should know about a failed bootstrap.
+    fn explain(&self, e: &IdentityError) -> String {
+        use warden_identity::client::ClientError;
+        match (self, e) {
+            (
+                Proof::JoinToken {
+                    token_file,
+                    id,
+                    state_dir,
+                },
+                IdentityError::Ca(ClientError::Refused { reason, .. }),
+            ) if reason.starts_with("token-") => {
+                let what = match reason.as_str() {
+                    "token-used" => "join token already used",
+                    "token-expired" => "join token expired",
+                    _ => "join token unknown to the CA",
+                };
+                let keep = if state_dir.is_some() {
+                    ""
+                } else {
+                    "; set identity.state_dir so that restarts keep the certificate"
+                };
+                format!(
+                    "{what} and no stored certificate: mint a new token (warden ca token --spiffe-id {id}) into {}{keep}",
+                    token_file.display()
+                )
+            }
+            (Proof::JoinToken { token_file, .. }, IdentityError::Read { .. }) => {
+                format!("cannot read the join token {}: {e}", token_file.display())
+            }
+            (Proof::ServiceAccount { token_file, .. }, IdentityError::Read { .. }) => format!(
+                "cannot read the ServiceAccount token {}: {e} (is the projected volume with audience warden mounted?)",
+                token_file.display()
+            ),
+            (
+                Proof::ServiceAccount { .. },
+                IdentityError::Ca(ClientError::Refused {
+                    status,
+                    reason,
+                    detail,
+                }),
+            ) => format!(
+                "the CA refused this pod's ServiceAccount token ({status}, {reason}): {detail}"
+            ),
+            _ => e.to_string(),
+        }
+    }
+}
+
 async fn keep_from_ca(
     tx: watch::Sender<Option<Arc<Identity>>>,
     metrics: ProxyMetrics,
     client: CaClient,
-    token_file: PathBuf,
-    id: SpiffeId,
+    proof: Proof,
     ttl: Option<Duration>,
+    waiting: Waiting,
 ) {
     let mut current: Option<Credentials> = None;
     let mut attempt = 0u32;
+    let mut wait = Duration::ZERO;
+    if let Some((creds, mut identity)) = proof.stored() {
+        tracing::info!(id = %identity.id, not_after = %identity.not_after, "serving the stored certificate; renewing it");
+        identity.ca = Some(CaLink {
+            client: client.clone(),
+            creds: creds.clone(),
+        });
+        publish(&tx, &metrics, identity);
+        current = Some(creds);
+    } else {
+        waiting.set("asking the CA for a first certificate".into());
+    }
     loop {
+        if !wait.is_zero() {
+            // Sleep, but wake to withdraw the certificate the moment it expires.
+            let deadline = tokio::time::Instant::now() + wait;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep_until(
+                    deadline.min(tokio::time::Instant::now() + Duration::from_secs(1)),
+                )
+                .await;
+                expire_if_due(&tx, &metrics);
+            }
+        }
+        let expired = current
+            .as_ref()
+            .is_some_and(|c| c.not_after <= OffsetDateTime::now_utc());
+        if expired && matches!(proof, Proof::ServiceAccount { .. }) {
+            // A pod can always attest again.
+            current = None;
+        }
         let result = match &current {
-            None => match read(&token_file) {
-                Ok(token) => client
-                    .bootstrap(&id, token.trim(), ttl)
-                    .await
-                    .map_err(IdentityError::from),
-                Err(e) => Err(e),
-            },
+            None => proof.bootstrap(&client, ttl).await,
             Some(c) => client.renew(c, ttl).await.map_err(IdentityError::from),
         };
         let checked = result.and_then(|c| {
@@ -289,12 +531,14 @@ async fn keep_from_ca(
                 (c, i)
             })
         });
-        let wait = match checked {
+        wait = match checked {
             Ok((creds, identity)) => {
                 metrics.renewals.with_label_values(&["ok"]).inc();
                 attempt = 0;
                 let at = renew_at(identity.not_before, identity.not_after, jitter());
                 publish(&tx, &metrics, identity);
+                proof.store(&creds);
+                waiting.clear();
                 current = Some(creds);
                 (at - OffsetDateTime::now_utc())
                     .max(time::Duration::ZERO)
@@ -304,27 +548,34 @@ async fn keep_from_ca(
                 metrics.renewals.with_label_values(&["failed"]).inc();
                 let wait = backoff(attempt);
                 attempt += 1;
-                tracing::warn!(error = %e, retry_in = ?wait, "could not obtain a certificate from the CA; keeping the current one");
+                match &current {
+                    Some(c) if !expired => {
+                        tracing::warn!(error = %e, retry_in = ?wait, not_after = %c.not_after, "could not renew the certificate; keeping the current one until it expires")
+                    }
+                    Some(_) => {
+                        let why = format!("the certificate expired and could not be renewed: {e}");
+                        tracing::error!(retry_in = ?wait, "{why}");
+                        waiting.set(why);
+                    }
+                    None => {
+                        let why = proof.explain(&e);
+                        tracing::error!(retry_in = ?wait, "no certificate yet: {why}");
+                        waiting.set(why);
+                    }
+                }
+                if matches!(proof, Proof::ServiceAccount { .. })
+                    && matches!(
+                        e,
+                        IdentityError::Ca(warden_identity::client::ClientError::Refused { .. })
+                    )
+                {
+                    // The CA will not renew this one (denied, forgotten):
+                    // attest again with the pod's token.
+                    current = None;
+                }
                 wait
             }
         };
-        // Sleep, but wake to withdraw the certificate the moment it expires.
-        let deadline = tokio::time::Instant::now() + wait;
-        while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep_until(
-                deadline.min(tokio::time::Instant::now() + Duration::from_secs(1)),
-            )
-            .await;
-            expire_if_due(&tx, &metrics);
-        }
-        if current
-            .as_ref()
-            .is_some_and(|c| c.not_after <= OffsetDateTime::now_utc())
-        {
-            // An expired certificate cannot renew; the token is spent. Keep
-            // trying the renewal (the operator may extend it); stay closed.
-            tracing::error!("certificate expired before it could be renewed");
-        }
     }
 }
 

@@ -75,14 +75,24 @@ pub async fn run(
     for l in &config.outbound {
         outbound.push((l.clone(), bind(l.name.clone(), l.listen).await?));
     }
-    let identity = identity::start(&config.identity, metrics.clone()).await?;
+    let (identity, waiting) = identity::start(&config.identity, metrics.clone()).await?;
 
     let ready_id = identity.clone();
     let ready: warden_identity::admin::ReadyCheck = Arc::new(move || {
-        ready_id
+        let valid = ready_id
             .borrow()
             .as_ref()
-            .is_some_and(|id| id.is_valid(OffsetDateTime::now_utc()))
+            .is_some_and(|id| id.is_valid(OffsetDateTime::now_utc()));
+        if valid {
+            Ok(())
+        } else {
+            Err(format!(
+                "no identity yet: {}",
+                waiting
+                    .get()
+                    .unwrap_or_else(|| "the certificate has expired".to_owned())
+            ))
+        }
     });
     tokio::spawn(warden_identity::admin::serve(
         admin,

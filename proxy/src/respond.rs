@@ -202,7 +202,9 @@ impl Refusal {
             Self::Forbidden { .. } => "the caller's identity is not allowed to make this request",
             Self::RateLimited(_) => "the caller is over its request-rate limit",
             Self::Overloaded => "too many requests in flight on this listener",
-            Self::NoIdentity => "this proxy holds no valid certificate right now",
+            Self::NoIdentity => {
+                "no identity yet: this proxy holds no valid certificate right now (its /ready says why)"
+            }
             Self::AppUnavailable => "the app behind this proxy did not answer",
             Self::AppConnectTimeout => {
                 "the app behind this proxy did not accept a connection in time"

@@ -190,6 +190,16 @@ fn read_listeners(
     child: &mut Child,
     context: impl Fn() -> String,
 ) -> std::collections::HashMap<String, SocketAddr> {
+    read_listeners_until(child, context, None)
+}
+
+/// As `read_listeners`, returning as soon as `listeners` listeners are
+/// bound when given (a process that may never be ready).
+fn read_listeners_until(
+    child: &mut Child,
+    context: impl Fn() -> String,
+    listeners: Option<usize>,
+) -> std::collections::HashMap<String, SocketAddr> {
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -211,6 +221,9 @@ fn read_listeners(
         match parts.as_slice() {
             ["listening", name, a] => {
                 addrs.insert((*name).to_owned(), a.parse().unwrap());
+                if listeners == Some(addrs.len()) {
+                    return addrs;
+                }
             }
             ["ready"] => return addrs,
             _ => {}
@@ -676,6 +689,16 @@ impl Proxy {
     }
 
     pub fn start_file_env(path: &Path, env: &[(&str, &str)]) -> Proxy {
+        Self::spawn(path, env, None)
+    }
+
+    /// Starts `warden proxy` on `path` and returns once `listeners`
+    /// listeners are bound, ready or not (it may have no identity).
+    pub fn start_unready(path: &Path, listeners: usize) -> Proxy {
+        Self::spawn(path, &[], Some(listeners))
+    }
+
+    fn spawn(path: &Path, env: &[(&str, &str)], listeners: Option<usize>) -> Proxy {
         let mut child = warden()
             .env("WARDEN_LOG", "info")
             .envs(env.iter().copied())
@@ -694,7 +717,8 @@ impl Proxy {
             }
         });
         let log = stderr.clone();
-        let addrs = read_listeners(&mut child, move || log.lock().unwrap().clone());
+        let addrs =
+            read_listeners_until(&mut child, move || log.lock().unwrap().clone(), listeners);
         Proxy {
             child,
             addrs,

@@ -14,8 +14,9 @@ use tokio::sync::watch;
 
 use crate::http::{Body, respond, server_builder};
 
-/// Tells `/ready` whether the process can do its job right now.
-pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+/// Tells `/ready` whether the process can do its job right now, and if not,
+/// why (the body of the 503, for whoever reads a failing probe).
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Serves the admin endpoints on `listener` until `shutdown` turns true.
 pub async fn serve(
@@ -59,8 +60,14 @@ fn answer(req: &Request<Incoming>, registry: &Registry, ready: &ReadyCheck) -> R
     }
     match req.uri().path() {
         "/live" => respond(StatusCode::OK, "text/plain", "live\n"),
-        "/ready" if ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
-        "/ready" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+        "/ready" => match ready() {
+            Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n"),
+            Err(why) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {}\n", why.replace(['\n', '\r'], " ")),
+            ),
+        },
         "/metrics" => {
             let mut buf = Vec::new();
             let encoder = TextEncoder::new();

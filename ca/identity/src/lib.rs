@@ -1,7 +1,7 @@
 //! The workload identity that both sides of warden share: the SPIFFE
 //! verifiers and the [`tls::VerifiedPeer`] only they can make, the
 //! hot-swappable certificate resolver, the CA client and its API types, PEM
-//! and lifetime helpers; and the small HTTP pieces both servers use (problem
+//! and lifetime helpers, credential files; and the small HTTP pieces both servers use (problem
 //! answers, the admin server, rate-limited logging).
 //!
 //! It exists so that the proxy links none of the CA's store and signing code
@@ -17,6 +17,8 @@ pub mod admin;
 pub mod api;
 #[cfg(feature = "full")]
 pub mod client;
+#[cfg(feature = "full")]
+pub mod files_out;
 #[cfg(feature = "full")]
 pub mod http;
 #[cfg(feature = "full")]

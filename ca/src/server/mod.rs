@@ -71,8 +71,13 @@ pub async fn run(
         let until = cert_valid_until.clone();
         let listening = listening.clone();
         Arc::new(move || {
-            listening.load(Ordering::Relaxed)
-                && until.load(Ordering::Relaxed) > OffsetDateTime::now_utc().unix_timestamp()
+            if !listening.load(Ordering::Relaxed) {
+                Err("shutting down".to_owned())
+            } else if until.load(Ordering::Relaxed) <= OffsetDateTime::now_utc().unix_timestamp() {
+                Err("the CA server's own certificate has expired".to_owned())
+            } else {
+                Ok(())
+            }
         })
     };
     tokio::spawn(crate::admin::serve(

@@ -114,7 +114,7 @@ impl MtlsConnector {
     }
 
     async fn connect_inner(&self) -> Result<TlsStream<TcpStream>, BoxError> {
-        let config = self.config.borrow().clone().ok_or("no valid certificate")?;
+        let config = self.config.borrow().clone().ok_or(NoCertificate)?;
         let tcp = TcpStream::connect(&*self.destination).await?;
         let _ = tcp.set_nodelay(true);
         let host = self
@@ -129,6 +129,11 @@ impl MtlsConnector {
         Ok(TlsConnector::from(config).connect(name, tcp).await?)
     }
 }
+
+/// The proxy holds no valid certificate: nothing was tried.
+#[derive(Debug, thiserror::Error)]
+#[error("this proxy holds no valid certificate yet")]
+pub struct NoCertificate;
 
 impl tower_service::Service<Uri> for MtlsConnector {
     type Response = MtlsStream;

@@ -192,6 +192,9 @@ async fn splice(
 /// Secure-naming failures get their own answer: they mean a wrong or
 /// impersonating server, not a network problem.
 pub(crate) fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> Refusal {
+    if crate::stack::causes(e).any(|c| c.is::<connector::NoCertificate>()) {
+        return Refusal::NoIdentity;
+    }
     let wrong_name = crate::stack::causes(e).any(|c| {
         matches!(
             c.downcast_ref::<rustls::Error>(),

@@ -1,13 +1,23 @@
 //! Writing a workload's credentials: `cert.pem` (leaf then intermediates),
-//! `key.pem` (0600) and `bundle.pem`, each replaced atomically so a process
-//! watching the directory never reads half a file.
+//! `key.pem` (0600) and `bundle.pem`, each replaced atomically and fsynced
+//! (the directory too), so a process watching the directory never reads
+//! half a file and a crash never leaves one. `warden ca certify` writes
+//! them, and so does a proxy into its `state_dir`.
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
-use crate::authority::CaError;
+/// A file that could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct WriteError {
+    /// The file or directory.
+    pub path: std::path::PathBuf,
+    /// Why.
+    pub source: std::io::Error,
+}
 
 /// File names in an output directory.
 pub const CERT: &str = "cert.pem";
@@ -16,15 +26,15 @@ pub const KEY: &str = "key.pem";
 /// Trust bundle file.
 pub const BUNDLE: &str = "bundle.pem";
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
-    move |source| CaError::Io {
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
+    move |source| WriteError {
         path: path.to_path_buf(),
         source,
     }
 }
 
 /// Writes `contents` to `path` through a temporary file and a rename.
-fn replace(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
+fn replace(path: &Path, contents: &str, mode: u32) -> Result<(), WriteError> {
     let tmp = path.with_extension("pem.tmp");
     let _ = fs::remove_file(&tmp);
     let mut f = fs::OpenOptions::new()
@@ -45,7 +55,7 @@ pub fn write_credentials(
     chain_pem: &str,
     key_pem: &str,
     bundle_pem: &str,
-) -> Result<(), CaError> {
+) -> Result<(), WriteError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -53,5 +63,9 @@ pub fn write_credentials(
         .map_err(io(dir))?;
     replace(&dir.join(KEY), key_pem, 0o600)?;
     replace(&dir.join(CERT), chain_pem, 0o644)?;
-    replace(&dir.join(BUNDLE), bundle_pem, 0o644)
+    replace(&dir.join(BUNDLE), bundle_pem, 0o644)?;
+    // The renames themselves survive a crash once the directory is synced.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
