@@ -99,6 +99,13 @@ fn tokenreview_mode_issues_the_pod_identity_and_refuses_each_class() {
     let (status, answer, reason) = attest(server.api, &bundle, &pod_id(&cart), &default_aud);
     assert_eq!((status, reason.as_str()), (401, "k8s-rejected"), "{answer}");
 
+    // An API server that ignores the audiences asked for reviews against
+    // its own default: never taken for warden's.
+    kube.ignore_audiences(true);
+    let (status, _, reason) = attest(server.api, &bundle, &pod_id(&cart), &default_aud);
+    assert_eq!((status, reason.as_str()), (401, "k8s-wrong-audience"));
+    kube.ignore_audiences(false);
+
     // Not bound to a pod (`kubectl create token`).
     let mut unbound = kube.claims(&cart);
     unbound["kubernetes.io"]
@@ -184,9 +191,22 @@ fn tokenreview_mode_issues_the_pod_identity_and_refuses_each_class() {
         (Some("shop"), Some("cart"))
     );
     assert_eq!(issued["pod_uid"], cart.uid);
-    assert!(
-        audit.contains("k8s_pod_gone") && audit.contains("spiffe://example.org/ns/shop/sa/search"),
-        "a refusal with a verified identity is audited"
+    let refusal = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["reason"] == "k8s_pod_gone")
+        .expect("a refusal of a verified pod is audited");
+    assert_eq!(
+        refusal["spiffe_id"],
+        "spiffe://example.org/ns/shop/sa/search"
+    );
+    assert_eq!(
+        (
+            refusal["namespace"].as_str(),
+            refusal["service_account"].as_str(),
+            refusal["pod"].as_str()
+        ),
+        (Some("shop"), Some("search"), Some("search-0"))
     );
 }
 

@@ -290,6 +290,28 @@ impl CaService {
         self.note_refusal(kind, refusal, id, now);
     }
 
+    /// Counts, logs and audits a refused attestation of a pod whose token
+    /// verified (the trail names its namespace, ServiceAccount and pod).
+    pub fn record_pod_refusal(
+        &self,
+        refusal: &Refusal,
+        pod: &crate::kubernetes::Pod,
+        now: OffsetDateTime,
+    ) {
+        self.metrics
+            .issuances
+            .with_label_values(&["kubernetes", "refused"])
+            .inc();
+        let s = &pod.subject;
+        let fields = [
+            ("namespace", s.namespace.clone()),
+            ("service_account", s.service_account.clone()),
+            ("pod", s.pod.clone()),
+            ("pod_uid", s.pod_uid.clone()),
+        ];
+        self.note_refusal_with("kubernetes", refusal, Some(&pod.id), &fields, now);
+    }
+
     /// Counts, logs and audits a refused request of any kind. Refusals that
     /// name no identity (junk, unknown tokens) are only counted and logged,
     /// rate-limited: anyone can send them, and they must not fill the disk or
@@ -299,6 +321,17 @@ impl CaService {
         kind: &'static str,
         refusal: &Refusal,
         id: Option<&SpiffeId>,
+        now: OffsetDateTime,
+    ) {
+        self.note_refusal_with(kind, refusal, id, &[], now);
+    }
+
+    fn note_refusal_with(
+        &self,
+        kind: &'static str,
+        refusal: &Refusal,
+        id: Option<&SpiffeId>,
+        fields: &[(&'static str, String)],
         now: OffsetDateTime,
     ) {
         static REFUSAL_LOG: crate::ratelog::LogLimiter = crate::ratelog::LogLimiter::new(10);
@@ -311,10 +344,13 @@ impl CaService {
         if id.is_none() {
             return;
         }
-        let event = Event::new("refused")
-            .with("kind", kind)
-            .with("reason", reason)
-            .with("spiffe_id", id_text);
+        let event = fields.iter().fold(
+            Event::new("refused")
+                .with("kind", kind)
+                .with("reason", reason)
+                .with("spiffe_id", id_text),
+            |e, (k, v)| e.with(k, v.as_str()),
+        );
         if let Err(e) = self.audit(event, now) {
             tracing::error!(error = %e, "could not audit a refusal");
         }

@@ -157,7 +157,12 @@ impl CaConfig {
              # Workloads that may ask this CA to deny an identity (POST /v1/deny),\n\
              # as SPIFFE IDs or patterns such as spiffe://{trust_domain}/ns/security/*.\n\
              # Nobody may unless listed.\n\
-             deny_reporters: []\n",
+             deny_reporters: []\n\
+             # Pods get spiffe://{trust_domain}/ns/<namespace>/sa/<service account> from\n\
+             # their projected ServiceAccount token (audience warden); see README.\n\
+             # kubernetes:\n\
+             #   allow: [spiffe://{trust_domain}/ns/shop/*]   # nobody unless listed\n\
+             #   verify: tokenreview                          # or jwks (with issuer:)\n",
             HumanDuration(DEFAULT_LEAF_TTL),
             HumanDuration(DEFAULT_MAX_LEAF_TTL),
             HumanDuration(DEFAULT_TOKEN_TTL),

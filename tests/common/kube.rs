@@ -80,6 +80,9 @@ impl SigningKey {
 struct State {
     keys: Vec<SigningKey>,
     pods: HashMap<(String, String), Pod>,
+    /// Review as an API server that ignores `spec.audiences` (and checks
+    /// its own default audience instead): no `status.audiences`.
+    ignore_audiences: bool,
 }
 
 /// The fake API server.
@@ -137,6 +140,7 @@ impl Kube {
                 SigningKey::new("ec-1", Algorithm::ES256),
             ],
             pods: HashMap::new(),
+            ignore_audiences: false,
         }));
         let calls = Arc::new(Mutex::new(HashMap::new()));
         {
@@ -198,6 +202,12 @@ impl Kube {
             .unwrap()
             .pods
             .remove(&(pod.namespace.clone(), pod.name.clone()));
+    }
+
+    /// Makes TokenReview ignore the audiences asked for, as an API server
+    /// without audience support does.
+    pub fn ignore_audiences(&self, on: bool) {
+        self.state.lock().unwrap().ignore_audiences = on;
     }
 
     /// Replaces the key set with a new key (a rotation).
@@ -409,6 +419,7 @@ fn review(state: &Mutex<State>, body: &[u8]) -> Value {
         "metadata": {"creationTimestamp": null},
         "spec": {"token": token, "audiences": audiences},
     });
+    let ignore = state.lock().unwrap().ignore_audiences;
     let verified = (|| {
         let header = jsonwebtoken::decode_header(token).ok()?;
         let state = state.lock().unwrap();
@@ -417,7 +428,11 @@ fn review(state: &Mutex<State>, body: &[u8]) -> Value {
             .iter()
             .find(|k| Some(&k.kid) == header.kid.as_ref())?;
         let mut v = Validation::new(key.alg);
-        v.set_audience(&audiences);
+        if ignore {
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&audiences);
+        }
         v.set_issuer(&[ISSUER]);
         jsonwebtoken::decode::<Value>(token, &key.decoding, &v)
             .ok()
@@ -466,7 +481,7 @@ fn review(state: &Mutex<State>, body: &[u8]) -> Value {
             .collect(),
         _ => Vec::new(),
     };
-    answer["status"] = json!({
+    let mut status = json!({
         "authenticated": true,
         "user": {
             "username": format!("system:serviceaccount:{ns}:{}", k["serviceaccount"]["name"].as_str().unwrap_or("")),
@@ -476,5 +491,9 @@ fn review(state: &Mutex<State>, body: &[u8]) -> Value {
         },
         "audiences": audiences.iter().filter(|a| token_aud.contains(a)).collect::<Vec<_>>(),
     });
+    if ignore {
+        status.as_object_mut().unwrap().remove("audiences");
+    }
+    answer["status"] = status;
     answer
 }

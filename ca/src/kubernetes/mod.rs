@@ -186,13 +186,13 @@ impl Attestor {
     }
 
     /// Verifies `token` at `now` (seconds since the epoch) and returns the
-    /// pod it attests. `claimed` is set to the identity the token names as
-    /// soon as that is known from verified data (for the audit trail).
+    /// pod it attests. `claimed` is set to the pod the token names as soon
+    /// as verified data says which (for the audit trail of a refusal).
     pub async fn attest(
         &self,
         token: &str,
         now: i64,
-        claimed: &mut Option<SpiffeId>,
+        claimed: &mut Option<Pod>,
     ) -> Result<Pod, Refused> {
         let token = token.trim();
         let header = claims::header(token)?;
@@ -258,7 +258,10 @@ impl Attestor {
             &format!("/ns/{}/sa/{}", subject.namespace, subject.service_account),
         )
         .map_err(|e| Refused::Subject(format!("not a SPIFFE ID path: {e}")))?;
-        *claimed = Some(id.clone());
+        *claimed = Some(Pod {
+            id: id.clone(),
+            subject: subject.clone(),
+        });
         if !self.cfg.allow.iter().any(|p| p.matches(&id)) {
             return Err(Refused::NotAllowed(id));
         }

@@ -51,19 +51,31 @@ pub async fn handle(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>)
 async fn certify(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
     let now = OffsetDateTime::now_utc();
     let parsed = match parse(req).await {
-        Ok((request, Some(k8s_token))) => attest(&svc, &k8s_token, now)
-            .await
-            .map(|pod| (request, Caller::Pod(pod))),
+        Ok((request, Some(k8s_token))) => match attest(&svc, &k8s_token, now).await {
+            Ok(pod) => Ok((request, Caller::Pod(pod))),
+            Err((refusal, Some(pod))) => {
+                let decision = tokio::task::spawn_blocking(move || {
+                    svc.record_pod_refusal(&refusal, &pod, now);
+                    refusal
+                })
+                .await;
+                return match decision {
+                    Ok(r) => refused(&r),
+                    Err(join) => problem(500, "internal", &format!("refusal task failed: {join}")),
+                };
+            }
+            Err((refusal, None)) => Err(("kubernetes", refusal)),
+        },
         Ok((request, None)) => Ok((request, caller)),
-        Err(refusal) => Err(("malformed", refusal, None)),
+        Err(refusal) => Err(("malformed", refusal)),
     };
     let decision = match parsed {
         Ok((request, caller)) => {
             tokio::task::spawn_blocking(move || svc.certify(request, caller, now)).await
         }
-        Err((kind, refusal, claimed)) => {
+        Err((kind, refusal)) => {
             tokio::task::spawn_blocking(move || {
-                svc.record_refusal(kind, &refusal, claimed.as_ref(), now);
+                svc.record_refusal(kind, &refusal, None, now);
                 Err(refusal)
             })
             .await
@@ -91,19 +103,15 @@ async fn certify(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) ->
     }
 }
 
-/// Attests a pod by its ServiceAccount token; a refusal comes with the
-/// identity the token named, once verified data said which.
+/// Attests a pod by its ServiceAccount token; a refusal comes with the pod
+/// the token named, once verified data said which.
 async fn attest(
     svc: &CaService,
     token: &str,
     now: OffsetDateTime,
-) -> Result<crate::kubernetes::Pod, (&'static str, Refusal, Option<warden_config::SpiffeId>)> {
+) -> Result<crate::kubernetes::Pod, (Refusal, Option<crate::kubernetes::Pod>)> {
     let Some(attestor) = &svc.kubernetes else {
-        return Err((
-            "kubernetes",
-            crate::kubernetes::Refused::Disabled.into(),
-            None,
-        ));
+        return Err((crate::kubernetes::Refused::Disabled.into(), None));
     };
     let mut claimed = None;
     match attestor
@@ -111,7 +119,26 @@ async fn attest(
         .await
     {
         Ok(pod) => Ok(pod),
-        Err(r) => Err(("kubernetes", r.into(), claimed)),
+        Err(r) => {
+            if claimed.is_none() {
+                // Who the token claims to be, unverified: for the operator
+                // reading the log, never for the trail.
+                static CLAIMS_LOG: crate::ratelog::LogLimiter = crate::ratelog::LogLimiter::new(10);
+                if CLAIMS_LOG.allow()
+                    && let Ok(c) = crate::kubernetes::claims::unverified(token)
+                    && let Some(k) = c.kubernetes
+                {
+                    tracing::warn!(
+                        reason = r.reason(),
+                        namespace = %k.namespace.chars().take(64).collect::<String>(),
+                        service_account = %k.serviceaccount.map(|s| s.name.chars().take(64).collect::<String>()).unwrap_or_default(),
+                        pod = %k.pod.map(|p| p.name.chars().take(64).collect::<String>()).unwrap_or_default(),
+                        "a ServiceAccount token was refused; it claims (unverified) to be this pod"
+                    );
+                }
+            }
+            Err((r.into(), claimed))
+        }
     }
 }
 
