@@ -43,6 +43,7 @@ fn issuance(c: &mut Criterion) {
             let caller = Caller::Svid {
                 id: id.clone(),
                 not_after: OffsetDateTime::now_utc() + Duration::from_secs(3600),
+                serial: "00".into(),
             };
             svc.certify(req, caller, OffsetDateTime::now_utc()).unwrap()
         })

@@ -50,8 +50,12 @@ enum Command {
     /// Run the sidecar or gateway proxy.
     Proxy {
         /// The proxy config file (YAML).
-        #[arg(long, env = "WARDEN_CONFIG")]
-        config: PathBuf,
+        #[arg(long, env = "WARDEN_CONFIG", required_unless_present = "config_env")]
+        config: Option<PathBuf>,
+        /// Read the config (YAML) from this environment variable instead, as
+        /// an injected sidecar does.
+        #[arg(long, conflicts_with = "config")]
+        config_env: Option<String>,
     },
     /// Validate a config file (proxy or CA): exit 0, or exit 2 listing `file:line:column: problem`; warnings (rules that can never match) do not change the exit code.
     Check {
@@ -223,6 +227,19 @@ fn usage(message: impl std::fmt::Display) -> Failure {
     }
 }
 
+/// Where `warden proxy` reads its config: `--config-env` or the file.
+fn config_source(
+    file: &Option<PathBuf>,
+    env: &Option<String>,
+) -> warden_config::proxy::ConfigSource {
+    match (env, file) {
+        (Some(name), _) => warden_config::proxy::ConfigSource::Env(name.clone()),
+        (None, Some(f)) => warden_config::proxy::ConfigSource::File(f.clone()),
+        // clap requires one of them.
+        (None, None) => warden_config::proxy::ConfigSource::File(PathBuf::from("proxy.yaml")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Demo { .. }) {
@@ -233,8 +250,8 @@ fn main() -> ExitCode {
     init_logging(cli.log_format, default_level);
     // The proxy's config says how many worker threads it gets; read it first.
     let mut workers = None;
-    if let Command::Proxy { config } = &cli.command {
-        match ProxyConfig::load(config) {
+    if let Command::Proxy { config, config_env } = &cli.command {
+        match config_source(config, config_env).load() {
             Ok(c) => workers = Some(c.workers),
             Err(d) => {
                 eprintln!("error: {d}");
@@ -312,9 +329,10 @@ async fn run(command: Command) -> Result<(), Failure> {
             println!("{}: ok", config.display());
             Ok(())
         }
-        Command::Proxy { config: path } => {
-            let config = ProxyConfig::load(&path).map_err(usage)?;
-            warden_proxy::run(config, path, shutdown_on_signal()).await?;
+        Command::Proxy { config, config_env } => {
+            let source = config_source(&config, &config_env);
+            let config = source.load().map_err(usage)?;
+            warden_proxy::run(config, source, shutdown_on_signal()).await?;
             Ok(())
         }
         Command::Limits { records, headroom } => {

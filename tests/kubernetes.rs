@@ -86,8 +86,9 @@ fn tokenreview_mode_issues_the_pod_identity_and_refuses_each_class() {
     );
     assert_eq!((status, reason.as_str()), (400, "csr-san-mismatch"));
 
-    // A token the API server does not authenticate (here: for the API's
-    // default audience, not warden's).
+    // A token for the API's default audience: refused before the API
+    // server is even asked.
+    let reviews = kube.calls("review");
     let default_aud = kube.sign(
         &with(
             kube.claims(&cart),
@@ -96,13 +97,32 @@ fn tokenreview_mode_issues_the_pod_identity_and_refuses_each_class() {
         ),
         "rsa-1",
     );
-    let (status, answer, reason) = attest(server.api, &bundle, &pod_id(&cart), &default_aud);
+    let (status, _, reason) = attest(server.api, &bundle, &pod_id(&cart), &default_aud);
+    assert_eq!((status, reason.as_str()), (401, "k8s-wrong-audience"));
+    assert_eq!(
+        kube.calls("review"),
+        reviews,
+        "junk costs the API server no call"
+    );
+
+    // A token the API server does not authenticate (a signature that is
+    // not the cluster's); its words stay in the CA's log.
+    let good = kube.token(&cart);
+    let forged = format!("{}AAAA", &good[..good.len() - 4]);
+    let (status, answer, reason) = attest(server.api, &bundle, &pod_id(&cart), &forged);
     assert_eq!((status, reason.as_str()), (401, "k8s-rejected"), "{answer}");
+    assert!(
+        !answer["detail"]
+            .as_str()
+            .unwrap()
+            .contains("invalid bearer token"),
+        "{answer}"
+    );
 
     // An API server that ignores the audiences asked for reviews against
     // its own default: never taken for warden's.
     kube.ignore_audiences(true);
-    let (status, _, reason) = attest(server.api, &bundle, &pod_id(&cart), &default_aud);
+    let (status, _, reason) = attest(server.api, &bundle, &pod_id(&cart), &kube.token(&cart));
     assert_eq!((status, reason.as_str()), (401, "k8s-wrong-audience"));
     kube.ignore_audiences(false);
 
@@ -400,6 +420,29 @@ fn a_jwks_file_needs_no_api_and_ca_certify_takes_a_service_account_token() {
         (kube.calls("discovery"), kube.calls("jwks")),
         (0, 1),
         "only the test's own fetch"
+    );
+
+    // A pod's certificate does not renew over mTLS: the pod proves itself
+    // with its token again (its pod may be gone).
+    let r = run(&[
+        "ca",
+        "certify",
+        "--server",
+        &url,
+        "--bundle",
+        &bundle,
+        "--spiffe-id",
+        &pod_id(&pod),
+        "--renew-from",
+        s(&out),
+        "--out-dir",
+        s(&out),
+    ]);
+    assert!(!r.status.success());
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("k8s-renew-with-token"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
     );
 
     // Refused: the CLI says why, with the CA's reason.

@@ -51,6 +51,8 @@ pub enum Caller {
         id: SpiffeId,
         /// Its NotAfter.
         not_after: OffsetDateTime,
+        /// Its serial number, hex (as the store keeps it).
+        serial: String,
     },
     /// A pod attested by its ServiceAccount token (see [`crate::kubernetes`]).
     Pod(crate::kubernetes::Pod),
@@ -384,10 +386,24 @@ impl CaService {
                 }
                 id
             }
-            (None, Caller::Svid { id, not_after }) => {
+            (
+                None,
+                Caller::Svid {
+                    id,
+                    not_after,
+                    serial,
+                },
+            ) => {
+                *claimed = Some(id.clone());
                 if not_after <= now {
-                    *claimed = Some(id);
                     return Err(Refusal::SvidExpired);
+                }
+                // A pod proves itself again at every renewal (its pod may be
+                // gone): its certificate alone renews nothing.
+                let kind =
+                    store::issued_kind(&self.store.lock(), &serial).map_err(CaError::from)?;
+                if kind.as_deref() == Some("kubernetes") {
+                    return Err(crate::kubernetes::Refused::RenewWithToken.into());
                 }
                 id
             }

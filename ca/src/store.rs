@@ -144,6 +144,15 @@ impl Store {
     }
 }
 
+/// How the certificate with `serial` was obtained (`bootstrap`, `renewal`,
+/// `kubernetes`, ...), when this CA issued it.
+pub fn issued_kind(conn: &Connection, serial: &str) -> rusqlite::Result<Option<String>> {
+    use rusqlite::OptionalExtension;
+    conn.prepare_cached("SELECT kind FROM issued WHERE serial = ?")?
+        .query_row([serial], |r| r.get(0))
+        .optional()
+}
+
 /// Starts a transaction that holds the write lock from its first statement.
 pub fn begin_write(conn: &mut Connection) -> rusqlite::Result<WriteTx<'_>> {
     conn.transaction_with_behavior(TransactionBehavior::Immediate)

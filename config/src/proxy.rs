@@ -43,6 +43,45 @@ pub struct ProxyConfig {
     pub redis: Option<String>,
 }
 
+/// Where the proxy's config is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// A YAML file, reloaded when it changes or on SIGHUP.
+    File(PathBuf),
+    /// The YAML text of an environment variable (what `warden inject` gives
+    /// a sidecar: no ConfigMap to keep in sync; the pod rolls to change it).
+    Env(String),
+}
+
+impl ConfigSource {
+    /// Reads and validates the config.
+    pub fn load(&self) -> Result<ProxyConfig, Diagnostics> {
+        match self {
+            ConfigSource::File(path) => ProxyConfig::load(path),
+            ConfigSource::Env(name) => {
+                let shown = PathBuf::from(format!("${name}"));
+                let text = std::env::var(name).map_err(|e| {
+                    Diagnostics(vec![crate::Diagnostic {
+                        file: shown.clone(),
+                        line: 0,
+                        column: 0,
+                        message: format!("cannot read the environment variable: {e}"),
+                    }])
+                })?;
+                ProxyConfig::parse(&shown, &text)
+            }
+        }
+    }
+
+    /// The file, when it is one (watched for changes).
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            ConfigSource::File(p) => Some(p),
+            ConfigSource::Env(_) => None,
+        }
+    }
+}
+
 /// Where the proxy's X.509-SVID comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdentitySource {
@@ -78,8 +117,10 @@ pub enum IdentitySource {
     Kubernetes {
         /// `https://host:port` of the CA.
         url: String,
-        /// The CA's trust bundle.
-        bundle: PathBuf,
+        /// The CA's trust bundle: a file, or the PEM itself (`bundle_pem`,
+        /// what `warden inject` writes: the trust anchors travel with the
+        /// pod spec, as Linkerd's do).
+        bundle: Bundle,
         /// The projected token (audience `warden`).
         token_file: PathBuf,
         /// The trust domain, when given or read here from the bundle; else
@@ -88,6 +129,15 @@ pub enum IdentitySource {
         /// Requested certificate lifetime (the CA caps it).
         ttl: Option<Duration>,
     },
+}
+
+/// A trust bundle, in a file or inline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bundle {
+    /// A PEM file.
+    File(PathBuf),
+    /// PEM text.
+    Pem(String),
 }
 
 /// Where a pod's projected ServiceAccount token is mounted by default
@@ -233,7 +283,8 @@ struct RawIdentity {
 #[serde(deny_unknown_fields)]
 struct RawKubernetesIdentity {
     ca_url: String,
-    bundle: PathBuf,
+    bundle: Option<PathBuf>,
+    bundle_pem: Option<String>,
     token_file: Option<PathBuf>,
     trust_domain: Option<TrustDomain>,
     ttl: Option<HumanDuration>,
@@ -530,12 +581,22 @@ fn identity_source(
             );
             return None;
         }
-        let bundle = resolve(base, &k.value.bundle);
-        let trust_domain = k
-            .value
-            .trust_domain
-            .clone()
-            .or_else(|| trust_domain_of(&bundle));
+        let bundle = match (&k.value.bundle, &k.value.bundle_pem) {
+            (Some(f), None) => Bundle::File(resolve(base, f)),
+            (None, Some(pem)) => Bundle::Pem(pem.clone()),
+            _ => {
+                errors.at(
+                    k,
+                    "identity `kubernetes:` needs `bundle` (a file) or `bundle_pem`, one of them",
+                );
+                return None;
+            }
+        };
+        let trust_domain = k.value.trust_domain.clone().or_else(|| match &bundle {
+            Bundle::File(f) => trust_domain_of(f),
+            // Read by the proxy at start.
+            Bundle::Pem(_) => None,
+        });
         if !valid_url(&k.value.ca_url) {
             errors.at(
                 k,

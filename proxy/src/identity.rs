@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use warden_config::proxy::IdentitySource;
+use warden_config::proxy::{Bundle, IdentitySource};
 use warden_config::{SpiffeId, TrustDomain};
 use warden_identity::client::{CaClient, Credentials};
 use warden_identity::files_out;
@@ -203,6 +203,7 @@ pub async fn start(
                 token_file,
                 id: spiffe_id,
                 state_dir,
+                bundle_pem,
             };
             tokio::spawn(keep_from_ca(
                 tx,
@@ -220,7 +221,10 @@ pub async fn start(
             trust_domain,
             ttl,
         } => {
-            let bundle_pem = read(&bundle)?;
+            let bundle_pem = match &bundle {
+                Bundle::File(f) => read(f)?,
+                Bundle::Pem(pem) => pem.clone(),
+            };
             let trust_domain = match trust_domain {
                 Some(td) => td,
                 None => parse_certs(&bundle_pem)
@@ -229,7 +233,10 @@ pub async fn start(
                     .ok_or_else(|| {
                         IdentityError::Bundle(format!(
                             "{} names no trust domain (no spiffe:// URI SAN): set identity.kubernetes.trust_domain",
-                            bundle.display()
+                            match &bundle {
+                                Bundle::File(f) => f.display().to_string(),
+                                Bundle::Pem(_) => "bundle_pem".to_owned(),
+                            }
                         ))
                     })?,
             };
@@ -339,6 +346,8 @@ enum Proof {
         token_file: PathBuf,
         id: SpiffeId,
         state_dir: Option<PathBuf>,
+        /// The configured bundle: a stored certificate must verify against it.
+        bundle_pem: String,
     },
     /// The pod's projected ServiceAccount token, read anew each time.
     ServiceAccount {
@@ -382,17 +391,21 @@ impl Proof {
         let Proof::JoinToken {
             id,
             state_dir: Some(dir),
+            bundle_pem,
             ..
         } = self
         else {
             return None;
         };
+        if let Err(why) = private_dir(dir) {
+            tracing::warn!(dir = %dir.display(), "not using the stored certificate: {why}");
+            return None;
+        }
         let file = |name| std::fs::read_to_string(dir.join(name)).ok();
-        let (chain, key, bundle) = (
-            file(files_out::CERT)?,
-            file(files_out::KEY)?,
-            file(files_out::BUNDLE)?,
-        );
+        let (chain, key) = (file(files_out::CERT)?, file(files_out::KEY)?);
+        // Against the configured trust anchors, never the stored ones: a
+        // file in the state directory cannot bring its own root.
+        let bundle = bundle_pem.clone();
         let identity = match Identity::from_pem(&chain, &key, &bundle) {
             Ok(i) => i,
             Err(e) => {
@@ -413,6 +426,18 @@ impl Proof {
             not_after: identity.not_after,
         };
         Some((creds, identity))
+    }
+
+    /// Whether the CA gave up on this proof (a refusal that no retry with
+    /// the same certificate changes: 401, 403).
+    fn final_refusal(e: &IdentityError) -> bool {
+        matches!(
+            e,
+            IdentityError::Ca(warden_identity::client::ClientError::Refused {
+                status: 401 | 403,
+                ..
+            })
+        )
     }
 
     /// Keeps a new certificate for the next start (join tokens only).
@@ -437,6 +462,7 @@ impl Proof {
                     token_file,
                     id,
                     state_dir,
+                    ..
                 },
                 IdentityError::Ca(ClientError::Refused { reason, .. }),
             ) if reason.starts_with("token-") => {
@@ -477,6 +503,27 @@ impl Proof {
     }
 }
 
+/// A state directory only this process's user may write (else anyone who
+/// can write it could plant a certificate).
+fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(|e| e.to_string())?;
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "it is writable by group or others (mode {:o})",
+            meta.mode() & 0o777
+        ));
+    }
+    if me.is_some_and(|uid| uid != meta.uid()) {
+        return Err(format!(
+            "it is owned by uid {}, not this process's",
+            meta.uid()
+        ));
+    }
+    Ok(())
+}
+
 async fn keep_from_ca(
     tx: watch::Sender<Option<Arc<Identity>>>,
     metrics: ProxyMetrics,
@@ -514,13 +561,18 @@ async fn keep_from_ca(
         let expired = current
             .as_ref()
             .is_some_and(|c| c.not_after <= OffsetDateTime::now_utc());
-        if expired && matches!(proof, Proof::ServiceAccount { .. }) {
-            // A pod can always attest again.
+        if expired {
+            // An expired certificate renews nothing: back to the token (an
+            // operator may have written a new one).
             current = None;
         }
-        let result = match &current {
-            None => proof.bootstrap(&client, ttl).await,
-            Some(c) => client.renew(c, ttl).await.map_err(IdentityError::from),
+        let result = match (&current, &proof) {
+            // A pod proves itself with its token every time, as Istio's
+            // sidecars do: the CA checks the pod still exists.
+            (_, Proof::ServiceAccount { .. }) | (None, _) => proof.bootstrap(&client, ttl).await,
+            (Some(c), Proof::JoinToken { .. }) => {
+                client.renew(c, ttl).await.map_err(IdentityError::from)
+            }
         };
         let checked = result.and_then(|c| {
             Identity::from_pem(&c.chain_pem, &c.key_pem, &c.bundle_pem).map(|mut i| {
@@ -540,8 +592,9 @@ async fn keep_from_ca(
                 proof.store(&creds);
                 waiting.clear();
                 current = Some(creds);
+                // Never back to back, whatever the clocks say.
                 (at - OffsetDateTime::now_utc())
-                    .max(time::Duration::ZERO)
+                    .max(time::Duration::SECOND)
                     .unsigned_abs()
             }
             Err(e) => {
@@ -563,14 +616,9 @@ async fn keep_from_ca(
                         waiting.set(why);
                     }
                 }
-                if matches!(proof, Proof::ServiceAccount { .. })
-                    && matches!(
-                        e,
-                        IdentityError::Ca(warden_identity::client::ClientError::Refused { .. })
-                    )
-                {
+                if Proof::final_refusal(&e) {
                     // The CA will not renew this one (denied, forgotten):
-                    // attest again with the pod's token.
+                    // the next attempt uses the token file again.
                     current = None;
                 }
                 wait

@@ -21,7 +21,6 @@ pub mod respond;
 pub mod stack;
 pub mod tls;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use time::OffsetDateTime;
@@ -57,7 +56,7 @@ pub enum StartError {
 /// true; then drains and returns. SIGHUP or a change to `path` reloads it.
 pub async fn run(
     config: ProxyConfig,
-    path: PathBuf,
+    source: warden_config::proxy::ConfigSource,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
     let metrics = metrics::ProxyMetrics::new()?;
@@ -111,7 +110,8 @@ pub async fn run(
             warden_guard::limits::Store::Local(warden_guard::limits::local::LocalStore::default())
         }
     });
-    let mut reloader = reload::Reloader::new(path, config.clone(), metrics.clone(), store.clone());
+    let mut reloader =
+        reload::Reloader::new(source, config.clone(), metrics.clone(), store.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for (cfg, l) in inbound {
         let policy = reloader.policy(&cfg.name, &cfg.policy);

@@ -7,14 +7,13 @@
 //! needing a restart. Certificate files are watched on their own (`identity.rs`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
 use warden_config::ProxyConfig;
-use warden_config::proxy::Policy;
+use warden_config::proxy::{ConfigSource, Policy};
 
 use crate::inbound::{CompiledPolicy, PolicyRx};
 use crate::metrics::ProxyMetrics;
@@ -22,7 +21,7 @@ use warden_guard::limits::Store;
 
 /// Owns the policy channels and applies reloads to them.
 pub struct Reloader {
-    path: PathBuf,
+    source: ConfigSource,
     running: ProxyConfig,
     policies: HashMap<String, watch::Sender<Arc<CompiledPolicy>>>,
     metrics: ProxyMetrics,
@@ -30,16 +29,16 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// A reloader for `running`, read from `path`; rate limits keep their
+    /// A reloader for `running`, read from `source`; rate limits keep their
     /// state in `store`.
     pub fn new(
-        path: PathBuf,
+        source: ConfigSource,
         running: ProxyConfig,
         metrics: ProxyMetrics,
         store: Arc<Store>,
     ) -> Self {
         Self {
-            path,
+            source,
             running,
             policies: HashMap::new(),
             metrics,
@@ -62,7 +61,7 @@ impl Reloader {
 
     /// Reads the file again and applies what it can.
     pub fn reload(&mut self) {
-        let new = match ProxyConfig::load(&self.path) {
+        let new = match self.source.load() {
             Ok(c) => c,
             Err(d) => {
                 self.metrics
@@ -111,7 +110,7 @@ impl Reloader {
     /// Reloads on SIGHUP and whenever the file's modification time changes.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut seen = modified(&self.path);
+        let mut seen = modified(&self.source);
         loop {
             let hangup = async {
                 match hup.as_mut() {
@@ -127,11 +126,11 @@ impl Reloader {
                     self.reload();
                 }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    let now = modified(&self.path);
+                    let now = modified(&self.source);
                     if now != seen {
                         // Let a writer that is not atomic finish before reading.
                         tokio::time::sleep(Duration::from_millis(200)).await;
-                        let settled = modified(&self.path);
+                        let settled = modified(&self.source);
                         if settled != now {
                             continue;
                         }
@@ -155,6 +154,10 @@ fn without_policies(c: &ProxyConfig) -> ProxyConfig {
     c
 }
 
-fn modified(path: &std::path::Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// The config file's modification time (`None` for a config from the
+/// environment: it never changes under a running process).
+fn modified(source: &ConfigSource) -> Option<SystemTime> {
+    std::fs::metadata(source.file()?)
+        .and_then(|m| m.modified())
+        .ok()
 }

@@ -171,8 +171,11 @@ pub fn check(c: &Claims, expect: &Expect<'_>, now: i64) -> Result<Subject, Refus
     if c.nbf.unwrap_or(iat) > now + LEEWAY_S || iat > now + LEEWAY_S {
         return Err(Refused::NotYetValid);
     }
-    if exp - iat > expect.max_lifetime_s {
-        return Err(Refused::Lifetime(exp - iat, expect.max_lifetime_s));
+    let lifetime = exp
+        .checked_sub(iat)
+        .ok_or(Refused::Malformed("exp and iat out of range".into()))?;
+    if lifetime > expect.max_lifetime_s {
+        return Err(Refused::Lifetime(lifetime, expect.max_lifetime_s));
     }
     let k = c
         .kubernetes
@@ -189,12 +192,64 @@ pub fn check(c: &Claims, expect: &Expect<'_>, now: i64) -> Result<Subject, Refus
         )));
     }
     let pod = k.pod.as_ref().ok_or(Refused::NoPod)?;
-    Ok(Subject {
-        namespace: k.namespace.clone(),
-        service_account: sa.name.clone(),
-        pod: pod.name.clone(),
-        pod_uid: pod.uid.clone(),
-    })
+    Subject::new(&k.namespace, &sa.name, &pod.name, &pod.uid)
+}
+
+impl Subject {
+    /// A subject whose names are what Kubernetes allows (a namespace is a
+    /// DNS label, a ServiceAccount or pod name a DNS subdomain), so that no
+    /// name can add segments to the SPIFFE ID or to an API path.
+    pub fn new(
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+        pod_uid: &str,
+    ) -> Result<Self, Refused> {
+        let bad = |what: &str, v: &str| {
+            Refused::Subject(format!(
+                "{what} {:?} is not a Kubernetes name",
+                v.chars().take(64).collect::<String>()
+            ))
+        };
+        if !dns_label(namespace) {
+            return Err(bad("namespace", namespace));
+        }
+        if !dns_subdomain(service_account) {
+            return Err(bad("ServiceAccount", service_account));
+        }
+        if !dns_subdomain(pod) {
+            return Err(bad("pod", pod));
+        }
+        if pod_uid.is_empty()
+            || pod_uid.len() > 64
+            || !pod_uid
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(bad("pod UID", pod_uid));
+        }
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+            pod: pod.to_owned(),
+            pod_uid: pod_uid.to_owned(),
+        })
+    }
+}
+
+/// RFC 1123 label: 1-63 of `a-z0-9-`, starting and ending alphanumeric.
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: labels joined by `.`, at most 253 bytes.
+fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns_label)
 }
 
 #[cfg(test)]

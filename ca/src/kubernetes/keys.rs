@@ -25,6 +25,9 @@ pub const MIN_REFETCH: Duration = Duration::from_secs(2);
 /// Keys older than this are fetched again on the next use (a removed key
 /// stops verifying within this time).
 pub const MAX_AGE: Duration = Duration::from_secs(300);
+/// Keys are used this long at most while no fetch succeeds; then
+/// attestation fails closed.
+pub const MAX_UNCONFIRMED: Duration = Duration::from_secs(3600);
 
 /// Where the keys come from.
 #[derive(Debug)]
@@ -43,7 +46,10 @@ pub enum Source {
 
 struct Held {
     keys: HashMap<String, DecodingKey>,
+    /// The last fetch, good or not.
     fetched: Option<Instant>,
+    /// The last good fetch.
+    confirmed: Option<Instant>,
 }
 
 /// The cache.
@@ -69,6 +75,7 @@ impl Keys {
             held: RwLock::new(Held {
                 keys: HashMap::new(),
                 fetched: None,
+                confirmed: None,
             }),
             fetching: tokio::sync::Mutex::new(()),
         }
@@ -98,6 +105,7 @@ impl Keys {
                         if let Ok(mut h) = self.held.write() {
                             h.keys = keys;
                             h.fetched = Some(Instant::now());
+                            h.confirmed = Some(Instant::now());
                         }
                     }
                     Err(e) => {
@@ -106,16 +114,20 @@ impl Keys {
                             // Do not hammer a failing endpoint either.
                             h.fetched = Some(Instant::now());
                         }
-                        if found.is_none() {
-                            return Err(Refused::Unavailable(e));
-                        }
                     }
                 }
             }
         }
+        let confirmed = self.held.read().ok().and_then(|h| h.confirmed);
+        if confirmed.is_none_or(|t| t.elapsed() >= MAX_UNCONFIRMED) {
+            // Keys nobody could confirm for this long may have been revoked.
+            return Err(Refused::Unavailable(
+                "the cluster's signing keys could not be fetched".into(),
+            ));
+        }
+        // Only what the last good fetch holds: a key it dropped is gone.
         self.lookup(kid)
             .0
-            .or(found)
             .ok_or_else(|| Refused::UnknownKey(kid.chars().take(64).collect()))
     }
 
@@ -150,8 +162,12 @@ impl Keys {
                 let uri = doc["jwks_uri"]
                     .as_str()
                     .ok_or("discovery document has no jwks_uri")?;
-                let (at, path) = api.for_url(uri)?;
-                let (status, body) = at.get(&path, MAX_JWKS_BYTES).await?;
+                // The API server announces its external address, which a
+                // pod may not reach and which would not get the CA's
+                // token: its path is asked of the API server itself, which
+                // serves it.
+                let (_, path) = api.for_url(uri)?;
+                let (status, body) = api.get(&path, MAX_JWKS_BYTES).await?;
                 if status != http::StatusCode::OK {
                     return Err(format!("{uri}: HTTP {status}"));
                 }

@@ -34,6 +34,8 @@ use keys::{Keys, Source};
 pub const MAX_RATED_PODS: usize = 16_384;
 /// Attestations in flight at most (each may call the API server).
 pub const MAX_IN_FLIGHT: usize = 32;
+/// TokenReviews asked of the API server per second at most.
+pub const MAX_REVIEWS_PER_SECOND: u32 = 50;
 
 /// Why a token does not attest a pod. [`Refused::reason`] is the fixed
 /// label of the metric, the log line and the problem type.
@@ -92,6 +94,11 @@ pub enum Refused {
     /// Too many attestations of one pod.
     #[error("pod {0} attests too often; retry in {1} s")]
     RateLimited(String, u64),
+    /// A pod's certificate presented for renewal over mTLS.
+    #[error(
+        "a pod's certificate is renewed with its ServiceAccount token (k8s_token), not over mTLS"
+    )]
+    RenewWithToken,
     /// The API or the keys could not be reached: nothing is issued.
     #[error("cannot verify the token now: {0}")]
     Unavailable(String),
@@ -119,6 +126,21 @@ impl Refused {
             Self::NotAllowed(_) => "k8s_not_allowed",
             Self::RateLimited(..) => "k8s_rate_limited",
             Self::Unavailable(_) => "k8s_unavailable",
+            Self::RenewWithToken => "k8s_renew_with_token",
+        }
+    }
+
+    /// What the client is told: the API server's own words and addresses
+    /// stay in the CA's log.
+    pub fn public(&self) -> String {
+        match self {
+            Self::Rejected(_) => {
+                "the Kubernetes API did not authenticate the token (the CA's log says why)".into()
+            }
+            Self::Unavailable(_) => {
+                "cannot verify the token now; retry (the CA's log says why)".into()
+            }
+            other => other.to_string(),
         }
     }
 
@@ -154,6 +176,8 @@ pub struct Attestor {
     mode: Mode,
     /// Per pod UID: the minute's start and attestations in it.
     rates: Mutex<HashMap<String, (Instant, u32)>>,
+    /// The current second's start and TokenReviews in it.
+    reviews: Mutex<(Instant, u32)>,
     in_flight: tokio::sync::Semaphore,
 }
 
@@ -181,6 +205,7 @@ impl Attestor {
             td,
             mode,
             rates: Mutex::new(HashMap::new()),
+            reviews: Mutex::new((Instant::now(), 0)),
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         })
     }
@@ -202,11 +227,14 @@ impl Attestor {
             max_lifetime_s: i64::try_from(self.cfg.max_token_lifetime.as_secs())
                 .unwrap_or(i64::MAX),
         };
-        let _slot = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|_| Refused::Unavailable("shutting down".into()))?;
+        let _slot = match tokio::time::timeout(api::CALL_TIMEOUT, self.in_flight.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                return Err(Refused::Unavailable(
+                    "too many attestations in flight".into(),
+                ));
+            }
+        };
         let subject = match &self.mode {
             Mode::Keys(keys) => {
                 let kid = header
@@ -233,10 +261,17 @@ impl Attestor {
                 claims::check(&data.claims, &expect, now)?
             }
             Mode::Review(api) => {
+                // What the token says must already pass before the API
+                // server is asked: junk costs no call.
+                let stated = claims::check(&claims::unverified(token)?, &expect, now)?;
+                let stated_id = self.id_of(&stated)?;
+                if !self.cfg.allow.iter().any(|p| p.matches(&stated_id)) {
+                    return Err(Refused::NotAllowed(stated_id));
+                }
+                self.review_budget()?;
                 let reviewed = review::review(api, token, &self.cfg.audience).await?;
                 // The API server vouched for the token: its claims are the
                 // cluster's, and must agree with the review.
-                let stated = claims::check(&claims::unverified(token)?, &expect, now)?;
                 if (
                     stated.namespace.as_str(),
                     stated.service_account.as_str(),
@@ -253,11 +288,10 @@ impl Attestor {
                 reviewed
             }
         };
-        let id = SpiffeId::new(
-            &self.td,
-            &format!("/ns/{}/sa/{}", subject.namespace, subject.service_account),
-        )
-        .map_err(|e| Refused::Subject(format!("not a SPIFFE ID path: {e}")))?;
+        let id = self.id_of(&subject)?;
+        // Counted before anything else is done for a verified pod, so that
+        // no pod can make the CA work (or write its trail) without bound.
+        self.rate(&subject)?;
         *claimed = Some(Pod {
             id: id.clone(),
             subject: subject.clone(),
@@ -265,11 +299,38 @@ impl Attestor {
         if !self.cfg.allow.iter().any(|p| p.matches(&id)) {
             return Err(Refused::NotAllowed(id));
         }
-        self.rate(&subject)?;
         if let Mode::Review(api) = &self.mode {
             review::pod_is_live(api, &subject).await?;
         }
         Ok(Pod { id, subject })
+    }
+
+    /// `spiffe://<td>/ns/<namespace>/sa/<service account>`.
+    fn id_of(&self, s: &Subject) -> Result<SpiffeId, Refused> {
+        SpiffeId::new(
+            &self.td,
+            &format!("/ns/{}/sa/{}", s.namespace, s.service_account),
+        )
+        .map_err(|e| Refused::Subject(format!("not a SPIFFE ID path: {e}")))
+    }
+
+    /// TokenReviews the CA may still ask for this second (a token that
+    /// looks right but is not costs the API server a call; at most
+    /// [`MAX_REVIEWS_PER_SECOND`] of them).
+    fn review_budget(&self) -> Result<(), Refused> {
+        let Ok(mut w) = self.reviews.lock() else {
+            return Err(Refused::Unavailable("review state poisoned".into()));
+        };
+        if w.0.elapsed() >= Duration::from_secs(1) {
+            *w = (Instant::now(), 0);
+        }
+        if w.1 >= MAX_REVIEWS_PER_SECOND {
+            return Err(Refused::Unavailable(
+                "too many TokenReviews this second".into(),
+            ));
+        }
+        w.1 += 1;
+        Ok(())
     }
 
     /// Counts one attestation of the pod; refuses past the rate.

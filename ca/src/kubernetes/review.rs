@@ -87,12 +87,7 @@ pub async fn review(api: &Api, token: &str, audience: &str) -> Result<Subject, R
     let (Some(pod), Some(pod_uid)) = (first(POD_NAME), first(POD_UID)) else {
         return Err(Refused::NoPod);
     };
-    Ok(Subject {
-        namespace: namespace.to_owned(),
-        service_account: service_account.to_owned(),
-        pod,
-        pod_uid,
-    })
+    Subject::new(namespace, service_account, &pod, &pod_uid)
 }
 
 #[derive(Deserialize)]

@@ -130,13 +130,17 @@ async fn attest(
                 {
                     tracing::warn!(
                         reason = r.reason(),
-                        namespace = %k.namespace.chars().take(64).collect::<String>(),
-                        service_account = %k.serviceaccount.map(|s| s.name.chars().take(64).collect::<String>()).unwrap_or_default(),
-                        pod = %k.pod.map(|p| p.name.chars().take(64).collect::<String>()).unwrap_or_default(),
+                        namespace = ?k.namespace.chars().take(64).collect::<String>(),
+                        service_account = ?k.serviceaccount.map(|s| s.name.chars().take(64).collect::<String>()).unwrap_or_default(),
+                        pod = ?k.pod.map(|p| p.name.chars().take(64).collect::<String>()).unwrap_or_default(),
                         "a ServiceAccount token was refused; it claims (unverified) to be this pod"
                     );
                 }
             }
+            // A rate refusal is counted and logged, never written to the
+            // trail: the rate is what bounds the trail.
+            let claimed =
+                claimed.filter(|_| !matches!(r, crate::kubernetes::Refused::RateLimited(..)));
             Err((r.into(), claimed))
         }
     }
@@ -144,7 +148,11 @@ async fn attest(
 
 /// The problem answer of a refusal (with `Retry-After` when it has one).
 fn refused(r: &Refusal) -> Response<Body> {
-    let mut resp = problem(r.status(), r.reason(), &r.to_string());
+    let detail = match r {
+        Refusal::Kubernetes(k) => k.public(),
+        other => other.to_string(),
+    };
+    let mut resp = problem(r.status(), r.reason(), &detail);
     if let Refusal::Kubernetes(crate::kubernetes::Refused::RateLimited(_, s)) = r
         && let Ok(v) = header::HeaderValue::from_str(&s.to_string())
     {

@@ -249,10 +249,16 @@ async fn handshake(
         None => Caller::Anonymous,
         Some(Ok(p)) => {
             let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-            match leaf.map(|l| crate::authority::validity_of(l)) {
-                Some(Ok(v)) => Caller::Svid {
+            let serial = leaf.and_then(|l| {
+                x509_parser::parse_x509_certificate(l)
+                    .ok()
+                    .map(|(_, c)| hex::encode(c.raw_serial()))
+            });
+            match (leaf.map(|l| crate::authority::validity_of(l)), serial) {
+                (Some(Ok(v)), Some(serial)) => Caller::Svid {
                     id: p.into_id(),
                     not_after: v.not_after,
+                    serial,
                 },
                 _ => return None,
             }

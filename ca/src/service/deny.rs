@@ -90,7 +90,7 @@ impl CaService {
         let id = match caller {
             // Deny reports come over mTLS only, never with a pod's token.
             Caller::Anonymous | Caller::Pod(_) => return Err(Refusal::NotReporter(None)),
-            Caller::Svid { id, not_after } => {
+            Caller::Svid { id, not_after, .. } => {
                 *reporter = Some(id.clone());
                 if not_after <= now {
                     return Err(Refusal::SvidExpired);
