@@ -72,6 +72,26 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         headroom: f64,
     },
+    /// Add the warden sidecar to Kubernetes workloads (Pod, Deployment,
+    /// StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, List) in a YAML
+    /// stream; everything else passes through unchanged. Print the result.
+    Inject {
+        /// The manifests (`-` for standard input).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// The CA's trust bundle (PEM) the sidecars start from.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The CA as pods reach it.
+        #[arg(long, default_value = "https://warden-ca.warden.svc:8443")]
+        ca_url: String,
+        /// The sidecar image.
+        #[arg(long, default_value = concat!("warden:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        /// The trust domain (default: the one the bundle names).
+        #[arg(long)]
+        trust_domain: Option<TrustDomain>,
+    },
     /// Run the whole system on loopback and show what it does, step by step.
     Demo {
         /// Leave everything running afterwards and print how to call it by hand.
@@ -333,6 +353,59 @@ async fn run(command: Command) -> Result<(), Failure> {
             let source = config_source(&config, &config_env);
             let config = source.load().map_err(usage)?;
             warden_proxy::run(config, source, shutdown_on_signal()).await?;
+            Ok(())
+        }
+        Command::Inject {
+            file,
+            bundle,
+            ca_url,
+            image,
+            trust_domain,
+        } => {
+            let bundle_pem = std::fs::read_to_string(&bundle)
+                .map_err(|e| usage(format!("{}: {e}", bundle.display())))?;
+            let trust_domain = match trust_domain {
+                Some(td) => td,
+                None => {
+                    let certs = warden_ca::pem::parse_certs(&bundle_pem)
+                        .map_err(|e| usage(format!("{}: {e}", bundle.display())))?;
+                    warden_ca::tls::bundle_trust_domain(&certs).ok_or_else(|| {
+                        usage(format!(
+                            "{} names no trust domain (no spiffe:// URI SAN): give --trust-domain",
+                            bundle.display()
+                        ))
+                    })?
+                }
+            };
+            let input = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                    .map_err(|e| usage(format!("standard input: {e}")))?;
+                s
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| usage(format!("{}: {e}", file.display())))?
+            };
+            let settings = warden_deploy::sidecar::Settings {
+                image,
+                ca_url,
+                bundle_pem,
+                trust_domain: trust_domain.to_string(),
+            };
+            let (out, reports) = warden_deploy::inject::inject_stream(&input, &settings)
+                .map_err(|e| usage(format!("{}: {e}", file.display())))?;
+            for r in &reports {
+                match &r.outcome {
+                    warden_deploy::inject::Outcome::Injected => eprintln!("{}: injected", r.object),
+                    warden_deploy::inject::Outcome::AlreadyInjected => {
+                        eprintln!("{}: already injected", r.object)
+                    }
+                    warden_deploy::inject::Outcome::Skipped(why) => {
+                        eprintln!("warning: {}: not injected: {why}", r.object)
+                    }
+                }
+            }
+            print!("{out}");
             Ok(())
         }
         Command::Limits { records, headroom } => {

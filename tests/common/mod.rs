@@ -689,20 +689,32 @@ impl Proxy {
     }
 
     pub fn start_file_env(path: &Path, env: &[(&str, &str)]) -> Proxy {
-        Self::spawn(path, env, None)
+        Self::spawn(&["--config", s(path)], env, None)
     }
 
     /// Starts `warden proxy` on `path` and returns once `listeners`
     /// listeners are bound, ready or not (it may have no identity).
     pub fn start_unready(path: &Path, listeners: usize) -> Proxy {
-        Self::spawn(path, &[], Some(listeners))
+        Self::spawn(&["--config", s(path)], &[], Some(listeners))
     }
 
-    fn spawn(path: &Path, env: &[(&str, &str)], listeners: Option<usize>) -> Proxy {
+    /// Starts `warden proxy --config-env WARDEN_PROXY_CONFIG` with that
+    /// variable set to `config` (as an injected sidecar runs) and waits for
+    /// `ready`.
+    pub fn start_config_env(config: &str) -> Proxy {
+        Self::spawn(
+            &["--config-env", "WARDEN_PROXY_CONFIG"],
+            &[("WARDEN_PROXY_CONFIG", config)],
+            None,
+        )
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], listeners: Option<usize>) -> Proxy {
         let mut child = warden()
             .env("WARDEN_LOG", "info")
             .envs(env.iter().copied())
-            .args(["proxy", "--config", s(path)])
+            .arg("proxy")
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

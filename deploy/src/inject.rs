@@ -1,0 +1,242 @@
+//! The one mutation behind `warden inject` and the admission webhook: find
+//! the pod template of a workload object and add the sidecar to it, on the
+//! object's raw JSON, so that every field warden does not know survives.
+//!
+//! Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs,
+//! CronJobs, and `List`s of them. Idempotent: an injected template is left
+//! as it is. Skipped, with the reason: a template opted out
+//! (`warden.dev/inject: disabled`), one on the host's network, one with no
+//! port to protect.
+
+use serde_json::{Map, Value};
+
+use crate::sidecar::{self, CONTAINER, INJECT, INJECTED, Settings};
+
+/// What happened to one pod template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The sidecar was added.
+    Injected,
+    /// It already has the sidecar: nothing changed.
+    AlreadyInjected,
+    /// Left alone, and why.
+    Skipped(String),
+}
+
+/// One object and what happened to each pod template in it (none for an
+/// object that has no pod template: a Service, a ConfigMap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// `Kind/name` of the object (of the item, in a List).
+    pub object: String,
+    /// What was done.
+    pub outcome: Outcome,
+}
+
+/// Where a kind keeps its pod template (a JSON pointer), or `None`.
+fn template_path(kind: &str) -> Option<&'static str> {
+    match kind {
+        "Pod" => Some(""),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
+        | "ReplicationController" => Some("/spec/template"),
+        "CronJob" => Some("/spec/jobTemplate/spec/template"),
+        _ => None,
+    }
+}
+
+fn name_of(obj: &Value) -> String {
+    format!(
+        "{}/{}",
+        obj["kind"].as_str().unwrap_or("?"),
+        obj.pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+    )
+}
+
+/// Injects into `obj` (a List: into each item) in place; returns what
+/// happened per workload.
+pub fn inject(obj: &mut Value, s: &Settings) -> Vec<Report> {
+    let kind = obj["kind"].as_str().unwrap_or("").to_owned();
+    if kind == "List" || kind.ends_with("List") {
+        let mut out = Vec::new();
+        if let Some(items) = obj.get_mut("items").and_then(Value::as_array_mut) {
+            for item in items {
+                out.extend(inject(item, s));
+            }
+        }
+        return out;
+    }
+    let Some(path) = template_path(&kind) else {
+        return Vec::new();
+    };
+    let object = name_of(obj);
+    // A workload opted out on its own metadata counts too.
+    let opted_out = obj
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(INJECT))
+        .and_then(Value::as_str)
+        == Some("disabled");
+    let outcome = match obj.pointer_mut(path) {
+        _ if opted_out => Outcome::Skipped(format!("{INJECT}: disabled")),
+        Some(template) => inject_template(template, s),
+        None => Outcome::Skipped("no pod template".into()),
+    };
+    vec![Report { object, outcome }]
+}
+
+/// Adds the sidecar to one pod template (`metadata` and `spec`).
+fn inject_template(template: &mut Value, s: &Settings) -> Outcome {
+    let Some(t) = template.as_object_mut() else {
+        return Outcome::Skipped("the pod template is not an object".into());
+    };
+    let annotations: Map<String, Value> = t
+        .get("metadata")
+        .and_then(|m| m.get("annotations"))
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    if annotations.get(INJECT).and_then(Value::as_str) == Some("disabled") {
+        return Outcome::Skipped(format!("{INJECT}: disabled"));
+    }
+    let Some(spec) = t.get("spec") else {
+        return Outcome::Skipped("the pod template has no spec".into());
+    };
+    let has_sidecar = ["initContainers", "containers"].iter().any(|list| {
+        spec.get(*list)
+            .and_then(Value::as_array)
+            .is_some_and(|cs| cs.iter().any(|c| c["name"] == CONTAINER))
+    });
+    if has_sidecar {
+        return Outcome::AlreadyInjected;
+    }
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Outcome::Skipped(
+            "hostNetwork: the pod shares the node's network, its ports are the node's".into(),
+        );
+    }
+    let container = match sidecar::container(s, &annotations, spec) {
+        Ok(c) => c,
+        Err(why) => return Outcome::Skipped(why),
+    };
+    let Some(spec) = t.get_mut("spec").and_then(Value::as_object_mut) else {
+        return Outcome::Skipped("the pod template's spec is not an object".into());
+    };
+    // First in the list: init containers start in order, and the app's own
+    // init containers may already need the network.
+    let inits = spec
+        .entry("initContainers")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    match inits.as_array_mut() {
+        Some(a) => a.insert(0, container),
+        None => return Outcome::Skipped("initContainers is not a list".into()),
+    }
+    let volumes = spec
+        .entry("volumes")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    match volumes.as_array_mut() {
+        Some(v) => v.push(sidecar::token_volume()),
+        None => return Outcome::Skipped("volumes is not a list".into()),
+    }
+    let metadata = t
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Some(m) = metadata.as_object_mut() {
+        let a = m
+            .entry("annotations")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Some(a) = a.as_object_mut() {
+            a.insert(INJECTED.into(), env!("CARGO_PKG_VERSION").into());
+        }
+    }
+    Outcome::Injected
+}
+
+/// Why a document could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("document {index} (from line {line}): {message}")]
+pub struct DocumentError {
+    /// Which document (1-based).
+    pub index: usize,
+    /// The line it starts at.
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Injects into every document of a multi-document YAML (or JSON) stream.
+/// Documents without a workload pass through as they were written, byte
+/// for byte and in order; injected ones are written out again as YAML.
+pub fn inject_stream(text: &str, s: &Settings) -> Result<(String, Vec<Report>), DocumentError> {
+    let mut out = String::with_capacity(text.len() * 2);
+    let mut reports = Vec::new();
+    for (index, (line, doc)) in documents(text).into_iter().enumerate() {
+        let content = doc
+            .lines()
+            .filter(|l| {
+                !l.trim_start().starts_with('#') && !l.trim().is_empty() && !l.starts_with("---")
+            })
+            .count();
+        if content == 0 {
+            out.push_str(doc);
+            continue;
+        }
+        let body = doc.strip_prefix("---").map_or(doc, |rest| {
+            // `--- # comment` or `---` alone: the separator line itself.
+            rest.split_once('\n').map_or("", |(_, b)| b)
+        });
+        let mut value: Value = serde_saphyr::from_str(body).map_err(|e| DocumentError {
+            index: index + 1,
+            line,
+            message: e.to_string(),
+        })?;
+        let r = inject(&mut value, s);
+        let changed = r.iter().any(|r| r.outcome == Outcome::Injected);
+        reports.extend(r);
+        if !changed {
+            out.push_str(doc);
+            continue;
+        }
+        let yaml = serde_saphyr::to_string(&value).map_err(|e| DocumentError {
+            index: index + 1,
+            line,
+            message: e.to_string(),
+        })?;
+        if doc.starts_with("---") {
+            out.push_str("---\n");
+        }
+        out.push_str(&yaml);
+        if !yaml.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    Ok((out, reports))
+}
+
+/// Splits a stream at its `---` lines: (first line number, text) per
+/// document, each with its separator line, so that joining them gives the
+/// input back.
+fn documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let separator =
+            line.starts_with("---") && line[3..].chars().next().is_none_or(|c| c.is_whitespace());
+        if separator && offset > start {
+            docs.push((start_line, &text[start..offset]));
+            start = offset;
+            start_line = i + 1;
+        }
+        offset += line.len();
+    }
+    if start < text.len() {
+        docs.push((start_line, &text[start..]));
+    }
+    docs
+}

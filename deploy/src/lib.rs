@@ -1,0 +1,8 @@
+//! warden on Kubernetes. One mutation ([`inject`]) serves `warden inject`
+//! and the admission webhook alike, so that the CLI and the webhook can
+//! never give a pod two different sidecars; [`sidecar`] is what it adds.
+
+#![forbid(unsafe_code)]
+
+pub mod inject;
+pub mod sidecar;

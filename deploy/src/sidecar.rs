@@ -1,0 +1,274 @@
+//! The sidecar `warden inject` adds to a pod: a native sidecar (an init
+//! container with `restartPolicy: Always`, first in the list, so that it
+//! starts before the app and stops after it, and a Job still completes),
+//! ready once it holds its identity (`/ready` as its startup probe, so the
+//! app's containers start only then), configured from the pod's
+//! annotations, with the projected ServiceAccount token mounted into it
+//! alone.
+
+use serde_json::{Map, Value, json};
+
+/// The sidecar's container name; its presence means "injected".
+pub const CONTAINER: &str = "warden-proxy";
+/// The projected token volume.
+pub const TOKEN_VOLUME: &str = "warden-token";
+/// Where the token volume is mounted in the sidecar.
+pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+/// The annotation that turns injection off (`disabled`) or on (`enabled`).
+pub const INJECT: &str = "warden.dev/inject";
+/// The annotation recording an injection (the version that did it).
+pub const INJECTED: &str = "warden.dev/injected";
+/// The UID the sidecar runs as (non-root; the image's own).
+pub const UID: i64 = 65532;
+
+/// Injection settings that come from the operator, not the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The sidecar image.
+    pub image: String,
+    /// `https://host:port` of the CA, as pods reach it.
+    pub ca_url: String,
+    /// The CA's trust bundle (PEM): the trust anchors travel in the pod spec.
+    pub bundle_pem: String,
+    /// The trust domain (for the default policy).
+    pub trust_domain: String,
+}
+
+/// A pod annotation that configures the sidecar, with its default.
+struct Knob {
+    key: &'static str,
+    default: &'static str,
+}
+
+/// Every annotation the sidecar reads (documented in README).
+const INBOUND_PORT: Knob = Knob {
+    key: "warden.dev/inbound-port",
+    default: "4143",
+};
+const ADMIN_PORT: Knob = Knob {
+    key: "warden.dev/admin-port",
+    default: "4191",
+};
+const APP_PORT: Knob = Knob {
+    key: "warden.dev/app-port",
+    default: "",
+};
+const ALLOW: Knob = Knob {
+    key: "warden.dev/allow",
+    default: "",
+};
+const OUTBOUND: Knob = Knob {
+    key: "warden.dev/outbound",
+    default: "",
+};
+const LOG_LEVEL: Knob = Knob {
+    key: "warden.dev/log-level",
+    default: "info",
+};
+const CPU_REQUEST: Knob = Knob {
+    key: "warden.dev/proxy-cpu-request",
+    default: "10m",
+};
+const MEMORY_REQUEST: Knob = Knob {
+    key: "warden.dev/proxy-memory-request",
+    default: "32Mi",
+};
+const MEMORY_LIMIT: Knob = Knob {
+    key: "warden.dev/proxy-memory-limit",
+    default: "256Mi",
+};
+const CPU_LIMIT: Knob = Knob {
+    key: "warden.dev/proxy-cpu-limit",
+    default: "",
+};
+
+/// The annotations this module reads, for `warden inject --help` and tests.
+pub const ANNOTATIONS: [&str; 10] = [
+    INBOUND_PORT.key,
+    ADMIN_PORT.key,
+    APP_PORT.key,
+    ALLOW.key,
+    OUTBOUND.key,
+    LOG_LEVEL.key,
+    CPU_REQUEST.key,
+    MEMORY_REQUEST.key,
+    MEMORY_LIMIT.key,
+    CPU_LIMIT.key,
+];
+
+fn knob<'a>(annotations: &'a Map<String, Value>, k: &Knob) -> &'a str {
+    annotations
+        .get(k.key)
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .unwrap_or(k.default)
+}
+
+fn port(annotations: &Map<String, Value>, k: &Knob) -> Result<u16, String> {
+    let v = knob(annotations, k);
+    v.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("annotation {} is {v:?}, not a port", k.key))
+}
+
+/// The app's port: the annotation, or the first container's first port.
+fn app_port(annotations: &Map<String, Value>, spec: &Value) -> Result<u16, String> {
+    if annotations.contains_key(APP_PORT.key) {
+        return port(annotations, &APP_PORT);
+    }
+    spec.pointer("/containers/0/ports/0/containerPort")
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or_else(|| {
+            format!(
+                "no port to protect: the first container declares none; set the {} annotation",
+                APP_PORT.key
+            )
+        })
+}
+
+/// `name=local port,destination host:port,server SPIFFE ID` entries,
+/// separated by `;`.
+fn outbound(annotations: &Map<String, Value>) -> Result<Vec<Value>, String> {
+    let text = knob(annotations, &OUTBOUND);
+    let mut out = Vec::new();
+    for entry in text.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let bad = || {
+            format!(
+                "annotation {}: {entry:?} is not name=port,destination,server-id",
+                OUTBOUND.key
+            )
+        };
+        let (name, rest) = entry.split_once('=').ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split(',').map(str::trim).collect();
+        let [local, destination, server_id] = parts.as_slice() else {
+            return Err(bad());
+        };
+        let local: u16 = local.parse().map_err(|_| bad())?;
+        out.push(json!({
+            "name": name.trim(),
+            "listen": format!("127.0.0.1:{local}"),
+            "destination": destination,
+            "server_id": server_id,
+        }));
+    }
+    Ok(out)
+}
+
+/// The proxy config the sidecar runs with (YAML, in an environment
+/// variable). `$(WARDEN_NAMESPACE)` is expanded by the kubelet from the
+/// downward API: by default only the pod's own namespace may call it.
+fn proxy_config(
+    s: &Settings,
+    annotations: &Map<String, Value>,
+    spec: &Value,
+) -> Result<String, String> {
+    let allow: Vec<String> = match knob(annotations, &ALLOW) {
+        "" => vec![format!(
+            "spiffe://{}/ns/$(WARDEN_NAMESPACE)/*",
+            s.trust_domain
+        )],
+        list => list
+            .split(',')
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect(),
+    };
+    let mut config = json!({
+        "identity": {"kubernetes": {
+            "ca_url": s.ca_url,
+            "bundle_pem": s.bundle_pem,
+            "token_file": format!("{TOKEN_DIR}/warden"),
+        }},
+        "admin": format!("0.0.0.0:{}", port(annotations, &ADMIN_PORT)?),
+        "inbound": [{
+            "name": "app",
+            "listen": format!("0.0.0.0:{}", port(annotations, &INBOUND_PORT)?),
+            "app": format!("127.0.0.1:{}", app_port(annotations, spec)?),
+            "policy": {"rules": [{"name": "allowed", "action": "allow", "from": allow}]},
+        }],
+    });
+    let outbound = outbound(annotations)?;
+    if !outbound.is_empty() {
+        config["outbound"] = Value::Array(outbound);
+    }
+    serde_saphyr::to_string(&config).map_err(|e| format!("proxy config: {e}"))
+}
+
+/// The sidecar container for a pod with these annotations and spec.
+pub fn container(
+    s: &Settings,
+    annotations: &Map<String, Value>,
+    spec: &Value,
+) -> Result<Value, String> {
+    let config = proxy_config(s, annotations, spec)?;
+    let inbound = port(annotations, &INBOUND_PORT)?;
+    let admin = port(annotations, &ADMIN_PORT)?;
+    let probe = |path: &str, period: u32, failures: u32| {
+        json!({
+            "httpGet": {"path": path, "port": "warden-admin"},
+            "periodSeconds": period,
+            "failureThreshold": failures,
+        })
+    };
+    let mut limits = json!({"memory": knob(annotations, &MEMORY_LIMIT)});
+    let cpu = knob(annotations, &CPU_LIMIT);
+    if !cpu.is_empty() {
+        limits["cpu"] = cpu.into();
+    }
+    Ok(json!({
+        "name": CONTAINER,
+        "image": s.image,
+        "args": ["proxy", "--config-env", "WARDEN_PROXY_CONFIG"],
+        // A native sidecar: starts before the app, stops after it.
+        "restartPolicy": "Always",
+        "env": [
+            {"name": "WARDEN_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "WARDEN_LOG", "value": knob(annotations, &LOG_LEVEL)},
+            {"name": "WARDEN_PROXY_CONFIG", "value": config},
+        ],
+        "ports": [
+            {"name": "warden-in", "containerPort": inbound, "protocol": "TCP"},
+            {"name": "warden-admin", "containerPort": admin, "protocol": "TCP"},
+        ],
+        // The app's containers start once this passes: the proxy holds its identity.
+        "startupProbe": probe("/ready", 1, 120),
+        "readinessProbe": probe("/ready", 5, 3),
+        "livenessProbe": probe("/live", 10, 3),
+        "resources": {
+            "requests": {
+                "cpu": knob(annotations, &CPU_REQUEST),
+                "memory": knob(annotations, &MEMORY_REQUEST),
+            },
+            "limits": limits,
+        },
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "privileged": false,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }))
+}
+
+/// The projected ServiceAccount token volume (audience `warden`, 1 h).
+pub fn token_volume() -> Value {
+    json!({
+        "name": TOKEN_VOLUME,
+        "projected": {"sources": [{"serviceAccountToken": {
+            "audience": "warden",
+            "expirationSeconds": 3600,
+            "path": "warden",
+        }}]},
+    })
+}

@@ -1,0 +1,222 @@
+//! The injection on workload manifests: what is added, what is kept, what
+//! is skipped, and that injecting twice changes nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use serde_json::Value;
+
+use warden_deploy::inject::{Outcome, inject_stream};
+use warden_deploy::sidecar::{CONTAINER, INJECTED, Settings};
+
+fn settings() -> Settings {
+    Settings {
+        image: "registry.example/warden:0.1.0".into(),
+        ca_url: "https://warden-ca.warden.svc:8443".into(),
+        bundle_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+        trust_domain: "example.org".into(),
+    }
+}
+
+const DEPLOYMENT: &str = "# the shop's web front end
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations:
+        build: \"1234\"
+        canary: \"true\"
+    spec:
+      someFutureField: keep-me
+      initContainers:
+        - name: logs
+          image: fluent-bit
+          restartPolicy: Always
+      containers:
+        - name: web
+          image: shop/web:2
+          ports:
+            - containerPort: 8080
+";
+
+fn docs(text: &str) -> Vec<Value> {
+    text.split("\n---")
+        .filter(|d| {
+            d.lines().any(|l| {
+                !l.trim().is_empty() && !l.trim_start().starts_with('#') && l.trim() != "---"
+            })
+        })
+        .map(|d| serde_saphyr::from_str(d.trim_start_matches("---")).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_deployment_gets_a_native_sidecar_first_and_keeps_every_field() {
+    let (out, reports) = inject_stream(DEPLOYMENT, &settings()).unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(
+        (reports[0].object.as_str(), &reports[0].outcome),
+        ("Deployment/web", &Outcome::Injected)
+    );
+    let d = &docs(&out)[0];
+    let spec = &d["spec"]["template"]["spec"];
+    let sidecar = &spec["initContainers"][0];
+    assert_eq!(sidecar["name"], CONTAINER);
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(sidecar["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(sidecar["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert_eq!(
+        spec["initContainers"][1]["name"], "logs",
+        "the app's own init containers follow"
+    );
+    assert_eq!(
+        spec["initContainers"][1]["restartPolicy"], "Always",
+        "fields a struct may not know survive"
+    );
+    assert_eq!(spec["someFutureField"], "keep-me");
+    assert_eq!(spec["containers"][0]["name"], "web");
+    assert!(
+        spec["containers"][0].get("volumeMounts").is_none(),
+        "the token is mounted into the sidecar only"
+    );
+    let token = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "warden-token")
+        .unwrap();
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "warden"
+    );
+    let ann = &d["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(
+        ann["build"], "1234",
+        "strings that look like numbers stay strings"
+    );
+    assert_eq!(ann["canary"], "true");
+    assert!(ann[INJECTED].is_string());
+    // The proxy's config: the app's port, the pod's namespace only.
+    let env = sidecar["env"].as_array().unwrap();
+    let config = env
+        .iter()
+        .find(|e| e["name"] == "WARDEN_PROXY_CONFIG")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap();
+    let config: Value = serde_saphyr::from_str(config).unwrap();
+    assert_eq!(config["inbound"][0]["app"], "127.0.0.1:8080");
+    assert_eq!(
+        config["inbound"][0]["policy"]["rules"][0]["from"][0],
+        "spiffe://example.org/ns/$(WARDEN_NAMESPACE)/*"
+    );
+    assert!(
+        config["identity"]["kubernetes"]["bundle_pem"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    assert_eq!(
+        env[0]["name"], "WARDEN_NAMESPACE",
+        "defined before the config that refers to it"
+    );
+}
+
+#[test]
+fn injecting_twice_changes_nothing() {
+    let (once, _) = inject_stream(DEPLOYMENT, &settings()).unwrap();
+    let (twice, reports) = inject_stream(&once, &settings()).unwrap();
+    assert_eq!(once, twice);
+    assert_eq!(reports[0].outcome, Outcome::AlreadyInjected);
+}
+
+#[test]
+fn documents_keep_their_order_and_untouched_ones_their_bytes() {
+    let service = "---\n# keep this comment\napiVersion: v1\nkind: Service\nmetadata: {name: web}   # and this one\nspec:\n  ports: [{port: 80, targetPort: 8080}]\n";
+    let config =
+        "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {level: \"3\"}\n";
+    let input = format!("{service}---\n{DEPLOYMENT}{config}");
+    let (out, reports) = inject_stream(&input, &settings()).unwrap();
+    assert_eq!(reports.len(), 1);
+    assert!(out.starts_with(service), "{out}");
+    assert!(out.ends_with(config), "{out}");
+    let kinds: Vec<String> = docs(&out)
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["Service", "Deployment", "ConfigMap"]);
+}
+
+#[test]
+fn opted_out_host_network_and_portless_pods_are_skipped_untouched() {
+    for (pod, why) in [
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  annotations: {warden.dev/inject: disabled}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]\n",
+            "disabled",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: b}\nspec:\n  hostNetwork: true\n  containers: [{name: b, image: b, ports: [{containerPort: 80}]}]\n",
+            "hostNetwork",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: c}\nspec:\n  containers: [{name: c, image: c}]\n",
+            "warden.dev/app-port",
+        ),
+    ] {
+        let (out, reports) = inject_stream(pod, &settings()).unwrap();
+        assert_eq!(out, pod);
+        match &reports[0].outcome {
+            Outcome::Skipped(reason) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_workload_kind_and_lists_are_injected() {
+    let template = "    metadata: {labels: {app: x}}\n    spec:\n      containers: [{name: x, image: x, ports: [{containerPort: 9000}]}]\n";
+    let mut input = String::new();
+    for kind in [
+        "Deployment",
+        "StatefulSet",
+        "DaemonSet",
+        "ReplicaSet",
+        "Job",
+    ] {
+        input.push_str(&format!("---\napiVersion: apps/v1\nkind: {kind}\nmetadata: {{name: x}}\nspec:\n  template:\n{template}"));
+    }
+    input.push_str(&format!(
+        "---\napiVersion: batch/v1\nkind: CronJob\nmetadata: {{name: nightly}}\nspec:\n  schedule: \"0 3 * * *\"\n  jobTemplate:\n    spec:\n      template:\n{}",
+        template.lines().map(|l| format!("    {l}\n")).collect::<String>()
+    ));
+    input.push_str("---\napiVersion: v1\nkind: List\nitems:\n  - apiVersion: v1\n    kind: Pod\n    metadata: {name: p, annotations: {warden.dev/app-port: \"7000\"}}\n    spec:\n      containers: [{name: p, image: p}]\n");
+    let (out, reports) = inject_stream(&input, &settings()).unwrap();
+    assert_eq!(reports.len(), 7, "{reports:?}");
+    assert!(
+        reports.iter().all(|r| r.outcome == Outcome::Injected),
+        "{reports:?}"
+    );
+    let d = docs(&out);
+    assert_eq!(
+        d[5]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["initContainers"][0]["name"],
+        CONTAINER
+    );
+    assert_eq!(d[5]["spec"]["schedule"], "0 3 * * *");
+    let pod = &d[6]["items"][0];
+    assert_eq!(pod["spec"]["initContainers"][0]["name"], CONTAINER);
+}
+
+#[test]
+#[ignore = "prints a sample; run with --ignored --nocapture"]
+fn print_sample() {
+    let (out, _) = inject_stream(DEPLOYMENT, &settings()).unwrap();
+    println!("{out}");
+}

@@ -1,0 +1,227 @@
+//! `warden inject` as a platform team runs it: its output validates against
+//! the Kubernetes OpenAPI schema (kubernetes-validate, strict, the release
+//! `.ci/run` pins), injecting twice changes nothing, and the sidecar it
+//! writes, run the way the kubelet runs it (its environment, its token
+//! file), gets the pod's identity and lets only the pod's namespace in.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use common::kube::{ISSUER, Kube};
+use common::{Ca, Creds, EchoApp, Proxy, mtls_get, s, warden};
+
+/// The Kubernetes release the manifests are validated against.
+const KUBERNETES: &str = "1.37.0";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `warden inject` on `input` (through standard input); (stdout, stderr).
+fn inject(args: &[&str], input: &str) -> (String, String) {
+    let mut child = warden()
+        .args(["inject", "-f", "-"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Validates manifests against the Kubernetes schema, strictly (unknown
+/// fields refused). The validator must be there when CI=true.
+pub fn validate(dir: &std::path::Path, yaml: &str) {
+    let file = dir.join(format!("manifests-{}.yaml", common::rand_suffix()));
+    std::fs::write(&file, yaml).unwrap();
+    let out = match Command::new("kubernetes-validate")
+        .args(["--strict", "-k", KUBERNETES, s(&file)])
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) if std::env::var("CI").is_err() => {
+            eprintln!("kubernetes-validate not installed ({e}): schema check skipped outside CI");
+            return;
+        }
+        Err(e) => panic!("kubernetes-validate is needed (pip install kubernetes-validate): {e}"),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("ERROR"),
+        "{text}\n{yaml}"
+    );
+}
+
+fn manifests(inbound: u16, admin: u16, app: u16) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  selector: {{app: web}}
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: shop}}
+spec:
+  selector:
+    matchLabels: {{app: web}}
+  template:
+    metadata:
+      labels: {{app: web}}
+      annotations:
+        warden.dev/inbound-port: \"{inbound}\"
+        warden.dev/admin-port: \"{admin}\"
+        warden.dev/app-port: \"{app}\"
+    spec:
+      serviceAccountName: web
+      containers:
+        - name: web
+          image: shop/web:2
+          ports: [{{containerPort: 8080}}]
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {{name: report, namespace: shop}}
+spec:
+  schedule: \"0 3 * * *\"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: OnFailure
+          containers:
+            - name: report
+              image: shop/report:1
+              ports: [{{containerPort: 9000}}]
+"
+    )
+}
+
+#[test]
+fn injected_manifests_validate_and_injecting_twice_changes_nothing() {
+    let ca = Ca::init("example.org");
+    let bundle = s(&ca.dir.join("bundle.pem")).to_owned();
+    let input = manifests(4143, 4191, 8080);
+    let (once, log) = inject(&["--bundle", &bundle], &input);
+    assert!(log.contains("Deployment/web: injected"), "{log}");
+    assert!(log.contains("CronJob/report: injected"), "{log}");
+    assert!(
+        once.starts_with("apiVersion: v1\nkind: Service\n"),
+        "untouched, first:\n{once}"
+    );
+    validate(ca.tmp.path(), &once);
+    let (twice, log) = inject(&["--bundle", &bundle], &once);
+    assert_eq!(once, twice);
+    assert!(log.contains("Deployment/web: already injected"), "{log}");
+}
+
+#[test]
+fn the_injected_sidecar_runs_as_the_kubelet_starts_it_and_guards_the_pod() {
+    // The cluster: its API (for the CA's JWKS), the CA, a pod.
+    let ca = Ca::init("example.org");
+    let kube = Kube::start(ca.tmp.path());
+    let config = ca.dir.join("ca.yaml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "kubernetes:\n  allow: [spiffe://example.org/ns/shop/*]\n  verify: jwks\n  issuer: {ISSUER}\n  api: {{url: {}, ca_file: {}, token_file: {}}}\n",
+        kube.url(),
+        s(&kube.ca_file),
+        s(&kube.reviewer_token_file)
+    ));
+    std::fs::write(&config, text).unwrap();
+    let server = ca.serve();
+    let app = EchoApp::start();
+    let pod = kube.add_pod("shop", "web-6f9c", "web");
+
+    let (inbound, admin) = (free_port(), free_port());
+    let (out, _) = inject(
+        &[
+            "--bundle",
+            s(&ca.dir.join("bundle.pem")),
+            "--ca-url",
+            &format!("https://{}", server.api),
+        ],
+        &manifests(inbound, admin, app.addr.port()),
+    );
+    // The sidecar as the kubelet starts it: the env of the container spec,
+    // `$(WARDEN_NAMESPACE)` expanded from the downward API, the projected
+    // token at its path (here in a temp dir).
+    let deployment: Value = serde_saphyr::from_str(out.split("\n---\n").nth(1).unwrap()).unwrap();
+    let sidecar = &deployment["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(sidecar["args"][0], "proxy");
+    let env = sidecar["env"].as_array().unwrap();
+    let config = env
+        .iter()
+        .find(|e| e["name"] == "WARDEN_PROXY_CONFIG")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap();
+    let token = ca.tmp.path().join("token");
+    std::fs::write(&token, kube.token(&pod)).unwrap();
+    let config = config
+        .replace("$(WARDEN_NAMESPACE)", "shop")
+        .replace("/var/run/secrets/tokens/warden", s(&token));
+    let proxy = Proxy::start_config_env(&config);
+    assert_eq!(proxy.admin_get("/ready").0, 200, "{}", proxy.log());
+    assert!(
+        proxy.log().contains("spiffe://example.org/ns/shop/sa/web"),
+        "{}",
+        proxy.log()
+    );
+
+    // Callers from the pod's namespace get through; others do not.
+    let bundle = ca.bundle_pem();
+    let call = |who: &Creds| {
+        mtls_get(
+            proxy.addr("app"),
+            &bundle,
+            Some((&who.chain(), &who.key())),
+            "GET",
+            "/",
+            "",
+        )
+        .unwrap()
+        .0
+    };
+    let neighbour = Creds {
+        dir: ca.issue(&ca.id("/ns/shop/sa/cart"), None),
+    };
+    let stranger = Creds {
+        dir: ca.issue(&ca.id("/ns/billing/sa/ledger"), None),
+    };
+    assert_eq!(call(&neighbour), 200);
+    assert_eq!(call(&stranger), 403);
+}
