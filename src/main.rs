@@ -79,18 +79,27 @@ enum Command {
         /// The manifests (`-` for standard input).
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
-        /// The CA's trust bundle (PEM) the sidecars start from.
+        #[command(flatten)]
+        sidecar: SidecarArgs,
+    },
+    /// The mutating admission webhook: injects the same sidecar as `warden
+    /// inject` into pods the API server sends it (POST /inject/namespace,
+    /// /inject/pod), as a JSONPatch.
+    Webhook {
+        /// The HTTPS listener.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: SocketAddr,
+        /// The admin listener (/live, /ready, /metrics).
+        #[arg(long, default_value = "0.0.0.0:9901")]
+        admin: SocketAddr,
+        /// Serving certificate chain (PEM; from `warden ca issue --dns-name`).
         #[arg(long)]
-        bundle: PathBuf,
-        /// The CA as pods reach it.
-        #[arg(long, default_value = "https://warden-ca.warden.svc:8443")]
-        ca_url: String,
-        /// The sidecar image.
-        #[arg(long, default_value = concat!("warden:", env!("CARGO_PKG_VERSION")))]
-        image: String,
-        /// The trust domain (default: the one the bundle names).
+        cert: PathBuf,
+        /// Its key.
         #[arg(long)]
-        trust_domain: Option<TrustDomain>,
+        key: PathBuf,
+        #[command(flatten)]
+        sidecar: SidecarArgs,
     },
     /// Run the whole system on loopback and show what it does, step by step.
     Demo {
@@ -142,6 +151,11 @@ enum CaCommand {
         /// Certificate lifetime (capped by the CA's max_ttl).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
+        /// A DNS name to put beside the SPIFFE ID (repeatable), for a
+        /// service reached by name, e.g. the admission webhook's
+        /// `warden-webhook.warden.svc`.
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
     },
     /// Print a one-time join token for a SPIFFE ID.
     Token {
@@ -214,6 +228,49 @@ enum CaCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
     },
+}
+
+/// What an injected sidecar is given (`warden inject`, `warden webhook`).
+#[derive(clap::Args)]
+struct SidecarArgs {
+    /// The CA's trust bundle (PEM) the sidecars start from.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// The CA as pods reach it.
+    #[arg(long, default_value = "https://warden-ca.warden.svc:8443")]
+    ca_url: String,
+    /// The sidecar image.
+    #[arg(long, default_value = concat!("warden:", env!("CARGO_PKG_VERSION")))]
+    image: String,
+    /// The trust domain (default: the one the bundle names).
+    #[arg(long)]
+    trust_domain: Option<TrustDomain>,
+}
+
+impl SidecarArgs {
+    fn settings(self) -> Result<warden_deploy::sidecar::Settings, Failure> {
+        let bundle_pem = std::fs::read_to_string(&self.bundle)
+            .map_err(|e| usage(format!("{}: {e}", self.bundle.display())))?;
+        let trust_domain = match self.trust_domain {
+            Some(td) => td,
+            None => {
+                let certs = warden_ca::pem::parse_certs(&bundle_pem)
+                    .map_err(|e| usage(format!("{}: {e}", self.bundle.display())))?;
+                warden_ca::tls::bundle_trust_domain(&certs).ok_or_else(|| {
+                    usage(format!(
+                        "{} names no trust domain (no spiffe:// URI SAN): give --trust-domain",
+                        self.bundle.display()
+                    ))
+                })?
+            }
+        };
+        Ok(warden_deploy::sidecar::Settings {
+            image: self.image,
+            ca_url: self.ca_url,
+            bundle_pem,
+            trust_domain: trust_domain.to_string(),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -355,28 +412,30 @@ async fn run(command: Command) -> Result<(), Failure> {
             warden_proxy::run(config, source, shutdown_on_signal()).await?;
             Ok(())
         }
-        Command::Inject {
-            file,
-            bundle,
-            ca_url,
-            image,
-            trust_domain,
+        Command::Webhook {
+            listen,
+            admin,
+            cert,
+            key,
+            sidecar,
         } => {
-            let bundle_pem = std::fs::read_to_string(&bundle)
-                .map_err(|e| usage(format!("{}: {e}", bundle.display())))?;
-            let trust_domain = match trust_domain {
-                Some(td) => td,
-                None => {
-                    let certs = warden_ca::pem::parse_certs(&bundle_pem)
-                        .map_err(|e| usage(format!("{}: {e}", bundle.display())))?;
-                    warden_ca::tls::bundle_trust_domain(&certs).ok_or_else(|| {
-                        usage(format!(
-                            "{} names no trust domain (no spiffe:// URI SAN): give --trust-domain",
-                            bundle.display()
-                        ))
-                    })?
-                }
+            let config = warden_deploy::server::Config {
+                listen,
+                admin,
+                cert,
+                key,
+                settings: sidecar.settings()?,
             };
+            warden_deploy::server::run(config, shutdown_on_signal())
+                .await
+                .map_err(|e| Failure {
+                    code: 1,
+                    message: e.to_string(),
+                })?;
+            Ok(())
+        }
+        Command::Inject { file, sidecar } => {
+            let settings = sidecar.settings()?;
             let input = if file.as_os_str() == "-" {
                 let mut s = String::new();
                 std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
@@ -385,12 +444,6 @@ async fn run(command: Command) -> Result<(), Failure> {
             } else {
                 std::fs::read_to_string(&file)
                     .map_err(|e| usage(format!("{}: {e}", file.display())))?
-            };
-            let settings = warden_deploy::sidecar::Settings {
-                image,
-                ca_url,
-                bundle_pem,
-                trust_domain: trust_domain.to_string(),
             };
             let (out, reports) = warden_deploy::inject::inject_stream(&input, &settings)
                 .map_err(|e| usage(format!("{}: {e}", file.display())))?;
@@ -462,9 +515,11 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
             spiffe_id,
             out_dir,
             ttl,
+            dns_names,
         } => {
             let svc = open_ca(&dir.dir).await?;
-            let (issued, key_pem) = svc.issue_local(&spiffe_id, ttl, "offline", now)?;
+            let (issued, key_pem) =
+                svc.issue_local_with_dns(&spiffe_id, &dns_names, ttl, "offline", now)?;
             files_out::write_credentials(
                 &out_dir,
                 &issued.svid.chain_pem,

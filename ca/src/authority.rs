@@ -302,6 +302,7 @@ impl Authority {
         public_key: &impl PublicKeyData,
         ttl: Option<Duration>,
         now: OffsetDateTime,
+        dns_names: &[String],
     ) -> Result<Svid, CaError> {
         let validity = cap_lifetime(
             ttl.unwrap_or(self.config.default_ttl),
@@ -315,7 +316,7 @@ impl Authority {
                 not_after: self.intermediate_validity.not_after,
             });
         }
-        let params = profile::svid(id, validity)?;
+        let params = profile::svid(id, validity, dns_names)?;
         let serial = params
             .serial_number
             .as_ref()

@@ -65,12 +65,22 @@ pub fn intermediate(
 
 /// An X.509-SVID: exactly one URI SAN (the SPIFFE ID), CA:FALSE,
 /// digitalSignature only, EKU serverAuth + clientAuth.
-pub fn svid(id: &SpiffeId, validity: Validity) -> Result<CertificateParams, rcgen::Error> {
+pub fn svid(
+    id: &SpiffeId,
+    validity: Validity,
+    dns_names: &[String],
+) -> Result<CertificateParams, rcgen::Error> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, id.trust_domain_str());
     p.distinguished_name = dn;
     p.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    // An X.509-SVID may carry DNS names beside its one URI SAN: a service
+    // that clients reach by name (the admission webhook, for the API server).
+    for d in dns_names {
+        p.subject_alt_names
+            .push(SanType::DnsName(d.as_str().try_into()?));
+    }
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![
@@ -82,6 +92,20 @@ pub fn svid(id: &SpiffeId, validity: Validity) -> Result<CertificateParams, rcge
     p.serial_number = Some(random_serial());
     p.use_authority_key_identifier_extension = true;
     Ok(p)
+}
+
+/// Whether `name` is a DNS name a certificate may carry: lowercase RFC
+/// 1123 labels, at most 253 bytes, no wildcard.
+pub fn valid_dns_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 #[cfg(test)]
@@ -117,7 +141,7 @@ mod tests {
         let int_issuer = Issuer::new(int_params, int_key);
         for path in ["/web", "/ns/shop/sa/web", "/a.b/c-d/e_f"] {
             let id = SpiffeId::new(&td, path).unwrap();
-            let leaf = svid(&id, validity())
+            let leaf = svid(&id, validity(), &[])
                 .unwrap()
                 .signed_by(&key(), &int_issuer)
                 .unwrap();
@@ -129,6 +153,28 @@ mod tests {
             let eku = cert.extended_key_usage().unwrap().unwrap();
             assert!(eku.value.server_auth && eku.value.client_auth);
             assert!(!cert.basic_constraints().unwrap().unwrap().value.ca);
+        }
+    }
+
+    #[test]
+    fn dns_names_go_beside_the_one_uri_san() {
+        let td = TrustDomain::parse("example.org").unwrap();
+        let id = SpiffeId::new(&td, "/ns/warden/sa/webhook").unwrap();
+        let names = ["warden-webhook.warden.svc".to_owned()];
+        let leaf = svid(&id, validity(), &names)
+            .unwrap()
+            .self_signed(&key())
+            .unwrap();
+        assert_eq!(peer_id(leaf.der()).unwrap(), id, "still one URI SAN");
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.der()).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert!(san.value.general_names.iter().any(|n| matches!(
+            n,
+            x509_parser::extensions::GeneralName::DNSName("warden-webhook.warden.svc")
+        )));
+        assert!(valid_dns_name("warden-webhook.warden.svc"));
+        for bad in ["*.warden.svc", "Warden.svc", "a..b", "-a.b", ""] {
+            assert!(!valid_dns_name(bad), "{bad}");
         }
     }
 

@@ -415,7 +415,7 @@ impl CaService {
         let request = csr::check(&req.csr, &id)?;
         let svid = self
             .authority
-            .sign(&id, &request.public_key, req.ttl, now)?;
+            .sign(&id, &request.public_key, req.ttl, now, &[])?;
         let key_sha256 = key_fingerprint(&request.public_key);
         self.write(
             now,
@@ -461,11 +461,33 @@ impl CaService {
         kind: &'static str,
         now: OffsetDateTime,
     ) -> Result<(Issued, String), Refusal> {
+        self.issue_local_with_dns(id, &[], ttl, kind, now)
+    }
+
+    /// As [`CaService::issue_local`], with DNS names beside the SPIFFE ID
+    /// (`warden ca issue --dns-name`: only the operator puts names in a
+    /// certificate, never a CSR).
+    pub fn issue_local_with_dns(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Option<Duration>,
+        kind: &'static str,
+        now: OffsetDateTime,
+    ) -> Result<(Issued, String), Refusal> {
         if kind != "self" {
             self.check_issuable(id)?;
         }
+        if let Some(bad) = dns_names
+            .iter()
+            .find(|d| !crate::profile::valid_dns_name(d))
+        {
+            return Err(Refusal::BadRequest(format!(
+                "{bad:?} is not a DNS name a certificate may carry (lowercase labels, no wildcard)"
+            )));
+        }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::from)?;
-        let svid = self.authority.sign(id, &key, ttl, now)?;
+        let svid = self.authority.sign(id, &key, ttl, now, dns_names)?;
         self.write(
             now,
             |tx| {

@@ -1,8 +1,11 @@
 //! warden on Kubernetes. One mutation ([`inject`]) serves `warden inject`
 //! and the admission webhook alike, so that the CLI and the webhook can
-//! never give a pod two different sidecars; [`sidecar`] is what it adds.
+//! never give a pod two different sidecars; [`sidecar`] is what it adds,
+//! [`webhook`] the webhook's answer and [`server`] its HTTPS server.
 
 #![forbid(unsafe_code)]
 
 pub mod inject;
+pub mod server;
 pub mod sidecar;
+pub mod webhook;

@@ -184,6 +184,33 @@ impl Server {
     }
 }
 
+/// A `warden` process started with `args`, killed on drop.
+pub struct Running {
+    pub child: Child,
+    pub addrs: std::collections::HashMap<String, SocketAddr>,
+}
+
+impl Running {
+    /// Starts `warden args...` and waits for its `ready` line.
+    pub fn start(args: &[&str]) -> Running {
+        let mut child = warden()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn warden");
+        let addrs = read_listeners(&mut child, String::new);
+        Running { child, addrs }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Reads a `warden` child's stdout until its `ready` line and returns its
 /// listeners by name; panics with `context()` if it does not get there in 20 s.
 fn read_listeners(
