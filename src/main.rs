@@ -82,6 +82,39 @@ enum Command {
         #[command(flatten)]
         sidecar: SidecarArgs,
     },
+    /// Print the control plane's manifests for `kubectl apply -f -`: the CA
+    /// (a StatefulSet), the admission webhook, RBAC, and the keys made now
+    /// (as Linkerd's install does; keep the output secret, it holds them).
+    Install {
+        /// The trust domain.
+        #[arg(long)]
+        trust_domain: TrustDomain,
+        /// The control plane's namespace.
+        #[arg(long, default_value = "warden")]
+        namespace: String,
+        /// The image of every warden container.
+        #[arg(long, default_value = concat!("warden:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        /// Admission webhook replicas.
+        #[arg(long, default_value_t = 2)]
+        webhook_replicas: i32,
+        /// CA replicas (more than one needs --ha).
+        #[arg(long, default_value_t = 1)]
+        ca_replicas: i32,
+        /// Replicas on a shared PostgreSQL store (a later release).
+        #[arg(long)]
+        ha: bool,
+        /// Bring your own root: its certificate (PEM); the intermediate is
+        /// made under it.
+        #[arg(long, requires = "root_key")]
+        root_cert: Option<PathBuf>,
+        /// The root's key (PEM); used once, here, and not written out.
+        #[arg(long, requires = "root_cert")]
+        root_key: Option<PathBuf>,
+        /// Which pods the CA attests (default: every namespace's).
+        #[arg(long)]
+        allow: Vec<String>,
+    },
     /// The mutating admission webhook: injects the same sidecar as `warden
     /// inject` into pods the API server sends it (POST /inject/namespace,
     /// /inject/pod), as a JSONPatch.
@@ -178,6 +211,10 @@ enum CaCommand {
         /// Address of the admin listener (/live, /ready, /metrics).
         #[arg(long, default_value = "127.0.0.1:9443")]
         admin: SocketAddr,
+        /// Keep the store and the audit trail here instead of in --dir (the
+        /// keys and settings may then be read-only, as in a pod).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Stop issuing and renewing certificates for a SPIFFE ID (takes effect at once).
     Deny {
@@ -380,11 +417,83 @@ fn init_logging(format: LogFormat, default_level: &str) {
 }
 
 /// Opens the CA in `dir`; a bad settings file is a usage error (exit 2).
+/// Makes the CA's keys in a scratch directory and the control plane's
+/// manifests around them.
+async fn install(
+    td: &TrustDomain,
+    namespace: &str,
+    image: String,
+    webhook_replicas: i32,
+    root: Option<(PathBuf, PathBuf)>,
+    allow: &[String],
+    now: OffsetDateTime,
+) -> Result<String, Failure> {
+    use warden_ca::authority::files;
+    let scratch = tempfile::tempdir().map_err(|e| usage(format!("a scratch directory: {e}")))?;
+    let dir = scratch.path().join("ca");
+    let opts = InitOptions {
+        external_root: root,
+        ..InitOptions::default()
+    };
+    Authority::init(&dir, td, &opts, now)?;
+    let allow: Vec<String> = if allow.is_empty() {
+        vec![format!("spiffe://{td}/ns/*")]
+    } else {
+        allow.to_vec()
+    };
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).map_err(|e| usage(format!("{name}: {e}")))
+    };
+    // The webhook's certificate first, while the scratch CA has no
+    // Kubernetes section (its attestor would look for a cluster).
+    let svc = open_ca(&dir).await?;
+    let webhook_id = SpiffeId::new(td, &format!("/ns/{namespace}/sa/warden-webhook"))
+        .map_err(|e| usage(format!("--namespace {namespace:?}: {e}")))?;
+    let (cert, key) = svc.issue_local_with_dns(
+        &webhook_id,
+        &warden_deploy::install::webhook_dns_names(namespace),
+        warden_ca::service::Lifetime::IssuerLife,
+        "offline",
+        now,
+    )?;
+    let ca_yaml = format!(
+        "{}kubernetes:\n  allow: [{}]\n  verify: tokenreview\n",
+        read(files::CONFIG)?,
+        allow.join(", ")
+    );
+    // The settings the CA pod will read, checked here first.
+    CaConfig::parse(std::path::Path::new("ca.yaml"), &ca_yaml).map_err(usage)?;
+    let manifest = warden_deploy::install::Install {
+        namespace: namespace.to_owned(),
+        trust_domain: td.to_string(),
+        image,
+        webhook_replicas,
+        ca_yaml,
+        bundle_pem: read(files::BUNDLE)?,
+        root_pem: read(files::ROOT_CERT)?,
+        intermediate_pem: read(files::INTERMEDIATE_CERT)?,
+        intermediate_key_pem: read(files::INTERMEDIATE_KEY)?,
+        webhook_cert_pem: cert.svid.chain_pem,
+        webhook_key_pem: key,
+    };
+    warden_deploy::install::manifests(&manifest).map_err(usage)
+}
+
 async fn open_ca(dir: &std::path::Path) -> Result<CaService, Failure> {
-    let authority = Authority::open(dir).map_err(|e| match e {
+    open_ca_with_state(dir, None).await
+}
+
+async fn open_ca_with_state(
+    dir: &std::path::Path,
+    state_dir: Option<PathBuf>,
+) -> Result<CaService, Failure> {
+    let mut authority = Authority::open(dir).map_err(|e| match e {
         warden_ca::CaError::Config(d) => usage(d),
         other => Failure::from(other),
     })?;
+    if let Some(s) = state_dir {
+        authority.state_dir = s;
+    }
     Ok(CaService::open(authority)?)
 }
 
@@ -432,6 +541,40 @@ async fn run(command: Command) -> Result<(), Failure> {
                     code: 1,
                     message: e.to_string(),
                 })?;
+            Ok(())
+        }
+        Command::Install {
+            trust_domain,
+            namespace,
+            image,
+            webhook_replicas,
+            ca_replicas,
+            ha,
+            root_cert,
+            root_key,
+            allow,
+        } => {
+            if ha || ca_replicas > 1 {
+                return Err(usage(
+                    "CA replicas need a shared PostgreSQL store (--ha), which a later release brings; install one CA replica for now",
+                ));
+            }
+            if !(1..=20).contains(&webhook_replicas) {
+                return Err(usage("--webhook-replicas must be between 1 and 20"));
+            }
+            print!(
+                "{}",
+                install(
+                    &trust_domain,
+                    &namespace,
+                    image,
+                    webhook_replicas,
+                    root_cert.zip(root_key),
+                    &allow,
+                    now
+                )
+                .await?
+            );
             Ok(())
         }
         Command::Inject { file, sidecar } => {
@@ -518,8 +661,13 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
             dns_names,
         } => {
             let svc = open_ca(&dir.dir).await?;
-            let (issued, key_pem) =
-                svc.issue_local_with_dns(&spiffe_id, &dns_names, ttl, "offline", now)?;
+            let (issued, key_pem) = svc.issue_local_with_dns(
+                &spiffe_id,
+                &dns_names,
+                warden_ca::service::Lifetime::Ttl(ttl),
+                "offline",
+                now,
+            )?;
             files_out::write_credentials(
                 &out_dir,
                 &issued.svid.chain_pem,
@@ -544,8 +692,13 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
             println!("{token}");
             Ok(())
         }
-        CaCommand::Serve { dir, listen, admin } => {
-            let svc = Arc::new(open_ca(&dir.dir).await?);
+        CaCommand::Serve {
+            dir,
+            listen,
+            admin,
+            state_dir,
+        } => {
+            let svc = Arc::new(open_ca_with_state(&dir.dir, state_dir).await?);
             let api = warden_ca::server::bind("api", listen).await?;
             let admin = warden_ca::server::bind("admin", admin).await?;
             warden_ca::server::run(svc, api, admin, shutdown_on_signal()).await?;

@@ -10,15 +10,12 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde_json::Value;
 
-use common::kube::{ISSUER, Kube};
+use common::kube::{ISSUER, Kube, validate};
 use common::{Ca, Creds, EchoApp, Proxy, mtls_get, s, warden};
-
-/// The Kubernetes release the manifests are validated against.
-const KUBERNETES: &str = "1.37.0";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -54,33 +51,6 @@ fn inject(args: &[&str], input: &str) -> (String, String) {
         String::from_utf8(out.stdout).unwrap(),
         String::from_utf8(out.stderr).unwrap(),
     )
-}
-
-/// Validates manifests against the Kubernetes schema, strictly (unknown
-/// fields refused). The validator must be there when CI=true.
-pub fn validate(dir: &std::path::Path, yaml: &str) {
-    let file = dir.join(format!("manifests-{}.yaml", common::rand_suffix()));
-    std::fs::write(&file, yaml).unwrap();
-    let out = match Command::new("kubernetes-validate")
-        .args(["--strict", "-k", KUBERNETES, s(&file)])
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) if std::env::var("CI").is_err() => {
-            eprintln!("kubernetes-validate not installed ({e}): schema check skipped outside CI");
-            return;
-        }
-        Err(e) => panic!("kubernetes-validate is needed (pip install kubernetes-validate): {e}"),
-    };
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("ERROR"),
-        "{text}\n{yaml}"
-    );
 }
 
 fn manifests(inbound: u16, admin: u16, app: u16) -> String {

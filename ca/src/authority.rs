@@ -175,6 +175,9 @@ pub struct Svid {
 pub struct Authority {
     /// Where the CA lives.
     pub dir: PathBuf,
+    /// Where its state (the store and the audit trail) lives: `dir`, unless
+    /// the keys and settings are mounted read-only elsewhere (a pod).
+    pub state_dir: PathBuf,
     /// Its settings.
     pub config: CaConfig,
     issuer: Issuer<'static, KeyPair>,
@@ -285,6 +288,7 @@ impl Authority {
         let bundle_pem = certs_pem(&bundle);
         Ok(Self {
             dir: dir.to_path_buf(),
+            state_dir: dir.to_path_buf(),
             config,
             issuer,
             intermediate,
@@ -304,12 +308,36 @@ impl Authority {
         now: OffsetDateTime,
         dns_names: &[String],
     ) -> Result<Svid, CaError> {
-        let validity = cap_lifetime(
-            ttl.unwrap_or(self.config.default_ttl),
-            self.config.max_ttl,
-            self.intermediate_validity,
-            now,
-        );
+        let ttl = ttl.unwrap_or(self.config.default_ttl);
+        self.sign_capped(id, public_key, ttl, self.config.max_ttl, now, dns_names)
+    }
+
+    /// Signs a service's certificate for as long as the intermediate lives
+    /// (`warden install` gives the admission webhook one, as Linkerd's
+    /// install does; a new install renews it).
+    pub fn sign_for_issuer_life(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        now: OffsetDateTime,
+        dns_names: &[String],
+    ) -> Result<Svid, CaError> {
+        let left = (self.intermediate_validity.not_after - now)
+            .max(time::Duration::ZERO)
+            .unsigned_abs();
+        self.sign_capped(id, public_key, left, left, now, dns_names)
+    }
+
+    fn sign_capped(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        ttl: Duration,
+        max_ttl: Duration,
+        now: OffsetDateTime,
+        dns_names: &[String],
+    ) -> Result<Svid, CaError> {
+        let validity = cap_lifetime(ttl, max_ttl, self.intermediate_validity, now);
         if validity.not_after <= validity.not_before || now >= self.intermediate_validity.not_after
         {
             return Err(CaError::IssuerExpired {

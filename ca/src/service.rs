@@ -27,6 +27,16 @@ pub use deny::{Denial, DenyReport, MAX_DENY_REASON_LEN};
 /// Longest join-token lifetime: a token is a bearer secret.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// How long a locally issued certificate lives.
+#[derive(Debug, Clone, Copy)]
+pub enum Lifetime {
+    /// As asked (or the default), capped by `max_ttl`.
+    Ttl(Option<Duration>),
+    /// As long as the intermediate (a service certificate made by `warden
+    /// install`).
+    IssuerLife,
+}
+
 /// A request for a certificate.
 #[derive(Debug, Clone, Default)]
 pub struct CertifyRequest {
@@ -186,11 +196,11 @@ fn key_fingerprint(key: &impl PublicKeyData) -> String {
 }
 
 impl CaService {
-    /// Opens the CA in `authority.dir` with its store.
+    /// Opens the CA of `authority` with its store (in `authority.state_dir`).
     pub fn open(authority: Authority) -> Result<Self, CaError> {
-        let store = Store::open(&authority.dir.join(files::STATE))?;
+        let store = Store::open(&authority.state_dir.join(files::STATE))?;
         let metrics = CaMetrics::new().map_err(|e| CaError::Setup(format!("metrics: {e}")))?;
-        let audit_path = authority.dir.join(files::AUDIT);
+        let audit_path = authority.state_dir.join(files::AUDIT);
         for (name, der) in [("intermediate", authority.intermediate())]
             .into_iter()
             .chain(authority.bundle().iter().map(|c| ("root", c)))
@@ -461,7 +471,7 @@ impl CaService {
         kind: &'static str,
         now: OffsetDateTime,
     ) -> Result<(Issued, String), Refusal> {
-        self.issue_local_with_dns(id, &[], ttl, kind, now)
+        self.issue_local_with_dns(id, &[], Lifetime::Ttl(ttl), kind, now)
     }
 
     /// As [`CaService::issue_local`], with DNS names beside the SPIFFE ID
@@ -471,7 +481,7 @@ impl CaService {
         &self,
         id: &SpiffeId,
         dns_names: &[String],
-        ttl: Option<Duration>,
+        lifetime: Lifetime,
         kind: &'static str,
         now: OffsetDateTime,
     ) -> Result<(Issued, String), Refusal> {
@@ -487,7 +497,12 @@ impl CaService {
             )));
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::from)?;
-        let svid = self.authority.sign(id, &key, ttl, now, dns_names)?;
+        let svid = match lifetime {
+            Lifetime::Ttl(ttl) => self.authority.sign(id, &key, ttl, now, dns_names)?,
+            Lifetime::IssuerLife => self
+                .authority
+                .sign_for_issuer_life(id, &key, now, dns_names)?,
+        };
         self.write(
             now,
             |tx| {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod inject;
+pub mod install;
 pub mod server;
 pub mod sidecar;
 pub mod webhook;

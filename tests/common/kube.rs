@@ -497,3 +497,33 @@ fn review(state: &Mutex<State>, body: &[u8]) -> Value {
     answer["status"] = status;
     answer
 }
+
+/// The Kubernetes release manifests are validated against.
+pub const KUBERNETES: &str = "1.37.0";
+
+/// Validates manifests against the Kubernetes schema, strictly (unknown
+/// fields refused). The validator must be there when CI=true.
+pub fn validate(dir: &std::path::Path, yaml: &str) {
+    let file = dir.join(format!("manifests-{}.yaml", super::rand_suffix()));
+    std::fs::write(&file, yaml).unwrap();
+    let out = match std::process::Command::new("kubernetes-validate")
+        .args(["--strict", "-k", KUBERNETES, super::s(&file)])
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) if std::env::var("CI").is_err() => {
+            eprintln!("kubernetes-validate not installed ({e}): schema check skipped outside CI");
+            return;
+        }
+        Err(e) => panic!("kubernetes-validate is needed (pip install kubernetes-validate): {e}"),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("ERROR"),
+        "{text}\n{yaml}"
+    );
+}

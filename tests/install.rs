@@ -1,0 +1,246 @@
+//! `warden install` as a platform team runs it: every object validates
+//! against the Kubernetes schema (strict), and the CA and the webhook it
+//! describes run from exactly what it wrote, as their pods would mount it:
+//! the CA attests a pod, the webhook verifies for its Service name against
+//! the MutatingWebhookConfiguration's `caBundle` and injects.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+use common::kube::{Kube, validate};
+use common::{Running, csr, https, run, run_ok, s};
+
+/// The manifests, by `Kind/name`.
+fn objects(yaml: &str) -> HashMap<String, Value> {
+    let mut docs = vec![String::new()];
+    for line in yaml.lines() {
+        if line == "---" {
+            docs.push(String::new());
+        } else if let Some(d) = docs.last_mut() {
+            d.push_str(line);
+            d.push('\n');
+        }
+    }
+    docs.iter()
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| {
+            let v: Value = serde_saphyr::from_str(d).unwrap();
+            let name = format!(
+                "{}/{}",
+                v["kind"].as_str().unwrap(),
+                v["metadata"]["name"].as_str().unwrap()
+            );
+            (name, v)
+        })
+        .collect()
+}
+
+/// Writes a Secret's or ConfigMap's keys into `dir` as files, as a volume does.
+fn mount(obj: &Value, items: &[(&str, &str)], dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (key, file) in items {
+        let bytes = match (obj["data"][key].as_str(), obj["kind"].as_str()) {
+            (Some(b64), Some("Secret")) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap(),
+            (Some(text), _) => text.as_bytes().to_vec(),
+            _ => panic!("{key} missing in {obj}"),
+        };
+        std::fs::write(dir.join(file), bytes).unwrap();
+    }
+}
+
+#[test]
+fn installed_objects_validate_and_run_as_their_pods_would() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = run_ok(&[
+        "install",
+        "--trust-domain",
+        "example.org",
+        "--allow",
+        "spiffe://example.org/ns/shop/*",
+    ]);
+    validate(tmp.path(), &yaml);
+    let o = objects(&yaml);
+    for want in [
+        "Namespace/warden",
+        "ServiceAccount/warden-ca",
+        "ClusterRole/warden-ca",
+        "ClusterRoleBinding/warden-ca",
+        "StatefulSet/warden-ca",
+        "Service/warden-ca",
+        "Deployment/warden-webhook",
+        "Service/warden-webhook",
+        "MutatingWebhookConfiguration/warden-injector",
+        "PodDisruptionBudget/warden-webhook",
+        "PodDisruptionBudget/warden-ca",
+    ] {
+        assert!(o.contains_key(want), "{want} missing");
+    }
+    // RBAC: what the CA uses, nothing else.
+    let rules = &o["ClusterRole/warden-ca"]["rules"];
+    assert_eq!(rules.as_array().unwrap().len(), 2);
+    assert_eq!(rules[0]["verbs"], json!(["create"]));
+    assert_eq!(rules[1]["verbs"], json!(["get"]));
+    // Hardened everywhere.
+    for w in ["StatefulSet/warden-ca", "Deployment/warden-webhook"] {
+        let c = &o[w]["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true, "{w}");
+        assert_eq!(
+            c["securityContext"]["capabilities"]["drop"],
+            json!(["ALL"]),
+            "{w}"
+        );
+        assert!(c["resources"]["limits"]["memory"].is_string(), "{w}");
+    }
+    let hooks = &o["MutatingWebhookConfiguration/warden-injector"]["webhooks"];
+    assert_eq!(hooks[0]["failurePolicy"], "Fail");
+    assert_eq!(
+        hooks[0]["clientConfig"]["service"]["path"],
+        "/inject/namespace"
+    );
+    assert_eq!(hooks[1]["clientConfig"]["service"]["path"], "/inject/pod");
+
+    // The CA, from its projected volume (the keys Secret and the config
+    // ConfigMap) and an empty state volume; the API where the pod finds it.
+    let keys = tmp.path().join("etc-warden-ca");
+    mount(
+        &o["Secret/warden-ca-keys"],
+        &[
+            ("tls.crt", "intermediate.pem"),
+            ("tls.key", "intermediate-key.pem"),
+            ("ca.crt", "root.pem"),
+        ],
+        &keys,
+    );
+    mount(
+        &o["ConfigMap/warden-ca-config"],
+        &[("ca.yaml", "ca.yaml"), ("bundle.pem", "bundle.pem")],
+        &keys,
+    );
+    let kube = Kube::start(tmp.path());
+    let ca_yaml = std::fs::read_to_string(keys.join("ca.yaml")).unwrap();
+    std::fs::write(
+        keys.join("ca.yaml"),
+        format!(
+            "{ca_yaml}  api: {{url: {}, ca_file: {}, token_file: {}}}\n",
+            kube.url(),
+            s(&kube.ca_file),
+            s(&kube.reviewer_token_file)
+        ),
+    )
+    .unwrap();
+    let state = tmp.path().join("var-lib-warden");
+    std::fs::create_dir_all(&state).unwrap();
+    let ca = Running::start(&[
+        "ca",
+        "serve",
+        "--dir",
+        s(&keys),
+        "--state-dir",
+        s(&state),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let bundle = std::fs::read_to_string(keys.join("bundle.pem")).unwrap();
+    let pod = kube.add_pod("shop", "cart-5d8f", "cart");
+    let id = "spiffe://example.org/ns/shop/sa/cart";
+    let (_key, csr) = csr(&[id]);
+    let body = json!({"csr": csr, "k8s_token": kube.token(&pod)});
+    let (status, answer) = https(
+        ca.addrs["api"],
+        &bundle,
+        None,
+        "POST",
+        "/v1/certify",
+        body.to_string().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        state.join("state.db").exists() && state.join("audit.jsonl").exists(),
+        "state on its own volume"
+    );
+
+    // The webhook, from its Secret, verified for its Service name against
+    // the caBundle the API server would use.
+    let tls = tmp.path().join("etc-warden-webhook");
+    mount(
+        &o["Secret/warden-webhook-tls"],
+        &[
+            ("tls.crt", "tls.crt"),
+            ("tls.key", "tls.key"),
+            ("ca.crt", "ca.crt"),
+        ],
+        &tls,
+    );
+    let hook = Running::start(&[
+        "webhook",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--cert",
+        s(&tls.join("tls.crt")),
+        "--key",
+        s(&tls.join("tls.key")),
+        "--bundle",
+        s(&tls.join("ca.crt")),
+    ]);
+    let ca_bundle = base64::engine::general_purpose::STANDARD
+        .decode(hooks[0]["clientConfig"]["caBundle"].as_str().unwrap())
+        .unwrap();
+    let ca_bundle = String::from_utf8(ca_bundle).unwrap();
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "1", "operation": "CREATE", "namespace": "shop",
+            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                "spec": {"containers": [{"name": "p", "image": "p", "ports": [{"containerPort": 80}]}]}}}
+    });
+    let config = webhook_client(&ca_bundle);
+    let mut conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        rustls::pki_types::ServerName::try_from("warden-webhook.warden.svc").unwrap(),
+    )
+    .unwrap();
+    let mut sock = std::net::TcpStream::connect(hook.addrs["webhook"]).unwrap();
+    let mut stream = rustls::Stream::new(&mut conn, &mut sock);
+    let body = review.to_string();
+    use std::io::{Read, Write};
+    write!(stream, "POST /inject/namespace HTTP/1.1\r\nHost: w\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let (status, answer) = common::parse_response(&raw);
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"patchType\":\"JSONPatch\""), "{answer}");
+
+    // No replicas without the shared store yet.
+    let r = run(&["install", "--trust-domain", "example.org", "--ha"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("PostgreSQL"));
+}
+
+fn webhook_client(ca_bundle: &str) -> rustls::ClientConfig {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_bundle.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth()
+}
