@@ -79,6 +79,11 @@ enum Command {
         /// The manifests (`-` for standard input).
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+        /// Also point each Service of the input that selects injected pods
+        /// at their sidecar (its targetPort for the app's port becomes the
+        /// inbound port).
+        #[arg(long)]
+        services: bool,
         #[command(flatten)]
         sidecar: SidecarArgs,
     },
@@ -577,7 +582,11 @@ async fn run(command: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Inject { file, sidecar } => {
+        Command::Inject {
+            file,
+            services,
+            sidecar,
+        } => {
             let settings = sidecar.settings()?;
             let input = if file.as_os_str() == "-" {
                 let mut s = String::new();
@@ -588,7 +597,7 @@ async fn run(command: Command) -> Result<(), Failure> {
                 std::fs::read_to_string(&file)
                     .map_err(|e| usage(format!("{}: {e}", file.display())))?
             };
-            let (out, reports) = warden_deploy::inject::inject_stream(&input, &settings)
+            let (out, reports) = warden_deploy::inject::inject_stream(&input, &settings, services)
                 .map_err(|e| usage(format!("{}: {e}", file.display())))?;
             for r in &reports {
                 match &r.outcome {

@@ -68,6 +68,29 @@ fn installed_objects_validate_and_run_as_their_pods_would() {
         "spiffe://example.org/ns/shop/*",
     ]);
     validate(tmp.path(), &yaml);
+    // A kustomization of the output builds offline (GitOps users wrap it).
+    std::fs::write(tmp.path().join("warden.yaml"), &yaml).unwrap();
+    std::fs::write(
+        tmp.path().join("kustomization.yaml"),
+        "resources: [warden.yaml]\n",
+    )
+    .unwrap();
+    match std::process::Command::new("kubectl")
+        .args(["kustomize", s(tmp.path())])
+        .output()
+    {
+        Ok(k) => {
+            assert!(k.status.success(), "{}", String::from_utf8_lossy(&k.stderr));
+            assert_eq!(
+                String::from_utf8_lossy(&k.stdout)
+                    .matches("\nkind: ")
+                    .count(),
+                15
+            );
+        }
+        // kubectl is no Debian package; CI checks the schema above.
+        Err(e) => eprintln!("kubectl not installed ({e}): kustomize check skipped"),
+    }
     let o = objects(&yaml);
     for want in [
         "Namespace/warden",

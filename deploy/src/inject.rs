@@ -31,6 +31,22 @@ pub struct Report {
     pub object: String,
     /// What was done.
     pub outcome: Outcome,
+    /// For an injected template: where its pods are (namespace, labels)
+    /// and (app port, inbound port), to point Services at the sidecar.
+    pub pods: Option<Pods>,
+}
+
+/// The pods an injected workload makes, as a Service selects them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pods {
+    /// The namespace written in the manifest, if any.
+    pub namespace: Option<String>,
+    /// The template's labels.
+    pub labels: Map<String, Value>,
+    /// The app's port.
+    pub app_port: u16,
+    /// The sidecar's inbound port.
+    pub inbound_port: u16,
 }
 
 /// Where a kind keeps its pod template (a JSON pointer), or `None`.
@@ -81,12 +97,90 @@ pub fn inject(obj: &mut Value, s: &Settings) -> Vec<Report> {
         .and_then(|a| a.get(INJECT))
         .and_then(Value::as_str)
         == Some("disabled");
+    let namespace = obj
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let mut pods = None;
     let outcome = match obj.pointer_mut(path) {
         _ if opted_out => Outcome::Skipped(format!("{INJECT}: disabled")),
-        Some(template) => inject_template(template, s),
+        Some(template) => {
+            let before = template.clone();
+            let outcome = inject_template(template, s);
+            if outcome == Outcome::Injected {
+                let annotations = before
+                    .pointer("/metadata/annotations")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
+                if let Ok((app_port, inbound_port)) = sidecar::ports(&annotations, &before["spec"])
+                {
+                    pods = Some(Pods {
+                        namespace,
+                        labels: before
+                            .pointer("/metadata/labels")
+                            .and_then(Value::as_object)
+                            .cloned()
+                            .unwrap_or_default(),
+                        app_port,
+                        inbound_port,
+                    });
+                }
+            }
+            outcome
+        }
         None => Outcome::Skipped("no pod template".into()),
     };
-    vec![Report { object, outcome }]
+    vec![Report {
+        object,
+        outcome,
+        pods,
+    }]
+}
+
+/// Points a Service at the sidecar of the injected pods it selects: each
+/// of its ports that reaches the app's port (by number, or by default)
+/// gets the sidecar's inbound port as `targetPort`. True when it changed.
+fn point_service(service: &mut Value, injected: &[Pods]) -> bool {
+    if service["kind"] != "Service" {
+        return false;
+    }
+    let namespace = service
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str);
+    let Some(selector) = service
+        .pointer("/spec/selector")
+        .and_then(Value::as_object)
+        .cloned()
+    else {
+        return false;
+    };
+    if selector.is_empty() {
+        return false;
+    }
+    let Some(pods) = injected.iter().find(|p| {
+        p.namespace.as_deref() == namespace
+            && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+    }) else {
+        return false;
+    };
+    let mut changed = false;
+    if let Some(ports) = service
+        .pointer_mut("/spec/ports")
+        .and_then(Value::as_array_mut)
+    {
+        for p in ports {
+            let target = p
+                .get("targetPort")
+                .or_else(|| p.get("port"))
+                .and_then(Value::as_u64);
+            if target == Some(u64::from(pods.app_port)) {
+                p["targetPort"] = pods.inbound_port.into();
+                changed = true;
+            }
+        }
+    }
+    changed
 }
 
 /// Adds the sidecar to one pod template (`metadata` and `spec`).
@@ -171,9 +265,16 @@ pub struct DocumentError {
 /// Injects into every document of a multi-document YAML (or JSON) stream.
 /// Documents without a workload pass through as they were written, byte
 /// for byte and in order; injected ones are written out again as YAML.
-pub fn inject_stream(text: &str, s: &Settings) -> Result<(String, Vec<Report>), DocumentError> {
-    let mut out = String::with_capacity(text.len() * 2);
+/// With `services`, a Service that selects injected pods is pointed at
+/// their sidecar (see [`point_service`]).
+pub fn inject_stream(
+    text: &str,
+    s: &Settings,
+    services: bool,
+) -> Result<(String, Vec<Report>), DocumentError> {
     let mut reports = Vec::new();
+    // (separator kept, original text, parsed value, changed)
+    let mut docs: Vec<(&str, Option<Value>, bool)> = Vec::new();
     for (index, (line, doc)) in documents(text).into_iter().enumerate() {
         let content = doc
             .lines()
@@ -182,7 +283,7 @@ pub fn inject_stream(text: &str, s: &Settings) -> Result<(String, Vec<Report>), 
             })
             .count();
         if content == 0 {
-            out.push_str(doc);
+            docs.push((doc, None, false));
             continue;
         }
         let body = doc.strip_prefix("---").map_or(doc, |rest| {
@@ -197,13 +298,27 @@ pub fn inject_stream(text: &str, s: &Settings) -> Result<(String, Vec<Report>), 
         let r = inject(&mut value, s);
         let changed = r.iter().any(|r| r.outcome == Outcome::Injected);
         reports.extend(r);
-        if !changed {
+        docs.push((doc, Some(value), changed));
+    }
+    if services {
+        let injected: Vec<Pods> = reports.iter().filter_map(|r| r.pods.clone()).collect();
+        for (_, value, changed) in &mut docs {
+            if let Some(v) = value.as_mut()
+                && point_service(v, &injected)
+            {
+                *changed = true;
+            }
+        }
+    }
+    let mut out = String::with_capacity(text.len() * 2);
+    for (index, (doc, value, changed)) in docs.iter().enumerate() {
+        let (true, Some(value)) = (*changed, value) else {
             out.push_str(doc);
             continue;
-        }
-        let yaml = serde_saphyr::to_string(&value).map_err(|e| DocumentError {
+        };
+        let yaml = serde_saphyr::to_string(value).map_err(|e| DocumentError {
             index: index + 1,
-            line,
+            line: 0,
             message: e.to_string(),
         })?;
         if doc.starts_with("---") {

@@ -197,6 +197,14 @@ fn proxy_config(
     serde_saphyr::to_string(&config).map_err(|e| format!("proxy config: {e}"))
 }
 
+/// (the app's port, the sidecar's inbound port) for a pod.
+pub fn ports(annotations: &Map<String, Value>, spec: &Value) -> Result<(u16, u16), String> {
+    Ok((
+        app_port(annotations, spec)?,
+        port(annotations, &INBOUND_PORT)?,
+    ))
+}
+
 /// The sidecar container for a pod with these annotations and spec.
 pub fn container(
     s: &Settings,

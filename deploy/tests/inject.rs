@@ -59,7 +59,7 @@ fn docs(text: &str) -> Vec<Value> {
 
 #[test]
 fn a_deployment_gets_a_native_sidecar_first_and_keeps_every_field() {
-    let (out, reports) = inject_stream(DEPLOYMENT, &settings()).unwrap();
+    let (out, reports) = inject_stream(DEPLOYMENT, &settings(), false).unwrap();
     assert_eq!(reports.len(), 1);
     assert_eq!(
         (reports[0].object.as_str(), &reports[0].outcome),
@@ -132,8 +132,8 @@ fn a_deployment_gets_a_native_sidecar_first_and_keeps_every_field() {
 
 #[test]
 fn injecting_twice_changes_nothing() {
-    let (once, _) = inject_stream(DEPLOYMENT, &settings()).unwrap();
-    let (twice, reports) = inject_stream(&once, &settings()).unwrap();
+    let (once, _) = inject_stream(DEPLOYMENT, &settings(), false).unwrap();
+    let (twice, reports) = inject_stream(&once, &settings(), false).unwrap();
     assert_eq!(once, twice);
     assert_eq!(reports[0].outcome, Outcome::AlreadyInjected);
 }
@@ -144,7 +144,7 @@ fn documents_keep_their_order_and_untouched_ones_their_bytes() {
     let config =
         "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {level: \"3\"}\n";
     let input = format!("{service}---\n{DEPLOYMENT}{config}");
-    let (out, reports) = inject_stream(&input, &settings()).unwrap();
+    let (out, reports) = inject_stream(&input, &settings(), false).unwrap();
     assert_eq!(reports.len(), 1);
     assert!(out.starts_with(service), "{out}");
     assert!(out.ends_with(config), "{out}");
@@ -171,7 +171,7 @@ fn opted_out_host_network_and_portless_pods_are_skipped_untouched() {
             "warden.dev/app-port",
         ),
     ] {
-        let (out, reports) = inject_stream(pod, &settings()).unwrap();
+        let (out, reports) = inject_stream(pod, &settings(), false).unwrap();
         assert_eq!(out, pod);
         match &reports[0].outcome {
             Outcome::Skipped(reason) => assert!(reason.contains(why), "{reason}"),
@@ -198,7 +198,7 @@ fn every_workload_kind_and_lists_are_injected() {
         template.lines().map(|l| format!("    {l}\n")).collect::<String>()
     ));
     input.push_str("---\napiVersion: v1\nkind: List\nitems:\n  - apiVersion: v1\n    kind: Pod\n    metadata: {name: p, annotations: {warden.dev/app-port: \"7000\"}}\n    spec:\n      containers: [{name: p, image: p}]\n");
-    let (out, reports) = inject_stream(&input, &settings()).unwrap();
+    let (out, reports) = inject_stream(&input, &settings(), false).unwrap();
     assert_eq!(reports.len(), 7, "{reports:?}");
     assert!(
         reports.iter().all(|r| r.outcome == Outcome::Injected),
@@ -217,6 +217,26 @@ fn every_workload_kind_and_lists_are_injected() {
 #[test]
 #[ignore = "prints a sample; run with --ignored --nocapture"]
 fn print_sample() {
-    let (out, _) = inject_stream(DEPLOYMENT, &settings()).unwrap();
+    let (out, _) = inject_stream(DEPLOYMENT, &settings(), false).unwrap();
     println!("{out}");
+}
+
+#[test]
+fn services_selecting_injected_pods_are_pointed_at_the_sidecar_when_asked() {
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {app: web}\n  ports:\n    - {name: http, port: 80, targetPort: 8080}\n    - {name: metrics, port: 9090}\n";
+    let other = "---\napiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec:\n  selector: {app: db}\n  ports: [{port: 5432}]\n";
+    let input = format!("{service}---\n{DEPLOYMENT}{other}");
+    let (plain, _) = inject_stream(&input, &settings(), false).unwrap();
+    assert!(plain.starts_with(service), "not asked: untouched");
+    let (out, _) = inject_stream(&input, &settings(), true).unwrap();
+    let d = docs(&out);
+    assert_eq!(
+        d[0]["spec"]["ports"][0]["targetPort"], 4143,
+        "the app's port now reaches the sidecar"
+    );
+    assert!(
+        d[0]["spec"]["ports"][1].get("targetPort").is_none(),
+        "another port is left alone"
+    );
+    assert!(out.ends_with(other), "a Service of other pods is untouched");
 }
