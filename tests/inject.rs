@@ -195,3 +195,21 @@ fn the_injected_sidecar_runs_as_the_kubelet_starts_it_and_guards_the_pod() {
     assert_eq!(call(&neighbour), 200);
     assert_eq!(call(&stranger), 403);
 }
+
+#[test]
+fn every_golden_injection_validates_against_the_kubernetes_schema() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tests/golden");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        // `List` has no schema of its own; its items are Pods, checked elsewhere.
+        if !name.ends_with(".out.yaml") || name.starts_with("list") {
+            continue;
+        }
+        validate(tmp.path(), &std::fs::read_to_string(&path).unwrap());
+        n += 1;
+    }
+    assert!(n >= 7, "{n} golden files");
+}
