@@ -421,7 +421,6 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
-/// Opens the CA in `dir`; a bad settings file is a usage error (exit 2).
 /// Makes the CA's keys in a scratch directory and the control plane's
 /// manifests around them.
 async fn install(
@@ -484,6 +483,7 @@ async fn install(
     warden_deploy::install::manifests(&manifest).map_err(usage)
 }
 
+/// Opens the CA in `dir`; a bad settings file is a usage error (exit 2).
 async fn open_ca(dir: &std::path::Path) -> Result<CaService, Failure> {
     open_ca_with_state(dir, None).await
 }
@@ -599,16 +599,26 @@ async fn run(command: Command) -> Result<(), Failure> {
             };
             let (out, reports) = warden_deploy::inject::inject_stream(&input, &settings, services)
                 .map_err(|e| usage(format!("{}: {e}", file.display())))?;
+            use warden_deploy::inject::Outcome;
+            let mut invalid = Vec::new();
             for r in &reports {
                 match &r.outcome {
-                    warden_deploy::inject::Outcome::Injected => eprintln!("{}: injected", r.object),
-                    warden_deploy::inject::Outcome::AlreadyInjected => {
-                        eprintln!("{}: already injected", r.object)
-                    }
-                    warden_deploy::inject::Outcome::Skipped(why) => {
+                    Outcome::Injected => eprintln!("{}: injected", r.object),
+                    Outcome::AlreadyInjected => eprintln!("{}: already injected", r.object),
+                    Outcome::Skipped(why) => {
                         eprintln!("warning: {}: not injected: {why}", r.object)
                     }
+                    Outcome::Invalid(why) => invalid.push(format!("{}: {why}", r.object)),
                 }
+            }
+            if !invalid.is_empty() {
+                // Nothing is printed: half a stream applied is worse than none.
+                return Err(usage(format!("cannot inject:\n  {}", invalid.join("\n  "))));
+            }
+            if reports.iter().any(|r| r.outcome == Outcome::Injected) {
+                eprintln!(
+                    "note: peers reach the app through the sidecar's port; the app must listen on 127.0.0.1 only, or it stays reachable without mTLS (transparent interception comes later)"
+                );
             }
             print!("{out}");
             Ok(())

@@ -231,6 +231,38 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
         "{v}"
     );
 
+    // A pod asked to be protected whose annotations cannot work is
+    // refused, never admitted unprotected.
+    let mut bad = pod();
+    bad["metadata"]["annotations"]["warden.dev/proxy-memory-limit"] = "lots".into();
+    let (_, body) = post(
+        api,
+        &bundle_pem,
+        "/inject/namespace",
+        admission_review(&bad, false).to_string().as_bytes(),
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["response"]["allowed"], false, "{v}");
+    assert!(
+        v["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("resource quantity"),
+        "{v}"
+    );
+
+    // Elsewhere the label routes a pod here (selectors see labels).
+    let mut labelled = pod();
+    labelled["metadata"]["labels"]["warden.dev/inject"] = "enabled".into();
+    let (_, body) = post(
+        api,
+        &bundle_pem,
+        "/inject/pod",
+        admission_review(&labelled, false).to_string().as_bytes(),
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["response"]["patchType"], "JSONPatch", "{v}");
+
     // Malformed: 400, counted.
     for junk in [
         &b"{not json"[..],

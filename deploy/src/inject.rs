@@ -19,8 +19,11 @@ pub enum Outcome {
     Injected,
     /// It already has the sidecar: nothing changed.
     AlreadyInjected,
-    /// Left alone, and why.
+    /// Left alone on purpose (opted out, host network, Windows), and why.
     Skipped(String),
+    /// Left alone because its annotations or ports cannot work: a config
+    /// error (the CLI fails, the webhook refuses the pod).
+    Invalid(String),
 }
 
 /// One object and what happened to each pod template in it (none for an
@@ -78,7 +81,7 @@ fn name_of(obj: &Value) -> String {
 /// happened per workload.
 pub fn inject(obj: &mut Value, s: &Settings) -> Vec<Report> {
     let kind = obj["kind"].as_str().unwrap_or("").to_owned();
-    if kind == "List" || kind.ends_with("List") {
+    if kind == "List" {
         let mut out = Vec::new();
         if let Some(items) = obj.get_mut("items").and_then(Value::as_array_mut) {
             for item in items {
@@ -213,29 +216,37 @@ fn inject_template(template: &mut Value, s: &Settings) -> Outcome {
             "hostNetwork: the pod shares the node's network, its ports are the node's".into(),
         );
     }
+    if spec.pointer("/os/name").and_then(Value::as_str) == Some("windows") {
+        return Outcome::Skipped("a Windows pod: the sidecar runs on Linux nodes only".into());
+    }
+    for list in ["initContainers", "volumes"] {
+        if !spec.get(list).is_none_or(|v| v.is_array() || v.is_null()) {
+            return Outcome::Invalid(format!("{list} is not a list"));
+        }
+    }
     let container = match sidecar::container(s, &annotations, spec) {
         Ok(c) => c,
-        Err(why) => return Outcome::Skipped(why),
+        Err(why) => return Outcome::Invalid(why),
     };
     let Some(spec) = t.get_mut("spec").and_then(Value::as_object_mut) else {
         return Outcome::Skipped("the pod template's spec is not an object".into());
     };
     // First in the list: init containers start in order, and the app's own
-    // init containers may already need the network.
-    let inits = spec
-        .entry("initContainers")
-        .or_insert_with(|| Value::Array(Vec::new()));
-    match inits.as_array_mut() {
-        Some(a) => a.insert(0, container),
-        None => return Outcome::Skipped("initContainers is not a list".into()),
-    }
-    let volumes = spec
-        .entry("volumes")
-        .or_insert_with(|| Value::Array(Vec::new()));
-    match volumes.as_array_mut() {
-        Some(v) => v.push(sidecar::token_volume()),
-        None => return Outcome::Skipped("volumes is not a list".into()),
-    }
+    // init containers may already need the network. (`null`, as Helm
+    // writes it, is an empty list.)
+    let mut list = |key: &str| {
+        let v = spec.entry(key).or_insert(Value::Null);
+        if v.is_null() {
+            *v = Value::Array(Vec::new());
+        }
+        v.as_array_mut().map(std::mem::take).unwrap_or_default()
+    };
+    let mut inits = list("initContainers");
+    inits.insert(0, container);
+    let mut volumes = list("volumes");
+    volumes.push(sidecar::token_volume());
+    spec.insert("initContainers".into(), Value::Array(inits));
+    spec.insert("volumes".into(), Value::Array(volumes));
     let metadata = t
         .entry("metadata")
         .or_insert_with(|| Value::Object(Map::new()));
@@ -273,7 +284,7 @@ pub fn inject_stream(
     services: bool,
 ) -> Result<(String, Vec<Report>), DocumentError> {
     let mut reports = Vec::new();
-    // (separator kept, original text, parsed value, changed)
+    // (original text, parsed value, changed)
     let mut docs: Vec<(&str, Option<Value>, bool)> = Vec::new();
     for (index, (line, doc)) in documents(text).into_iter().enumerate() {
         let content = doc
@@ -290,7 +301,7 @@ pub fn inject_stream(
             // `--- # comment` or `---` alone: the separator line itself.
             rest.split_once('\n').map_or("", |(_, b)| b)
         });
-        let mut value: Value = serde_saphyr::from_str(body).map_err(|e| DocumentError {
+        let mut value: Value = parse_yaml(body).map_err(|e| DocumentError {
             index: index + 1,
             line,
             message: e.to_string(),
@@ -330,6 +341,14 @@ pub fn inject_stream(
         }
     }
     Ok((out, reports))
+}
+
+/// Parses one document as kubectl does: YAML 1.1 octal numbers included
+/// (`defaultMode: 0644` is 420, never the decimal 644).
+fn parse_yaml(body: &str) -> Result<Value, serde_saphyr::Error> {
+    let mut options = serde_saphyr::Options::default();
+    options.legacy_octal_numbers = true;
+    serde_saphyr::from_str_with_options(body, options)
 }
 
 /// Splits a stream at its `---` lines: (first line number, text) per

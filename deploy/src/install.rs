@@ -379,7 +379,7 @@ fn webhook_deployment(i: &Install) -> Deployment {
         ports: Some(vec![port("https", WEBHOOK_PORT), port("admin", ADMIN_PORT)]),
         readiness_probe: Some(probe("/ready", 5)),
         liveness_probe: Some(probe("/live", 10)),
-        resources: Some(resources("20m", "32Mi", "128Mi")),
+        resources: Some(resources("20m", "32Mi", "256Mi")),
         security_context: Some(hardened()),
         volume_mounts: Some(vec![VolumeMount {
             name: "tls".to_owned(),
@@ -442,33 +442,36 @@ fn mutating_webhooks(i: &Install) -> MutatingWebhookConfiguration {
         operator: op.to_owned(),
         values: Some(vec!["enabled".to_owned()]),
     };
-    let hook = |name: &str, path: &str, namespaces: LabelSelector| MutatingWebhook {
-        name: name.to_owned(),
-        admission_review_versions: vec!["v1".to_owned()],
-        client_config: WebhookClientConfig {
-            ca_bundle: Some(ByteString(i.bundle_pem.as_bytes().to_vec())),
-            service: Some(ServiceReference {
-                name: "warden-webhook".to_owned(),
-                namespace: ns.to_owned(),
-                path: Some(path.to_owned()),
-                port: Some(443),
-            }),
-            url: None,
-        },
-        // Fail, scoped: see README ("Failure policy").
-        failure_policy: Some("Fail".to_owned()),
-        side_effects: "None".to_owned(),
-        timeout_seconds: Some(5),
-        reinvocation_policy: Some("IfNeeded".to_owned()),
-        namespace_selector: Some(namespaces),
-        rules: Some(vec![RuleWithOperations {
-            api_groups: Some(vec![String::new()]),
-            api_versions: Some(vec!["v1".to_owned()]),
-            operations: Some(vec!["CREATE".to_owned()]),
-            resources: Some(vec!["pods".to_owned()]),
-            scope: Some("Namespaced".to_owned()),
-        }]),
-        ..MutatingWebhook::default()
+    let hook = |name: &str, path: &str, namespaces: LabelSelector, pods: Option<LabelSelector>| {
+        MutatingWebhook {
+            name: name.to_owned(),
+            admission_review_versions: vec!["v1".to_owned()],
+            client_config: WebhookClientConfig {
+                ca_bundle: Some(ByteString(i.bundle_pem.as_bytes().to_vec())),
+                service: Some(ServiceReference {
+                    name: "warden-webhook".to_owned(),
+                    namespace: ns.to_owned(),
+                    path: Some(path.to_owned()),
+                    port: Some(443),
+                }),
+                url: None,
+            },
+            // Fail, scoped: see README ("Failure policy").
+            failure_policy: Some("Fail".to_owned()),
+            side_effects: "None".to_owned(),
+            timeout_seconds: Some(5),
+            reinvocation_policy: Some("IfNeeded".to_owned()),
+            namespace_selector: Some(namespaces),
+            object_selector: pods,
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec![String::new()]),
+                api_versions: Some(vec!["v1".to_owned()]),
+                operations: Some(vec!["CREATE".to_owned()]),
+                resources: Some(vec!["pods".to_owned()]),
+                scope: Some("Namespaced".to_owned()),
+            }]),
+            ..MutatingWebhook::default()
+        }
     };
     MutatingWebhookConfiguration {
         metadata: meta("warden-injector", None, "webhook"),
@@ -477,11 +480,18 @@ fn mutating_webhooks(i: &Install) -> MutatingWebhookConfiguration {
                 "namespace.inject.warden.dev",
                 "/inject/namespace",
                 not_system(vec![labelled("In")]),
+                None,
             ),
+            // Elsewhere only pods labelled for it are sent: a webhook
+            // outage never blocks pods that did not ask.
             hook(
                 "pod.inject.warden.dev",
                 "/inject/pod",
                 not_system(vec![labelled("NotIn")]),
+                Some(LabelSelector {
+                    match_expressions: Some(vec![labelled("In")]),
+                    ..LabelSelector::default()
+                }),
             ),
         ]),
     }
@@ -579,7 +589,12 @@ pub fn objects(i: &Install) -> Result<Vec<Value>, serde_json::Error> {
         ))?,
         v(&service("warden-webhook", ns, "webhook", 443, "https"))?,
         v(&webhook_deployment(i))?,
-        v(&pdb("warden-webhook", ns, "webhook", Some(1), None))?,
+        // One replica must not block node drains forever.
+        v(&if i.webhook_replicas > 1 {
+            pdb("warden-webhook", ns, "webhook", Some(1), None)
+        } else {
+            pdb("warden-webhook", ns, "webhook", None, Some(1))
+        })?,
         v(&mutating_webhooks(i))?,
     ])
 }

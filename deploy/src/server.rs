@@ -26,7 +26,10 @@ use crate::sidecar::Settings;
 use crate::webhook::{OptIn, review};
 
 /// Largest AdmissionReview read (the API server caps objects at 1.5 MiB).
-pub const MAX_REVIEW_BYTES: usize = 4 << 20;
+pub const MAX_REVIEW_BYTES: usize = 2 << 20;
+/// Reviews decided at once: each holds the pod parsed twice, so this bounds
+/// memory (the pod manifest gives the webhook 256 MiB).
+pub const MAX_REVIEWS_IN_FLIGHT: usize = 4;
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -146,6 +149,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     println!("ready");
 
     let settings = Arc::new(cfg.settings);
+    let deciding = Arc::new(Semaphore::new(MAX_REVIEWS_IN_FLIGHT));
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(server_builder());
@@ -165,7 +169,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
             _ = shutdown.changed() => break,
         };
         let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
-        let (settings, reviews) = (settings.clone(), reviews.clone());
+        let (settings, reviews, deciding) = (settings.clone(), reviews.clone(), deciding.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -177,8 +181,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                 Err(_) => return,
             };
             let service = service_fn(move |req| {
-                let (settings, reviews) = (settings.clone(), reviews.clone());
-                async move { Ok::<_, std::convert::Infallible>(answer(req, &settings, &reviews).await) }
+                let (settings, reviews, deciding) =
+                    (settings.clone(), reviews.clone(), deciding.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        answer(req, &settings, &reviews, &deciding).await,
+                    )
+                }
             });
             let conn = builder
                 .serve_connection(TokioIo::new(tls), service)
@@ -191,7 +200,12 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     Ok(())
 }
 
-async fn answer(req: Request<Incoming>, s: &Settings, reviews: &IntCounterVec) -> Response<Body> {
+async fn answer(
+    req: Request<Incoming>,
+    s: &Settings,
+    reviews: &IntCounterVec,
+    deciding: &Semaphore,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let Some(opt_in) = OptIn::from_path(&path) else {
         return problem(
@@ -214,6 +228,9 @@ async fn answer(req: Request<Incoming>, s: &Settings, reviews: &IntCounterVec) -
             };
             return problem(status, "bad_review", &e.to_string());
         }
+    };
+    let Ok(_turn) = deciding.acquire().await else {
+        return problem(503, "shutting_down", "the webhook is stopping");
     };
     match review(&body, opt_in, s) {
         Ok((answer, verdict)) => {

@@ -18,8 +18,11 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 pub const INJECT: &str = "warden.dev/inject";
 /// The annotation recording an injection (the version that did it).
 pub const INJECTED: &str = "warden.dev/injected";
-/// The UID the sidecar runs as (non-root; the image's own).
+/// The UID the control plane runs as (non-root; the image's own).
 pub const UID: i64 = 65532;
+/// The UID the sidecar runs as: its own, so that an app sharing the pod's
+/// process namespace under the image's default UID cannot read its key.
+pub const SIDECAR_UID: i64 = 2102;
 
 /// Injection settings that come from the operator, not the pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,20 +84,6 @@ const CPU_LIMIT: Knob = Knob {
     key: "warden.dev/proxy-cpu-limit",
     default: "",
 };
-
-/// The annotations this module reads, for `warden inject --help` and tests.
-pub const ANNOTATIONS: [&str; 10] = [
-    INBOUND_PORT.key,
-    ADMIN_PORT.key,
-    APP_PORT.key,
-    ALLOW.key,
-    OUTBOUND.key,
-    LOG_LEVEL.key,
-    CPU_REQUEST.key,
-    MEMORY_REQUEST.key,
-    MEMORY_LIMIT.key,
-    CPU_LIMIT.key,
-];
 
 fn knob<'a>(annotations: &'a Map<String, Value>, k: &Knob) -> &'a str {
     annotations
@@ -194,7 +183,75 @@ fn proxy_config(
     if !outbound.is_empty() {
         config["outbound"] = Value::Array(outbound);
     }
-    serde_saphyr::to_string(&config).map_err(|e| format!("proxy config: {e}"))
+    let text = serde_saphyr::to_string(&config).map_err(|e| format!("proxy config: {e}"))?;
+    // What the sidecar will run with must parse now, not crash-loop later.
+    let probe = text.replace("$(WARDEN_NAMESPACE)", "default");
+    warden_config::ProxyConfig::parse(std::path::Path::new("the sidecar's config"), &probe)
+        .map_err(|e| format!("the annotations give a config the proxy refuses: {e}"))?;
+    Ok(text)
+}
+
+/// A Kubernetes resource quantity (`10m`, `32Mi`, `0.5`).
+fn quantity(annotations: &Map<String, Value>, k: &Knob) -> Result<String, String> {
+    let v = knob(annotations, k);
+    let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let suffix = &v[digits.len()..];
+    let ok = !digits.is_empty()
+        && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && digits.chars().filter(|c| *c == '.').count() <= 1
+        && ["", "m", "k", "M", "G", "T", "Ki", "Mi", "Gi", "Ti"].contains(&suffix);
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(format!(
+            "annotation {} is {v:?}, not a resource quantity",
+            k.key
+        ))
+    }
+}
+
+/// The sidecar's ports must be free: not the app's, not each other, not a
+/// port another container of the pod declares.
+fn check_ports(annotations: &Map<String, Value>, spec: &Value) -> Result<(), String> {
+    let (inbound, admin) = (
+        port(annotations, &INBOUND_PORT)?,
+        port(annotations, &ADMIN_PORT)?,
+    );
+    let app = app_port(annotations, spec)?;
+    if inbound == admin {
+        return Err(format!("the inbound and admin ports are both {inbound}"));
+    }
+    if app == inbound || app == admin {
+        return Err(format!(
+            "the app's port {app} is one of the sidecar's ({inbound}, {admin}): set {} or {}",
+            INBOUND_PORT.key, ADMIN_PORT.key
+        ));
+    }
+    for list in ["containers", "initContainers"] {
+        for c in spec
+            .get(list)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            for p in c
+                .get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let n = p.get("containerPort").and_then(Value::as_u64);
+                if n == Some(u64::from(inbound)) || n == Some(u64::from(admin)) {
+                    return Err(format!(
+                        "container {} already uses port {}, which the sidecar needs",
+                        c["name"].as_str().unwrap_or("?"),
+                        n.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// (the app's port, the sidecar's inbound port) for a pod.
@@ -211,6 +268,7 @@ pub fn container(
     annotations: &Map<String, Value>,
     spec: &Value,
 ) -> Result<Value, String> {
+    check_ports(annotations, spec)?;
     let config = proxy_config(s, annotations, spec)?;
     let inbound = port(annotations, &INBOUND_PORT)?;
     let admin = port(annotations, &ADMIN_PORT)?;
@@ -221,11 +279,14 @@ pub fn container(
             "failureThreshold": failures,
         })
     };
-    let mut limits = json!({"memory": knob(annotations, &MEMORY_LIMIT)});
-    let cpu = knob(annotations, &CPU_LIMIT);
-    if !cpu.is_empty() {
-        limits["cpu"] = cpu.into();
+    let mut limits = json!({"memory": quantity(annotations, &MEMORY_LIMIT)?});
+    if !knob(annotations, &CPU_LIMIT).is_empty() {
+        limits["cpu"] = quantity(annotations, &CPU_LIMIT)?.into();
     }
+    let requests = json!({
+        "cpu": quantity(annotations, &CPU_REQUEST)?,
+        "memory": quantity(annotations, &MEMORY_REQUEST)?,
+    });
     Ok(json!({
         "name": CONTAINER,
         "image": s.image,
@@ -245,17 +306,11 @@ pub fn container(
         "startupProbe": probe("/ready", 1, 120),
         "readinessProbe": probe("/ready", 5, 3),
         "livenessProbe": probe("/live", 10, 3),
-        "resources": {
-            "requests": {
-                "cpu": knob(annotations, &CPU_REQUEST),
-                "memory": knob(annotations, &MEMORY_REQUEST),
-            },
-            "limits": limits,
-        },
+        "resources": {"requests": requests, "limits": limits},
         "securityContext": {
             "runAsNonRoot": true,
-            "runAsUser": UID,
-            "runAsGroup": UID,
+            "runAsUser": SIDECAR_UID,
+            "runAsGroup": SIDECAR_UID,
             "allowPrivilegeEscalation": false,
             "readOnlyRootFilesystem": true,
             "privileged": false,

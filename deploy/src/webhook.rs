@@ -8,8 +8,10 @@
 //! MutatingWebhookConfiguration `warden install` writes):
 //! - `/inject/namespace`: the API server sends pods of namespaces labelled
 //!   `warden.dev/inject=enabled`; they are injected unless opted out;
-//! - `/inject/pod`: pods elsewhere; injected only when their annotation
-//!   says `warden.dev/inject: enabled`.
+//! - `/inject/pod`: pods elsewhere that carry the label
+//!   `warden.dev/inject=enabled` (the configuration's objectSelector sends
+//!   only those: selectors see labels, not annotations); the annotation of
+//!   that name opts in too.
 //!
 //! Everything else (another kind, an opted-out pod, a pod already injected,
 //! a pod that cannot be injected) is allowed unchanged, with a warning
@@ -50,6 +52,8 @@ pub enum Verdict {
     Unchanged,
     /// Allowed unchanged, though asked to inject (with a warning).
     Skipped,
+    /// Refused: asked to inject, and its annotations cannot work.
+    Refused,
 }
 
 impl Verdict {
@@ -59,6 +63,7 @@ impl Verdict {
             Verdict::Injected => "injected",
             Verdict::Unchanged => "unchanged",
             Verdict::Skipped => "skipped",
+            Verdict::Refused => "refused",
         }
     }
 }
@@ -83,18 +88,22 @@ pub fn review(body: &[u8], opt_in: OptIn, s: &Settings) -> Result<(Value, Verdic
         && request["operation"]
             .as_str()
             .is_none_or(|op| op == "CREATE");
-    let annotation = original
-        .pointer("/metadata/annotations")
-        .and_then(|a| a.get(INJECT))
-        .and_then(Value::as_str);
+    let says = |field: &str| {
+        original
+            .pointer(&format!("/metadata/{field}"))
+            .and_then(|a| a.get(INJECT))
+            .and_then(Value::as_str)
+    };
     let wanted = match opt_in {
-        OptIn::Namespace => annotation != Some("disabled"),
-        OptIn::Pod => annotation == Some("enabled"),
+        OptIn::Namespace => says("annotations") != Some("disabled"),
+        OptIn::Pod => {
+            says("annotations") == Some("enabled")
+                || (says("labels") == Some("enabled") && says("annotations") != Some("disabled"))
+        }
     };
     let mut verdict = Verdict::Unchanged;
     if is_pod_create && wanted {
         let mut pod = original.clone();
-        // The pod's namespace is the request's (the object's may be empty at CREATE).
         let reports = inject(&mut pod, s);
         match reports.first().map(|r| &r.outcome) {
             Some(Outcome::Injected) => {
@@ -109,6 +118,16 @@ pub fn review(body: &[u8], opt_in: OptIn, s: &Settings) -> Result<(Value, Verdic
             Some(Outcome::Skipped(why)) => {
                 response["warnings"] = json!([format!("warden: not injected: {why}")]);
                 verdict = Verdict::Skipped;
+            }
+            // Asked to be protected and cannot be: refused, never admitted
+            // unprotected (the event names warden and says why).
+            Some(Outcome::Invalid(why)) => {
+                response["allowed"] = false.into();
+                response["status"] = json!({
+                    "code": 400,
+                    "message": format!("warden: cannot inject this pod: {why}"),
+                });
+                verdict = Verdict::Refused;
             }
             Some(Outcome::AlreadyInjected) | None => {}
         }

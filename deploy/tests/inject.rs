@@ -156,26 +156,67 @@ fn documents_keep_their_order_and_untouched_ones_their_bytes() {
 }
 
 #[test]
-fn opted_out_host_network_and_portless_pods_are_skipped_untouched() {
+fn opted_out_host_network_and_windows_pods_are_skipped_and_unworkable_ones_refused() {
+    let pod = |meta: &str, spec: &str, ports: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {meta}\nspec:\n{spec}  containers: [{{name: c, image: c{ports}}}]\n"
+        )
+    };
+    let port80 = ", ports: [{containerPort: 80}]";
     for (pod, why) in [
         (
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  annotations: {warden.dev/inject: disabled}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]\n",
+            pod(
+                "{name: a, annotations: {warden.dev/inject: disabled}}",
+                "",
+                port80,
+            ),
             "disabled",
         ),
         (
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: b}\nspec:\n  hostNetwork: true\n  containers: [{name: b, image: b, ports: [{containerPort: 80}]}]\n",
+            pod("{name: b}", "  hostNetwork: true\n", port80),
             "hostNetwork",
         ),
         (
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: c}\nspec:\n  containers: [{name: c, image: c}]\n",
-            "warden.dev/app-port",
+            pod("{name: w}", "  os: {name: windows}\n", port80),
+            "Windows",
         ),
     ] {
-        let (out, reports) = inject_stream(pod, &settings(), false).unwrap();
+        let (out, reports) = inject_stream(&pod, &settings(), false).unwrap();
         assert_eq!(out, pod);
         match &reports[0].outcome {
             Outcome::Skipped(reason) => assert!(reason.contains(why), "{reason}"),
-            other => panic!("{other:?}"),
+            other => panic!("{pod}: {other:?}"),
+        }
+    }
+    // Annotations or ports that cannot work are an error, not a skip.
+    for (pod, why) in [
+        (pod("{name: c}", "", ""), "warden.dev/app-port"),
+        (
+            pod("{name: d}", "", ", ports: [{containerPort: 4143}]"),
+            "4143",
+        ),
+        (
+            pod(
+                "{name: e, annotations: {warden.dev/proxy-memory-limit: lots}}",
+                "",
+                port80,
+            ),
+            "resource quantity",
+        ),
+        (
+            pod(
+                "{name: f, annotations: {warden.dev/allow: \"not a pattern\"}}",
+                "",
+                port80,
+            ),
+            "refuses",
+        ),
+    ] {
+        let (out, reports) = inject_stream(&pod, &settings(), false).unwrap();
+        assert_eq!(out, pod);
+        match &reports[0].outcome {
+            Outcome::Invalid(reason) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{pod}: {other:?}"),
         }
     }
 }
@@ -212,13 +253,6 @@ fn every_workload_kind_and_lists_are_injected() {
     assert_eq!(d[5]["spec"]["schedule"], "0 3 * * *");
     let pod = &d[6]["items"][0];
     assert_eq!(pod["spec"]["initContainers"][0]["name"], CONTAINER);
-}
-
-#[test]
-#[ignore = "prints a sample; run with --ignored --nocapture"]
-fn print_sample() {
-    let (out, _) = inject_stream(DEPLOYMENT, &settings(), false).unwrap();
-    println!("{out}");
 }
 
 #[test]
