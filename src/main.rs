@@ -152,6 +152,18 @@ struct DirArg {
     /// The CA's directory.
     #[arg(long, env = "WARDEN_CA_DIR")]
     dir: PathBuf,
+    /// Where the store and the audit trail are, when not in --dir (a pod's
+    /// read-only keys beside a state volume: `warden install` sets both, so
+    /// `kubectl exec warden-ca-0 -- warden ca deny ...` works).
+    #[arg(long, env = "WARDEN_CA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl DirArg {
+    /// Where the store and the audit trail are.
+    fn state(&self) -> &std::path::Path {
+        self.state_dir.as_deref().unwrap_or(&self.dir)
+    }
 }
 
 #[derive(Subcommand)]
@@ -216,10 +228,6 @@ enum CaCommand {
         /// Address of the admin listener (/live, /ready, /metrics).
         #[arg(long, default_value = "127.0.0.1:9443")]
         admin: SocketAddr,
-        /// Keep the store and the audit trail here instead of in --dir (the
-        /// keys and settings may then be read-only, as in a pod).
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
     },
     /// Stop issuing and renewing certificates for a SPIFFE ID (takes effect at once).
     Deny {
@@ -450,7 +458,7 @@ async fn install(
     };
     // The webhook's certificate first, while the scratch CA has no
     // Kubernetes section (its attestor would look for a cluster).
-    let svc = open_ca(&dir).await?;
+    let svc = open_ca_with_state(&dir, None).await?;
     let webhook_id = SpiffeId::new(td, &format!("/ns/{namespace}/sa/warden-webhook"))
         .map_err(|e| usage(format!("--namespace {namespace:?}: {e}")))?;
     let (cert, key) = svc.issue_local_with_dns(
@@ -483,9 +491,9 @@ async fn install(
     warden_deploy::install::manifests(&manifest).map_err(usage)
 }
 
-/// Opens the CA in `dir`; a bad settings file is a usage error (exit 2).
-async fn open_ca(dir: &std::path::Path) -> Result<CaService, Failure> {
-    open_ca_with_state(dir, None).await
+/// Opens the CA of `dir`; a bad settings file is a usage error (exit 2).
+async fn open_ca(dir: &DirArg) -> Result<CaService, Failure> {
+    open_ca_with_state(&dir.dir, dir.state_dir.clone()).await
 }
 
 async fn open_ca_with_state(
@@ -679,7 +687,7 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
             ttl,
             dns_names,
         } => {
-            let svc = open_ca(&dir.dir).await?;
+            let svc = open_ca(&dir).await?;
             let (issued, key_pem) = svc.issue_local_with_dns(
                 &spiffe_id,
                 &dns_names,
@@ -706,27 +714,22 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
             spiffe_id,
             ttl,
         } => {
-            let svc = open_ca(&dir.dir).await?;
+            let svc = open_ca(&dir).await?;
             let (token, _expires) = svc.create_token(&spiffe_id, ttl, now)?;
             println!("{token}");
             Ok(())
         }
-        CaCommand::Serve {
-            dir,
-            listen,
-            admin,
-            state_dir,
-        } => {
-            let svc = Arc::new(open_ca_with_state(&dir.dir, state_dir).await?);
+        CaCommand::Serve { dir, listen, admin } => {
+            let svc = Arc::new(open_ca(&dir).await?);
             let api = warden_ca::server::bind("api", listen).await?;
             let admin = warden_ca::server::bind("admin", admin).await?;
             warden_ca::server::run(svc, api, admin, shutdown_on_signal()).await?;
             Ok(())
         }
-        CaCommand::Deny { dir, spiffe_id } => set_denied(&dir.dir, &spiffe_id, true, now).await,
-        CaCommand::Allow { dir, spiffe_id } => set_denied(&dir.dir, &spiffe_id, false, now).await,
+        CaCommand::Deny { dir, spiffe_id } => set_denied(&dir, &spiffe_id, true, now).await,
+        CaCommand::Allow { dir, spiffe_id } => set_denied(&dir, &spiffe_id, false, now).await,
         CaCommand::Audit(AuditCommand::Verify { dir }) => {
-            let lines = warden_ca::audit::verify_dir(&dir.dir).map_err(|e| Failure {
+            let lines = warden_ca::audit::verify_dir(dir.state()).map_err(|e| Failure {
                 code: 1,
                 message: format!("audit trail: {e}"),
             })?;
@@ -792,7 +795,7 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
 }
 
 async fn set_denied(
-    dir: &std::path::Path,
+    dir: &DirArg,
     id: &SpiffeId,
     deny: bool,
     now: OffsetDateTime,

@@ -193,6 +193,33 @@ fn installed_objects_validate_and_run_as_their_pods_would() {
         state.join("state.db").exists() && state.join("audit.jsonl").exists(),
         "state on its own volume"
     );
+    // Operator commands find the same CA through the pod's environment
+    // (`kubectl exec warden-ca-0 -- warden ca ...`).
+    let env = |args: &[&str]| {
+        common::warden()
+            .args(args)
+            .env("WARDEN_CA_DIR", &keys)
+            .env("WARDEN_CA_STATE_DIR", &state)
+            .output()
+            .unwrap()
+    };
+    let denied = env(&[
+        "ca",
+        "deny",
+        "--spiffe-id",
+        "spiffe://example.org/ns/shop/sa/old",
+    ]);
+    assert!(
+        denied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let verified = env(&["ca", "audit", "verify"]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
 
     // The webhook, from its Secret, verified for its Service name against
     // the caBundle the API server would use.

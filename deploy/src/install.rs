@@ -19,7 +19,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapProjection, Container, ContainerPort, HTTPGetAction,
+    Capabilities, ConfigMap, ConfigMapProjection, Container, ContainerPort, EnvVar, HTTPGetAction,
     KeyToPath, Namespace, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
     PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
     Secret, SecretProjection, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
@@ -256,6 +256,20 @@ fn ca_statefulset(i: &Install) -> StatefulSet {
             .map(str::to_owned)
             .to_vec(),
         ),
+        // Also in the environment, so that `kubectl exec warden-ca-0 --
+        // warden ca deny ...` (allow, audit verify) finds the same CA.
+        env: Some(vec![
+            EnvVar {
+                name: "WARDEN_CA_DIR".to_owned(),
+                value: Some("/etc/warden-ca".to_owned()),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "WARDEN_CA_STATE_DIR".to_owned(),
+                value: Some("/var/lib/warden".to_owned()),
+                ..EnvVar::default()
+            },
+        ]),
         ports: Some(vec![port("https", CA_PORT), port("admin", ADMIN_PORT)]),
         readiness_probe: Some(probe("/ready", 5)),
         liveness_probe: Some(probe("/live", 10)),
