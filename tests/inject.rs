@@ -9,21 +9,12 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::process::Stdio;
 
 use serde_json::Value;
 
-use common::kube::{ISSUER, Kube, validate};
-use common::{Ca, Creds, EchoApp, Proxy, mtls_get, s, warden};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::kube::{ca_with_kubernetes, jwks_section, validate};
+use common::{Ca, Creds, EchoApp, Proxy, free_port, mtls_get, s, warden};
 
 /// `warden inject` on `input` (through standard input); (stdout, stderr).
 fn inject(args: &[&str], input: &str) -> (String, String) {
@@ -121,17 +112,7 @@ fn injected_manifests_validate_and_injecting_twice_changes_nothing() {
 #[test]
 fn the_injected_sidecar_runs_as_the_kubelet_starts_it_and_guards_the_pod() {
     // The cluster: its API (for the CA's JWKS), the CA, a pod.
-    let ca = Ca::init("example.org");
-    let kube = Kube::start(ca.tmp.path());
-    let config = ca.dir.join("ca.yaml");
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!(
-        "kubernetes:\n  allow: [spiffe://example.org/ns/shop/*]\n  verify: jwks\n  issuer: {ISSUER}\n  api: {{url: {}, ca_file: {}, token_file: {}}}\n",
-        kube.url(),
-        s(&kube.ca_file),
-        s(&kube.reviewer_token_file)
-    ));
-    std::fs::write(&config, text).unwrap();
+    let (ca, kube) = ca_with_kubernetes(&jwks_section());
     let server = ca.serve();
     let app = EchoApp::start();
     let pod = kube.add_pod("shop", "web-6f9c", "web");

@@ -256,20 +256,13 @@ fn installed_objects_validate_and_run_as_their_pods_would() {
             "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
                 "spec": {"containers": [{"name": "p", "image": "p", "ports": [{"containerPort": 80}]}]}}}
     });
-    let config = webhook_client(&ca_bundle);
-    let mut conn = rustls::ClientConnection::new(
-        std::sync::Arc::new(config),
-        rustls::pki_types::ServerName::try_from("warden-webhook.warden.svc").unwrap(),
-    )
-    .unwrap();
-    let mut sock = std::net::TcpStream::connect(hook.addrs["webhook"]).unwrap();
-    let mut stream = rustls::Stream::new(&mut conn, &mut sock);
-    let body = review.to_string();
-    use std::io::{Read, Write};
-    write!(stream, "POST /inject/namespace HTTP/1.1\r\nHost: w\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
-    let mut raw = Vec::new();
-    let _ = stream.read_to_end(&mut raw);
-    let (status, answer) = common::parse_response(&raw);
+    let (status, answer) = common::post_verified(
+        hook.addrs["webhook"],
+        &ca_bundle,
+        "warden-webhook.warden.svc",
+        "/inject/namespace",
+        review.to_string().as_bytes(),
+    );
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("\"patchType\":\"JSONPatch\""), "{answer}");
 
@@ -277,20 +270,4 @@ fn installed_objects_validate_and_run_as_their_pods_would() {
     let r = run(&["install", "--trust-domain", "example.org", "--ha"]);
     assert_eq!(r.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&r.stderr).contains("PostgreSQL"));
-}
-
-fn webhook_client(ca_bundle: &str) -> rustls::ClientConfig {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_bundle.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth()
 }

@@ -17,17 +17,7 @@ use common::{Ca, Server, csr, https, problem_reason, run, s, uri_sans};
 
 /// A CA with a `kubernetes:` section, and the fake API it calls.
 fn setup(section: &str) -> (Ca, Kube, Server) {
-    let ca = Ca::init("example.org");
-    let kube = Kube::start(ca.tmp.path());
-    let config = ca.dir.join("ca.yaml");
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!(
-        "kubernetes:\n  allow: [spiffe://example.org/ns/shop/*]\n  api: {{url: {}, ca_file: {}, token_file: {}}}\n{section}",
-        kube.url(),
-        s(&kube.ca_file),
-        s(&kube.reviewer_token_file)
-    ));
-    std::fs::write(&config, text).unwrap();
+    let (ca, kube) = common::kube::ca_with_kubernetes(section);
     let server = ca.serve();
     (ca, kube, server)
 }

@@ -7,25 +7,17 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::kube::{ISSUER, Kube};
-use common::{Ca, Creds, EchoApp, Proxy, mtls_get, plain_get, s, wait_for};
+use common::kube::{ca_with_kubernetes, jwks_section};
+use common::{Ca, Creds, EchoApp, Proxy, free_port, mtls_get, plain_get, s, wait_for};
 
 const ALLOW_CLIENT: &str =
     "        - {name: client, action: allow, from: [spiffe://example.org/ns/web/sa/client]}\n";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A sidecar config: `identity` (YAML), an inbound listener on a fixed
 /// port in front of `app`, and an outbound listener to nowhere.
@@ -144,17 +136,7 @@ fn kill_and_restart_three_times(
 
 #[test]
 fn sidecars_come_back_after_sigkill_with_every_identity_source() {
-    let ca = Ca::init("example.org");
-    let kube = Kube::start(ca.tmp.path());
-    let config = ca.dir.join("ca.yaml");
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!(
-        "kubernetes:\n  allow: [spiffe://example.org/ns/shop/*]\n  verify: jwks\n  issuer: {ISSUER}\n  api: {{url: {}, ca_file: {}, token_file: {}}}\n",
-        kube.url(),
-        s(&kube.ca_file),
-        s(&kube.reviewer_token_file)
-    ));
-    std::fs::write(&config, text).unwrap();
+    let (ca, kube) = ca_with_kubernetes(&jwks_section());
     let server = ca.serve();
     let app = EchoApp::start();
     let bundle = ca.bundle_pem();

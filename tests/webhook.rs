@@ -8,46 +8,18 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::sync::Arc;
+use std::io::Write;
 
 use base64::Engine;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 
 use common::{Ca, Running, metric, run_ok, s, warden};
 
 const SERVICE: &str = "warden-webhook.warden.svc";
 
-/// POST over TLS, verifying the server for `SERVICE` with stock rustls,
-/// as the API server verifies a webhook against `caBundle`.
+/// POST to the webhook, verified for `SERVICE` as the API server does.
 fn post(addr: std::net::SocketAddr, bundle: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(SERVICE).unwrap())
-            .unwrap();
-    let mut sock = std::net::TcpStream::connect(addr).unwrap();
-    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
-    write!(
-        tls,
-        "POST {path} HTTP/1.1\r\nHost: {SERVICE}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    tls.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    let _ = tls.read_to_end(&mut raw);
-    common::parse_response(&raw)
+    common::post_verified(addr, bundle, SERVICE, path, body)
 }
 
 /// The example AdmissionReview of the Kubernetes documentation ("Dynamic

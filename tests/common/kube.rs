@@ -527,3 +527,25 @@ pub fn validate(dir: &std::path::Path, yaml: &str) {
         "{text}\n{yaml}"
     );
 }
+
+/// A CA (not started) whose `ca.yaml` attests pods of namespace `shop`
+/// against a fresh fake API, plus `extra` settings of the section.
+pub fn ca_with_kubernetes(extra: &str) -> (super::Ca, Kube) {
+    let ca = super::Ca::init("example.org");
+    let kube = Kube::start(ca.tmp.path());
+    let config = ca.dir.join("ca.yaml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "kubernetes:\n  allow: [spiffe://example.org/ns/shop/*]\n  api: {{url: {}, ca_file: {}, token_file: {}}}\n{extra}",
+        kube.url(),
+        super::s(&kube.ca_file),
+        super::s(&kube.reviewer_token_file)
+    ));
+    std::fs::write(&config, text).unwrap();
+    (ca, kube)
+}
+
+/// The jwks settings the tests that run sidecars use.
+pub fn jwks_section() -> String {
+    format!("  verify: jwks\n  issuer: {ISSUER}\n")
+}

@@ -125,6 +125,52 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A port on 127.0.0.1 that was free a moment ago (for listeners that must
+/// keep their port across restarts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// POST over TLS with stock rustls, verifying the server's certificate for
+/// `name` against `bundle` (as the API server verifies a webhook):
+/// (status, body).
+pub fn post_verified(
+    addr: SocketAddr,
+    bundle: &str,
+    name: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server = ServerName::try_from(name.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+    let mut sock = TcpStream::connect(addr).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    write!(
+        tls,
+        "POST {path} HTTP/1.1\r\nHost: {name}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    tls.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw);
+    parse_response(&raw)
+}
+
 pub fn rand_suffix() -> String {
     format!("{:016x}", rand::random::<u64>())
 }

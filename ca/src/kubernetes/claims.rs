@@ -7,6 +7,7 @@ use base64::Engine;
 use serde::Deserialize;
 
 use super::Refused;
+use crate::profile::{valid_dns_label, valid_dns_name};
 
 /// Signature algorithms a cluster signs tokens with. Never `none`, never
 /// HMAC (a shared secret is not the cluster's key).
@@ -211,13 +212,13 @@ impl Subject {
                 v.chars().take(64).collect::<String>()
             ))
         };
-        if !dns_label(namespace) {
+        if !valid_dns_label(namespace) {
             return Err(bad("namespace", namespace));
         }
-        if !dns_subdomain(service_account) {
+        if !valid_dns_name(service_account) {
             return Err(bad("ServiceAccount", service_account));
         }
-        if !dns_subdomain(pod) {
+        if !valid_dns_name(pod) {
             return Err(bad("pod", pod));
         }
         if pod_uid.is_empty()
@@ -235,21 +236,6 @@ impl Subject {
             pod_uid: pod_uid.to_owned(),
         })
     }
-}
-
-/// RFC 1123 label: 1-63 of `a-z0-9-`, starting and ending alphanumeric.
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// RFC 1123 subdomain: labels joined by `.`, at most 253 bytes.
-fn dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(dns_label)
 }
 
 #[cfg(test)]
