@@ -229,7 +229,8 @@ enum CaCommand {
         #[arg(long, default_value = "127.0.0.1:9443")]
         admin: SocketAddr,
     },
-    /// Stop issuing and renewing certificates for a SPIFFE ID (takes effect at once).
+    /// Deny a SPIFFE ID: no more certificates or renewals, and every proxy
+    /// following the trust feed refuses its handshakes and closes its connections.
     Deny {
         #[command(flatten)]
         dir: DirArg,

@@ -17,6 +17,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod token;
+pub mod trust;
 
 // The pieces the proxy shares live in `warden-identity`; re-exported so the
 // CA's own paths read as before.

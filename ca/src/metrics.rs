@@ -1,7 +1,7 @@
 //! The CA's Prometheus metrics. Names are a stable surface (pinned by a test);
 //! every label value comes from a fixed set, never from client input.
 
-use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Handles to every CA metric.
 #[derive(Debug, Clone)]
@@ -18,6 +18,10 @@ pub struct CaMetrics {
     pub handshake_failures: IntCounterVec,
     /// NotAfter of the CA's certificates (`root`, `intermediate`, `serving`), unix seconds.
     pub cert_expiry: GaugeVec,
+    /// The trust feed's sequence number as this server last read it.
+    pub trust_sequence: IntGauge,
+    /// Proxies waiting on `GET /v1/watch` now.
+    pub trust_watchers: IntGauge,
 }
 
 impl CaMetrics {
@@ -60,6 +64,16 @@ impl CaMetrics {
             ),
             &["cert"],
         )?;
+        let trust_sequence = IntGauge::new(
+            "warden_ca_trust_sequence",
+            "Sequence number of the trust feed (bundle and deny list) this server serves.",
+        )?;
+        let trust_watchers = IntGauge::new(
+            "warden_ca_trust_watchers",
+            "Proxies waiting on the trust feed (GET /v1/watch) now.",
+        )?;
+        registry.register(Box::new(trust_sequence.clone()))?;
+        registry.register(Box::new(trust_watchers.clone()))?;
         registry.register(Box::new(issuances.clone()))?;
         registry.register(Box::new(refusals.clone()))?;
         registry.register(Box::new(deny_reports.clone()))?;
@@ -72,6 +86,8 @@ impl CaMetrics {
             deny_reports,
             handshake_failures,
             cert_expiry,
+            trust_sequence,
+            trust_watchers,
         })
     }
 }

@@ -183,6 +183,8 @@ pub struct CaService {
     pub metrics: CaMetrics,
     /// Attestation of pods, when `ca.yaml` has a `kubernetes:` section.
     pub kubernetes: Option<crate::kubernetes::Attestor>,
+    /// What proxies are pushed (`GET /v1/watch`).
+    pub trust: crate::trust::TrustFeed,
     audit_path: PathBuf,
 }
 
@@ -219,13 +221,16 @@ impl CaService {
             .map(|k| crate::kubernetes::Attestor::new(k, authority.trust_domain().clone()))
             .transpose()
             .map_err(|e| CaError::Setup(format!("kubernetes: {e}")))?;
-        Ok(Self {
+        let svc = Self {
             authority,
             store,
             metrics,
             kubernetes,
+            trust: crate::trust::TrustFeed::new(),
             audit_path,
-        })
+        };
+        svc.refresh_trust()?;
+        Ok(svc)
     }
 
     /// Runs `f` in a write transaction and appends `event` (built from f's

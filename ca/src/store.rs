@@ -44,6 +44,11 @@ CREATE TABLE IF NOT EXISTS denied (
     spiffe_id   TEXT PRIMARY KEY,
     since       INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS trust_seq (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    seq         INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO trust_seq (id, seq) VALUES (1, 1);
 CREATE TABLE IF NOT EXISTS audit_head (
     id          INTEGER PRIMARY KEY CHECK (id = 1),
     seq         INTEGER NOT NULL,
@@ -267,5 +272,30 @@ pub fn set_denied(
         tx.prepare_cached("DELETE FROM denied WHERE spiffe_id = ?")?
             .execute([id.as_str()])?
     };
+    if n > 0 {
+        bump_trust_sequence(tx)?;
+    }
     Ok(n > 0)
+}
+
+/// The trust feed's sequence: grows with every change to what proxies are
+/// pushed (the deny list; the bundle when roots rotate).
+pub fn trust_sequence(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT seq FROM trust_seq WHERE id = 1")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .map(|s| s.max(0) as u64)
+}
+
+/// Moves the trust feed on, inside the transaction that changed it.
+pub fn bump_trust_sequence(tx: &WriteTx<'_>) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE trust_seq SET seq = seq + 1 WHERE id = 1")?
+        .execute([])?;
+    Ok(())
+}
+
+/// Every denied identity, sorted.
+pub fn denied_ids(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("SELECT spiffe_id FROM denied ORDER BY spiffe_id")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    rows.collect()
 }

@@ -21,7 +21,7 @@ use warden_identity::client::{CaClient, Credentials};
 use warden_identity::files_out;
 use warden_identity::lifetime::renew_at;
 use warden_identity::pem::{parse_certs, validity_of};
-use warden_identity::tls;
+use warden_identity::tls::{self, DenyList};
 
 use crate::metrics::ProxyMetrics;
 
@@ -43,6 +43,10 @@ pub struct Identity {
     /// The CA this identity came from, with the credentials to call it
     /// (None for an identity read from files).
     pub ca: Option<CaLink>,
+    /// Peers the CA denied, as its trust feed last said (empty for an
+    /// identity read from files): refused at the handshake, and open
+    /// connections with them closed.
+    pub denied: DenyList,
 }
 
 /// A way to call the CA as this workload (for deny reports).
@@ -82,6 +86,31 @@ impl Identity {
             not_after: v.not_after,
             not_before: v.not_before,
             ca: None,
+            denied: DenyList::none(),
+        })
+    }
+
+    /// This identity with the roots the CA's feed pushed (a root rotation):
+    /// same certificate and key, new trust anchors for peers.
+    pub fn with_bundle(
+        &self,
+        bundle_pem: &str,
+        roots: &[CertificateDer<'static>],
+    ) -> Result<Self, IdentityError> {
+        let store = tls::root_store(roots).map_err(IdentityError::Roots)?;
+        let ca = self.ca.clone().map(|mut l| {
+            l.creds.bundle_pem = bundle_pem.to_owned();
+            l
+        });
+        Ok(Self {
+            id: self.id.clone(),
+            trust_domain: self.trust_domain.clone(),
+            key: self.key.clone(),
+            roots: store,
+            not_after: self.not_after,
+            not_before: self.not_before,
+            ca,
+            denied: self.denied.clone(),
         })
     }
 }
@@ -199,6 +228,7 @@ pub async fn start(
         } => {
             let bundle_pem = read(&bundle)?;
             let client = CaClient::new(&url, spiffe_id.trust_domain(), &bundle_pem)?;
+            let denied = follow_trust(&tx, &metrics, state_dir.clone());
             let proof = Proof::JoinToken {
                 token_file,
                 id: spiffe_id,
@@ -212,6 +242,7 @@ pub async fn start(
                 proof,
                 ttl,
                 waiting.clone(),
+                denied,
             ));
         }
         IdentitySource::Kubernetes {
@@ -245,6 +276,7 @@ pub async fn start(
                 token_file,
                 trust_domain,
             };
+            let denied = follow_trust(&tx, &metrics, None);
             tokio::spawn(keep_from_ca(
                 tx,
                 metrics,
@@ -252,10 +284,30 @@ pub async fn start(
                 proof,
                 ttl,
                 waiting.clone(),
+                denied,
             ));
         }
     }
     Ok((rx, waiting))
+}
+
+/// Starts following the CA's trust feed (see [`crate::trust`]) as the
+/// identity on `tx`; returns the deny list it keeps.
+fn follow_trust(
+    tx: &watch::Sender<Option<Arc<Identity>>>,
+    metrics: &ProxyMetrics,
+    state_dir: Option<PathBuf>,
+) -> DenyList {
+    let (sequence, cached) = crate::trust::cached(state_dir.as_deref());
+    let (deny_tx, denied) = DenyList::channel(cached);
+    tokio::spawn(crate::trust::follow(
+        tx.clone(),
+        deny_tx,
+        metrics.clone(),
+        sequence,
+        state_dir,
+    ));
+    denied
 }
 
 fn publish(tx: &watch::Sender<Option<Arc<Identity>>>, metrics: &ProxyMetrics, id: Identity) {
@@ -531,6 +583,7 @@ async fn keep_from_ca(
     proof: Proof,
     ttl: Option<Duration>,
     waiting: Waiting,
+    denied: DenyList,
 ) {
     let mut current: Option<Credentials> = None;
     let mut attempt = 0u32;
@@ -541,6 +594,7 @@ async fn keep_from_ca(
             client: client.clone(),
             creds: creds.clone(),
         });
+        identity.denied = denied.clone();
         publish(&tx, &metrics, identity);
         current = Some(creds);
     } else {
@@ -580,6 +634,7 @@ async fn keep_from_ca(
                     client: client.clone(),
                     creds: c.clone(),
                 });
+                i.denied = denied.clone();
                 (c, i)
             })
         });

@@ -18,8 +18,10 @@ pub mod outbound;
 pub mod ratelimit;
 pub mod reload;
 pub mod respond;
+pub mod revoke;
 pub mod stack;
 pub mod tls;
+pub mod trust;
 
 use std::sync::Arc;
 

@@ -59,6 +59,26 @@ pub struct ProxyMetrics {
     pub access_log_dropped: IntCounter,
     /// Model API protection.
     pub model: warden_guard::metrics::ModelMetrics,
+    /// The trust feed pushed by the CA (bundle and deny list).
+    pub trust: TrustMetrics,
+    /// Open connections closed because their peer was denied, by listener.
+    pub revoked: IntCounterVec,
+}
+
+/// The trust feed's state, for alerts: a proxy that stopped syncing keeps
+/// working on its cached copy, and says so here.
+#[derive(Debug, Clone)]
+pub struct TrustMetrics {
+    /// Sequence number of the feed this proxy applied (0: none yet).
+    pub sequence: IntGauge,
+    /// When the proxy last heard from the CA's feed, unix seconds (0: never).
+    pub last_sync: Gauge,
+    /// Seconds since then (updated every second while the feed runs).
+    pub sync_age: Gauge,
+    /// Identities on the deny list now.
+    pub denied: IntGauge,
+    /// Failed calls to the feed.
+    pub failures: IntCounter,
 }
 
 impl ProxyMetrics {
@@ -138,6 +158,38 @@ impl ProxyMetrics {
             "Access-log lines dropped by the log's rate limit.",
         )?;
         registry.register(Box::new(access_log_dropped.clone()))?;
+        let revoked = counter(
+            "warden_proxy_connections_revoked_total",
+            "Open connections closed because the CA denied their peer's identity.",
+            &["direction", "listener"],
+        )?;
+        let trust = TrustMetrics {
+            sequence: IntGauge::new(
+                "warden_proxy_trust_sequence",
+                "Sequence number of the CA's trust feed this proxy applied (0: none yet).",
+            )?,
+            last_sync: Gauge::new(
+                "warden_proxy_trust_last_sync_timestamp_seconds",
+                "When the proxy last heard from the CA's trust feed, unix seconds (0: never).",
+            )?,
+            sync_age: Gauge::new(
+                "warden_proxy_trust_sync_age_seconds",
+                "Seconds since the proxy last heard from the CA's trust feed.",
+            )?,
+            denied: IntGauge::new(
+                "warden_proxy_trust_denied_identities",
+                "Identities on the deny list this proxy enforces.",
+            )?,
+            failures: IntCounter::new(
+                "warden_proxy_trust_sync_failures_total",
+                "Failed calls to the CA's trust feed.",
+            )?,
+        };
+        registry.register(Box::new(trust.sequence.clone()))?;
+        registry.register(Box::new(trust.last_sync.clone()))?;
+        registry.register(Box::new(trust.sync_age.clone()))?;
+        registry.register(Box::new(trust.denied.clone()))?;
+        registry.register(Box::new(trust.failures.clone()))?;
         warden_identity::admin::register_process(&registry)?;
         let model = warden_guard::metrics::ModelMetrics::new(&registry)?;
         Ok(Self {
@@ -155,6 +207,8 @@ impl ProxyMetrics {
             cert_expiry,
             renewals,
             config_reloads,
+            trust,
+            revoked,
         })
     }
 }

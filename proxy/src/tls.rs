@@ -37,7 +37,8 @@ pub fn server_config(id: &Identity, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>,
         id.trust_domain.clone(),
         provider.clone(),
         false,
-    )?;
+    )?
+    .denying(id.denied.clone());
     let resolver = Arc::new(tls::RotatingCert::default());
     resolver.set((*id.key).clone());
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -65,7 +66,8 @@ pub fn client_config(
         id.trust_domain.clone(),
         expected.clone(),
         provider.clone(),
-    );
+    )
+    .denying(id.denied.clone());
     let resolver = Arc::new(tls::RotatingCert::default());
     resolver.set((*id.key).clone());
     let mut config = ClientConfig::builder_with_provider(provider)

@@ -184,6 +184,12 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path) -> Server {
+        Self::start_at(dir, "127.0.0.1:0")
+    }
+
+    /// `warden ca serve` with its API on `listen` (a fixed port, so that
+    /// proxies find it again after a restart).
+    pub fn start_at(dir: &Path, listen: &str) -> Server {
         let mut child = warden()
             .args([
                 "ca",
@@ -191,7 +197,7 @@ impl Server {
                 "--dir",
                 s(dir),
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--admin",
                 "127.0.0.1:0",
             ])

@@ -62,6 +62,27 @@ pub struct DenyAnswer {
     pub already_denied: bool,
 }
 
+/// Path of the trust feed: `GET /v1/watch?after=N` over mTLS answers the
+/// current [`TrustAnswer`] at once when its sequence is not `N`, else waits
+/// up to [`WATCH_HOLD`] for a change and answers 204 (nothing new) if none came.
+pub const WATCH_PATH: &str = "/v1/watch";
+/// Longest the CA holds a watch request open before answering 204.
+pub const WATCH_HOLD: std::time::Duration = std::time::Duration::from_secs(25);
+/// Header of a 204 watch answer: the sequence that is still current.
+pub const TRUST_SEQUENCE_HEADER: &str = "warden-trust-sequence";
+
+/// What the CA pushes to every proxy: whom to trust and whom not to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustAnswer {
+    /// Grows with every change of the bundle or the deny list (shared by
+    /// every CA replica: it lives in the store).
+    pub sequence: u64,
+    /// Trust roots, PEM (several while a root rotates).
+    pub trust_bundle: String,
+    /// SPIFFE IDs whose handshakes every proxy must refuse, sorted.
+    pub denied: Vec<String>,
+}
+
 /// The CA server's SPIFFE ID in trust domain `td`.
 pub fn server_id(td: &TrustDomain) -> SpiffeId {
     // A valid trust domain plus a constant valid path always parses.

@@ -23,7 +23,10 @@ use tokio_rustls::TlsConnector;
 
 use warden_config::{IdentityPattern, SpiffeId, TrustDomain};
 
-use crate::api::{CertifyAnswer, CertifyBody, DenyAnswer, DenyBody, server_id};
+use crate::api::{
+    CertifyAnswer, CertifyBody, DenyAnswer, DenyBody, TrustAnswer, WATCH_HOLD, WATCH_PATH,
+    server_id,
+};
 use crate::pem::{parse_certs, validity_of};
 use crate::tls::{self, RotatingCert, SpiffeServerVerifier};
 
@@ -31,6 +34,8 @@ use crate::tls::{self, RotatingCert, SpiffeServerVerifier};
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest answer accepted from the CA.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// Largest trust feed answer: about 40,000 denied identities of 100 bytes.
+const MAX_TRUST_BYTES: usize = 4 << 20;
 
 /// Why a call to the CA failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +90,19 @@ impl std::fmt::Debug for Credentials {
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
     }
+}
+
+/// The trust feed's answer, checked: see [`CaClient::watch`].
+#[derive(Debug, Clone)]
+pub struct TrustUpdate {
+    /// The feed's sequence number.
+    pub sequence: u64,
+    /// Trust roots, PEM.
+    pub bundle_pem: String,
+    /// The same roots, parsed.
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// Identities every proxy must refuse.
+    pub denied: std::collections::HashSet<SpiffeId>,
 }
 
 /// What proves the identity asked for.
@@ -246,6 +264,47 @@ impl CaClient {
         Ok(())
     }
 
+    /// Waits for the trust feed to move past `after` (the sequence this
+    /// caller holds; `None` for the first call), over mTLS with `creds`.
+    /// `Ok(None)`: nothing changed within [`WATCH_HOLD`]. Every denied ID
+    /// is checked to be a SPIFFE ID, and the bundle to be PEM certificates.
+    pub async fn watch(
+        &self,
+        creds: &Credentials,
+        after: Option<u64>,
+    ) -> Result<Option<TrustUpdate>, ClientError> {
+        let path = match after {
+            Some(n) => format!("{WATCH_PATH}?after={n}"),
+            None => WATCH_PATH.to_owned(),
+        };
+        let config = self.tls_config(Some(creds))?;
+        let call = self.call_inner(config, Method::GET, &path, Bytes::new(), MAX_TRUST_BYTES);
+        let (status, body) = match tokio::time::timeout(WATCH_HOLD + CALL_TIMEOUT, call).await {
+            Ok(r) => r?,
+            Err(_) => return Err(self.unreachable("watch timed out")),
+        };
+        match status {
+            StatusCode::NO_CONTENT => return Ok(None),
+            StatusCode::OK => {}
+            other => return Err(refusal(other, &body)),
+        }
+        let answer: TrustAnswer = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Protocol(format!("trust answer: {e}")))?;
+        let roots = parse_certs(&answer.trust_bundle).map_err(ClientError::Protocol)?;
+        let denied = answer
+            .denied
+            .iter()
+            .map(|d| SpiffeId::parse(d))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ClientError::Protocol(format!("trust answer: denied: {e}")))?;
+        Ok(Some(TrustUpdate {
+            sequence: answer.sequence,
+            bundle_pem: answer.trust_bundle,
+            roots,
+            denied,
+        }))
+    }
+
     async fn certify(
         &self,
         id: &SpiffeId,
@@ -351,8 +410,8 @@ impl CaClient {
         current: Option<&Credentials>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let config = self.tls_config(current)?;
-        match tokio::time::timeout(CALL_TIMEOUT, self.call_inner(config, method, path, body)).await
-        {
+        let call = self.call_inner(config, method, path, body, MAX_ANSWER_BYTES);
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(r) => r,
             Err(_) => Err(self.unreachable("timed out")),
         }
@@ -371,6 +430,7 @@ impl CaClient {
         method: Method,
         path: &str,
         body: Bytes,
+        limit: usize,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let tcp = TcpStream::connect(&self.addr)
             .await
@@ -398,7 +458,7 @@ impl CaClient {
             .await
             .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+        let body = http_body_util::Limited::new(resp.into_body(), limit)
             .collect()
             .await
             .map_err(|e| self.unreachable(e))?

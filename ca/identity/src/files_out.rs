@@ -35,7 +35,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
 
 /// Writes `contents` to `path` through a temporary file and a rename.
 fn replace(path: &Path, contents: &str, mode: u32) -> Result<(), WriteError> {
-    let tmp = path.with_extension("pem.tmp");
+    let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -65,6 +65,15 @@ pub fn write_credentials(
     replace(&dir.join(CERT), chain_pem, 0o644)?;
     replace(&dir.join(BUNDLE), bundle_pem, 0o644)?;
     // The renames themselves survive a crash once the directory is synced.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+/// Replaces one file `name` in `dir` (0600), as atomically and durably as
+/// the credentials: the proxy's cached trust feed.
+pub fn write_private(dir: &Path, name: &str, contents: &str) -> Result<(), WriteError> {
+    replace(&dir.join(name), contents, 0o600)?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir))

@@ -10,6 +10,10 @@
 //! - `POST /v1/deny`: `{"spiffe_id": "...", "reason": "..."}` over mTLS from
 //!   an identity listed in `deny_reporters`: denies that identity, as
 //!   `warden ca deny` does. Answers `{"spiffe_id", "denied", "already_denied"}`.
+//! - `GET /v1/watch?after=N`: the trust feed, over mTLS from any workload of
+//!   the trust domain that is not denied: `{"sequence", "trust_bundle",
+//!   "denied"}` at once when the feed is not at `N`, else within
+//!   `api::WATCH_HOLD` when it moves, else 204 (long poll; see `crate::trust`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +26,7 @@ use time::format_description::well_known::Rfc3339;
 use warden_config::HumanDuration;
 
 pub use warden_identity::api::{CertifyAnswer, CertifyBody, DenyAnswer, DenyBody};
+use warden_identity::api::{TRUST_SEQUENCE_HEADER, WATCH_HOLD, WATCH_PATH};
 
 use crate::http::{Body, BodyError, problem, read_body, respond};
 use crate::service::{CaService, Caller, CertifyRequest, DenyReport, Refusal};
@@ -39,7 +44,8 @@ pub async fn handle(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>)
         (&Method::POST, "/v1/certify") => certify(svc, caller, req).await,
         (&Method::POST, "/v1/deny") => deny(svc, caller, req).await,
         (&Method::GET | &Method::HEAD, "/v1/bundle") => bundle(&svc, &req),
-        (_, "/v1/certify" | "/v1/bundle" | "/v1/deny") => {
+        (&Method::GET, WATCH_PATH) => watch(svc, caller, &req).await,
+        (_, "/v1/certify" | "/v1/bundle" | "/v1/deny" | WATCH_PATH) => {
             problem(405, "method_not_allowed", "method not allowed on this path")
         }
         _ => problem(404, "not_found", "no such endpoint"),
@@ -241,7 +247,8 @@ fn bundle(svc: &CaService, req: &Request<Incoming>) -> Response<Body> {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("application/json"));
     if wants_json {
-        let json = crate::bundle::spiffe_json(svc.authority.bundle(), 1);
+        let sequence = svc.trust.current().sequence;
+        let json = crate::bundle::spiffe_json(svc.authority.bundle(), sequence);
         respond(StatusCode::OK, "application/json", json.to_string())
     } else {
         respond(
@@ -249,5 +256,73 @@ fn bundle(svc: &CaService, req: &Request<Incoming>) -> Response<Body> {
             "application/x-pem-file",
             svc.authority.bundle_pem().to_owned(),
         )
+    }
+}
+
+/// The trust feed (long poll). Only a workload with a current certificate
+/// may watch: the deny list names who was caught, which is for proxies only.
+async fn watch(svc: Arc<CaService>, caller: Caller, req: &Request<Incoming>) -> Response<Body> {
+    let now = OffsetDateTime::now_utc();
+    let (id, not_after) = match caller {
+        Caller::Svid { id, not_after, .. } if not_after > now => (id, not_after),
+        Caller::Svid { .. } => return refused(&Refusal::SvidExpired),
+        Caller::Anonymous | Caller::Pod(_) => return refused(&Refusal::Unauthenticated),
+    };
+    let after = match req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|p| p.strip_prefix("after="))
+            .map(str::parse::<u64>)
+    }) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => {
+            return refused(&Refusal::BadRequest(
+                "after must be the sequence number of the last answer".into(),
+            ));
+        }
+    };
+    let mut rx = svc.trust.subscribe();
+    if rx.borrow_and_update().denied.contains(id.as_str()) {
+        return refused(&Refusal::Denied(id));
+    }
+    if after == Some(rx.borrow().sequence) {
+        // Never past the caller's certificate: it renews, then watches again.
+        let hold = WATCH_HOLD.min((not_after - now).unsigned_abs());
+        let changed = {
+            let _watching = Watching::new(&svc.metrics.trust_watchers);
+            tokio::select! {
+                r = tokio::time::timeout(hold, rx.changed()) => matches!(r, Ok(Ok(()))),
+                () = svc.trust.closed() => false,
+            }
+        };
+        if !changed {
+            let mut resp = respond(StatusCode::NO_CONTENT, "application/json", Vec::new());
+            if let Ok(v) = header::HeaderValue::from_str(&rx.borrow().sequence.to_string()) {
+                resp.headers_mut().insert(TRUST_SEQUENCE_HEADER, v);
+            }
+            return resp;
+        }
+    }
+    let snapshot = rx.borrow().clone();
+    if snapshot.denied.contains(id.as_str()) {
+        return refused(&Refusal::Denied(id));
+    }
+    respond(StatusCode::OK, "application/json", snapshot.json.clone())
+}
+
+/// Counts a waiting watcher for as long as it waits, however the wait ends
+/// (a client that hangs up drops the request's future).
+struct Watching(prometheus::IntGauge);
+
+impl Watching {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

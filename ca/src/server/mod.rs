@@ -86,6 +86,7 @@ pub async fn run(
         ready,
         shutdown.clone(),
     ));
+    tokio::spawn(crate::trust::keep_polling(svc.clone()));
     tokio::spawn(keep_renewing(
         svc.clone(),
         cert.clone(),
@@ -216,6 +217,7 @@ async fn accept_loop(
         });
     }
     drop(listener);
+    svc.trust.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
         .await
         .is_err()

@@ -47,6 +47,7 @@ use crate::idle::IdleTimeout;
 use crate::listener::ConnGuard;
 use crate::metrics::{Direction, ProxyMetrics};
 use crate::respond::{RefusalCounters, RespondLayer};
+use crate::revoke::Revocable;
 use crate::stack::observe::{ObserveLayer, Observed, Shared};
 use crate::stack::{CheckLayer, ReqBody};
 use crate::tls::{H2, HTTP1, server_config};
@@ -164,6 +165,7 @@ pub async fn serve(
         Some(Arc::new(report::CaReporter::new(identity.clone())));
     let refusals = RefusalCounters::for_listener(&metrics, Direction::Inbound, &name);
     let conns = metrics.connections(Direction::Inbound, &name);
+    let revoked = metrics.revoked.with_label_values(&["inbound", &name]);
     let shared = Arc::new(Listener {
         name: name.clone(),
         policy,
@@ -235,6 +237,7 @@ pub async fn serve(
         };
         let l = shared.clone();
         let watcher = graceful.watcher();
+        let revoked = revoked.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let (cfg, name, metrics) = (&l.cfg, &l.name, &l.metrics);
@@ -268,6 +271,8 @@ pub async fn serve(
                     return;
                 }
             };
+            // Closed the moment the CA denies the peer.
+            let tls = Revocable::new(tls, peer.id().clone(), &id.denied, revoked);
             match cfg.protocol {
                 Protocol::Http => {
                     l.serve_http(tls, peer, local_port, &id, busy, watcher)

@@ -20,14 +20,31 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use prometheus::IntCounter;
+use warden_identity::tls::DenyList;
+
+use crate::revoke::Revocable;
 use crate::stack::body::BoxError;
 
+/// An mTLS connection to the destination, closed if the CA denies it.
+pub type Upstream = Revocable<TlsStream<TcpStream>>;
+
 /// A TLS stream that tells hyper what ALPN chose.
-pub struct MtlsStream(TokioIo<TlsStream<TcpStream>>);
+pub struct MtlsStream(TokioIo<Upstream>);
+
+/// What a connection is dialled with: the client config of the current
+/// identity, and the deny list it follows.
+#[derive(Clone)]
+pub struct Dial {
+    /// TLS client config (certificate, roots, expected server ID).
+    pub config: Arc<ClientConfig>,
+    /// Identities the CA denied.
+    pub denied: DenyList,
+}
 
 impl Connection for MtlsStream {
     fn connected(&self) -> Connected {
-        let h2 = self.0.inner().get_ref().1.alpn_protocol() == Some(crate::tls::H2);
+        let h2 = self.0.inner().get_ref().get_ref().1.alpn_protocol() == Some(crate::tls::H2);
         if h2 {
             Connected::new().negotiated_h2()
         } else {
@@ -66,27 +83,31 @@ impl hyper::rt::Write for MtlsStream {
 #[derive(Clone)]
 pub struct MtlsConnector {
     destination: Arc<str>,
-    config: watch::Receiver<Option<Arc<ClientConfig>>>,
+    config: watch::Receiver<Option<Dial>>,
     timeout: std::time::Duration,
+    revoked: IntCounter,
 }
 
 impl MtlsConnector {
     /// A connector to `destination` (`host:port`) using whatever config
     /// `config` holds; connecting plus the handshake may take `timeout`.
+    /// `revoked` counts connections closed because the CA denied the server.
     pub fn new(
         destination: &str,
-        config: watch::Receiver<Option<Arc<ClientConfig>>>,
+        config: watch::Receiver<Option<Dial>>,
         timeout: std::time::Duration,
+        revoked: IntCounter,
     ) -> Self {
         Self {
             destination: destination.into(),
             config,
             timeout,
+            revoked,
         }
     }
 
     /// Connects and completes the handshake (used directly for TCP mode).
-    pub async fn connect(&self) -> Result<TlsStream<TcpStream>, BoxError> {
+    pub async fn connect(&self) -> Result<Upstream, BoxError> {
         tokio::time::timeout(self.timeout, self.connect_inner())
             .await
             .map_err(|_| "connecting to the destination timed out")?
@@ -113,8 +134,8 @@ impl MtlsConnector {
         tls_error(err).map(warden_identity::tls::tls_failure_reason)
     }
 
-    async fn connect_inner(&self) -> Result<TlsStream<TcpStream>, BoxError> {
-        let config = self.config.borrow().clone().ok_or(NoCertificate)?;
+    async fn connect_inner(&self) -> Result<Upstream, BoxError> {
+        let Dial { config, denied } = self.config.borrow().clone().ok_or(NoCertificate)?;
         let tcp = TcpStream::connect(&*self.destination).await?;
         let _ = tcp.set_nodelay(true);
         let host = self
@@ -126,7 +147,18 @@ impl MtlsConnector {
                 .trim_end_matches(']')
                 .to_owned(),
         )?;
-        Ok(TlsConnector::from(config).connect(name, tcp).await?)
+        let tls = TlsConnector::from(config).connect(name, tcp).await?;
+        // The verifier checked this leaf; its ID is what a denial names.
+        let server = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or("the destination presented no certificate")
+            .and_then(|leaf| {
+                warden_identity::tls::peer_id(leaf).map_err(|_| "unreadable server certificate")
+            })?;
+        Ok(Revocable::new(tls, server, &denied, self.revoked.clone()))
     }
 }
 

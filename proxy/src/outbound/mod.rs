@@ -20,7 +20,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use rustls::ClientConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceBuilder;
@@ -36,7 +35,7 @@ use crate::stack::ReqBody;
 use crate::stack::observe::{ObserveLayer, Shared};
 use crate::tls::{H2, HTTP1, client_config};
 
-pub use connector::MtlsConnector;
+pub use connector::{Dial, MtlsConnector};
 
 static UPSTREAM_LOG: warden_identity::ratelog::LogLimiter =
     warden_identity::ratelog::LogLimiter::new(10);
@@ -46,11 +45,15 @@ fn config_channel(
     cfg: &Outbound,
     mut identity: IdentityRx,
     alpn: &'static [u8],
-) -> watch::Receiver<Option<Arc<ClientConfig>>> {
+) -> watch::Receiver<Option<Dial>> {
     let build = |id: &Option<Arc<crate::identity::Identity>>,
                  expected: &warden_config::IdentityPattern| {
-        id.as_ref()
-            .and_then(|id| client_config(id, expected, alpn).ok())
+        id.as_ref().and_then(|id| {
+            Some(Dial {
+                config: client_config(id, expected, alpn).ok()?,
+                denied: id.denied.clone(),
+            })
+        })
     };
     let expected = cfg.server_id.clone();
     let (tx, rx) = watch::channel(build(&identity.borrow(), &expected));
@@ -78,15 +81,18 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let graceful = GracefulShutdown::new();
     let timeout = cfg.limits.handshake_timeout.min(cfg.limits.connect_timeout);
+    let revoked = metrics.revoked.with_label_values(&["outbound", &name]);
     let h1_conn = MtlsConnector::new(
         &cfg.destination,
         config_channel(&cfg, identity.clone(), HTTP1),
         timeout,
+        revoked.clone(),
     );
     let h2_conn = MtlsConnector::new(
         &cfg.destination,
         config_channel(&cfg, identity, H2),
         timeout,
+        revoked,
     );
     let refusals = RefusalCounters::for_listener(&metrics, Direction::Outbound, &name);
     let conns = metrics.connections(Direction::Outbound, &name);

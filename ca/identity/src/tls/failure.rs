@@ -23,6 +23,8 @@ pub fn tls_failure_reason(e: &Error) -> &'static str {
                 "cert_not_yet_valid"
             }
             CertificateError::UnknownIssuer => "unknown_issuer",
+            // Only the deny list pushed by the CA revokes (there is no CRL).
+            CertificateError::Revoked => "denied",
             CertificateError::BadSignature => "bad_signature",
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
                 "wrong_identity"

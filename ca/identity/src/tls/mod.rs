@@ -2,6 +2,7 @@
 //! proxy: rustls configs, verifiers that check the chain *and* the SPIFFE ID,
 //! a hot-swappable certificate, and fixed reasons for refused handshakes.
 
+mod deny;
 mod failure;
 mod peer;
 mod profile;
@@ -16,6 +17,7 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::CertificateDer;
 
+pub use deny::{DeniedSet, DenyList};
 pub use failure::{handshake_failure_reason, tls_failure_reason};
 pub use peer::{KeyUsageBits, PeerIdError, VerifiedPeer};
 pub use profile::{bundle_trust_domain, peer_id};

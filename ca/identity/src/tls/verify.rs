@@ -18,6 +18,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use warden_config::{IdentityPattern, SpiffeId, TrustDomain};
 
+use super::deny::DenyList;
 use super::peer::{PeerIdError, VerifiedPeer};
 use super::profile::peer_id;
 
@@ -42,6 +43,7 @@ pub struct SpiffeServerVerifier {
     trust_domain: TrustDomain,
     expected: IdentityPattern,
     provider: Arc<CryptoProvider>,
+    denied: DenyList,
 }
 
 impl SpiffeServerVerifier {
@@ -58,7 +60,13 @@ impl SpiffeServerVerifier {
             trust_domain,
             expected,
             provider,
+            denied: DenyList::none(),
         }
+    }
+
+    /// Also refuses servers whose ID is on `denied` (the CA's pushed list).
+    pub fn denying(self, denied: DenyList) -> Self {
+        Self { denied, ..self }
     }
 }
 
@@ -82,6 +90,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let peer =
             VerifiedPeer::from_verified_id(id, &self.trust_domain).map_err(identity_error)?;
+        if self.denied.contains(peer.id()) {
+            return Err(Error::InvalidCertificate(CertificateError::Revoked));
+        }
         if !self.expected.matches(peer.id()) {
             tracing::debug!(got = %peer.id(), expected = %self.expected, "server identity mismatch");
             return Err(Error::InvalidCertificate(
@@ -137,6 +148,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 pub struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: TrustDomain,
+    denied: DenyList,
 }
 
 impl SpiffeClientVerifier {
@@ -157,7 +169,13 @@ impl SpiffeClientVerifier {
         Ok(Self {
             inner: builder.build()?,
             trust_domain,
+            denied: DenyList::none(),
         })
+    }
+
+    /// Also refuses clients whose ID is on `denied` (the CA's pushed list).
+    pub fn denying(self, denied: DenyList) -> Self {
+        Self { denied, ..self }
     }
 }
 
@@ -184,7 +202,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         let id = profiled_id(end_entity)?;
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        VerifiedPeer::from_verified_id(id, &self.trust_domain).map_err(identity_error)?;
+        let peer =
+            VerifiedPeer::from_verified_id(id, &self.trust_domain).map_err(identity_error)?;
+        if self.denied.contains(peer.id()) {
+            return Err(Error::InvalidCertificate(CertificateError::Revoked));
+        }
         Ok(ClientCertVerified::assertion())
     }
 
