@@ -39,7 +39,7 @@ fn stages(c: &mut Criterion) {
         .issue_local(&id, None, "offline", OffsetDateTime::now_utc())
         .unwrap();
     let chain = warden_ca::authority::parse_certs(&issued.svid.chain_pem).unwrap();
-    let roots = warden_ca::tls::root_store(svc.authority.bundle()).unwrap();
+    let roots = warden_ca::tls::root_store(&svc.authority.bundle()).unwrap();
 
     let mut g = c.benchmark_group("handshake");
     g.bench_function("spiffe id parse", |b| {

@@ -167,6 +167,43 @@ impl DirArg {
 }
 
 #[derive(Subcommand)]
+enum RootCommand {
+    /// Put a new root in the trust bundle (pushed to every proxy); it signs
+    /// nothing until `activate`.
+    Add {
+        #[command(flatten)]
+        dir: DirArg,
+        /// A root made elsewhere (PEM) instead of a new self-signed one.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Its private key (PEM); kept in the state directory's keys/ (0600).
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// Lifetime of a root this command makes.
+        #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Sign with a new intermediate under this root from now on (refused
+    /// until it has been in the bundle for `rotation_overlap`).
+    Activate {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The root's id, or at least 8 hex characters of it (`warden ca status`).
+        #[arg(long)]
+        id: String,
+    },
+    /// Take a root out of the bundle (refused while any certificate signed
+    /// under it is still valid).
+    Retire {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The root's id, or at least 8 hex characters of it.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum CaCommand {
     /// Create a CA: a root and an intermediate (or an intermediate under an existing root).
     Init {
@@ -249,6 +286,16 @@ enum CaCommand {
     /// Audit trail tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Rotate the root: add a new one, let it sign, retire the old one
+    /// (intermediates rotate by themselves).
+    #[command(subcommand)]
+    Root(RootCommand),
+    /// Every root and intermediate with its state and expiry, the trust
+    /// feed's sequence, the last rotation, and what the store holds.
+    Status {
+        #[command(flatten)]
+        dir: DirArg,
+    },
     /// Obtain a certificate from a CA server: with a join token, a pod's
     /// ServiceAccount token, or by renewing a current one.
     Certify {
@@ -725,6 +772,29 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
             let api = warden_ca::server::bind("api", listen).await?;
             let admin = warden_ca::server::bind("admin", admin).await?;
             warden_ca::server::run(svc, api, admin, shutdown_on_signal()).await?;
+            Ok(())
+        }
+        CaCommand::Root(cmd) => {
+            let (dir, what) = match &cmd {
+                RootCommand::Add { dir, .. } => (dir, "added (in the bundle, not signing)"),
+                RootCommand::Activate { dir, .. } => (dir, "activated (signs from now on)"),
+                RootCommand::Retire { dir, .. } => (dir, "retired (out of the bundle)"),
+            };
+            let svc = open_ca(dir).await?;
+            let root = match &cmd {
+                RootCommand::Add { cert, key, ttl, .. } => {
+                    let brought = cert.as_deref().zip(key.as_deref());
+                    svc.add_root(brought, *ttl, now)?
+                }
+                RootCommand::Activate { id, .. } => svc.activate_root(id, now)?,
+                RootCommand::Retire { id, .. } => svc.retire_root(id, now)?,
+            };
+            println!("root {} {what}", root.id);
+            Ok(())
+        }
+        CaCommand::Status { dir } => {
+            let svc = open_ca(&dir).await?;
+            print!("{}", svc.status(now)?);
             Ok(())
         }
         CaCommand::Deny { dir, spiffe_id } => set_denied(&dir, &spiffe_id, true, now).await,

@@ -9,12 +9,18 @@
 //! <dir>/bundle.pem           trust bundle handed to workloads (one or more roots)
 //! <dir>/state.db             store: issued certificates, tokens, denied IDs
 //! <dir>/audit.jsonl          hash-chained audit trail
+//! <dir>/keys/<id>.pem        keys of roots and intermediates made by rotation
 //! ```
+//!
+//! The files are how `init` leaves a CA; from the first open on, the store
+//! records every root and intermediate and which of them sign
+//! ([`crate::store::chain`]), and `bundle.pem` is no longer read.
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rcgen::{Issuer, KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData};
@@ -25,6 +31,7 @@ use warden_config::{CaConfig, Diagnostics, SpiffeId, TrustDomain};
 
 use crate::lifetime::{Validity, cap_lifetime};
 use crate::profile;
+use crate::store::chain::{AuthorityRecord, Kind, State};
 pub use warden_identity::api::server_id;
 pub use warden_identity::pem::{certs_pem, parse_certs, validity_of};
 
@@ -46,6 +53,8 @@ pub mod files {
     pub const STATE: &str = "state.db";
     /// Audit trail.
     pub const AUDIT: &str = "audit.jsonl";
+    /// Keys of the roots and intermediates made by rotation (in the state directory).
+    pub const KEYS: &str = "keys";
 }
 
 /// Everything that can go wrong creating, opening or using a CA directory.
@@ -94,6 +103,11 @@ pub enum CaError {
     /// The store holds something it should not (a corrupt row).
     #[error("store holds bad data: {0}")]
     Corrupt(String),
+    /// A CA certificate's key is in none of the places it is kept.
+    #[error(
+        "the key of CA certificate {0} is not held here (not in keys/, root-key.pem or intermediate-key.pem)"
+    )]
+    KeyNotHeld(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
@@ -169,22 +183,47 @@ pub struct Svid {
     pub serial: String,
     /// Validity window.
     pub validity: Validity,
+    /// Id of the intermediate that signed it.
+    pub issuer: String,
+}
+
+/// The CA's certificates as they stand: the intermediate that signs, and
+/// the roots workloads trust. Replaced whole when a rotation step commits
+/// (see [`crate::rotation`]); a signature in progress keeps the one it took.
+pub struct Chain {
+    issuer: Issuer<'static, KeyPair>,
+    /// The active intermediate.
+    pub intermediate: CertificateDer<'static>,
+    /// Its id (SHA-256 of the DER, hex).
+    pub intermediate_id: String,
+    /// Its validity (a leaf never outlives it).
+    pub intermediate_validity: Validity,
+    /// Every root in the bundle (published and active).
+    pub roots: Vec<CertificateDer<'static>>,
+    /// The same, PEM.
+    pub bundle_pem: String,
+    /// Every root and intermediate the store records (empty before the
+    /// store was opened).
+    pub records: Vec<AuthorityRecord>,
+}
+
+/// The id of a CA certificate: SHA-256 of its DER, hex.
+pub fn cert_id(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(der))
 }
 
 /// An opened CA: its settings, its signing key, and the bundle it hands out.
 pub struct Authority {
     /// Where the CA lives.
     pub dir: PathBuf,
-    /// Where its state (the store and the audit trail) lives: `dir`, unless
-    /// the keys and settings are mounted read-only elsewhere (a pod).
+    /// Where its state (the store, the audit trail, keys made by rotation)
+    /// lives: `dir`, unless the keys and settings are mounted read-only
+    /// elsewhere (a pod).
     pub state_dir: PathBuf,
     /// Its settings.
     pub config: CaConfig,
-    issuer: Issuer<'static, KeyPair>,
-    intermediate: CertificateDer<'static>,
-    intermediate_validity: Validity,
-    bundle: Vec<CertificateDer<'static>>,
-    bundle_pem: String,
+    chain: RwLock<Arc<Chain>>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -272,30 +311,98 @@ impl Authority {
         Self::open(dir)
     }
 
-    /// Opens the CA in `dir`.
+    /// Opens the CA in `dir` from its files; [`Authority::reload`] then
+    /// moves it to what the store records.
     pub fn open(dir: &Path) -> Result<Self, CaError> {
         let config = CaConfig::load(&dir.join(files::CONFIG))?;
         let int_path = dir.join(files::INTERMEDIATE_CERT);
         let intermediate = read_certs(&int_path)?.swap_remove(0);
         let key = read_key(&dir.join(files::INTERMEDIATE_KEY))?;
-        let intermediate_validity =
-            validity_of(&intermediate).map_err(|what| CaError::BadFile {
-                path: int_path.clone(),
-                what,
-            })?;
-        let issuer = Issuer::from_ca_cert_der(&intermediate, key)?;
-        let bundle = read_certs(&dir.join(files::BUNDLE))?;
-        let bundle_pem = certs_pem(&bundle);
+        let roots = read_certs(&dir.join(files::BUNDLE))?;
+        let chain = Chain::new(intermediate, key, roots, Vec::new(), &int_path)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             state_dir: dir.to_path_buf(),
             config,
-            issuer,
-            intermediate,
-            intermediate_validity,
-            bundle,
-            bundle_pem,
+            chain: RwLock::new(Arc::new(chain)),
         })
+    }
+
+    /// The chain as it stands.
+    pub fn chain(&self) -> Arc<Chain> {
+        self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Moves to the chain `records` describe (no-op when it is the current
+    /// one): the roots not retired, and the active intermediate with its key.
+    pub fn reload(&self, records: Vec<AuthorityRecord>) -> Result<bool, CaError> {
+        if self.chain().records == records {
+            return Ok(false);
+        }
+        let corrupt = |what: String| CaError::Corrupt(format!("authorities: {what}"));
+        let active: Vec<_> = records
+            .iter()
+            .filter(|a| a.kind == Kind::Intermediate && a.state == State::Active)
+            .collect();
+        let [active] = active.as_slice() else {
+            return Err(corrupt(format!(
+                "{} active intermediates, not one",
+                active.len()
+            )));
+        };
+        let intermediate = parse_certs(&active.cert_pem)
+            .map_err(corrupt)?
+            .swap_remove(0);
+        let key = self.key_of(&active.id, &intermediate)?;
+        let roots = records
+            .iter()
+            .filter(|a| a.kind == Kind::Root && matches!(a.state, State::Published | State::Active))
+            .map(|a| parse_certs(&a.cert_pem).map(|mut c| c.swap_remove(0)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(corrupt)?;
+        if roots.is_empty() {
+            return Err(corrupt("no root in the bundle".into()));
+        }
+        let chain = Chain::new(intermediate, key, roots, records, Path::new("store"))?;
+        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(chain);
+        Ok(true)
+    }
+
+    /// The key of CA certificate `id`: in the state directory's `keys/`
+    /// (made by rotation), or the key `init` wrote, if it is this one's.
+    pub fn key_of(&self, id: &str, cert: &CertificateDer<'_>) -> Result<KeyPair, CaError> {
+        let mine = |key: &KeyPair| {
+            x509_parser::parse_x509_certificate(cert)
+                .is_ok_and(|(_, c)| c.public_key().raw == key.subject_public_key_info().as_slice())
+        };
+        let candidates = [
+            self.state_dir.join(files::KEYS).join(format!("{id}.pem")),
+            self.dir.join(files::INTERMEDIATE_KEY),
+            self.dir.join(files::ROOT_KEY),
+        ];
+        for path in candidates.iter().filter(|p| p.exists()) {
+            let key = read_key(path)?;
+            if mine(&key) {
+                return Ok(key);
+            }
+        }
+        Err(CaError::KeyNotHeld(id.to_owned()))
+    }
+
+    /// Writes the key of a new CA certificate `id` into the state
+    /// directory's `keys/` (0700), 0600 from the start.
+    pub fn keep_key(&self, id: &str, key: &KeyPair) -> Result<(), CaError> {
+        let dir = self.state_dir.join(files::KEYS);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(&dir))?;
+        let path = dir.join(format!("{id}.pem"));
+        if path.exists() {
+            return Ok(());
+        }
+        write_new(&path, key.serialize_pem().as_bytes(), true)
     }
 
     /// Signs an X.509-SVID for `id` over `public_key`. The lifetime is `ttl`
@@ -322,7 +429,7 @@ impl Authority {
         now: OffsetDateTime,
         dns_names: &[String],
     ) -> Result<Svid, CaError> {
-        let left = (self.intermediate_validity.not_after - now)
+        let left = (self.chain().intermediate_validity.not_after - now)
             .max(time::Duration::ZERO)
             .unsigned_abs();
         self.sign_capped(id, public_key, left, left, now, dns_names)
@@ -337,11 +444,12 @@ impl Authority {
         now: OffsetDateTime,
         dns_names: &[String],
     ) -> Result<Svid, CaError> {
-        let validity = cap_lifetime(ttl, max_ttl, self.intermediate_validity, now);
-        if validity.not_after <= validity.not_before || now >= self.intermediate_validity.not_after
-        {
+        let chain = self.chain();
+        let issuer_validity = chain.intermediate_validity;
+        let validity = cap_lifetime(ttl, max_ttl, issuer_validity, now);
+        if validity.not_after <= validity.not_before || now >= issuer_validity.not_after {
             return Err(CaError::IssuerExpired {
-                not_after: self.intermediate_validity.not_after,
+                not_after: issuer_validity.not_after,
             });
         }
         let params = profile::svid(id, validity, dns_names)?;
@@ -350,14 +458,15 @@ impl Authority {
             .as_ref()
             .map(|s| hex::encode(s.to_bytes()))
             .unwrap_or_default();
-        let cert = params.signed_by(public_key, &self.issuer)?;
+        let cert = params.signed_by(public_key, &chain.issuer)?;
         let leaf = cert.der().clone();
-        let chain_pem = certs_pem(&[leaf.clone(), self.intermediate.clone()]);
+        let chain_pem = certs_pem(&[leaf.clone(), chain.intermediate.clone()]);
         Ok(Svid {
             leaf,
             chain_pem,
             serial,
             validity,
+            issuer: chain.intermediate_id.clone(),
         })
     }
 
@@ -367,23 +476,23 @@ impl Authority {
     }
 
     /// Trust roots as DER.
-    pub fn bundle(&self) -> &[CertificateDer<'static>] {
-        &self.bundle
+    pub fn bundle(&self) -> Vec<CertificateDer<'static>> {
+        self.chain().roots.clone()
     }
 
     /// Trust roots as PEM.
-    pub fn bundle_pem(&self) -> &str {
-        &self.bundle_pem
+    pub fn bundle_pem(&self) -> String {
+        self.chain().bundle_pem.clone()
     }
 
-    /// The intermediate's validity (a leaf never outlives it).
+    /// The active intermediate's validity (a leaf never outlives it).
     pub fn intermediate_validity(&self) -> Validity {
-        self.intermediate_validity
+        self.chain().intermediate_validity
     }
 
-    /// The intermediate certificate.
-    pub fn intermediate(&self) -> &CertificateDer<'static> {
-        &self.intermediate
+    /// The active intermediate certificate.
+    pub fn intermediate(&self) -> CertificateDer<'static> {
+        self.chain().intermediate.clone()
     }
 
     /// The CA server's own SPIFFE ID (`spiffe://<td>/warden/ca`); never issued to a workload.
@@ -392,8 +501,34 @@ impl Authority {
     }
 }
 
+impl Chain {
+    fn new(
+        intermediate: CertificateDer<'static>,
+        key: KeyPair,
+        roots: Vec<CertificateDer<'static>>,
+        records: Vec<AuthorityRecord>,
+        source: &Path,
+    ) -> Result<Self, CaError> {
+        let intermediate_validity =
+            validity_of(&intermediate).map_err(|what| CaError::BadFile {
+                path: source.to_path_buf(),
+                what,
+            })?;
+        let issuer = Issuer::from_ca_cert_der(&intermediate, key)?;
+        Ok(Self {
+            issuer,
+            intermediate_id: cert_id(&intermediate),
+            intermediate_validity,
+            bundle_pem: certs_pem(&roots),
+            intermediate,
+            roots,
+            records,
+        })
+    }
+}
+
 /// An external root must be a CA certificate whose public key is the given key's.
-fn check_external_root(
+pub(crate) fn check_external_root(
     path: &Path,
     der: &CertificateDer<'_>,
     key: &KeyPair,

@@ -13,6 +13,7 @@ pub mod csr;
 pub mod kubernetes;
 pub mod metrics;
 pub mod profile;
+pub mod rotation;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -1,7 +1,7 @@
 //! The CA's Prometheus metrics. Names are a stable surface (pinned by a test);
 //! every label value comes from a fixed set, never from client input.
 
-use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Handles to every CA metric.
 #[derive(Debug, Clone)]
@@ -18,6 +18,11 @@ pub struct CaMetrics {
     pub handshake_failures: IntCounterVec,
     /// NotAfter of the CA's certificates (`root`, `intermediate`, `serving`), unix seconds.
     pub cert_expiry: GaugeVec,
+    /// NotAfter of every root and intermediate not retired, by `kind`,
+    /// `state` and `id` (the first 16 hex characters of its SHA-256).
+    pub chain_expiry: GaugeVec,
+    /// Failed steps of automatic intermediate rotation.
+    pub rotation_failures: IntCounter,
     /// The trust feed's sequence number as this server last read it.
     pub trust_sequence: IntGauge,
     /// Proxies waiting on `GET /v1/watch` now.
@@ -72,6 +77,19 @@ impl CaMetrics {
             "warden_ca_trust_watchers",
             "Proxies waiting on the trust feed (GET /v1/watch) now.",
         )?;
+        let chain_expiry = GaugeVec::new(
+            Opts::new(
+                "warden_ca_chain_expiry_timestamp_seconds",
+                "NotAfter of every root and intermediate of the CA that is not retired, unix seconds.",
+            ),
+            &["kind", "state", "id"],
+        )?;
+        registry.register(Box::new(chain_expiry.clone()))?;
+        let rotation_failures = IntCounter::new(
+            "warden_ca_rotation_failures_total",
+            "Failed steps of automatic intermediate rotation (the current intermediate keeps signing).",
+        )?;
+        registry.register(Box::new(rotation_failures.clone()))?;
         registry.register(Box::new(trust_sequence.clone()))?;
         registry.register(Box::new(trust_watchers.clone()))?;
         registry.register(Box::new(issuances.clone()))?;
@@ -86,6 +104,8 @@ impl CaMetrics {
             deny_reports,
             handshake_failures,
             cert_expiry,
+            chain_expiry,
+            rotation_failures,
             trust_sequence,
             trust_watchers,
         })

@@ -125,6 +125,9 @@ pub enum Refusal {
     /// The request body is over the limit.
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    /// A rotation step that must not happen now (and why).
+    #[error("{0}")]
+    Rotation(String),
     /// Something on the CA's side failed; nothing was issued.
     #[error("internal error: {0}")]
     Internal(#[from] CaError),
@@ -148,6 +151,7 @@ impl Refusal {
             Self::BadTarget(_) => "bad_target",
             Self::BadRequest(_) => "bad_request",
             Self::TooLarge(_) => "body_too_large",
+            Self::Rotation(_) => "rotation_refused",
             Self::Internal(_) => "internal",
         }
     }
@@ -167,6 +171,7 @@ impl Refusal {
             | Self::Reserved(_)
             | Self::ForeignTrustDomain(_)
             | Self::NotReporter(_) => 403,
+            Self::Rotation(_) => 409,
             Self::Internal(_) => 500,
         }
     }
@@ -203,17 +208,6 @@ impl CaService {
         let store = Store::open(&authority.state_dir.join(files::STATE))?;
         let metrics = CaMetrics::new().map_err(|e| CaError::Setup(format!("metrics: {e}")))?;
         let audit_path = authority.state_dir.join(files::AUDIT);
-        for (name, der) in [("intermediate", authority.intermediate())]
-            .into_iter()
-            .chain(authority.bundle().iter().map(|c| ("root", c)))
-        {
-            if let Ok(v) = crate::authority::validity_of(der) {
-                metrics
-                    .cert_expiry
-                    .with_label_values(&[name])
-                    .set(unix(v.not_after) as f64);
-            }
-        }
         let kubernetes = authority
             .config
             .kubernetes
@@ -229,8 +223,14 @@ impl CaService {
             trust: crate::trust::TrustFeed::new(),
             audit_path,
         };
+        svc.adopt_chain(OffsetDateTime::now_utc())?;
         svc.refresh_trust()?;
         Ok(svc)
+    }
+
+    /// The audit trail's file.
+    pub(crate) fn audit_path(&self) -> &std::path::Path {
+        &self.audit_path
     }
 
     /// Runs `f` in a write transaction and appends `event` (built from f's
@@ -463,7 +463,7 @@ impl CaService {
         Ok(Issued {
             spiffe_id: id,
             svid,
-            bundle_pem: self.authority.bundle_pem().to_owned(),
+            bundle_pem: self.authority.bundle_pem(),
         })
     }
 
@@ -527,7 +527,7 @@ impl CaService {
         let issued = Issued {
             spiffe_id: id.clone(),
             svid,
-            bundle_pem: self.authority.bundle_pem().to_owned(),
+            bundle_pem: self.authority.bundle_pem(),
         };
         Ok((issued, key.serialize_pem()))
     }
@@ -597,6 +597,7 @@ fn issued_record(id: &SpiffeId, svid: &Svid, key_sha256: String, kind: &str) -> 
         not_after: unix(svid.validity.not_after),
         key_sha256,
         kind: kind.to_owned(),
+        issuer: svid.issuer.clone(),
     }
 }
 
@@ -621,4 +622,5 @@ fn issued_event(rec: &IssuedRecord) -> Event {
     .with("serial", rec.serial.as_str())
     .with("not_after", rec.not_after)
     .with("key_sha256", rec.key_sha256.as_str())
+    .with("issuer", rec.issuer.as_str())
 }

@@ -84,9 +84,12 @@ impl CaService {
             }
             (sequence, store::denied_ids(&conn)?)
         };
+        // A rotation step moved it, perhaps: sign with, and hand out, what
+        // the store now records.
+        self.reload_chain()?;
         let answer = TrustAnswer {
             sequence,
-            trust_bundle: self.authority.bundle_pem().to_owned(),
+            trust_bundle: self.authority.bundle_pem(),
             denied,
         };
         let json =

@@ -44,7 +44,16 @@ pub struct CaConfig {
     /// Attestation of pods by their projected ServiceAccount token; `None`:
     /// only join tokens bootstrap an identity.
     pub kubernetes: Option<KubernetesConfig>,
+    /// Lifetime of each intermediate that rotation makes; `None`: as long
+    /// as the one it replaces lived.
+    pub intermediate_ttl: Option<Duration>,
+    /// Shortest time a new root or intermediate is known to proxies (in the
+    /// trust feed) before it signs anything.
+    pub rotation_overlap: Duration,
 }
+
+/// Default [`CaConfig::rotation_overlap`].
+pub const DEFAULT_ROTATION_OVERLAP: Duration = Duration::from_secs(3600);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +65,8 @@ struct RawCaConfig {
     #[serde(default)]
     deny_reporters: Vec<Spanned<IdentityPattern>>,
     kubernetes: Option<RawKubernetes>,
+    intermediate_ttl: Option<Spanned<HumanDuration>>,
+    rotation_overlap: Option<Spanned<HumanDuration>>,
 }
 
 impl CaConfig {
@@ -129,12 +140,28 @@ impl CaConfig {
                 );
             }
         }
+        let rotation_overlap = value(&raw.rotation_overlap, DEFAULT_ROTATION_OVERLAP);
+        let intermediate_ttl = raw.intermediate_ttl.as_ref().map(|d| d.value.0);
+        if let (Some(o), Some(ttl)) = (&raw.rotation_overlap, intermediate_ttl)
+            && o.value.0 * 3 > ttl
+        {
+            errors.at(
+                o,
+                format!(
+                    "rotation_overlap {} is over a third of intermediate_ttl {}: the next intermediate would start signing after five sixths of the current one's life",
+                    o.value,
+                    HumanDuration(ttl)
+                ),
+            );
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let kubernetes = raw
             .kubernetes
             .map(|k| k.validate(&raw.trust_domain, base, &mut errors));
         errors.finish(CaConfig {
             kubernetes,
+            intermediate_ttl,
+            rotation_overlap,
             trust_domain: raw.trust_domain,
             default_ttl,
             max_ttl,
@@ -158,6 +185,12 @@ impl CaConfig {
              # as SPIFFE IDs or patterns such as spiffe://{trust_domain}/ns/security/*.\n\
              # Nobody may unless listed.\n\
              deny_reporters: []\n\
+             # Intermediates rotate by themselves: the next one is made at half of the\n\
+             # current one's life and signs from five sixths on (intermediate_ttl: the\n\
+             # life of each new one, default: the current one's). A new root or\n\
+             # intermediate is in the trust feed at least rotation_overlap before it signs.\n\
+             # intermediate_ttl: 365d\n\
+             # rotation_overlap: {}\n\
              # Pods get spiffe://{trust_domain}/ns/<namespace>/sa/<service account> from\n\
              # their projected ServiceAccount token (audience warden); see README.\n\
              # kubernetes:\n\
@@ -166,6 +199,7 @@ impl CaConfig {
             HumanDuration(DEFAULT_LEAF_TTL),
             HumanDuration(DEFAULT_MAX_LEAF_TTL),
             HumanDuration(DEFAULT_TOKEN_TTL),
+            HumanDuration(DEFAULT_ROTATION_OVERLAP),
         )
     }
 }

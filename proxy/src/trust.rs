@@ -154,6 +154,12 @@ fn apply(
         }
         match id.with_bundle(&u.bundle_pem, &u.roots) {
             Ok(next) => {
+                // The CA's own serving chain may move to the new roots too.
+                if let Some(l) = &id.ca
+                    && let Err(e) = l.client.set_bundle(&u.bundle_pem)
+                {
+                    tracing::error!(error = %e, "cannot trust the pushed bundle for calls to the CA");
+                }
                 tracing::info!(sequence = u.sequence, roots = u.roots.len(), "trust bundle changed");
                 *current = Some(Arc::new(next));
                 true

@@ -304,7 +304,7 @@ async fn tls_call(
     creds: Option<&Path>,
 ) -> Result<(u16, Vec<u8>), String> {
     let provider = warden_ca::tls::provider();
-    let roots = warden_ca::tls::root_store(svc.authority.bundle()).map_err(|e| e.to_string())?;
+    let roots = warden_ca::tls::root_store(&svc.authority.bundle()).map_err(|e| e.to_string())?;
     let verifier = warden_ca::tls::SpiffeServerVerifier::new(
         roots,
         svc.authority.trust_domain().clone(),

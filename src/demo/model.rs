@@ -92,7 +92,7 @@ impl Caller {
         creds: &Credentials,
     ) -> DemoResult<Self> {
         let provider = warden_ca::tls::provider();
-        let roots = warden_ca::tls::root_store(svc.authority.bundle())?;
+        let roots = warden_ca::tls::root_store(&svc.authority.bundle())?;
         let verifier = warden_ca::tls::SpiffeServerVerifier::new(
             roots,
             svc.authority.trust_domain().clone(),

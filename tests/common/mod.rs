@@ -68,9 +68,16 @@ pub struct Ca {
 
 impl Ca {
     pub fn init(td: &str) -> Ca {
+        Self::init_with(td, &[])
+    }
+
+    /// `warden ca init` with more flags (`--intermediate-ttl 30s`, say).
+    pub fn init_with(td: &str, flags: &[&str]) -> Ca {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ca");
-        run_ok(&["ca", "init", "--dir", s(&dir), "--trust-domain", td]);
+        let mut args = vec!["ca", "init", "--dir", s(&dir), "--trust-domain", td];
+        args.extend_from_slice(flags);
+        run_ok(&args);
         Ca {
             tmp,
             dir,

@@ -152,7 +152,9 @@ pub struct CaClient {
     addr: String,
     host: String,
     trust_domain: TrustDomain,
-    bundle_pem: String,
+    /// Shared by every clone: the trust feed updates it when roots rotate,
+    /// so the CA's new serving chain keeps verifying.
+    bundle_pem: Arc<std::sync::RwLock<String>>,
 }
 
 impl CaClient {
@@ -183,8 +185,16 @@ impl CaClient {
             addr,
             host,
             trust_domain,
-            bundle_pem: bundle_pem.to_owned(),
+            bundle_pem: Arc::new(std::sync::RwLock::new(bundle_pem.to_owned())),
         })
+    }
+
+    /// Trusts the roots in `bundle_pem` from now on (every clone of this
+    /// client does), as the CA's trust feed says.
+    pub fn set_bundle(&self, bundle_pem: &str) -> Result<(), ClientError> {
+        parse_certs(bundle_pem).map_err(|e| ClientError::Local(format!("trust bundle: {e}")))?;
+        *self.bundle_pem.write().unwrap_or_else(|p| p.into_inner()) = bundle_pem.to_owned();
+        Ok(())
     }
 
     /// Obtains a first identity for `id` with a one-time join token.
@@ -374,7 +384,12 @@ impl CaClient {
     fn tls_config(&self, current: Option<&Credentials>) -> Result<ClientConfig, ClientError> {
         let provider = tls::provider();
         let local = |e: String| ClientError::Local(format!("tls setup: {e}"));
-        let bundle = parse_certs(&self.bundle_pem).map_err(local)?;
+        let bundle_pem = self
+            .bundle_pem
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let bundle = parse_certs(&bundle_pem).map_err(local)?;
         let roots = tls::root_store(&bundle).map_err(|e| local(e.to_string()))?;
         let verifier = SpiffeServerVerifier::new(
             roots,

@@ -248,13 +248,13 @@ fn bundle(svc: &CaService, req: &Request<Incoming>) -> Response<Body> {
             .is_some_and(|a| a.contains("application/json"));
     if wants_json {
         let sequence = svc.trust.current().sequence;
-        let json = crate::bundle::spiffe_json(svc.authority.bundle(), sequence);
+        let json = crate::bundle::spiffe_json(&svc.authority.bundle(), sequence);
         respond(StatusCode::OK, "application/json", json.to_string())
     } else {
         respond(
             StatusCode::OK,
             "application/x-pem-file",
-            svc.authority.bundle_pem().to_owned(),
+            svc.authority.bundle_pem(),
         )
     }
 }

@@ -38,7 +38,10 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// request per renewal, and nobody may sit on one of the connection slots.
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 /// Shortest wait between two renewals of the server's own certificate.
-const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(30);
+const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the rotation schedule is looked at (it acts a few times a year
+/// with default lifetimes; the check itself reads memory).
+const ROTATION_CHECK: Duration = Duration::from_secs(1);
 
 static HANDSHAKE_LOG: LogLimiter = LogLimiter::new(10);
 
@@ -94,7 +97,8 @@ pub async fn run(
         next,
     ));
 
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(&svc, cert)?));
+    tokio::spawn(keep_rotating(svc.clone()));
+    let acceptor = Acceptor::new(&svc, cert)?;
     println!("ready");
     tracing::info!(id = %svc.authority.server_id(), "CA serving");
     accept_loop(svc, api, acceptor, shutdown).await;
@@ -102,10 +106,48 @@ pub async fn run(
     Ok(())
 }
 
-fn server_config(svc: &CaService, cert: Arc<RotatingCert>) -> Result<ServerConfig, CaError> {
+/// The API's TLS acceptor, rebuilt when the chain changes (a root added or
+/// retired changes whose certificates verify).
+struct Acceptor {
+    cert: Arc<RotatingCert>,
+    built_for: Arc<crate::authority::Chain>,
+    acceptor: TlsAcceptor,
+}
+
+impl Acceptor {
+    fn new(svc: &CaService, cert: Arc<RotatingCert>) -> Result<Self, CaError> {
+        let chain = svc.authority.chain();
+        let acceptor = TlsAcceptor::from(Arc::new(server_config(svc, &chain, cert.clone())?));
+        Ok(Self {
+            cert,
+            built_for: chain,
+            acceptor,
+        })
+    }
+
+    fn current(&mut self, svc: &CaService) -> TlsAcceptor {
+        let chain = svc.authority.chain();
+        if !Arc::ptr_eq(&chain, &self.built_for) {
+            match server_config(svc, &chain, self.cert.clone()) {
+                Ok(c) => self.acceptor = TlsAcceptor::from(Arc::new(c)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot rebuild the API's TLS config; keeping the last one")
+                }
+            }
+            self.built_for = chain;
+        }
+        self.acceptor.clone()
+    }
+}
+
+fn server_config(
+    svc: &CaService,
+    chain: &crate::authority::Chain,
+    cert: Arc<RotatingCert>,
+) -> Result<ServerConfig, CaError> {
     let provider = tls::provider();
     let tls_err = |e: String| CaError::Setup(format!("tls setup: {e}"));
-    let roots = tls::root_store(svc.authority.bundle()).map_err(|e| tls_err(e.to_string()))?;
+    let roots = tls::root_store(&chain.roots).map_err(|e| tls_err(e.to_string()))?;
     let verifier = SpiffeClientVerifier::new(
         roots,
         svc.authority.trust_domain().clone(),
@@ -155,11 +197,21 @@ async fn keep_renewing(
     valid_until: Arc<std::sync::atomic::AtomicI64>,
     mut next: OffsetDateTime,
 ) {
+    let mut feed = svc.trust.subscribe();
     loop {
         let wait = (next - OffsetDateTime::now_utc())
             .unsigned_abs()
             .max(MIN_RENEW_INTERVAL);
-        tokio::time::sleep(wait).await;
+        let signer = svc.authority.chain().intermediate_id.clone();
+        // Renew at half-life, or at once when another intermediate signs (a
+        // root is activated): the server's chain moves with its workloads'.
+        let moved = tokio::select! {
+            () = tokio::time::sleep(wait) => false,
+            r = feed.wait_for(|_| svc.authority.chain().intermediate_id != signer) => r.is_ok(),
+        };
+        if moved {
+            tokio::time::sleep(MIN_RENEW_INTERVAL).await;
+        }
         match renew_serving_cert(&svc, &cert, &valid_until).await {
             Ok(n) => next = n,
             Err(e) => {
@@ -170,10 +222,33 @@ async fn keep_renewing(
     }
 }
 
+/// Moves the rotation schedule on (see [`crate::rotation`]).
+async fn keep_rotating(svc: Arc<CaService>) {
+    static ROTATION_LOG: LogLimiter = LogLimiter::new(2);
+    loop {
+        tokio::time::sleep(ROTATION_CHECK).await;
+        let s = svc.clone();
+        match tokio::task::spawn_blocking(move || s.rotate(OffsetDateTime::now_utc())).await {
+            Ok(Ok(steps)) => {
+                for step in steps {
+                    tracing::info!(?step, "intermediate rotation");
+                }
+            }
+            Ok(Err(e)) => {
+                svc.metrics.rotation_failures.inc();
+                if ROTATION_LOG.allow() {
+                    tracing::error!(error = %e, "intermediate rotation failed; the current intermediate keeps signing");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "rotation task failed"),
+        }
+    }
+}
+
 async fn accept_loop(
     svc: Arc<CaService>,
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    mut acceptor: Acceptor,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -194,8 +269,8 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => break,
         };
+        let acceptor = acceptor.current(&svc);
         let svc = svc.clone();
-        let acceptor = acceptor.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {

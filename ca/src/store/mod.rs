@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+pub mod chain;
+
 use warden_config::SpiffeId;
 
 /// A write transaction that holds the database's write lock.
@@ -83,6 +85,8 @@ pub struct IssuedRecord {
     pub key_sha256: String,
     /// `bootstrap`, `renewal`, `offline` or `self`.
     pub kind: String,
+    /// The intermediate that signed it (its id in [`chain::AuthorityRecord`]).
+    pub issuer: String,
 }
 
 /// The last audit line the store has seen committed.
@@ -111,6 +115,7 @@ impl Store {
         // WAL + NORMAL: a commit survives a process crash; fsync happens at checkpoints.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        chain::migrate(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -132,7 +137,7 @@ impl Store {
     pub fn issued_for(&self, id: &str) -> rusqlite::Result<Vec<IssuedRecord>> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(
-            "SELECT serial, spiffe_id, not_before, not_after, key_sha256, kind
+            "SELECT serial, spiffe_id, not_before, not_after, key_sha256, kind, COALESCE(issuer, '')
              FROM issued WHERE spiffe_id = ? ORDER BY issued_at, rowid",
         )?;
         let rows = stmt.query_map([id], |r| {
@@ -143,6 +148,7 @@ impl Store {
                 not_after: r.get(3)?,
                 key_sha256: r.get(4)?,
                 kind: r.get(5)?,
+                issuer: r.get(6)?,
             })
         })?;
         rows.collect()
@@ -242,8 +248,8 @@ pub fn consume_token(tx: &WriteTx<'_>, hash: &str, now: i64) -> rusqlite::Result
 /// Records an issued certificate.
 pub fn insert_issued(tx: &WriteTx<'_>, r: &IssuedRecord, now: i64) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO issued (serial, spiffe_id, not_before, not_after, key_sha256, kind, issued_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO issued (serial, spiffe_id, not_before, not_after, key_sha256, kind, issued_at, issuer)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )?
     .execute(params![
         r.serial,
@@ -252,7 +258,8 @@ pub fn insert_issued(tx: &WriteTx<'_>, r: &IssuedRecord, now: i64) -> rusqlite::
         r.not_after,
         r.key_sha256,
         r.kind,
-        now
+        now,
+        r.issuer
     ])?;
     Ok(())
 }
@@ -298,4 +305,33 @@ pub fn denied_ids(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     let mut stmt = conn.prepare_cached("SELECT spiffe_id FROM denied ORDER BY spiffe_id")?;
     let rows = stmt.query_map([], |r| r.get(0))?;
     rows.collect()
+}
+
+/// What the store holds, counted (for `warden ca status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Certificates ever issued.
+    pub issued: i64,
+    /// Of them, still valid.
+    pub valid: i64,
+    /// Join tokens neither used nor expired.
+    pub tokens: i64,
+    /// Denied identities.
+    pub denied: i64,
+}
+
+/// Counts at `now`.
+pub fn counts(conn: &Connection, now: i64) -> rusqlite::Result<Counts> {
+    let one = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<i64> {
+        conn.prepare_cached(sql)?.query_row(p, |r| r.get(0))
+    };
+    Ok(Counts {
+        issued: one("SELECT COUNT(*) FROM issued", &[])?,
+        valid: one("SELECT COUNT(*) FROM issued WHERE not_after > ?", &[&now])?,
+        tokens: one(
+            "SELECT COUNT(*) FROM tokens WHERE used_at IS NULL AND expires_at > ?",
+            &[&now],
+        )?,
+        denied: one("SELECT COUNT(*) FROM denied", &[])?,
+    })
 }
