@@ -193,6 +193,22 @@ class Bench:
         t = os.times()
         return t.user + t.system
 
+    @staticmethod
+    def children_cpu():
+        """CPU of waited-for children: the `warden ca deny|allow` commands."""
+        t = os.times()
+        return t.children_user + t.children_system
+
+    @staticmethod
+    def machine_cpu():
+        """(busy, steal) CPU seconds of the whole machine from /proc/stat."""
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal guest guest_nice
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+        return busy / hz, v[7] / hz
+
     def http_get(self, addr, path):
         host, port = addr.rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=5) as s:
@@ -401,6 +417,8 @@ class Bench:
 
         ca0, px0, me0, w0 = (self.cpu_seconds(self.ca.pid), self.proxies_cpu(),
                              self.self_cpu(), time.monotonic())
+        app0, kids0, (busy0, steal0) = (self.cpu_seconds(self.app.pid), self.children_cpu(),
+                                        self.machine_cpu())
         for rnd in range(a.rounds):
             row = {"round": rnd}
             for phase in ("deny", "allow"):
@@ -419,6 +437,11 @@ class Bench:
         self.cpu["proxies_rounds"] = self.proxies_cpu() - px0
         self.cpu["client_rounds"] = self.self_cpu() - me0
         self.cpu["rounds_wall"] = time.monotonic() - w0
+        self.cpu["app_rounds"] = self.cpu_seconds(self.app.pid) - app0
+        self.cpu["commands_rounds"] = self.children_cpu() - kids0
+        busy, steal = self.machine_cpu()
+        self.cpu["machine_rounds"] = busy - busy0
+        self.cpu["steal_rounds"] = steal - steal0
         self.cpu["ca_total"] = self.cpu_seconds(self.ca.pid)
 
     # ---- logs ------------------------------------------------------------
@@ -547,9 +570,14 @@ class Bench:
             f"({c['rounds_wall']:.1f} s wall, {2 * a.rounds} changes: "
             f"{c['ca_rounds'] / (2 * a.rounds) * 1000:.0f} ms per change incl. idle time); "
             f"{c['ca_total']:.2f} s in all")
+        ours = (c["ca_rounds"] + c["proxies_rounds"] + c["client_rounds"] + c["app_rounds"]
+                + c["commands_rounds"])
         log(f"other CPU over the rounds: proxies {c['proxies_rounds']:.2f} s, "
-            f"this polling client {c['client_rounds']:.2f} s "
-            f"(machine: {c['rounds_wall'] * os.cpu_count():.1f} CPU-s available)")
+            f"this polling client {c['client_rounds']:.2f} s, app {c['app_rounds']:.2f} s, "
+            f"`warden ca deny|allow` commands {c['commands_rounds']:.2f} s; machine busy "
+            f"{c['machine_rounds']:.1f} of {c['rounds_wall'] * os.cpu_count():.1f} CPU-s "
+            f"(steal {c['steal_rounds']:.1f} s; processes outside this bench about "
+            f"{max(0.0, c['machine_rounds'] - c['steal_rounds'] - ours):.1f} s)")
         if self.anomalies:
             kinds = {}
             for phase, _, _, what in self.anomalies:

@@ -286,6 +286,15 @@ enum CaCommand {
     /// Audit trail tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// A consistent copy of the CA (store, audit trail up to the store's
+    /// head, keys, settings) into a new directory, taken while it runs.
+    Backup {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The new directory to write.
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Rotate the root: add a new one, let it sign, retire the old one
     /// (intermediates rotate by themselves).
     #[command(subcommand)]
@@ -790,6 +799,12 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
                 RootCommand::Retire { id, .. } => svc.retire_root(id, now)?,
             };
             println!("root {} {what}", root.id);
+            Ok(())
+        }
+        CaCommand::Backup { dir, to } => {
+            let svc = open_ca(&dir).await?;
+            let lines = svc.backup(&to)?;
+            println!("backed up into {} ({lines} audit lines)", to.display());
             Ok(())
         }
         CaCommand::Status { dir } => {

@@ -230,3 +230,36 @@ fn a_directory_without_a_store_does_not_verify() {
         "verify must not create a store"
     );
 }
+
+#[test]
+fn a_backup_taken_while_the_ca_runs_verifies_and_serves_again() {
+    let ca = ca_with_history();
+    run_ok(&["ca", "root", "add", "--dir", ca.dir()]);
+    let _running = ca.serve();
+    let out = ca.tmp.path().join("backup");
+    let printed = run_ok(&["ca", "backup", "--dir", ca.dir(), "--to", s(&out)]);
+    assert!(printed.contains("audit lines"), "{printed}");
+    // The CA goes on writing; the copy is the snapshot.
+    ca.token(&ca.id("/later"));
+    assert!(run_ok(&["ca", "audit", "verify", "--dir", s(&out)]).contains("ok"));
+    use std::os::unix::fs::PermissionsExt;
+    for secret in ["intermediate-key.pem", "state.db", "audit.jsonl"] {
+        let mode = std::fs::metadata(out.join(secret))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{secret} is private");
+    }
+    assert_eq!(std::fs::read_dir(out.join("keys")).unwrap().count(), 1);
+    // Restored: the copy serves, with the added root still in its bundle.
+    let restored = Server::start(&out);
+    assert_eq!(restored.admin_get("/ready").0, 200);
+    let status = run_ok(&["ca", "status", "--dir", s(&out)]);
+    assert!(status.contains("published"), "{status}");
+    // A backup never overwrites.
+    assert!(
+        !run(&["ca", "backup", "--dir", ca.dir(), "--to", s(&out)])
+            .status
+            .success()
+    );
+}

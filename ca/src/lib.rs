@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod authority;
+pub mod backup;
 pub mod bundle;
 pub mod csr;
 pub mod kubernetes;
