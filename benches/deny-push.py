@@ -199,6 +199,11 @@ class Bench:
         t = os.times()
         return t.children_user + t.children_system
 
+    def ours_cpu(self):
+        """CPU seconds of everything this bench runs."""
+        return (self.cpu_seconds(self.ca.pid) + self.proxies_cpu() + self.self_cpu()
+                + self.cpu_seconds(self.app.pid) + self.children_cpu())
+
     @staticmethod
     def machine_cpu():
         """(busy, steal) CPU seconds of the whole machine from /proc/stat."""
@@ -421,18 +426,24 @@ class Bench:
                                         self.machine_cpu())
         for rnd in range(a.rounds):
             row = {"round": rnd}
+            r_ours0 = self.ours_cpu()
+            r_busy0 = self.machine_cpu()
             for phase in ("deny", "allow"):
                 n0 = len(self.samples[phase])
                 wall0, cmd_s = self.phase(phase, rnd)
                 got = sorted(s for _, _, s in self.samples[phase][n0:])
                 row[phase] = {"t0": wall0, "cmd": cmd_s, "got": got}
                 time.sleep(a.pause)
+            r_busy1 = self.machine_cpu()
+            row["outside"] = max(0.0, (r_busy1[0] - r_busy0[0]) - (r_busy1[1] - r_busy0[1])
+                                 - (self.ours_cpu() - r_ours0))
             self.rounds.append(row)
             d, al = row["deny"], row["allow"]
             log(f"round {rnd + 1:2}: deny  p50 {pct(d['got'], 50):.3f} max {max(d['got'], default=math.nan):.3f} s"
                 f" (ca deny cmd {d['cmd']:.3f} s, {len(d['got'])}/{len(self.proxies)} refused);"
                 f" allow p50 {pct(al['got'], 50):.3f} max {max(al['got'], default=math.nan):.3f} s"
-                f" (cmd {al['cmd']:.3f} s, {len(al['got'])}/{len(self.proxies)} accepted)")
+                f" (cmd {al['cmd']:.3f} s, {len(al['got'])}/{len(self.proxies)} accepted);"
+                f" other processes {row['outside']:.1f} CPU-s")
         self.cpu["ca_rounds"] = self.cpu_seconds(self.ca.pid) - ca0
         self.cpu["proxies_rounds"] = self.proxies_cpu() - px0
         self.cpu["client_rounds"] = self.self_cpu() - me0

@@ -166,6 +166,17 @@ impl DirArg {
     }
 }
 
+/// What `warden ca list` lists.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ListWhat {
+    /// Issued certificates: serial, SPIFFE ID, kind, NotAfter, issuer.
+    Certs,
+    /// Join tokens: SHA-256 prefix, SPIFFE ID, expiry, use time.
+    Tokens,
+    /// Denied identities: SPIFFE ID, since.
+    Denied,
+}
+
 #[derive(Subcommand)]
 enum RootCommand {
     /// Put a new root in the trust bundle (pushed to every proxy); it signs
@@ -286,6 +297,17 @@ enum CaCommand {
     /// Audit trail tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// What the store holds, one tab-separated line each (times in unix seconds).
+    List {
+        #[command(flatten)]
+        dir: DirArg,
+        /// certs (still valid), tokens (unused, unexpired) or denied.
+        #[arg(value_enum)]
+        what: ListWhat,
+        /// Every certificate or token, expired and used ones too.
+        #[arg(long)]
+        all: bool,
+    },
     /// A consistent copy of the CA (store, audit trail up to the store's
     /// head, keys, settings) into a new directory, taken while it runs.
     Backup {
@@ -799,6 +821,28 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
                 RootCommand::Retire { id, .. } => svc.retire_root(id, now)?,
             };
             println!("root {} {what}", root.id);
+            Ok(())
+        }
+        CaCommand::List { dir, what, all } => {
+            let svc = open_ca(&dir).await?;
+            let conn = svc.store.lock();
+            let t = now.unix_timestamp();
+            let (header, rows) = match what {
+                ListWhat::Certs => (
+                    "serial\tspiffe_id\tkind\tnot_after\tissuer",
+                    warden_ca::store::list_certs(&conn, t, all),
+                ),
+                ListWhat::Tokens => (
+                    "token_sha256\tspiffe_id\texpires_at\tused_at",
+                    warden_ca::store::list_tokens(&conn, t, all),
+                ),
+                ListWhat::Denied => ("spiffe_id\tsince", warden_ca::store::list_denied(&conn)),
+            };
+            let rows = rows.map_err(warden_ca::CaError::from)?;
+            println!("{header}");
+            for r in rows {
+                println!("{}", r.join("\t"));
+            }
             Ok(())
         }
         CaCommand::Backup { dir, to } => {

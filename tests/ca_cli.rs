@@ -323,3 +323,52 @@ fn join_tokens_live_at_most_seven_days() {
     );
     assert_ne!(out.status.code(), Some(101));
 }
+
+#[test]
+fn status_and_list_show_the_chain_and_what_the_store_holds() {
+    let ca = Ca::init("example.org");
+    let web = ca.id("/web");
+    let out = ca.issue(&web, None);
+    ca.token(&ca.id("/api"));
+    run_ok(&[
+        "ca",
+        "deny",
+        "--dir",
+        ca.dir(),
+        "--spiffe-id",
+        &ca.id("/bad"),
+    ]);
+    let status = run_ok(&["ca", "status", "--dir", ca.dir()]);
+    for want in [
+        "trust domain    example.org",
+        "root         active",
+        "intermediate active",
+        "certificates    1 issued, 1 still valid",
+        "join tokens     1 unused",
+        "denied          1",
+    ] {
+        assert!(status.contains(want), "{want:?} not in\n{status}");
+    }
+    let serial = {
+        let pem = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+        let der = certs(&pem).remove(0);
+        let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+        hex::encode(c.raw_serial())
+    };
+    let certs_list = run_ok(&["ca", "list", "certs", "--dir", ca.dir()]);
+    assert!(certs_list.starts_with("serial\tspiffe_id\tkind\tnot_after\tissuer\n"));
+    assert!(
+        certs_list.contains(&format!("{serial}\t{web}\toffline\t")),
+        "{certs_list}"
+    );
+    let tokens = run_ok(&["ca", "list", "tokens", "--dir", ca.dir()]);
+    assert_eq!(tokens.lines().count(), 2, "{tokens}");
+    assert!(tokens.contains(&ca.id("/api")), "{tokens}");
+    let denied = run_ok(&["ca", "list", "denied", "--dir", ca.dir()]);
+    assert!(denied.contains(&ca.id("/bad")), "{denied}");
+    assert!(
+        !run(&["ca", "list", "nothing", "--dir", ca.dir()])
+            .status
+            .success()
+    );
+}

@@ -259,6 +259,15 @@ fn a_proxy_keeps_serving_with_the_ca_down_and_catches_up_when_it_is_back() {
     assert!(wait_for(Duration::from_secs(10), || proxy
         .metric("warden_proxy_trust_last_sync_timestamp_seconds")
         > 0.0));
+    // Every level of its own chain has its expiry exported, leaf first to go.
+    let level = |l: &str| {
+        proxy.metric(&format!(
+            "warden_proxy_chain_expiry_timestamp_seconds{{level=\"{l}\"}}"
+        ))
+    };
+    assert!(level("leaf") > 0.0);
+    assert!(level("leaf") <= level("intermediate"));
+    assert!(level("intermediate") <= level("root"));
 
     // The CA goes away; the proxy keeps serving and says the feed is stale.
     assert!(server.terminate().success());

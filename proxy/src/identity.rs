@@ -40,6 +40,9 @@ pub struct Identity {
     pub not_after: OffsetDateTime,
     /// Leaf NotBefore.
     pub not_before: OffsetDateTime,
+    /// NotAfter of the intermediate in our chain, and of the first root of
+    /// the bundle to expire (for the chain expiry metric).
+    pub chain_not_after: (Option<OffsetDateTime>, Option<OffsetDateTime>),
     /// The CA this identity came from, with the credentials to call it
     /// (None for an identity read from files).
     pub ca: Option<CaLink>,
@@ -78,7 +81,15 @@ impl Identity {
         let key =
             tls::certified_key(chain_pem, key_pem, &tls::provider()).map_err(IdentityError::Key)?;
         let v = validity_of(&chain[0]).map_err(IdentityError::Certificate)?;
+        let chain_not_after = (
+            chain
+                .get(1)
+                .and_then(|c| validity_of(c).ok())
+                .map(|v| v.not_after),
+            first_to_expire(&bundle),
+        );
         Ok(Self {
+            chain_not_after,
             trust_domain: id.trust_domain(),
             id,
             key: Arc::new(key),
@@ -103,6 +114,7 @@ impl Identity {
             l
         });
         Ok(Self {
+            chain_not_after: (self.chain_not_after.0, first_to_expire(roots)),
             id: self.id.clone(),
             trust_domain: self.trust_domain.clone(),
             key: self.key.clone(),
@@ -113,6 +125,14 @@ impl Identity {
             denied: self.denied.clone(),
         })
     }
+}
+
+fn first_to_expire(roots: &[CertificateDer<'static>]) -> Option<OffsetDateTime> {
+    roots
+        .iter()
+        .filter_map(|r| validity_of(r).ok())
+        .map(|v| v.not_after)
+        .min()
 }
 
 /// Our own chain must verify against our bundle (for the client or the
@@ -314,6 +334,19 @@ fn publish(tx: &watch::Sender<Option<Arc<Identity>>>, metrics: &ProxyMetrics, id
     metrics
         .cert_expiry
         .set(id.not_after.unix_timestamp() as f64);
+    let levels = [
+        ("leaf", Some(id.not_after)),
+        ("intermediate", id.chain_not_after.0),
+        ("root", id.chain_not_after.1),
+    ];
+    for (level, t) in levels {
+        if let Some(t) = t {
+            metrics
+                .chain_expiry
+                .with_label_values(&[level])
+                .set(t.unix_timestamp() as f64);
+        }
+    }
     tracing::info!(id = %id.id, not_after = %id.not_after, "identity installed");
     let _ = tx.send(Some(Arc::new(id)));
 }

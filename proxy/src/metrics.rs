@@ -5,7 +5,7 @@
 //! ([`RequestMetrics`], [`ConnMetrics`], and the stages' own).
 
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
 
@@ -51,6 +51,9 @@ pub struct ProxyMetrics {
     pub latency: HistogramVec,
     /// NotAfter of the current certificate, unix seconds (0: none).
     pub cert_expiry: Gauge,
+    /// NotAfter of each level of the proxy's own chain (`leaf`,
+    /// `intermediate`, `root`: the first root of its bundle to expire).
+    pub chain_expiry: GaugeVec,
     /// Certificate renewals and reloads, by result.
     pub renewals: IntCounterVec,
     /// Config reloads, by result.
@@ -153,6 +156,14 @@ impl ProxyMetrics {
             "NotAfter of the current certificate, unix seconds (0: none).",
         )?;
         registry.register(Box::new(cert_expiry.clone()))?;
+        let chain_expiry = GaugeVec::new(
+            Opts::new(
+                "warden_proxy_chain_expiry_timestamp_seconds",
+                "NotAfter of each level of the proxy's own chain (leaf, intermediate, root: the first root of its bundle to expire), unix seconds.",
+            ),
+            &["level"],
+        )?;
+        registry.register(Box::new(chain_expiry.clone()))?;
         let access_log_dropped = IntCounter::new(
             "warden_proxy_access_log_dropped_total",
             "Access-log lines dropped by the log's rate limit.",
@@ -205,6 +216,7 @@ impl ProxyMetrics {
             authz,
             latency,
             cert_expiry,
+            chain_expiry,
             renewals,
             config_reloads,
             trust,

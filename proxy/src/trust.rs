@@ -161,6 +161,12 @@ fn apply(
                     tracing::error!(error = %e, "cannot trust the pushed bundle for calls to the CA");
                 }
                 tracing::info!(sequence = u.sequence, roots = u.roots.len(), "trust bundle changed");
+                if let Some(t) = next.chain_not_after.1 {
+                    metrics
+                        .chain_expiry
+                        .with_label_values(&["root"])
+                        .set(t.unix_timestamp() as f64);
+                }
                 *current = Some(Arc::new(next));
                 true
             }

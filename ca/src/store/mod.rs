@@ -335,3 +335,57 @@ pub fn counts(conn: &Connection, now: i64) -> rusqlite::Result<Counts> {
         denied: one("SELECT COUNT(*) FROM denied", &[])?,
     })
 }
+
+/// One line of `warden ca list`: its columns, as text.
+pub type Row = Vec<String>;
+
+/// `warden ca list certs`: certificates still valid at `now` (every one
+/// with `all`), newest first: serial, SPIFFE ID, kind, NotAfter, issuer.
+pub fn list_certs(conn: &Connection, now: i64, all: bool) -> rusqlite::Result<Vec<Row>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT serial, spiffe_id, kind, not_after, COALESCE(issuer, '') FROM issued
+         WHERE ?2 OR not_after > ?1 ORDER BY issued_at DESC, rowid DESC",
+    )?;
+    let rows = stmt.query_map(params![now, all], |r| {
+        Ok(vec![
+            r.get::<_, String>(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get::<_, i64>(3)?.to_string(),
+            r.get::<_, String>(4)?.chars().take(16).collect(),
+        ])
+    })?;
+    rows.collect()
+}
+
+/// `warden ca list tokens`: join tokens neither used nor expired (every one
+/// with `all`): the first 16 hex characters of the token's SHA-256, the
+/// SPIFFE ID, expiry, use time.
+pub fn list_tokens(conn: &Connection, now: i64, all: bool) -> rusqlite::Result<Vec<Row>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT hash, spiffe_id, expires_at, used_at FROM tokens
+         WHERE ?2 OR (used_at IS NULL AND expires_at > ?1) ORDER BY created_at DESC, rowid DESC",
+    )?;
+    let rows = stmt.query_map(params![now, all], |r| {
+        Ok(vec![
+            r.get::<_, String>(0)?.chars().take(16).collect(),
+            r.get(1)?,
+            r.get::<_, i64>(2)?.to_string(),
+            r.get::<_, Option<i64>>(3)?
+                .map_or_else(|| "-".to_owned(), |t| t.to_string()),
+        ])
+    })?;
+    rows.collect()
+}
+
+/// `warden ca list denied`: denied identities and since when.
+pub fn list_denied(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
+    let mut stmt = conn.prepare_cached("SELECT spiffe_id, since FROM denied ORDER BY spiffe_id")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(vec![
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?.to_string(),
+        ])
+    })?;
+    rows.collect()
+}
