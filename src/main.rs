@@ -825,18 +825,21 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
         }
         CaCommand::List { dir, what, all } => {
             let svc = open_ca(&dir).await?;
-            let conn = svc.store.lock();
+            let mut conn = svc.store.lock();
             let t = now.unix_timestamp();
             let (header, rows) = match what {
                 ListWhat::Certs => (
                     "serial\tspiffe_id\tkind\tnot_after\tissuer",
-                    warden_ca::store::list_certs(&conn, t, all),
+                    warden_ca::store::list_certs(&mut *conn, t, all),
                 ),
                 ListWhat::Tokens => (
                     "token_sha256\tspiffe_id\texpires_at\tused_at",
-                    warden_ca::store::list_tokens(&conn, t, all),
+                    warden_ca::store::list_tokens(&mut *conn, t, all),
                 ),
-                ListWhat::Denied => ("spiffe_id\tsince", warden_ca::store::list_denied(&conn)),
+                ListWhat::Denied => (
+                    "spiffe_id\tsince",
+                    warden_ca::store::list_denied(&mut *conn),
+                ),
             };
             let rows = rows.map_err(warden_ca::CaError::from)?;
             println!("{header}");
@@ -859,10 +862,15 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
         CaCommand::Deny { dir, spiffe_id } => set_denied(&dir, &spiffe_id, true, now).await,
         CaCommand::Allow { dir, spiffe_id } => set_denied(&dir, &spiffe_id, false, now).await,
         CaCommand::Audit(AuditCommand::Verify { dir }) => {
-            let lines = warden_ca::audit::verify_dir(dir.state()).map_err(|e| Failure {
-                code: 1,
-                message: format!("audit trail: {e}"),
-            })?;
+            let config = CaConfig::load(&dir.dir.join("ca.yaml")).ok();
+            let postgres = config.as_ref().and_then(warden_ca::service::store_url);
+            let lines =
+                warden_ca::audit::verify_dir(dir.state(), postgres.as_deref()).map_err(|e| {
+                    Failure {
+                        code: 1,
+                        message: format!("audit trail: {e}"),
+                    }
+                })?;
             println!("audit trail ok: {lines} lines");
             Ok(())
         }

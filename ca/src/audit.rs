@@ -57,14 +57,54 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Appends `event` to the trail at `path` within `tx`; the caller commits.
+/// Appends `event` to the trail within `tx` (the caller commits): to the
+/// file at `path` (SQLite), or as a row of the database (PostgreSQL, where
+/// replicas share no file).
 pub fn append(
-    tx: &WriteTx<'_>,
+    tx: &mut WriteTx<'_>,
     path: &Path,
     event: Event,
     now: OffsetDateTime,
 ) -> Result<(), CaError> {
     let head = store::read_audit_head(tx)?;
+    let (line, hash) = render(&head, event, now);
+    let len = if tx.is_postgres() {
+        store::insert_audit_line(tx, head.seq + 1, &line)?;
+        0
+    } else {
+        append_to_file(path, &head, &line)?;
+        head.len + line.len() as i64 + 1
+    };
+    let new_head = AuditHead {
+        seq: head.seq + 1,
+        hash,
+        len,
+    };
+    store::set_audit_head(tx, &new_head)?;
+    Ok(())
+}
+
+/// The line after `head` for `event` (without its newline), and its hash.
+fn render(head: &AuditHead, event: Event, now: OffsetDateTime) -> (String, String) {
+    let mut obj = Map::new();
+    obj.insert("seq".into(), (head.seq + 1).into());
+    let time = now.format(&Rfc3339).unwrap_or_default();
+    obj.insert("time".into(), time.into());
+    obj.insert("event".into(), event.kind.into());
+    for (k, v) in event.fields {
+        obj.entry(k).or_insert(v);
+    }
+    obj.insert("prev".into(), head.hash.clone().into());
+    let body = Value::Object(obj).to_string();
+    let hash = sha256_hex(body.as_bytes());
+    let line = format!(
+        "{}{HASH_PREFIX}{hash}{HASH_SUFFIX}",
+        &body[..body.len() - 1]
+    );
+    (line, hash)
+}
+
+fn append_to_file(path: &Path, head: &AuditHead, line: &str) -> Result<(), CaError> {
     let audit_err = |e: std::io::Error| CaError::Audit(format!("{}: {e}", path.display()));
     let mut file = OpenOptions::new()
         .append(true)
@@ -84,33 +124,10 @@ pub fn append(
         tracing::warn!(path = %path.display(), len, committed, "dropping an uncommitted audit tail");
         file.set_len(committed).map_err(audit_err)?;
     }
-
-    let mut obj = Map::new();
-    obj.insert("seq".into(), (head.seq + 1).into());
-    let time = now.format(&Rfc3339).unwrap_or_default();
-    obj.insert("time".into(), time.into());
-    obj.insert("event".into(), event.kind.into());
-    for (k, v) in event.fields {
-        obj.entry(k).or_insert(v);
-    }
-    obj.insert("prev".into(), head.hash.into());
-    let body = Value::Object(obj).to_string();
-    let hash = sha256_hex(body.as_bytes());
-    let line = format!(
-        "{}{HASH_PREFIX}{hash}{HASH_SUFFIX}\n",
-        &body[..body.len() - 1]
-    );
-    file.write_all(line.as_bytes()).map_err(audit_err)?;
+    file.write_all(format!("{line}\n").as_bytes())
+        .map_err(audit_err)?;
     // On disk before the store commits: a crash must not keep an event whose line is lost.
-    file.sync_data().map_err(audit_err)?;
-
-    let new_head = AuditHead {
-        seq: head.seq + 1,
-        hash,
-        len: head.len + line.len() as i64,
-    };
-    store::set_audit_head(tx, &new_head)?;
-    Ok(())
+    file.sync_data().map_err(audit_err)
 }
 
 /// The first problem found in an audit trail.
@@ -197,9 +214,22 @@ fn check_line(line: &str, seq: usize, prev: &str) -> Result<String, String> {
     Ok(hash.to_owned())
 }
 
-/// Verifies the trail of the CA in `dir`, returning the number of lines.
-pub fn verify_dir(dir: &Path) -> Result<usize, VerifyError> {
+/// Verifies the trail of the CA in `dir` (its store there, or the
+/// PostgreSQL store at `postgres`), returning the number of lines.
+pub fn verify_dir(dir: &Path, postgres: Option<&str>) -> Result<usize, VerifyError> {
     use crate::authority::files;
+    let read = |e: store::StoreError| VerifyError::Read(e.to_string());
+    if let Some(url) = postgres {
+        let store = Store::open_postgres(url).map_err(read)?;
+        let mut text = store::audit_lines(&mut *store.lock())
+            .map_err(read)?
+            .join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        let head = store.audit_head().map_err(read)?;
+        return Ok(verify_text(&text, &head)?);
+    }
     let path = dir.join(files::AUDIT);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -214,10 +244,8 @@ pub fn verify_dir(dir: &Path) -> Result<usize, VerifyError> {
             state.display()
         )));
     }
-    let store = Store::open(&state).map_err(|e| VerifyError::Read(e.to_string()))?;
-    let head = store
-        .audit_head()
-        .map_err(|e| VerifyError::Read(e.to_string()))?;
+    let store = Store::open(&state).map_err(read)?;
+    let head = store.audit_head().map_err(read)?;
     Ok(verify_text(&text, &head)?)
 }
 

@@ -87,7 +87,7 @@ pub enum CaError {
     Rcgen(#[from] rcgen::Error),
     /// The store failed.
     #[error("store: {0}")]
-    Store(#[from] rusqlite::Error),
+    Store(#[from] crate::store::StoreError),
     /// The intermediate has expired (or would leave no valid window): nothing can be signed.
     #[error("the intermediate CA certificate expired at {not_after}; create or rotate the CA")]
     IssuerExpired {
@@ -108,6 +108,12 @@ pub enum CaError {
         "the key of CA certificate {0} is not held here (not in keys/, root-key.pem or intermediate-key.pem)"
     )]
     KeyNotHeld(String),
+}
+
+impl From<rusqlite::Error> for CaError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Store(e.into())
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {

@@ -61,12 +61,17 @@ impl CaService {
             .map_err(io(&db))?;
         {
             let conn = self.store.lock();
+            let store::Db::Sqlite(conn) = &*conn else {
+                return Err(CaError::Setup(
+                    "backup copies the embedded store; back a PostgreSQL store up with pg_dump (README: Operations)".into(),
+                ));
+            };
             let mut dst = rusqlite::Connection::open(&db)?;
-            let backup = rusqlite::backup::Backup::new(&conn, &mut dst)?;
+            let backup = rusqlite::backup::Backup::new(conn, &mut dst)?;
             // One step copies the whole database under one read lock: a snapshot.
             backup.run_to_completion(i32::MAX, std::time::Duration::ZERO, None)?;
         }
-        let head = store::read_audit_head(&rusqlite::Connection::open(&db)?)?;
+        let head = store::read_audit_head(&mut rusqlite::Connection::open(&db)?)?;
         let state = &self.authority.state_dir;
         if head.len > 0 {
             copy(

@@ -80,7 +80,7 @@ impl CaService {
     /// files (its roots, the intermediate that signs); then loads whatever
     /// the store records.
     pub(crate) fn adopt_chain(&self, now: OffsetDateTime) -> Result<(), CaError> {
-        if chain::authorities(&self.store.lock())?.is_empty() {
+        if chain::authorities(&mut *self.store.lock())?.is_empty() {
             let files = self.authority.chain();
             let t = unix(now);
             let int = &files.intermediate;
@@ -139,7 +139,7 @@ impl CaService {
 
     /// Loads the chain the store records, and exports every level's expiry.
     pub(crate) fn reload_chain(&self) -> Result<(), CaError> {
-        let records = chain::authorities(&self.store.lock())?;
+        let records = chain::authorities(&mut *self.store.lock())?;
         self.authority.reload(records)?;
         let chain = self.authority.chain();
         let m = &self.metrics;
@@ -170,15 +170,15 @@ impl CaService {
     fn change(
         &self,
         now: OffsetDateTime,
-        f: impl FnOnce(&WriteTx<'_>) -> rusqlite::Result<Option<Event>>,
+        f: impl FnOnce(&mut WriteTx<'_>) -> crate::store::sql::Result<Option<Event>>,
     ) -> Result<bool, CaError> {
         let mut conn = self.store.lock();
-        let tx = store::begin_write(&mut conn)?;
-        let Some(event) = f(&tx)? else {
+        let mut tx = store::begin_write(&mut conn)?;
+        let Some(event) = f(&mut tx)? else {
             return Ok(false);
         };
-        store::bump_trust_sequence(&tx)?;
-        crate::audit::append(&tx, self.audit_path(), event, now)?;
+        store::bump_trust_sequence(&mut tx)?;
+        crate::audit::append(&mut tx, self.audit_path(), event, now)?;
         tx.commit()?;
         Ok(true)
     }
@@ -292,7 +292,7 @@ impl CaService {
             .iter()
             .filter(|a| a.kind == Kind::Intermediate && a.state == State::Previous)
         {
-            let last = chain::last_leaf_expiry(&self.store.lock(), &q.id)?;
+            let last = chain::last_leaf_expiry(&mut *self.store.lock(), &q.id)?;
             let until = last
                 .unwrap_or(q.changed_at)
                 .max(q.changed_at)
@@ -326,7 +326,7 @@ impl CaService {
                     .into(),
             ));
         }
-        let records = chain::authorities(&self.store.lock()).map_err(CaError::from)?;
+        let records = chain::authorities(&mut *self.store.lock()).map_err(CaError::from)?;
         let found: Vec<_> = records
             .into_iter()
             .filter(|a| a.id.starts_with(&prefix))
@@ -512,13 +512,13 @@ impl CaService {
     }
 
     fn last_leaf_under(&self, root: &str) -> Result<Option<i64>, CaError> {
-        let conn = self.store.lock();
+        let mut conn = self.store.lock();
         let mut last = None;
-        for a in chain::authorities(&conn)?
+        for a in chain::authorities(&mut *conn)?
             .iter()
             .filter(|a| a.parent.as_deref() == Some(root))
         {
-            last = last.max(chain::last_leaf_expiry(&conn, &a.id)?);
+            last = last.max(chain::last_leaf_expiry(&mut *conn, &a.id)?);
         }
         Ok(last)
     }
@@ -530,10 +530,10 @@ impl CaService {
     pub fn status(&self, now: OffsetDateTime) -> Result<String, CaError> {
         use std::fmt::Write as _;
         let t = unix(now);
-        let conn = self.store.lock();
-        let records = chain::authorities(&conn)?;
-        let counts = store::counts(&conn, t)?;
-        let sequence = store::trust_sequence(&conn)?;
+        let mut conn = self.store.lock();
+        let records = chain::authorities(&mut *conn)?;
+        let counts = store::counts(&mut *conn, t)?;
+        let sequence = store::trust_sequence(&mut *conn)?;
         drop(conn);
         let when = |u: i64| {
             OffsetDateTime::from_unix_timestamp(u)

@@ -193,6 +193,15 @@ pub struct CaService {
     audit_path: PathBuf,
 }
 
+/// The PostgreSQL store to use: `WARDEN_CA_STORE` (so a password can come
+/// from a Secret), else `store:` in `ca.yaml`; `None`: the embedded one.
+pub fn store_url(config: &warden_config::CaConfig) -> Option<String> {
+    std::env::var("WARDEN_CA_STORE")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| config.store.clone())
+}
+
 fn unix(t: OffsetDateTime) -> i64 {
     t.unix_timestamp()
 }
@@ -205,7 +214,10 @@ fn key_fingerprint(key: &impl PublicKeyData) -> String {
 impl CaService {
     /// Opens the CA of `authority` with its store (in `authority.state_dir`).
     pub fn open(authority: Authority) -> Result<Self, CaError> {
-        let store = Store::open(&authority.state_dir.join(files::STATE))?;
+        let store = match store_url(&authority.config) {
+            Some(url) => Store::open_postgres(&url)?,
+            None => Store::open(&authority.state_dir.join(files::STATE))?,
+        };
         let metrics = CaMetrics::new().map_err(|e| CaError::Setup(format!("metrics: {e}")))?;
         let audit_path = authority.state_dir.join(files::AUDIT);
         let kubernetes = authority
@@ -238,13 +250,13 @@ impl CaService {
     fn write<T>(
         &self,
         now: OffsetDateTime,
-        f: impl FnOnce(&WriteTx<'_>) -> Result<T, Refusal>,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<T, Refusal>,
         event: impl FnOnce(&T) -> Event,
     ) -> Result<T, Refusal> {
         let mut conn = self.store.lock();
-        let tx = store::begin_write(&mut conn).map_err(CaError::from)?;
-        let value = f(&tx)?;
-        audit::append(&tx, &self.audit_path, event(&value), now)?;
+        let mut tx = store::begin_write(&mut conn).map_err(CaError::from)?;
+        let value = f(&mut tx)?;
+        audit::append(&mut tx, &self.audit_path, event(&value), now)?;
         tx.commit().map_err(CaError::from)?;
         Ok(value)
     }
@@ -388,7 +400,7 @@ impl CaService {
         };
         let id = match (&token_hash, caller) {
             (Some(hash), _) => {
-                let rec = store::token(&self.store.lock(), hash).map_err(CaError::from)?;
+                let rec = store::token(&mut *self.store.lock(), hash).map_err(CaError::from)?;
                 let rec = rec.ok_or(Refusal::TokenUnknown)?;
                 let id = SpiffeId::parse(&rec.spiffe_id)
                     .map_err(|e| CaError::Corrupt(format!("a stored token has a bad id: {e}")))?;
@@ -416,7 +428,7 @@ impl CaService {
                 // A pod proves itself again at every renewal (its pod may be
                 // gone): its certificate alone renews nothing.
                 let kind =
-                    store::issued_kind(&self.store.lock(), &serial).map_err(CaError::from)?;
+                    store::issued_kind(&mut *self.store.lock(), &serial).map_err(CaError::from)?;
                 if kind.as_deref() == Some("kubernetes") {
                     return Err(crate::kubernetes::Refused::RenewWithToken.into());
                 }

@@ -77,12 +77,12 @@ impl CaService {
     /// whether it did.
     pub fn refresh_trust(&self) -> Result<bool, CaError> {
         let (sequence, denied) = {
-            let conn = self.store.lock();
-            let sequence = store::trust_sequence(&conn)?;
+            let mut conn = self.store.lock();
+            let sequence = store::trust_sequence(&mut *conn)?;
             if sequence == self.trust.current().sequence {
                 return Ok(false);
             }
-            (sequence, store::denied_ids(&conn)?)
+            (sequence, store::denied_ids(&mut *conn)?)
         };
         // A rotation step moved it, perhaps: sign with, and hand out, what
         // the store now records.

@@ -50,6 +50,9 @@ pub struct CaConfig {
     /// Shortest time a new root or intermediate is known to proxies (in the
     /// trust feed) before it signs anything.
     pub rotation_overlap: Duration,
+    /// A shared PostgreSQL store (`postgres://...`) for replicas; `None`:
+    /// the embedded SQLite store in the state directory.
+    pub store: Option<String>,
 }
 
 /// Default [`CaConfig::rotation_overlap`].
@@ -67,6 +70,7 @@ struct RawCaConfig {
     kubernetes: Option<RawKubernetes>,
     intermediate_ttl: Option<Spanned<HumanDuration>>,
     rotation_overlap: Option<Spanned<HumanDuration>>,
+    store: Option<Spanned<String>>,
 }
 
 impl CaConfig {
@@ -154,6 +158,14 @@ impl CaConfig {
                 ),
             );
         }
+        if let Some(url) = &raw.store
+            && !(url.value.starts_with("postgres://") || url.value.starts_with("postgresql://"))
+        {
+            errors.at(
+                url,
+                "store must be a postgres:// URL (leave it out for the embedded SQLite store)",
+            );
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let kubernetes = raw
             .kubernetes
@@ -162,6 +174,7 @@ impl CaConfig {
             kubernetes,
             intermediate_ttl,
             rotation_overlap,
+            store: raw.store.map(|s| s.value),
             trust_domain: raw.trust_domain,
             default_ttl,
             max_ttl,

@@ -7,6 +7,7 @@
 pub mod h2;
 pub mod kube;
 pub mod model;
+pub mod postgres;
 #[macro_use]
 pub mod redis;
 

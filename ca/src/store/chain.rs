@@ -8,9 +8,10 @@
 //! intermediate is `published` (prepared, not signing yet), `active`,
 //! `previous` (signs nothing, its leaves still live) or `retired`.
 
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 
 use super::WriteTx;
+use super::sql::{Result, Sql, StoreError};
 
 /// Root or intermediate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +90,8 @@ pub struct AuthorityRecord {
     pub changed_at: i64,
 }
 
-/// The table, and the column that ties each issued leaf to its intermediate.
+/// The table, and the column that ties each issued leaf to its intermediate
+/// (SQLite; the PostgreSQL schema has both from the start).
 pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS authorities (
@@ -113,96 +115,105 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+fn bad(what: &str, v: &str) -> StoreError {
+    StoreError::Row(format!("authorities: bad {what} {v:?}"))
+}
+
 /// Every root and intermediate, oldest first.
-pub fn authorities(conn: &Connection) -> rusqlite::Result<Vec<AuthorityRecord>> {
-    let mut stmt = conn.prepare_cached(
+pub fn authorities(db: &mut dyn Sql) -> Result<Vec<AuthorityRecord>> {
+    let rows = db.rows(
         "SELECT id, kind, parent, cert_pem, not_before, not_after, state, created_at, changed_at
-         FROM authorities ORDER BY created_at, rowid",
+         FROM authorities ORDER BY created_at, id",
+        &[],
     )?;
-    let rows = stmt.query_map([], |r| {
-        let kind: String = r.get(1)?;
-        let state: String = r.get(6)?;
-        let bad = |what: &str, v: &str| {
-            rusqlite::Error::FromSqlConversionFailure(
-                0,
-                rusqlite::types::Type::Text,
-                format!("authorities: bad {what} {v:?}").into(),
-            )
-        };
-        Ok(AuthorityRecord {
-            id: r.get(0)?,
-            kind: match kind.as_str() {
-                "root" => Kind::Root,
-                "intermediate" => Kind::Intermediate,
-                other => return Err(bad("kind", other)),
-            },
-            parent: r.get(2)?,
-            cert_pem: r.get(3)?,
-            not_before: r.get(4)?,
-            not_after: r.get(5)?,
-            state: State::parse(&state).ok_or_else(|| bad("state", &state))?,
-            created_at: r.get(7)?,
-            changed_at: r.get(8)?,
+    rows.iter()
+        .map(|r| {
+            let kind = r.text(1)?;
+            let state = r.text(6)?;
+            Ok(AuthorityRecord {
+                id: r.text(0)?,
+                kind: match kind.as_str() {
+                    "root" => Kind::Root,
+                    "intermediate" => Kind::Intermediate,
+                    other => return Err(bad("kind", other)),
+                },
+                parent: r.opt_text(2)?,
+                cert_pem: r.text(3)?,
+                not_before: r.int(4)?,
+                not_after: r.int(5)?,
+                state: State::parse(&state).ok_or_else(|| bad("state", &state))?,
+                created_at: r.int(7)?,
+                changed_at: r.int(8)?,
+            })
         })
-    })?;
-    rows.collect()
+        .collect()
 }
 
 /// Records a new root or intermediate.
-pub fn insert_authority(tx: &WriteTx<'_>, a: &AuthorityRecord) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+pub fn insert_authority(tx: &mut WriteTx<'_>, a: &AuthorityRecord) -> Result<()> {
+    tx.exec(
         "INSERT INTO authorities (id, kind, parent, cert_pem, not_before, not_after, state, created_at, changed_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )?
-    .execute(params![
-        a.id,
-        a.kind.as_str(),
-        a.parent,
-        a.cert_pem,
-        a.not_before,
-        a.not_after,
-        a.state.as_str(),
-        a.created_at,
-        a.changed_at
-    ])?;
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        &[
+            (&a.id).into(),
+            a.kind.as_str().into(),
+            a.parent.as_deref().into(),
+            (&a.cert_pem).into(),
+            a.not_before.into(),
+            a.not_after.into(),
+            a.state.as_str().into(),
+            a.created_at.into(),
+            a.changed_at.into(),
+        ],
+    )?;
     Ok(())
 }
 
 /// Moves `id` from state `from` to `to`; false when it was not in `from`
 /// (another process moved it first).
 pub fn move_authority(
-    tx: &WriteTx<'_>,
+    tx: &mut WriteTx<'_>,
     id: &str,
     from: State,
     to: State,
     now: i64,
-) -> rusqlite::Result<bool> {
-    let n = tx
-        .prepare_cached(
-            "UPDATE authorities SET state = ?, changed_at = ? WHERE id = ? AND state = ?",
-        )?
-        .execute(params![to.as_str(), now, id, from.as_str()])?;
+) -> Result<bool> {
+    let n = tx.exec(
+        "UPDATE authorities SET state = $1, changed_at = $2 WHERE id = $3 AND state = $4",
+        &[
+            to.as_str().into(),
+            now.into(),
+            id.into(),
+            from.as_str().into(),
+        ],
+    )?;
     Ok(n == 1)
 }
 
 /// Leaves signed by an intermediate of root `root` that are still valid at `now`.
-pub fn live_leaves_under_root(conn: &Connection, root: &str, now: i64) -> rusqlite::Result<i64> {
-    conn.prepare_cached(
-        "SELECT COUNT(*) FROM issued WHERE not_after > ?
-         AND issuer IN (SELECT id FROM authorities WHERE parent = ?)",
+pub fn live_leaves_under_root(db: &mut dyn Sql, root: &str, now: i64) -> Result<i64> {
+    db.row(
+        "SELECT COUNT(*) FROM issued WHERE not_after > $1
+         AND issuer IN (SELECT id FROM authorities WHERE parent = $2)",
+        &[now.into(), root.into()],
     )?
-    .query_row(params![now, root], |r| r.get(0))
+    .map_or(Ok(0), |r| r.int(0))
 }
 
 /// The last NotAfter of the leaves `issuer` signed (None: it signed none).
-pub fn last_leaf_expiry(conn: &Connection, issuer: &str) -> rusqlite::Result<Option<i64>> {
-    conn.prepare_cached("SELECT MAX(not_after) FROM issued WHERE issuer = ?")?
-        .query_row([issuer], |r| r.get(0))
+pub fn last_leaf_expiry(db: &mut dyn Sql, issuer: &str) -> Result<Option<i64>> {
+    db.row(
+        "SELECT MAX(not_after) FROM issued WHERE issuer = $1",
+        &[issuer.into()],
+    )?
+    .map_or(Ok(None), |r| r.opt_int(0))
 }
 
 /// Ties leaves recorded before the CA knew its intermediates apart to `issuer`.
-pub fn adopt_leaves(tx: &WriteTx<'_>, issuer: &str) -> rusqlite::Result<()> {
-    tx.prepare_cached("UPDATE issued SET issuer = ? WHERE issuer IS NULL")?
-        .execute([issuer])?;
+pub fn adopt_leaves(tx: &mut WriteTx<'_>, issuer: &str) -> Result<()> {
+    tx.exec(
+        "UPDATE issued SET issuer = $1 WHERE issuer IS NULL",
+        &[issuer.into()],
+    )?;
     Ok(())
 }

@@ -1,30 +1,34 @@
-//! The CA's state in an embedded SQLite database (`<ca-dir>/state.db`):
-//! issued certificates, join tokens (by hash only), denied identities, and the
-//! head of the audit trail.
+//! The CA's state: issued certificates, join tokens (by hash only), denied
+//! identities, the CA's own chain ([`chain`]), the trust feed's sequence and
+//! the head of the audit trail. An embedded SQLite database
+//! (`<state-dir>/state.db`) by default; a shared PostgreSQL database
+//! (`store: postgres://...` in `ca.yaml`) when several CA replicas run.
 //!
-//! Several processes use one store at once (`ca serve` and the `ca token`,
-//! `ca deny` commands), so every write that must be atomic with an audit line
-//! runs in a `BEGIN IMMEDIATE` transaction: SQLite's write lock then
-//! serializes writers across processes, and the audit file is appended under it.
+//! Several processes use one store at once (`ca serve` replicas and the
+//! `ca token`, `ca deny` commands), so every write that must be atomic with
+//! an audit line runs in a write transaction that holds the store's write
+//! lock from its first statement: SQLite's `BEGIN IMMEDIATE`, PostgreSQL's
+//! transaction-scoped advisory lock. The audit line is appended under it.
 //!
-//! Calls are synchronous and short (no fsync per commit: WAL with
-//! `synchronous=NORMAL`). An issuance is one decision of a few statements;
-//! the API server runs each decision on tokio's blocking pool.
+//! Calls are synchronous and short. An issuance is one decision of a few
+//! statements; the API server runs each decision on tokio's blocking pool.
+//! Every statement is written once (see [`sql`]) for both databases.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, TransactionBehavior};
 
 pub mod chain;
+mod pg;
+pub mod sql;
 
 use warden_config::SpiffeId;
 
-/// A write transaction that holds the database's write lock.
-pub type WriteTx<'a> = rusqlite::Transaction<'a>;
+pub use sql::{Row, Sql, StoreError, Value};
 
-const SCHEMA: &str = "
+const SQLITE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS issued (
     serial      TEXT PRIMARY KEY,
     spiffe_id   TEXT NOT NULL,
@@ -56,6 +60,60 @@ CREATE TABLE IF NOT EXISTS audit_head (
     seq         INTEGER NOT NULL,
     hash        TEXT NOT NULL,
     len         INTEGER NOT NULL
+);
+";
+
+/// The same tables in PostgreSQL, and the audit lines themselves (replicas
+/// have no common file to append to). Created under the write lock, so
+/// replicas starting together do not race.
+const POSTGRES_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS issued (
+    serial      TEXT PRIMARY KEY,
+    spiffe_id   TEXT NOT NULL,
+    not_before  BIGINT NOT NULL,
+    not_after   BIGINT NOT NULL,
+    key_sha256  TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    issued_at   BIGINT NOT NULL,
+    issuer      TEXT
+);
+CREATE INDEX IF NOT EXISTS issued_by_id ON issued (spiffe_id);
+CREATE TABLE IF NOT EXISTS tokens (
+    hash        TEXT PRIMARY KEY,
+    spiffe_id   TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    used_at     BIGINT
+);
+CREATE TABLE IF NOT EXISTS denied (
+    spiffe_id   TEXT PRIMARY KEY,
+    since       BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trust_seq (
+    id          BIGINT PRIMARY KEY CHECK (id = 1),
+    seq         BIGINT NOT NULL
+);
+INSERT INTO trust_seq (id, seq) VALUES (1, 1) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS audit_head (
+    id          BIGINT PRIMARY KEY CHECK (id = 1),
+    seq         BIGINT NOT NULL,
+    hash        TEXT NOT NULL,
+    len         BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_lines (
+    seq         BIGINT PRIMARY KEY,
+    line        TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS authorities (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    parent      TEXT,
+    cert_pem    TEXT NOT NULL,
+    not_before  BIGINT NOT NULL,
+    not_after   BIGINT NOT NULL,
+    state       TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    changed_at  BIGINT NOT NULL
 );
 ";
 
@@ -96,188 +154,327 @@ pub struct AuditHead {
     pub seq: i64,
     /// Its hash (64 zeros: none yet).
     pub hash: String,
-    /// Length of the audit file in bytes after that line.
+    /// Length of the audit file in bytes after that line (SQLite; 0 in
+    /// PostgreSQL, which keeps the lines themselves).
     pub len: i64,
+}
+
+/// One of the two databases.
+#[derive(Debug)]
+pub enum Db {
+    /// The embedded default.
+    Sqlite(Connection),
+    /// Shared by replicas.
+    Postgres(pg::Pg),
+}
+
+impl Sql for Db {
+    fn exec(&mut self, sql: &str, params: &[Value]) -> sql::Result<u64> {
+        match self {
+            Self::Sqlite(c) => c.exec(sql, params),
+            Self::Postgres(p) => p.exec(sql, params),
+        }
+    }
+    fn rows(&mut self, sql: &str, params: &[Value]) -> sql::Result<Vec<Row>> {
+        match self {
+            Self::Sqlite(c) => c.rows(sql, params),
+            Self::Postgres(p) => p.rows(sql, params),
+        }
+    }
 }
 
 /// Handle to the CA's database.
 #[derive(Debug)]
 pub struct Store {
-    conn: Mutex<Connection>,
+    db: Mutex<Db>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+    /// Opens (creating if needed) the SQLite database at `path`.
+    pub fn open(path: &Path) -> sql::Result<Self> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // WAL + NORMAL: a commit survives a process crash; fsync happens at checkpoints.
+        // WAL + FULL: every commit is on disk before it returns.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(SQLITE_SCHEMA)?;
         chain::migrate(&conn)?;
         Ok(Self {
-            conn: Mutex::new(conn),
+            db: Mutex::new(Db::Sqlite(conn)),
+        })
+    }
+
+    /// Connects to the PostgreSQL database at `url` and creates what is missing.
+    pub fn open_postgres(url: &str) -> sql::Result<Self> {
+        let mut pg = pg::Pg::connect(url)?;
+        pg.begin_write()?;
+        pg.batch(&format!("{POSTGRES_SCHEMA} COMMIT;"))?;
+        Ok(Self {
+            db: Mutex::new(Db::Postgres(pg)),
         })
     }
 
     /// The connection, for one decision's worth of statements.
-    pub fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent:
-        // an open transaction rolls back when dropped.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn lock(&self) -> MutexGuard<'_, Db> {
+        // A panic while holding the lock cannot leave the database
+        // inconsistent: an open transaction rolls back when dropped.
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this is the shared PostgreSQL store.
+    pub fn is_postgres(&self) -> bool {
+        matches!(*self.lock(), Db::Postgres(_))
     }
 
     /// The recorded audit head (seq 0 when the trail is empty).
-    pub fn audit_head(&self) -> rusqlite::Result<AuditHead> {
-        read_audit_head(&self.lock())
+    pub fn audit_head(&self) -> sql::Result<AuditHead> {
+        read_audit_head(&mut *self.lock())
     }
 
     /// Every certificate issued for `id`, oldest first.
-    pub fn issued_for(&self, id: &str) -> rusqlite::Result<Vec<IssuedRecord>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
+    pub fn issued_for(&self, id: &str) -> sql::Result<Vec<IssuedRecord>> {
+        let rows = self.lock().rows(
             "SELECT serial, spiffe_id, not_before, not_after, key_sha256, kind, COALESCE(issuer, '')
-             FROM issued WHERE spiffe_id = ? ORDER BY issued_at, rowid",
+             FROM issued WHERE spiffe_id = $1 ORDER BY issued_at, serial",
+            &[id.into()],
         )?;
-        let rows = stmt.query_map([id], |r| {
-            Ok(IssuedRecord {
-                serial: r.get(0)?,
-                spiffe_id: r.get(1)?,
-                not_before: r.get(2)?,
-                not_after: r.get(3)?,
-                key_sha256: r.get(4)?,
-                kind: r.get(5)?,
-                issuer: r.get(6)?,
+        rows.iter()
+            .map(|r| {
+                Ok(IssuedRecord {
+                    serial: r.text(0)?,
+                    spiffe_id: r.text(1)?,
+                    not_before: r.int(2)?,
+                    not_after: r.int(3)?,
+                    key_sha256: r.text(4)?,
+                    kind: r.text(5)?,
+                    issuer: r.text(6)?,
+                })
             })
-        })?;
-        rows.collect()
+            .collect()
+    }
+}
+
+/// A write transaction that holds the store's write lock.
+pub enum WriteTx<'a> {
+    /// `BEGIN IMMEDIATE`.
+    Sqlite(rusqlite::Transaction<'a>),
+    /// `BEGIN` and the advisory lock.
+    Postgres(PgTx<'a>),
+}
+
+/// A PostgreSQL write transaction; rolled back unless committed.
+pub struct PgTx<'a> {
+    pg: &'a mut pg::Pg,
+    done: bool,
+}
+
+impl Drop for PgTx<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.pg.batch("ROLLBACK");
+        }
+    }
+}
+
+impl Sql for WriteTx<'_> {
+    fn exec(&mut self, sql: &str, params: &[Value]) -> sql::Result<u64> {
+        match self {
+            Self::Sqlite(t) => t.exec(sql, params),
+            Self::Postgres(p) => p.pg.exec(sql, params),
+        }
+    }
+    fn rows(&mut self, sql: &str, params: &[Value]) -> sql::Result<Vec<Row>> {
+        match self {
+            Self::Sqlite(t) => t.rows(sql, params),
+            Self::Postgres(p) => p.pg.rows(sql, params),
+        }
+    }
+}
+
+impl WriteTx<'_> {
+    /// Makes everything in it durable, or nothing.
+    pub fn commit(self) -> sql::Result<()> {
+        match self {
+            Self::Sqlite(t) => Ok(t.commit()?),
+            Self::Postgres(mut p) => {
+                p.done = true;
+                p.pg.batch("COMMIT")
+            }
+        }
+    }
+
+    /// Whether the audit lines go into the database (PostgreSQL) rather
+    /// than the trail file.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
     }
 }
 
 /// How the certificate with `serial` was obtained (`bootstrap`, `renewal`,
 /// `kubernetes`, ...), when this CA issued it.
-pub fn issued_kind(conn: &Connection, serial: &str) -> rusqlite::Result<Option<String>> {
-    use rusqlite::OptionalExtension;
-    conn.prepare_cached("SELECT kind FROM issued WHERE serial = ?")?
-        .query_row([serial], |r| r.get(0))
-        .optional()
+pub fn issued_kind(db: &mut dyn Sql, serial: &str) -> sql::Result<Option<String>> {
+    db.row(
+        "SELECT kind FROM issued WHERE serial = $1",
+        &[serial.into()],
+    )?
+    .map(|r| r.text(0))
+    .transpose()
 }
 
 /// Starts a transaction that holds the write lock from its first statement.
-pub fn begin_write(conn: &mut Connection) -> rusqlite::Result<WriteTx<'_>> {
-    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+pub fn begin_write(db: &mut Db) -> sql::Result<WriteTx<'_>> {
+    match db {
+        Db::Sqlite(c) => Ok(WriteTx::Sqlite(
+            c.transaction_with_behavior(TransactionBehavior::Immediate)?,
+        )),
+        Db::Postgres(pg) => {
+            pg.begin_write()?;
+            Ok(WriteTx::Postgres(PgTx { pg, done: false }))
+        }
+    }
 }
 
 /// Looks a token up by its hash.
-pub fn token(conn: &Connection, hash: &str) -> rusqlite::Result<Option<TokenRecord>> {
-    conn.prepare_cached("SELECT spiffe_id, expires_at, used_at FROM tokens WHERE hash = ?")?
-        .query_row([hash], |r| {
-            Ok(TokenRecord {
-                spiffe_id: r.get(0)?,
-                expires_at: r.get(1)?,
-                used_at: r.get(2)?,
-            })
+pub fn token(db: &mut dyn Sql, hash: &str) -> sql::Result<Option<TokenRecord>> {
+    db.row(
+        "SELECT spiffe_id, expires_at, used_at FROM tokens WHERE hash = $1",
+        &[hash.into()],
+    )?
+    .map(|r| {
+        Ok(TokenRecord {
+            spiffe_id: r.text(0)?,
+            expires_at: r.int(1)?,
+            used_at: r.opt_int(2)?,
         })
-        .optional()
+    })
+    .transpose()
 }
 
 /// Whether `id` is on the deny list.
-pub fn is_denied(conn: &Connection, id: &SpiffeId) -> rusqlite::Result<bool> {
-    conn.prepare_cached("SELECT 1 FROM denied WHERE spiffe_id = ?")?
-        .exists([id.as_str()])
+pub fn is_denied(db: &mut dyn Sql, id: &SpiffeId) -> sql::Result<bool> {
+    Ok(db
+        .row(
+            "SELECT 1 FROM denied WHERE spiffe_id = $1",
+            &[id.as_str().into()],
+        )?
+        .is_some())
 }
 
 /// Reads the audit head.
-pub fn read_audit_head(conn: &Connection) -> rusqlite::Result<AuditHead> {
-    let head = conn
-        .prepare_cached("SELECT seq, hash, len FROM audit_head WHERE id = 1")?
-        .query_row([], |r| {
-            Ok(AuditHead {
-                seq: r.get(0)?,
-                hash: r.get(1)?,
-                len: r.get(2)?,
-            })
-        })
-        .optional()?;
-    Ok(head.unwrap_or_else(|| AuditHead {
-        seq: 0,
-        hash: GENESIS.to_owned(),
-        len: 0,
-    }))
+pub fn read_audit_head(db: &mut dyn Sql) -> sql::Result<AuditHead> {
+    let head = db.row("SELECT seq, hash, len FROM audit_head WHERE id = 1", &[])?;
+    match head {
+        Some(r) => Ok(AuditHead {
+            seq: r.int(0)?,
+            hash: r.text(1)?,
+            len: r.int(2)?,
+        }),
+        None => Ok(AuditHead {
+            seq: 0,
+            hash: GENESIS.to_owned(),
+            len: 0,
+        }),
+    }
 }
 
 /// `prev` of the audit trail's first line: the head of an empty trail.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Records the new audit head.
-pub fn set_audit_head(tx: &WriteTx<'_>, head: &AuditHead) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT INTO audit_head (id, seq, hash, len) VALUES (1, ?, ?, ?)
+pub fn set_audit_head(tx: &mut WriteTx<'_>, head: &AuditHead) -> sql::Result<()> {
+    tx.exec(
+        "INSERT INTO audit_head (id, seq, hash, len) VALUES (1, $1, $2, $3)
          ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, len = excluded.len",
-    )?
-    .execute(params![head.seq, head.hash, head.len])?;
+        &[head.seq.into(), (&head.hash).into(), head.len.into()],
+    )?;
     Ok(())
+}
+
+/// Stores an audit line in the database (PostgreSQL).
+pub fn insert_audit_line(tx: &mut WriteTx<'_>, seq: i64, line: &str) -> sql::Result<()> {
+    tx.exec(
+        "INSERT INTO audit_lines (seq, line) VALUES ($1, $2)",
+        &[seq.into(), line.into()],
+    )?;
+    Ok(())
+}
+
+/// Every audit line the database holds, in order (PostgreSQL).
+pub fn audit_lines(db: &mut dyn Sql) -> sql::Result<Vec<String>> {
+    db.rows("SELECT line FROM audit_lines ORDER BY seq", &[])?
+        .iter()
+        .map(|r| r.text(0))
+        .collect()
 }
 
 /// Stores a new token's hash.
 pub fn insert_token(
-    tx: &WriteTx<'_>,
+    tx: &mut WriteTx<'_>,
     hash: &str,
     id: &SpiffeId,
     now: i64,
     expires_at: i64,
-) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT INTO tokens (hash, spiffe_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
-    )?
-    .execute(params![hash, id.as_str(), now, expires_at])?;
+) -> sql::Result<()> {
+    tx.exec(
+        "INSERT INTO tokens (hash, spiffe_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+        &[
+            hash.into(),
+            id.as_str().into(),
+            now.into(),
+            expires_at.into(),
+        ],
+    )?;
     Ok(())
 }
 
 /// Marks a token used; false when it was already used, expired or unknown
 /// (the check and the mark are one statement, so two racing requests
 /// cannot both use it).
-pub fn consume_token(tx: &WriteTx<'_>, hash: &str, now: i64) -> rusqlite::Result<bool> {
-    let n = tx
-        .prepare_cached("UPDATE tokens SET used_at = ?1 WHERE hash = ?2 AND used_at IS NULL AND expires_at > ?1")?
-        .execute(params![now, hash])?;
+pub fn consume_token(tx: &mut WriteTx<'_>, hash: &str, now: i64) -> sql::Result<bool> {
+    let n = tx.exec(
+        "UPDATE tokens SET used_at = $1 WHERE hash = $2 AND used_at IS NULL AND expires_at > $1",
+        &[now.into(), hash.into()],
+    )?;
     Ok(n == 1)
 }
 
 /// Records an issued certificate.
-pub fn insert_issued(tx: &WriteTx<'_>, r: &IssuedRecord, now: i64) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+pub fn insert_issued(tx: &mut WriteTx<'_>, r: &IssuedRecord, now: i64) -> sql::Result<()> {
+    tx.exec(
         "INSERT INTO issued (serial, spiffe_id, not_before, not_after, key_sha256, kind, issued_at, issuer)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )?
-    .execute(params![
-        r.serial,
-        r.spiffe_id,
-        r.not_before,
-        r.not_after,
-        r.key_sha256,
-        r.kind,
-        now,
-        r.issuer
-    ])?;
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[
+            (&r.serial).into(),
+            (&r.spiffe_id).into(),
+            r.not_before.into(),
+            r.not_after.into(),
+            (&r.key_sha256).into(),
+            (&r.kind).into(),
+            now.into(),
+            (&r.issuer).into(),
+        ],
+    )?;
     Ok(())
 }
 
 /// Puts `id` on the deny list (true) or takes it off (false); returns
 /// whether anything changed.
 pub fn set_denied(
-    tx: &WriteTx<'_>,
+    tx: &mut WriteTx<'_>,
     id: &SpiffeId,
     denied: bool,
     now: i64,
-) -> rusqlite::Result<bool> {
+) -> sql::Result<bool> {
     let n = if denied {
-        tx.prepare_cached("INSERT OR IGNORE INTO denied (spiffe_id, since) VALUES (?, ?)")?
-            .execute(params![id.as_str(), now])?
+        tx.exec(
+            "INSERT INTO denied (spiffe_id, since) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[id.as_str().into(), now.into()],
+        )?
     } else {
-        tx.prepare_cached("DELETE FROM denied WHERE spiffe_id = ?")?
-            .execute([id.as_str()])?
+        tx.exec(
+            "DELETE FROM denied WHERE spiffe_id = $1",
+            &[id.as_str().into()],
+        )?
     };
     if n > 0 {
         bump_trust_sequence(tx)?;
@@ -287,24 +484,23 @@ pub fn set_denied(
 
 /// The trust feed's sequence: grows with every change to what proxies are
 /// pushed (the deny list; the bundle when roots rotate).
-pub fn trust_sequence(conn: &Connection) -> rusqlite::Result<u64> {
-    conn.prepare_cached("SELECT seq FROM trust_seq WHERE id = 1")?
-        .query_row([], |r| r.get::<_, i64>(0))
-        .map(|s| s.max(0) as u64)
+pub fn trust_sequence(db: &mut dyn Sql) -> sql::Result<u64> {
+    let r = db.row("SELECT seq FROM trust_seq WHERE id = 1", &[])?;
+    Ok(r.map(|r| r.int(0)).transpose()?.unwrap_or(0).max(0) as u64)
 }
 
 /// Moves the trust feed on, inside the transaction that changed it.
-pub fn bump_trust_sequence(tx: &WriteTx<'_>) -> rusqlite::Result<()> {
-    tx.prepare_cached("UPDATE trust_seq SET seq = seq + 1 WHERE id = 1")?
-        .execute([])?;
+pub fn bump_trust_sequence(tx: &mut WriteTx<'_>) -> sql::Result<()> {
+    tx.exec("UPDATE trust_seq SET seq = seq + 1 WHERE id = 1", &[])?;
     Ok(())
 }
 
 /// Every denied identity, sorted.
-pub fn denied_ids(conn: &Connection) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached("SELECT spiffe_id FROM denied ORDER BY spiffe_id")?;
-    let rows = stmt.query_map([], |r| r.get(0))?;
-    rows.collect()
+pub fn denied_ids(db: &mut dyn Sql) -> sql::Result<Vec<String>> {
+    db.rows("SELECT spiffe_id FROM denied ORDER BY spiffe_id", &[])?
+        .iter()
+        .map(|r| r.text(0))
+        .collect()
 }
 
 /// What the store holds, counted (for `warden ca status`).
@@ -321,71 +517,75 @@ pub struct Counts {
 }
 
 /// Counts at `now`.
-pub fn counts(conn: &Connection, now: i64) -> rusqlite::Result<Counts> {
-    let one = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<i64> {
-        conn.prepare_cached(sql)?.query_row(p, |r| r.get(0))
+pub fn counts(db: &mut dyn Sql, now: i64) -> sql::Result<Counts> {
+    let mut one = |sql: &str, p: &[Value]| -> sql::Result<i64> {
+        db.row(sql, p)?.map_or(Ok(0), |r| r.int(0))
     };
     Ok(Counts {
         issued: one("SELECT COUNT(*) FROM issued", &[])?,
-        valid: one("SELECT COUNT(*) FROM issued WHERE not_after > ?", &[&now])?,
+        valid: one(
+            "SELECT COUNT(*) FROM issued WHERE not_after > $1",
+            &[now.into()],
+        )?,
         tokens: one(
-            "SELECT COUNT(*) FROM tokens WHERE used_at IS NULL AND expires_at > ?",
-            &[&now],
+            "SELECT COUNT(*) FROM tokens WHERE used_at IS NULL AND expires_at > $1",
+            &[now.into()],
         )?,
         denied: one("SELECT COUNT(*) FROM denied", &[])?,
     })
 }
 
 /// One line of `warden ca list`: its columns, as text.
-pub type Row = Vec<String>;
+pub type ListRow = Vec<String>;
+
+fn as_text(v: &Value) -> String {
+    match v {
+        Value::Int(i) => i.to_string(),
+        Value::Text(t) => t.clone(),
+        Value::Null => "-".to_owned(),
+    }
+}
+
+fn listed(rows: Vec<Row>) -> Vec<ListRow> {
+    rows.iter()
+        .map(|r| r.0.iter().map(as_text).collect())
+        .collect()
+}
 
 /// `warden ca list certs`: certificates still valid at `now` (every one
-/// with `all`), newest first: serial, SPIFFE ID, kind, NotAfter, issuer.
-pub fn list_certs(conn: &Connection, now: i64, all: bool) -> rusqlite::Result<Vec<Row>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT serial, spiffe_id, kind, not_after, COALESCE(issuer, '') FROM issued
-         WHERE ?2 OR not_after > ?1 ORDER BY issued_at DESC, rowid DESC",
-    )?;
-    let rows = stmt.query_map(params![now, all], |r| {
-        Ok(vec![
-            r.get::<_, String>(0)?,
-            r.get(1)?,
-            r.get(2)?,
-            r.get::<_, i64>(3)?.to_string(),
-            r.get::<_, String>(4)?.chars().take(16).collect(),
-        ])
-    })?;
-    rows.collect()
+/// with `all`), newest first: serial, SPIFFE ID, kind, NotAfter, issuer
+/// (its first 16 hex characters).
+pub fn list_certs(db: &mut dyn Sql, now: i64, all: bool) -> sql::Result<Vec<ListRow>> {
+    let filter = if all { "" } else { "WHERE not_after > $1" };
+    let sql = format!(
+        "SELECT serial, spiffe_id, kind, not_after, SUBSTR(COALESCE(issuer, ''), 1, 16) FROM issued
+         {filter} ORDER BY issued_at DESC, serial"
+    );
+    let params: Vec<Value> = if all { vec![] } else { vec![now.into()] };
+    Ok(listed(db.rows(&sql, &params)?))
 }
 
 /// `warden ca list tokens`: join tokens neither used nor expired (every one
 /// with `all`): the first 16 hex characters of the token's SHA-256, the
 /// SPIFFE ID, expiry, use time.
-pub fn list_tokens(conn: &Connection, now: i64, all: bool) -> rusqlite::Result<Vec<Row>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT hash, spiffe_id, expires_at, used_at FROM tokens
-         WHERE ?2 OR (used_at IS NULL AND expires_at > ?1) ORDER BY created_at DESC, rowid DESC",
-    )?;
-    let rows = stmt.query_map(params![now, all], |r| {
-        Ok(vec![
-            r.get::<_, String>(0)?.chars().take(16).collect(),
-            r.get(1)?,
-            r.get::<_, i64>(2)?.to_string(),
-            r.get::<_, Option<i64>>(3)?
-                .map_or_else(|| "-".to_owned(), |t| t.to_string()),
-        ])
-    })?;
-    rows.collect()
+pub fn list_tokens(db: &mut dyn Sql, now: i64, all: bool) -> sql::Result<Vec<ListRow>> {
+    let filter = if all {
+        ""
+    } else {
+        "WHERE used_at IS NULL AND expires_at > $1"
+    };
+    let sql = format!(
+        "SELECT SUBSTR(hash, 1, 16), spiffe_id, expires_at, used_at FROM tokens
+         {filter} ORDER BY created_at DESC, hash"
+    );
+    let params: Vec<Value> = if all { vec![] } else { vec![now.into()] };
+    Ok(listed(db.rows(&sql, &params)?))
 }
 
 /// `warden ca list denied`: denied identities and since when.
-pub fn list_denied(conn: &Connection) -> rusqlite::Result<Vec<Row>> {
-    let mut stmt = conn.prepare_cached("SELECT spiffe_id, since FROM denied ORDER BY spiffe_id")?;
-    let rows = stmt.query_map([], |r| {
-        Ok(vec![
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?.to_string(),
-        ])
-    })?;
-    rows.collect()
+pub fn list_denied(db: &mut dyn Sql) -> sql::Result<Vec<ListRow>> {
+    Ok(listed(db.rows(
+        "SELECT spiffe_id, since FROM denied ORDER BY spiffe_id",
+        &[],
+    )?))
 }
