@@ -170,3 +170,66 @@ fn a_replica_killed_mid_load_loses_no_issuance_and_the_chain_verifies() {
     );
     drop(b);
 }
+
+#[test]
+fn replicas_with_their_own_state_directories_rotate_one_chain_and_both_sign_with_it() {
+    let Some(pg) = Postgres::start() else { return };
+    let ca = Ca::init_with("example.org", &["--intermediate-ttl", "12s"]);
+    let path = ca.dir.join("ca.yaml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!("store: {}\nrotation_overlap: 1s\n", pg.url()));
+    std::fs::write(path, text).unwrap();
+    // As pods: the CA directory shared (a Secret), a state volume each.
+    let states = [ca.tmp.path().join("state-a"), ca.tmp.path().join("state-b")];
+    let replicas: Vec<Server> = states
+        .iter()
+        .map(|d| Server::start_with(&ca.dir, "127.0.0.1:0", &["--state-dir", common::s(d)]))
+        .collect();
+    let status = || run_ok(&["ca", "status", "--dir", ca.dir()]);
+    assert!(
+        common::wait_for(std::time::Duration::from_secs(30), || status()
+            .lines()
+            .filter(|l| l.contains("intermediate previous") || l.contains("intermediate retired"))
+            .count()
+            >= 1),
+        "{}",
+        status()
+    );
+    let active = status()
+        .lines()
+        .find(|l| l.contains("intermediate active"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap()
+        .to_owned();
+    // Whichever replica made it, both hold its key now and sign with it.
+    for d in &states {
+        let keys: Vec<String> = std::fs::read_dir(d.join("keys"))
+            .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        assert!(
+            common::wait_for(std::time::Duration::from_secs(5), || std::fs::read_dir(d.join("keys"))
+                .is_ok_and(|r| r.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(&active)))),
+            "{} holds {keys:?}, not {active}",
+            d.display()
+        );
+    }
+    let bundle = ca.bundle_pem();
+    for (i, r) in replicas.iter().enumerate() {
+        let id = ca.id(&format!("/after{i}"));
+        let token = ca.token(&id);
+        let (_, c) = csr(&[&id]);
+        let (status, v) = certify(r.api, &bundle, None, &c, Some(&token)).unwrap();
+        assert_eq!(status, 200, "{v}");
+        let list = run_ok(&["ca", "list", "certs", "--dir", ca.dir()]);
+        let line = list
+            .lines()
+            .find(|l| l.starts_with(v["serial"].as_str().unwrap()))
+            .unwrap();
+        assert!(line.ends_with(&active), "replica {i} signed with another intermediate: {line}");
+    }
+    // The shared store holds the new key sealed, never in the clear.
+    let sealed = pg.query("SELECT id || ' ' || sealed FROM authority_keys");
+    assert!(sealed.contains(&active), "{sealed}");
+    assert!(!sealed.contains("PRIVATE KEY"), "{sealed}");
+    assert!(run_ok(&["ca", "audit", "verify", "--dir", ca.dir()]).contains("ok"));
+}

@@ -55,6 +55,9 @@ pub mod files {
     pub const AUDIT: &str = "audit.jsonl";
     /// Keys of the roots and intermediates made by rotation (in the state directory).
     pub const KEYS: &str = "keys";
+    /// The secret that seals rotation's keys for replicas sharing a
+    /// PostgreSQL store (see [`crate::sealed`]).
+    pub const STORE_KEY: &str = "store.key";
 }
 
 /// Everything that can go wrong creating, opening or using a CA directory.
@@ -229,6 +232,9 @@ pub struct Authority {
     pub state_dir: PathBuf,
     /// Its settings.
     pub config: CaConfig,
+    /// Seals rotation's keys for the other replicas (`store.key`, or
+    /// `WARDEN_CA_STORE_KEY`); `None` when neither is there.
+    pub store_key: Option<crate::sealed::StoreKey>,
     chain: RwLock<Arc<Chain>>,
 }
 
@@ -314,6 +320,11 @@ impl Authority {
             CaConfig::initial_text(td).as_bytes(),
             false,
         )?;
+        write_new(
+            &dir.join(files::STORE_KEY),
+            crate::sealed::StoreKey::generate().as_bytes(),
+            true,
+        )?;
         Self::open(dir)
     }
 
@@ -326,10 +337,17 @@ impl Authority {
         let key = read_key(&dir.join(files::INTERMEDIATE_KEY))?;
         let roots = read_certs(&dir.join(files::BUNDLE))?;
         let chain = Chain::new(intermediate, key, roots, Vec::new(), &int_path)?;
+        let store_key = match std::env::var("WARDEN_CA_STORE_KEY") {
+            Ok(text) if !text.is_empty() => Some(text),
+            _ => fs::read_to_string(dir.join(files::STORE_KEY)).ok(),
+        }
+        .map(|t| crate::sealed::StoreKey::parse(&t))
+        .transpose()?;
         Ok(Self {
             dir: dir.to_path_buf(),
             state_dir: dir.to_path_buf(),
             config,
+            store_key,
             chain: RwLock::new(Arc::new(chain)),
         })
     }

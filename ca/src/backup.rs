@@ -89,6 +89,7 @@ impl CaService {
             (files::INTERMEDIATE_CERT, false),
             (files::INTERMEDIATE_KEY, true),
             (files::BUNDLE, false),
+            (files::STORE_KEY, true),
         ] {
             let from = dir.join(name);
             if from.exists() {

@@ -15,6 +15,7 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod profile;
 pub mod rotation;
+pub mod sealed;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -137,9 +137,52 @@ impl CaService {
         self.reload_chain()
     }
 
+    /// On a shared store, puts the key of a new CA certificate there,
+    /// sealed, for the other replicas (see [`crate::sealed`]).
+    fn share_key(&self, id: &str, key: &KeyPair) -> Result<(), CaError> {
+        if !self.store.is_postgres() {
+            return Ok(());
+        }
+        let Some(sealer) = &self.authority.store_key else {
+            tracing::warn!(id, "no store.key: this key stays in this replica's keys/, and other replicas cannot sign with it");
+            return Ok(());
+        };
+        let sealed = sealer.seal(id, &key.serialize_pem())?;
+        let mut conn = self.store.lock();
+        let mut tx = store::begin_write(&mut conn)?;
+        store::insert_sealed_key(&mut tx, id, &sealed)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Unseals into this replica's `keys/` the keys of `records` that
+    /// another replica made and shared.
+    fn fetch_keys(&self, records: &[AuthorityRecord]) -> Result<(), CaError> {
+        let Some(sealer) = &self.authority.store_key else {
+            return Ok(());
+        };
+        for a in records.iter().filter(|a| a.state != State::Retired) {
+            let der = parse_certs(&a.cert_pem).map_err(CaError::Corrupt)?.swap_remove(0);
+            if !matches!(self.authority.key_of(&a.id, &der), Err(CaError::KeyNotHeld(_))) {
+                continue;
+            }
+            let Some(sealed) = store::sealed_key(&mut *self.store.lock(), &a.id)? else {
+                continue;
+            };
+            let pem = sealer.open(&a.id, &sealed)?;
+            let key = KeyPair::from_pem(&pem).map_err(|e| CaError::Corrupt(format!("sealed key {}: {e}", a.id)))?;
+            self.authority.keep_key(&a.id, &key)?;
+            tracing::info!(id = %a.id, "unsealed a key another replica made");
+        }
+        Ok(())
+    }
+
     /// Loads the chain the store records, and exports every level's expiry.
     pub(crate) fn reload_chain(&self) -> Result<(), CaError> {
         let records = chain::authorities(&mut *self.store.lock())?;
+        if self.store.is_postgres() {
+            self.fetch_keys(&records)?;
+        }
         self.authority.reload(records)?;
         let chain = self.authority.chain();
         let m = &self.metrics;
@@ -214,6 +257,7 @@ impl CaService {
             .signed_by(&key, &issuer)?;
         let id = cert_id(cert.der());
         self.authority.keep_key(&id, &key)?;
+        self.share_key(&id, &key)?;
         Ok(record(
             cert.der(),
             cert.pem(),
@@ -391,6 +435,7 @@ impl CaService {
             unix(now),
         );
         self.authority.keep_key(&root.id, &key)?;
+        self.share_key(&root.id, &key)?;
         let added = self.change(now, |tx| {
             if chain::authorities(tx)?.iter().any(|a| a.id == root.id) {
                 return Ok(None);

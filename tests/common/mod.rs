@@ -198,6 +198,11 @@ impl Server {
     /// `warden ca serve` with its API on `listen` (a fixed port, so that
     /// proxies find it again after a restart).
     pub fn start_at(dir: &Path, listen: &str) -> Server {
+        Self::start_with(dir, listen, &[])
+    }
+
+    /// As `start_at`, with more arguments (`--state-dir D`, say).
+    pub fn start_with(dir: &Path, listen: &str, extra: &[&str]) -> Server {
         let mut child = warden()
             .args([
                 "ca",
@@ -209,6 +214,7 @@ impl Server {
                 "--admin",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

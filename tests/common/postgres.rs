@@ -140,6 +140,19 @@ impl Postgres {
         panic!("PostgreSQL did not start on any of 5 free ports");
     }
 
+    /// Runs `sql` with psql; returns what it printed (unaligned, tuples only).
+    pub fn query(&self, sql: &str) -> String {
+        let psql = Some(self.bin.join("psql"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("psql"));
+        let out = Command::new(psql)
+            .args([&self.url(), "-At", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// The URL for `store:` in `ca.yaml`.
     pub fn url(&self) -> String {
         format!("postgres://warden@127.0.0.1:{}/postgres", self.port)

@@ -104,6 +104,10 @@ CREATE TABLE IF NOT EXISTS audit_lines (
     seq         BIGINT PRIMARY KEY,
     line        TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS authority_keys (
+    id          TEXT PRIMARY KEY,
+    sealed      TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS authorities (
     id          TEXT PRIMARY KEY,
     kind        TEXT NOT NULL,
@@ -588,4 +592,20 @@ pub fn list_denied(db: &mut dyn Sql) -> sql::Result<Vec<ListRow>> {
         "SELECT spiffe_id, since FROM denied ORDER BY spiffe_id",
         &[],
     )?))
+}
+
+/// Shares a rotation key with the other replicas, sealed (PostgreSQL).
+pub fn insert_sealed_key(tx: &mut WriteTx<'_>, id: &str, sealed: &str) -> sql::Result<()> {
+    tx.exec(
+        "INSERT INTO authority_keys (id, sealed) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        &[id.into(), sealed.into()],
+    )?;
+    Ok(())
+}
+
+/// The sealed key of CA certificate `id`, if a replica shared it (PostgreSQL).
+pub fn sealed_key(db: &mut dyn Sql, id: &str) -> sql::Result<Option<String>> {
+    db.row("SELECT sealed FROM authority_keys WHERE id = $1", &[id.into()])?
+        .map(|r| r.text(0))
+        .transpose()
 }
