@@ -103,12 +103,16 @@ enum Command {
         /// Admission webhook replicas.
         #[arg(long, default_value_t = 2)]
         webhook_replicas: i32,
-        /// CA replicas (more than one needs --ha).
-        #[arg(long, default_value_t = 1)]
-        ca_replicas: i32,
-        /// Replicas on a shared PostgreSQL store (a later release).
+        /// CA replicas (more than one needs --ha; with it, default 2).
+        #[arg(long)]
+        ca_replicas: Option<i32>,
+        /// CA replicas on a shared PostgreSQL store, whose URL is the key
+        /// `url` of the Secret --store-secret names.
         #[arg(long)]
         ha: bool,
+        /// The Secret in the namespace holding the store's URL (key `url`).
+        #[arg(long, default_value = "warden-ca-store", requires = "ha")]
+        store_secret: String,
         /// Bring your own root: its certificate (PEM); the intermediate is
         /// made under it.
         #[arg(long, requires = "root_key")]
@@ -508,13 +512,21 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
+/// How many of each control-plane pod `install` runs.
+struct Replicas {
+    webhook: i32,
+    ca: i32,
+    /// The Secret with the shared store's URL (CA replicas).
+    store_secret: Option<String>,
+}
+
 /// Makes the CA's keys in a scratch directory and the control plane's
 /// manifests around them.
 async fn install(
     td: &TrustDomain,
     namespace: &str,
     image: String,
-    webhook_replicas: i32,
+    replicas: Replicas,
     root: Option<(PathBuf, PathBuf)>,
     allow: &[String],
     now: OffsetDateTime,
@@ -558,7 +570,7 @@ async fn install(
         namespace: namespace.to_owned(),
         trust_domain: td.to_string(),
         image,
-        webhook_replicas,
+        webhook_replicas: replicas.webhook,
         ca_yaml,
         bundle_pem: read(files::BUNDLE)?,
         root_pem: read(files::ROOT_CERT)?,
@@ -566,6 +578,11 @@ async fn install(
         intermediate_key_pem: read(files::INTERMEDIATE_KEY)?,
         webhook_cert_pem: cert.svid.chain_pem,
         webhook_key_pem: key,
+        ca_replicas: replicas.ca,
+        store_secret: replicas.store_secret,
+        store_key: read(files::STORE_KEY)?,
+        // Made here: the CA holds it and rotates its intermediates itself.
+        root_key_pem: read(files::ROOT_KEY).ok(),
     };
     warden_deploy::install::manifests(&manifest).map_err(usage)
 }
@@ -642,14 +659,19 @@ async fn run(command: Command) -> Result<(), Failure> {
             webhook_replicas,
             ca_replicas,
             ha,
+            store_secret,
             root_cert,
             root_key,
             allow,
         } => {
-            if ha || ca_replicas > 1 {
+            let ca_replicas = ca_replicas.unwrap_or(if ha { 2 } else { 1 });
+            if !ha && ca_replicas > 1 {
                 return Err(usage(
-                    "CA replicas need a shared PostgreSQL store (--ha), which a later release brings; install one CA replica for now",
+                    "CA replicas share a PostgreSQL store: add --ha (and a Secret with its URL, --store-secret)",
                 ));
+            }
+            if !(1..=9).contains(&ca_replicas) {
+                return Err(usage("--ca-replicas must be between 1 and 9"));
             }
             if !(1..=20).contains(&webhook_replicas) {
                 return Err(usage("--webhook-replicas must be between 1 and 20"));
@@ -660,7 +682,11 @@ async fn run(command: Command) -> Result<(), Failure> {
                     &trust_domain,
                     &namespace,
                     image,
-                    webhook_replicas,
+                    Replicas {
+                        webhook: webhook_replicas,
+                        ca: ca_replicas,
+                        store_secret: ha.then_some(store_secret),
+                    },
                     root_cert.zip(root_key),
                     &allow,
                     now

@@ -85,7 +85,7 @@ fn installed_objects_validate_and_run_as_their_pods_would() {
                 String::from_utf8_lossy(&k.stdout)
                     .matches("\nkind: ")
                     .count(),
-                15
+                16
             );
         }
         // kubectl is no Debian package; CI checks the schema above.
@@ -146,6 +146,11 @@ fn installed_objects_validate_and_run_as_their_pods_would() {
     mount(
         &o["ConfigMap/warden-ca-config"],
         &[("ca.yaml", "ca.yaml"), ("bundle.pem", "bundle.pem")],
+        &keys,
+    );
+    mount(
+        &o["Secret/warden-ca-secrets"],
+        &[("store.key", "store.key"), ("root-key.pem", "root-key.pem")],
         &keys,
     );
     let kube = Kube::start(tmp.path());
@@ -266,8 +271,52 @@ fn installed_objects_validate_and_run_as_their_pods_would() {
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("\"patchType\":\"JSONPatch\""), "{answer}");
 
-    // No replicas without the shared store yet.
-    let r = run(&["install", "--trust-domain", "example.org", "--ha"]);
+    // Replicas only on the shared store.
+    let r = run(&[
+        "install",
+        "--trust-domain",
+        "example.org",
+        "--ca-replicas",
+        "3",
+    ]);
     assert_eq!(r.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&r.stderr).contains("PostgreSQL"));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--ha"));
+}
+
+#[test]
+fn install_ha_runs_replicas_on_the_postgres_url_of_a_secret() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = run_ok(&[
+        "install",
+        "--trust-domain",
+        "example.org",
+        "--ha",
+        "--ca-replicas",
+        "3",
+        "--store-secret",
+        "ca-db",
+    ]);
+    validate(tmp.path(), &yaml);
+    let o = objects(&yaml);
+    let ca = &o["StatefulSet/warden-ca"]["spec"];
+    assert_eq!(ca["replicas"], 3);
+    let env = ca["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    let store = env.iter().find(|e| e["name"] == "WARDEN_CA_STORE").unwrap();
+    assert_eq!(
+        store["valueFrom"]["secretKeyRef"],
+        json!({"name": "ca-db", "key": "url", "optional": false})
+    );
+    // Every replica unseals rotation's keys with the same store.key.
+    let secrets = &o["Secret/warden-ca-secrets"]["data"];
+    assert!(secrets["store.key"].is_string());
+    assert!(secrets["root-key.pem"].is_string());
+    // One replica at a time through a drain.
+    assert_eq!(
+        o["PodDisruptionBudget/warden-ca"]["spec"]["maxUnavailable"],
+        1
+    );
+    let plain = run_ok(&["install", "--trust-domain", "example.org"]);
+    assert!(!plain.contains("WARDEN_CA_STORE"));
 }

@@ -204,11 +204,19 @@ fn replicas_with_their_own_state_directories_rotate_one_chain_and_both_sign_with
     // Whichever replica made it, both hold its key now and sign with it.
     for d in &states {
         let keys: Vec<String> = std::fs::read_dir(d.join("keys"))
-            .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|r| {
+                r.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         assert!(
-            common::wait_for(std::time::Duration::from_secs(5), || std::fs::read_dir(d.join("keys"))
-                .is_ok_and(|r| r.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(&active)))),
+            common::wait_for(std::time::Duration::from_secs(5), || std::fs::read_dir(
+                d.join("keys")
+            )
+            .is_ok_and(|r| r
+                .filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with(&active)))),
             "{} holds {keys:?}, not {active}",
             d.display()
         );
@@ -225,7 +233,10 @@ fn replicas_with_their_own_state_directories_rotate_one_chain_and_both_sign_with
             .lines()
             .find(|l| l.starts_with(v["serial"].as_str().unwrap()))
             .unwrap();
-        assert!(line.ends_with(&active), "replica {i} signed with another intermediate: {line}");
+        assert!(
+            line.ends_with(&active),
+            "replica {i} signed with another intermediate: {line}"
+        );
     }
     // The shared store holds the new key sealed, never in the clear.
     let sealed = pg.query("SELECT id || ' ' || sealed FROM authority_keys");

@@ -144,7 +144,10 @@ impl CaService {
             return Ok(());
         }
         let Some(sealer) = &self.authority.store_key else {
-            tracing::warn!(id, "no store.key: this key stays in this replica's keys/, and other replicas cannot sign with it");
+            tracing::warn!(
+                id,
+                "no store.key: this key stays in this replica's keys/, and other replicas cannot sign with it"
+            );
             return Ok(());
         };
         let sealed = sealer.seal(id, &key.serialize_pem())?;
@@ -162,15 +165,21 @@ impl CaService {
             return Ok(());
         };
         for a in records.iter().filter(|a| a.state != State::Retired) {
-            let der = parse_certs(&a.cert_pem).map_err(CaError::Corrupt)?.swap_remove(0);
-            if !matches!(self.authority.key_of(&a.id, &der), Err(CaError::KeyNotHeld(_))) {
+            let der = parse_certs(&a.cert_pem)
+                .map_err(CaError::Corrupt)?
+                .swap_remove(0);
+            if !matches!(
+                self.authority.key_of(&a.id, &der),
+                Err(CaError::KeyNotHeld(_))
+            ) {
                 continue;
             }
             let Some(sealed) = store::sealed_key(&mut *self.store.lock(), &a.id)? else {
                 continue;
             };
             let pem = sealer.open(&a.id, &sealed)?;
-            let key = KeyPair::from_pem(&pem).map_err(|e| CaError::Corrupt(format!("sealed key {}: {e}", a.id)))?;
+            let key = KeyPair::from_pem(&pem)
+                .map_err(|e| CaError::Corrupt(format!("sealed key {}: {e}", a.id)))?;
             self.authority.keep_key(&a.id, &key)?;
             tracing::info!(id = %a.id, "unsealed a key another replica made");
         }

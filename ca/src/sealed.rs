@@ -96,14 +96,20 @@ mod tests {
     fn a_sealed_key_opens_only_for_its_id_under_its_key_and_untouched() {
         let key = StoreKey::parse(&StoreKey::generate()).unwrap();
         let sealed = key.seal("abc", "-----BEGIN PRIVATE KEY-----").unwrap();
-        assert_eq!(key.open("abc", &sealed).unwrap(), "-----BEGIN PRIVATE KEY-----");
+        assert_eq!(
+            key.open("abc", &sealed).unwrap(),
+            "-----BEGIN PRIVATE KEY-----"
+        );
         assert!(key.open("abd", &sealed).is_err(), "another id");
         let other = StoreKey::parse(&StoreKey::generate()).unwrap();
         assert!(other.open("abc", &sealed).is_err(), "another key");
         let mut bytes = STANDARD.decode(&sealed).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        assert!(key.open("abc", &STANDARD.encode(bytes)).is_err(), "tampered");
+        assert!(
+            key.open("abc", &STANDARD.encode(bytes)).is_err(),
+            "tampered"
+        );
         assert!(StoreKey::parse("c2hvcnQ=").is_err());
     }
 }

@@ -19,11 +19,12 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapProjection, Container, ContainerPort, EnvVar, HTTPGetAction,
-    KeyToPath, Namespace, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    Secret, SecretProjection, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+    Capabilities, ConfigMap, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, Namespace, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretProjection,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
+    VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
@@ -68,6 +69,36 @@ pub struct Install {
     pub webhook_cert_pem: String,
     /// Its key.
     pub webhook_key_pem: String,
+    /// CA replicas (more than one only with `store_secret`).
+    pub ca_replicas: i32,
+    /// The Secret (key `url`) holding the PostgreSQL URL the replicas
+    /// share; `None`: one replica on its embedded store.
+    pub store_secret: Option<String>,
+    /// `store.key`: seals rotation's keys for the other replicas.
+    pub store_key: String,
+    /// The root's key when `install` made the root, so the CA rotates its
+    /// intermediates by itself; `None` for a root brought from elsewhere.
+    pub root_key_pem: Option<String>,
+}
+
+/// The Opaque Secret beside the intermediate's: `store.key` and, when the
+/// root was made here, `root-key.pem`. Its items are optional in the pod:
+/// an operator who wants the root off the cluster deletes that key, and the
+/// CA then says (a metric, a log line) that it cannot rotate by itself.
+fn ca_secrets(i: &Install) -> Secret {
+    let mut data = BTreeMap::from([(
+        "store.key".to_owned(),
+        ByteString(i.store_key.as_bytes().to_vec()),
+    )]);
+    if let Some(k) = &i.root_key_pem {
+        data.insert("root-key.pem".to_owned(), ByteString(k.as_bytes().to_vec()));
+    }
+    Secret {
+        metadata: meta("warden-ca-secrets", Some(&i.namespace), "ca"),
+        type_: Some("Opaque".to_owned()),
+        data: Some(data),
+        ..Secret::default()
+    }
 }
 
 /// `warden-webhook.<namespace>.svc` and its longer forms: the names the
@@ -258,18 +289,35 @@ fn ca_statefulset(i: &Install) -> StatefulSet {
         ),
         // Also in the environment, so that `kubectl exec warden-ca-0 --
         // warden ca deny ...` (allow, audit verify) finds the same CA.
-        env: Some(vec![
-            EnvVar {
-                name: "WARDEN_CA_DIR".to_owned(),
-                value: Some("/etc/warden-ca".to_owned()),
+        env: Some(
+            [
+                EnvVar {
+                    name: "WARDEN_CA_DIR".to_owned(),
+                    value: Some("/etc/warden-ca".to_owned()),
+                    ..EnvVar::default()
+                },
+                EnvVar {
+                    name: "WARDEN_CA_STATE_DIR".to_owned(),
+                    value: Some("/var/lib/warden".to_owned()),
+                    ..EnvVar::default()
+                },
+            ]
+            .into_iter()
+            // Replicas: the shared store's URL (with its password) from a Secret.
+            .chain(i.store_secret.as_ref().map(|name| EnvVar {
+                name: "WARDEN_CA_STORE".to_owned(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: name.clone(),
+                        key: "url".to_owned(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
                 ..EnvVar::default()
-            },
-            EnvVar {
-                name: "WARDEN_CA_STATE_DIR".to_owned(),
-                value: Some("/var/lib/warden".to_owned()),
-                ..EnvVar::default()
-            },
-        ]),
+            }))
+            .collect(),
+        ),
         ports: Some(vec![port("https", CA_PORT), port("admin", ADMIN_PORT)]),
         readiness_probe: Some(probe("/ready", 5)),
         liveness_probe: Some(probe("/live", 10)),
@@ -309,6 +357,17 @@ fn ca_statefulset(i: &Install) -> StatefulSet {
                     ..VolumeProjection::default()
                 },
                 VolumeProjection {
+                    secret: Some(SecretProjection {
+                        name: "warden-ca-secrets".to_owned(),
+                        items: Some(vec![
+                            key("store.key", "store.key"),
+                            key("root-key.pem", "root-key.pem"),
+                        ]),
+                        optional: Some(true),
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
                     config_map: Some(ConfigMapProjection {
                         name: "warden-ca-config".to_owned(),
                         items: Some(vec![
@@ -327,8 +386,12 @@ fn ca_statefulset(i: &Install) -> StatefulSet {
     StatefulSet {
         metadata: meta("warden-ca", Some(ns), "ca"),
         spec: StatefulSetSpec {
-            // One writer of the SQLite store; replicas come with PostgreSQL.
-            replicas: Some(1),
+            // One writer of an embedded store; replicas share PostgreSQL.
+            replicas: Some(if i.store_secret.is_some() {
+                i.ca_replicas
+            } else {
+                1
+            }),
             service_name: Some("warden-ca".to_owned()),
             selector: selector("ca"),
             template: PodTemplateSpec {
@@ -589,6 +652,7 @@ pub fn objects(i: &Install) -> Result<Vec<Value>, serde_json::Error> {
             &i.intermediate_key_pem,
             &i.root_pem,
         ))?,
+        v(&ca_secrets(i))?,
         v(&config)?,
         v(&service("warden-ca", ns, "ca", CA_PORT, "https"))?,
         v(&ca_statefulset(i))?,

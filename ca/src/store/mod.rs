@@ -605,7 +605,10 @@ pub fn insert_sealed_key(tx: &mut WriteTx<'_>, id: &str, sealed: &str) -> sql::R
 
 /// The sealed key of CA certificate `id`, if a replica shared it (PostgreSQL).
 pub fn sealed_key(db: &mut dyn Sql, id: &str) -> sql::Result<Option<String>> {
-    db.row("SELECT sealed FROM authority_keys WHERE id = $1", &[id.into()])?
-        .map(|r| r.text(0))
-        .transpose()
+    db.row(
+        "SELECT sealed FROM authority_keys WHERE id = $1",
+        &[id.into()],
+    )?
+    .map(|r| r.text(0))
+    .transpose()
 }
