@@ -761,3 +761,69 @@ fn an_expired_intermediate_signs_nothing_and_the_server_will_not_start() {
     assert_eq!(o.status.code(), Some(1));
     assert!(!String::from_utf8_lossy(&o.stdout).contains("ready"));
 }
+
+#[test]
+fn certify_requests_over_a_callers_limit_get_429_with_retry_after_and_stay_out_of_the_trail() {
+    let ca = Ca::init("example.org");
+    let path = ca.dir.join("ca.yaml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("rate_limits: {per_source: 8, per_token: 2, per_identity: 2}\n");
+    std::fs::write(path, text).unwrap();
+    let srv = ca.serve();
+    let bundle = ca.bundle_pem();
+    let id = ca.id("/web");
+    // A token: two tries (a CSR for another ID, say), then 429 even with a good CSR.
+    let token = ca.token(&id);
+    let (_, wrong) = csr(&[&ca.id("/other")]);
+    for _ in 0..2 {
+        let (status, _) = certify(srv.api, &bundle, None, &wrong, Some(&token)).unwrap();
+        assert_eq!(status, 400);
+    }
+    let (_, good) = csr(&[&id]);
+    let (status, v) = certify(srv.api, &bundle, None, &good, Some(&token)).unwrap();
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(problem_reason(&v), "rate-limited");
+    assert!(v["detail"].as_str().unwrap().contains("join token"), "{v}");
+    // Another token is not held back meanwhile.
+    let other = ca.token(&ca.id("/api"));
+    let (_, c) = csr(&[&ca.id("/api")]);
+    let (status, v) = certify(srv.api, &bundle, None, &c, Some(&other)).unwrap();
+    assert_eq!(status, 200, "{v}");
+    // Renewals of one identity: two, then 429.
+    let key = {
+        let t = ca.token(&ca.id("/renewer"));
+        let (k, c) = csr(&[&ca.id("/renewer")]);
+        let (s, v) = certify(srv.api, &bundle, None, &c, Some(&t)).unwrap();
+        assert_eq!(s, 200, "{v}");
+        (
+            v["certificate_chain"].as_str().unwrap().to_owned(),
+            k.serialize_pem(),
+        )
+    };
+    let (_, c) = csr(&[&ca.id("/renewer")]);
+    for want in [200, 200, 429] {
+        let (s, v) = certify(srv.api, &bundle, Some((&key.0, &key.1)), &c, None).unwrap();
+        assert_eq!(s, want, "{v}");
+    }
+    // A source address: 8 requests a minute from 127.0.0.1, whatever they are.
+    let mut last = None;
+    for _ in 0..4 {
+        last = Some(
+            std::process::Command::new("curl")
+                .args(["-sk", "-i", "-X", "POST", "--data", "{}"])
+                .arg(format!("https://{}/v1/certify", srv.api))
+                .output()
+                .unwrap(),
+        );
+    }
+    let head = String::from_utf8_lossy(&last.unwrap().stdout).to_lowercase();
+    assert!(
+        head.starts_with("http/2 429") || head.starts_with("http/1.1 429"),
+        "{head}"
+    );
+    assert!(head.contains("\nretry-after: "), "{head}");
+    assert!(srv.metric("warden_ca_refusals_total{reason=\"rate_limited\"}") >= 3.0);
+    // Limited requests are not in the trail: it is what the limits bound.
+    let trail = std::fs::read_to_string(ca.dir.join("audit.jsonl")).unwrap();
+    assert!(!trail.contains("rate_limited"));
+}

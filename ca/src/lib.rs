@@ -14,6 +14,7 @@ pub mod csr;
 pub mod kubernetes;
 pub mod metrics;
 pub mod profile;
+pub mod ratelimit;
 pub mod rotation;
 pub mod sealed;
 pub mod server;

@@ -128,6 +128,9 @@ pub enum Refusal {
     /// A rotation step that must not happen now (and why).
     #[error("{0}")]
     Rotation(String),
+    /// Over a per-caller limit (which one); retry after the seconds given.
+    #[error("too many certify requests from this {0}; retry in {1} s")]
+    RateLimited(&'static str, u64),
     /// Something on the CA's side failed; nothing was issued.
     #[error("internal error: {0}")]
     Internal(#[from] CaError),
@@ -152,6 +155,7 @@ impl Refusal {
             Self::BadRequest(_) => "bad_request",
             Self::TooLarge(_) => "body_too_large",
             Self::Rotation(_) => "rotation_refused",
+            Self::RateLimited(..) => "rate_limited",
             Self::Internal(_) => "internal",
         }
     }
@@ -172,6 +176,7 @@ impl Refusal {
             | Self::ForeignTrustDomain(_)
             | Self::NotReporter(_) => 403,
             Self::Rotation(_) => 409,
+            Self::RateLimited(..) => 429,
             Self::Internal(_) => 500,
         }
     }
@@ -190,7 +195,57 @@ pub struct CaService {
     pub kubernetes: Option<crate::kubernetes::Attestor>,
     /// What proxies are pushed (`GET /v1/watch`).
     pub trust: crate::trust::TrustFeed,
+    /// Per-caller limits on certify requests (see [`crate::ratelimit`]).
+    pub limits: IssuanceLimiters,
     audit_path: PathBuf,
+}
+
+/// Most callers each limiter keeps a window for.
+pub const MAX_LIMITED_CALLERS: usize = 65_536;
+
+/// The three per-caller limits of `rate_limits:` (the fourth, per pod UID,
+/// is the attestor's).
+#[derive(Debug)]
+pub struct IssuanceLimiters {
+    /// Per source address.
+    pub source: crate::ratelimit::PerMinute,
+    /// Per join token (its hash).
+    pub token: crate::ratelimit::PerMinute,
+    /// Per SPIFFE ID renewing over mTLS.
+    pub identity: crate::ratelimit::PerMinute,
+}
+
+impl IssuanceLimiters {
+    fn new(l: &warden_config::ca::IssuanceLimits) -> Self {
+        use crate::ratelimit::PerMinute;
+        Self {
+            source: PerMinute::new(l.per_source, MAX_LIMITED_CALLERS),
+            token: PerMinute::new(l.per_token, MAX_LIMITED_CALLERS),
+            identity: PerMinute::new(l.per_identity, MAX_LIMITED_CALLERS),
+        }
+    }
+
+    /// Counts one certify request from `source`, before its body is read.
+    pub fn check_source(&self, source: std::net::IpAddr) -> Result<(), Refusal> {
+        self.source
+            .check(&source.to_string())
+            .map_err(|wait| Refusal::RateLimited("source address", wait))
+    }
+
+    /// Counts one parsed certify request against its token or its SPIFFE ID.
+    pub fn check_caller(&self, req: &CertifyRequest, caller: &Caller) -> Result<(), Refusal> {
+        let limited = |what: &'static str| move |wait| Refusal::RateLimited(what, wait);
+        if let Some(t) = &req.token {
+            self.token
+                .check(&crate::token::hash(t))
+                .map_err(limited("join token"))?;
+        } else if let Caller::Svid { id, .. } = caller {
+            self.identity
+                .check(id.as_str())
+                .map_err(limited("SPIFFE ID"))?;
+        }
+        Ok(())
+    }
 }
 
 /// The PostgreSQL store to use: `WARDEN_CA_STORE` (so a password can come
@@ -220,6 +275,7 @@ impl CaService {
         };
         let metrics = CaMetrics::new().map_err(|e| CaError::Setup(format!("metrics: {e}")))?;
         let audit_path = authority.state_dir.join(files::AUDIT);
+        let authority_limits = authority.config.rate_limits;
         let kubernetes = authority
             .config
             .kubernetes
@@ -233,6 +289,7 @@ impl CaService {
             metrics,
             kubernetes,
             trust: crate::trust::TrustFeed::new(),
+            limits: IssuanceLimiters::new(&authority_limits),
             audit_path,
         };
         svc.adopt_chain(OffsetDateTime::now_utc())?;

@@ -53,6 +53,33 @@ pub struct CaConfig {
     /// A shared PostgreSQL store (`postgres://...`) for replicas; `None`:
     /// the embedded SQLite store in the state directory.
     pub store: Option<String>,
+    /// Per-caller limits on certify requests.
+    pub rate_limits: IssuanceLimits,
+}
+
+/// Certify requests each caller may make per minute (0: no limit); more
+/// are answered 429 with `Retry-After`. Each CA replica counts its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IssuanceLimits {
+    /// From one source address (a whole node's pods, behind SNAT, share one).
+    pub per_source: u32,
+    /// With one join token (it works once; this bounds retries of bad CSRs).
+    pub per_token: u32,
+    /// Renewals of one SPIFFE ID over mTLS (one per half-life is normal).
+    pub per_identity: u32,
+}
+
+impl Default for IssuanceLimits {
+    fn default() -> Self {
+        // Off per source by default: one address may be a whole node's
+        // pods behind SNAT, or a load test; set it for gateways.
+        Self {
+            per_source: 0,
+            per_token: 60,
+            per_identity: 60,
+        }
+    }
 }
 
 /// Default [`CaConfig::rotation_overlap`].
@@ -71,6 +98,8 @@ struct RawCaConfig {
     intermediate_ttl: Option<Spanned<HumanDuration>>,
     rotation_overlap: Option<Spanned<HumanDuration>>,
     store: Option<Spanned<String>>,
+    #[serde(default)]
+    rate_limits: IssuanceLimits,
 }
 
 impl CaConfig {
@@ -175,6 +204,7 @@ impl CaConfig {
             intermediate_ttl,
             rotation_overlap,
             store: raw.store.map(|s| s.value),
+            rate_limits: raw.rate_limits,
             trust_domain: raw.trust_domain,
             default_ttl,
             max_ttl,

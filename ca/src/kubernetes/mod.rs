@@ -19,7 +19,6 @@ pub mod claims;
 pub mod keys;
 pub mod review;
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -175,7 +174,7 @@ pub struct Attestor {
     td: TrustDomain,
     mode: Mode,
     /// Per pod UID: the minute's start and attestations in it.
-    rates: Mutex<HashMap<String, (Instant, u32)>>,
+    rates: crate::ratelimit::PerMinute,
     /// The current second's start and TokenReviews in it.
     reviews: Mutex<(Instant, u32)>,
     in_flight: tokio::sync::Semaphore,
@@ -201,10 +200,10 @@ impl Attestor {
             })),
         };
         Ok(Self {
+            rates: crate::ratelimit::PerMinute::new(cfg.attestations_per_minute, MAX_RATED_PODS),
             cfg,
             td,
             mode,
-            rates: Mutex::new(HashMap::new()),
             reviews: Mutex::new((Instant::now(), 0)),
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         })
@@ -335,30 +334,8 @@ impl Attestor {
 
     /// Counts one attestation of the pod; refuses past the rate.
     fn rate(&self, s: &Subject) -> Result<(), Refused> {
-        let Ok(mut rates) = self.rates.lock() else {
-            return Err(Refused::Unavailable("rate state poisoned".into()));
-        };
-        let minute = Duration::from_secs(60);
-        if rates.len() >= MAX_RATED_PODS && !rates.contains_key(&s.pod_uid) {
-            rates.retain(|_, (start, _)| start.elapsed() < minute);
-            if rates.len() >= MAX_RATED_PODS {
-                return Err(Refused::RateLimited(s.pod.clone(), 60));
-            }
-        }
-        let entry = rates
-            .entry(s.pod_uid.clone())
-            .or_insert((Instant::now(), 0));
-        if entry.0.elapsed() >= minute {
-            *entry = (Instant::now(), 0);
-        }
-        if entry.1 >= self.cfg.attestations_per_minute {
-            let wait = minute.saturating_sub(entry.0.elapsed()).as_secs().max(1);
-            return Err(Refused::RateLimited(
-                format!("{}/{}", s.namespace, s.pod),
-                wait,
-            ));
-        }
-        entry.1 += 1;
-        Ok(())
+        self.rates
+            .check(&s.pod_uid)
+            .map_err(|wait| Refused::RateLimited(format!("{}/{}", s.namespace, s.pod), wait))
     }
 }

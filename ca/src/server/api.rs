@@ -39,9 +39,14 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Routes one request.
-pub async fn handle(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    svc: Arc<CaService>,
+    caller: Caller,
+    source: std::net::IpAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     match (req.method(), req.uri().path()) {
-        (&Method::POST, "/v1/certify") => certify(svc, caller, req).await,
+        (&Method::POST, "/v1/certify") => certify(svc, caller, source, req).await,
         (&Method::POST, "/v1/deny") => deny(svc, caller, req).await,
         (&Method::GET | &Method::HEAD, "/v1/bundle") => bundle(&svc, &req),
         (&Method::GET, WATCH_PATH) => watch(svc, caller, &req).await,
@@ -54,9 +59,45 @@ pub async fn handle(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>)
 
 /// Reads and parses the body, then hands the decision (or the refusal of a
 /// malformed request) to the blocking pool: it signs and writes the store.
-async fn certify(svc: Arc<CaService>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
+async fn certify(
+    svc: Arc<CaService>,
+    caller: Caller,
+    source: std::net::IpAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let now = OffsetDateTime::now_utc();
-    let parsed = match parse(req).await {
+    // Over a limit: counted and logged, never written to the trail (the
+    // limits are what bound the trail).
+    let limited = |svc: &CaService, r: Refusal, kind: &'static str| {
+        static LIMIT_LOG: crate::ratelog::LogLimiter = crate::ratelog::LogLimiter::new(10);
+        svc.metrics.refusals.with_label_values(&[r.reason()]).inc();
+        svc.metrics
+            .issuances
+            .with_label_values(&[kind, "refused"])
+            .inc();
+        if LIMIT_LOG.allow() {
+            tracing::warn!(%source, detail = %r, "certify request over a limit");
+        }
+        refused(&r)
+    };
+    if let Err(r) = svc.limits.check_source(source) {
+        // Read (and drop) the body first, as for every refusal: a client
+        // still sending would get a reset instead of this answer.
+        let _ = body(req).await;
+        return limited(&svc, r, "malformed");
+    }
+    let parsed = parse(req).await;
+    if let Ok((request, _)) = &parsed
+        && let Err(r) = svc.limits.check_caller(request, &caller)
+    {
+        let kind = if request.token.is_some() {
+            "bootstrap"
+        } else {
+            "renewal"
+        };
+        return limited(&svc, r, kind);
+    }
+    let parsed = match parsed {
         Ok((request, Some(k8s_token))) => match attest(&svc, &k8s_token, now).await {
             Ok(pod) => Ok((request, Caller::Pod(pod))),
             Err((refusal, Some(pod))) => {
@@ -159,7 +200,12 @@ fn refused(r: &Refusal) -> Response<Body> {
         other => other.to_string(),
     };
     let mut resp = problem(r.status(), r.reason(), &detail);
-    if let Refusal::Kubernetes(crate::kubernetes::Refused::RateLimited(_, s)) = r
+    let wait = match r {
+        Refusal::Kubernetes(crate::kubernetes::Refused::RateLimited(_, s))
+        | Refusal::RateLimited(_, s) => Some(*s),
+        _ => None,
+    };
+    if let Some(s) = wait
         && let Ok(v) = header::HeaderValue::from_str(&s.to_string())
     {
         resp.headers_mut().insert(header::RETRY_AFTER, v);

@@ -281,7 +281,11 @@ async fn accept_loop(
             let svc2 = svc.clone();
             let service = service_fn(move |req| {
                 let (svc, caller) = (svc2.clone(), caller.clone());
-                async move { Ok::<_, std::convert::Infallible>(api::handle(svc, caller, req).await) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        api::handle(svc, caller, peer.ip(), req).await,
+                    )
+                }
             });
             let conn = builder
                 .serve_connection(TokioIo::new(tls), service)
