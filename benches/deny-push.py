@@ -433,6 +433,9 @@ class Bench:
                 wall0, cmd_s = self.phase(phase, rnd)
                 got = sorted(s for _, _, s in self.samples[phase][n0:])
                 row[phase] = {"t0": wall0, "cmd": cmd_s, "got": got}
+                dead = [f"{n} (exit {p.returncode})" for n, p in self.procs if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"exited during round {rnd + 1} {phase}: {', '.join(dead)}")
                 time.sleep(a.pause)
             r_busy1 = self.machine_cpu()
             row["outside"] = max(0.0, (r_busy1[0] - r_busy0[0]) - (r_busy1[1] - r_busy0[1])
@@ -483,7 +486,8 @@ class Bench:
                   if e.get("fields", {}).get("message") == "deny list changed"]
             changes.append(ev)
         out = {"ca": {"deny": [], "allow": []}, "proxy": {"deny": [], "allow": []},
-               "never": {"deny": [], "allow": []}, "applied": {}}
+               "never": {"deny": [], "allow": []}, "applied": {},
+               "push": {"deny": [], "allow": []}}
         for row in self.rounds:
             for phase in ("deny", "allow"):
                 t0 = row[phase]["t0"]
@@ -507,6 +511,8 @@ class Bench:
                         out["never"][phase].append((row["round"], i))
                     else:
                         out["proxy"][phase].append(hit - t0)
+                        if nxt:
+                            out["push"][phase].append(hit - nxt[0])
                         out["applied"][(phase, row["round"], i)] = hit - t0
         return out
 
@@ -562,6 +568,11 @@ class Bench:
                 f"{max(ca, default=math.nan):.3f} s; t0 -> proxy 'deny list changed' n={len(px)} "
                 f"p50 {pct(px, 50):.3f} p90 {pct(px, 90):.3f} p99 {pct(px, 99):.3f} max "
                 f"{max(px, default=math.nan):.3f} s; never logged: {len(lb['never'][phase])}")
+        for phase in ("deny", "allow"):
+            push = sorted(lb["push"][phase])
+            log(f"  {phase:5}: CA 'trust feed moved on' -> proxy 'deny list changed' p50 "
+                f"{pct(push, 50) * 1000:.0f} ms p90 {pct(push, 90) * 1000:.0f} ms p99 "
+                f"{pct(push, 99) * 1000:.0f} ms max {max(push, default=math.nan) * 1000:.0f} ms")
         for phase in ("deny", "allow"):
             # the client's flip must come after the proxy logged the change
             # (log timestamps are taken after the change is applied, so a
@@ -709,7 +720,7 @@ def main():
         b.report()
         ok = True
     except KeyboardInterrupt as e:
-        log(f"interrupted ({e}); cleaning up")
+        log(f"interrupted ({e}); cleaning up; logs kept in {b.work}")
     except Exception as e:
         log(f"FAILED: {e}")
         log(f"logs kept in {b.work}")

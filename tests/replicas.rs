@@ -244,3 +244,40 @@ fn replicas_with_their_own_state_directories_rotate_one_chain_and_both_sign_with
     assert!(!sealed.contains("PRIVATE KEY"), "{sealed}");
     assert!(run_ok(&["ca", "audit", "verify", "--dir", ca.dir()]).contains("ok"));
 }
+
+#[test]
+fn a_root_written_into_the_store_by_someone_else_is_never_trusted() {
+    let Some(pg) = Postgres::start() else { return };
+    let (ca, a, _b) = replicated(&pg);
+    // Someone with the database's password, not store.key, adds a root.
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let forged = params.self_signed(&key).unwrap();
+    let id = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(forged.der()))
+    };
+    pg.query(&format!(
+        "INSERT INTO authorities (id, kind, parent, cert_pem, not_before, not_after, state, created_at, changed_at) \
+         VALUES ('{id}', 'root', NULL, '{}', 0, 4102444800, 'published', 0, 0); \
+         UPDATE trust_seq SET seq = seq + 1 WHERE id = 1",
+        forged.pem()
+    ));
+    // The replicas see the change and refuse the chain it makes.
+    assert!(common::wait_for(std::time::Duration::from_secs(10), || a
+        .metric("warden_ca_rotation_failures_total")
+        >= 1.0));
+    let bundle = std::process::Command::new("curl")
+        .args(["-sk", &format!("https://{}/v1/bundle", a.api)])
+        .output()
+        .unwrap()
+        .stdout;
+    let bundle = String::from_utf8(bundle).unwrap();
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1, "{bundle}");
+    assert!(!bundle.contains(forged.pem().lines().nth(1).unwrap()));
+    // And a command refuses to work on such a store rather than trust it.
+    let status = run(&["ca", "status", "--dir", ca.dir()]);
+    assert!(!status.status.success());
+    assert!(String::from_utf8_lossy(&status.stderr).contains("not vouched for by store.key"));
+}

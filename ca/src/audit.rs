@@ -72,7 +72,8 @@ pub fn append(
         store::insert_audit_line(tx, head.seq + 1, &line)?;
         0
     } else {
-        append_to_file(path, &head, &line)?;
+        // A batch syncs the file once before it commits; alone, sync now.
+        append_to_file(path, &head, &line, !tx.is_grouped())?;
         head.len + line.len() as i64 + 1
     };
     let new_head = AuditHead {
@@ -104,7 +105,7 @@ fn render(head: &AuditHead, event: Event, now: OffsetDateTime) -> (String, Strin
     (line, hash)
 }
 
-fn append_to_file(path: &Path, head: &AuditHead, line: &str) -> Result<(), CaError> {
+fn append_to_file(path: &Path, head: &AuditHead, line: &str, sync: bool) -> Result<(), CaError> {
     let audit_err = |e: std::io::Error| CaError::Audit(format!("{}: {e}", path.display()));
     let mut file = OpenOptions::new()
         .append(true)
@@ -126,8 +127,12 @@ fn append_to_file(path: &Path, head: &AuditHead, line: &str) -> Result<(), CaErr
     }
     file.write_all(format!("{line}\n").as_bytes())
         .map_err(audit_err)?;
-    // On disk before the store commits: a crash must not keep an event whose line is lost.
-    file.sync_data().map_err(audit_err)
+    // On disk before the store commits: a crash must not keep an event
+    // whose line is lost (a batch syncs once, before its commit).
+    if sync {
+        file.sync_data().map_err(audit_err)?;
+    }
+    Ok(())
 }
 
 /// The first problem found in an audit trail.

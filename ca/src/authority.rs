@@ -364,6 +364,20 @@ impl Authority {
             return Ok(false);
         }
         let corrupt = |what: String| CaError::Corrupt(format!("authorities: {what}"));
+        // Only certificates this CA recorded count: the store alone cannot
+        // add a root (or anything) without store.key's tag.
+        if let Some(key) = &self.store_key
+            && let Some(bad) = records.iter().find(|a| {
+                a.state != State::Retired
+                    && !a.mac.as_ref().is_some_and(|m| key.verify(&a.vouched(), m))
+            })
+        {
+            return Err(corrupt(format!(
+                "{} {} is not vouched for by store.key: refusing the whole chain",
+                bad.kind.as_str(),
+                bad.id
+            )));
+        }
         let active: Vec<_> = records
             .iter()
             .filter(|a| a.kind == Kind::Intermediate && a.state == State::Active)

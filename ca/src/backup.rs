@@ -60,8 +60,8 @@ impl CaService {
             .open(&db)
             .map_err(io(&db))?;
         {
-            let conn = self.store.lock();
-            let store::Db::Sqlite(conn) = &*conn else {
+            let conn = self.store.lock_exclusive();
+            let store::Db::Sqlite(conn) = &conn.db else {
                 return Err(CaError::Setup(
                     "backup copies the embedded store; back a PostgreSQL store up with pg_dump (README: Operations)".into(),
                 ));

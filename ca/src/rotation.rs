@@ -43,6 +43,11 @@ pub enum Step {
     Retired(String),
 }
 
+/// The first 16 characters of an id, as `status` shows it.
+fn short(id: &str) -> &str {
+    id.get(..16).unwrap_or(id)
+}
+
 fn unix(t: OffsetDateTime) -> i64 {
     t.unix_timestamp()
 }
@@ -66,6 +71,7 @@ fn record(
         state,
         created_at: now,
         changed_at: now,
+        mac: None,
     }
 }
 
@@ -97,7 +103,7 @@ impl CaService {
                 } else {
                     State::Published
                 };
-                roots.push(record(
+                roots.push(self.vouch(record(
                     r,
                     certs_pem(std::slice::from_ref(r)),
                     Kind::Root,
@@ -105,13 +111,13 @@ impl CaService {
                     state,
                     v,
                     t,
-                ));
+                )));
             }
             let parent = roots
                 .iter()
                 .find(|r| r.state == State::Active)
                 .map(|r| r.id.clone());
-            let intermediate = record(
+            let intermediate = self.vouch(record(
                 int,
                 certs_pem(std::slice::from_ref(int)),
                 Kind::Intermediate,
@@ -119,7 +125,7 @@ impl CaService {
                 State::Active,
                 files.intermediate_validity,
                 t,
-            );
+            ));
             self.change(now, |tx| {
                 if !chain::authorities(tx)?.is_empty() {
                     return Ok(None); // another process was first
@@ -137,6 +143,16 @@ impl CaService {
         self.reload_chain()
     }
 
+    /// Tags a new record under `store.key` (see [`crate::sealed`]).
+    fn vouch(&self, mut a: AuthorityRecord) -> AuthorityRecord {
+        a.mac = self
+            .authority
+            .store_key
+            .as_ref()
+            .map(|k| k.tag(&a.vouched()));
+        a
+    }
+
     /// On a shared store, puts the key of a new CA certificate there,
     /// sealed, for the other replicas (see [`crate::sealed`]).
     fn share_key(&self, id: &str, key: &KeyPair) -> Result<(), CaError> {
@@ -144,14 +160,12 @@ impl CaService {
             return Ok(());
         }
         let Some(sealer) = &self.authority.store_key else {
-            tracing::warn!(
-                id,
-                "no store.key: this key stays in this replica's keys/, and other replicas cannot sign with it"
-            );
-            return Ok(());
+            return Err(CaError::Setup(format!(
+                "no store.key in the CA directory (nor WARDEN_CA_STORE_KEY): the key of {id} cannot be shared with the other replicas, so nothing is rotated"
+            )));
         };
         let sealed = sealer.seal(id, &key.serialize_pem())?;
-        let mut conn = self.store.lock();
+        let mut conn = self.store.lock_exclusive();
         let mut tx = store::begin_write(&mut conn)?;
         store::insert_sealed_key(&mut tx, id, &sealed)?;
         tx.commit()?;
@@ -198,7 +212,7 @@ impl CaService {
         m.chain_expiry.reset();
         for a in chain.records.iter().filter(|a| a.state != State::Retired) {
             m.chain_expiry
-                .with_label_values(&[a.kind.as_str(), a.state.as_str(), &a.id[..16]])
+                .with_label_values(&[a.kind.as_str(), a.state.as_str(), short(&a.id)])
                 .set(a.not_after as f64);
         }
         m.cert_expiry
@@ -224,7 +238,7 @@ impl CaService {
         now: OffsetDateTime,
         f: impl FnOnce(&mut WriteTx<'_>) -> crate::store::sql::Result<Option<Event>>,
     ) -> Result<bool, CaError> {
-        let mut conn = self.store.lock();
+        let mut conn = self.store.lock_exclusive();
         let mut tx = store::begin_write(&mut conn)?;
         let Some(event) = f(&mut tx)? else {
             return Ok(false);
@@ -267,7 +281,7 @@ impl CaService {
         let id = cert_id(cert.der());
         self.authority.keep_key(&id, &key)?;
         self.share_key(&id, &key)?;
-        Ok(record(
+        Ok(self.vouch(record(
             cert.der(),
             cert.pem(),
             Kind::Intermediate,
@@ -275,7 +289,7 @@ impl CaService {
             state,
             validity,
             unix(now),
-        ))
+        )))
     }
 
     /// Moves automatic intermediate rotation on, as its schedule says at `now`.
@@ -434,7 +448,7 @@ impl CaService {
         if validity.not_after <= now {
             return Err(Refusal::Rotation("that root has expired".into()));
         }
-        let root = record(
+        let root = self.vouch(record(
             &der,
             certs_pem(std::slice::from_ref(&der)),
             Kind::Root,
@@ -442,7 +456,7 @@ impl CaService {
             State::Published,
             validity,
             unix(now),
-        );
+        ));
         self.authority.keep_key(&root.id, &key)?;
         self.share_key(&root.id, &key)?;
         let added = self.change(now, |tx| {
@@ -455,7 +469,7 @@ impl CaService {
         if !added {
             return Err(Refusal::Rotation(format!(
                 "root {} is already known",
-                &root.id[..16]
+                short(&root.id)
             )));
         }
         self.reload_chain()?;
@@ -471,7 +485,7 @@ impl CaService {
         if root.kind != Kind::Root || root.state != State::Published {
             return Err(Refusal::Rotation(format!(
                 "{} is a {} {}, not a root waiting in the bundle",
-                &root.id[..16],
+                short(&root.id),
                 root.state.as_str(),
                 root.kind.as_str()
             )));
@@ -483,7 +497,7 @@ impl CaService {
         if now < ready {
             return Err(Refusal::Rotation(format!(
                 "root {} has been in the bundle since {}; it can sign from {ready} on (rotation_overlap {}), once every proxy trusts it",
-                &root.id[..16],
+                short(&root.id),
                 root.created_at,
                 warden_config::HumanDuration(overlap)
             )));
@@ -517,7 +531,7 @@ impl CaService {
         if !done {
             return Err(Refusal::Rotation(format!(
                 "root {} changed meanwhile; try again",
-                &root.id[..16]
+                short(&root.id)
             )));
         }
         self.reload_chain()?;
@@ -531,7 +545,7 @@ impl CaService {
         if root.kind != Kind::Root || root.state != State::Published {
             return Err(Refusal::Rotation(format!(
                 "{} is a {} {}: only a root that no longer signs can be retired (activate another first)",
-                &root.id[..16],
+                short(&root.id),
                 root.state.as_str(),
                 root.kind.as_str()
             )));
@@ -557,7 +571,7 @@ impl CaService {
             let last = self.last_leaf_under(&root.id)?;
             return Err(Refusal::Rotation(format!(
                 "{live} certificates signed under root {} are still valid (the last until {}): retiring it now would break them",
-                &root.id[..16],
+                short(&root.id),
                 last.map_or("?".to_owned(), |l| l.to_string())
             )));
         }
@@ -622,12 +636,12 @@ impl CaService {
                 "  {:<12} {:<9} {}  not after {} ({}){}",
                 a.kind.as_str(),
                 a.state.as_str(),
-                &a.id[..16],
+                short(&a.id),
                 when(a.not_after),
                 left(a.not_after),
                 a.parent
                     .as_ref()
-                    .map(|p| format!("  under {}", &p[..16.min(p.len())]))
+                    .map(|p| format!("  under {}", short(p)))
                     .unwrap_or_default()
             );
         }

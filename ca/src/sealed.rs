@@ -16,8 +16,9 @@ use crate::authority::CaError;
 /// Length of `store.key`'s secret, in bytes (before base64).
 pub const STORE_KEY_LEN: usize = 32;
 
-/// The sealing key from `store.key`'s text.
-pub struct StoreKey(LessSafeKey);
+/// The sealing key from `store.key`'s text, and the key that vouches for
+/// the store's records of roots and intermediates (derived from it).
+pub struct StoreKey(LessSafeKey, aws_lc_rs::hmac::Key);
 
 impl std::fmt::Debug for StoreKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,7 +50,13 @@ impl StoreKey {
         }
         let key = UnboundKey::new(&AES_256_GCM, &bytes)
             .map_err(|_| CaError::Setup("store.key: not an AES-256 key".into()))?;
-        Ok(Self(LessSafeKey::new(key)))
+        use aws_lc_rs::hmac;
+        let derived = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &bytes),
+            b"warden authority records",
+        );
+        let mac_key = hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref());
+        Ok(Self(LessSafeKey::new(key), mac_key))
     }
 
     /// Seals `key_pem` (of the CA certificate `id`) for the store.
@@ -66,6 +73,30 @@ impl StoreKey {
         let mut out = nonce_bytes.to_vec();
         out.extend_from_slice(&data);
         Ok(STANDARD.encode(out))
+    }
+
+    /// A tag over `fields` (joined unambiguously): the store cannot make
+    /// one, so it cannot add a trust anchor of its own.
+    pub fn tag(&self, fields: &[&str]) -> String {
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.1);
+        for f in fields {
+            ctx.update(&(f.len() as u64).to_be_bytes());
+            ctx.update(f.as_bytes());
+        }
+        STANDARD.encode(ctx.sign().as_ref())
+    }
+
+    /// Whether `tag` is [`StoreKey::tag`] of `fields` (in constant time).
+    pub fn verify(&self, fields: &[&str], tag: &str) -> bool {
+        let Ok(tag) = STANDARD.decode(tag) else {
+            return false;
+        };
+        let mut msg = Vec::new();
+        for f in fields {
+            msg.extend_from_slice(&(f.len() as u64).to_be_bytes());
+            msg.extend_from_slice(f.as_bytes());
+        }
+        aws_lc_rs::hmac::verify(&self.1, &msg, &tag).is_ok()
     }
 
     /// Opens what [`StoreKey::seal`] made for `id`; fails on any change to

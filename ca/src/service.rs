@@ -136,6 +136,12 @@ pub enum Refusal {
     Internal(#[from] CaError),
 }
 
+impl From<crate::store::StoreError> for Refusal {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
 impl Refusal {
     /// A fixed label for metrics, logs and the problem type.
     pub fn reason(&self) -> &'static str {
@@ -233,18 +239,23 @@ impl IssuanceLimiters {
     }
 
     /// Counts one parsed certify request against its token or its SPIFFE ID.
+    /// Counts a renewal against its SPIFFE ID (a join token is counted
+    /// once the store knows it: see [`IssuanceLimiters::check_token`]).
     pub fn check_caller(&self, req: &CertifyRequest, caller: &Caller) -> Result<(), Refusal> {
-        let limited = |what: &'static str| move |wait| Refusal::RateLimited(what, wait);
-        if let Some(t) = &req.token {
-            self.token
-                .check(&crate::token::hash(t))
-                .map_err(limited("join token"))?;
-        } else if let Caller::Svid { id, .. } = caller {
+        if let (None, Caller::Svid { id, .. }) = (&req.token, caller) {
             self.identity
                 .check(id.as_str())
-                .map_err(limited("SPIFFE ID"))?;
+                .map_err(|wait| Refusal::RateLimited("SPIFFE ID", wait))?;
         }
         Ok(())
+    }
+
+    /// Counts a use of a join token the store knows (unknown ones take no
+    /// slot: anyone can make them up).
+    pub fn check_token(&self, hash: &str) -> Result<(), Refusal> {
+        self.token
+            .check(hash)
+            .map_err(|wait| Refusal::RateLimited("join token", wait))
     }
 }
 
@@ -275,6 +286,7 @@ impl CaService {
         };
         let metrics = CaMetrics::new().map_err(|e| CaError::Setup(format!("metrics: {e}")))?;
         let audit_path = authority.state_dir.join(files::AUDIT);
+        store.set_audit_file(audit_path.clone());
         let authority_limits = authority.config.rate_limits;
         let kubernetes = authority
             .config
@@ -310,12 +322,12 @@ impl CaService {
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<T, Refusal>,
         event: impl FnOnce(&T) -> Event,
     ) -> Result<T, Refusal> {
-        let mut conn = self.store.lock();
-        let mut tx = store::begin_write(&mut conn).map_err(CaError::from)?;
-        let value = f(&mut tx)?;
-        audit::append(&mut tx, &self.audit_path, event(&value), now)?;
-        tx.commit().map_err(CaError::from)?;
-        Ok(value)
+        // Grouped: concurrent writes share one commit (see `Store::write_grouped`).
+        self.store.write_grouped(|tx| {
+            let value = f(tx)?;
+            audit::append(tx, &self.audit_path, event(&value), now)?;
+            Ok(value)
+        })
     }
 
     /// Records `event` in the audit trail on its own (no other state changes).
@@ -427,7 +439,8 @@ impl CaService {
         if REFUSAL_LOG.allow() {
             tracing::warn!(kind, reason, spiffe_id = %id_text, detail = %refusal, "refused");
         }
-        if id.is_none() {
+        // A limit refusal stays out of the trail: the limits bound it.
+        if id.is_none() || matches!(refusal, Refusal::RateLimited(..)) {
             return;
         }
         let event = fields.iter().fold(
@@ -459,6 +472,7 @@ impl CaService {
             (Some(hash), _) => {
                 let rec = store::token(&mut *self.store.lock(), hash).map_err(CaError::from)?;
                 let rec = rec.ok_or(Refusal::TokenUnknown)?;
+                self.limits.check_token(hash)?;
                 let id = SpiffeId::parse(&rec.spiffe_id)
                     .map_err(|e| CaError::Corrupt(format!("a stored token has a bad id: {e}")))?;
                 *claimed = Some(id.clone());

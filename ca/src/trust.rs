@@ -85,8 +85,12 @@ impl CaService {
             (sequence, store::denied_ids(&mut *conn)?)
         };
         // A rotation step moved it, perhaps: sign with, and hand out, what
-        // the store now records.
-        self.reload_chain()?;
+        // the store now records. If that fails, the deny list still goes
+        // out (with the bundle as it stands): revocation must not wait on it.
+        if let Err(e) = self.reload_chain() {
+            self.metrics.rotation_failures.inc();
+            tracing::error!(error = %e, "cannot load the chain the store records; signing with the current one");
+        }
         let answer = TrustAnswer {
             sequence,
             trust_bundle: self.authority.bundle_pem(),

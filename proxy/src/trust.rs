@@ -72,11 +72,15 @@ pub async fn follow(
     identity: watch::Sender<Option<Arc<Identity>>>,
     denied: watch::Sender<DeniedSet>,
     metrics: ProxyMetrics,
-    mut sequence: Option<u64>,
+    cached: Option<u64>,
     state_dir: Option<PathBuf>,
 ) {
+    // The first call asks for the whole current state (the cached bundle
+    // is not used, so roots rotated meanwhile must come from the CA); the
+    // cached deny list stays applied until it answers.
+    let mut sequence: Option<u64> = None;
     let m = &metrics.trust;
-    m.sequence.set(sequence.unwrap_or(0) as i64);
+    m.sequence.set(cached.unwrap_or(0) as i64);
     m.denied.set(denied.borrow().len() as i64);
     let last_sync = Arc::new(AtomicI64::new(0));
     tokio::spawn(age(last_sync.clone(), metrics.clone()));
@@ -98,6 +102,19 @@ pub async fn follow(
                 last_sync.store(now, Ordering::Relaxed);
                 m.last_sync.set(now as f64);
                 m.sync_age.set(0.0);
+                // Never back to an older answer (a replica a poll behind):
+                // that would lift a deny.
+                let newer = |u: &TrustUpdate| match sequence {
+                    Some(s) => u.sequence > s,
+                    None => u.sequence >= cached.unwrap_or(0),
+                };
+                if let Some(u) = &update
+                    && !newer(u)
+                {
+                    // A replica behind what this proxy already enforces.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
                 if let Some(u) = update {
                     sequence = Some(u.sequence);
                     apply(&identity, &denied, &metrics, &u);

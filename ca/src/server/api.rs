@@ -331,7 +331,9 @@ async fn watch(svc: Arc<CaService>, caller: Caller, req: &Request<Incoming>) -> 
     if rx.borrow_and_update().denied.contains(id.as_str()) {
         return refused(&Refusal::Denied(id));
     }
-    if after == Some(rx.borrow().sequence) {
+    // A caller at or past this replica's sequence (another replica may be
+    // ahead by a poll) waits for news; it is never sent an older answer.
+    if after.is_some_and(|a| a >= rx.borrow().sequence) {
         // Never past the caller's certificate: it renews, then watches again.
         let hold = WATCH_HOLD.min((not_after - now).unsigned_abs());
         let changed = {
@@ -350,6 +352,14 @@ async fn watch(svc: Arc<CaService>, caller: Caller, req: &Request<Incoming>) -> 
         }
     }
     let snapshot = rx.borrow().clone();
+    if after.is_some_and(|a| a >= snapshot.sequence) {
+        // Woken by a change that is still not past the caller's (or closing).
+        let mut resp = respond(StatusCode::NO_CONTENT, "application/json", Vec::new());
+        if let Ok(v) = header::HeaderValue::from_str(&snapshot.sequence.to_string()) {
+            resp.headers_mut().insert(TRUST_SEQUENCE_HEADER, v);
+        }
+        return resp;
+    }
     if snapshot.denied.contains(id.as_str()) {
         return refused(&Refusal::Denied(id));
     }

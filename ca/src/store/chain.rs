@@ -88,6 +88,23 @@ pub struct AuthorityRecord {
     pub created_at: i64,
     /// When its state last changed, unix seconds.
     pub changed_at: i64,
+    /// A tag under `store.key` over its id, kind, parent and certificate
+    /// ([`AuthorityRecord::vouched`]); `None` on a CA without `store.key`.
+    pub mac: Option<String>,
+}
+
+impl AuthorityRecord {
+    /// The fields the tag covers: what it is and where it sits, never its
+    /// state (a state the store changes can only act on certificates the
+    /// CA itself recorded).
+    pub fn vouched(&self) -> [&str; 4] {
+        [
+            self.id.as_str(),
+            self.kind.as_str(),
+            self.parent.as_deref().unwrap_or(""),
+            self.cert_pem.as_str(),
+        ]
+    }
 }
 
 /// The table, and the column that ties each issued leaf to its intermediate
@@ -106,6 +123,12 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             changed_at  INTEGER NOT NULL
         );",
     )?;
+    let has_mac = conn
+        .prepare("SELECT 1 FROM pragma_table_info('authorities') WHERE name = 'mac'")?
+        .exists([])?;
+    if !has_mac {
+        conn.execute_batch("ALTER TABLE authorities ADD COLUMN mac TEXT")?;
+    }
     let has_issuer = conn
         .prepare("SELECT 1 FROM pragma_table_info('issued') WHERE name = 'issuer'")?
         .exists([])?;
@@ -122,7 +145,7 @@ fn bad(what: &str, v: &str) -> StoreError {
 /// Every root and intermediate, oldest first.
 pub fn authorities(db: &mut dyn Sql) -> Result<Vec<AuthorityRecord>> {
     let rows = db.rows(
-        "SELECT id, kind, parent, cert_pem, not_before, not_after, state, created_at, changed_at
+        "SELECT id, kind, parent, cert_pem, not_before, not_after, state, created_at, changed_at, mac
          FROM authorities ORDER BY created_at, id",
         &[],
     )?;
@@ -144,6 +167,7 @@ pub fn authorities(db: &mut dyn Sql) -> Result<Vec<AuthorityRecord>> {
                 state: State::parse(&state).ok_or_else(|| bad("state", &state))?,
                 created_at: r.int(7)?,
                 changed_at: r.int(8)?,
+                mac: r.opt_text(9)?,
             })
         })
         .collect()
@@ -152,8 +176,8 @@ pub fn authorities(db: &mut dyn Sql) -> Result<Vec<AuthorityRecord>> {
 /// Records a new root or intermediate.
 pub fn insert_authority(tx: &mut WriteTx<'_>, a: &AuthorityRecord) -> Result<()> {
     tx.exec(
-        "INSERT INTO authorities (id, kind, parent, cert_pem, not_before, not_after, state, created_at, changed_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "INSERT INTO authorities (id, kind, parent, cert_pem, not_before, not_after, state, created_at, changed_at, mac)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         &[
             (&a.id).into(),
             a.kind.as_str().into(),
@@ -164,6 +188,7 @@ pub fn insert_authority(tx: &mut WriteTx<'_>, a: &AuthorityRecord) -> Result<()>
             a.state.as_str().into(),
             a.created_at.into(),
             a.changed_at.into(),
+            a.mac.as_deref().into(),
         ],
     )?;
     Ok(())

@@ -14,8 +14,9 @@
 //! statements; the API server runs each decision on tokio's blocking pool.
 //! Every statement is written once (see [`sql`]) for both databases.
 
-use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior};
@@ -117,8 +118,10 @@ CREATE TABLE IF NOT EXISTS authorities (
     not_after   BIGINT NOT NULL,
     state       TEXT NOT NULL,
     created_at  BIGINT NOT NULL,
-    changed_at  BIGINT NOT NULL
+    changed_at  BIGINT NOT NULL,
+    mac         TEXT
 );
+ALTER TABLE authorities ADD COLUMN IF NOT EXISTS mac TEXT;
 ";
 
 /// What the store knows about a join token.
@@ -187,10 +190,54 @@ impl Sql for Db {
     }
 }
 
+/// The connection and the group commit in progress on it.
+#[derive(Debug)]
+pub struct Conn {
+    /// The database.
+    pub db: Db,
+    batch: Batch,
+}
+
+impl Sql for Conn {
+    fn exec(&mut self, sql: &str, params: &[Value]) -> sql::Result<u64> {
+        self.db.exec(sql, params)
+    }
+    fn rows(&mut self, sql: &str, params: &[Value]) -> sql::Result<Vec<Row>> {
+        self.db.rows(sql, params)
+    }
+}
+
+/// Group commit: writes that arrive while one commits share the next
+/// transaction, so one pair of fsyncs (the audit file's, the database's)
+/// makes a whole batch durable; each write is answered only once its batch
+/// committed. A write that fails rolls back to its own savepoint and leaves
+/// the others in.
+#[derive(Debug, Default)]
+struct Batch {
+    /// A batch transaction is open.
+    open: bool,
+    /// Number of the open (or last) batch.
+    epoch: u64,
+    /// The last batch that ended, and its error if it did not commit.
+    ended: u64,
+    failed: Option<(u64, String)>,
+    /// Writes in the open batch that wait for its commit.
+    jobs: usize,
+}
+
+/// Most writes in one batch.
+const MAX_BATCH: usize = 256;
+
 /// Handle to the CA's database.
 #[derive(Debug)]
 pub struct Store {
-    db: Mutex<Db>,
+    db: Mutex<Conn>,
+    /// Wakes writers waiting for their batch's commit.
+    committed: Condvar,
+    /// Writers waiting to join the open batch: its commit waits for them.
+    joining: AtomicUsize,
+    /// The audit file synced before each batch commits (SQLite).
+    audit_file: OnceLock<PathBuf>,
 }
 
 impl Store {
@@ -203,9 +250,122 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SQLITE_SCHEMA)?;
         chain::migrate(&conn)?;
-        Ok(Self {
-            db: Mutex::new(Db::Sqlite(conn)),
-        })
+        Ok(Self::with(Db::Sqlite(conn)))
+    }
+
+    fn with(db: Db) -> Self {
+        Self {
+            db: Mutex::new(Conn {
+                db,
+                batch: Batch::default(),
+            }),
+            committed: Condvar::new(),
+            joining: AtomicUsize::new(0),
+            audit_file: OnceLock::new(),
+        }
+    }
+
+    /// The audit trail file whose appends each batch makes durable.
+    pub fn set_audit_file(&self, path: PathBuf) {
+        let _ = self.audit_file.set(path);
+    }
+
+    /// Runs `f` in the open batch transaction (opening one if needed) and
+    /// returns once that batch committed: see [`Batch`].
+    pub fn write_grouped<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.joining.fetch_add(1, Ordering::SeqCst);
+        let mut conn = self.lock();
+        self.joining.fetch_sub(1, Ordering::SeqCst);
+        if !conn.batch.open {
+            conn.db.begin_raw()?;
+            conn.batch.open = true;
+            conn.batch.epoch += 1;
+            conn.batch.jobs = 0;
+        }
+        let epoch = conn.batch.epoch;
+        conn.db.exec("SAVEPOINT job", &[])?;
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            f(&mut WriteTx::Batch(&mut conn.db))
+        }));
+        let result = match run {
+            Ok(r) => r,
+            Err(panic) => {
+                // Never let half a write ride along in the batch.
+                let _ = conn.db.exec("ROLLBACK TO job", &[]);
+                let _ = conn.db.exec("RELEASE job", &[]);
+                std::panic::resume_unwind(panic);
+            }
+        };
+        match result {
+            Err(e) => {
+                conn.db.exec("ROLLBACK TO job", &[])?;
+                conn.db.exec("RELEASE job", &[])?;
+                if conn.batch.jobs == 0 && self.joining.load(Ordering::SeqCst) == 0 {
+                    // Nobody else is in it: close the empty transaction.
+                    self.end_batch(&mut conn);
+                }
+                Err(e)
+            }
+            Ok(value) => {
+                conn.db.exec("RELEASE job", &[])?;
+                conn.batch.jobs += 1;
+                loop {
+                    if conn.batch.ended >= epoch {
+                        return match &conn.batch.failed {
+                            Some((e, why)) if *e == epoch => {
+                                Err(StoreError::Postgres(format!("commit failed: {why}")).into())
+                            }
+                            _ => Ok(value),
+                        };
+                    }
+                    let last_in = self.joining.load(Ordering::SeqCst) == 0;
+                    if conn.batch.open && (last_in || conn.batch.jobs >= MAX_BATCH) {
+                        self.end_batch(&mut conn);
+                        continue;
+                    }
+                    conn = self
+                        .committed
+                        .wait_timeout(conn, Duration::from_millis(1))
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+            }
+        }
+    }
+
+    /// The connection with no batch open (it commits the open one first),
+    /// for a write that does not group: a rotation step, a shared key.
+    pub fn lock_exclusive(&self) -> MutexGuard<'_, Conn> {
+        let mut conn = self.lock();
+        if conn.batch.open {
+            self.end_batch(&mut conn);
+        }
+        conn
+    }
+
+    /// Commits the open batch (the audit file first), or records why not,
+    /// and wakes its writers.
+    fn end_batch(&self, conn: &mut Conn) {
+        let synced = match self.audit_file.get() {
+            Some(path) if conn.batch.jobs > 0 && !conn.db.is_postgres() => {
+                std::fs::File::open(path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            }
+            _ => Ok(()),
+        };
+        let outcome = synced.and_then(|()| conn.db.end("COMMIT").map_err(|e| e.to_string()));
+        if let Err(why) = outcome {
+            let _ = conn.db.end("ROLLBACK");
+            tracing::error!(error = %why, writes = conn.batch.jobs, "a batch of store writes did not commit; none of them is answered as done");
+            conn.batch.failed = Some((conn.batch.epoch, why));
+        }
+        conn.batch.open = false;
+        conn.batch.ended = conn.batch.epoch;
+        self.committed.notify_all();
     }
 
     /// Connects to the PostgreSQL database at `url` and creates what is missing.
@@ -213,13 +373,11 @@ impl Store {
         let mut pg = pg::Pg::connect(url)?;
         pg.begin_write()?;
         pg.batch(&format!("{POSTGRES_SCHEMA} COMMIT;"))?;
-        Ok(Self {
-            db: Mutex::new(Db::Postgres(pg)),
-        })
+        Ok(Self::with(Db::Postgres(pg)))
     }
 
     /// The connection, for one decision's worth of statements.
-    pub fn lock(&self) -> MutexGuard<'_, Db> {
+    pub fn lock(&self) -> MutexGuard<'_, Conn> {
         // A panic while holding the lock cannot leave the database
         // inconsistent: an open transaction rolls back when dropped.
         self.db.lock().unwrap_or_else(|p| p.into_inner())
@@ -227,7 +385,7 @@ impl Store {
 
     /// Whether this is the shared PostgreSQL store.
     pub fn is_postgres(&self) -> bool {
-        matches!(*self.lock(), Db::Postgres(_))
+        self.lock().db.is_postgres()
     }
 
     /// The recorded audit head (seq 0 when the trail is empty).
@@ -258,12 +416,38 @@ impl Store {
     }
 }
 
+impl Db {
+    /// Whether this is PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+
+    /// Ends a batch's transaction with `COMMIT` or `ROLLBACK`.
+    fn end(&mut self, how: &str) -> sql::Result<()> {
+        match self {
+            Self::Sqlite(c) => Ok(c.execute_batch(how)?),
+            Self::Postgres(p) => p.end(how),
+        }
+    }
+
+    /// Opens a write transaction by statement (a batch's).
+    fn begin_raw(&mut self) -> sql::Result<()> {
+        match self {
+            Self::Sqlite(c) => Ok(c.execute_batch("BEGIN IMMEDIATE")?),
+            Self::Postgres(p) => p.begin_write(),
+        }
+    }
+}
+
 /// A write transaction that holds the store's write lock.
 pub enum WriteTx<'a> {
     /// `BEGIN IMMEDIATE`.
     Sqlite(rusqlite::Transaction<'a>),
     /// `BEGIN` and the advisory lock.
     Postgres(PgTx<'a>),
+    /// One write of a group commit (see [`Store::write_grouped`]): its
+    /// batch commits it.
+    Batch(&'a mut Db),
 }
 
 /// A PostgreSQL write transaction; rolled back unless committed.
@@ -275,7 +459,7 @@ pub struct PgTx<'a> {
 impl Drop for PgTx<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.pg.batch("ROLLBACK");
+            let _ = self.pg.end("ROLLBACK");
         }
     }
 }
@@ -285,12 +469,14 @@ impl Sql for WriteTx<'_> {
         match self {
             Self::Sqlite(t) => t.exec(sql, params),
             Self::Postgres(p) => p.pg.exec(sql, params),
+            Self::Batch(db) => db.exec(sql, params),
         }
     }
     fn rows(&mut self, sql: &str, params: &[Value]) -> sql::Result<Vec<Row>> {
         match self {
             Self::Sqlite(t) => t.rows(sql, params),
             Self::Postgres(p) => p.pg.rows(sql, params),
+            Self::Batch(db) => db.rows(sql, params),
         }
     }
 }
@@ -302,15 +488,27 @@ impl WriteTx<'_> {
             Self::Sqlite(t) => Ok(t.commit()?),
             Self::Postgres(mut p) => {
                 p.done = true;
-                p.pg.batch("COMMIT")
+                p.pg.end("COMMIT")
             }
+            // Its batch commits it.
+            Self::Batch(_) => Ok(()),
         }
     }
 
     /// Whether the audit lines go into the database (PostgreSQL) rather
     /// than the trail file.
     pub fn is_postgres(&self) -> bool {
-        matches!(self, Self::Postgres(_))
+        match self {
+            Self::Sqlite(_) => false,
+            Self::Postgres(_) => true,
+            Self::Batch(db) => db.is_postgres(),
+        }
+    }
+
+    /// Whether a batch makes this write durable (the audit file is synced
+    /// once for the batch, not per line).
+    pub fn is_grouped(&self) -> bool {
+        matches!(self, Self::Batch(_))
     }
 }
 
@@ -325,9 +523,15 @@ pub fn issued_kind(db: &mut dyn Sql, serial: &str) -> sql::Result<Option<String>
     .transpose()
 }
 
-/// Starts a transaction that holds the write lock from its first statement.
-pub fn begin_write(db: &mut Db) -> sql::Result<WriteTx<'_>> {
-    match db {
+/// Starts a transaction that holds the write lock from its first statement
+/// (a rotation step, a shared key: writes that do not group).
+pub fn begin_write(conn: &mut Conn) -> sql::Result<WriteTx<'_>> {
+    if conn.batch.open {
+        return Err(StoreError::Row(
+            "a batch is open on this connection: use write_grouped".into(),
+        ));
+    }
+    match &mut conn.db {
         Db::Sqlite(c) => Ok(WriteTx::Sqlite(
             c.transaction_with_behavior(TransactionBehavior::Immediate)?,
         )),

@@ -22,6 +22,10 @@ pub struct Pg {
     /// Always `Some` until dropped (see `Drop`).
     rt: Option<tokio::runtime::Runtime>,
     client: Option<Client>,
+    /// A transaction is open on `client`: a lost connection then fails the
+    /// transaction instead of reconnecting under it (statements would run
+    /// outside it, without the write lock).
+    in_tx: bool,
 }
 
 impl Drop for Pg {
@@ -73,6 +77,7 @@ impl Pg {
             url: url.to_owned(),
             rt: Some(rt),
             client: None,
+            in_tx: false,
         };
         pg.ensure()?;
         Ok(pg)
@@ -89,6 +94,11 @@ impl Pg {
         if self.client.as_ref().is_some_and(|c| !c.is_closed()) {
             return Ok(());
         }
+        if self.in_tx {
+            return Err(StoreError::Postgres(
+                "the connection was lost during a transaction; nothing of it was kept".into(),
+            ));
+        }
         let url = self.url.clone();
         let rt = self.runtime()?;
         let (client, conn) = block(
@@ -102,7 +112,12 @@ impl Pg {
             }
         });
         self.client = Some(client);
-        Ok(())
+        // A lost replica must not hold the write lock for long, nor wait
+        // forever for it; read what is committed, whatever the server's default.
+        self.batch(
+            "SET idle_in_transaction_session_timeout = '30s'; SET lock_timeout = '20s'; \
+             SET default_transaction_isolation = 'read committed'",
+        )
     }
 
     fn parts(&mut self) -> Result<(&tokio::runtime::Runtime, &Client)> {
@@ -120,9 +135,27 @@ impl Pg {
         block(rt, client.batch_execute(sql)).map_err(pg_err)
     }
 
-    /// Starts a write transaction: BEGIN, then the write lock.
+    /// Starts a write transaction: BEGIN, then the write lock. On failure
+    /// the transaction is rolled back (the session is not left aborted).
     pub fn begin_write(&mut self) -> Result<()> {
-        self.batch(&format!("BEGIN; {WRITE_LOCK}"))
+        self.batch("BEGIN ISOLATION LEVEL READ COMMITTED")?;
+        self.in_tx = true;
+        if let Err(e) = self.batch(WRITE_LOCK) {
+            let _ = self.end("ROLLBACK");
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Ends the transaction with `COMMIT` or `ROLLBACK`.
+    pub fn end(&mut self, how: &str) -> Result<()> {
+        let r = self.batch(how);
+        self.in_tx = false;
+        if r.is_err() {
+            // The session's state is unknown: start from a new one.
+            self.client = None;
+        }
+        r
     }
 }
 
