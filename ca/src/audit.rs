@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::authority::CaError;
-use crate::store::{self, AuditHead, Store, WriteTx};
+use crate::store::{self, AuditHead, Sql, Store, WriteTx};
 
 pub use crate::store::GENESIS;
 
@@ -226,13 +226,20 @@ pub fn verify_dir(dir: &Path, postgres: Option<&str>) -> Result<usize, VerifyErr
     let read = |e: store::StoreError| VerifyError::Read(e.to_string());
     if let Some(url) = postgres {
         let store = Store::open_postgres(url).map_err(read)?;
-        let mut text = store::audit_lines(&mut *store.lock())
-            .map_err(read)?
-            .join("\n");
+        // The head and the lines from one snapshot: replicas append meanwhile.
+        let (head, lines) = {
+            let mut conn = store.lock();
+            conn.exec("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", &[])
+                .map_err(read)?;
+            let head = store::read_audit_head(&mut *conn).map_err(read)?;
+            let lines = store::audit_lines(&mut *conn, i64::MAX).map_err(read)?;
+            conn.exec("COMMIT", &[]).map_err(read)?;
+            (head, lines)
+        };
+        let mut text = lines.join("\n");
         if !text.is_empty() {
             text.push('\n');
         }
-        let head = store.audit_head().map_err(read)?;
         return Ok(verify_text(&text, &head)?);
     }
     let path = dir.join(files::AUDIT);

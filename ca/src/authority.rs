@@ -440,7 +440,14 @@ impl Authority {
         if path.exists() {
             return Ok(());
         }
-        write_new(&path, key.serialize_pem().as_bytes(), true)
+        // Through a temporary file and a rename: a crash never leaves half a key.
+        let tmp = dir.join(format!("{id}.pem.tmp"));
+        let _ = fs::remove_file(&tmp);
+        write_new(&tmp, key.serialize_pem().as_bytes(), true)?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&dir))
     }
 
     /// Signs an X.509-SVID for `id` over `public_key`. The lifetime is `ttl`

@@ -319,10 +319,19 @@ impl CaService {
                     })?;
                 let next = self.make_intermediate(root, State::Published, now)?;
                 let done = self.change(now, |tx| {
+                    // Under the lock, the premises again: the same intermediate
+                    // signs, its root is still the active one, none is prepared.
                     let current = chain::authorities(tx)?;
-                    if current
-                        .iter()
-                        .any(|a| a.kind == Kind::Intermediate && a.state == State::Published)
+                    let still = |id: &str, kind, state| {
+                        current
+                            .iter()
+                            .any(|a| a.id == id && a.kind == kind && a.state == state)
+                    };
+                    if !still(&active.id, Kind::Intermediate, State::Active)
+                        || !still(&root.id, Kind::Root, State::Active)
+                        || current
+                            .iter()
+                            .any(|a| a.kind == Kind::Intermediate && a.state == State::Published)
                     {
                         return Ok(None);
                     }
@@ -341,10 +350,13 @@ impl CaService {
             {
                 let (old, new) = (active.id.clone(), p.id.clone());
                 let done = self.change(now, |tx| {
-                    if !chain::move_authority(tx, &new, State::Published, State::Active, t)? {
+                    // Both moves or neither (returning None rolls back):
+                    // never two active intermediates.
+                    if !chain::move_authority(tx, &old, State::Active, State::Previous, t)?
+                        || !chain::move_authority(tx, &new, State::Published, State::Active, t)?
+                    {
                         return Ok(None);
                     }
-                    chain::move_authority(tx, &old, State::Active, State::Previous, t)?;
                     Ok(Some(
                         event("intermediate_activated", p).with("previous", old.as_str()),
                     ))
@@ -560,7 +572,14 @@ impl CaService {
             if !chain::move_authority(tx, &root.id, State::Published, State::Retired, t)? {
                 return Ok(None);
             }
-            for a in chain::authorities(tx)? {
+            let children = chain::authorities(tx)?;
+            if children
+                .iter()
+                .any(|a| a.parent.as_deref() == Some(root.id.as_str()) && a.state == State::Active)
+            {
+                return Ok(None); // it signs after all (rolled back)
+            }
+            for a in children {
                 if a.parent.as_deref() == Some(root.id.as_str()) && a.state != State::Retired {
                     chain::move_authority(tx, &a.id, a.state, State::Retired, t)?;
                 }

@@ -607,12 +607,16 @@ pub fn insert_audit_line(tx: &mut WriteTx<'_>, seq: i64, line: &str) -> sql::Res
     Ok(())
 }
 
-/// Every audit line the database holds, in order (PostgreSQL).
-pub fn audit_lines(db: &mut dyn Sql) -> sql::Result<Vec<String>> {
-    db.rows("SELECT line FROM audit_lines ORDER BY seq", &[])?
-        .iter()
-        .map(|r| r.text(0))
-        .collect()
+/// The audit lines up to `seq` (the head read before), in order
+/// (PostgreSQL); a line past it is still reported by `verify_text`'s count.
+pub fn audit_lines(db: &mut dyn Sql, seq: i64) -> sql::Result<Vec<String>> {
+    db.rows(
+        "SELECT line FROM audit_lines WHERE seq <= $1 ORDER BY seq",
+        &[seq.into()],
+    )?
+    .iter()
+    .map(|r| r.text(0))
+    .collect()
 }
 
 /// Stores a new token's hash.
