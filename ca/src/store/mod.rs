@@ -701,9 +701,18 @@ pub fn trust_sequence(db: &mut dyn Sql) -> sql::Result<u64> {
     Ok(r.map(|r| r.int(0)).transpose()?.unwrap_or(0).max(0) as u64)
 }
 
-/// Moves the trust feed on, inside the transaction that changed it.
+/// Moves the trust feed on, inside the transaction that changed it: to the
+/// next number, or to the time in milliseconds if that is higher, so that
+/// after a store is restored from a backup the next change still passes
+/// every sequence a proxy has seen (proxies never go back).
 pub fn bump_trust_sequence(tx: &mut WriteTx<'_>) -> sql::Result<()> {
-    tx.exec("UPDATE trust_seq SET seq = seq + 1 WHERE id = 1", &[])?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    tx.exec(
+        "UPDATE trust_seq SET seq = CASE WHEN seq + 1 > $1 THEN seq + 1 ELSE $1 END WHERE id = 1",
+        &[now_ms.into()],
+    )?;
     Ok(())
 }
 
