@@ -131,6 +131,11 @@ pub enum Refusal {
     /// Over a per-caller limit (which one); retry after the seconds given.
     #[error("too many certify requests from this {0}; retry in {1} s")]
     RateLimited(&'static str, u64),
+    /// The server has no room for another long poll; retry after the seconds given.
+    #[error(
+        "this CA server holds as many trust feed watchers as it takes; retry in {0} s (or add a replica)"
+    )]
+    Busy(u64),
     /// Something on the CA's side failed; nothing was issued.
     #[error("internal error: {0}")]
     Internal(#[from] CaError),
@@ -162,6 +167,7 @@ impl Refusal {
             Self::TooLarge(_) => "body_too_large",
             Self::Rotation(_) => "rotation_refused",
             Self::RateLimited(..) => "rate_limited",
+            Self::Busy(_) => "busy",
             Self::Internal(_) => "internal",
         }
     }
@@ -183,6 +189,7 @@ impl Refusal {
             | Self::NotReporter(_) => 403,
             Self::Rotation(_) => 409,
             Self::RateLimited(..) => 429,
+            Self::Busy(_) => 503,
             Self::Internal(_) => 500,
         }
     }

@@ -35,6 +35,9 @@ use crate::token::MAX_TOKEN_LEN;
 /// Largest request body; a P-256 CSR plus a token is about 1 KiB, a deny
 /// report at most a 2 KiB SPIFFE ID and a 200-byte reason.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Most trust feed watchers one server holds at once: three quarters of
+/// its connection slots, so certify requests always find one.
+pub const MAX_WATCHERS: i64 = (crate::server::MAX_CONNECTIONS as i64) * 3 / 4;
 /// How long a client may take to send its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -202,7 +205,8 @@ fn refused(r: &Refusal) -> Response<Body> {
     let mut resp = problem(r.status(), r.reason(), &detail);
     let wait = match r {
         Refusal::Kubernetes(crate::kubernetes::Refused::RateLimited(_, s))
-        | Refusal::RateLimited(_, s) => Some(*s),
+        | Refusal::RateLimited(_, s)
+        | Refusal::Busy(s) => Some(*s),
         _ => None,
     };
     if let Some(s) = wait
@@ -334,6 +338,11 @@ async fn watch(svc: Arc<CaService>, caller: Caller, req: &Request<Incoming>) -> 
     // A caller at or past this replica's sequence (another replica may be
     // ahead by a poll) waits for news; it is never sent an older answer.
     if after.is_some_and(|a| a >= rx.borrow().sequence) {
+        // Waiting watchers hold connections; certify requests need some too.
+        if svc.metrics.trust_watchers.get() >= MAX_WATCHERS {
+            svc.metrics.refusals.with_label_values(&["busy"]).inc();
+            return refused(&Refusal::Busy(5));
+        }
         // Never past the caller's certificate: it renews, then watches again.
         let hold = WATCH_HOLD.min((not_after - now).unsigned_abs());
         let changed = {
