@@ -67,6 +67,9 @@ fn a_join_token_is_used_exactly_once_across_two_replicas_under_50_concurrent_use
     assert_eq!(after.len(), before + 1);
     assert!(after.contains(&ok[0].1["serial"].as_str().unwrap().to_owned()));
     assert!(run_ok(&["ca", "audit", "verify", "--dir", ca.dir()]).contains("ok"));
+    // Both replicas say they are alive, in the shared store.
+    let status = run_ok(&["ca", "status", "--dir", ca.dir()]);
+    assert!(status.contains("replicas        2 serving"), "{status}");
     drop((a, b));
 }
 

@@ -621,6 +621,7 @@ impl CaService {
         let records = chain::authorities(&mut *conn)?;
         let counts = store::counts(&mut *conn, t)?;
         let sequence = store::trust_sequence(&mut *conn)?;
+        let live = store::replicas(&mut *conn, t - 3 * crate::trust::HEARTBEAT.as_secs() as i64)?;
         drop(conn);
         let when = |u: i64| {
             OffsetDateTime::from_unix_timestamp(u)
@@ -647,6 +648,15 @@ impl CaService {
         let _ = writeln!(out, "trust sequence  {sequence}");
         if let Some(last) = records.iter().map(|a| a.changed_at).max() {
             let _ = writeln!(out, "last rotation   {}", when(last));
+        }
+        let _ = writeln!(out, "replicas        {} serving", live.len());
+        for (name, started, seen) in &live {
+            let _ = writeln!(
+                out,
+                "  {name}  up since {}, seen {} s ago",
+                when(*started),
+                t - seen
+            );
         }
         let _ = writeln!(out, "chain:");
         for a in &records {

@@ -108,10 +108,39 @@ impl CaService {
     }
 }
 
+/// How often each `ca serve` records that it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// This replica's name: the host (a pod's name) and the process id.
+fn replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{host}/{}", std::process::id())
+}
+
 /// Keeps the feed current until the process ends.
 pub async fn keep_polling(svc: Arc<CaService>) {
     let mut failing = false;
+    let name = replica_name();
+    let started = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut beat = tokio::time::Instant::now();
     loop {
+        if beat <= tokio::time::Instant::now() {
+            beat = tokio::time::Instant::now() + HEARTBEAT;
+            let (s, n) = (svc.clone(), name.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                let mut conn = s.store.lock_exclusive();
+                let mut tx = store::begin_write(&mut conn)?;
+                store::heartbeat(&mut tx, &n, started, now)?;
+                tx.commit()
+            })
+            .await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "cannot record this replica's heartbeat");
+            }
+        }
         let s = svc.clone();
         match tokio::task::spawn_blocking(move || s.refresh_trust()).await {
             Ok(Ok(changed)) => {

@@ -56,6 +56,11 @@ CREATE TABLE IF NOT EXISTS trust_seq (
     seq         INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO trust_seq (id, seq) VALUES (1, 1);
+CREATE TABLE IF NOT EXISTS replicas (
+    name        TEXT PRIMARY KEY,
+    started_at  INTEGER NOT NULL,
+    seen_at     INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit_head (
     id          INTEGER PRIMARY KEY CHECK (id = 1),
     seq         INTEGER NOT NULL,
@@ -100,6 +105,11 @@ CREATE TABLE IF NOT EXISTS audit_head (
     seq         BIGINT NOT NULL,
     hash        TEXT NOT NULL,
     len         BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replicas (
+    name        TEXT PRIMARY KEY,
+    started_at  BIGINT NOT NULL,
+    seen_at     BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit_lines (
     seq         BIGINT PRIMARY KEY,
@@ -828,4 +838,26 @@ pub fn sealed_key(db: &mut dyn Sql, id: &str) -> sql::Result<Option<String>> {
     )?
     .map(|r| r.text(0))
     .transpose()
+}
+
+/// Records that the `ca serve` process `name` is alive at `now` (every
+/// replica does, every few seconds, for `warden ca status`).
+pub fn heartbeat(tx: &mut WriteTx<'_>, name: &str, started_at: i64, now: i64) -> sql::Result<()> {
+    tx.exec(
+        "INSERT INTO replicas (name, started_at, seen_at) VALUES ($1, $2, $3)
+         ON CONFLICT (name) DO UPDATE SET started_at = excluded.started_at, seen_at = excluded.seen_at",
+        &[name.into(), started_at.into(), now.into()],
+    )?;
+    Ok(())
+}
+
+/// The replicas seen since `since`: name, start time, last seen.
+pub fn replicas(db: &mut dyn Sql, since: i64) -> sql::Result<Vec<(String, i64, i64)>> {
+    db.rows(
+        "SELECT name, started_at, seen_at FROM replicas WHERE seen_at >= $1 ORDER BY name",
+        &[since.into()],
+    )?
+    .iter()
+    .map(|r| Ok((r.text(0)?, r.int(1)?, r.int(2)?)))
+    .collect()
 }
