@@ -86,6 +86,7 @@ pub async fn follow(
     tokio::spawn(age(last_sync.clone(), metrics.clone()));
     let mut current = identity.subscribe();
     let mut attempt = 0u32;
+    let mut watcher = warden_identity::client::TrustWatcher::default();
     loop {
         let link = match current
             .wait_for(|id| id.as_ref().is_some_and(|i| i.ca.is_some()))
@@ -95,7 +96,7 @@ pub async fn follow(
             Err(_) => return,
         };
         let Some(link) = link else { continue };
-        match link.client.watch(&link.creds, sequence).await {
+        match watcher.watch(&link.client, &link.creds, sequence).await {
             Ok(update) => {
                 attempt = 0;
                 let now = OffsetDateTime::now_utc().unix_timestamp();

@@ -283,12 +283,20 @@ impl CaClient {
         creds: &Credentials,
         after: Option<u64>,
     ) -> Result<Option<TrustUpdate>, ClientError> {
+        TrustWatcher::default().watch(self, creds, after).await
+    }
+
+    /// One long poll on `sender`, checked.
+    async fn watch_on(
+        &self,
+        sender: &mut Sender,
+        after: Option<u64>,
+    ) -> Result<Option<TrustUpdate>, ClientError> {
         let path = match after {
             Some(n) => format!("{WATCH_PATH}?after={n}"),
             None => WATCH_PATH.to_owned(),
         };
-        let config = self.tls_config(Some(creds))?;
-        let call = self.call_inner(config, Method::GET, &path, Bytes::new(), MAX_TRUST_BYTES);
+        let call = self.send(sender, Method::GET, &path, Bytes::new(), MAX_TRUST_BYTES);
         let (status, body) = match tokio::time::timeout(WATCH_HOLD + CALL_TIMEOUT, call).await {
             Ok(r) => r?,
             Err(_) => return Err(self.unreachable("watch timed out")),
@@ -447,6 +455,12 @@ impl CaClient {
         body: Bytes,
         limit: usize,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        let mut sender = self.connect(config).await?;
+        self.send(&mut sender, method, path, body, limit).await
+    }
+
+    /// A new mTLS connection to the CA, HTTP/1.1 over it.
+    async fn connect(&self, config: ClientConfig) -> Result<Sender, ClientError> {
         let tcp = TcpStream::connect(&self.addr)
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -456,10 +470,21 @@ impl CaClient {
             .connect(name, tcp)
             .await
             .map_err(|e| self.unreachable(format!("tls: {e}")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| self.unreachable(e))?;
         tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    async fn send(
+        &self,
+        sender: &mut Sender,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        limit: usize,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -479,6 +504,60 @@ impl CaClient {
             .map_err(|e| self.unreachable(e))?
             .to_bytes();
         Ok((status, body))
+    }
+}
+
+/// An HTTP/1.1 connection to the CA.
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// A proxy's side of the trust feed: one keep-alive mTLS connection kept
+/// across long polls (the CA closes it after a minute; a new one is made
+/// then, or when the certificate it was made with is renewed), so a change
+/// costs the CA one answer per proxy, not a handshake.
+#[derive(Default)]
+pub struct TrustWatcher {
+    conn: Option<(String, Sender)>,
+}
+
+impl std::fmt::Debug for TrustWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustWatcher")
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl TrustWatcher {
+    /// As [`CaClient::watch`], on the kept connection when it is still open.
+    pub async fn watch(
+        &mut self,
+        client: &CaClient,
+        creds: &Credentials,
+        after: Option<u64>,
+    ) -> Result<Option<TrustUpdate>, ClientError> {
+        let reusable = self
+            .conn
+            .as_ref()
+            .is_some_and(|(chain, s)| *chain == creds.chain_pem && !s.is_closed());
+        if reusable && let Some((chain, mut sender)) = self.conn.take() {
+            match client.watch_on(&mut sender, after).await {
+                Ok(r) => {
+                    self.conn = Some((chain, sender));
+                    return Ok(r);
+                }
+                // Closed by the CA between polls: once more, on a new one.
+                Err(ClientError::Unreachable { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let config = client.tls_config(Some(creds))?;
+        let connect = tokio::time::timeout(CALL_TIMEOUT, client.connect(config));
+        let mut sender = connect
+            .await
+            .map_err(|_| client.unreachable("watch timed out"))??;
+        let r = client.watch_on(&mut sender, after).await?;
+        self.conn = Some((creds.chain_pem.clone(), sender));
+        Ok(r)
     }
 }
 
