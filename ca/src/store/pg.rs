@@ -26,6 +26,9 @@ pub struct Pg {
     /// transaction instead of reconnecting under it (statements would run
     /// outside it, without the write lock).
     in_tx: bool,
+    /// Statements prepared on this connection, by their text (a decision
+    /// runs the same few again and again: one round trip each, not two).
+    prepared: std::collections::HashMap<String, tokio_postgres::Statement>,
 }
 
 impl Drop for Pg {
@@ -78,6 +81,7 @@ impl Pg {
             rt: Some(rt),
             client: None,
             in_tx: false,
+            prepared: std::collections::HashMap::new(),
         };
         pg.ensure()?;
         Ok(pg)
@@ -112,6 +116,7 @@ impl Pg {
             }
         });
         self.client = Some(client);
+        self.prepared.clear();
         // A lost replica must not hold the write lock for long, nor wait
         // forever for it; read what is committed, whatever the server's default.
         self.batch(
@@ -198,19 +203,35 @@ fn pg_row(r: &tokio_postgres::Row) -> Result<Row> {
     Ok(Row(row))
 }
 
+impl Pg {
+    /// `sql` prepared on the current connection (once per connection).
+    fn statement(&mut self, sql: &str) -> Result<tokio_postgres::Statement> {
+        self.ensure()?;
+        if let Some(st) = self.prepared.get(sql) {
+            return Ok(st.clone());
+        }
+        let (rt, client) = self.parts()?;
+        let st = block(rt, client.prepare(sql)).map_err(pg_err)?;
+        self.prepared.insert(sql.to_owned(), st.clone());
+        Ok(st)
+    }
+}
+
 impl Sql for Pg {
     fn exec(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
+        let st = self.statement(sql)?;
         let (rt, client) = self.parts()?;
         let owned = pg_params(params);
         let refs: Vec<&(dyn ToSql + Sync)> = owned.iter().map(|b| &**b as _).collect();
-        block(rt, client.execute(sql, &refs)).map_err(pg_err)
+        block(rt, client.execute(&st, &refs)).map_err(pg_err)
     }
 
     fn rows(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
+        let st = self.statement(sql)?;
         let (rt, client) = self.parts()?;
         let owned = pg_params(params);
         let refs: Vec<&(dyn ToSql + Sync)> = owned.iter().map(|b| &**b as _).collect();
-        let rows = block(rt, client.query(sql, &refs)).map_err(pg_err)?;
+        let rows = block(rt, client.query(&st, &refs)).map_err(pg_err)?;
         rows.iter().map(pg_row).collect()
     }
 }
