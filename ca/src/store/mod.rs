@@ -181,8 +181,8 @@ pub struct AuditHead {
 pub enum Db {
     /// The embedded default.
     Sqlite(Connection),
-    /// Shared by replicas.
-    Postgres(pg::Pg),
+    /// Shared by replicas (boxed: it is the larger by far).
+    Postgres(Box<pg::Pg>),
 }
 
 impl Sql for Db {
@@ -383,7 +383,7 @@ impl Store {
         let mut pg = pg::Pg::connect(url)?;
         pg.begin_write()?;
         pg.batch(&format!("{POSTGRES_SCHEMA} COMMIT;"))?;
-        Ok(Self::with(Db::Postgres(pg)))
+        Ok(Self::with(Db::Postgres(Box::new(pg))))
     }
 
     /// The connection, for one decision's worth of statements.
