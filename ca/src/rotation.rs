@@ -203,6 +203,10 @@ impl CaService {
     /// Loads the chain the store records, and exports every level's expiry.
     pub(crate) fn reload_chain(&self) -> Result<(), CaError> {
         let records = chain::authorities(&mut *self.store.lock())?;
+        // Most moves of the trust sequence are denies: nothing to reload.
+        if records == self.authority.chain().records {
+            return Ok(());
+        }
         if self.store.is_postgres() {
             self.fetch_keys(&records)?;
         }
@@ -421,6 +425,21 @@ impl CaService {
         }
     }
 
+    /// The root `id` names, if it is in the bundle and not signing;
+    /// otherwise a refusal that says what it is, then `why`.
+    fn published_root(&self, id: &str, why: &str) -> Result<AuthorityRecord, Refusal> {
+        let root = self.find(id)?;
+        if root.kind != Kind::Root || root.state != State::Published {
+            return Err(Refusal::Rotation(format!(
+                "{} is a {} {}: {why}",
+                short(&root.id),
+                root.state.as_str(),
+                root.kind.as_str()
+            )));
+        }
+        Ok(root)
+    }
+
     /// `warden ca root add`: a new root in the bundle, not signing yet.
     /// `brought`: an existing CA certificate and its key (made elsewhere);
     /// else a new self-signed root that lives `ttl`.
@@ -493,15 +512,7 @@ impl CaService {
     /// been in the bundle for `rotation_overlap`, so every proxy trusts it
     /// before the first leaf under it exists.
     pub fn activate_root(&self, id: &str, now: OffsetDateTime) -> Result<AuthorityRecord, Refusal> {
-        let root = self.find(id)?;
-        if root.kind != Kind::Root || root.state != State::Published {
-            return Err(Refusal::Rotation(format!(
-                "{} is a {} {}, not a root waiting in the bundle",
-                short(&root.id),
-                root.state.as_str(),
-                root.kind.as_str()
-            )));
-        }
+        let root = self.published_root(id, "not a root waiting in the bundle")?;
         let overlap = self.authority.config.rotation_overlap;
         let ready = OffsetDateTime::from_unix_timestamp(root.created_at)
             .map_err(|e| CaError::Corrupt(e.to_string()))?
@@ -553,15 +564,10 @@ impl CaService {
     /// `warden ca root retire`: takes a root out of the bundle. Refused for
     /// the active root, and while any certificate signed under it is valid.
     pub fn retire_root(&self, id: &str, now: OffsetDateTime) -> Result<AuthorityRecord, Refusal> {
-        let root = self.find(id)?;
-        if root.kind != Kind::Root || root.state != State::Published {
-            return Err(Refusal::Rotation(format!(
-                "{} is a {} {}: only a root that no longer signs can be retired (activate another first)",
-                short(&root.id),
-                root.state.as_str(),
-                root.kind.as_str()
-            )));
-        }
+        let root = self.published_root(
+            id,
+            "only a root that no longer signs can be retired (activate another first)",
+        )?;
         let t = unix(now);
         let mut live = 0;
         let done = self.change(now, |tx| {

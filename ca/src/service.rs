@@ -447,7 +447,12 @@ impl CaService {
             tracing::warn!(kind, reason, spiffe_id = %id_text, detail = %refusal, "refused");
         }
         // A limit refusal stays out of the trail: the limits bound it.
-        if id.is_none() || matches!(refusal, Refusal::RateLimited(..)) {
+        let limited = matches!(
+            refusal,
+            Refusal::RateLimited(..)
+                | Refusal::Kubernetes(crate::kubernetes::Refused::RateLimited(..))
+        );
+        if id.is_none() || limited {
             return;
         }
         let event = fields.iter().fold(

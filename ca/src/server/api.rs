@@ -187,10 +187,6 @@ async fn attest(
                     );
                 }
             }
-            // A rate refusal is counted and logged, never written to the
-            // trail: the rate is what bounds the trail.
-            let claimed =
-                claimed.filter(|_| !matches!(r, crate::kubernetes::Refused::RateLimited(..)));
             Err((r.into(), claimed))
         }
     }
@@ -345,24 +341,16 @@ async fn watch(svc: Arc<CaService>, caller: Caller, req: &Request<Incoming>) -> 
         }
         // Never past the caller's certificate: it renews, then watches again.
         let hold = WATCH_HOLD.min((not_after - now).unsigned_abs());
-        let changed = {
-            let _watching = Watching::new(&svc.metrics.trust_watchers);
-            tokio::select! {
-                r = tokio::time::timeout(hold, rx.changed()) => matches!(r, Ok(Ok(()))),
-                () = svc.trust.closed() => false,
-            }
-        };
-        if !changed {
-            let mut resp = respond(StatusCode::NO_CONTENT, "application/json", Vec::new());
-            if let Ok(v) = header::HeaderValue::from_str(&rx.borrow().sequence.to_string()) {
-                resp.headers_mut().insert(TRUST_SEQUENCE_HEADER, v);
-            }
-            return resp;
+        // Until a change, the hold, or shutdown; what it was is read below.
+        let _watching = Watching::new(&svc.metrics.trust_watchers);
+        tokio::select! {
+            _ = tokio::time::timeout(hold, rx.changed()) => {}
+            () = svc.trust.closed() => {}
         }
     }
     let snapshot = rx.borrow().clone();
     if after.is_some_and(|a| a >= snapshot.sequence) {
-        // Woken by a change that is still not past the caller's (or closing).
+        // Nothing past the caller's sequence (the hold ended, or closing).
         let mut resp = respond(StatusCode::NO_CONTENT, "application/json", Vec::new());
         if let Ok(v) = header::HeaderValue::from_str(&snapshot.sequence.to_string()) {
             resp.headers_mut().insert(TRUST_SEQUENCE_HEADER, v);
