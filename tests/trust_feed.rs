@@ -200,6 +200,9 @@ fn a_deny_reaches_every_proxy_in_seconds_both_directions_and_allow_undoes_it() {
         ),
         1.0
     );
+    // The first 502 may have been the pooled connection closing under a
+    // request; this call dials anew and is refused at the handshake.
+    assert_eq!(plain_get(p1.addr("out"), "/").unwrap().0, 502);
     assert!(
         p1.metric("warden_proxy_handshake_failures_total{direction=\"outbound\",listener=\"out\",reason=\"denied\"}")
             >= 1.0
