@@ -486,8 +486,20 @@ impl Proof {
             tracing::warn!(dir = %dir.display(), "not using the stored certificate: {why}");
             return None;
         }
-        let file = |name| std::fs::read_to_string(dir.join(name)).ok();
-        let (chain, key) = (file(files_out::CERT)?, file(files_out::KEY)?);
+        // A pair whose key is the certificate's, even after a crash between
+        // the two renames of a write.
+        let (chain, key) = match files_out::read_credentials(dir) {
+            Ok(pair) => pair,
+            Err(files_out::ReadError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "the stored certificate is not usable; using the join token");
+                return None;
+            }
+        };
         // Against the configured trust anchors, never the stored ones: a
         // file in the state directory cannot bring its own root.
         let bundle = bundle_pem.clone();
