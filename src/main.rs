@@ -120,6 +120,11 @@ enum Command {
         /// The root's key (PEM); used once, here, and not written out.
         #[arg(long, requires = "root_cert")]
         root_key: Option<PathBuf>,
+        /// Bring your own root from a Secret manifest in cert-manager's
+        /// layout (`kubectl get secret NAME -o yaml` or `-o json`: tls.crt,
+        /// tls.key, optional ca.crt); used as --root-cert/--root-key are.
+        #[arg(long, conflicts_with_all = ["root_cert", "root_key"])]
+        root_secret: Option<PathBuf>,
         /// Which pods the CA attests (default: every namespace's).
         #[arg(long)]
         allow: Vec<String>,
@@ -140,6 +145,10 @@ enum Command {
         /// Its key.
         #[arg(long)]
         key: PathBuf,
+        /// Close a connection on which no request has started or been in
+        /// flight for this long (keep-alive pings do not count).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        idle_timeout: Duration,
         #[command(flatten)]
         sidecar: SidecarArgs,
     },
@@ -520,6 +529,19 @@ struct Replicas {
     store_secret: Option<String>,
 }
 
+/// Writes a file only its owner can read (a key on its way to `install`).
+fn write_private(path: &std::path::Path, text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| usage(format!("{}: {e}", path.display())))
+}
+
 /// Makes the CA's keys in a scratch directory and the control plane's
 /// manifests around them.
 async fn install(
@@ -635,14 +657,19 @@ async fn run(command: Command) -> Result<(), Failure> {
             admin,
             cert,
             key,
+            idle_timeout,
             sidecar,
         } => {
+            if idle_timeout.is_zero() {
+                return Err(usage("--idle-timeout must be more than 0"));
+            }
             let config = warden_deploy::server::Config {
                 listen,
                 admin,
                 cert,
                 key,
                 settings: sidecar.settings()?,
+                idle_timeout,
             };
             warden_deploy::server::run(config, shutdown_on_signal())
                 .await
@@ -662,8 +689,27 @@ async fn run(command: Command) -> Result<(), Failure> {
             store_secret,
             root_cert,
             root_key,
+            root_secret,
             allow,
         } => {
+            // The Secret's root as the two files --root-cert/--root-key
+            // give, in a private scratch directory removed afterwards.
+            let secret_dir =
+                tempfile::tempdir().map_err(|e| usage(format!("a scratch directory: {e}")))?;
+            let root = match root_secret {
+                Some(file) => {
+                    let r = warden_deploy::root_secret::read(&file)
+                        .map_err(|e| usage(format!("--root-secret {e}")))?;
+                    let (cert, key) = (
+                        secret_dir.path().join("root.pem"),
+                        secret_dir.path().join("root-key.pem"),
+                    );
+                    write_private(&cert, &r.cert_pem)?;
+                    write_private(&key, &r.key_pem)?;
+                    Some((cert, key))
+                }
+                None => root_cert.zip(root_key),
+            };
             let ca_replicas = ca_replicas.unwrap_or(if ha { 2 } else { 1 });
             if !ha && ca_replicas > 1 {
                 return Err(usage(
@@ -687,7 +733,7 @@ async fn run(command: Command) -> Result<(), Failure> {
                         ca: ca_replicas,
                         store_secret: ha.then_some(store_secret),
                     },
-                    root_cert.zip(root_key),
+                    root,
                     &allow,
                     now
                 )

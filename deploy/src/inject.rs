@@ -4,9 +4,10 @@
 //!
 //! Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs,
 //! CronJobs, and `List`s of them. Idempotent: an injected template is left
-//! as it is. Skipped, with the reason: a template opted out
-//! (`warden.dev/inject: disabled`), one on the host's network, one with no
-//! port to protect.
+//! as it is (it has the sidecar and the `warden.dev/injected` annotation).
+//! Skipped, with the reason: a template opted out
+//! (`warden.dev/inject: disabled`), one on the host's network, a Windows
+//! pod, one with a container named `warden-proxy` that warden did not add.
 
 use serde_json::{Map, Value};
 
@@ -209,7 +210,14 @@ fn inject_template(template: &mut Value, s: &Settings) -> Outcome {
             .is_some_and(|cs| cs.iter().any(|c| c["name"] == CONTAINER))
     });
     if has_sidecar {
-        return Outcome::AlreadyInjected;
+        // Ours only when the injection was recorded: a container of that
+        // name that warden did not add is not a sidecar it can vouch for.
+        if annotations.contains_key(INJECTED) {
+            return Outcome::AlreadyInjected;
+        }
+        return Outcome::Skipped(format!(
+            "it already has a container named {CONTAINER} that warden did not inject (no {INJECTED} annotation): rename it"
+        ));
     }
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Outcome::Skipped(

@@ -7,6 +7,7 @@
 
 pub mod inject;
 pub mod install;
+pub mod root_secret;
 pub mod server;
 pub mod sidecar;
 pub mod webhook;

@@ -2,21 +2,32 @@
 //! from files, reloaded when they change: the warden CA issues it with the
 //! Service's DNS names), with `/live`, `/ready` and `/metrics` on an admin
 //! port. Malformed reviews are answered 400 and counted.
+//!
+//! Memory is bounded whatever callers do: a review takes its turn (one of
+//! [`MAX_REVIEWS_IN_FLIGHT`]) before its body is read, and waits at most
+//! [`QUEUE_TIMEOUT`] for it (then 503 `busy`, with `Retry-After`); h2 flow
+//! control windows are small, so a stream waiting for its turn holds at
+//! most [`H2_STREAM_WINDOW`] of unread body, a connection
+//! [`H2_CONNECTION_WINDOW`]; a connection with no request for the idle
+//! timeout, or older than [`MAX_CONNECTION_AGE`], is closed gracefully
+//! (GOAWAY on h2: the API server reconnects), so that idle connections
+//! answering keep-alive pings cannot hold the [`MAX_CONNECTIONS`] slots.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use warden_identity::http::{Body, BodyError, problem, read_body, respond, server_builder};
@@ -27,12 +38,27 @@ use crate::webhook::{OptIn, review};
 
 /// Largest AdmissionReview read (the API server caps objects at 1.5 MiB).
 pub const MAX_REVIEW_BYTES: usize = 2 << 20;
-/// Reviews decided at once: each holds the pod parsed twice, so this bounds
-/// memory (the pod manifest gives the webhook 256 MiB).
+/// Reviews read and decided at once: each holds its body and the pod
+/// parsed twice, so this bounds memory (the pod manifest gives the webhook
+/// 256 MiB). The turn is taken before the body is read.
 pub const MAX_REVIEWS_IN_FLIGHT: usize = 4;
+/// How long a review waits for its turn before it is answered 503: well
+/// inside the API server's `timeoutSeconds` (5), so that it can retry.
+pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
-const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection is closed gracefully at this age, busy or not.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(600);
+/// The default idle timeout: no request started or in flight for this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The h2 receive window of one stream: the unread body a waiting stream
+/// can hold (the body is read as fast as the client sends once its turn
+/// has come).
+pub const H2_STREAM_WINDOW: u32 = 64 << 10;
+/// The h2 receive window of one connection (all its streams together).
+pub const H2_CONNECTION_WINDOW: u32 = 128 << 10;
+/// The API server sends a review in one go and gives up after 5 s.
+const BODY_TIMEOUT: Duration = Duration::from_secs(3);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -49,6 +75,9 @@ pub struct Config {
     pub key: PathBuf,
     /// What the sidecars get.
     pub settings: Settings,
+    /// A connection with no request started or in flight for this long is
+    /// closed ([`IDLE_TIMEOUT`] by default).
+    pub idle_timeout: Duration,
 }
 
 /// Why the webhook could not start.
@@ -102,11 +131,16 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     let reviews = IntCounterVec::new(
         Opts::new(
             "warden_webhook_reviews_total",
-            "AdmissionReviews answered, by path and result (injected, unchanged, skipped, malformed).",
+            "AdmissionReviews answered, by path and result (injected, unchanged, skipped, refused, malformed, busy).",
         ),
         &["path", "result"],
     )?;
     registry.register(Box::new(reviews.clone()))?;
+    let in_flight = IntGauge::new(
+        "warden_webhook_reviews_in_flight",
+        "AdmissionReviews holding a turn (being read or decided).",
+    )?;
+    registry.register(Box::new(in_flight.clone()))?;
     tokio::spawn(warden_identity::admin::serve(
         admin,
         registry,
@@ -148,11 +182,22 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     println!("ready");
 
-    let settings = Arc::new(cfg.settings);
-    let deciding = Arc::new(Semaphore::new(MAX_REVIEWS_IN_FLIGHT));
+    let hook = Arc::new(Hook {
+        settings: cfg.settings,
+        reviews,
+        in_flight,
+        turns: Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
+    });
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let graceful = GracefulShutdown::new();
-    let builder = Arc::new(server_builder());
+    let mut builder = server_builder();
+    builder.http1().max_buf_size(64 << 10);
+    builder
+        .http2()
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .adaptive_window(false);
+    let builder = Arc::new(builder);
+    let idle_timeout = cfg.idle_timeout;
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
@@ -168,8 +213,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
             },
             _ = shutdown.changed() => break,
         };
-        let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
-        let (settings, reviews, deciding) = (settings.clone(), reviews.clone(), deciding.clone());
+        let (acceptor, builder, hook) = (acceptor.clone(), builder.clone(), hook.clone());
+        let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -180,67 +225,184 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                 }
                 Err(_) => return,
             };
-            let service = service_fn(move |req| {
-                let (settings, reviews, deciding) =
-                    (settings.clone(), reviews.clone(), deciding.clone());
-                async move {
-                    Ok::<_, std::convert::Infallible>(
-                        answer(req, &settings, &reviews, &deciding).await,
-                    )
-                }
-            });
+            let activity = Arc::new(Activity::new());
+            let service = {
+                let activity = activity.clone();
+                service_fn(move |req| {
+                    let (hook, busy) = (hook.clone(), activity.start());
+                    async move {
+                        let answer = hook.answer(req).await;
+                        drop(busy);
+                        Ok::<_, std::convert::Infallible>(answer)
+                    }
+                })
+            };
             let conn = builder
                 .serve_connection(TokioIo::new(tls), service)
                 .into_owned();
-            let _ = watcher.watch(conn).await;
+            let mut conn = std::pin::pin!(conn);
+            let why = tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = activity.idle(idle_timeout) => "idle",
+                _ = tokio::time::sleep(MAX_CONNECTION_AGE) => "max age",
+                _ = shutdown.wait_for(|stop| *stop) => "shutdown",
+            };
+            tracing::debug!(%peer, why, "closing the connection");
+            // GOAWAY on h2, `Connection: close` on HTTP/1.1: requests in
+            // flight finish, then the connection closes.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
         });
     }
     drop(api);
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
+    // Every connection closes gracefully on the signal, within its own
+    // drain timeout: wait for their slots to come back.
+    let _ = tokio::time::timeout(
+        DRAIN_TIMEOUT + Duration::from_secs(1),
+        permits.acquire_many(MAX_CONNECTIONS as u32),
+    )
+    .await;
     Ok(())
 }
 
-async fn answer(
-    req: Request<Incoming>,
-    s: &Settings,
-    reviews: &IntCounterVec,
-    deciding: &Semaphore,
-) -> Response<Body> {
-    let path = req.uri().path().to_owned();
-    let Some(opt_in) = OptIn::from_path(&path) else {
-        return problem(
-            404,
-            "not_found",
-            "the webhook answers POST /inject/namespace and /inject/pod",
-        );
-    };
-    if req.method() != Method::POST {
-        return problem(405, "method_not_allowed", "POST an AdmissionReview");
+/// When a connection last started or finished a request, and how many it
+/// has in flight: what its idle timeout reads (bytes do not count, so
+/// keep-alive pings never keep a connection open).
+struct Activity {
+    opened: Instant,
+    /// Milliseconds after `opened`.
+    last: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// A request in flight on its connection; done when dropped.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
-    let body = match read_body(req.into_body(), MAX_REVIEW_BYTES, BODY_TIMEOUT).await {
-        Ok(b) => b,
-        Err(e) => {
-            reviews.with_label_values(&[&path, "malformed"]).inc();
-            let status = if matches!(e, BodyError::TooLarge(_)) {
-                413
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            opened: Instant::now(),
+            last: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    fn start(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        Busy(self.clone())
+    }
+
+    /// Returns once no request has started or been in flight for `timeout`.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            let wait = if self.in_flight.load(Ordering::Relaxed) > 0 {
+                timeout
             } else {
-                400
+                let last = self.opened + Duration::from_millis(self.last.load(Ordering::Relaxed));
+                match (last + timeout).checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return,
+                }
             };
-            return problem(status, "bad_review", &e.to_string());
+            tokio::time::sleep(wait).await;
         }
-    };
-    let Ok(_turn) = deciding.acquire().await else {
-        return problem(503, "shutting_down", "the webhook is stopping");
-    };
-    match review(&body, opt_in, s) {
-        Ok((answer, verdict)) => {
-            reviews.with_label_values(&[&path, verdict.label()]).inc();
-            respond(StatusCode::OK, "application/json", answer.to_string())
+    }
+}
+
+/// Takes one off the in-flight gauge when dropped.
+struct Counted<'a>(&'a IntGauge);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What every request of the webhook shares.
+struct Hook {
+    settings: Settings,
+    reviews: IntCounterVec,
+    in_flight: IntGauge,
+    /// Turns to read and decide a review.
+    turns: Semaphore,
+}
+
+impl Hook {
+    async fn answer(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        let Some(opt_in) = OptIn::from_path(&path) else {
+            return problem(
+                404,
+                "not_found",
+                "the webhook answers POST /inject/namespace and /inject/pod",
+            );
+        };
+        if req.method() != Method::POST {
+            return problem(405, "method_not_allowed", "POST an AdmissionReview");
         }
-        Err(why) => {
-            reviews.with_label_values(&[&path, "malformed"]).inc();
-            tracing::warn!(path, error = %why, "malformed AdmissionReview");
-            problem(400, "bad_review", &why)
+        // The turn before the body: only MAX_REVIEWS_IN_FLIGHT bodies are
+        // ever buffered; the others wait in their (small) h2 windows.
+        let _turn = match tokio::time::timeout(QUEUE_TIMEOUT, self.turns.acquire()).await {
+            Ok(Ok(turn)) => turn,
+            Ok(Err(_)) => return problem(503, "shutting_down", "the webhook is stopping"),
+            Err(_) => {
+                self.reviews.with_label_values(&[&path, "busy"]).inc();
+                let mut busy = problem(
+                    503,
+                    "busy",
+                    &format!(
+                        "{MAX_REVIEWS_IN_FLIGHT} reviews are being read or decided; none finished within {QUEUE_TIMEOUT:?}"
+                    ),
+                );
+                busy.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return busy;
+            }
+        };
+        self.in_flight.inc();
+        // Down again even when the caller goes away mid-review.
+        let _counted = Counted(&self.in_flight);
+        self.decide(req, &path, opt_in).await
+    }
+
+    async fn decide(&self, req: Request<Incoming>, path: &str, opt_in: OptIn) -> Response<Body> {
+        let body = match read_body(req.into_body(), MAX_REVIEW_BYTES, BODY_TIMEOUT).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.reviews.with_label_values(&[path, "malformed"]).inc();
+                let status = if matches!(e, BodyError::TooLarge(_)) {
+                    413
+                } else {
+                    400
+                };
+                return problem(status, "bad_review", &e.to_string());
+            }
+        };
+        match review(&body, opt_in, &self.settings) {
+            Ok((answer, verdict)) => {
+                self.reviews
+                    .with_label_values(&[path, verdict.label()])
+                    .inc();
+                respond(StatusCode::OK, "application/json", answer.to_string())
+            }
+            Err(why) => {
+                self.reviews.with_label_values(&[path, "malformed"]).inc();
+                tracing::warn!(path, error = %why, "malformed AdmissionReview");
+                problem(400, "bad_review", &why)
+            }
         }
     }
 }

@@ -60,6 +60,16 @@ const ALLOW: Knob = Knob {
     key: "warden.dev/allow",
     default: "",
 };
+/// A ConfigMap of the pod's namespace whose key [`POLICY_KEY`] is the
+/// inbound listener's `policy:` (instead of `warden.dev/allow`).
+const POLICY_CONFIGMAP: Knob = Knob {
+    key: "warden.dev/policy-configmap",
+    default: "",
+};
+/// The key of the policy ConfigMap: the policy as JSON (or flow YAML).
+pub const POLICY_KEY: &str = "policy.json";
+/// The sidecar's environment variable the kubelet fills from it.
+const POLICY_ENV: &str = "WARDEN_POLICY";
 const OUTBOUND: Knob = Knob {
     key: "warden.dev/outbound",
     default: "",
@@ -146,9 +156,53 @@ fn outbound(annotations: &Map<String, Value>) -> Result<Vec<Value>, String> {
     Ok(out)
 }
 
+/// A Kubernetes object name (a DNS subdomain, RFC 1123).
+fn object_name(annotations: &Map<String, Value>, k: &Knob) -> Result<String, String> {
+    let v = knob(annotations, k);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if v.len() <= 253 && v.split('.').all(label_ok) {
+        Ok(v.to_owned())
+    } else {
+        Err(format!(
+            "annotation {} is {v:?}, not a ConfigMap name",
+            k.key
+        ))
+    }
+}
+
+/// The policy ConfigMap's name, when the pod names one.
+fn policy_configmap(annotations: &Map<String, Value>) -> Result<Option<String>, String> {
+    if knob(annotations, &POLICY_CONFIGMAP).is_empty() {
+        return Ok(None);
+    }
+    if !knob(annotations, &ALLOW).is_empty() {
+        return Err(format!(
+            "annotations {} and {} both set the inbound policy: keep one",
+            ALLOW.key, POLICY_CONFIGMAP.key
+        ));
+    }
+    object_name(annotations, &POLICY_CONFIGMAP).map(Some)
+}
+
+/// Stands for the policy in the generated config until the kubelet's
+/// `$(WARDEN_POLICY)` is put in its place.
+const POLICY_PLACEHOLDER: &str = "\"warden-policy-from-the-configmap\"";
+
 /// The proxy config the sidecar runs with (YAML, in an environment
 /// variable). `$(WARDEN_NAMESPACE)` is expanded by the kubelet from the
 /// downward API: by default only the pod's own namespace may call it.
+///
+/// With a policy ConfigMap the config is JSON instead, with the kubelet's
+/// `$(WARDEN_POLICY)` (the ConfigMap's [`POLICY_KEY`]) as the inbound
+/// policy: the proxy takes its policy inline, and a JSON (or flow YAML)
+/// value can be put into a JSON document at any indentation, where a block
+/// YAML one could not.
 fn proxy_config(
     s: &Settings,
     annotations: &Map<String, Value>,
@@ -165,6 +219,11 @@ fn proxy_config(
             .filter(|p| !p.is_empty())
             .collect(),
     };
+    let configmap = policy_configmap(annotations)?;
+    let policy = match configmap {
+        Some(_) => Value::String(POLICY_PLACEHOLDER.trim_matches('"').to_owned()),
+        None => json!({"rules": [{"name": "allowed", "action": "allow", "from": allow}]}),
+    };
     let mut config = json!({
         "identity": {"kubernetes": {
             "ca_url": s.ca_url,
@@ -176,16 +235,30 @@ fn proxy_config(
             "name": "app",
             "listen": format!("0.0.0.0:{}", port(annotations, &INBOUND_PORT)?),
             "app": format!("127.0.0.1:{}", app_port(annotations, spec)?),
-            "policy": {"rules": [{"name": "allowed", "action": "allow", "from": allow}]},
+            "policy": policy,
         }],
     });
     let outbound = outbound(annotations)?;
     if !outbound.is_empty() {
         config["outbound"] = Value::Array(outbound);
     }
-    let text = serde_saphyr::to_string(&config).map_err(|e| format!("proxy config: {e}"))?;
+    let (text, probe) = if configmap.is_some() {
+        let json =
+            serde_json::to_string_pretty(&config).map_err(|e| format!("proxy config: {e}"))?;
+        // What the sidecar will run with must parse with some policy in
+        // place now; the ConfigMap's own is checked when the proxy starts
+        // (exit 2 with the line and column, in the container's log).
+        let probe = json.replace(POLICY_PLACEHOLDER, r#"{"rules": []}"#);
+        (
+            json.replace(POLICY_PLACEHOLDER, &format!("$({POLICY_ENV})")),
+            probe,
+        )
+    } else {
+        let yaml = serde_saphyr::to_string(&config).map_err(|e| format!("proxy config: {e}"))?;
+        (yaml.clone(), yaml)
+    };
     // What the sidecar will run with must parse now, not crash-loop later.
-    let probe = text.replace("$(WARDEN_NAMESPACE)", "default");
+    let probe = probe.replace("$(WARDEN_NAMESPACE)", "default");
     warden_config::ProxyConfig::parse(std::path::Path::new("the sidecar's config"), &probe)
         .map_err(|e| format!("the annotations give a config the proxy refuses: {e}"))?;
     Ok(text)
@@ -287,17 +360,27 @@ pub fn container(
         "cpu": quantity(annotations, &CPU_REQUEST)?,
         "memory": quantity(annotations, &MEMORY_REQUEST)?,
     });
+    let mut env = vec![
+        json!({"name": "WARDEN_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+        json!({"name": "WARDEN_LOG", "value": knob(annotations, &LOG_LEVEL)}),
+    ];
+    // Read by the sidecar alone; before the config that refers to it. Not
+    // optional: without its policy the sidecar does not start.
+    if let Some(name) = policy_configmap(annotations)? {
+        env.push(
+            json!({"name": POLICY_ENV, "valueFrom": {"configMapKeyRef": {
+                "name": name, "key": POLICY_KEY, "optional": false,
+            }}}),
+        );
+    }
+    env.push(json!({"name": "WARDEN_PROXY_CONFIG", "value": config}));
     Ok(json!({
         "name": CONTAINER,
         "image": s.image,
         "args": ["proxy", "--config-env", "WARDEN_PROXY_CONFIG"],
         // A native sidecar: starts before the app, stops after it.
         "restartPolicy": "Always",
-        "env": [
-            {"name": "WARDEN_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            {"name": "WARDEN_LOG", "value": knob(annotations, &LOG_LEVEL)},
-            {"name": "WARDEN_PROXY_CONFIG", "value": config},
-        ],
+        "env": env,
         "ports": [
             {"name": "warden-in", "containerPort": inbound, "protocol": "TCP"},
             {"name": "warden-admin", "containerPort": admin, "protocol": "TCP"},

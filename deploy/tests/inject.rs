@@ -180,6 +180,13 @@ fn opted_out_host_network_and_windows_pods_are_skipped_and_unworkable_ones_refus
             pod("{name: w}", "  os: {name: windows}\n", port80),
             "Windows",
         ),
+        // A container of the sidecar's name that warden did not add.
+        (
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: x}}\nspec:\n  containers: [{{name: c, image: c{port80}}}, {{name: warden-proxy, image: other}}]\n"
+            ),
+            "did not inject",
+        ),
     ] {
         let (out, reports) = inject_stream(&pod, &settings(), false).unwrap();
         assert_eq!(out, pod);
@@ -210,6 +217,22 @@ fn opted_out_host_network_and_windows_pods_are_skipped_and_unworkable_ones_refus
                 port80,
             ),
             "refuses",
+        ),
+        (
+            pod(
+                "{name: g, annotations: {warden.dev/policy-configmap: Not_A_Name}}",
+                "",
+                port80,
+            ),
+            "not a ConfigMap name",
+        ),
+        (
+            pod(
+                "{name: h, annotations: {warden.dev/policy-configmap: p, warden.dev/allow: \"spiffe://example.org/*\"}}",
+                "",
+                port80,
+            ),
+            "keep one",
         ),
     ] {
         let (out, reports) = inject_stream(&pod, &settings(), false).unwrap();
@@ -273,4 +296,61 @@ fn services_selecting_injected_pods_are_pointed_at_the_sidecar_when_asked() {
         "another port is left alone"
     );
     assert!(out.ends_with(other), "a Service of other pods is untouched");
+}
+
+#[test]
+fn a_policy_configmap_becomes_the_inbound_policy_of_the_sidecar_alone() {
+    let input = DEPLOYMENT.replace(
+        "        canary: \"true\"\n",
+        "        canary: \"true\"\n        warden.dev/policy-configmap: web-policy\n",
+    );
+    let (out, reports) = inject_stream(&input, &settings(), false).unwrap();
+    assert_eq!(reports[0].outcome, Outcome::Injected);
+    let d = &docs(&out)[0];
+    let spec = &d["spec"]["template"]["spec"];
+    let env = spec["initContainers"][0]["env"].as_array().unwrap();
+    let names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "WARDEN_NAMESPACE",
+            "WARDEN_LOG",
+            "WARDEN_POLICY",
+            "WARDEN_PROXY_CONFIG"
+        ],
+        "the policy is defined before the config that refers to it"
+    );
+    assert_eq!(
+        env[2]["valueFrom"]["configMapKeyRef"],
+        serde_json::json!({"name": "web-policy", "key": "policy.json", "optional": false})
+    );
+    for other in ["containers", "initContainers"] {
+        for (i, c) in spec[other].as_array().unwrap().iter().enumerate() {
+            if other == "initContainers" && i == 0 {
+                continue;
+            }
+            assert!(
+                !c.to_string().contains("web-policy"),
+                "only the sidecar reads the ConfigMap: {c}"
+            );
+        }
+    }
+    let config = env[3]["value"].as_str().unwrap();
+    assert!(config.contains("\"policy\": $(WARDEN_POLICY)"), "{config}");
+    // As the kubelet expands it, with the ConfigMap's JSON (several lines)
+    // or flow YAML, the proxy takes it as the listener's policy.
+    for policy in [
+        "{\n\"mode\": \"enforce\",\n\"rules\": [\n  {\"name\": \"orders\", \"action\": \"allow\",\n   \"from\": [\"spiffe://example.org/ns/orders/*\"]}\n]\n}\n",
+        "{rules: [{name: orders, action: allow, from: [spiffe://example.org/ns/orders/*]}]}",
+    ] {
+        let expanded = config.replace("$(WARDEN_POLICY)", policy);
+        let c = warden_config::ProxyConfig::parse(
+            std::path::Path::new("$WARDEN_PROXY_CONFIG"),
+            &expanded,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{expanded}"));
+        let rule = &c.inbound[0].policy.rules[0];
+        assert_eq!(rule.name, "orders");
+        assert_eq!(rule.from[0].to_string(), "spiffe://example.org/ns/orders/*");
+    }
 }
