@@ -53,9 +53,56 @@ fn with(mut claims: Value, key: &str, value: Value) -> Value {
     claims
 }
 
+/// The audit trail's events.
+fn audit_events(ca: &Ca) -> Vec<Value> {
+    std::fs::read_to_string(ca.dir.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .collect()
+}
+
+/// The refusal in the trail with `reason`; checks that it names the pod.
+fn audited_refusal(ca: &Ca, reason: &str, pod: &Pod) -> Value {
+    let event = audit_events(ca)
+        .into_iter()
+        .find(|e| e["event"] == "refused" && e["reason"] == reason)
+        .unwrap_or_else(|| panic!("an audit line for {reason}"));
+    assert_eq!(event["spiffe_id"], pod_id(pod), "{event}");
+    assert_eq!(
+        (
+            event["namespace"].as_str(),
+            event["service_account"].as_str(),
+            event["pod"].as_str(),
+            event["pod_uid"].as_str(),
+        ),
+        (
+            Some(pod.namespace.as_str()),
+            Some(pod.service_account.as_str()),
+            Some(pod.name.as_str()),
+            Some(pod.uid.as_str()),
+        ),
+        "{event}"
+    );
+    event
+}
+
+/// Asserts `warden_ca_refusals_total{reason}` counted each of `reasons`.
+fn assert_counted(server: &Server, reasons: &[&str]) {
+    for reason in reasons {
+        assert!(
+            server.metric(&format!("warden_ca_refusals_total{{reason=\"{reason}\"}}")) >= 1.0,
+            "{reason}"
+        );
+    }
+}
+
 #[test]
 fn tokenreview_mode_issues_the_pod_identity_and_refuses_each_class() {
-    let (ca, kube, server) = setup("  verify: tokenreview\n  attestations_per_minute: 4\n");
+    // The test's own calls come quickly from one address: room for them.
+    let (ca, kube, server) = setup(&format!(
+        "  verify: tokenreview\n  issuer: {ISSUER}\n  attestations_per_minute: 4\n  reviews_per_source: 50\n"
+    ));
     let bundle = ca.bundle_pem();
     let cart = kube.add_pod("shop", "cart-5d8f", "cart");
 
@@ -67,14 +114,31 @@ fn tokenreview_mode_issues_the_pod_identity_and_refuses_each_class() {
     assert_eq!(uri_sans(&leaf[0]), [pod_id(&cart)]);
     assert!(kube.calls("review") >= 1 && kube.calls("pod") >= 1);
 
-    // A CSR for any other identity.
+    // `aud` as a plain string (RFC 7519), reviewed as such.
+    let plain = kube.sign(&with(kube.claims(&cart), "aud", "warden".into()), "rsa-1");
+    let (status, answer, _) = attest(server.api, &bundle, &pod_id(&cart), &plain);
+    assert_eq!(status, 200, "{answer}");
+
+    // A CSR for any other identity: refused the pod, and audited as its.
     let (status, _, reason) = attest(
         server.api,
         &bundle,
         "spiffe://example.org/ns/shop/sa/admin",
         &kube.token(&cart),
     );
-    assert_eq!((status, reason.as_str()), (400, "csr-san-mismatch"));
+    assert_eq!((status, reason.as_str()), (403, "k8s-csr-mismatch"));
+    let event = audited_refusal(&ca, "k8s_csr_mismatch", &cart);
+    assert_eq!(event["asked"], "spiffe://example.org/ns/shop/sa/admin");
+
+    // Another issuer: refused before the API server is asked.
+    let reviews = kube.calls("review");
+    let evil = kube.sign(
+        &with(kube.claims(&cart), "iss", "https://evil.example".into()),
+        "rsa-1",
+    );
+    let (status, _, reason) = attest(server.api, &bundle, &pod_id(&cart), &evil);
+    assert_eq!((status, reason.as_str()), (401, "k8s-wrong-issuer"));
+    assert_eq!(kube.calls("review"), reviews);
 
     // A token for the API's default audience: refused before the API
     // server is even asked.
@@ -174,23 +238,22 @@ fn tokenreview_mode_issues_the_pod_identity_and_refuses_each_class() {
     assert!(body.contains("retry in"), "{body}");
 
     // Counted by reason, and the trail names the pod.
-    for reason in [
-        "k8s_rejected",
-        "k8s_no_pod",
-        "k8s_not_allowed",
-        "k8s_pod_gone",
-        "k8s_pod_changed",
-        "k8s_rate_limited",
-    ] {
-        assert!(
-            server.metric(&format!("warden_ca_refusals_total{{reason=\"{reason}\"}}")) >= 1.0,
-            "{reason}"
-        );
-    }
-    let audit = std::fs::read_to_string(ca.dir.join("audit.jsonl")).unwrap();
-    let issued = audit
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    assert_counted(
+        &server,
+        &[
+            "k8s_csr_mismatch",
+            "k8s_wrong_issuer",
+            "k8s_wrong_audience",
+            "k8s_rejected",
+            "k8s_no_pod",
+            "k8s_not_allowed",
+            "k8s_pod_gone",
+            "k8s_pod_changed",
+            "k8s_rate_limited",
+        ],
+    );
+    let issued = audit_events(&ca)
+        .into_iter()
         .find(|e| e["kind"] == "kubernetes" && e["pod"] == "cart-5d8f")
         .expect("an audit line for the pod's issuance");
     assert_eq!(
@@ -201,29 +264,14 @@ fn tokenreview_mode_issues_the_pod_identity_and_refuses_each_class() {
         (Some("shop"), Some("cart"))
     );
     assert_eq!(issued["pod_uid"], cart.uid);
-    let refusal = audit
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|e| e["reason"] == "k8s_pod_gone")
-        .expect("a refusal of a verified pod is audited");
-    assert_eq!(
-        refusal["spiffe_id"],
-        "spiffe://example.org/ns/shop/sa/search"
-    );
-    assert_eq!(
-        (
-            refusal["namespace"].as_str(),
-            refusal["service_account"].as_str(),
-            refusal["pod"].as_str()
-        ),
-        (Some("shop"), Some("search"), Some("search-0"))
-    );
+    audited_refusal(&ca, "k8s_pod_gone", &gone);
 }
 
 #[test]
 fn jwks_mode_verifies_offline_and_refuses_each_class() {
+    // Room for one pod's many refusals (the rate has a test of its own).
     let (ca, kube, server) = setup(&format!(
-        "  verify: jwks\n  issuer: {ISSUER}\n  max_token_lifetime: 24h\n"
+        "  verify: jwks\n  issuer: {ISSUER}\n  max_token_lifetime: 24h\n  attestations_per_minute: 100\n"
     ));
     let bundle = ca.bundle_pem();
     let cart = kube.add_pod("shop", "cart-5d8f", "cart");
@@ -245,7 +293,12 @@ fn jwks_mode_verifies_offline_and_refuses_each_class() {
     );
     assert_eq!(kube.calls("discovery"), 1);
 
-    let refused = |token: &str| attest(server.api, &bundle, &id, token).2;
+    // Every class is a 401 problem with its fixed reason.
+    let refused = |token: &str| {
+        let (status, answer, reason) = attest(server.api, &bundle, &id, token);
+        assert_eq!(status, 401, "{reason}: {answer}");
+        reason
+    };
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
     let good = kube.sign(&claims, "rsa-1");
     let parts: Vec<&str> = good.split('.').collect();
@@ -327,6 +380,31 @@ fn jwks_mode_verifies_offline_and_refuses_each_class() {
         .remove("pod");
     assert_eq!(refused(&kube.sign(&unbound, "rsa-1")), "k8s-no-pod");
 
+    // Once the signature is the cluster's, its claims name who was
+    // refused: the trail says which pod sent an expired token.
+    audited_refusal(&ca, "k8s_expired", &cart);
+    audited_refusal(&ca, "k8s_wrong_audience", &cart);
+    let unbound_event = audit_events(&ca)
+        .into_iter()
+        .find(|e| e["reason"] == "k8s_no_pod")
+        .expect("a signed token bound to no pod is audited");
+    assert_eq!(
+        (
+            unbound_event["namespace"].as_str(),
+            unbound_event["service_account"].as_str(),
+            unbound_event.get("pod"),
+        ),
+        (Some("shop"), Some("cart"), None),
+        "{unbound_event}"
+    );
+    // A signature that does not verify names nobody in the trail.
+    assert!(
+        !audit_events(&ca)
+            .iter()
+            .any(|e| e["reason"] == "k8s_bad_signature" || e["reason"] == "k8s_algorithm"),
+        "unverified claims are only logged"
+    );
+
     // A key rotation: a token signed with the new key verifies as soon as
     // the CA may fetch again (at most every 2 s; the proxy retries).
     let before = kube.calls("jwks");
@@ -360,6 +438,118 @@ fn jwks_mode_verifies_offline_and_refuses_each_class() {
         kube.calls("jwks") - before,
         started.elapsed()
     );
+
+    assert_counted(
+        &server,
+        &[
+            "k8s_algorithm",
+            "k8s_unknown_key",
+            "k8s_bad_signature",
+            "k8s_wrong_issuer",
+            "k8s_wrong_audience",
+            "k8s_expired",
+            "k8s_not_yet_valid",
+            "k8s_lifetime",
+            "k8s_subject",
+            "k8s_no_pod",
+        ],
+    );
+}
+
+#[test]
+fn jwks_mode_refuses_a_csr_for_another_id_and_limits_each_pod() {
+    let (ca, kube, server) = setup(&format!(
+        "{}  attestations_per_minute: 3\n",
+        common::kube::jwks_section()
+    ));
+    let bundle = ca.bundle_pem();
+    let cart = kube.add_pod("shop", "cart-5d8f", "cart");
+
+    // Another ID than the token's: 403, and the trail names the pod.
+    let (status, answer, reason) = attest(
+        server.api,
+        &bundle,
+        "spiffe://example.org/ns/shop/sa/admin",
+        &kube.token(&cart),
+    );
+    assert_eq!(
+        (status, reason.as_str()),
+        (403, "k8s-csr-mismatch"),
+        "{answer}"
+    );
+    assert!(
+        answer["detail"].as_str().unwrap().contains("attests only"),
+        "{answer}"
+    );
+    let event = audited_refusal(&ca, "k8s_csr_mismatch", &cart);
+    assert_eq!(event["asked"], "spiffe://example.org/ns/shop/sa/admin");
+
+    // That was the pod's first attestation of the minute: two more, then 429.
+    for _ in 0..2 {
+        let (status, answer, _) = attest(server.api, &bundle, &pod_id(&cart), &kube.token(&cart));
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer, reason) = attest(server.api, &bundle, &pod_id(&cart), &kube.token(&cart));
+    assert_eq!(
+        (status, reason.as_str()),
+        (429, "k8s-rate-limited"),
+        "{answer}"
+    );
+    assert!(
+        answer["detail"].as_str().unwrap().contains("retry in"),
+        "{answer}"
+    );
+    // Counted per pod UID: a pod of the same ServiceAccount is not limited.
+    let twin = kube.add_pod("shop", "cart-9x2k", "cart");
+    let (status, answer, _) = attest(server.api, &bundle, &pod_id(&twin), &kube.token(&twin));
+    assert_eq!(status, 200, "{answer}");
+    assert_counted(&server, &["k8s_csr_mismatch", "k8s_rate_limited"]);
+    assert!(
+        !audit_events(&ca)
+            .iter()
+            .any(|e| e["reason"] == "k8s_rate_limited"),
+        "rate refusals stay out of the trail"
+    );
+}
+
+#[test]
+fn without_allow_no_pod_is_attested_in_either_mode() {
+    for verify in [
+        "tokenreview".to_owned(),
+        format!("jwks\n  issuer: {ISSUER}"),
+    ] {
+        let ca = Ca::init("example.org");
+        let kube = Kube::start(ca.tmp.path());
+        let config = ca.dir.join("ca.yaml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!(
+            "kubernetes:\n  verify: {verify}\n  api: {{url: {}, ca_file: {}, token_file: {}}}\n",
+            kube.url(),
+            s(&kube.ca_file),
+            s(&kube.reviewer_token_file)
+        ));
+        std::fs::write(&config, text).unwrap();
+        let server = ca.serve();
+        let bundle = ca.bundle_pem();
+        for (ns, name, sa) in [
+            ("shop", "cart-5d8f", "cart"),
+            ("default", "web-0", "default"),
+        ] {
+            let pod = kube.add_pod(ns, name, sa);
+            let (status, answer, reason) =
+                attest(server.api, &bundle, &pod_id(&pod), &kube.token(&pod));
+            assert_eq!(
+                (status, reason.as_str()),
+                (403, "k8s-not-allowed"),
+                "{verify}: {answer}"
+            );
+        }
+        assert_eq!(
+            kube.calls("review"),
+            0,
+            "{verify}: refused before any review"
+        );
+    }
 }
 
 #[test]
@@ -480,4 +670,150 @@ fn raw_get(kube: &Kube, path: &str) -> (u16, String) {
     let mut raw = Vec::new();
     let _ = tls.read_to_end(&mut raw);
     common::parse_response(&raw)
+}
+
+/// POST /v1/certify as `attest` does, from the local address `from` (any
+/// of 127.0.0.0/8 reaches the CA on 127.0.0.1): another client host.
+fn attest_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    bundle: &str,
+    csr: &str,
+    token: &str,
+) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let sock = rt
+        .block_on(async {
+            let s = tokio::net::TcpSocket::new_v4()?;
+            s.bind(SocketAddr::new(from, 0))?;
+            s.connect(addr).await
+        })
+        .ok()?
+        .into_std()
+        .ok()?;
+    sock.set_nonblocking(false).ok()?;
+    let mut sock = sock;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .ok()?;
+    let mut conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(common::client_config(bundle, None)),
+        rustls::pki_types::ServerName::try_from("ca.invalid").unwrap(),
+    )
+    .unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let body = json!({ "csr": csr, "k8s_token": token }).to_string();
+    write!(
+        tls,
+        "POST /v1/certify HTTP/1.1\r\nHost: ca\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw);
+    (!raw.is_empty()).then(|| common::parse_response(&raw))
+}
+
+#[test]
+fn a_flood_of_forged_tokens_from_one_address_does_not_stop_a_real_pod() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    // The default share: reviews_per_source 10 a second.
+    let (ca, kube, server) = setup("  verify: tokenreview\n");
+    let bundle = ca.bundle_pem();
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // Tokens whose claims pass every check made before the review (the
+    // API server is what finds them forged), each for a made-up pod.
+    let forged = |n: usize| {
+        let pod = Pod {
+            namespace: "shop".into(),
+            name: format!("fake-{n}"),
+            uid: format!("{n:08x}-dead-4bad-9d1f-000000000000"),
+            service_account: "cart".into(),
+        };
+        let t = kube.token(&pod);
+        (pod_id(&pod), format!("{}AAAA", &t[..t.len() - 4]))
+    };
+    let tokens: Vec<(String, String)> = (0..64).map(forged).collect();
+    let (_key, flood_csr) = csr(&[&tokens[0].0]);
+    let flooders: Vec<_> = (0..8)
+        .map(|i| {
+            let (stop, answers, bundle, csr) = (
+                stop.clone(),
+                answers.clone(),
+                bundle.clone(),
+                flood_csr.clone(),
+            );
+            let tokens = tokens.clone();
+            let api = server.api;
+            std::thread::spawn(move || {
+                let mut n = i;
+                while !stop.load(Ordering::Relaxed) {
+                    let from = "127.0.0.2".parse().unwrap();
+                    if let Some((status, text)) =
+                        attest_from(from, api, &bundle, &csr, &tokens[n % tokens.len()].1)
+                    {
+                        let reason = serde_json::from_str::<Value>(&text)
+                            .map(|v| problem_reason(&v))
+                            .unwrap_or_default();
+                        answers.lock().unwrap().push((status, reason));
+                    }
+                    n += 8;
+                }
+            })
+        })
+        .collect();
+    // Let the flood get going, then attest real pods from another address
+    // while it lasts: each gets its identity at the first try.
+    let started = Instant::now();
+    assert!(common::wait_for(Duration::from_secs(10), || {
+        answers.lock().unwrap().len() >= 100
+    }));
+    for i in 0..5 {
+        let pod = kube.add_pod("shop", &format!("cart-{i}"), "cart");
+        let (status, answer, _) = attest(server.api, &bundle, &pod_id(&pod), &kube.token(&pod));
+        assert_eq!(status, 200, "pod {i} during the flood: {answer}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        f.join().unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64() + 1.0;
+    let answers = answers.lock().unwrap();
+    let limited = answers
+        .iter()
+        .filter(|(s, r)| *s == 429 && r == "k8s-source-rate-limited")
+        .count();
+    let rejected = answers
+        .iter()
+        .filter(|(s, r)| *s == 401 && r == "k8s-rejected")
+        .count();
+    assert_eq!(
+        limited + rejected,
+        answers.len(),
+        "the flood is refused, never 503: {:?}",
+        answers.iter().find(|(s, _)| *s != 429 && *s != 401)
+    );
+    assert!(limited > rejected, "{limited} limited, {rejected} reviewed");
+    // At most 10 reviews a second for the flooding address (plus the
+    // real pods' own).
+    assert!(
+        (rejected as f64) <= 10.0 * (elapsed + 1.0),
+        "{rejected} reviews for the flood in {elapsed:.1} s"
+    );
+    assert!(kube.calls("review") <= rejected + 5);
+    assert_counted(&server, &["k8s_source_rate_limited"]);
+    assert!(
+        !audit_events(&ca)
+            .iter()
+            .any(|e| e["reason"] == "k8s_source_rate_limited" || e["reason"] == "k8s_rejected"),
+        "an unverified flood writes nothing to the trail"
+    );
 }

@@ -365,6 +365,10 @@ impl CaService {
         now: OffsetDateTime,
     ) -> Result<Issued, Refusal> {
         let kind = kind_of(&req, &caller);
+        let pod = match &caller {
+            Caller::Pod(p) => Some(p.clone()),
+            _ => None,
+        };
         let mut claimed: Option<SpiffeId> = None;
         let result = self.try_certify(req, caller, now, &mut claimed);
         match &result {
@@ -375,7 +379,11 @@ impl CaService {
                     .inc();
                 tracing::info!(kind, spiffe_id = %issued.spiffe_id, serial = %issued.svid.serial, "issued");
             }
-            Err(refusal) => self.record_refusal(kind, refusal, claimed.as_ref(), now),
+            // An attested pod's refusal names it, as its attestation's would.
+            Err(refusal) => match &pod {
+                Some(pod) => self.record_pod_refusal(refusal, pod, now),
+                None => self.record_refusal(kind, refusal, claimed.as_ref(), now),
+            },
         }
         result
     }
@@ -408,12 +416,21 @@ impl CaService {
             .with_label_values(&["kubernetes", "refused"])
             .inc();
         let s = &pod.subject;
-        let fields = [
-            ("namespace", s.namespace.clone()),
-            ("service_account", s.service_account.clone()),
-            ("pod", s.pod.clone()),
-            ("pod_uid", s.pod_uid.clone()),
-        ];
+        let mut fields: Vec<(&'static str, String)> = [
+            ("namespace", &s.namespace),
+            ("service_account", &s.service_account),
+            // Empty for a token bound to no pod.
+            ("pod", &s.pod),
+            ("pod_uid", &s.pod_uid),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| (k, v.clone()))
+        .collect();
+        if let Refusal::Kubernetes(crate::kubernetes::Refused::CsrMismatch { asked, .. }) = refusal
+        {
+            fields.push(("asked", asked.clone()));
+        }
         self.note_refusal_with("kubernetes", refusal, Some(&pod.id), &fields, now);
     }
 
@@ -450,7 +467,10 @@ impl CaService {
         let limited = matches!(
             refusal,
             Refusal::RateLimited(..)
-                | Refusal::Kubernetes(crate::kubernetes::Refused::RateLimited(..))
+                | Refusal::Kubernetes(
+                    crate::kubernetes::Refused::RateLimited(..)
+                        | crate::kubernetes::Refused::SourceRateLimited(_)
+                )
         );
         if id.is_none() || limited {
             return;
@@ -522,7 +542,20 @@ impl CaService {
         };
         *claimed = Some(id.clone());
         self.check_issuable(&id)?;
-        let request = csr::check(&req.csr, &id)?;
+        let request = csr::check(&req.csr, &id).map_err(|e| match (e, &pod) {
+            // A pod asking for another ID than its token's is refused its
+            // attestation (403, a k8s reason, final); a join token or a
+            // renewal asking for another ID is a client's bad request
+            // (400: a renewing proxy keeps its current certificate).
+            (CsrError::SanMismatch { asked, allowed: _ }, Some(_)) => {
+                crate::kubernetes::Refused::CsrMismatch {
+                    asked,
+                    allowed: id.clone(),
+                }
+                .into()
+            }
+            (e, _) => Refusal::from(e),
+        })?;
         let svid = self
             .authority
             .sign(&id, &request.public_key, req.ttl, now, &[])?;

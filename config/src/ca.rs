@@ -349,7 +349,14 @@ mod tests {
         assert_eq!(k.audience, "warden");
         assert_eq!(k.verify, crate::kubernetes::Verify::TokenReview);
         assert!(k.api.token_file.ends_with("serviceaccount/token"));
+        assert_eq!(
+            k.reviews_per_source,
+            crate::kubernetes::DEFAULT_REVIEWS_PER_SOURCE
+        );
         assert!(parse("trust_domain: td\n").unwrap().kubernetes.is_none());
+        let e = parse("trust_domain: td\nkubernetes:\n  reviews_per_source: 51\n").unwrap_err();
+        assert_eq!((e.0[0].line, e.0[0].column), (3, 23), "{e}");
+        assert!(e.0[0].message.contains("reviews_per_source"), "{e}");
         let e = parse(
             "trust_domain: td\nkubernetes:\n  verify: jwks\n  allow: [spiffe://other/ns/a/*, spiffe://td/web/*]\n  max_token_lifetime: 30d\n",
         )

@@ -9,6 +9,7 @@
 //!   # issuer: https://kubernetes.default.svc.cluster.local
 //!   # max_token_lifetime: 24h
 //!   # attestations_per_minute: 6
+//!   # reviews_per_source: 10                  # TokenReviews a second one address may cause
 //!   # api: {url: https://10.0.0.1:443, ca_file: k8s-ca.pem, token_file: reviewer.token}
 //!   # jwks_file: jwks.json                    # jwks without calling the API
 //! ```
@@ -31,6 +32,11 @@ pub const DEFAULT_AUDIENCE: &str = "warden";
 pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Attestations per pod UID and minute, by default.
 pub const DEFAULT_ATTESTATIONS_PER_MINUTE: u32 = 6;
+/// TokenReviews one source address may cause per second, by default:
+/// a fifth of the CA's 50 a second, so no one address can spend the budget
+/// every pod shares, and still a node's 110 pods behind one SNAT address
+/// attest again within about 11 s.
+pub const DEFAULT_REVIEWS_PER_SOURCE: u32 = 10;
 /// Where a pod finds its own ServiceAccount credentials (in-cluster config).
 pub const IN_CLUSTER_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -74,6 +80,9 @@ pub struct KubernetesConfig {
     pub allow: Vec<IdentityPattern>,
     /// Attestations per pod UID and minute.
     pub attestations_per_minute: u32,
+    /// TokenReviews per source address and second: attempts whose token
+    /// nobody has verified yet, counted before the API server is asked.
+    pub reviews_per_source: u32,
     /// How tokens are verified.
     pub verify: Verify,
     /// The API (TokenReview, pods, discovery).
@@ -89,6 +98,7 @@ pub(crate) struct RawKubernetes {
     #[serde(default)]
     allow: Vec<Spanned<IdentityPattern>>,
     attestations_per_minute: Option<Spanned<u32>>,
+    reviews_per_source: Option<Spanned<u32>>,
     verify: Option<Spanned<String>>,
     api: Option<Spanned<RawApi>>,
     jwks_file: Option<Spanned<PathBuf>>,
@@ -177,6 +187,17 @@ impl RawKubernetes {
             Some(n) => n.value,
             None => DEFAULT_ATTESTATIONS_PER_MINUTE,
         };
+        let reviews_per_source = match &self.reviews_per_source {
+            Some(n) if n.value == 0 || n.value > 50 => {
+                errors.at(
+                    n,
+                    "reviews_per_source must be between 1 and 50 (the TokenReviews the CA asks a second in all)",
+                );
+                DEFAULT_REVIEWS_PER_SOURCE
+            }
+            Some(n) => n.value,
+            None => DEFAULT_REVIEWS_PER_SOURCE,
+        };
         for p in &self.allow {
             if !p.value.is_in(td) {
                 errors.at(
@@ -227,6 +248,7 @@ impl RawKubernetes {
             max_token_lifetime,
             allow: self.allow.into_iter().map(|p| p.value).collect(),
             attestations_per_minute,
+            reviews_per_source,
             verify,
             api,
         }

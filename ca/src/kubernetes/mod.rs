@@ -13,12 +13,19 @@
 //! audience (never the API server's default), lifetime, `sub` against the
 //! `kubernetes.io` claims, a bound pod; then the allowlist and a rate per
 //! pod UID. Every refusal has a fixed reason.
+//!
+//! What may cost the API server a call is bounded before it is made: a
+//! token's own claims and `allow` must pass first, then one source address
+//! may cause at most `reviews_per_source` TokenReviews a second (of the
+//! [`MAX_REVIEWS_PER_SECOND`] every pod shares), so that nobody can make
+//! the others' attestations wait by sending forged tokens.
 
 pub mod api;
 pub mod claims;
 pub mod keys;
 pub mod review;
 
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,6 +38,8 @@ use keys::{Keys, Source};
 
 /// Pod UIDs whose attestation rate is remembered at most.
 pub const MAX_RATED_PODS: usize = 16_384;
+/// Source addresses whose TokenReviews are counted at most (a second each).
+pub const MAX_RATED_SOURCES: usize = 16_384;
 /// Attestations in flight at most (each may call the API server).
 pub const MAX_IN_FLIGHT: usize = 32;
 /// TokenReviews asked of the API server per second at most.
@@ -91,8 +100,21 @@ pub enum Refused {
     #[error("{0} is not allowed by this CA's kubernetes.allow")]
     NotAllowed(SpiffeId),
     /// Too many attestations of one pod.
-    #[error("pod {0} attests too often; retry in {1} s")]
+    #[error("{0} attests too often; retry in {1} s")]
     RateLimited(String, u64),
+    /// Too many tokens from one source address waiting on a TokenReview.
+    #[error(
+        "too many attestations from this address this second (each costs the Kubernetes API a TokenReview); retry in {0} s"
+    )]
+    SourceRateLimited(u64),
+    /// The CSR asks for another ID than the one the token attests.
+    #[error("the CSR asks for {asked}, but this pod's ServiceAccount token attests only {allowed}")]
+    CsrMismatch {
+        /// What the CSR asked for.
+        asked: String,
+        /// The pod's ID.
+        allowed: SpiffeId,
+    },
     /// A pod's certificate presented for renewal over mTLS.
     #[error(
         "a pod's certificate is renewed with its ServiceAccount token (k8s_token), not over mTLS"
@@ -124,6 +146,8 @@ impl Refused {
             Self::PodChanged(_) => "k8s_pod_changed",
             Self::NotAllowed(_) => "k8s_not_allowed",
             Self::RateLimited(..) => "k8s_rate_limited",
+            Self::SourceRateLimited(_) => "k8s_source_rate_limited",
+            Self::CsrMismatch { .. } => "k8s_csr_mismatch",
             Self::Unavailable(_) => "k8s_unavailable",
             Self::RenewWithToken => "k8s_renew_with_token",
         }
@@ -146,8 +170,8 @@ impl Refused {
     /// The HTTP status.
     pub fn status(&self) -> u16 {
         match self {
-            Self::NotAllowed(_) | Self::Disabled => 403,
-            Self::RateLimited(..) => 429,
+            Self::NotAllowed(_) | Self::Disabled | Self::CsrMismatch { .. } => 403,
+            Self::RateLimited(..) | Self::SourceRateLimited(_) => 429,
             Self::Unavailable(_) => 503,
             _ => 401,
         }
@@ -175,6 +199,8 @@ pub struct Attestor {
     mode: Mode,
     /// Per pod UID: the minute's start and attestations in it.
     rates: crate::ratelimit::PerMinute,
+    /// Per source address: TokenReviews this second.
+    sources: crate::ratelimit::PerMinute,
     /// The current second's start and TokenReviews in it.
     reviews: Mutex<(Instant, u32)>,
     in_flight: tokio::sync::Semaphore,
@@ -201,6 +227,11 @@ impl Attestor {
         };
         Ok(Self {
             rates: crate::ratelimit::PerMinute::new(cfg.attestations_per_minute, MAX_RATED_PODS),
+            sources: crate::ratelimit::PerMinute::per_window(
+                cfg.reviews_per_source,
+                Duration::from_secs(1),
+                MAX_RATED_SOURCES,
+            ),
             cfg,
             td,
             mode,
@@ -209,12 +240,14 @@ impl Attestor {
         })
     }
 
-    /// Verifies `token` at `now` (seconds since the epoch) and returns the
-    /// pod it attests. `claimed` is set to the pod the token names as soon
-    /// as verified data says which (for the audit trail of a refusal).
+    /// Verifies `token`, sent from `source`, at `now` (seconds since the
+    /// epoch) and returns the pod it attests. `claimed` is set to the pod
+    /// the token names as soon as verified data says which (for the audit
+    /// trail of a refusal).
     pub async fn attest(
         &self,
         token: &str,
+        source: IpAddr,
         now: i64,
         claimed: &mut Option<Pod>,
     ) -> Result<Pod, Refused> {
@@ -225,6 +258,23 @@ impl Attestor {
             audience: &self.cfg.audience,
             max_lifetime_s: i64::try_from(self.cfg.max_token_lifetime.as_secs())
                 .unwrap_or(i64::MAX),
+        };
+        // What the token says must already pass before the API server is
+        // asked (junk costs no call), and one address gets only its share
+        // of the TokenReviews every pod's attestation needs.
+        let stated = match &self.mode {
+            Mode::Review(_) => {
+                let stated = claims::check(&claims::unverified(token)?, &expect, now)?;
+                let stated_id = self.id_of(&stated)?;
+                if !self.cfg.allow.iter().any(|p| p.matches(&stated_id)) {
+                    return Err(Refused::NotAllowed(stated_id));
+                }
+                self.sources
+                    .check(&source_key(source))
+                    .map_err(Refused::SourceRateLimited)?;
+                Some(stated)
+            }
+            Mode::Keys(_) => None,
         };
         let _slot = match tokio::time::timeout(api::CALL_TIMEOUT, self.in_flight.acquire()).await {
             Ok(Ok(slot)) => slot,
@@ -257,34 +307,29 @@ impl Attestor {
                         }
                         _ => Refused::Malformed(e.to_string()),
                     })?;
-                claims::check(&data.claims, &expect, now)?
+                match claims::check(&data.claims, &expect, now) {
+                    Ok(subject) => subject,
+                    Err(refused) => {
+                        // The cluster signed these claims, so they say who
+                        // is refused (for the trail). Counted apart from
+                        // the pod's attestations, so that a leaked expired
+                        // token cannot use up its pod's rate, but counted:
+                        // a replayed token must not fill the trail.
+                        if let Some(pod) = self.signed_pod(&data.claims) {
+                            self.rates
+                                .check(&format!("refused {}", rate_key(&pod.subject)))
+                                .map_err(|wait| {
+                                    Refused::RateLimited(rate_label(&pod.subject), wait)
+                                })?;
+                            *claimed = Some(pod);
+                        }
+                        return Err(refused);
+                    }
+                }
             }
             Mode::Review(api) => {
-                // What the token says must already pass before the API
-                // server is asked: junk costs no call.
-                let stated = claims::check(&claims::unverified(token)?, &expect, now)?;
-                let stated_id = self.id_of(&stated)?;
-                if !self.cfg.allow.iter().any(|p| p.matches(&stated_id)) {
-                    return Err(Refused::NotAllowed(stated_id));
-                }
                 self.review_budget()?;
-                let reviewed = review::review(api, token, &self.cfg.audience).await?;
-                // The API server vouched for the token: its claims are the
-                // cluster's, and must agree with the review.
-                if (
-                    stated.namespace.as_str(),
-                    stated.service_account.as_str(),
-                    stated.pod_uid.as_str(),
-                ) != (
-                    reviewed.namespace.as_str(),
-                    reviewed.service_account.as_str(),
-                    reviewed.pod_uid.as_str(),
-                ) {
-                    return Err(Refused::Subject(
-                        "the TokenReview and the token's claims name different pods".into(),
-                    ));
-                }
-                reviewed
+                review::review(api, token, &self.cfg.audience).await?
             }
         };
         let id = self.id_of(&subject)?;
@@ -295,6 +340,23 @@ impl Attestor {
             id: id.clone(),
             subject: subject.clone(),
         });
+        // The API server vouched for the token: its claims are the
+        // cluster's, and must agree with the review.
+        if let Some(stated) = &stated
+            && (
+                stated.namespace.as_str(),
+                stated.service_account.as_str(),
+                stated.pod_uid.as_str(),
+            ) != (
+                subject.namespace.as_str(),
+                subject.service_account.as_str(),
+                subject.pod_uid.as_str(),
+            )
+        {
+            return Err(Refused::Subject(
+                "the TokenReview and the token's claims name different pods".into(),
+            ));
+        }
         if !self.cfg.allow.iter().any(|p| p.matches(&id)) {
             return Err(Refused::NotAllowed(id));
         }
@@ -302,6 +364,27 @@ impl Attestor {
             review::pod_is_live(api, &subject).await?;
         }
         Ok(Pod { id, subject })
+    }
+
+    /// The pod that claims whose signature verified name, as far as they
+    /// name one in Kubernetes' own terms (a namespace and ServiceAccount
+    /// at least; the pod's name and UID when the token carries them).
+    fn signed_pod(&self, c: &claims::Claims) -> Option<Pod> {
+        let k = c.kubernetes.as_ref()?;
+        let sa = k.serviceaccount.as_ref()?;
+        let (pod, pod_uid) = k
+            .pod
+            .as_ref()
+            .and_then(|p| Subject::new(&k.namespace, &sa.name, &p.name, &p.uid).ok())
+            .map(|s| (s.pod, s.pod_uid))
+            .unwrap_or_default();
+        // The names must be Kubernetes names either way (no name adds a
+        // segment to the ID): checked with a stand-in pod.
+        let mut subject = Subject::new(&k.namespace, &sa.name, "unnamed", "none").ok()?;
+        subject.pod = pod;
+        subject.pod_uid = pod_uid;
+        let id = self.id_of(&subject).ok()?;
+        Some(Pod { id, subject })
     }
 
     /// `spiffe://<td>/ns/<namespace>/sa/<service account>`.
@@ -335,7 +418,66 @@ impl Attestor {
     /// Counts one attestation of the pod; refuses past the rate.
     fn rate(&self, s: &Subject) -> Result<(), Refused> {
         self.rates
-            .check(&s.pod_uid)
-            .map_err(|wait| Refused::RateLimited(format!("{}/{}", s.namespace, s.pod), wait))
+            .check(&rate_key(s))
+            .map_err(|wait| Refused::RateLimited(rate_label(s), wait))
+    }
+}
+
+/// What a subject's rate is counted under: its pod's UID, or (a token
+/// bound to no pod) its ServiceAccount; a UID holds no `/`.
+fn rate_key(s: &Subject) -> String {
+    if s.pod_uid.is_empty() {
+        format!("{}/{}", s.namespace, s.service_account)
+    } else {
+        s.pod_uid.clone()
+    }
+}
+
+/// How a rate refusal names who is limited.
+fn rate_label(s: &Subject) -> String {
+    if s.pod.is_empty() {
+        format!("ServiceAccount {}/{}", s.namespace, s.service_account)
+    } else {
+        format!("pod {}/{}", s.namespace, s.pod)
+    }
+}
+
+/// What the TokenReviews of `source` are counted under: the address, or
+/// its /64 for IPv6 (one host may hold a whole /64).
+fn source_key(source: IpAddr) -> String {
+    match source.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn sources_are_counted_by_address_or_ipv6_prefix() {
+        let key = |s: &str| source_key(s.parse().unwrap());
+        assert_eq!(key("10.244.1.7"), "10.244.1.7");
+        assert_eq!(key("::ffff:10.244.1.7"), "10.244.1.7");
+        assert_eq!(key("2001:db8:1:2:aa::1"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:bb::9"), key("2001:db8:1:2:aa::1"));
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+    }
+
+    #[test]
+    fn refusals_of_the_csr_and_of_a_source_are_fixed_and_final() {
+        let id = SpiffeId::parse("spiffe://td/ns/shop/sa/cart").unwrap();
+        let r = Refused::CsrMismatch {
+            asked: "spiffe://td/ns/shop/sa/admin".into(),
+            allowed: id,
+        };
+        assert_eq!((r.status(), r.reason()), (403, "k8s_csr_mismatch"));
+        let r = Refused::SourceRateLimited(1);
+        assert_eq!((r.status(), r.reason()), (429, "k8s_source_rate_limited"));
     }
 }

@@ -101,7 +101,7 @@ async fn certify(
         return limited(&svc, r, kind);
     }
     let parsed = match parsed {
-        Ok((request, Some(k8s_token))) => match attest(&svc, &k8s_token, now).await {
+        Ok((request, Some(k8s_token))) => match attest(&svc, &k8s_token, source, now).await {
             Ok(pod) => Ok((request, Caller::Pod(pod))),
             Err((refusal, Some(pod))) => {
                 let decision = tokio::task::spawn_blocking(move || {
@@ -158,6 +158,7 @@ async fn certify(
 async fn attest(
     svc: &CaService,
     token: &str,
+    source: std::net::IpAddr,
     now: OffsetDateTime,
 ) -> Result<crate::kubernetes::Pod, (Refusal, Option<crate::kubernetes::Pod>)> {
     let Some(attestor) = &svc.kubernetes else {
@@ -165,7 +166,7 @@ async fn attest(
     };
     let mut claimed = None;
     match attestor
-        .attest(token, now.unix_timestamp(), &mut claimed)
+        .attest(token, source, now.unix_timestamp(), &mut claimed)
         .await
     {
         Ok(pod) => Ok(pod),
@@ -200,7 +201,10 @@ fn refused(r: &Refusal) -> Response<Body> {
     };
     let mut resp = problem(r.status(), r.reason(), &detail);
     let wait = match r {
-        Refusal::Kubernetes(crate::kubernetes::Refused::RateLimited(_, s))
+        Refusal::Kubernetes(
+            crate::kubernetes::Refused::RateLimited(_, s)
+            | crate::kubernetes::Refused::SourceRateLimited(s),
+        )
         | Refusal::RateLimited(_, s)
         | Refusal::Busy(s) => Some(*s),
         _ => None,
