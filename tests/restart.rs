@@ -181,13 +181,27 @@ fn sidecars_come_back_after_sigkill_with_every_identity_source() {
         port,
         app.addr,
     );
+    // The second kill lands between the two renames of a renewal's write
+    // (the new key in place, its certificate still in cert.tmp): the pair
+    // is finished on start, and the spent token is not needed.
+    let search = ca.id("/ns/shop/sa/search");
     kill_and_restart_three_times(
         "join token + state_dir",
         &path,
         port,
         &bundle,
         client(),
-        |_| {},
+        |i| {
+            if i == 1 {
+                let renewed = ca.issue(&search, None);
+                std::fs::copy(renewed.join("key.pem"), state.join("key.pem")).unwrap();
+                std::fs::copy(renewed.join("cert.pem"), state.join("cert.tmp")).unwrap();
+            }
+        },
+    );
+    assert!(
+        !state.join("cert.tmp").exists(),
+        "the interrupted write was finished"
     );
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(state.join("key.pem"))
