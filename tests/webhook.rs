@@ -8,9 +8,15 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConnection, StreamOwned};
 use serde_json::{Value, json};
 
 use common::{Ca, Running, metric, run_ok, s, warden};
@@ -70,8 +76,9 @@ fn pod() -> Value {
     })
 }
 
-#[test]
-fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400() {
+/// The CA and `warden webhook` with its certificate for `SERVICE`, plus
+/// `extra` flags.
+fn start_webhook(extra: &[&str]) -> (Ca, Running) {
     let ca = Ca::init("example.org");
     let out = ca.tmp.path().join("webhook");
     run_ok(&[
@@ -87,19 +94,59 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
         s(&out),
     ]);
     let bundle = s(&ca.dir.join("bundle.pem")).to_owned();
-    let hook = Running::start(&[
+    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
+    let mut args = vec![
         "webhook",
         "--listen",
         "127.0.0.1:0",
         "--admin",
         "127.0.0.1:0",
         "--cert",
-        s(&out.join("cert.pem")),
+        s(&cert),
         "--key",
-        s(&out.join("key.pem")),
+        s(&key),
         "--bundle",
         &bundle,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let hook = Running::start(&args);
+    (ca, hook)
+}
+
+/// The stock rustls client config the API server's checks amount to: the
+/// webhook verified for `SERVICE` against the bundle.
+fn tls_config(bundle: &str, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(config)
+}
+
+/// An HTTP/1.1 connection over TLS to the webhook.
+fn connect(addr: SocketAddr, bundle: &str) -> StreamOwned<ClientConnection, TcpStream> {
+    let conn = ClientConnection::new(
+        tls_config(bundle, b"http/1.1"),
+        ServerName::try_from(SERVICE).unwrap(),
+    )
+    .unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    StreamOwned::new(conn, sock)
+}
+
+#[test]
+fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400() {
+    let (ca, hook) = start_webhook(&[]);
+    let bundle = s(&ca.dir.join("bundle.pem")).to_owned();
     let (api, admin) = (hook.addrs["webhook"], hook.addrs["admin"]);
     let bundle_pem = ca.bundle_pem();
 
@@ -152,6 +199,14 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
         patched["metadata"]["annotations"]["example.com/owner~team"],
         "shop"
     );
+    // The patched pod itself validates (but for the field of a "newer
+    // release" this test put there on purpose, which the patch left alone).
+    let mut checked = patched.clone();
+    checked["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("someFieldOfANewerRelease");
+    common::kube::validate(ca.tmp.path(), &checked.to_string());
 
     // A dry run gets the same answer.
     let (_, dry) = post(
@@ -163,26 +218,21 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
     let dry: Value = serde_json::from_str(&dry).unwrap();
     assert_eq!(dry["response"]["patch"], response["patch"]);
 
-    // Elsewhere only the pod's own annotation opts in.
-    let (_, body) = post(
-        api,
-        &bundle_pem,
-        "/inject/pod",
-        review.to_string().as_bytes(),
-    );
-    let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["response"]["allowed"], true);
-    assert!(v["response"].get("patch").is_none(), "{v}");
-    let mut opted = pod();
-    opted["metadata"]["annotations"]["warden.dev/inject"] = "enabled".into();
-    let (_, body) = post(
-        api,
-        &bundle_pem,
-        "/inject/pod",
-        admission_review(&opted, false).to_string().as_bytes(),
-    );
-    let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["response"]["patchType"], "JSONPatch");
+    // Elsewhere only the pod's own label opts in (selectors see labels):
+    // neither no label nor an `enabled` annotation does.
+    let mut annotated = pod();
+    annotated["metadata"]["annotations"]["warden.dev/inject"] = "enabled".into();
+    for unlabelled in [pod(), annotated] {
+        let (_, body) = post(
+            api,
+            &bundle_pem,
+            "/inject/pod",
+            admission_review(&unlabelled, false).to_string().as_bytes(),
+        );
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["response"]["allowed"], true);
+        assert!(v["response"].get("patch").is_none(), "{v}");
+    }
 
     // A pod that cannot be injected is allowed, with a warning.
     let mut host = pod();
@@ -223,7 +273,8 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
         "{v}"
     );
 
-    // Elsewhere the label routes a pod here (selectors see labels).
+    // Elsewhere the label routes a pod here (selectors see labels); the
+    // `disabled` annotation still opts it out.
     let mut labelled = pod();
     labelled["metadata"]["labels"]["warden.dev/inject"] = "enabled".into();
     let (_, body) = post(
@@ -234,6 +285,48 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
     );
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["response"]["patchType"], "JSONPatch", "{v}");
+    labelled["metadata"]["annotations"]["warden.dev/inject"] = "disabled".into();
+    let (_, body) = post(
+        api,
+        &bundle_pem,
+        "/inject/pod",
+        admission_review(&labelled, false).to_string().as_bytes(),
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["response"].get("patch").is_none(), "{v}");
+
+    // A key with both `/` and `~` that the patch really touches: an
+    // unknown field of the app's first init container, whose index the
+    // sidecar takes. Applied, the patch still gives inject's pod.
+    let mut odd = pod();
+    odd["spec"]["initContainers"][0]["x.example/a~b"] = "kept".into();
+    let (_, body) = post(
+        api,
+        &bundle_pem,
+        "/inject/namespace",
+        admission_review(&odd, false).to_string().as_bytes(),
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(v["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    assert!(
+        serde_json::to_string(&patch)
+            .unwrap()
+            .contains("\"/spec/initContainers/0/x.example~1a~0b\""),
+        "{patch:?}"
+    );
+    let mut patched_odd = odd.clone();
+    json_patch::patch(&mut patched_odd, &patch).unwrap();
+    assert_eq!(
+        patched_odd["spec"]["initContainers"][1]["x.example/a~b"],
+        "kept"
+    );
+    assert_eq!(
+        patched_odd["spec"]["initContainers"][0]["name"],
+        "warden-proxy"
+    );
 
     // Malformed: 400, counted.
     for junk in [
@@ -256,7 +349,138 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
             admin,
             "warden_webhook_reviews_total{path=\"/inject/namespace\",result=\"injected\"}"
         ),
-        2.0
+        3.0
     );
     assert_eq!(common::admin_get(admin, "/ready").0, 200);
+}
+
+#[test]
+fn slow_bodies_hold_at_most_four_turns_and_the_others_are_answered_busy_quickly() {
+    let (ca, hook) = start_webhook(&[]);
+    let bundle = ca.bundle_pem();
+    let (api, admin) = (hook.addrs["webhook"], hook.addrs["admin"]);
+    // Twelve reviews that announce a large body and send a few bytes.
+    let started = Instant::now();
+    let slow: Vec<_> = (0..12)
+        .map(|_| {
+            let bundle = bundle.clone();
+            std::thread::spawn(move || {
+                let mut c = connect(api, &bundle);
+                write!(
+                    c,
+                    "POST /inject/namespace HTTP/1.1\r\nHost: {SERVICE}\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{{\"apiVersion\""
+                )
+                .unwrap();
+                c.flush().unwrap();
+                let mut raw = Vec::new();
+                let _ = c.read_to_end(&mut raw);
+                let (status, body) = common::parse_response(&raw);
+                (status, body, started.elapsed())
+            })
+        })
+        .collect();
+    // Four hold a turn (their bodies being read); the rest wait for one.
+    assert!(
+        common::wait_for(Duration::from_secs(5), || metric(
+            admin,
+            "warden_webhook_reviews_in_flight"
+        ) == 4.0),
+        "four turns taken"
+    );
+    let answers: Vec<_> = slow.into_iter().map(|t| t.join().unwrap()).collect();
+    let busy: Vec<_> = answers.iter().filter(|a| a.0 == 503).collect();
+    assert_eq!(busy.len(), 8, "{answers:?}");
+    for (_, body, took) in &busy {
+        assert!(body.contains("busy"), "{body}");
+        // The 2 s bounded wait, not the 4 s body timeout of the others.
+        assert!(*took < Duration::from_millis(3900), "{took:?}");
+    }
+    // The four that held a turn gave up on their body.
+    assert_eq!(
+        answers.iter().filter(|a| a.0 == 400).count(),
+        4,
+        "{answers:?}"
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "warden_webhook_reviews_total{path=\"/inject/namespace\",result=\"busy\"}"
+        ),
+        8.0
+    );
+    // Turns come back: a good review is answered.
+    let (status, body) = post(
+        api,
+        &bundle,
+        "/inject/namespace",
+        admission_review(&pod(), false).to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(metric(admin, "warden_webhook_reviews_in_flight"), 0.0);
+}
+
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout_keep_alive_pings_or_not() {
+    let (ca, hook) = start_webhook(&["--idle-timeout", "1s"]);
+    let bundle = ca.bundle_pem();
+    let api = hook.addrs["webhook"];
+    let review = admission_review(&pod(), false).to_string();
+
+    // HTTP/1.1 keep-alive: one review, then nothing: closed.
+    let mut c = connect(api, &bundle);
+    write!(
+        c,
+        "POST /inject/namespace HTTP/1.1\r\nHost: {SERVICE}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{review}",
+        review.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let answered = Instant::now();
+    let _ = c.read_to_end(&mut raw);
+    let took = answered.elapsed();
+    assert_eq!(common::parse_response(&raw).0, 200);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+
+    // h2 with the client pinging every 100 ms: bytes move, no request does.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(api).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(tls_config(&bundle, b"h2"))
+            .connect(ServerName::try_from(SERVICE).unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Duration::from_millis(100))
+                .keep_alive_while_idle(true)
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = http::Request::post("/inject/namespace")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(review)))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+        let idle = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the server closes an idle h2 connection")
+            .unwrap()
+            .unwrap();
+        assert!(
+            idle.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            idle.elapsed()
+        );
+    });
 }

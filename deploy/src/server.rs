@@ -57,8 +57,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const H2_STREAM_WINDOW: u32 = 64 << 10;
 /// The h2 receive window of one connection (all its streams together).
 pub const H2_CONNECTION_WINDOW: u32 = 128 << 10;
-/// The API server sends a review in one go and gives up after 5 s.
-const BODY_TIMEOUT: Duration = Duration::from_secs(3);
+/// The API server sends a review in one go and gives up after 5 s: a body
+/// slower than this holds a turn for nobody.
+const BODY_TIMEOUT: Duration = Duration::from_secs(4);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
