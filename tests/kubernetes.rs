@@ -37,6 +37,16 @@ fn attest(addr: SocketAddr, bundle: &str, id: &str, token: &str) -> (u16, Value,
     .unwrap();
     let json: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
     let reason = problem_reason(&json);
+    if status != 200 {
+        // A refusal is a problem+json answer with its status and a fixed type.
+        assert_eq!(json["status"], status, "{json}");
+        assert!(
+            json["type"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("urn:warden:problem:")),
+            "{json}"
+        );
+    }
     (status, json, reason)
 }
 
