@@ -429,7 +429,8 @@ impl CaService {
         .collect();
         if let Refusal::Kubernetes(crate::kubernetes::Refused::CsrMismatch { asked, .. }) = refusal
         {
-            fields.push(("asked", asked.clone()));
+            // The CSR's own text: no longer in the trail than an ID may be.
+            fields.push(("asked", asked.chars().take(2048).collect()));
         }
         self.note_refusal_with("kubernetes", refusal, Some(&pod.id), &fields, now);
     }
