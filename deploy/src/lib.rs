@@ -1,7 +1,9 @@
 //! warden on Kubernetes. One mutation ([`inject`]) serves `warden inject`
 //! and the admission webhook alike, so that the CLI and the webhook can
 //! never give a pod two different sidecars; [`sidecar`] is what it adds,
-//! [`webhook`] the webhook's answer and [`server`] its HTTPS server.
+//! [`webhook`] the webhook's answer and [`server`] its HTTPS server;
+//! [`install`] the control plane's manifests, [`root_secret`] a root brought
+//! in a cert-manager Secret.
 
 #![forbid(unsafe_code)]
 
