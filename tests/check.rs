@@ -178,3 +178,60 @@ inbound:
     );
     assert!(err.contains(&want), "{want}\n{err}");
 }
+
+#[test]
+fn an_embeddings_route_without_max_coverage_is_a_warning_and_max_coverage_on_predict_an_error() {
+    let ca = Ca::init("example.org");
+    let creds = ca.issue(&ca.id("/ns/web/sa/web"), None);
+    let f = ca.tmp.path().join("e.yaml");
+    let route = |api: &str, detection: &str| {
+        format!(
+            "identity: {{cert: {c}/cert.pem, key: {c}/key.pem, bundle: {c}/bundle.pem}}
+admin: 127.0.0.1:0
+inbound:
+  - name: models
+    listen: 127.0.0.1:8443
+    app: 127.0.0.1:8080
+    model_api:
+      - name: embed
+        paths: [/v1/embeddings]
+        api: {api}
+        detection: {detection}
+",
+            c = s(&creds)
+        )
+    };
+    std::fs::write(&f, route("openai", "{history: 64}")).unwrap();
+    let out = run(&["check", "--config", s(&f)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let want = format!(
+        "{}:11:20: warning: detection on route \"embed\" does not bound how much of the embedding space a caller is answered in",
+        f.display()
+    );
+    assert!(err.contains(&want), "{want}\n{err}");
+
+    std::fs::write(&f, route("openai", "{max_coverage: 0.7}")).unwrap();
+    let out = run(&["check", "--config", s(&f)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("embedding space"), "{err}");
+
+    std::fs::write(&f, route("openai", "{max_coverage: 1.5}")).unwrap();
+    let out = run(&["check", "--config", s(&f)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("max_coverage is a share of the embedding space: in (0, 1]"),
+        "{err}"
+    );
+
+    std::fs::write(&f, route("predict", "{max_coverage: 0.5}")).unwrap();
+    let out = run(&["check", "--config", s(&f)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("max_coverage bounds the embeddings an openai route answers"),
+        "{err}"
+    );
+}

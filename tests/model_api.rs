@@ -984,3 +984,109 @@ fn an_extraction_attempt_is_escalated_while_an_honest_heavy_user_is_not() {
         12.0
     );
 }
+
+#[test]
+fn an_embeddings_crawler_is_refused_at_the_share_of_the_space_it_may_cover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("embed-usage.json");
+    let b = Bench::start(
+        ModelBehaviour::default(),
+        &format!(
+            "      - name: embed\n        paths: [/v1/embeddings]\n        api: openai\n        record: {}\n        detection:\n          max_coverage: 0.04\n",
+            file.display()
+        ),
+    );
+    let session = |who: &Creds| {
+        let (chain, key) = (who.chain(), who.key());
+        Session::open(b.proxy.addr("models"), &who.bundle(), Some((&chain, &key)))
+    };
+    let embed = |s: &mut Session, texts: &[String], format: &str| {
+        s.post(
+            "/v1/embeddings",
+            &json!({"model": "e", "input": texts, "encoding_format": format}).to_string(),
+        )
+    };
+    // An indexer of one topic: its texts (and so its embeddings) keep to a
+    // few words, however many it sends.
+    let words = ["invoice", "refund", "payment", "overdue", "receipt"];
+    let mut state = 11u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let indexer = &mut session(&b.caller("/ns/billing/sa/indexer"));
+    for r in 0..40 {
+        let texts: Vec<String> = (0..8)
+            .map(|_| {
+                (0..3)
+                    .map(|_| words[(next() % 5) as usize])
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        let a = embed(indexer, &texts, "float");
+        assert_eq!(a.status, 200, "indexer request {r}: {a:?}");
+        assert!(
+            a.header("warden-usage-warning").is_none(),
+            "request {r} warned"
+        );
+    }
+    // A crawler of every word it can make up, asking for base64 (as the
+    // OpenAI SDKs do by default): refused once its answers cover 4% of the
+    // space, and never answered past it.
+    let crawler = &mut session(&b.caller("/ns/batch/sa/crawler"));
+    let mut refused = None;
+    for r in 1..=200 {
+        let texts: Vec<String> = (0..8)
+            .map(|_| {
+                (0..3)
+                    .map(|_| format!("w{}", next() % 100_000))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        let a = embed(crawler, &texts, "base64");
+        if a.status == 429 {
+            assert!(
+                a.json()["type"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(":abnormal-usage-detected"),
+                "{a:?}"
+            );
+            assert!(a.header("warden-usage-warning").is_some(), "{a:?}");
+            refused = Some(r);
+            break;
+        }
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    // 4% of 4,096 buckets is 164: at 8 texts a request, at least 21 requests.
+    let refused = refused.expect("the crawler was never refused");
+    assert!(
+        (21..=120).contains(&refused),
+        "refused at request {refused}"
+    );
+    assert_eq!(
+        embed(crawler, &["invoice".to_string()], "float").status,
+        429,
+        "sticky"
+    );
+    assert_eq!(embed(indexer, &["refund".to_string()], "float").status, 200);
+
+    // The recording holds each caller's widest share, and `warden limits`
+    // proposes max_coverage from the widest: here the crawler (a recording
+    // to size limits from is of honest traffic, in shadow mode).
+    let Bench { mut proxy, .. } = b;
+    proxy.signal("TERM");
+    assert!(proxy.wait_exit(Duration::from_secs(15)).is_some());
+    let out = run_ok(&["limits", "--record", file.to_str().unwrap()]);
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("max_coverage:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("/ns/batch/sa/crawler"), "{out}");
+    let proposed: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(proposed > 0.04 && proposed <= 0.2, "{out}");
+}

@@ -635,6 +635,16 @@ fn bench_observe(c: &mut Criterion) {
             },
         );
     }
+    // An embeddings answer measured: 32 vectors of 1,536 values (the
+    // width of OpenAI's text-embedding-3-small).
+    let mut rng = StdRng::seed_from_u64(9);
+    let batch: Vec<Vec<f32>> = (0..32)
+        .map(|_| (0..1536).map(|_| rng.random::<f32>() - 0.5).collect())
+        .collect();
+    let d = Detector::new(Settings::default());
+    g.bench_function("observe embeddings answer (32 x 1536)", |b| {
+        b.iter(|| d.observe_answer(black_box("spiffe://bench.test/ns/a/sa/index"), &batch))
+    });
     let bias = [(50256u32, -100.0)];
     let d = Detector::new(Settings::default());
     g.bench_function("observe chat completion", |b| {

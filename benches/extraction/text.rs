@@ -139,6 +139,11 @@ impl Buckets {
     }
 }
 
+/// The victim's answer to `text`: its embedding, as the model sends it.
+fn answer(text: &str) -> Vec<f32> {
+    embed(text).iter().map(|x| *x as f32).collect()
+}
+
 /// Hashed bag of content words, unit length.
 fn embed(text: &str) -> [f64; DIM] {
     let mut v = [0.0; DIM];
@@ -290,6 +295,8 @@ struct Deploy {
     reference: bool,
     /// The budget `warden limits` proposed from a shadow-mode day.
     budget: Option<(Plan, LocalStore)>,
+    /// The `max_coverage` it proposed (0: none).
+    max_coverage: f64,
 }
 
 /// Sybils: identities of one namespace, each crawling in-domain.
@@ -308,12 +315,14 @@ fn corpora(rng: &mut StdRng) -> (Corpus, Corpus, Vec<String>) {
 /// A shadow-mode day of honest traffic recorded as the proxy records it,
 /// and the `limits:` that `warden limits --headroom 2` proposes from it,
 /// compiled as the proxy compiles them: the evidence and the budget.
-fn proposed_budget() -> (String, Plan) {
+fn proposed_budget() -> (String, Plan, f64) {
     let mut rng = StdRng::seed_from_u64(0x5ad0);
     let (users, _, _) = corpora(&mut rng);
     let path = std::env::temp_dir().join(format!("warden-harness-{}.json", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let recorder = Recorder::new("embed", &path);
+    // Shadow mode: detection measures, nothing is refused.
+    let shadow = Detector::new(Settings::default());
     for c in honest(&users, &mut rng) {
         let peer = SpiffeId::parse(&c.id).unwrap();
         for r in &c.requests {
@@ -322,6 +331,10 @@ fn proposed_budget() -> (String, Plan) {
                 ..Ask::default()
             };
             recorder.record(&peer, 0, &used);
+            let answers: Vec<Vec<f32>> = r.iter().map(|t| answer(t)).collect();
+            if let Some((_, share)) = shadow.observe_answer(&c.id, &answers) {
+                recorder.record_coverage(&peer, share);
+            }
         }
     }
     recorder.flush().unwrap();
@@ -338,8 +351,14 @@ fn proposed_budget() -> (String, Plan) {
     );
     let cfg = ProxyConfig::parse(Path::new("proposed.yaml"), &config)
         .unwrap_or_else(|e| panic!("the proposal does not parse: {e:?}\n{config}"));
-    let (_, budget) = Plan::new("embed", &cfg.inbound[0].model_api[0].limits).split();
-    (proposal, budget)
+    let route = &cfg.inbound[0].model_api[0];
+    let (_, budget) = Plan::new("embed", &route.limits).split();
+    let max_coverage = route
+        .detection
+        .as_ref()
+        .and_then(|d| d.max_coverage)
+        .expect("the proposal names a max_coverage");
+    (proposal, budget, max_coverage)
 }
 
 /// Runs the route in each deployment and prints the report.
@@ -351,7 +370,7 @@ pub fn run(settings: &Settings, seeds: u64) {
         "coverage: share of the harness encoder's {} buckets a caller was answered in (B4B)\n",
         1u32 << PLANES
     );
-    let (proposal, plan) = proposed_budget();
+    let (proposal, plan, max_coverage) = proposed_budget();
     println!(
         "`warden limits --headroom 2` on a recorded shadow-mode day of the honest callers:\n\n```\n{}```\n",
         proposal
@@ -361,16 +380,25 @@ pub fn run(settings: &Settings, seeds: u64) {
             label: "with a reference",
             reference: true,
             budget: None,
+            max_coverage: 0.0,
         },
         Deploy {
             label: "no reference",
             reference: false,
             budget: None,
+            max_coverage: 0.0,
         },
         Deploy {
-            label: "with a reference and the proposed budget",
+            label: "with a reference and the proposed max_coverage",
+            reference: true,
+            budget: None,
+            max_coverage,
+        },
+        Deploy {
+            label: "with a reference, the proposed budget and max_coverage",
             reference: true,
             budget: Some((plan, LocalStore::new(4096))),
+            max_coverage,
         },
     ];
     for deploy in &deploys {
@@ -382,7 +410,10 @@ fn day(settings: &Settings, seeds: u64, deploy: &Deploy) {
     let mut rng = StdRng::seed_from_u64(0x7e57);
     let (users, public, reference) = corpora(&mut rng);
     let buckets = Buckets::new(&reference, &mut rng);
-    let detector = Detector::new(settings.clone());
+    let detector = Detector::new(Settings {
+        max_coverage: deploy.max_coverage,
+        ..settings.clone()
+    });
     if deploy.reference {
         detector.seed_texts(&reference);
     }
@@ -448,6 +479,16 @@ fn day(settings: &Settings, seeds: u64, deploy: &Deploy) {
         if a.step >= Step::Refuse {
             refused_honest += usize::from(!crawling);
             continue;
+        }
+        // warden measures the answer before it is delivered, and withholds
+        // one that takes its caller to refuse.
+        let answers: Vec<Vec<f32>> = texts.iter().map(|t| answer(t)).collect();
+        if let Some((a, _)) = detector.observe_answer(&caller.id, &answers) {
+            mark(&mut caller.first, a.step, caller.sent);
+            if a.step >= Step::Refuse {
+                refused_honest += usize::from(!crawling);
+                continue;
+            }
         }
         caller.answered += texts.len();
         for t in &texts {

@@ -193,6 +193,11 @@ pub struct DetectionConfig {
     /// with one, the population signals count from the first query and
     /// never learn from live callers.
     pub reference: Option<std::sync::Arc<Reference>>,
+    /// The share of the embedding space (B4B's buckets of the answers'
+    /// embeddings) an identity may be answered in before it is refused;
+    /// None: measured (and recorded) but not bounded. `warden limits`
+    /// proposes it from a shadow-mode recording.
+    pub max_coverage: Option<f64>,
 }
 
 impl Default for DetectionConfig {
@@ -206,6 +211,7 @@ impl Default for DetectionConfig {
             degrade_outputs: OutputDetail::Decimals(1),
             report_to_ca: false,
             reference: None,
+            max_coverage: None,
         }
     }
 }
@@ -322,6 +328,8 @@ struct RawDetection {
     report_to_ca: bool,
     #[serde(default)]
     reference: Option<Spanned<String>>,
+    #[serde(default)]
+    max_coverage: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -521,6 +529,27 @@ impl RawModelRoute {
     /// bounds, or whose detection is scaled to a hidden size nobody chose;
     /// and about predict detection that must learn natural from its callers.
     fn warn_disarmed(&self, limits: &Limits, errors: &mut Collector<'_>) {
+        if let Some(d) = &self.detection
+            && let Some(m) = &d.value.max_coverage
+        {
+            if self.api == ModelApi::Predict {
+                errors.at(
+                    m,
+                    "max_coverage bounds the embeddings an openai route answers; a predict route has none",
+                );
+            }
+        } else if let Some(d) = &self.detection
+            && self.api == ModelApi::Openai
+            && self.paths.iter().any(|p| p.value.contains("embeddings"))
+        {
+            errors.warn(
+                d,
+                format!(
+                    "detection on route {:?} does not bound how much of the embedding space a caller is answered in: a crawl of natural-looking text is stopped only by a vectors budget; record a shadow-mode day (record: FILE) and set the max_coverage that `warden limits` proposes",
+                    self.name.value
+                ),
+            );
+        }
         if self.api == ModelApi::Predict {
             if let Some(d) = &self.detection
                 && d.value.reference.is_none()
@@ -765,6 +794,15 @@ fn detection(raw: &Spanned<RawDetection>, errors: &mut Collector<'_>) -> Detecti
         }),
         None => d.degrade_outputs,
     };
+    let max_coverage = r.max_coverage.as_ref().map(|m| {
+        if !(m.value.is_finite() && m.value > 0.0 && m.value <= 1.0) {
+            errors.at(
+                m,
+                "max_coverage is a share of the embedding space: in (0, 1]",
+            );
+        }
+        m.value
+    });
     DetectionConfig {
         max_identities,
         history,
@@ -774,5 +812,6 @@ fn detection(raw: &Spanned<RawDetection>, errors: &mut Collector<'_>) -> Detecti
         degrade_outputs,
         report_to_ca: r.report_to_ca,
         reference: None,
+        max_coverage,
     }
 }

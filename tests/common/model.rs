@@ -143,12 +143,29 @@ fn serve(stream: TcpStream, b: ModelBehaviour, rec: Arc<Mutex<Vec<Value>>>) {
             return;
         }
         let answer = if path.ends_with("/embeddings") {
-            let inputs = match &req["input"] {
-                Value::Array(a) => a.len(),
-                _ => 1,
+            let texts: Vec<String> = match &req["input"] {
+                Value::Array(a) => a
+                    .iter()
+                    .map(|t| t.as_str().unwrap_or("").to_string())
+                    .collect(),
+                t => vec![t.as_str().unwrap_or("").to_string()],
             };
-            let data: Vec<Value> = (0..inputs)
-                .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}))
+            let inputs = texts.len();
+            let base64 = req["encoding_format"] == "base64";
+            let data: Vec<Value> = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let e = embedding(t);
+                    let e = if base64 {
+                        use base64::Engine as _;
+                        let bytes: Vec<u8> = e.iter().flat_map(|x| x.to_le_bytes()).collect();
+                        json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    } else {
+                        json!(e)
+                    };
+                    json!({"object": "embedding", "index": i, "embedding": e})
+                })
                 .collect();
             json!({"data": data, "usage": {"prompt_tokens": 5 * inputs, "total_tokens": 5 * inputs}})
         } else if path.ends_with("/infer") {
@@ -453,4 +470,18 @@ impl Session {
             body: String::from_utf8_lossy(&body).to_string(),
         }
     }
+}
+
+/// The fake model's embedding of `text`: a hashed bag of its words in 16
+/// values, unit length, so that texts about the same words land together.
+pub fn embedding(text: &str) -> Vec<f32> {
+    let mut v = [0f32; 16];
+    for w in text.split_whitespace() {
+        let h = w.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        v[(h % 16) as usize] += if h >> 63 == 1 { 1.0 } else { -1.0 };
+    }
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+    v.iter().map(|x| x / n).collect()
 }

@@ -48,6 +48,11 @@ pub struct Day {
     pub peak_requests_per_minute: u64,
     /// Tokens in the busiest minute.
     pub peak_tokens_per_minute: u64,
+    /// The largest share of the embedding space the caller had been
+    /// answered in (see `detect::answers`; callers only, on embeddings
+    /// routes with detection).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub coverage: f64,
     /// The minute being counted, and its counts so far.
     #[serde(default)]
     minute: u64,
@@ -76,6 +81,10 @@ impl Day {
     }
 }
 
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
 /// One route's recording: what the file holds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Book {
@@ -90,6 +99,19 @@ pub struct Book {
 }
 
 impl Book {
+    /// Notes that `peer` has been answered in `share` of the embedding space.
+    fn cover(&mut self, peer: &SpiffeId, share: f64, at: SystemTime) {
+        let day = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) / 86_400;
+        if let Some(d) = self
+            .callers
+            .get_mut(peer.as_str())
+            .and_then(|days| days.last_mut())
+            .filter(|d| d.day == day)
+        {
+            d.coverage = d.coverage.max(share);
+        }
+    }
+
     fn add(&mut self, peer: &SpiffeId, requests: u64, used: &Ask, at: SystemTime) {
         let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let (day, minute) = (secs / 86_400, secs / 60);
@@ -158,6 +180,14 @@ impl Recorder {
         }
     }
 
+    /// Records the share of the embedding space `peer` has been answered
+    /// in (after its request was recorded, so the day is there).
+    pub fn record_coverage(&self, peer: &SpiffeId, share: f64) {
+        if let Ok(mut b) = self.book.lock() {
+            b.cover(peer, share, SystemTime::now());
+        }
+    }
+
     /// Writes the recording (to a temporary file, then renamed over it).
     pub fn flush(&self) -> std::io::Result<()> {
         let bytes = match self.book.lock() {
@@ -218,6 +248,8 @@ pub fn propose(books: &[Book], headroom: f64) -> String {
                             // An upper bound: the busiest minutes may differ.
                             x.peak_requests_per_minute += d.peak_requests_per_minute;
                             x.peak_tokens_per_minute += d.peak_tokens_per_minute;
+                            // Each proxy saw part of the answers: the widest is a lower bound.
+                            x.coverage = x.coverage.max(d.coverage);
                         }
                         None => into.push(d.clone()),
                     }
@@ -255,8 +287,34 @@ pub fn propose(books: &[Book], headroom: f64) -> String {
                 let _ = writeln!(out, "      {}: {}  # {}", p.key, p.value, p.evidence);
             }
         }
+        if let Some(p) = coverage_proposal(&b.callers, headroom) {
+            let _ = writeln!(
+                out,
+                "  detection:\n    {}: {}  # {}",
+                p.key, p.value, p.evidence
+            );
+        }
     }
     out
+}
+
+/// `max_coverage` for detection: `headroom` times the breadth of the
+/// widest share of the embedding space a caller was answered in (shares
+/// saturate; see `detect::answers::breadth`).
+fn coverage_proposal(map: &BTreeMap<String, Vec<Day>>, headroom: f64) -> Option<Proposal> {
+    let (share, who, day) = map
+        .iter()
+        .flat_map(|(who, days)| days.iter().map(move |d| (d.coverage, who, d.day)))
+        .filter(|(c, _, _)| *c > 0.0)
+        .max_by(|a, b| a.0.total_cmp(&b.0))?;
+    Some(Proposal {
+        key: "max_coverage",
+        value: format!("{:.3}", crate::detect::answers::widened(share, headroom)),
+        evidence: format!(
+            "{headroom}x the breadth of {share:.3} of the embedding space: {who} on {}",
+            date(day)
+        ),
+    })
 }
 
 fn level_proposals(map: &BTreeMap<String, Vec<Day>>, headroom: f64) -> Vec<Proposal> {

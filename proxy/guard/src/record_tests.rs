@@ -137,3 +137,34 @@ fn a_recording_survives_a_restart() {
     assert!(other.book.lock().unwrap().callers.is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn max_coverage_is_proposed_from_the_widest_caller_in_breadth() {
+    let mut b = Book {
+        route: "embed".into(),
+        ..Book::default()
+    };
+    let (wide, narrow) = (
+        id("spiffe://td/ns/search/sa/indexer"),
+        id("spiffe://td/ns/web/sa/front"),
+    );
+    for (who, share) in [(&wide, 0.30), (&narrow, 0.02)] {
+        b.add(who, 1, &Ask::default(), at(10, 0));
+        b.cover(who, share, at(10, 1));
+        // A share is the caller's widest that day, never a sum.
+        b.cover(who, share / 2.0, at(10, 2));
+    }
+    let out = propose(std::slice::from_ref(&b), 2.0);
+    assert!(
+        out.contains(
+            "  detection:\n    max_coverage: 0.510  # 2x the breadth of 0.300 of the embedding space: spiffe://td/ns/search/sa/indexer on 2026-12-01"
+        ),
+        "{out}"
+    );
+    // Shares saturate: five times the breadth is not the whole space.
+    assert!(propose(&[b], 5.0).contains("max_coverage: 0.832"));
+    // A caller not recorded that day is not covered (nothing to size from).
+    let mut empty = Book::default();
+    empty.cover(&wide, 0.5, at(10, 0));
+    assert!(empty.callers.is_empty());
+}

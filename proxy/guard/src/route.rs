@@ -26,7 +26,9 @@ use warden_config::model::{
 use warden_identity::ratelog::LogLimiter;
 
 use super::answer::{self, AnswerBody, USAGE_WARNING};
-use super::detect::{CoverageSettings, Detector, Ladder, LlmQuery, Query, Settings, Step};
+use super::detect::{
+    Assessment, CoverageSettings, Detector, Ladder, LlmQuery, Query, Settings, Step,
+};
 use super::limits::{Ask, Headroom, Hold, Plan, Store, Subjects};
 use super::meter::Metered;
 use super::metrics::{ModelMetrics, RouteMetrics};
@@ -84,6 +86,9 @@ pub struct Admitted {
     /// The `RateLimit` value: what is left of the tightest limit.
     ratelimit: Option<HeaderValue>,
     warning: Option<HeaderValue>,
+    /// The caller of an embeddings request on a route with detection: its
+    /// answer's embeddings are measured (the answer coverage).
+    answered: Option<SpiffeId>,
 }
 
 impl Admitted {
@@ -185,6 +190,7 @@ impl Route {
                 max_identities: d.max_identities,
                 history: d.history,
                 hidden_size: d.hidden_size,
+                max_coverage: d.max_coverage.unwrap_or(0.0),
                 ladder: d.ladder.map_or(defaults.ladder, |l| Ladder {
                     warn: l.warn,
                     degrade: l.degrade,
@@ -369,6 +375,8 @@ impl Route {
         let (ticket, headroom) = self.charge(&self.budget, peer, reserved.ask, true).await?;
         self.metrics().allowed.inc();
         let forward = request.body(bytes);
+        let answered =
+            (request.call == Call::Embeddings && self.detector.is_some()).then(|| peer.clone());
         Ok((
             forward,
             Admitted {
@@ -379,6 +387,7 @@ impl Route {
                     .and_then(|h| answer::ratelimit_value(&self.budget.plan, h))
                     .or(gate.ratelimit),
                 warning,
+                answered,
             },
         ))
     }
@@ -407,6 +416,7 @@ impl Route {
             outputs: self.cfg.outputs,
             ratelimit: gate.ratelimit,
             warning: self.warning(step),
+            answered: None,
         })
     }
 
@@ -573,6 +583,14 @@ impl Route {
         m.suspicion.observe(a.score);
         m.tracked
             .set(i64::try_from(d.tracked()).unwrap_or(i64::MAX));
+        self.escalated(peer, before, &a);
+        Some(a.step)
+    }
+
+    /// Logs, counts and reports (at deny) a caller whose step an
+    /// assessment moved up from `before`.
+    fn escalated(&self, peer: &SpiffeId, before: Step, a: &Assessment) {
+        let m = self.metrics();
         if a.step > before {
             m.all
                 .escalations
@@ -584,7 +602,26 @@ impl Route {
                 self.report(peer);
             }
         }
-        Some(a.step)
+    }
+
+    /// Measures the embeddings an answer to `peer` carries (B4B's coverage
+    /// of the embedding space); records the share for sizing; and refuses
+    /// to deliver an answer that takes the caller to the refuse step, so
+    /// that no caller is answered past the share the route allows.
+    fn measure_answer(&self, peer: &SpiffeId, doc: &serde_json::Value) -> Option<GuardRefusal> {
+        let d = self.detector.as_ref()?;
+        let before = d.step(peer.as_str());
+        let (a, share) = d.observe_answer(peer.as_str(), &crate::usage::embeddings(doc))?;
+        if let Some(r) = &self.budget.recorder {
+            r.record_coverage(peer, share);
+        }
+        self.escalated(peer, before, &a);
+        if a.step < Step::Refuse {
+            return None;
+        }
+        let detail = format!("answers cover {share:.3} of the embedding space");
+        self.refuse(peer, "abnormal_usage", &detail, refusal::abnormal_usage)
+            .map(|r| self.warned(peer, r))
     }
 
     /// Asks the CA to stop renewing `peer` (called when it first reaches deny).
@@ -695,6 +732,12 @@ impl Route {
         };
         ticket.finish(used, false);
         adm.gate.finish(Ask::default(), false);
+        if success
+            && let (Some(peer), Some(d)) = (&adm.answered, &doc)
+            && let Some(refused) = self.measure_answer(peer, d)
+        {
+            return Err(refused);
+        }
         if success
             && tally
                 .completion

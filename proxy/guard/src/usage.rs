@@ -28,6 +28,33 @@ pub struct Tally {
     pub usage_seen: bool,
 }
 
+/// The embeddings of an OpenAI-style embeddings answer (`data[].embedding`,
+/// an array of numbers or, with `encoding_format: base64`, the base64 of
+/// little-endian f32 values, which is what the OpenAI SDKs ask for by
+/// default), for the detector's answer coverage. An embedding that cannot
+/// be read is left out; the answer's size is already bounded by the route.
+pub fn embeddings(doc: &Value) -> Vec<Vec<f32>> {
+    use base64::Engine as _;
+    let Some(data) = doc.get("data").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    data.iter()
+        .filter_map(|d| match d.get("embedding")? {
+            Value::Array(xs) => xs.iter().map(|x| x.as_f64().map(|x| x as f32)).collect(),
+            Value::String(b64) => {
+                let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+                (bytes.len() % 4 == 0).then(|| {
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// Usage figures are the app's: clamped so that no sum overflows.
 const MAX_USAGE: u64 = 1 << 40;
 
@@ -197,6 +224,29 @@ mod tests {
             prompt_reserve: 50,
             completion_reserve: 50,
         }
+    }
+
+    #[test]
+    fn embeddings_are_read_as_numbers_or_as_base64_little_endian_f32() {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(
+            [0.5f32, -1.25]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        // The shape of OpenAI's embeddings reference, both encodings.
+        let doc = json!({"object": "list", "data": [
+            {"object": "embedding", "index": 0, "embedding": [0.0023064255, -0.009327292]},
+            {"object": "embedding", "index": 1, "embedding": b64},
+            {"object": "embedding", "index": 2, "embedding": "not base64!"},
+            {"object": "embedding", "index": 3, "embedding": [1, "x"]}
+        ], "model": "text-embedding-3-small", "usage": {"prompt_tokens": 8, "total_tokens": 8}});
+        assert_eq!(
+            embeddings(&doc),
+            vec![vec![0.002_306_425_5, -0.009_327_292], vec![0.5, -1.25]]
+        );
+        assert!(embeddings(&json!({"choices": []})).is_empty());
     }
 
     #[test]

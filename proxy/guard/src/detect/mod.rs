@@ -11,7 +11,9 @@
 //! - `probing`: logprob / logit_bias probing of an LLM ([`probing`]);
 //! - `coverage`: how much of the input or embedding space the identity
 //!   covers beyond what natural traffic does, and how many of its queries
-//!   are outliers of an operator's reference ([`coverage`], [`natural`]).
+//!   are outliers of an operator's reference ([`coverage`], [`natural`]),
+//!   and, for embeddings, how much of the embedding space its answers
+//!   covered against the share the operator allows ([`answers`], B4B).
 //!
 //! Each is in [0, 1] and calibrated to stay at 0 for natural traffic: with
 //! a reference, against the rates natural traffic of that very task reaches
@@ -32,6 +34,7 @@
 //! (cell counts, projections and a reference's covariance factor, under
 //! 400 KiB for 8 input widths).
 
+pub mod answers;
 pub mod coverage;
 pub mod fingerprint;
 pub mod natural;
@@ -48,6 +51,7 @@ pub use fingerprint::FingerprintSettings;
 pub use prada::PradaSettings;
 pub use probing::ProbingSettings;
 
+use answers::{AnswerSpaces, Cover};
 use coverage::{Population, Space, TEXT_SPACE, Tally};
 use fingerprint::FeatureHistory;
 use probing::Probing;
@@ -149,6 +153,10 @@ pub struct Settings {
     pub probing: ProbingSettings,
     /// Space coverage.
     pub coverage: CoverageSettings,
+    /// The share of the embedding space's buckets (see [`answers`]) an
+    /// identity may be answered in before it is refused; 0: not bounded
+    /// (the share is still measured, for recordings).
+    pub max_coverage: f64,
     /// Lock shards (more shards, less contention between connections).
     pub shards: usize,
 }
@@ -165,6 +173,7 @@ impl Default for Settings {
             fingerprint: FingerprintSettings::default(),
             probing: ProbingSettings::default(),
             coverage: CoverageSettings::default(),
+            max_coverage: 0.0,
             shards: 32,
         }
     }
@@ -185,6 +194,7 @@ impl Settings {
             )
             + TextHistory::max_bytes(self.history, &self.fingerprint)
             + Probing::max_bytes(&self.probing)
+            + Cover::BYTES
             + 3 * self.coverage.window
     }
 }
@@ -238,7 +248,8 @@ pub struct Signals {
     pub sweep: f64,
     /// LLM logprob / logit_bias probing.
     pub probing: f64,
-    /// Coverage of the input / embedding space beyond natural traffic's.
+    /// Coverage of the input / embedding space beyond natural traffic's,
+    /// or of the answers' embedding space against the share allowed.
     pub coverage: f64,
 }
 
@@ -278,6 +289,7 @@ struct Identity {
     feature_cover: Option<Box<Tally>>,
     texts: Option<Box<TextHistory>>,
     text_cover: Option<Box<Tally>>,
+    answered: Option<Box<Cover>>,
     llm: Option<Box<Probing>>,
 }
 
@@ -293,6 +305,7 @@ impl tracker::Tracked for Identity {
             feature_cover: None,
             texts: None,
             text_cover: None,
+            answered: None,
             llm: None,
         }
     }
@@ -308,6 +321,7 @@ pub struct Detector {
     settings: Settings,
     tracker: tracker::Tracker<Identity>,
     population: Population,
+    answers: AnswerSpaces,
     sw: prada::Table,
 }
 
@@ -328,6 +342,7 @@ impl Detector {
         Self {
             tracker: tracker::Tracker::new(settings.max_identities, settings.shards),
             population: Population::default(),
+            answers: AnswerSpaces::default(),
             sw,
             settings,
         }
@@ -395,14 +410,51 @@ impl Detector {
                 Query::Llm(q) => self.llm(id, &q),
                 Query::Embeddings(texts) => self.texts(id, texts),
             }
-            id.score = id.signals.combined();
-            id.step = id.step.max(self.settings.ladder.step_for(id.score));
-            Assessment {
-                score: id.score,
-                step: id.step,
-                signals: id.signals,
-            }
+            self.assess(id)
         })
+    }
+
+    /// Records the embeddings `identity` was answered (all of one width)
+    /// and returns its assessment and the share of the embedding space it
+    /// has been answered in so far; None when there is nothing to measure
+    /// (no embeddings, or a width outside [`answers`]' bounds).
+    pub fn observe_answer(
+        &self,
+        identity: &str,
+        embeddings: &[Vec<f32>],
+    ) -> Option<(Assessment, f64)> {
+        let width = embeddings.first()?.len();
+        let space = self.answers.get(width)?;
+        // The hyperplanes are read outside the identity's lock.
+        let buckets: Vec<usize> = embeddings
+            .iter()
+            .filter(|e| e.len() == width && e.iter().all(|x| x.is_finite()))
+            .map(|e| space.bucket(e))
+            .collect();
+        Some(self.tracker.with(identity, |id| {
+            let cover = id.answered.get_or_insert_with(Box::default);
+            for b in buckets {
+                cover.add(b);
+            }
+            let share = cover.share();
+            let s = &self.settings;
+            id.signals.coverage =
+                id.signals
+                    .coverage
+                    .max(answers::signal(share, s.max_coverage, s.ladder.refuse));
+            (self.assess(id), share)
+        }))
+    }
+
+    /// Scores the identity's signals and moves its (sticky) step.
+    fn assess(&self, id: &mut Identity) -> Assessment {
+        id.score = id.signals.combined();
+        id.step = id.step.max(self.settings.ladder.step_for(id.score));
+        Assessment {
+            score: id.score,
+            step: id.step,
+            signals: id.signals,
+        }
     }
 
     /// The identity's current step without recording anything (Normal when
