@@ -3,15 +3,19 @@
 //! Service's DNS names), with `/live`, `/ready` and `/metrics` on an admin
 //! port. Malformed reviews are answered 400 and counted.
 //!
-//! Memory is bounded whatever callers do: a review takes its turn (one of
-//! [`MAX_REVIEWS_IN_FLIGHT`]) before its body is read, and waits at most
-//! [`QUEUE_TIMEOUT`] for it (then 503 `busy`, with `Retry-After`); h2 flow
-//! control windows are small, so a stream waiting for its turn holds at
-//! most [`H2_STREAM_WINDOW`] of unread body, a connection
-//! [`H2_CONNECTION_WINDOW`]; a connection with no request for the idle
-//! timeout, or older than [`MAX_CONNECTION_AGE`], is closed gracefully
-//! (GOAWAY on h2: the API server reconnects), so that idle connections
-//! answering keep-alive pings cannot hold the [`MAX_CONNECTIONS`] slots.
+//! Memory is bounded whatever callers do, and slow callers cannot crowd
+//! the API server out: a review's body is read first, each chunk taking
+//! its share of one [`BODY_BUDGET`] shared by all requests (a chunk waits
+//! for budget, within [`BODY_TIMEOUT`]), so a slow sender holds only what
+//! it has sent; only a complete body takes one of [`MAX_REVIEWS_IN_FLIGHT`]
+//! turns to be decided, waiting at most [`QUEUE_TIMEOUT`] for it (then 503
+//! `busy`, with `Retry-After`). h2 flow control windows are small, so a
+//! stream holds at most [`H2_STREAM_WINDOW`] of unread body, a connection
+//! [`H2_CONNECTION_WINDOW`]. A source address has at most
+//! [`MAX_CONNECTIONS_PER_SOURCE`] of the [`MAX_CONNECTIONS`] connections (the
+//! others are closed at once), and a connection with no request for the
+//! idle timeout, or older than [`MAX_CONNECTION_AGE`], is closed gracefully
+//! (GOAWAY on h2: the API server reconnects).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,23 +34,32 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use warden_identity::http::{Body, BodyError, problem, read_body, respond, server_builder};
+use warden_identity::http::{Body, BodyError, problem, respond, server_builder};
 use warden_identity::tls::{RotatingCert, certified_key, provider};
 
+use crate::limits::{ByteBudget, PerSource};
 use crate::sidecar::Settings;
 use crate::webhook::{OptIn, review};
 
 /// Largest AdmissionReview read (the API server caps objects at 1.5 MiB).
 pub const MAX_REVIEW_BYTES: usize = 2 << 20;
-/// Reviews read and decided at once: each holds its body and the pod
-/// parsed twice, so this bounds memory (the pod manifest gives the webhook
-/// 256 MiB). The turn is taken before the body is read.
+/// Bytes of review bodies held at once, by all requests together (buffer
+/// capacity: a body holds at most twice what it has sent). A chunk waits
+/// for budget; the body timeout still applies.
+pub const BODY_BUDGET: usize = 8 << 20;
+/// Reviews decided at once: each parses its pod twice, so this bounds
+/// memory (the pod manifest gives the webhook 256 MiB). The turn is taken
+/// once the body is complete, so slow senders never hold one.
 pub const MAX_REVIEWS_IN_FLIGHT: usize = 4;
-/// How long a review waits for its turn before it is answered 503: well
-/// inside the API server's `timeoutSeconds` (5), so that it can retry.
+/// How long a complete review waits for its turn before it is answered
+/// 503: well inside the API server's `timeoutSeconds` (5), so that it can
+/// retry.
 pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections served at once from one source address: one pod cannot
+/// hold every slot (the API server's replicas are a few sources).
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
 /// A connection is closed gracefully at this age, busy or not.
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(600);
 /// The default idle timeout: no request started or in flight for this long.
@@ -58,8 +71,8 @@ pub const H2_STREAM_WINDOW: u32 = 64 << 10;
 /// The h2 receive window of one connection (all its streams together).
 pub const H2_CONNECTION_WINDOW: u32 = 128 << 10;
 /// The API server sends a review in one go and gives up after 5 s: a body
-/// slower than this holds a turn for nobody.
-const BODY_TIMEOUT: Duration = Duration::from_secs(4);
+/// slower than this (waiting for budget included) is answered 400.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(4);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -139,7 +152,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     registry.register(Box::new(reviews.clone()))?;
     let in_flight = IntGauge::new(
         "warden_webhook_reviews_in_flight",
-        "AdmissionReviews holding a turn (being read or decided).",
+        "AdmissionReviews holding a turn (being decided).",
     )?;
     registry.register(Box::new(in_flight.clone()))?;
     tokio::spawn(warden_identity::admin::serve(
@@ -188,8 +201,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         reviews,
         in_flight,
         turns: Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
+        budget: ByteBudget::new(BODY_BUDGET),
     });
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let sources = PerSource::new(MAX_CONNECTIONS_PER_SOURCE);
     let mut builder = server_builder();
     builder.http1().max_buf_size(64 << 10);
     builder
@@ -214,10 +229,15 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
             },
             _ = shutdown.changed() => break,
         };
+        let Some(source) = sources.take(peer.ip()) else {
+            tracing::debug!(%peer, "closing: {MAX_CONNECTIONS_PER_SOURCE} connections from this source already");
+            drop(stream);
+            continue;
+        };
         let (acceptor, builder, hook) = (acceptor.clone(), builder.clone(), hook.clone());
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slots = (permit, source);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
@@ -337,8 +357,10 @@ struct Hook {
     settings: Settings,
     reviews: IntCounterVec,
     in_flight: IntGauge,
-    /// Turns to read and decide a review.
+    /// Turns to decide a review (its body complete).
     turns: Semaphore,
+    /// The bytes of bodies being read or waiting for a turn.
+    budget: ByteBudget,
 }
 
 impl Hook {
@@ -354,8 +376,24 @@ impl Hook {
         if req.method() != Method::POST {
             return problem(405, "method_not_allowed", "POST an AdmissionReview");
         }
-        // The turn before the body: only MAX_REVIEWS_IN_FLIGHT bodies are
-        // ever buffered; the others wait in their (small) h2 windows.
+        // The body first, under the shared byte budget: a slow sender holds
+        // what it has sent, never a turn.
+        let body = match self
+            .budget
+            .read(req.into_body(), MAX_REVIEW_BYTES, BODY_TIMEOUT)
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                self.reviews.with_label_values(&[&path, "malformed"]).inc();
+                let status = if matches!(e, BodyError::TooLarge(_)) {
+                    413
+                } else {
+                    400
+                };
+                return problem(status, "bad_review", &e.to_string());
+            }
+        };
         let _turn = match tokio::time::timeout(QUEUE_TIMEOUT, self.turns.acquire()).await {
             Ok(Ok(turn)) => turn,
             Ok(Err(_)) => return problem(503, "shutting_down", "the webhook is stopping"),
@@ -365,7 +403,7 @@ impl Hook {
                     503,
                     "busy",
                     &format!(
-                        "{MAX_REVIEWS_IN_FLIGHT} reviews are being read or decided; none finished within {QUEUE_TIMEOUT:?}"
+                        "{MAX_REVIEWS_IN_FLIGHT} reviews are being decided; none finished within {QUEUE_TIMEOUT:?}"
                     ),
                 );
                 busy.headers_mut()
@@ -376,23 +414,11 @@ impl Hook {
         self.in_flight.inc();
         // Down again even when the caller goes away mid-review.
         let _counted = Counted(&self.in_flight);
-        self.decide(req, &path, opt_in).await
+        self.decide(body.bytes(), &path, opt_in)
     }
 
-    async fn decide(&self, req: Request<Incoming>, path: &str, opt_in: OptIn) -> Response<Body> {
-        let body = match read_body(req.into_body(), MAX_REVIEW_BYTES, BODY_TIMEOUT).await {
-            Ok(b) => b,
-            Err(e) => {
-                self.reviews.with_label_values(&[path, "malformed"]).inc();
-                let status = if matches!(e, BodyError::TooLarge(_)) {
-                    413
-                } else {
-                    400
-                };
-                return problem(status, "bad_review", &e.to_string());
-            }
-        };
-        match review(&body, opt_in, &self.settings) {
+    fn decide(&self, body: &[u8], path: &str, opt_in: OptIn) -> Response<Body> {
+        match review(body, opt_in, &self.settings) {
             Ok((answer, verdict)) => {
                 self.reviews
                     .with_label_values(&[path, verdict.label()])
