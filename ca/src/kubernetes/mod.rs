@@ -17,8 +17,10 @@
 //! What may cost the API server a call is bounded before it is made: a
 //! token's own claims and `allow` must pass first, then one source address
 //! may cause at most `reviews_per_source` TokenReviews a second (of the
-//! [`MAX_REVIEWS_PER_SECOND`] every pod shares), so that nobody can make
-//! the others' attestations wait by sending forged tokens.
+//! [`MAX_REVIEWS_PER_SECOND`] every pod shares), so that one address
+//! sending forged tokens cannot spend the whole budget. It is a share, not
+//! isolation: a few sources together (five at the default 10 a second)
+//! can spend it, and the others' attestations then wait (503, retried).
 
 pub mod api;
 pub mod claims;
@@ -442,16 +444,12 @@ fn rate_label(s: &Subject) -> String {
     }
 }
 
-/// What the TokenReviews of `source` are counted under: the address, or
-/// its /64 for IPv6 (one host may hold a whole /64).
+/// What the TokenReviews of `source` are counted under: the whole address,
+/// IPv6 included. Not its /64: the pods of a node usually share one
+/// (`--node-cidr-mask-size-ipv6=64`), so one pod's flood would limit its
+/// neighbours; and pods do not choose their addresses.
 fn source_key(source: IpAddr) -> String {
-    match source.to_canonical() {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-        }
-    }
+    source.to_canonical().to_string()
 }
 
 #[cfg(test)]
@@ -460,13 +458,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sources_are_counted_by_address_or_ipv6_prefix() {
+    fn sources_are_counted_by_their_whole_address_ipv6_included() {
         let key = |s: &str| source_key(s.parse().unwrap());
         assert_eq!(key("10.244.1.7"), "10.244.1.7");
         assert_eq!(key("::ffff:10.244.1.7"), "10.244.1.7");
-        assert_eq!(key("2001:db8:1:2:aa::1"), "2001:db8:1:2::/64");
-        assert_eq!(key("2001:db8:1:2:bb::9"), key("2001:db8:1:2:aa::1"));
-        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("2001:db8:1:2:aa::1"), "2001:db8:1:2:aa::1");
+        assert_eq!(key("2001:0db8:1:2:aa:0:0:1"), key("2001:db8:1:2:aa::1"));
+        // Two pods of one node's /64 are two sources.
+        assert_ne!(key("2001:db8:1:2:bb::9"), key("2001:db8:1:2:aa::1"));
+    }
+
+    #[test]
+    fn a_flooding_ipv6_pod_leaves_its_node_neighbours_alone() {
+        let limiter =
+            crate::ratelimit::PerMinute::per_window(10, Duration::from_secs(1), MAX_RATED_SOURCES);
+        let flooder = source_key("2001:db8:1:2::a".parse().unwrap());
+        let neighbour = source_key("2001:db8:1:2::b".parse().unwrap());
+        let refused = (0..100)
+            .filter(|_| limiter.check(&flooder).is_err())
+            .count();
+        assert!(refused >= 90, "{refused}");
+        assert!(limiter.check(&neighbour).is_ok());
     }
 
     #[test]
