@@ -490,8 +490,12 @@ impl Proof {
         // the two renames of a write.
         let (chain, key) = match files_out::read_credentials(dir) {
             Ok(pair) => pair,
-            Err(files_out::ReadError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
+            // No key: nothing was ever stored. A key without its
+            // certificate (and no cert.tmp that goes with it) is worth a
+            // warning, as any other unusable state.
+            Err(files_out::ReadError::Io { path, source })
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && path.file_name() == Some(std::ffi::OsStr::new(files_out::KEY)) =>
             {
                 return None;
             }

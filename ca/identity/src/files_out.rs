@@ -6,9 +6,10 @@
 //!
 //! The key and the certificate are two renames: both new files are written
 //! and synced first, then the key is renamed, then the certificate. A
-//! crash between the two leaves the new key beside the old certificate,
-//! with the new certificate still in `cert.tmp`; [`read_credentials`]
-//! finishes that write, so the pair read back always belongs together.
+//! crash between the two leaves the new key beside the old certificate (or
+//! beside none, on the first write), with the new certificate still in
+//! `cert.tmp`; [`read_credentials`] finishes that write, so the pair read
+//! back always belongs together.
 
 use std::fs;
 use std::io::Write;
@@ -120,20 +121,29 @@ pub enum ReadError {
 
 /// Reads `cert.pem` and `key.pem` from `dir` as a pair whose key is the
 /// certificate's. If a crash stopped [`write_credentials`] between its two
-/// renames (the new key beside the old certificate), the new certificate
-/// waiting in `cert.tmp` is checked against the key and the write finished.
+/// renames (the new key beside the old certificate, or beside no
+/// certificate on the first write), the new certificate waiting in
+/// `cert.tmp` is checked against the key and the write finished. No
+/// `key.pem` is [`ReadError::Io`] `NotFound` on it: nothing was stored.
 pub fn read_credentials(dir: &Path) -> Result<(String, String), ReadError> {
     let read = |name: &str| {
         let path = dir.join(name);
         fs::read_to_string(&path).map_err(|source| ReadError::Io { path, source })
     };
     let key = read(KEY)?;
-    let chain = read(CERT)?;
     let belong =
         |chain: &str| crate::tls::certified_key(chain, &key, &crate::tls::provider()).map(|_| ());
-    let why = match belong(&chain) {
-        Ok(()) => return Ok((chain, key)),
-        Err(e) => e.to_string(),
+    // A missing certificate beside a key is a mismatch too: the first
+    // write stopped after the key's rename.
+    let missing = match read(CERT) {
+        Ok(chain) => match belong(&chain) {
+            Ok(()) => return Ok((chain, key)),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(ReadError::Io { path, source }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(ReadError::Io { path, source })
+        }
+        Err(e) => return Err(e),
     };
     // Only a certificate that verifiably goes with this key is taken: a
     // stale `cert.tmp` from an older interrupted write never is.
@@ -143,7 +153,10 @@ pub fn read_credentials(dir: &Path) -> Result<(String, String), ReadError> {
             sync_dir(dir)?;
             Ok((pending, key))
         }
-        _ => Err(ReadError::Mismatched { why }),
+        _ => Err(match missing {
+            Ok(not_found) => not_found,
+            Err(why) => ReadError::Mismatched { why },
+        }),
     }
 }
 
@@ -209,6 +222,40 @@ mod tests {
             read_credentials(&d),
             Err(ReadError::Mismatched { .. })
         ));
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_crash_after_the_first_key_rename_still_reads_a_pair() {
+        let d = dir();
+        assert!(matches!(
+            read_credentials(&d),
+            Err(ReadError::Io { path, source })
+                if path == d.join(KEY) && source.kind() == std::io::ErrorKind::NotFound
+        ));
+        // The first write stopped after the key's rename: no cert.pem yet.
+        let (cert, key) = pair();
+        write_new(&d.join(CERT_TMP), &cert, 0o644).unwrap();
+        write_new(&d.join(KEY_TMP), &key, 0o600).unwrap();
+        fs::rename(d.join(KEY_TMP), d.join(KEY)).unwrap();
+        assert_eq!(
+            read_credentials(&d).unwrap(),
+            (cert.clone(), key.clone()),
+            "the interrupted first write is finished"
+        );
+        assert_eq!(fs::read_to_string(d.join(CERT)).unwrap(), cert);
+        assert!(!d.join(CERT_TMP).exists());
+
+        // A key alone, with a cert.tmp of another key: not taken, and the
+        // missing certificate is named.
+        let (other_cert, _) = pair();
+        fs::remove_file(d.join(CERT)).unwrap();
+        write_new(&d.join(CERT_TMP), &other_cert, 0o644).unwrap();
+        assert!(matches!(
+            read_credentials(&d),
+            Err(ReadError::Io { path, .. }) if path == d.join(CERT)
+        ));
+        assert!(d.join(CERT_TMP).exists());
         let _ = fs::remove_dir_all(&d);
     }
 }
