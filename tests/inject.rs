@@ -194,3 +194,130 @@ fn every_golden_injection_validates_against_the_kubernetes_schema() {
     }
     assert!(n >= 10, "{n} golden files");
 }
+
+/// The injected sidecar's config for the Deployment of
+/// `manifests(inbound, admin, app)` with `warden.dev/policy-configmap`, as
+/// the kubelet expands it (namespace `shop`, the token at `token`).
+fn configmap_sidecar_config(
+    ca: &Ca,
+    ca_url: &str,
+    (inbound, admin, app): (u16, u16, u16),
+    token: &std::path::Path,
+) -> String {
+    let input = manifests(inbound, admin, app).replace(
+        &format!("        warden.dev/app-port: \"{app}\"\n"),
+        &format!(
+            "        warden.dev/app-port: \"{app}\"\n        warden.dev/policy-configmap: web-policy\n"
+        ),
+    );
+    let (out, _) = inject(
+        &[
+            "--bundle",
+            s(&ca.dir.join("bundle.pem")),
+            "--ca-url",
+            ca_url,
+        ],
+        &input,
+    );
+    let deployment: Value = serde_saphyr::from_str(out.split("\n---\n").nth(1).unwrap()).unwrap();
+    let env = deployment["spec"]["template"]["spec"]["initContainers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(env.iter().any(|e| e["name"] == "WARDEN_POLICY"), "{env:?}");
+    env.iter()
+        .find(|e| e["name"] == "WARDEN_PROXY_CONFIG")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .replace("$(WARDEN_NAMESPACE)", "shop")
+        .replace("/var/run/secrets/tokens/warden", s(token))
+}
+
+#[test]
+fn the_policy_configmap_is_the_policy_the_injected_sidecar_enforces() {
+    let (ca, kube) = ca_with_kubernetes(&jwks_section());
+    let server = ca.serve();
+    let app = EchoApp::start();
+    let pod = kube.add_pod("shop", "web-6f9c", "web");
+    let token = ca.tmp.path().join("token");
+    std::fs::write(&token, kube.token(&pod)).unwrap();
+    let config = configmap_sidecar_config(
+        &ca,
+        &format!("https://{}", server.api),
+        (free_port(), free_port(), app.addr.port()),
+        &token,
+    );
+    // The ConfigMap's policy.json, in YAML (block YAML is fine: it is a
+    // value of its own, not text in the config): billing only.
+    let policy = "rules:\n  - name: billing\n    action: allow\n    from: [spiffe://example.org/ns/billing/*]\n";
+    let proxy = common::Proxy::start_env(ca.tmp.path(), &config, &[("WARDEN_POLICY", policy)]);
+    assert_eq!(proxy.admin_get("/ready").0, 200, "{}", proxy.log());
+    assert_eq!(
+        proxy.addrs.len(),
+        2,
+        "admin and app only: {:?}",
+        proxy.addrs
+    );
+    let bundle = ca.bundle_pem();
+    let call = |path: &str| {
+        let who = Creds {
+            dir: ca.issue(&ca.id(path), None),
+        };
+        mtls_get(
+            proxy.addr("app"),
+            &bundle,
+            Some((&who.chain(), &who.key())),
+            "GET",
+            "/",
+            "",
+        )
+        .unwrap()
+        .0
+    };
+    assert_eq!(call("/ns/billing/sa/ledger"), 200);
+    assert_eq!(
+        call("/ns/shop/sa/cart"),
+        403,
+        "the ConfigMap's policy, not the default"
+    );
+}
+
+#[test]
+fn a_policy_configmap_that_tries_to_add_a_listener_is_refused_by_the_proxy() {
+    let ca = Ca::init("example.org");
+    let token = ca.tmp.path().join("token");
+    std::fs::write(&token, "unused").unwrap();
+    let (inbound, admin, extra) = (free_port(), free_port(), free_port());
+    let config =
+        configmap_sidecar_config(&ca, "https://127.0.0.1:1", (inbound, admin, 8080), &token);
+    // Pasted into the config as text, this would close the policy and add
+    // a listener that lets anyone through to the node's port 22.
+    let evil = format!(
+        r#"{{"rules": []}}}}, {{"name": "x", "listen": "127.0.0.1:{extra}", "app": "127.0.0.1:22", "policy": {{"rules": [{{"name": "all", "action": "allow", "from": ["*"]}}]}}"#
+    );
+    let mut child = warden()
+        .args(["proxy", "--config-env", "WARDEN_PROXY_CONFIG"])
+        .env("WARDEN_PROXY_CONFIG", &config)
+        .env("WARDEN_POLICY", &evil)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = common::wait_for(std::time::Duration::from_secs(10), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(exited, "the proxy started with it: {stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("$WARDEN_POLICY:1:"), "{stderr}");
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", extra)).is_err());
+}

@@ -132,6 +132,18 @@ impl<'a> Collector<'a> {
         }
     }
 
+    /// Takes in what another collection found: a value read from
+    /// elsewhere (an environment variable), whose places are its own.
+    pub fn absorb(&mut self, other: Collector<'_>) {
+        self.found.extend(other.found);
+        self.warnings.extend(other.warnings);
+    }
+
+    /// Records problems found elsewhere (a parse of another text), as they are.
+    pub fn extend(&mut self, problems: Diagnostics) {
+        self.found.extend(problems.0);
+    }
+
     /// `Ok(v)` when no error was recorded, else every recorded error
     /// (warnings are dropped).
     pub fn finish<T>(self, v: T) -> Result<T, Diagnostics> {
@@ -151,7 +163,7 @@ impl<'a> Collector<'a> {
 }
 
 /// Largest config file we read; far above any real one, and it bounds memory.
-const MAX_CONFIG_BYTES: u64 = 4 << 20;
+pub(crate) const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
 /// Reads and parses `path` as YAML into `T`, turning every failure into a
 /// diagnostic that names the file, line and column.

@@ -301,7 +301,10 @@ struct RawInbound {
     #[serde(default)]
     app_h2c: bool,
     #[serde(default)]
-    policy: RawPolicy,
+    policy: Option<RawPolicy>,
+    /// An environment variable holding the whole policy instead, as one
+    /// YAML or JSON value (the sidecar's from a ConfigMap).
+    policy_env: Option<Spanned<String>>,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
@@ -387,12 +390,12 @@ impl RawLimits {
 impl ProxyConfig {
     /// Loads and validates a proxy config file.
     pub fn load(path: &Path) -> Result<Self, Diagnostics> {
-        Self::validate(path, load_yaml(path)?, |_| None).map(|(c, _)| c)
+        Self::validate(path, load_yaml(path)?, |_| None, &process_env).map(|(c, _)| c)
     }
 
     /// Parses and validates config text (`path` is used in messages only).
     pub fn parse(path: &Path, text: &str) -> Result<Self, Diagnostics> {
-        Self::validate(path, parse_yaml(path, text)?, |_| None).map(|(c, _)| c)
+        Self::validate(path, parse_yaml(path, text)?, |_| None, &process_env).map(|(c, _)| c)
     }
 
     /// What `warden check` does: [`ProxyConfig::load`], plus warnings about
@@ -405,7 +408,7 @@ impl ProxyConfig {
         path: &Path,
         cert_trust_domain: impl FnOnce(&Path) -> Option<TrustDomain>,
     ) -> Result<(Self, Warnings), Diagnostics> {
-        Self::validate(path, load_yaml(path)?, cert_trust_domain)
+        Self::validate(path, load_yaml(path)?, cert_trust_domain, &process_env)
     }
 
     /// [`ProxyConfig::check`] on config text.
@@ -414,13 +417,19 @@ impl ProxyConfig {
         text: &str,
         cert_trust_domain: impl FnOnce(&Path) -> Option<TrustDomain>,
     ) -> Result<(Self, Warnings), Diagnostics> {
-        Self::validate(path, parse_yaml(path, text)?, cert_trust_domain)
+        Self::validate(
+            path,
+            parse_yaml(path, text)?,
+            cert_trust_domain,
+            &process_env,
+        )
     }
 
     fn validate(
         path: &Path,
         raw: RawConfig,
         cert_trust_domain: impl FnOnce(&Path) -> Option<TrustDomain>,
+        env: &Env,
     ) -> Result<(Self, Warnings), Diagnostics> {
         let mut errors = Collector::new(path);
         let base = path.parent().unwrap_or(Path::new("."));
@@ -470,9 +479,31 @@ impl ProxyConfig {
                 port: Some(l.listen.port()).filter(|p| *p != 0),
                 trust_domain: trust_domain.as_ref(),
             };
-            let rules = validate_rules(l.policy.rules, &on, &mut errors);
-            let rate_limits = validate_rate_limits(l.policy.rate_limits, &rules, &on, &mut errors);
-            never_matching(&rules, &on, &mut errors);
+            // A policy from the environment is checked as its own text:
+            // its errors name the variable, with its own lines.
+            let env_file = l
+                .policy_env
+                .as_ref()
+                .map(|e| PathBuf::from(format!("${}", e.value)));
+            let policy = match (l.policy, &l.policy_env) {
+                (Some(_), Some(name)) => {
+                    errors.at(
+                        name,
+                        "policy and policy_env are exclusive: give the policy in the file or name the variable that holds it",
+                    );
+                    RawPolicy::default()
+                }
+                (None, Some(name)) => policy_from_env(name, env, &mut errors).unwrap_or_default(),
+                (policy, None) => policy.unwrap_or_default(),
+            };
+            let mut env_errors = env_file.as_deref().map(Collector::new);
+            let (rules, rate_limits) = match env_errors.as_mut() {
+                Some(c) => check_policy(policy.rules, policy.rate_limits, &on, c),
+                None => check_policy(policy.rules, policy.rate_limits, &on, &mut errors),
+            };
+            if let Some(c) = env_errors {
+                errors.absorb(c);
+            }
             if l.app_h2c && l.protocol == Protocol::Tcp {
                 errors.at_location(loc, "app_h2c only applies to protocol: http");
             }
@@ -487,7 +518,7 @@ impl ProxyConfig {
                 protocol: l.protocol,
                 app_h2c: l.app_h2c,
                 policy: Policy {
-                    mode: l.policy.mode,
+                    mode: policy.mode,
                     rules: rules.into_iter().map(|(r, _)| r).collect(),
                     rate_limits,
                 },
@@ -658,6 +689,82 @@ fn identity_source(
                 raw,
                 "identity is files (`cert`, `key`, `bundle`), a CA (`ca_url`, `token_file`, `spiffe_id`, `bundle`, `state_dir`) or `kubernetes:`",
             );
+            None
+        }
+    }
+}
+
+/// How the environment is read (tests give their own).
+type Env = dyn Fn(&str) -> Result<String, std::env::VarError>;
+
+fn process_env(name: &str) -> Result<String, std::env::VarError> {
+    std::env::var(name)
+}
+
+/// An inbound policy's rules and rate limits, checked, with warnings about
+/// rules that can never match.
+fn check_policy(
+    rules: Vec<Spanned<RawRule>>,
+    rate_limits: Vec<Spanned<RawRateLimit>>,
+    on: &Listener<'_>,
+    errors: &mut Collector<'_>,
+) -> (Vec<(Rule, serde_saphyr::Location)>, Vec<RateLimit>) {
+    let rules = validate_rules(rules, on, errors);
+    let rate_limits = validate_rate_limits(rate_limits, &rules, on, errors);
+    never_matching(&rules, on, errors);
+    (rules, rate_limits)
+}
+
+/// The policy held by the environment variable `env` names: one YAML (or
+/// JSON) value that must be a whole policy, so that whatever it holds can
+/// never add a listener or change anything else in the config.
+fn policy_from_env(
+    env: &Spanned<String>,
+    lookup: &Env,
+    errors: &mut Collector<'_>,
+) -> Option<RawPolicy> {
+    let name = &env.value;
+    let valid = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        errors.at(
+            env,
+            format!(
+                "policy_env {name:?} must be an environment variable name (letters, digits, '_')"
+            ),
+        );
+        return None;
+    }
+    let text = match lookup(name) {
+        Ok(t) => t,
+        Err(e) => {
+            errors.at(
+                env,
+                format!("policy_env {name}: cannot read the environment variable: {e}"),
+            );
+            return None;
+        }
+    };
+    if text.trim().is_empty() {
+        errors.at(env, format!("policy_env {name}: the environment variable is empty; it must hold the listener's whole policy"));
+        return None;
+    }
+    if text.len() as u64 > crate::diagnostic::MAX_CONFIG_BYTES {
+        errors.at(
+            env,
+            format!(
+                "policy_env {name}: the environment variable is {} bytes, more than the limit of {}",
+                text.len(),
+                crate::diagnostic::MAX_CONFIG_BYTES
+            ),
+        );
+        return None;
+    }
+    match parse_yaml::<RawPolicy>(Path::new(&format!("${name}")), &text) {
+        Ok(p) => Some(p),
+        Err(problems) => {
+            errors.extend(problems);
             None
         }
     }
@@ -883,5 +990,93 @@ outbound:
             parse(&ca).unwrap().identity,
             IdentitySource::Ca { .. }
         ));
+    }
+
+    /// A config whose inbound listener reads its policy from `WARDEN_POLICY`,
+    /// which holds `policy`.
+    fn with_env_policy(policy: &str) -> Result<ProxyConfig, Diagnostics> {
+        let text = "identity: {cert: cert.pem, key: key.pem, bundle: bundle.pem}\n\
+                    admin: 127.0.0.1:9901\n\
+                    inbound:\n  - {name: app, listen: 0.0.0.0:4143, app: 127.0.0.1:8080, policy_env: WARDEN_POLICY}\n";
+        let policy = policy.to_owned();
+        let env = move |name: &str| match name {
+            "WARDEN_POLICY" => Ok(policy.clone()),
+            _ => Err(std::env::VarError::NotPresent),
+        };
+        let raw = parse_yaml(Path::new("$WARDEN_PROXY_CONFIG"), text)?;
+        ProxyConfig::validate(Path::new("$WARDEN_PROXY_CONFIG"), raw, |_| None, &env)
+            .map(|(c, _)| c)
+    }
+
+    #[test]
+    fn policy_env_gives_the_listener_its_whole_policy_as_json_or_yaml() {
+        let json = r#"{"mode": "audit", "rules": [{"name": "checkout", "action": "allow", "from": ["spiffe://example.org/ns/checkout/*"]}]}"#;
+        let yaml = "mode: audit\nrules:\n  - name: checkout\n    action: allow\n    from: [spiffe://example.org/ns/checkout/*]\n";
+        for text in [json, yaml] {
+            let c = with_env_policy(text).unwrap();
+            assert_eq!(c.inbound.len(), 1);
+            assert_eq!(c.inbound[0].policy.mode, PolicyMode::Audit);
+            assert_eq!(c.inbound[0].policy.rules[0].name, "checkout");
+        }
+    }
+
+    #[test]
+    fn a_policy_env_that_tries_to_add_a_listener_is_refused_naming_the_variable() {
+        // What pasting it into the config as text would have made a second
+        // listener of.
+        let e = with_env_policy(
+            r#"{"rules": []}}, {"name": "x", "listen": "0.0.0.0:9000", "app": "127.0.0.1:22", "policy": {"rules": [{"name": "all", "action": "allow", "from": ["*"]}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.0.iter().all(|d| d.file == Path::new("$WARDEN_POLICY")),
+            "{e}"
+        );
+        // Keys of a listener are not a policy's.
+        let e = with_env_policy(r#"{"rules": [], "listen": "0.0.0.0:9000"}"#).unwrap_err();
+        assert!(e.to_string().starts_with("$WARDEN_POLICY:1:"), "{e}");
+        assert!(e.to_string().contains("listen"), "{e}");
+        // A rule's error is located in the variable's own text.
+        let e = with_env_policy(
+            "rules:\n  - name: a\n    action: allow\n    from: [spiffe://td/ns/*/x]\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.0[0].file.display().to_string(), e.0[0].line),
+            ("$WARDEN_POLICY".into(), 4),
+            "{e}"
+        );
+        for (value, says) in [("", "is empty"), ("  \n", "is empty")] {
+            let e = with_env_policy(value).unwrap_err().to_string();
+            assert!(
+                e.contains("policy_env WARDEN_POLICY") && e.contains(says),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn policy_env_is_a_set_variable_and_not_beside_a_policy() {
+        let base = "identity: {cert: cert.pem, key: key.pem, bundle: bundle.pem}\nadmin: 127.0.0.1:9901\ninbound:\n  - {name: app, listen: 0.0.0.0:4143, app: 127.0.0.1:8080, ";
+        for (tail, says) in [
+            (
+                "policy_env: WARDEN_NOT_SET_ANYWHERE_4711}\n",
+                "policy_env WARDEN_NOT_SET_ANYWHERE_4711: cannot read the environment variable",
+            ),
+            (
+                "policy_env: \"A-B\"}\n",
+                "must be an environment variable name",
+            ),
+            (
+                "policy_env: PATH, policy: {rules: []}}\n",
+                "policy and policy_env are exclusive",
+            ),
+        ] {
+            let e = parse(&format!("{base}{tail}")).unwrap_err().to_string();
+            assert!(
+                e.contains(says) && e.starts_with("/etc/warden/proxy.yaml:4:"),
+                "{e}"
+            );
+        }
     }
 }

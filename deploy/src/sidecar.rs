@@ -66,9 +66,11 @@ const POLICY_CONFIGMAP: Knob = Knob {
     key: "warden.dev/policy-configmap",
     default: "",
 };
-/// The key of the policy ConfigMap: the policy as JSON (or flow YAML).
+/// The key of the policy ConfigMap: the policy as JSON (or YAML).
 pub const POLICY_KEY: &str = "policy.json";
-/// The sidecar's environment variable the kubelet fills from it.
+/// The sidecar's environment variable the kubelet fills from it; the proxy
+/// reads it as the listener's `policy_env`: one policy value, never text
+/// pasted into the config (which could add listeners).
 const POLICY_ENV: &str = "WARDEN_POLICY";
 const OUTBOUND: Knob = Knob {
     key: "warden.dev/outbound",
@@ -190,19 +192,14 @@ fn policy_configmap(annotations: &Map<String, Value>) -> Result<Option<String>, 
     object_name(annotations, &POLICY_CONFIGMAP).map(Some)
 }
 
-/// Stands for the policy in the generated config until the kubelet's
-/// `$(WARDEN_POLICY)` is put in its place.
-const POLICY_PLACEHOLDER: &str = "\"warden-policy-from-the-configmap\"";
-
 /// The proxy config the sidecar runs with (YAML, in an environment
 /// variable). `$(WARDEN_NAMESPACE)` is expanded by the kubelet from the
 /// downward API: by default only the pod's own namespace may call it.
 ///
-/// With a policy ConfigMap the config is JSON instead, with the kubelet's
-/// `$(WARDEN_POLICY)` (the ConfigMap's [`POLICY_KEY`]) as the inbound
-/// policy: the proxy takes its policy inline, and a JSON (or flow YAML)
-/// value can be put into a JSON document at any indentation, where a block
-/// YAML one could not.
+/// With a policy ConfigMap the inbound listener has `policy_env:
+/// WARDEN_POLICY` instead of a policy: the proxy parses that variable (the
+/// ConfigMap's [`POLICY_KEY`]) as the listener's whole policy, one value
+/// that cannot reach any other part of the config.
 fn proxy_config(
     s: &Settings,
     annotations: &Map<String, Value>,
@@ -220,10 +217,7 @@ fn proxy_config(
             .collect(),
     };
     let configmap = policy_configmap(annotations)?;
-    let policy = match configmap {
-        Some(_) => Value::String(POLICY_PLACEHOLDER.trim_matches('"').to_owned()),
-        None => json!({"rules": [{"name": "allowed", "action": "allow", "from": allow}]}),
-    };
+    let policy = json!({"rules": [{"name": "allowed", "action": "allow", "from": allow}]});
     let mut config = json!({
         "identity": {"kubernetes": {
             "ca_url": s.ca_url,
@@ -242,21 +236,17 @@ fn proxy_config(
     if !outbound.is_empty() {
         config["outbound"] = Value::Array(outbound);
     }
-    let (text, probe) = if configmap.is_some() {
-        let json =
-            serde_json::to_string_pretty(&config).map_err(|e| format!("proxy config: {e}"))?;
-        // What the sidecar will run with must parse with some policy in
-        // place now; the ConfigMap's own is checked when the proxy starts
-        // (exit 2 with the line and column, in the container's log).
-        let probe = json.replace(POLICY_PLACEHOLDER, r#"{"rules": []}"#);
-        (
-            json.replace(POLICY_PLACEHOLDER, &format!("$({POLICY_ENV})")),
-            probe,
-        )
-    } else {
-        let yaml = serde_saphyr::to_string(&config).map_err(|e| format!("proxy config: {e}"))?;
-        (yaml.clone(), yaml)
-    };
+    // What the sidecar will run with must parse now, with some policy in
+    // place of the ConfigMap's (checked when the proxy starts: exit 2 with
+    // the variable, line and column, in the container's log).
+    let probe = serde_saphyr::to_string(&config).map_err(|e| format!("proxy config: {e}"))?;
+    if configmap.is_some() {
+        config["inbound"][0]["policy_env"] = Value::String(POLICY_ENV.to_owned());
+        if let Some(inbound) = config["inbound"][0].as_object_mut() {
+            inbound.remove("policy");
+        }
+    }
+    let text = serde_saphyr::to_string(&config).map_err(|e| format!("proxy config: {e}"))?;
     // What the sidecar will run with must parse now, not crash-loop later.
     let probe = probe.replace("$(WARDEN_NAMESPACE)", "default");
     warden_config::ProxyConfig::parse(std::path::Path::new("the sidecar's config"), &probe)
@@ -364,8 +354,8 @@ pub fn container(
         json!({"name": "WARDEN_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
         json!({"name": "WARDEN_LOG", "value": knob(annotations, &LOG_LEVEL)}),
     ];
-    // Read by the sidecar alone; before the config that refers to it. Not
-    // optional: without its policy the sidecar does not start.
+    // Read by the sidecar alone. Not optional: without its policy the
+    // sidecar does not start.
     if let Some(name) = policy_configmap(annotations)? {
         env.push(
             json!({"name": POLICY_ENV, "valueFrom": {"configMapKeyRef": {
