@@ -1037,7 +1037,9 @@ fn an_embeddings_crawler_is_refused_at_the_share_of_the_space_it_may_cover() {
     // OpenAI SDKs do by default): refused once its answers cover 4% of the
     // space, and never answered past it.
     let crawler = &mut session(&b.caller("/ns/batch/sa/crawler"));
-    let mut refused = None;
+    // Only the API's own encodings, whose answers can be read.
+    assert_eq!(embed(crawler, &["a".to_string()], "int8").status, 400);
+    let (mut refused, mut warned) = (None, false);
     for r in 1..=200 {
         let texts: Vec<String> = (0..8)
             .map(|_| {
@@ -1061,7 +1063,10 @@ fn an_embeddings_crawler_is_refused_at_the_share_of_the_space_it_may_cover() {
             break;
         }
         assert_eq!(a.status, 200, "{a:?}");
+        // Answers on the way there say so.
+        warned |= a.header("warden-usage-warning").is_some();
     }
+    assert!(warned, "no answer warned before the refusal");
     // 4% of 4,096 buckets is 164: at 8 texts a request, at least 21 requests.
     let refused = refused.expect("the crawler was never refused");
     assert!(

@@ -605,23 +605,52 @@ impl Route {
     }
 
     /// Measures the embeddings an answer to `peer` carries (B4B's coverage
-    /// of the embedding space); records the share for sizing; and refuses
-    /// to deliver an answer that takes the caller to the refuse step, so
-    /// that no caller is answered past the share the route allows.
-    fn measure_answer(&self, peer: &SpiffeId, doc: &serde_json::Value) -> Option<GuardRefusal> {
-        let d = self.detector.as_ref()?;
+    /// of the embedding space) and records the share for sizing; returns
+    /// the caller's step after it. On a route with `max_coverage` an answer
+    /// that takes its caller to the refuse step is not delivered (so nobody
+    /// is answered past the share allowed), and neither is one whose
+    /// embeddings cannot be measured.
+    fn measure_answer(
+        &self,
+        peer: &SpiffeId,
+        doc: &serde_json::Value,
+    ) -> Result<Option<Step>, GuardRefusal> {
+        let Some(d) = self.detector.as_ref() else {
+            return Ok(None);
+        };
+        let listed = doc
+            .get("data")
+            .and_then(serde_json::Value::as_array)
+            .map_or(0, Vec::len);
+        let embeddings = crate::usage::embeddings(doc);
         let before = d.step(peer.as_str());
-        let (a, share) = d.observe_answer(peer.as_str(), &crate::usage::embeddings(doc))?;
+        let measured = (embeddings.len() == listed)
+            .then(|| d.observe_answer(peer.as_str(), &embeddings))
+            .flatten();
+        let Some((a, share)) = measured else {
+            if listed > 0 && d.bounds_answers() {
+                self.metrics().decision("response_unmeasurable");
+                return Err(refusal::bad_answer(
+                    "model_response_unreadable",
+                    "the embeddings in the model's answer cannot be measured (one width, float values, at most 8192)",
+                ));
+            }
+            return Ok(None);
+        };
         if let Some(r) = &self.budget.recorder {
             r.record_coverage(peer, share);
         }
         self.escalated(peer, before, &a);
-        if a.step < Step::Refuse {
-            return None;
+        // A caller already at refuse was refused (or, in shadow mode,
+        // counted) when it was admitted.
+        if a.step >= Step::Refuse && before < Step::Refuse {
+            let detail = format!("answers cover {share:.3} of the embedding space today");
+            if let Some(r) = self.refuse(peer, "answer_withheld", &detail, refusal::abnormal_usage)
+            {
+                return Err(self.warned(peer, r));
+            }
         }
-        let detail = format!("answers cover {share:.3} of the embedding space");
-        self.refuse(peer, "abnormal_usage", &detail, refusal::abnormal_usage)
-            .map(|r| self.warned(peer, r))
+        Ok(Some(a.step))
     }
 
     /// Asks the CA to stop renewing `peer` (called when it first reaches deny).
@@ -732,11 +761,11 @@ impl Route {
         };
         ticket.finish(used, false);
         adm.gate.finish(Ask::default(), false);
-        if success
-            && let (Some(peer), Some(d)) = (&adm.answered, &doc)
-            && let Some(refused) = self.measure_answer(peer, d)
-        {
-            return Err(refused);
+        if success && let (Some(peer), Some(d)) = (&adm.answered, &doc) {
+            // The answer itself may move the caller up: this answer says so.
+            if let Some(w) = self.warning(self.measure_answer(peer, d)?) {
+                parts.headers.insert(answer::USAGE_WARNING.clone(), w);
+            }
         }
         if success
             && tally

@@ -10,7 +10,8 @@
 //! buckets of the answers: [`PLANES`] random hyperplanes through the
 //! origin, drawn at start from the process's own randomness (a caller
 //! cannot aim at them), give [`BUCKETS`] buckets, and each identity keeps
-//! one bit per bucket it was answered in.
+//! one bit per bucket it was answered in, in each of [`TABLES`]
+//! independent tables (the share is their mean).
 //!
 //! Nothing here is learnt from callers: the hyperplanes pass through the
 //! origin, not through a mean of live answers, so a caller cannot move
@@ -18,109 +19,110 @@
 //! the operator's threshold (`max_coverage`, proposed by `warden limits`
 //! from a recording of the same measure) absorbs that.
 //!
-//! Memory: the hyperplanes, 64 bytes per coordinate of an embedding width
-//! (96 KiB at 1,536), at most [`MAX_WIDTHS`] widths of at most
-//! [`MAX_WIDTH`] values (widths are the model's, not the caller's); 512
-//! bytes per identity that was answered embeddings.
+//! Memory: the hyperplanes, 192 bytes per coordinate of an embedding
+//! width (288 KiB at 1,536), at most [`MAX_WIDTHS`] widths of at most
+//! [`MAX_WIDTH`] values (widths are the model's, not the caller's); 2 KiB
+//! per identity that was answered embeddings.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use rand::Rng;
 
-/// Hyperplanes per space: 2^12 = 4,096 buckets, as in B4B's evaluation.
+/// Hyperplanes per table: 2^12 = 4,096 buckets, as in B4B's evaluation.
 pub const PLANES: usize = 12;
-/// Buckets of the answer space.
+/// Buckets of one table.
 pub const BUCKETS: usize = 1 << PLANES;
+/// Independent tables: a share is their mean, so that what one random
+/// draw of hyperplanes makes of the same answers (the recording's draw and
+/// the enforcing proxy's are different processes) varies half as much.
+pub const TABLES: usize = 4;
 /// Widest embedding measured (wider answers are not measured).
-pub const MAX_WIDTH: usize = 16_384;
-/// Most embedding widths one route measures at once.
-pub const MAX_WIDTHS: usize = 8;
+pub const MAX_WIDTH: usize = 8_192;
 
-/// Lanes of the projection: the `PLANES` dot products are computed side by
-/// side, padded to a multiple of the SIMD width so the loop vectorizes.
-const LANES: usize = 16;
+/// Lanes of the projection: every table's dot products side by side, so
+/// the loop over an embedding vectorizes.
+pub const LANES: usize = PLANES * TABLES;
 
-/// The hyperplanes of one embedding width.
-#[derive(Debug)]
+/// The hyperplanes of a route, one set for every embedding width: an
+/// answer of `width` values is projected on the first `width` components
+/// of each normal. Callers choose the width (`dimensions`), so widths must
+/// not be a resource they can use up; and a shortened embedding
+/// (Matryoshka, as OpenAI's `dimensions` gives) is the prefix of the full
+/// one, so its buckets stay close to the full one's.
+#[derive(Debug, Default)]
 pub struct AnswerSpace {
-    width: usize,
     /// For each input coordinate, its component in each hyperplane's
-    /// normal (`LANES` per coordinate, the ones past `PLANES` zero): one
-    /// pass over an embedding computes every dot product.
-    normals: Vec<[f32; LANES]>,
+    /// normal (`LANES` per coordinate): one pass over an embedding computes
+    /// every dot product. Grown to the widest answer seen, the prefix kept.
+    normals: RwLock<Arc<Vec<[f32; LANES]>>>,
 }
 
 impl AnswerSpace {
-    fn new(width: usize) -> Self {
-        let mut rng = rand::rng();
-        // Gaussian components (Box-Muller): the normals are uniformly
-        // distributed directions, as random-hyperplane LSH needs.
-        let normals = (0..width)
-            .map(|_| {
-                std::array::from_fn(|lane| {
-                    if lane >= PLANES {
-                        return 0.0;
-                    }
+    /// The normals for answers of `width` values (at least `width` of
+    /// them), grown on first need; None past [`MAX_WIDTH`].
+    pub fn normals(&self, width: usize) -> Option<Arc<Vec<[f32; LANES]>>> {
+        if width == 0 || width > MAX_WIDTH {
+            return None;
+        }
+        if let Ok(n) = self.normals.read()
+            && n.len() >= width
+        {
+            return Some(n.clone());
+        }
+        let mut n = self.normals.write().ok()?;
+        if n.len() < width {
+            let mut rng = rand::rng();
+            let mut grown = Vec::with_capacity(width);
+            grown.extend_from_slice(&n);
+            // Gaussian components (Box-Muller): the normals are uniformly
+            // distributed directions, as random-hyperplane LSH needs.
+            grown.resize_with(width, || {
+                std::array::from_fn(|_| {
                     let (u, v): (f64, f64) =
                         (rng.random::<f64>().max(f64::MIN_POSITIVE), rng.random());
                     ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
                 })
-            })
-            .collect();
-        Self { width, normals }
-    }
-
-    /// The bucket of one embedding of this space's width.
-    pub fn bucket(&self, v: &[f32]) -> usize {
-        let mut dot = [0f32; LANES];
-        for (normal, x) in self.normals.iter().zip(v) {
-            for (d, w) in dot.iter_mut().zip(normal) {
-                *d += w * x;
-            }
+            });
+            *n = Arc::new(grown);
         }
-        dot.iter()
-            .take(PLANES)
+        Some(n.clone())
+    }
+}
+
+/// The bucket of one embedding in each table, projected on the first
+/// `v.len()` components of `normals` (at least that many).
+pub fn buckets(normals: &[[f32; LANES]], v: &[f32]) -> [u16; TABLES] {
+    let mut dot = [0f32; LANES];
+    for (normal, x) in normals.iter().zip(v) {
+        for (d, w) in dot.iter_mut().zip(normal) {
+            *d += w * x;
+        }
+    }
+    let mut out = [0u16; TABLES];
+    for (b, planes) in out.iter_mut().zip(dot.chunks_exact(PLANES)) {
+        *b = planes
+            .iter()
             .enumerate()
-            .fold(0, |b, (i, d)| if *d > 0.0 { b | 1 << i } else { b })
+            .fold(0, |b, (i, d)| if *d > 0.0 { b | 1 << i } else { b });
     }
+    out
 }
 
-/// The answer spaces of a route, one per embedding width seen.
-#[derive(Debug, Default)]
-pub struct AnswerSpaces(Mutex<Vec<Arc<AnswerSpace>>>);
-
-impl AnswerSpaces {
-    /// The space for embeddings of `width` values, made on first use; None
-    /// for a width outside the bounds, or past [`MAX_WIDTHS`] widths.
-    pub fn get(&self, width: usize) -> Option<Arc<AnswerSpace>> {
-        if width == 0 || width > MAX_WIDTH {
-            return None;
-        }
-        let mut spaces = self.0.lock().ok()?;
-        if let Some(s) = spaces.iter().find(|s| s.width == width) {
-            return Some(s.clone());
-        }
-        if spaces.len() >= MAX_WIDTHS {
-            return None;
-        }
-        let s = Arc::new(AnswerSpace::new(width));
-        spaces.push(s.clone());
-        Some(s)
-    }
-}
-
-/// The buckets one identity was answered in.
+/// The buckets one identity was answered in on one UTC day, in each
+/// table: the share is per day, as it is recorded and proposed.
 #[derive(Debug, Clone)]
 pub struct Cover {
-    bits: [u64; BUCKETS / 64],
-    covered: u32,
+    day: u64,
+    bits: [[u64; BUCKETS / 64]; TABLES],
+    covered: [u32; TABLES],
 }
 
 impl Default for Cover {
     fn default() -> Self {
         Self {
-            bits: [0; BUCKETS / 64],
-            covered: 0,
+            day: 0,
+            bits: [[0; BUCKETS / 64]; TABLES],
+            covered: [0; TABLES],
         }
     }
 }
@@ -129,18 +131,31 @@ impl Cover {
     /// Upper bound of the bytes one cover holds.
     pub const BYTES: usize = std::mem::size_of::<Self>();
 
-    /// Marks `bucket` as answered.
-    pub fn add(&mut self, bucket: usize) {
-        let (word, bit) = (bucket / 64 % self.bits.len(), bucket % 64);
-        if self.bits[word] >> bit & 1 == 0 {
-            self.bits[word] |= 1 << bit;
-            self.covered += 1;
+    /// Starts the cover over when `day` (days since 1970, UTC) is not its own.
+    pub fn on(&mut self, day: u64) {
+        if self.day != day {
+            *self = Self {
+                day,
+                ..Self::default()
+            };
+        }
+    }
+
+    /// Marks an answer's buckets (one per table) as answered.
+    pub fn add(&mut self, buckets: [u16; TABLES]) {
+        for ((bits, covered), b) in self.bits.iter_mut().zip(&mut self.covered).zip(buckets) {
+            let (word, bit) = (usize::from(b) / 64 % bits.len(), b % 64);
+            if bits[word] >> bit & 1 == 0 {
+                bits[word] |= 1 << bit;
+                *covered += 1;
+            }
         }
     }
 
     /// The share of the buckets answered, in [0, 1].
     pub fn share(&self) -> f64 {
-        f64::from(self.covered) / BUCKETS as f64
+        let covered: u32 = self.covered.iter().sum();
+        f64::from(covered) / (BUCKETS * TABLES) as f64
     }
 }
 
@@ -191,14 +206,21 @@ mod tests {
     fn a_narrow_caller_covers_few_buckets_and_a_broad_one_many() {
         // (Below 12 values, 12 hyperplanes cut fewer than 4,096 regions.)
         for width in [16, 64, 384, 1536] {
-            let space = AnswerSpace::new(width);
+            let space = AnswerSpace::default();
+            let normals = space.normals(width).unwrap();
             let mut state = 0x9e37_79b9_7f4a_7c15u64;
             let topic: Vec<f32> = around(&vec![0.0; width], 1.0, &mut state);
             let (mut narrow, mut broad) = (Cover::default(), Cover::default());
             for _ in 0..4000 {
                 // A topic: a spread of a fifth of a unit vector around its centre.
-                narrow.add(space.bucket(&around(&topic, 0.7 / (width as f32).sqrt(), &mut state)));
-                broad.add(space.bucket(&around(&vec![0.0; width], 1.0, &mut state)));
+                narrow.add(buckets(
+                    &normals,
+                    &around(&topic, 0.7 / (width as f32).sqrt(), &mut state),
+                ));
+                broad.add(buckets(
+                    &normals,
+                    &around(&vec![0.0; width], 1.0, &mut state),
+                ));
             }
             // Uniform draws would cover 1 - e^(-4000/4096) = 0.62; regions
             // differ in size, so a crawl covers less, a topic far less.
@@ -221,16 +243,26 @@ mod tests {
     }
 
     #[test]
-    fn widths_are_bounded() {
-        let spaces = AnswerSpaces::default();
-        assert!(spaces.get(0).is_none() && spaces.get(MAX_WIDTH + 1).is_none());
-        for w in 1..=MAX_WIDTHS {
-            assert!(spaces.get(w).is_some());
-        }
-        assert!(spaces.get(MAX_WIDTHS + 1).is_none());
-        assert!(Arc::ptr_eq(
-            &spaces.get(3).unwrap(),
-            &spaces.get(3).unwrap()
-        ));
+    fn one_set_of_normals_serves_every_width_and_keeps_its_prefix() {
+        let space = AnswerSpace::default();
+        assert!(space.normals(0).is_none() && space.normals(MAX_WIDTH + 1).is_none());
+        let short = space.normals(256).unwrap();
+        let long = space.normals(1536).unwrap();
+        assert_eq!((short.len(), long.len()), (256, 1536));
+        assert_eq!(&long[..256], &short[..], "growing keeps the prefix");
+        assert!(Arc::ptr_eq(&space.normals(300).unwrap(), &long));
+    }
+
+    #[test]
+    fn a_cover_starts_over_each_day() {
+        let mut c = Cover::default();
+        c.on(20_000);
+        c.add([1, 2, 3, 4]);
+        c.add([1, 2, 3, 4]);
+        assert!((c.share() - 1.0 / 4096.0).abs() < 1e-12);
+        c.on(20_000);
+        assert!(c.share() > 0.0);
+        c.on(20_001);
+        assert_eq!(c.share(), 0.0);
     }
 }

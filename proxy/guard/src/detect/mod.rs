@@ -11,9 +11,9 @@
 //! - `probing`: logprob / logit_bias probing of an LLM ([`probing`]);
 //! - `coverage`: how much of the input or embedding space the identity
 //!   covers beyond what natural traffic does, and how many of its queries
-//!   are outliers of an operator's reference ([`coverage`], [`natural`]),
-//!   and, for embeddings, how much of the embedding space its answers
-//!   covered against the share the operator allows ([`answers`], B4B).
+//!   are outliers of an operator's reference ([`coverage`], [`natural`]);
+//! - `answers`: for embeddings, how much of the embedding space its answers
+//!   covered today against the share the operator allows ([`answers`], B4B).
 //!
 //! Each is in [0, 1] and calibrated to stay at 0 for natural traffic: with
 //! a reference, against the rates natural traffic of that very task reaches
@@ -51,7 +51,7 @@ pub use fingerprint::FingerprintSettings;
 pub use prada::PradaSettings;
 pub use probing::ProbingSettings;
 
-use answers::{AnswerSpaces, Cover};
+use answers::{AnswerSpace, Cover};
 use coverage::{Population, Space, TEXT_SPACE, Tally};
 use fingerprint::FeatureHistory;
 use probing::Probing;
@@ -248,9 +248,11 @@ pub struct Signals {
     pub sweep: f64,
     /// LLM logprob / logit_bias probing.
     pub probing: f64,
-    /// Coverage of the input / embedding space beyond natural traffic's,
-    /// or of the answers' embedding space against the share allowed.
+    /// Coverage of the input / embedding space beyond natural traffic's.
     pub coverage: f64,
+    /// Today's share of the embedding space the caller's answers covered,
+    /// against the share allowed (`max_coverage`; see [`answers`]).
+    pub answers: f64,
 }
 
 impl Signals {
@@ -262,6 +264,7 @@ impl Signals {
             self.sweep,
             self.probing,
             self.coverage,
+            self.answers,
         ];
         let p: f64 = s
             .iter()
@@ -321,7 +324,7 @@ pub struct Detector {
     settings: Settings,
     tracker: tracker::Tracker<Identity>,
     population: Population,
-    answers: AnswerSpaces,
+    answers: AnswerSpace,
     sw: prada::Table,
 }
 
@@ -342,7 +345,7 @@ impl Detector {
         Self {
             tracker: tracker::Tracker::new(settings.max_identities, settings.shards),
             population: Population::default(),
-            answers: AnswerSpaces::default(),
+            answers: AnswerSpace::default(),
             sw,
             settings,
         }
@@ -416,34 +419,47 @@ impl Detector {
 
     /// Records the embeddings `identity` was answered (all of one width)
     /// and returns its assessment and the share of the embedding space it
-    /// has been answered in so far; None when there is nothing to measure
-    /// (no embeddings, or a width outside [`answers`]' bounds).
+    /// has been answered in today (UTC); None when there is nothing to
+    /// measure, or anything that cannot be: embeddings of differing widths,
+    /// wider than [`answers::MAX_WIDTH`], or not finite.
     pub fn observe_answer(
         &self,
         identity: &str,
         embeddings: &[Vec<f32>],
     ) -> Option<(Assessment, f64)> {
         let width = embeddings.first()?.len();
-        let space = self.answers.get(width)?;
-        // The hyperplanes are read outside the identity's lock.
-        let buckets: Vec<usize> = embeddings
+        if embeddings
             .iter()
-            .filter(|e| e.len() == width && e.iter().all(|x| x.is_finite()))
-            .map(|e| space.bucket(e))
+            .any(|e| e.len() != width || !e.iter().all(|x| x.is_finite()))
+        {
+            return None;
+        }
+        let normals = self.answers.normals(width)?;
+        // The projection runs outside the identity's lock.
+        let buckets: Vec<_> = embeddings
+            .iter()
+            .map(|e| answers::buckets(&normals, e))
             .collect();
+        let day = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 86_400);
         Some(self.tracker.with(identity, |id| {
             let cover = id.answered.get_or_insert_with(Box::default);
+            cover.on(day);
             for b in buckets {
                 cover.add(b);
             }
             let share = cover.share();
             let s = &self.settings;
-            id.signals.coverage =
-                id.signals
-                    .coverage
-                    .max(answers::signal(share, s.max_coverage, s.ladder.refuse));
+            id.signals.answers = answers::signal(share, s.max_coverage, s.ladder.refuse);
             (self.assess(id), share)
         }))
+    }
+
+    /// Whether answers' embeddings are bounded (`max_coverage`): an answer
+    /// that cannot be measured must then not be delivered.
+    pub fn bounds_answers(&self) -> bool {
+        self.settings.max_coverage > 0.0
     }
 
     /// Scores the identity's signals and moves its (sticky) step.

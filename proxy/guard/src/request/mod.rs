@@ -343,6 +343,13 @@ impl ModelRequest {
         if self.inputs.is_empty() {
             return Err(bad("input must not be empty"));
         }
+        // The answer's embeddings are read (for answer coverage): only the
+        // API's own encodings.
+        match self.doc.get("encoding_format") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(f)) if f == "float" || f == "base64" => {}
+            Some(_) => return Err(bad("encoding_format must be \"float\" or \"base64\"")),
+        }
         for s in &self.inputs {
             push_text(&mut self.text, s);
         }
@@ -547,6 +554,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!((r.call, r.ask().vectors), (Call::Embeddings, 3));
+        // Only encodings whose answers can be read.
+        for (format, ok) in [
+            ("\"float\"", true),
+            ("\"base64\"", true),
+            ("\"int8\"", false),
+            ("1", false),
+        ] {
+            let body = format!(r#"{{"model":"e","input":"a","encoding_format":{format}}}"#);
+            let r = ModelRequest::parse(ModelApi::Openai, "/v1/embeddings", body.as_bytes(), 1);
+            assert_eq!(r.is_ok(), ok, "{format}");
+        }
         let r = ModelRequest::parse(
             ModelApi::Predict,
             "/predict",
