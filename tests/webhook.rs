@@ -30,6 +30,17 @@ fn post(addr: std::net::SocketAddr, bundle: &str, path: &str, body: &[u8]) -> (u
 
 /// The example AdmissionReview of the Kubernetes documentation ("Dynamic
 /// Admission Control", request), for a pod.
+/// The webhook's answer to a review of `pod` (not a dry run) on `path`.
+fn answer_to(addr: std::net::SocketAddr, bundle: &str, path: &str, pod: &Value) -> Value {
+    let (_, body) = post(
+        addr,
+        bundle,
+        path,
+        admission_review(pod, false).to_string().as_bytes(),
+    );
+    serde_json::from_str(&body).unwrap()
+}
+
 fn admission_review(pod: &Value, dry_run: bool) -> Value {
     json!({
         "apiVersion": "admission.k8s.io/v1",
@@ -223,13 +234,7 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
     let mut annotated = pod();
     annotated["metadata"]["annotations"]["warden.dev/inject"] = "enabled".into();
     for unlabelled in [pod(), annotated] {
-        let (_, body) = post(
-            api,
-            &bundle_pem,
-            "/inject/pod",
-            admission_review(&unlabelled, false).to_string().as_bytes(),
-        );
-        let v: Value = serde_json::from_str(&body).unwrap();
+        let v = answer_to(api, &bundle_pem, "/inject/pod", &unlabelled);
         assert_eq!(v["response"]["allowed"], true);
         assert!(v["response"].get("patch").is_none(), "{v}");
     }
@@ -237,13 +242,7 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
     // A pod that cannot be injected is allowed, with a warning.
     let mut host = pod();
     host["spec"]["hostNetwork"] = true.into();
-    let (_, body) = post(
-        api,
-        &bundle_pem,
-        "/inject/namespace",
-        admission_review(&host, false).to_string().as_bytes(),
-    );
-    let v: Value = serde_json::from_str(&body).unwrap();
+    let v = answer_to(api, &bundle_pem, "/inject/namespace", &host);
     assert_eq!(v["response"]["allowed"], true);
     assert!(
         v["response"]["warnings"][0]
@@ -257,13 +256,7 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
     // refused, never admitted unprotected.
     let mut bad = pod();
     bad["metadata"]["annotations"]["warden.dev/proxy-memory-limit"] = "lots".into();
-    let (_, body) = post(
-        api,
-        &bundle_pem,
-        "/inject/namespace",
-        admission_review(&bad, false).to_string().as_bytes(),
-    );
-    let v: Value = serde_json::from_str(&body).unwrap();
+    let v = answer_to(api, &bundle_pem, "/inject/namespace", &bad);
     assert_eq!(v["response"]["allowed"], false, "{v}");
     assert!(
         v["response"]["status"]["message"]
@@ -277,22 +270,10 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
     // `disabled` annotation still opts it out.
     let mut labelled = pod();
     labelled["metadata"]["labels"]["warden.dev/inject"] = "enabled".into();
-    let (_, body) = post(
-        api,
-        &bundle_pem,
-        "/inject/pod",
-        admission_review(&labelled, false).to_string().as_bytes(),
-    );
-    let v: Value = serde_json::from_str(&body).unwrap();
+    let v = answer_to(api, &bundle_pem, "/inject/pod", &labelled);
     assert_eq!(v["response"]["patchType"], "JSONPatch", "{v}");
     labelled["metadata"]["annotations"]["warden.dev/inject"] = "disabled".into();
-    let (_, body) = post(
-        api,
-        &bundle_pem,
-        "/inject/pod",
-        admission_review(&labelled, false).to_string().as_bytes(),
-    );
-    let v: Value = serde_json::from_str(&body).unwrap();
+    let v = answer_to(api, &bundle_pem, "/inject/pod", &labelled);
     assert!(v["response"].get("patch").is_none(), "{v}");
 
     // A key with both `/` and `~` that the patch really touches: an
@@ -300,13 +281,7 @@ fn the_webhook_patch_gives_the_same_pod_as_inject_and_malformed_reviews_get_400(
     // sidecar takes. Applied, the patch still gives inject's pod.
     let mut odd = pod();
     odd["spec"]["initContainers"][0]["x.example/a~b"] = "kept".into();
-    let (_, body) = post(
-        api,
-        &bundle_pem,
-        "/inject/namespace",
-        admission_review(&odd, false).to_string().as_bytes(),
-    );
-    let v: Value = serde_json::from_str(&body).unwrap();
+    let v = answer_to(api, &bundle_pem, "/inject/namespace", &odd);
     let patch = base64::engine::general_purpose::STANDARD
         .decode(v["response"]["patch"].as_str().unwrap())
         .unwrap();
