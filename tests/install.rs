@@ -118,7 +118,18 @@ fn installed_objects_validate_and_run_as_their_pods_would() {
     assert_eq!(rules[1]["verbs"], json!(["get"]));
     // Hardened everywhere.
     for w in ["StatefulSet/warden-ca", "Deployment/warden-webhook"] {
-        let c = &o[w]["spec"]["template"]["spec"]["containers"][0];
+        let pod = &o[w]["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{w}");
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+            "{w}"
+        );
+        let c = &pod["containers"][0];
+        let sc = &c["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true, "{w}");
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{w}");
+        assert_eq!(sc["privileged"], false, "{w}");
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{w}");
         assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true, "{w}");
         assert_eq!(
             c["securityContext"]["capabilities"]["drop"],
