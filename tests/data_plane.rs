@@ -274,12 +274,17 @@ fn a_caller_that_stops_reading_idles_out_and_gives_its_slot_back() {
     let app = streaming_app();
     let m = mesh(
         app,
-        "    limits: {max_requests_in_flight: 1, idle_timeout: 1s}\n",
+        "    limits: {max_requests_in_flight: 1, idle_timeout: 2s}\n",
         &[],
     );
     let mut s = m.tls();
     write!(s, "GET /big HTTP/1.1\r\nHost: app.test\r\n\r\n").unwrap();
     s.flush().unwrap();
+    // The answer has started (reading drives the client's TLS handshake to
+    // its end: until then the request may sit in the client's buffer).
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
     // It never reads the 128 MiB: the answer stalls on it, not on the app.
     assert!(
         wait_for(Duration::from_secs(5), || m.get("/other").0 == 503),
