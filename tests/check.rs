@@ -135,23 +135,8 @@ fn a_reference_of_texts_serves_an_embeddings_route_and_is_refused_on_a_predict_r
     let ca = Ca::init("example.org");
     let creds = ca.issue(&ca.id("/ns/web/sa/web"), None);
     let f = ca.tmp.path().join("t.yaml");
-    let route = |api: &str| {
-        format!(
-            "identity: {{cert: {c}/cert.pem, key: {c}/key.pem, bundle: {c}/bundle.pem}}
-admin: 127.0.0.1:0
-inbound:
-  - name: models
-    listen: 127.0.0.1:8443
-    app: 127.0.0.1:8080
-    model_api:
-      - name: embed
-        paths: [/v1/embeddings]
-        api: {api}
-        detection: {{hidden_size: 4096, reference: texts.jsonl}}
-",
-            c = s(&creds)
-        )
-    };
+    let route =
+        |api: &str| embeddings_route(&creds, api, "{hidden_size: 4096, reference: texts.jsonl}");
     let texts: String = (0..40)
         .map(|i| {
             format!(
@@ -184,23 +169,7 @@ fn an_embeddings_route_without_max_coverage_is_a_warning_and_max_coverage_on_pre
     let ca = Ca::init("example.org");
     let creds = ca.issue(&ca.id("/ns/web/sa/web"), None);
     let f = ca.tmp.path().join("e.yaml");
-    let route = |api: &str, detection: &str| {
-        format!(
-            "identity: {{cert: {c}/cert.pem, key: {c}/key.pem, bundle: {c}/bundle.pem}}
-admin: 127.0.0.1:0
-inbound:
-  - name: models
-    listen: 127.0.0.1:8443
-    app: 127.0.0.1:8080
-    model_api:
-      - name: embed
-        paths: [/v1/embeddings]
-        api: {api}
-        detection: {detection}
-",
-            c = s(&creds)
-        )
-    };
+    let route = |api: &str, detection: &str| embeddings_route(&creds, api, detection);
     std::fs::write(&f, route("openai", "{history: 64}")).unwrap();
     let out = run(&["check", "--config", s(&f)]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -234,4 +203,24 @@ inbound:
         err.contains("max_coverage bounds the embeddings an openai route answers"),
         "{err}"
     );
+}
+
+/// A proxy config whose one model route serves `/v1/embeddings` with `api`
+/// and `detection` (a YAML flow mapping), on line 11 from column 20.
+fn embeddings_route(creds: &std::path::Path, api: &str, detection: &str) -> String {
+    format!(
+        "identity: {{cert: {c}/cert.pem, key: {c}/key.pem, bundle: {c}/bundle.pem}}
+admin: 127.0.0.1:0
+inbound:
+  - name: models
+    listen: 127.0.0.1:8443
+    app: 127.0.0.1:8080
+    model_api:
+      - name: embed
+        paths: [/v1/embeddings]
+        api: {api}
+        detection: {detection}
+",
+        c = s(creds)
+    )
 }

@@ -155,18 +155,7 @@ fn the_injected_sidecar_runs_as_the_kubelet_starts_it_and_guards_the_pod() {
 
     // Callers from the pod's namespace get through; others do not.
     let bundle = ca.bundle_pem();
-    let call = |who: &Creds| {
-        mtls_get(
-            proxy.addr("app"),
-            &bundle,
-            Some((&who.chain(), &who.key())),
-            "GET",
-            "/",
-            "",
-        )
-        .unwrap()
-        .0
-    };
+    let call = |who: &Creds| status_of_get(proxy.addr("app"), &bundle, who);
     let neighbour = Creds {
         dir: ca.issue(&ca.id("/ns/shop/sa/cart"), None),
     };
@@ -264,16 +253,7 @@ fn the_policy_configmap_is_the_policy_the_injected_sidecar_enforces() {
         let who = Creds {
             dir: ca.issue(&ca.id(path), None),
         };
-        mtls_get(
-            proxy.addr("app"),
-            &bundle,
-            Some((&who.chain(), &who.key())),
-            "GET",
-            "/",
-            "",
-        )
-        .unwrap()
-        .0
+        status_of_get(proxy.addr("app"), &bundle, &who)
     };
     assert_eq!(call("/ns/billing/sa/ledger"), 200);
     assert_eq!(
@@ -320,4 +300,18 @@ fn a_policy_configmap_that_tries_to_add_a_listener_is_refused_by_the_proxy() {
     assert!(stderr.contains("$WARDEN_POLICY:1:"), "{stderr}");
     assert!(!stdout.contains("listening"), "{stdout}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", extra)).is_err());
+}
+
+/// The status of `GET /` by `who` through the sidecar's inbound at `addr`.
+fn status_of_get(addr: std::net::SocketAddr, bundle: &str, who: &Creds) -> u16 {
+    mtls_get(
+        addr,
+        bundle,
+        Some((&who.chain(), &who.key())),
+        "GET",
+        "/",
+        "",
+    )
+    .unwrap()
+    .0
 }

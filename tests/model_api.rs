@@ -46,6 +46,16 @@ impl Bench {
         Bench { ca, app, proxy }
     }
 
+    /// A keep-alive mTLS session of `who` with the models listener.
+    fn session(&self, who: &Creds) -> Session {
+        let (chain, key) = (who.chain(), who.key());
+        Session::open(
+            self.proxy.addr("models"),
+            &who.bundle(),
+            Some((&chain, &key)),
+        )
+    }
+
     fn caller(&self, path: &str) -> Creds {
         Creds {
             dir: self.ca.issue(&self.ca.id(path), None),
@@ -854,10 +864,7 @@ fn with_a_reference_a_new_deployment_stops_a_scraper_from_its_first_queries() {
             file.display()
         ),
     );
-    let session = |who: &Creds| {
-        let (chain, key) = (who.chain(), who.key());
-        Session::open(b.proxy.addr("models"), &who.bundle(), Some((&chain, &key)))
-    };
+    let session = |who: &Creds| b.session(who);
     let predict =
         |s: &mut Session, x: &[f64]| s.post("/v1/predict", &json!({"instances": [x]}).to_string());
     // The first callers the route ever sees: an honest one, a scraper, and a
@@ -907,10 +914,7 @@ fn an_extraction_attempt_is_escalated_while_an_honest_heavy_user_is_not() {
         ModelBehaviour::default(),
         "      - name: classify\n        paths: [/v1/predict]\n        api: predict\n        outputs: decimals:4\n        input_width: 8\n        detection:\n          population: 2560\n",
     );
-    let session = |who: &Creds| {
-        let (chain, key) = (who.chain(), who.key());
-        Session::open(b.proxy.addr("models"), &who.bundle(), Some((&chain, &key)))
-    };
+    let session = |who: &Creds| b.session(who);
     let predict =
         |s: &mut Session, x: &[f64]| s.post("/v1/predict", &json!({"instances": [x]}).to_string());
 
@@ -996,10 +1000,7 @@ fn an_embeddings_crawler_is_refused_at_the_share_of_the_space_it_may_cover() {
             file.display()
         ),
     );
-    let session = |who: &Creds| {
-        let (chain, key) = (who.chain(), who.key());
-        Session::open(b.proxy.addr("models"), &who.bundle(), Some((&chain, &key)))
-    };
+    let session = |who: &Creds| b.session(who);
     let embed = |s: &mut Session, texts: &[String], format: &str| {
         s.post(
             "/v1/embeddings",

@@ -81,6 +81,12 @@ impl Day {
     }
 }
 
+/// Days and minutes since 1970-01-01 (UTC) of `at`.
+fn day_and_minute(at: SystemTime) -> (u64, u64) {
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    (secs / 86_400, secs / 60)
+}
+
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
 }
@@ -101,7 +107,7 @@ pub struct Book {
 impl Book {
     /// Notes that `peer` has been answered in `share` of the embedding space.
     fn cover(&mut self, peer: &SpiffeId, share: f64, at: SystemTime) {
-        let day = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) / 86_400;
+        let (day, _) = day_and_minute(at);
         if let Some(d) = self
             .callers
             .get_mut(peer.as_str())
@@ -113,8 +119,7 @@ impl Book {
     }
 
     fn add(&mut self, peer: &SpiffeId, requests: u64, used: &Ask, at: SystemTime) {
-        let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let (day, minute) = (secs / 86_400, secs / 60);
+        let (day, minute) = day_and_minute(at);
         let subjects = Subjects::of(peer);
         let namespace = subjects.get(Level::Namespace).unwrap_or(peer.as_str());
         for (map, key) in [
