@@ -557,10 +557,17 @@ fn the_cli_client_bootstraps_and_renews() {
         args.extend_from_slice(how);
         run(&args)
     };
-    assert!(certify_cli(&["--token", &token]).status.success());
+    let succeeds = |o: std::process::Output| {
+        assert!(
+            o.status.success(),
+            "certify failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    succeeds(certify_cli(&["--token", &token]));
     let first = std::fs::read_to_string(out.join("cert.pem")).unwrap();
     webpki_verifies(&first, &ca.bundle_pem()).unwrap();
-    assert!(certify_cli(&["--renew-from", s(&out)]).status.success());
+    succeeds(certify_cli(&["--renew-from", s(&out)]));
     let second = std::fs::read_to_string(out.join("cert.pem")).unwrap();
     assert_ne!(first, second);
     let o = certify_cli(&["--token", &token]);
