@@ -1018,19 +1018,22 @@ async fn set_denied(
     Ok(())
 }
 
+/// The current credentials in `dir` for `--renew-from`, read as the proxy
+/// reads its `state_dir`: a pair interrupted between its two renames is
+/// finished, and a certificate that is not the key's is refused.
 fn read_credentials(dir: &std::path::Path, id: &SpiffeId) -> Result<Credentials, Failure> {
-    let read = |name: &str| {
-        let path = dir.join(name);
-        std::fs::read_to_string(&path).map_err(|e| usage(format!("{}: {e}", path.display())))
-    };
-    let chain_pem = read(files_out::CERT)?;
+    let (chain_pem, key_pem) =
+        files_out::read_credentials(dir).map_err(|e| usage(format!("{}: {e}", dir.display())))?;
+    let bundle = dir.join(files_out::BUNDLE);
+    let bundle_pem = std::fs::read_to_string(&bundle)
+        .map_err(|e| usage(format!("{}: {e}", bundle.display())))?;
     let certs = warden_ca::authority::parse_certs(&chain_pem).map_err(usage)?;
     let v = warden_ca::authority::validity_of(&certs[0]).map_err(usage)?;
     Ok(Credentials {
         spiffe_id: id.clone(),
         chain_pem,
-        key_pem: read(files_out::KEY)?,
-        bundle_pem: read(files_out::BUNDLE)?,
+        key_pem,
+        bundle_pem,
         not_before: v.not_before,
         not_after: v.not_after,
     })

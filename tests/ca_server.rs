@@ -570,6 +570,23 @@ fn the_cli_client_bootstraps_and_renews() {
     succeeds(certify_cli(&["--renew-from", s(&out)]));
     let second = std::fs::read_to_string(out.join("cert.pem")).unwrap();
     assert_ne!(first, second);
+    // A crash between the key's rename and the certificate's leaves the new
+    // key beside the certificate still in cert.tmp: renewing finishes it.
+    std::fs::rename(out.join("cert.pem"), out.join("cert.tmp")).unwrap();
+    succeeds(certify_cli(&["--renew-from", s(&out)]));
+    assert_ne!(
+        std::fs::read_to_string(out.join("cert.pem")).unwrap(),
+        second
+    );
+    // A certificate that is not the key's is refused with the reason.
+    std::fs::write(out.join("cert.pem"), &first).unwrap();
+    let o = certify_cli(&["--renew-from", s(&out)]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("do not belong together"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = certify_cli(&["--token", &token]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("token-used"));
