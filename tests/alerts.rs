@@ -1,6 +1,6 @@
 //! The alerting rules in `deploy/alerts`: valid for Prometheus (`promtool
 //! check rules`), right about when they fire (`promtool test rules`), and
-//! about metrics that a real CA and a real proxy do export.
+//! about metrics that a real CA, proxy and webhook do export.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -54,7 +54,7 @@ fn the_rules_are_valid_and_fire_when_they_should() {
 }
 
 #[test]
-fn every_metric_the_rules_name_is_exported_by_the_ca_or_the_proxy() {
+fn every_metric_the_rules_name_is_exported_by_the_ca_the_proxy_or_the_webhook() {
     let rules = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(RULES)).unwrap();
     let named: BTreeSet<String> = rules
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -82,15 +82,42 @@ fn every_metric_the_rules_name_is_exported_by_the_ca_or_the_proxy() {
         std::time::Duration::from_secs(10),
         || proxy.metric("warden_proxy_trust_last_sync_timestamp_seconds") > 0.0
     ));
+    let out = ca.tmp.path().join("webhook");
+    common::run_ok(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca.dir(),
+        "--spiffe-id",
+        &ca.id("/ns/warden/sa/warden-webhook"),
+        "--dns-name",
+        "warden-webhook.warden.svc",
+        "--out-dir",
+        s(&out),
+    ]);
+    let webhook = common::Running::start(&[
+        "webhook",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--cert",
+        s(&out.join("cert.pem")),
+        "--key",
+        s(&out.join("key.pem")),
+        "--bundle",
+        s(&bundle),
+    ]);
     let exported = format!(
-        "{}{}",
+        "{}{}{}",
         srv.admin_get("/metrics").1,
-        proxy.admin_get("/metrics").1
+        proxy.admin_get("/metrics").1,
+        common::admin_get(webhook.addrs["admin"], "/metrics").1
     );
     for name in &named {
         assert!(
             exported.lines().any(|l| l.starts_with(name.as_str())),
-            "{name} is named by the rules but exported by neither"
+            "{name} is named by the rules but exported by none of the CA, the proxy and the webhook"
         );
     }
 }

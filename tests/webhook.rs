@@ -525,3 +525,68 @@ fn idle_connections_are_closed_after_the_idle_timeout_keep_alive_pings_or_not() 
         );
     });
 }
+
+/// The expiry of the leaf in a PEM chain, Unix seconds.
+fn leaf_not_after(chain_pem: &str) -> i64 {
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    cert.validity().not_after.timestamp()
+}
+
+#[test]
+fn a_reissued_certificate_is_served_without_a_restart_its_expiry_exported_and_an_expired_one_unready()
+ {
+    let (ca, hook) = start_webhook(&[]);
+    let admin = hook.addrs["admin"];
+    let out = ca.tmp.path().join("webhook");
+    let expiry = || metric(admin, "warden_webhook_certificate_expiry_timestamp_seconds");
+    let first = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+    assert_eq!(expiry(), leaf_not_after(&first) as f64);
+    assert_eq!(common::admin_get(admin, "/ready").0, 200);
+
+    // The operator issues a new one into the same files (a shorter life,
+    // so that it differs): served to the next connection, exported.
+    let reissue = |ttl: &str| {
+        run_ok(&[
+            "ca",
+            "issue",
+            "--dir",
+            ca.dir(),
+            "--spiffe-id",
+            "spiffe://example.org/ns/warden/sa/webhook",
+            "--dns-name",
+            SERVICE,
+            "--ttl",
+            ttl,
+            "--out-dir",
+            s(&out),
+        ]);
+        std::fs::read_to_string(out.join("cert.pem")).unwrap()
+    };
+    let second = reissue("2h");
+    let second_expiry = leaf_not_after(&second);
+    assert_ne!(second_expiry, leaf_not_after(&first));
+    assert!(common::wait_for(Duration::from_secs(10), || expiry() == second_expiry as f64));
+    let mut tls = connect(hook.addrs["webhook"], &ca.bundle_pem());
+    tls.write_all(b"GET /live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let _ = tls.read(&mut [0; 256]).unwrap();
+    let served = tls.conn.peer_certificates().unwrap()[0].clone();
+    let want = CertificateDer::pem_slice_iter(second.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(served, want, "the reissued certificate is served");
+
+    // A certificate that runs out: the webhook says so on /ready.
+    let third = reissue("1s");
+    assert!(common::wait_for(Duration::from_secs(10), || expiry()
+        == leaf_not_after(&third) as f64));
+    assert!(common::wait_for(Duration::from_secs(10), || {
+        let (status, body) = common::admin_get(admin, "/ready");
+        status == 503 && body.contains("serving certificate has expired")
+    }));
+}

@@ -1,7 +1,8 @@
 //! `warden webhook`: the admission webhook over HTTPS (its certificate
 //! from files, reloaded when they change: the warden CA issues it with the
 //! Service's DNS names), with `/live`, `/ready` and `/metrics` on an admin
-//! port. Malformed reviews are answered 400 and counted.
+//! port. Malformed reviews are answered 400 and counted. The certificate's
+//! expiry is exported, and an expired one makes the webhook unready.
 //!
 //! Memory is bounded whatever callers do, and slow callers cannot crowd
 //! the API server out: a review's body is read first, each chunk taking
@@ -113,10 +114,16 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
 }
 
-fn load(cfg: &Config) -> Result<rustls::sign::CertifiedKey, String> {
+/// The serving certificate and key from their files, with the leaf's
+/// expiry (Unix seconds).
+fn load(cfg: &Config) -> Result<(rustls::sign::CertifiedKey, i64), String> {
     let read =
         |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
-    certified_key(&read(&cfg.cert)?, &read(&cfg.key)?, &provider()).map_err(|e| e.to_string())
+    let chain = read(&cfg.cert)?;
+    let key = certified_key(&chain, &read(&cfg.key)?, &provider()).map_err(|e| e.to_string())?;
+    let leaf = key.cert.first().ok_or("no certificate")?;
+    let not_after = warden_identity::pem::validity_of(leaf)?.not_after;
+    Ok((key, not_after.unix_timestamp()))
 }
 
 fn modified(cfg: &Config) -> Vec<Option<SystemTime>> {
@@ -137,7 +144,8 @@ async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// Serves until `shutdown` turns true, then drains.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
     let cert = Arc::new(RotatingCert::default());
-    cert.set(load(&cfg).map_err(StartError::Certificate)?);
+    let (first, first_expiry) = load(&cfg).map_err(StartError::Certificate)?;
+    cert.set(first);
     let api = bind("webhook", cfg.listen).await?;
     let admin = bind("admin", cfg.admin).await?;
     let registry = Registry::new();
@@ -155,15 +163,41 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         "AdmissionReviews holding a turn (being decided).",
     )?;
     registry.register(Box::new(in_flight.clone()))?;
+    // Whoever renews the files (an operator, cert-manager) can forget: the
+    // expiry is exported for an alert, and an expired certificate (which
+    // no API server accepts) makes the webhook unready.
+    let expiry = IntGauge::new(
+        "warden_webhook_certificate_expiry_timestamp_seconds",
+        "When the serving certificate in use expires (Unix seconds).",
+    )?;
+    registry.register(Box::new(expiry.clone()))?;
+    expiry.set(first_expiry);
+    let ready = {
+        let expiry = expiry.clone();
+        Arc::new(move || {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            if expiry.get() <= now {
+                Err(
+                    "the serving certificate has expired: issue a new one into its files"
+                        .to_owned(),
+                )
+            } else {
+                Ok(())
+            }
+        })
+    };
     tokio::spawn(warden_identity::admin::serve(
         admin,
         registry,
-        Arc::new(|| Ok(())),
+        ready,
         shutdown.clone(),
     ));
     // The certificate files are renewed by whoever writes them: reload.
     {
         let (cert, cfg, mut shutdown) = (cert.clone(), cfg.clone(), shutdown.clone());
+        let expiry = expiry.clone();
         tokio::spawn(async move {
             let mut seen = modified(&cfg);
             loop {
@@ -175,9 +209,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                 if now != seen {
                     seen = now;
                     match load(&cfg) {
-                        Ok(k) => {
+                        Ok((k, not_after)) => {
                             cert.set(k);
-                            tracing::info!("serving certificate reloaded");
+                            expiry.set(not_after);
+                            tracing::info!(not_after, "serving certificate reloaded");
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "serving certificate changed but is not usable; keeping the current one")
