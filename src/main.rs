@@ -134,10 +134,10 @@ enum Command {
     /// /inject/pod), as a JSONPatch.
     Webhook {
         /// The HTTPS listener.
-        #[arg(long, default_value = "0.0.0.0:8443")]
+        #[arg(long, default_value = "[::]:8443")]
         listen: SocketAddr,
         /// The admin listener (/live, /ready, /metrics).
-        #[arg(long, default_value = "0.0.0.0:9901")]
+        #[arg(long, default_value = "[::]:9901")]
         admin: SocketAddr,
         /// Serving certificate chain (PEM; from `warden ca issue --dns-name`).
         #[arg(long)]

@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::net::SocketAddr;
+
 use std::io::Write;
 use std::process::Stdio;
 
@@ -153,17 +155,34 @@ fn the_injected_sidecar_runs_as_the_kubelet_starts_it_and_guards_the_pod() {
         proxy.log()
     );
 
-    // Callers from the pod's namespace get through; others do not.
+    // Callers from the pod's namespace get through; others do not. The
+    // sidecar listens on `[::]`: IPv4 peers (and IPv6 ones, where this host
+    // has `::1`) reach it, as in IPv4, dual-stack and IPv6-only clusters.
     let bundle = ca.bundle_pem();
-    let call = |who: &Creds| status_of_get(proxy.addr("app"), &bundle, who);
+    let port = proxy.addr("app").port();
+    assert!(proxy.addr("app").ip().is_unspecified(), "{}", proxy.log());
+    let mut peers = vec![SocketAddr::from(([127, 0, 0, 1], port))];
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        peers.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
+    }
     let neighbour = Creds {
         dir: ca.issue(&ca.id("/ns/shop/sa/cart"), None),
     };
     let stranger = Creds {
         dir: ca.issue(&ca.id("/ns/billing/sa/ledger"), None),
     };
-    assert_eq!(call(&neighbour), 200);
-    assert_eq!(call(&stranger), 403);
+    for peer in peers {
+        assert_eq!(status_of_get(peer, &bundle, &neighbour), 200, "{peer}");
+        assert_eq!(status_of_get(peer, &bundle, &stranger), 403, "{peer}");
+    }
+    assert_eq!(
+        common::admin_get(
+            SocketAddr::from(([127, 0, 0, 1], proxy.addr("admin").port())),
+            "/ready"
+        )
+        .0,
+        200
+    );
 }
 
 #[test]

@@ -280,9 +280,9 @@ fn ca_statefulset(i: &Install) -> StatefulSet {
                 "--state-dir",
                 "/var/lib/warden",
                 "--listen",
-                "0.0.0.0:8443",
+                "[::]:8443",
                 "--admin",
-                "0.0.0.0:9901",
+                "[::]:9901",
             ]
             .map(str::to_owned)
             .to_vec(),
@@ -437,9 +437,9 @@ fn webhook_deployment(i: &Install) -> Deployment {
         args: Some(vec![
             "webhook".to_owned(),
             "--listen".to_owned(),
-            format!("0.0.0.0:{WEBHOOK_PORT}"),
+            format!("[::]:{WEBHOOK_PORT}"),
             "--admin".to_owned(),
-            format!("0.0.0.0:{ADMIN_PORT}"),
+            format!("[::]:{ADMIN_PORT}"),
             "--cert".to_owned(),
             "/etc/warden-webhook/tls.crt".to_owned(),
             "--key".to_owned(),

@@ -134,11 +134,9 @@ fn modified(cfg: &Config) -> Vec<Option<SystemTime>> {
 }
 
 async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let l = TcpListener::bind(addr)
+    warden_identity::listen::bind(name, addr)
         .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    println!("listening {name} {}", l.local_addr().unwrap_or(addr));
-    Ok(l)
+        .map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Serves until `shutdown` turns true, then drains.
@@ -255,7 +253,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         };
         let (stream, peer) = tokio::select! {
             r = api.accept() => match r {
-                Ok(s) => s,
+                Ok((s, peer)) => (s, warden_identity::listen::canonical(peer)),
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -224,10 +224,10 @@ fn proxy_config(
             "bundle_pem": s.bundle_pem,
             "token_file": format!("{TOKEN_DIR}/warden"),
         }},
-        "admin": format!("0.0.0.0:{}", port(annotations, &ADMIN_PORT)?),
+        "admin": format!("[::]:{}", port(annotations, &ADMIN_PORT)?),
         "inbound": [{
             "name": "app",
-            "listen": format!("0.0.0.0:{}", port(annotations, &INBOUND_PORT)?),
+            "listen": format!("[::]:{}", port(annotations, &INBOUND_PORT)?),
             "app": format!("127.0.0.1:{}", app_port(annotations, spec)?),
             "policy": policy,
         }],

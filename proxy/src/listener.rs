@@ -12,12 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use crate::metrics::ConnMetrics;
 use crate::respond::RefusalCounters;
 
-/// Binds `addr` and prints `listening <name> <addr>` (DESIGN.md fixed point).
-pub async fn bind(name: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let l = TcpListener::bind(addr).await?;
-    println!("listening {name} {}", l.local_addr()?);
-    Ok(l)
-}
+pub use warden_identity::listen::bind;
 
 /// The next connection, or `None` once `shutdown` turns true. A failed
 /// accept (out of file descriptors, say) is logged and retried after a pause
@@ -30,7 +25,7 @@ pub async fn next(
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok(s) => return Some(s),
+                Ok((s, peer)) => return Some((s, warden_identity::listen::canonical(peer))),
                 Err(e) => {
                     tracing::warn!(listener = %name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;

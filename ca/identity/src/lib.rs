@@ -2,7 +2,7 @@
 //! verifiers and the [`tls::VerifiedPeer`] only they can make, the
 //! hot-swappable certificate resolver, the CA client and its API types, PEM
 //! and lifetime helpers, credential files; and the small HTTP pieces both servers use (problem
-//! answers, the admin server, rate-limited logging).
+//! answers, the admin server, listeners, rate-limited logging).
 //!
 //! It exists so that the proxy links none of the CA's store and signing code
 //! (`cargo tree -p warden-proxy` shows no rusqlite), and the CA none of the
@@ -23,6 +23,8 @@ pub mod files_out;
 pub mod http;
 #[cfg(feature = "full")]
 pub mod lifetime;
+#[cfg(feature = "full")]
+pub mod listen;
 #[cfg(feature = "full")]
 pub mod pem;
 pub mod ratelog;

@@ -48,14 +48,12 @@ static HANDSHAKE_LOG: LogLimiter = LogLimiter::new(10);
 /// Binds a listener and prints the fixed startup line for it (DESIGN.md):
 /// `listening <name> <ip:port>`, with the port the kernel picked for port 0.
 pub async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, CaError> {
-    let listener = TcpListener::bind(addr)
+    warden_identity::listen::bind(name, addr)
         .await
         .map_err(|source| CaError::Io {
             path: format!("{name} listener {addr}").into(),
             source,
-        })?;
-    println!("listening {name} {}", listener.local_addr().unwrap_or(addr));
-    Ok(listener)
+        })
 }
 
 /// Obtains the serving certificate, prints `ready`, and serves the API and
@@ -260,7 +258,7 @@ async fn accept_loop(
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(s) => s,
+                Ok((s, peer)) => (s, warden_identity::listen::canonical(peer)),
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
