@@ -139,12 +139,25 @@ enum Command {
         /// The admin listener (/live, /ready, /metrics).
         #[arg(long, default_value = "[::]:9901")]
         admin: SocketAddr,
-        /// Serving certificate chain (PEM; from `warden ca issue --dns-name`).
-        #[arg(long)]
-        cert: PathBuf,
+        /// Serving certificate chain (PEM; from `warden ca issue --dns-name`),
+        /// reloaded when it changes.
+        #[arg(long, requires = "key", required_unless_present = "k8s_token")]
+        cert: Option<PathBuf>,
         /// Its key.
-        #[arg(long)]
-        key: PathBuf,
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// Instead of files: the pod's projected ServiceAccount token
+        /// (audience `warden`); the certificate then comes from the CA at
+        /// --ca-url (verified with --bundle) and is renewed at half-life.
+        #[arg(long, conflicts_with_all = ["cert", "key"], requires = "dns_name")]
+        k8s_token: Option<PathBuf>,
+        /// A DNS name to ask the CA for (repeat: the Service's names; the
+        /// CA's `kubernetes.dns_names` must grant them).
+        #[arg(long, requires = "k8s_token")]
+        dns_name: Vec<String>,
+        /// Lifetime to ask the CA for (it caps it).
+        #[arg(long, requires = "k8s_token", value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
         /// Close a connection on which no request has started or been in
         /// flight for this long (keep-alive pings do not count).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -569,22 +582,23 @@ async fn install(
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name)).map_err(|e| usage(format!("{name}: {e}")))
     };
-    // The webhook's certificate first, while the scratch CA has no
-    // Kubernetes section (its attestor would look for a cluster).
-    let svc = open_ca_with_state(&dir, None).await?;
-    let webhook_id = SpiffeId::new(td, &format!("/ns/{namespace}/sa/warden-webhook"))
+    // The webhook attests like a sidecar and is granted its Service's
+    // names; it is always allowed, whatever `--allow` narrows.
+    let webhook_id = warden_deploy::install::webhook_id(td.as_str(), namespace);
+    let id = SpiffeId::parse(&webhook_id)
         .map_err(|e| usage(format!("--namespace {namespace:?}: {e}")))?;
-    let (cert, key) = svc.issue_local_with_dns(
-        &webhook_id,
-        &warden_deploy::install::webhook_dns_names(namespace),
-        warden_ca::service::Lifetime::IssuerLife,
-        "offline",
-        now,
-    )?;
+    let covered = allow
+        .iter()
+        .any(|p| warden_config::IdentityPattern::parse(p).is_ok_and(|p| p.matches(&id)));
+    let mut allow = allow;
+    if !covered {
+        allow.push(webhook_id.clone());
+    }
     let ca_yaml = format!(
-        "{}kubernetes:\n  allow: [{}]\n  verify: tokenreview\n",
+        "{}kubernetes:\n  allow: [{}]\n  verify: tokenreview\n  dns_names:\n    - {{spiffe_id: {webhook_id}, names: [{}]}}\n",
         read(files::CONFIG)?,
-        allow.join(", ")
+        allow.join(", "),
+        warden_deploy::install::webhook_dns_names(namespace).join(", ")
     );
     // The settings the CA pod will read, checked here first.
     CaConfig::parse(std::path::Path::new("ca.yaml"), &ca_yaml).map_err(usage)?;
@@ -598,8 +612,6 @@ async fn install(
         root_pem: read(files::ROOT_CERT)?,
         intermediate_pem: read(files::INTERMEDIATE_CERT)?,
         intermediate_key_pem: read(files::INTERMEDIATE_KEY)?,
-        webhook_cert_pem: cert.svid.chain_pem,
-        webhook_key_pem: key,
         ca_replicas: replicas.ca,
         store_secret: replicas.store_secret,
         store_key: read(files::STORE_KEY)?,
@@ -657,18 +669,44 @@ async fn run(command: Command) -> Result<(), Failure> {
             admin,
             cert,
             key,
+            k8s_token,
+            dns_name,
+            ttl,
             idle_timeout,
             sidecar,
         } => {
             if idle_timeout.is_zero() {
                 return Err(usage("--idle-timeout must be more than 0"));
             }
+            let bundle = sidecar.bundle.clone();
+            let settings = sidecar.settings()?;
+            let serving = match (cert, key, k8s_token) {
+                (Some(cert), Some(key), None) => warden_deploy::server::Source::Files { cert, key },
+                (None, None, Some(token_file)) => {
+                    if let Some(bad) = dns_name
+                        .iter()
+                        .find(|d| !warden_config::dns::valid_dns_name(d))
+                    {
+                        return Err(usage(format!(
+                            "--dns-name {bad:?} is not a DNS name a certificate may carry"
+                        )));
+                    }
+                    warden_deploy::server::Source::Ca {
+                        url: settings.ca_url.clone(),
+                        bundle: bundle.clone(),
+                        trust_domain: TrustDomain::parse(&settings.trust_domain).map_err(usage)?,
+                        token_file,
+                        dns_names: dns_name,
+                        ttl,
+                    }
+                }
+                _ => return Err(usage("give --cert and --key, or --k8s-token")),
+            };
             let config = warden_deploy::server::Config {
                 listen,
                 admin,
-                cert,
-                key,
-                settings: sidecar.settings()?,
+                serving,
+                settings,
                 idle_timeout,
             };
             warden_deploy::server::run(config, shutdown_on_signal())
@@ -839,13 +877,8 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
             dns_names,
         } => {
             let svc = open_ca(&dir).await?;
-            let (issued, key_pem) = svc.issue_local_with_dns(
-                &spiffe_id,
-                &dns_names,
-                warden_ca::service::Lifetime::Ttl(ttl),
-                "offline",
-                now,
-            )?;
+            let (issued, key_pem) =
+                svc.issue_local_with_dns(&spiffe_id, &dns_names, ttl, "offline", now)?;
             files_out::write_credentials(
                 &out_dir,
                 &issued.svid.chain_pem,
@@ -979,7 +1012,11 @@ async fn run_ca(command: CaCommand, now: OffsetDateTime) -> Result<(), Failure> 
                 CaClient::new(&server, spiffe_id.trust_domain(), &bundle_pem).map_err(usage)?;
             let creds = match (token, sa_token, renew_from) {
                 (Some(token), None, None) => client.bootstrap(&spiffe_id, &token, ttl).await?,
-                (None, Some(t), None) => client.bootstrap_kubernetes(&spiffe_id, &t, ttl).await?,
+                (None, Some(t), None) => {
+                    client
+                        .bootstrap_kubernetes(&spiffe_id, &t, &[], ttl)
+                        .await?
+                }
                 (None, None, Some(from)) => {
                     client
                         .renew(&read_credentials(&from, &spiffe_id)?, ttl)

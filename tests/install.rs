@@ -85,7 +85,7 @@ fn installed_objects_validate_and_run_as_their_pods_would() {
                 String::from_utf8_lossy(&k.stdout)
                     .matches("\nkind: ")
                     .count(),
-                16
+                15
             );
         }
         // kubectl is no Debian package: skipped only outside CI, as the
@@ -241,31 +241,44 @@ fn installed_objects_validate_and_run_as_their_pods_would() {
         String::from_utf8_lossy(&verified.stderr)
     );
 
-    // The webhook, from its Secret, verified for its Service name against
-    // the caBundle the API server would use.
-    let tls = tmp.path().join("etc-warden-webhook");
+    // The webhook as its pod runs it: the args of its Deployment, the
+    // bundle of the CA's ConfigMap and its projected token (audience
+    // warden) in its volume; it attests to the CA for a certificate with
+    // the names the CA's ca.yaml grants it (the install narrowed `allow`
+    // to ns/shop: the webhook is allowed all the same).
+    let secrets = tmp.path().join("var-run-secrets-warden");
     mount(
-        &o["Secret/warden-webhook-tls"],
-        &[
-            ("tls.crt", "tls.crt"),
-            ("tls.key", "tls.key"),
-            ("ca.crt", "ca.crt"),
-        ],
-        &tls,
+        &o["ConfigMap/warden-ca-config"],
+        &[("bundle.pem", "bundle.pem")],
+        &secrets,
     );
-    let hook = Running::start(&[
-        "webhook",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--cert",
-        s(&tls.join("tls.crt")),
-        "--key",
-        s(&tls.join("tls.key")),
-        "--bundle",
-        s(&tls.join("ca.crt")),
-    ]);
+    let webhook_pod = kube.add_pod("warden", "warden-webhook-7c9f", "warden-webhook");
+    std::fs::write(secrets.join("token"), kube.token(&webhook_pod)).unwrap();
+    let spec = &o["Deployment/warden-webhook"]["spec"]["template"]["spec"];
+    assert_eq!(
+        spec["volumes"][0]["projected"]["sources"][1]["serviceAccountToken"]["audience"],
+        "warden"
+    );
+    let ca_url = format!("https://{}", ca.addrs["api"]);
+    let args: Vec<String> = spec["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            match a {
+                "[::]:8443" | "[::]:9901" => "127.0.0.1:0".to_owned(),
+                "https://warden-ca.warden.svc:8443" => ca_url.clone(),
+                a => a.replace("/var/run/secrets/warden", s(&secrets)),
+            }
+        })
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--dns-name", "warden-webhook.warden.svc"]),
+        "{args:?}"
+    );
+    let hook = Running::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let ca_bundle = base64::engine::general_purpose::STANDARD
         .decode(hooks[0]["clientConfig"]["caBundle"].as_str().unwrap())
         .unwrap();
@@ -345,8 +358,8 @@ fn own_root() -> (Ca, String, String) {
 }
 
 /// What a brought root must give: the keys Secret's `ca.crt` and the bundle
-/// are that root, the CA's intermediate and the webhook's certificate chain
-/// to it, and its key is nowhere in the output.
+/// are that root, the CA's intermediate chains to it, and its key is
+/// nowhere in the output.
 fn check_brought_root(yaml: &str, root_pem: &str, key_pem: &str) {
     let o = objects(yaml);
     let data = |obj: &str, key: &str| {
@@ -372,8 +385,21 @@ fn check_brought_root(yaml: &str, root_pem: &str, key_pem: &str) {
         .filter(|l| !l.starts_with("-----"))
         .collect::<String>();
     assert!(!yaml.contains(&body), "the root's key is not written out");
-    let webhook = data("Secret/warden-webhook-tls", "tls.crt");
-    webpki_verifies(&webhook, root_pem).unwrap();
+    // The intermediate of the keys Secret signs leaves that chain to it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("intermediate.pem"),
+        data("Secret/warden-ca-keys", "tls.crt"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("intermediate-key.pem"),
+        data("Secret/warden-ca-keys", "tls.key"),
+    )
+    .unwrap();
+    let (leaf, _) =
+        common::forge_leaf(dir.path(), common::svid_params(&["spiffe://example.org/w"]));
+    webpki_verifies(&leaf, root_pem).unwrap();
 }
 
 #[test]
@@ -521,24 +547,12 @@ fn install_puts_everything_in_the_namespace_image_and_webhook_replicas_asked_for
             "its own namespace is never sent: {h}"
         );
     }
-    // The webhook's certificate names the Service in `mesh`.
-    let tls = &o["Secret/warden-webhook-tls"]["data"]["tls.crt"];
-    let pem = base64::engine::general_purpose::STANDARD
-        .decode(tls.as_str().unwrap())
-        .unwrap();
-    let der = common::certs(std::str::from_utf8(&pem).unwrap());
-    let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
-    let names: Vec<String> = cert
-        .subject_alternative_name()
-        .unwrap()
-        .unwrap()
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
-            _ => None,
-        })
+    // The webhook asks for the names of its Service in `mesh`, and the
+    // CA's ca.yaml grants them to its ServiceAccount there.
+    let names: Vec<&str> = args
+        .windows(2)
+        .filter(|w| w[0] == "--dns-name")
+        .map(|w| w[1])
         .collect();
     assert_eq!(
         names,
@@ -546,6 +560,13 @@ fn install_puts_everything_in_the_namespace_image_and_webhook_replicas_asked_for
             "warden-webhook.mesh.svc",
             "warden-webhook.mesh.svc.cluster.local"
         ]
+    );
+    let ca_yaml = o["ConfigMap/warden-ca-config"]["data"]["ca.yaml"]
+        .as_str()
+        .unwrap();
+    assert!(
+        ca_yaml.contains("- {spiffe_id: spiffe://example.org/ns/mesh/sa/warden-webhook, names: [warden-webhook.mesh.svc, warden-webhook.mesh.svc.cluster.local]}"),
+        "{ca_yaml}"
     );
     // Out of range: exit 2, the flag named.
     let r = run(&[

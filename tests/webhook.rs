@@ -590,3 +590,128 @@ fn a_reissued_certificate_is_served_without_a_restart_its_expiry_exported_and_an
         status == 503 && body.contains("serving certificate has expired")
     }));
 }
+
+/// `warden webhook` taking its certificate from the CA with a pod's token
+/// (`--k8s-token`), as `warden install` runs it: the CA of `ca.yaml`
+/// granting `granted` to `spiffe://example.org/ns/shop/sa/<account>`.
+fn webhook_from_the_ca(
+    account: &str,
+    granted: &str,
+    ttl: &str,
+) -> (Ca, common::kube::Kube, common::Server, Running) {
+    let (ca, kube) = common::kube::ca_with_kubernetes(&format!(
+        "{}  dns_names:\n    - {{spiffe_id: spiffe://example.org/ns/shop/sa/warden-webhook, names: [{granted}]}}\n",
+        common::kube::jwks_section()
+    ));
+    let server = ca.serve();
+    let pod = kube.add_pod("shop", &format!("{account}-5d8f"), account);
+    let token = ca.tmp.path().join("token");
+    std::fs::write(&token, kube.token(&pod)).unwrap();
+    let bundle = s(&ca.dir.join("bundle.pem")).to_owned();
+    // Bound, not necessarily ready: `ready` waits for the certificate.
+    let hook = Running::start_bound(
+        &[
+            "webhook",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--k8s-token",
+            s(&token),
+            "--dns-name",
+            SERVICE,
+            "--ttl",
+            ttl,
+            "--bundle",
+            &bundle,
+            "--ca-url",
+            &format!("https://{}", server.api),
+        ],
+        2,
+    );
+    (ca, kube, server, hook)
+}
+
+/// The leaf the webhook serves to a client that verifies it for `SERVICE`.
+fn served_leaf(addr: SocketAddr, bundle: &str) -> CertificateDer<'static> {
+    let mut tls = connect(addr, bundle);
+    tls.write_all(b"GET /live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let _ = tls.read(&mut [0; 256]).unwrap();
+    tls.conn.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
+#[test]
+fn a_webhook_attested_by_its_token_serves_the_granted_name_and_renews_it_at_half_life() {
+    let (ca, _kube, _server, hook) = webhook_from_the_ca("warden-webhook", SERVICE, "60s");
+    let admin = hook.addrs["admin"];
+    assert!(common::wait_for(
+        Duration::from_secs(10),
+        || common::admin_get(admin, "/ready").0 == 200
+    ));
+    // The API server's check: the chain verifies for the Service's name.
+    let first = served_leaf(hook.addrs["webhook"], &ca.bundle_pem());
+    let (_, cert) = x509_parser::parse_x509_certificate(&first).unwrap();
+    let names: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "URI(spiffe://example.org/ns/shop/sa/warden-webhook)".to_owned(),
+            format!("DNSName({SERVICE})")
+        ]
+    );
+    let expiry = || metric(admin, "warden_webhook_certificate_expiry_timestamp_seconds");
+    assert_eq!(expiry(), cert.validity().not_after.timestamp() as f64);
+    // Renewed at half-life (+-10%), with the token again, to a new
+    // certificate: by 60% of its life, plus slack for a loaded machine.
+    let (nb, na) = (
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    );
+    let by = nb + (na - nb) * 6 / 10 + 10;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let wait = Duration::from_secs(u64::try_from(by - now).unwrap_or(0));
+    assert!(
+        common::wait_for(wait, || {
+            served_leaf(hook.addrs["webhook"], &ca.bundle_pem()) != first
+        }),
+        "not renewed by {by} (valid {nb}..{na})"
+    );
+    assert!(expiry() > cert.validity().not_after.timestamp() as f64);
+    assert_eq!(common::admin_get(admin, "/ready").0, 200);
+}
+
+#[test]
+fn a_webhook_asking_for_a_name_not_granted_to_it_gets_no_certificate_and_says_why() {
+    // Granted to warden-webhook; asked for by another service account.
+    let (_ca, _kube, server, hook) = webhook_from_the_ca("web", SERVICE, "1h");
+    let admin = hook.addrs["admin"];
+    assert!(
+        common::wait_for(Duration::from_secs(10), || {
+            let (status, body) = common::admin_get(admin, "/ready");
+            status == 503
+                && body.contains("no serving certificate yet")
+                && body.contains("k8s-csr-mismatch")
+        }),
+        "{:?}",
+        common::admin_get(admin, "/ready")
+    );
+    assert_eq!(
+        metric(admin, "warden_webhook_certificate_expiry_timestamp_seconds"),
+        0.0
+    );
+    assert!(common::wait_for(Duration::from_secs(5), || metric(
+        server.admin,
+        "warden_ca_refusals_total{reason=\"k8s_csr_mismatch\"}"
+    ) >= 1.0));
+}

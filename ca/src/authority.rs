@@ -464,22 +464,6 @@ impl Authority {
         self.sign_capped(id, public_key, ttl, self.config.max_ttl, now, dns_names)
     }
 
-    /// Signs a service's certificate for as long as the intermediate lives
-    /// (`warden install` gives the admission webhook one, as Linkerd's
-    /// install does; a new install renews it).
-    pub fn sign_for_issuer_life(
-        &self,
-        id: &SpiffeId,
-        public_key: &impl PublicKeyData,
-        now: OffsetDateTime,
-        dns_names: &[String],
-    ) -> Result<Svid, CaError> {
-        let left = (self.chain().intermediate_validity.not_after - now)
-            .max(time::Duration::ZERO)
-            .unsigned_abs();
-        self.sign_capped(id, public_key, left, left, now, dns_names)
-    }
-
     fn sign_capped(
         &self,
         id: &SpiffeId,

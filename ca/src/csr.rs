@@ -53,8 +53,15 @@ impl CsrError {
 }
 
 /// Checks `pem` against the identity the caller proved and returns the
-/// verified request (whose public key is then signed).
-pub fn check(pem: &str, allowed: &SpiffeId) -> Result<CertificateSigningRequestParams, CsrError> {
+/// verified request (whose public key is then signed) with the DNS names it
+/// asked for. `dns_allowed` is `None` where no CSR may ask for a DNS name
+/// (join tokens, renewals: exactly one URI SAN), and for a pod the names
+/// `kubernetes.dns_names` grants its identity: one URI SAN and any of them.
+pub fn check(
+    pem: &str,
+    allowed: &SpiffeId,
+    dns_allowed: Option<&[String]>,
+) -> Result<(CertificateSigningRequestParams, Vec<String>), CsrError> {
     let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| CsrError::Malformed(e.to_string()))?;
     check_key_type(&der)?;
@@ -63,16 +70,37 @@ pub fn check(pem: &str, allowed: &SpiffeId) -> Result<CertificateSigningRequestP
         other => CsrError::Malformed(other.to_string()),
     })?;
     let sans = &req.params.subject_alt_names;
-    if sans.len() != 1 {
+    let uris = sans
+        .iter()
+        .filter(|s| matches!(s, rcgen::SanType::URI(_)))
+        .count();
+    let one_name = dns_allowed.is_none() && sans.len() == 1;
+    if !(one_name || dns_allowed.is_some() && uris == 1) {
         return Err(CsrError::SanCount(sans.len()));
     }
-    match &sans[0] {
-        rcgen::SanType::URI(uri) if uri.as_str() == allowed.as_str() => Ok(req),
-        other => Err(CsrError::SanMismatch {
-            asked: san_text(other),
-            allowed: allowed.to_string(),
-        }),
+    let granted = dns_allowed.unwrap_or_default();
+    let mut dns_names: Vec<String> = Vec::new();
+    for san in sans {
+        match san {
+            rcgen::SanType::URI(uri) if uri.as_str() == allowed.as_str() => {}
+            rcgen::SanType::DnsName(d)
+                if granted.iter().any(|a| a == d.as_str())
+                    && !dns_names.iter().any(|n| n == d.as_str()) =>
+            {
+                dns_names.push(d.as_str().to_owned());
+            }
+            other => {
+                return Err(CsrError::SanMismatch {
+                    asked: san_text(other),
+                    allowed: match granted {
+                        [] => allowed.to_string(),
+                        names => format!("{allowed} and DNS:{}", names.join(", DNS:")),
+                    },
+                });
+            }
+        }
     }
+    Ok((req, dns_names))
 }
 
 fn check_key_type(der: &CertificateSigningRequestDer<'_>) -> Result<(), CsrError> {
@@ -122,34 +150,38 @@ mod tests {
     #[test]
     fn accepts_a_p256_csr_for_the_allowed_id() {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        assert!(check(&csr(&key, vec![uri("spiffe://td/web")]), &id()).is_ok());
+        assert!(check(&csr(&key, vec![uri("spiffe://td/web")]), &id(), None).is_ok());
     }
 
     #[test]
     fn refuses_each_class_of_bad_csr() {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let good = csr(&key, vec![uri("spiffe://td/web")]);
-        assert_eq!(check("hello", &id()).unwrap_err().reason(), "csr_malformed");
+        assert_eq!(
+            check("hello", &id(), None).unwrap_err().reason(),
+            "csr_malformed"
+        );
 
         let ed = KeyPair::generate_for(&PKCS_ED25519).unwrap();
-        let e = check(&csr(&ed, vec![uri("spiffe://td/web")]), &id()).unwrap_err();
+        let e = check(&csr(&ed, vec![uri("spiffe://td/web")]), &id(), None).unwrap_err();
         assert_eq!(e, CsrError::WrongKeyType);
 
-        let e = check(&csr(&key, vec![uri("spiffe://td/db")]), &id()).unwrap_err();
+        let e = check(&csr(&key, vec![uri("spiffe://td/db")]), &id(), None).unwrap_err();
         assert_eq!(e.reason(), "csr_san_mismatch");
         let e = check(
             &csr(&key, vec![SanType::DnsName("web".try_into().unwrap())]),
             &id(),
+            None,
         )
         .unwrap_err();
         assert_eq!(e.reason(), "csr_san_mismatch");
         let two = vec![uri("spiffe://td/web"), uri("spiffe://td/db")];
         assert_eq!(
-            check(&csr(&key, two), &id()).unwrap_err(),
+            check(&csr(&key, two), &id(), None).unwrap_err(),
             CsrError::SanCount(2)
         );
         assert_eq!(
-            check(&csr(&key, vec![]), &id()).unwrap_err(),
+            check(&csr(&key, vec![]), &id(), None).unwrap_err(),
             CsrError::SanCount(0)
         );
 
@@ -159,6 +191,9 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         let tampered = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", bytes));
-        assert_eq!(check(&tampered, &id()).unwrap_err(), CsrError::BadSignature);
+        assert_eq!(
+            check(&tampered, &id(), None).unwrap_err(),
+            CsrError::BadSignature
+        );
     }
 }

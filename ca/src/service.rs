@@ -27,16 +27,6 @@ pub use deny::{Denial, DenyReport, MAX_DENY_REASON_LEN};
 /// Longest join-token lifetime: a token is a bearer secret.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// How long a locally issued certificate lives.
-#[derive(Debug, Clone, Copy)]
-pub enum Lifetime {
-    /// As asked (or the default), capped by `max_ttl`.
-    Ttl(Option<Duration>),
-    /// As long as the intermediate (a service certificate made by `warden
-    /// install`).
-    IssuerLife,
-}
-
 /// A request for a certificate.
 #[derive(Debug, Clone, Default)]
 pub struct CertifyRequest {
@@ -543,23 +533,30 @@ impl CaService {
         };
         *claimed = Some(id.clone());
         self.check_issuable(&id)?;
-        let request = csr::check(&req.csr, &id).map_err(|e| match (e, &pod) {
-            // A pod asking for another ID than its token's is refused its
-            // attestation (403, a k8s reason, final); a join token or a
-            // renewal asking for another ID is a client's bad request
-            // (400: a renewing proxy keeps its current certificate).
-            (CsrError::SanMismatch { asked, allowed: _ }, Some(_)) => {
-                crate::kubernetes::Refused::CsrMismatch {
-                    asked,
-                    allowed: id.clone(),
+        // Only a pod may have DNS names, and only those granted to its
+        // identity (`kubernetes.dns_names`).
+        let dns_allowed = match (&pod, &self.kubernetes) {
+            (Some(_), Some(k)) => Some(k.dns_names_of(&id)),
+            _ => None,
+        };
+        let (request, dns_names) =
+            csr::check(&req.csr, &id, dns_allowed).map_err(|e| match (e, &pod) {
+                // A pod asking for another ID than its token's is refused its
+                // attestation (403, a k8s reason, final); a join token or a
+                // renewal asking for another ID is a client's bad request
+                // (400: a renewing proxy keeps its current certificate).
+                (CsrError::SanMismatch { asked, allowed: _ }, Some(_)) => {
+                    crate::kubernetes::Refused::CsrMismatch {
+                        asked,
+                        allowed: id.clone(),
+                    }
+                    .into()
                 }
-                .into()
-            }
-            (e, _) => Refusal::from(e),
-        })?;
+                (e, _) => Refusal::from(e),
+            })?;
         let svid = self
             .authority
-            .sign(&id, &request.public_key, req.ttl, now, &[])?;
+            .sign(&id, &request.public_key, req.ttl, now, &dns_names)?;
         let key_sha256 = key_fingerprint(&request.public_key);
         self.write(
             now,
@@ -581,11 +578,18 @@ impl CaService {
             },
             |rec| match &pod {
                 // Which pod it was, for whoever reads the trail.
-                Some(p) => issued_event(rec)
-                    .with("namespace", p.namespace.as_str())
-                    .with("service_account", p.service_account.as_str())
-                    .with("pod", p.pod.as_str())
-                    .with("pod_uid", p.pod_uid.as_str()),
+                Some(p) => {
+                    let e = issued_event(rec)
+                        .with("namespace", p.namespace.as_str())
+                        .with("service_account", p.service_account.as_str())
+                        .with("pod", p.pod.as_str())
+                        .with("pod_uid", p.pod_uid.as_str());
+                    if dns_names.is_empty() {
+                        e
+                    } else {
+                        e.with("dns_names", dns_names.join(","))
+                    }
+                }
                 None => issued_event(rec),
             },
         )?;
@@ -605,17 +609,17 @@ impl CaService {
         kind: &'static str,
         now: OffsetDateTime,
     ) -> Result<(Issued, String), Refusal> {
-        self.issue_local_with_dns(id, &[], Lifetime::Ttl(ttl), kind, now)
+        self.issue_local_with_dns(id, &[], ttl, kind, now)
     }
 
     /// As [`CaService::issue_local`], with DNS names beside the SPIFFE ID
-    /// (`warden ca issue --dns-name`: only the operator puts names in a
-    /// certificate, never a CSR).
+    /// (`warden ca issue --dns-name`: the operator; otherwise only a pod's
+    /// CSR may ask for names, those `kubernetes.dns_names` grants it).
     pub fn issue_local_with_dns(
         &self,
         id: &SpiffeId,
         dns_names: &[String],
-        lifetime: Lifetime,
+        ttl: Option<Duration>,
         kind: &'static str,
         now: OffsetDateTime,
     ) -> Result<(Issued, String), Refusal> {
@@ -631,12 +635,7 @@ impl CaService {
             )));
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::from)?;
-        let svid = match lifetime {
-            Lifetime::Ttl(ttl) => self.authority.sign(id, &key, ttl, now, dns_names)?,
-            Lifetime::IssuerLife => self
-                .authority
-                .sign_for_issuer_life(id, &key, now, dns_names)?,
-        };
+        let svid = self.authority.sign(id, &key, ttl, now, dns_names)?;
         self.write(
             now,
             |tx| {

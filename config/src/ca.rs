@@ -370,6 +370,30 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_dns_names_are_granted_per_pod_identity_and_located_when_bad() {
+        let c = parse(
+            "trust_domain: td\nkubernetes:\n  dns_names:\n    - spiffe_id: spiffe://td/ns/warden/sa/webhook\n      names: [webhook.warden.svc, webhook.warden.svc.cluster.local]\n",
+        )
+        .unwrap();
+        let k = c.kubernetes.unwrap();
+        let id = |s: &str| crate::SpiffeId::parse(s).unwrap();
+        assert_eq!(
+            k.dns_names_of(&id("spiffe://td/ns/warden/sa/webhook")),
+            ["webhook.warden.svc", "webhook.warden.svc.cluster.local"]
+        );
+        assert!(k.dns_names_of(&id("spiffe://td/ns/shop/sa/web")).is_empty());
+        let e = parse(
+            "trust_domain: td\nkubernetes:\n  dns_names:\n    - spiffe_id: spiffe://td/web\n      names: ['*.warden.svc']\n    - {spiffe_id: spiffe://other/ns/a/sa/b, names: []}\n",
+        )
+        .unwrap_err();
+        let at: Vec<(u64, u64)> = e.0.iter().map(|d| (d.line, d.column)).collect();
+        assert!(at.contains(&(4, 18)), "not a pod identity: {e}");
+        assert!(at.contains(&(5, 15)), "a wildcard: {e}");
+        assert!(at.contains(&(6, 19)), "another trust domain, no names: {e}");
+        assert_eq!(e.0.len(), 4, "{e}");
+    }
+
+    #[test]
     fn bad_duration_is_located() {
         let e = parse("trust_domain: td\nmax_ttl: soon\n").unwrap_err();
         assert_eq!((e.0[0].line, e.0[0].column), (2, 10), "{e}");

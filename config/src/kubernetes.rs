@@ -12,6 +12,9 @@
 //!   # reviews_per_source: 10                  # TokenReviews a second one address may cause
 //!   # api: {url: https://10.0.0.1:443, ca_file: k8s-ca.pem, token_file: reviewer.token}
 //!   # jwks_file: jwks.json                    # jwks without calling the API
+//!   # dns_names:                              # names a pod of that identity may have
+//!   #   - {spiffe_id: spiffe://example.org/ns/warden/sa/warden-webhook,
+//!   #      names: [warden-webhook.warden.svc]}
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -23,7 +26,7 @@ use serde_saphyr::Spanned;
 use crate::diagnostic::Collector;
 use crate::duration::HumanDuration;
 use crate::pattern::IdentityPattern;
-use crate::spiffe::TrustDomain;
+use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// The audience warden's tokens carry unless configured otherwise.
 pub const DEFAULT_AUDIENCE: &str = "warden";
@@ -87,6 +90,29 @@ pub struct KubernetesConfig {
     pub verify: Verify,
     /// The API (TokenReview, pods, discovery).
     pub api: ApiAccess,
+    /// DNS names a pod attested as an identity may put in its CSR beside
+    /// its SPIFFE ID (a service that TLS clients such as the API server
+    /// verify by name: the admission webhook). Nobody else gets any.
+    pub dns_names: Vec<DnsGrant>,
+}
+
+/// The DNS names one identity may have in its certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsGrant {
+    /// The pod identity.
+    pub spiffe_id: SpiffeId,
+    /// The names.
+    pub names: Vec<String>,
+}
+
+impl KubernetesConfig {
+    /// The DNS names `id` may have (none unless granted).
+    pub fn dns_names_of(&self, id: &SpiffeId) -> &[String] {
+        self.dns_names
+            .iter()
+            .find(|g| g.spiffe_id == *id)
+            .map_or(&[], |g| g.names.as_slice())
+    }
 }
 
 #[derive(Deserialize)]
@@ -102,6 +128,15 @@ pub(crate) struct RawKubernetes {
     verify: Option<Spanned<String>>,
     api: Option<Spanned<RawApi>>,
     jwks_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    dns_names: Vec<RawDnsGrant>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDnsGrant {
+    spiffe_id: Spanned<SpiffeId>,
+    names: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +258,33 @@ impl RawKubernetes {
                 );
             }
         }
+        let mut dns_names: Vec<DnsGrant> = Vec::new();
+        for g in self.dns_names {
+            let id = &g.spiffe_id;
+            if !id.value.is_in(td) || !is_pod_path(id.value.path()) {
+                errors.at(
+                    id,
+                    format!("{} is not a pod identity of this CA (spiffe://{td}/ns/<namespace>/sa/<service account>)", id.value),
+                );
+            } else if dns_names.iter().any(|d| d.spiffe_id == id.value) {
+                errors.at(id, format!("{} is granted names twice", id.value));
+            }
+            if g.names.is_empty() {
+                errors.at(id, "names must list at least one DNS name");
+            }
+            for n in &g.names {
+                if !crate::dns::valid_dns_name(&n.value) {
+                    errors.at(
+                        n,
+                        format!("{:?} is not a DNS name a certificate may carry (lowercase labels, no wildcard)", n.value),
+                    );
+                }
+            }
+            dns_names.push(DnsGrant {
+                spiffe_id: g.spiffe_id.value,
+                names: g.names.into_iter().map(|n| n.value).collect(),
+            });
+        }
         let in_cluster = Path::new(IN_CLUSTER_DIR);
         let api = match self.api.map(|a| a.value) {
             Some(a) => ApiAccess {
@@ -251,6 +313,7 @@ impl RawKubernetes {
             reviews_per_source,
             verify,
             api,
+            dns_names,
         }
     }
 }

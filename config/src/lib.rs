@@ -8,6 +8,7 @@
 
 pub mod ca;
 pub mod diagnostic;
+pub mod dns;
 pub mod duration;
 pub mod kubernetes;
 mod lint;

@@ -6,9 +6,11 @@
 //! read-only volume (the intermediate in a Secret of cert-manager's
 //! `tls.crt`/`tls.key`/`ca.crt` layout, `ca.yaml` and the bundle in a
 //! ConfigMap), its store and audit trail on a PersistentVolumeClaim. The
-//! admission webhook runs as a Deployment behind a Service, with its
-//! serving certificate from the same CA, for the Service's DNS names. RBAC
-//! is what the CA uses and nothing else: create TokenReviews, get pods.
+//! admission webhook runs as a Deployment behind a Service; it attests to
+//! the same CA with its projected ServiceAccount token for a serving
+//! certificate with the Service's DNS names (granted in `ca.yaml`), and
+//! renews it at half-life. RBAC is what the CA uses and nothing else:
+//! create TokenReviews, get pods.
 
 use std::collections::BTreeMap;
 
@@ -23,8 +25,8 @@ use k8s_openapi::api::core::v1::{
     HTTPGetAction, KeyToPath, Namespace, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
     ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretProjection,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
-    VolumeMount, VolumeProjection, VolumeResourceRequirements,
+    SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
@@ -65,10 +67,6 @@ pub struct Install {
     pub intermediate_pem: String,
     /// The intermediate's key.
     pub intermediate_key_pem: String,
-    /// The webhook's serving certificate chain and key (PEM).
-    pub webhook_cert_pem: String,
-    /// Its key.
-    pub webhook_key_pem: String,
     /// CA replicas (more than one only with `store_secret`).
     pub ca_replicas: i32,
     /// The Secret (key `url`) holding the PostgreSQL URL the replicas
@@ -101,8 +99,15 @@ fn ca_secrets(i: &Install) -> Secret {
     }
 }
 
+/// The webhook's identity: its ServiceAccount in the control plane's
+/// namespace. The CA's `kubernetes.dns_names` grants it
+/// [`webhook_dns_names`].
+pub fn webhook_id(trust_domain: &str, namespace: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/warden-webhook")
+}
+
 /// `warden-webhook.<namespace>.svc` and its longer forms: the names the
-/// webhook's certificate carries.
+/// webhook's certificate carries (the API server calls it by the first).
 pub fn webhook_dns_names(namespace: &str) -> Vec<String> {
     vec![
         format!("warden-webhook.{namespace}.svc"),
@@ -429,42 +434,84 @@ fn ca_statefulset(i: &Install) -> StatefulSet {
     }
 }
 
+/// Where the webhook's pod finds the CA's bundle and its projected token.
+const WEBHOOK_SECRETS: &str = "/var/run/secrets/warden";
+
 fn webhook_deployment(i: &Install) -> Deployment {
     let ns = i.namespace.as_str();
+    let mut args: Vec<String> = [
+        "webhook",
+        "--listen",
+        &format!("[::]:{WEBHOOK_PORT}"),
+        "--admin",
+        &format!("[::]:{ADMIN_PORT}"),
+        // Its certificate from the CA, attested like a sidecar and renewed
+        // at half-life, for the names the CA grants it.
+        "--k8s-token",
+        &format!("{WEBHOOK_SECRETS}/token"),
+        "--bundle",
+        &format!("{WEBHOOK_SECRETS}/bundle.pem"),
+        "--ca-url",
+        &format!("https://warden-ca.{ns}.svc:{CA_PORT}"),
+        "--image",
+        &i.image,
+        "--trust-domain",
+        &i.trust_domain,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    for name in webhook_dns_names(ns) {
+        args.extend(["--dns-name".to_owned(), name]);
+    }
     let container = Container {
         name: "webhook".to_owned(),
         image: Some(i.image.clone()),
-        args: Some(vec![
-            "webhook".to_owned(),
-            "--listen".to_owned(),
-            format!("[::]:{WEBHOOK_PORT}"),
-            "--admin".to_owned(),
-            format!("[::]:{ADMIN_PORT}"),
-            "--cert".to_owned(),
-            "/etc/warden-webhook/tls.crt".to_owned(),
-            "--key".to_owned(),
-            "/etc/warden-webhook/tls.key".to_owned(),
-            "--bundle".to_owned(),
-            "/etc/warden-webhook/ca.crt".to_owned(),
-            "--ca-url".to_owned(),
-            format!("https://warden-ca.{ns}.svc:{CA_PORT}"),
-            "--image".to_owned(),
-            i.image.clone(),
-            "--trust-domain".to_owned(),
-            i.trust_domain.clone(),
-        ]),
+        args: Some(args),
         ports: Some(vec![port("https", WEBHOOK_PORT), port("admin", ADMIN_PORT)]),
         readiness_probe: Some(probe("/ready", 5)),
         liveness_probe: Some(probe("/live", 10)),
         resources: Some(resources("20m", "32Mi", "256Mi")),
         security_context: Some(hardened()),
         volume_mounts: Some(vec![VolumeMount {
-            name: "tls".to_owned(),
-            mount_path: "/etc/warden-webhook".to_owned(),
+            name: "warden".to_owned(),
+            mount_path: WEBHOOK_SECRETS.to_owned(),
             read_only: Some(true),
             ..VolumeMount::default()
         }]),
         ..Container::default()
+    };
+    // The bundle from the CA's ConfigMap and a token with warden's
+    // audience, in one read-only volume.
+    let volume = Volume {
+        name: "warden".to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o440),
+            sources: Some(vec![
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: "warden-ca-config".to_owned(),
+                        items: Some(vec![KeyToPath {
+                            key: "bundle.pem".to_owned(),
+                            path: "bundle.pem".to_owned(),
+                            ..KeyToPath::default()
+                        }]),
+                        ..ConfigMapProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some("warden".to_owned()),
+                        expiration_seconds: Some(3600),
+                        path: "token".to_owned(),
+                        ..ServiceAccountTokenProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                },
+            ]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
     };
     Deployment {
         metadata: meta("warden-webhook", Some(ns), "webhook"),
@@ -482,15 +529,7 @@ fn webhook_deployment(i: &Install) -> Deployment {
                     automount_service_account_token: Some(false),
                     security_context: Some(pod_security()),
                     containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: "tls".to_owned(),
-                        secret: Some(SecretVolumeSource {
-                            secret_name: Some("warden-webhook-tls".to_owned()),
-                            default_mode: Some(0o440),
-                            ..SecretVolumeSource::default()
-                        }),
-                        ..Volume::default()
-                    }]),
+                    volumes: Some(vec![volume]),
                     ..PodSpec::default()
                 }),
             },
@@ -657,14 +696,6 @@ pub fn objects(i: &Install) -> Result<Vec<Value>, serde_json::Error> {
         v(&service("warden-ca", ns, "ca", CA_PORT, "https"))?,
         v(&ca_statefulset(i))?,
         v(&pdb("warden-ca", ns, "ca", None, Some(1)))?,
-        v(&tls_secret(
-            "warden-webhook-tls",
-            ns,
-            "webhook",
-            &i.webhook_cert_pem,
-            &i.webhook_key_pem,
-            &i.bundle_pem,
-        ))?,
         v(&service("warden-webhook", ns, "webhook", 443, "https"))?,
         v(&webhook_deployment(i))?,
         // One replica must not block node drains forever.

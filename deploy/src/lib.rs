@@ -1,7 +1,8 @@
 //! warden on Kubernetes. One mutation ([`inject`]) serves `warden inject`
 //! and the admission webhook alike, so that the CLI and the webhook can
 //! never give a pod two different sidecars; [`sidecar`] is what it adds,
-//! [`webhook`] the webhook's answer, [`server`] its HTTPS server and
+//! [`webhook`] the webhook's answer, [`server`] its HTTPS server,
+//! [`serving`] its certificate and
 //! [`limits`] what one caller of it can hold;
 //! [`install`] the control plane's manifests, [`root_secret`] a root brought
 //! in a cert-manager Secret.
@@ -13,5 +14,6 @@ pub mod install;
 pub mod limits;
 pub mod root_secret;
 pub mod server;
+pub mod serving;
 pub mod sidecar;
 pub mod webhook;

@@ -1,8 +1,7 @@
-//! `warden webhook`: the admission webhook over HTTPS (its certificate
-//! from files, reloaded when they change: the warden CA issues it with the
-//! Service's DNS names), with `/live`, `/ready` and `/metrics` on an admin
-//! port. Malformed reviews are answered 400 and counted. The certificate's
-//! expiry is exported, and an expired one makes the webhook unready.
+//! `warden webhook`: the admission webhook over HTTPS (its certificate,
+//! with the Service's DNS names, from the warden CA or from files: see
+//! [`crate::serving`]), with `/live`, `/ready` and `/metrics` on an admin
+//! port. Malformed reviews are answered 400 and counted.
 //!
 //! Memory is bounded whatever callers do, and slow callers cannot crowd
 //! the API server out: a review's body is read first, each chunk taking
@@ -19,10 +18,9 @@
 //! (GOAWAY on h2: the API server reconnects).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -36,9 +34,10 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use warden_identity::http::{Body, BodyError, problem, respond, server_builder};
-use warden_identity::tls::{RotatingCert, certified_key, provider};
+use warden_identity::tls::{RotatingCert, provider};
 
 use crate::limits::{ByteBudget, PerSource};
+pub use crate::serving::Source;
 use crate::sidecar::Settings;
 use crate::webhook::{OptIn, review};
 
@@ -84,10 +83,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The admin listener.
     pub admin: SocketAddr,
-    /// Serving certificate chain (PEM).
-    pub cert: PathBuf,
-    /// Its key (PEM).
-    pub key: PathBuf,
+    /// Where the serving certificate comes from.
+    pub serving: crate::serving::Source,
     /// What the sidecars get.
     pub settings: Settings,
     /// A connection with no request started or in flight for this long is
@@ -114,25 +111,6 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// The serving certificate and key from their files, with the leaf's
-/// expiry (Unix seconds).
-fn load(cfg: &Config) -> Result<(rustls::sign::CertifiedKey, i64), String> {
-    let read =
-        |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
-    let chain = read(&cfg.cert)?;
-    let key = certified_key(&chain, &read(&cfg.key)?, &provider()).map_err(|e| e.to_string())?;
-    let leaf = key.cert.first().ok_or("no certificate")?;
-    let not_after = warden_identity::pem::validity_of(leaf)?.not_after;
-    Ok((key, not_after.unix_timestamp()))
-}
-
-fn modified(cfg: &Config) -> Vec<Option<SystemTime>> {
-    [&cfg.cert, &cfg.key]
-        .iter()
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .collect()
-}
-
 async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     warden_identity::listen::bind(name, addr)
         .await
@@ -142,8 +120,6 @@ async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// Serves until `shutdown` turns true, then drains.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
     let cert = Arc::new(RotatingCert::default());
-    let (first, first_expiry) = load(&cfg).map_err(StartError::Certificate)?;
-    cert.set(first);
     let api = bind("webhook", cfg.listen).await?;
     let admin = bind("admin", cfg.admin).await?;
     let registry = Registry::new();
@@ -161,30 +137,24 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         "AdmissionReviews holding a turn (being decided).",
     )?;
     registry.register(Box::new(in_flight.clone()))?;
-    // Whoever renews the files (an operator, cert-manager) can forget: the
-    // expiry is exported for an alert, and an expired certificate (which
-    // no API server accepts) makes the webhook unready.
-    let expiry = IntGauge::new(
-        "warden_webhook_certificate_expiry_timestamp_seconds",
-        "When the serving certificate in use expires (Unix seconds).",
+    // The expiry is exported for an alert; no certificate yet, or an
+    // expired one (which no API server accepts), makes the webhook unready.
+    let source = match cfg.serving {
+        crate::serving::Source::Files { .. } => "files",
+        crate::serving::Source::Ca { .. } => "ca",
+    };
+    let expiry = IntGauge::with_opts(
+        Opts::new(
+            "warden_webhook_certificate_expiry_timestamp_seconds",
+            "When the serving certificate in use expires (Unix seconds; 0: none yet), by where it comes from (ca: renewed at half-life; files: by whoever writes them).",
+        )
+        .const_label("source", source),
     )?;
     registry.register(Box::new(expiry.clone()))?;
-    expiry.set(first_expiry);
+    let serving = crate::serving::Serving::new(cert.clone(), expiry);
     let ready = {
-        let expiry = expiry.clone();
-        Arc::new(move || {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            if expiry.get() <= now {
-                Err(
-                    "the serving certificate has expired: issue a new one into its files"
-                        .to_owned(),
-                )
-            } else {
-                Ok(())
-            }
-        })
+        let serving = serving.clone();
+        Arc::new(move || serving.ready())
     };
     tokio::spawn(warden_identity::admin::serve(
         admin,
@@ -192,33 +162,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         ready,
         shutdown.clone(),
     ));
-    // The certificate files are renewed by whoever writes them: reload.
-    {
-        let (cert, cfg, mut shutdown) = (cert.clone(), cfg.clone(), shutdown.clone());
-        let expiry = expiry.clone();
-        tokio::spawn(async move {
-            let mut seen = modified(&cfg);
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = shutdown.changed() => return,
-                }
-                let now = modified(&cfg);
-                if now != seen {
-                    seen = now;
-                    match load(&cfg) {
-                        Ok((k, not_after)) => {
-                            cert.set(k);
-                            expiry.set(not_after);
-                            tracing::info!(not_after, "serving certificate reloaded");
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "serving certificate changed but is not usable; keeping the current one")
-                        }
-                    }
-                }
-            }
-        });
+    match crate::serving::start(cfg.serving.clone(), serving, shutdown.clone()).await {
+        // Stopped while still waiting for the CA: nothing to drain.
+        Err(_) if *shutdown.borrow() => return Ok(()),
+        r => r.map_err(StartError::Certificate)?,
     }
     let mut tls = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

@@ -458,7 +458,7 @@ impl Proof {
             } => {
                 let token = read(token_file)?;
                 let id = warden_identity::client::pod_identity(&token, trust_domain)?;
-                let creds = client.bootstrap_kubernetes(&id, &token, ttl).await?;
+                let creds = client.bootstrap_kubernetes(&id, &token, &[], ttl).await?;
                 if !creds.spiffe_id.is_in(trust_domain) {
                     return Err(IdentityError::Certificate(format!(
                         "the CA issued {}, outside the bundle's trust domain {trust_domain}",

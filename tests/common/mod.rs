@@ -268,6 +268,19 @@ impl Running {
         let addrs = read_listeners(&mut child, String::new);
         Running { child, addrs }
     }
+
+    /// Starts `warden args...` and waits only until `listeners` listeners
+    /// are bound (a process that may never be ready).
+    pub fn start_bound(args: &[&str], listeners: usize) -> Running {
+        let mut child = warden()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn warden");
+        let addrs = read_listeners_until(&mut child, String::new, Some(listeners));
+        Running { child, addrs }
+    }
 }
 
 impl Drop for Running {

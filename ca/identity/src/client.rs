@@ -204,18 +204,22 @@ impl CaClient {
         token: &str,
         ttl: Option<Duration>,
     ) -> Result<Credentials, ClientError> {
-        self.certify(id, Proof::JoinToken(token), ttl).await
+        self.certify(id, Proof::JoinToken(token), &[], ttl).await
     }
 
     /// Obtains an identity with a pod's projected ServiceAccount token; `id`
-    /// is the one the token names (see [`pod_identity`]).
+    /// is the one the token names (see [`pod_identity`]). `dns_names` go in
+    /// the CSR beside it: the CA signs them only if its `kubernetes.dns_names`
+    /// grants them to `id` (a webhook that the API server verifies by name).
     pub async fn bootstrap_kubernetes(
         &self,
         id: &SpiffeId,
         token: &str,
+        dns_names: &[String],
         ttl: Option<Duration>,
     ) -> Result<Credentials, ClientError> {
-        self.certify(id, Proof::ServiceAccount(token), ttl).await
+        self.certify(id, Proof::ServiceAccount(token), dns_names, ttl)
+            .await
     }
 
     /// Renews `current` (same identity, new key) over mTLS with it.
@@ -224,7 +228,7 @@ impl CaClient {
         current: &Credentials,
         ttl: Option<Duration>,
     ) -> Result<Credentials, ClientError> {
-        self.certify(&current.spiffe_id, Proof::Current(current), ttl)
+        self.certify(&current.spiffe_id, Proof::Current(current), &[], ttl)
             .await
     }
 
@@ -327,6 +331,7 @@ impl CaClient {
         &self,
         id: &SpiffeId,
         proof: Proof<'_>,
+        dns_names: &[String],
         ttl: Option<Duration>,
     ) -> Result<Credentials, ClientError> {
         let local = |e: rcgen::Error| ClientError::Local(format!("making the key and CSR: {e}"));
@@ -334,6 +339,11 @@ impl CaClient {
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(id.as_str().try_into().map_err(local)?)];
+        for name in dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.as_str().try_into().map_err(local)?));
+        }
         let csr = params
             .serialize_request(&key)
             .map_err(local)?

@@ -242,6 +242,12 @@ impl Attestor {
         })
     }
 
+    /// The DNS names a pod attested as `id` may have in its certificate
+    /// (`dns_names:` in `ca.yaml`; none by default).
+    pub fn dns_names_of(&self, id: &SpiffeId) -> &[String] {
+        self.cfg.dns_names_of(id)
+    }
+
     /// Verifies `token`, sent from `source`, at `now` (seconds since the
     /// epoch) and returns the pod it attests. `claimed` is set to the pod
     /// the token names as soon as verified data says which (for the audit
