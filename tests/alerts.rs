@@ -83,31 +83,14 @@ fn every_metric_the_rules_name_is_exported_by_the_ca_the_proxy_or_the_webhook() 
         || proxy.metric("warden_proxy_trust_last_sync_timestamp_seconds") > 0.0
     ));
     let out = ca.tmp.path().join("webhook");
-    common::run_ok(&[
-        "ca",
-        "issue",
-        "--dir",
-        ca.dir(),
-        "--spiffe-id",
+    common::issue_webhook_cert(
+        &ca,
         &ca.id("/ns/warden/sa/warden-webhook"),
-        "--dns-name",
         "warden-webhook.warden.svc",
-        "--out-dir",
-        s(&out),
-    ]);
-    let webhook = common::Running::start(&[
-        "webhook",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--cert",
-        s(&out.join("cert.pem")),
-        "--key",
-        s(&out.join("key.pem")),
-        "--bundle",
-        s(&bundle),
-    ]);
+        &out,
+        None,
+    );
+    let webhook = common::webhook_from_files(&out, &bundle, &[]);
     let exported = format!(
         "{}{}{}",
         srv.admin_get("/metrics").1,

@@ -19,9 +19,11 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConnection, StreamOwned};
 use serde_json::{Value, json};
 
-use common::{Ca, Running, metric, run_ok, s, warden};
+use common::{Ca, Running, metric, s, warden};
 
 const SERVICE: &str = "warden-webhook.warden.svc";
+/// The identity of the webhooks these tests start from files.
+const WEBHOOK_ID: &str = "spiffe://example.org/ns/warden/sa/webhook";
 
 /// POST to the webhook, verified for `SERVICE` as the API server does.
 fn post(addr: std::net::SocketAddr, bundle: &str, path: &str, body: &[u8]) -> (u16, String) {
@@ -92,35 +94,8 @@ fn pod() -> Value {
 fn start_webhook(extra: &[&str]) -> (Ca, Running) {
     let ca = Ca::init("example.org");
     let out = ca.tmp.path().join("webhook");
-    run_ok(&[
-        "ca",
-        "issue",
-        "--dir",
-        ca.dir(),
-        "--spiffe-id",
-        "spiffe://example.org/ns/warden/sa/webhook",
-        "--dns-name",
-        SERVICE,
-        "--out-dir",
-        s(&out),
-    ]);
-    let bundle = s(&ca.dir.join("bundle.pem")).to_owned();
-    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
-    let mut args = vec![
-        "webhook",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--cert",
-        s(&cert),
-        "--key",
-        s(&key),
-        "--bundle",
-        &bundle,
-    ];
-    args.extend_from_slice(extra);
-    let hook = Running::start(&args);
+    common::issue_webhook_cert(&ca, WEBHOOK_ID, SERVICE, &out, None);
+    let hook = common::webhook_from_files(&out, &ca.dir.join("bundle.pem"), extra);
     (ca, hook)
 }
 
@@ -549,32 +524,12 @@ fn a_reissued_certificate_is_served_without_a_restart_its_expiry_exported_and_an
 
     // The operator issues a new one into the same files (a shorter life,
     // so that it differs): served to the next connection, exported.
-    let reissue = |ttl: &str| {
-        run_ok(&[
-            "ca",
-            "issue",
-            "--dir",
-            ca.dir(),
-            "--spiffe-id",
-            "spiffe://example.org/ns/warden/sa/webhook",
-            "--dns-name",
-            SERVICE,
-            "--ttl",
-            ttl,
-            "--out-dir",
-            s(&out),
-        ]);
-        std::fs::read_to_string(out.join("cert.pem")).unwrap()
-    };
+    let reissue = |ttl: &str| common::issue_webhook_cert(&ca, WEBHOOK_ID, SERVICE, &out, Some(ttl));
     let second = reissue("2h");
     let second_expiry = leaf_not_after(&second);
     assert_ne!(second_expiry, leaf_not_after(&first));
     assert!(common::wait_for(Duration::from_secs(10), || expiry() == second_expiry as f64));
-    let mut tls = connect(hook.addrs["webhook"], &ca.bundle_pem());
-    tls.write_all(b"GET /live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    let _ = tls.read(&mut [0; 256]).unwrap();
-    let served = tls.conn.peer_certificates().unwrap()[0].clone();
+    let served = served_leaf(hook.addrs["webhook"], &ca.bundle_pem());
     let want = CertificateDer::pem_slice_iter(second.as_bytes())
         .next()
         .unwrap()

@@ -259,28 +259,68 @@ pub struct Running {
 impl Running {
     /// Starts `warden args...` and waits for its `ready` line.
     pub fn start(args: &[&str]) -> Running {
-        let mut child = warden()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn warden");
-        let addrs = read_listeners(&mut child, String::new);
-        Running { child, addrs }
+        Self::start_until(args, None)
     }
 
     /// Starts `warden args...` and waits only until `listeners` listeners
     /// are bound (a process that may never be ready).
     pub fn start_bound(args: &[&str], listeners: usize) -> Running {
+        Self::start_until(args, Some(listeners))
+    }
+
+    fn start_until(args: &[&str], listeners: Option<usize>) -> Running {
         let mut child = warden()
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn warden");
-        let addrs = read_listeners_until(&mut child, String::new, Some(listeners));
+        let addrs = read_listeners_until(&mut child, String::new, listeners);
         Running { child, addrs }
     }
+}
+
+/// `warden ca issue` of a webhook's serving certificate: `id` with the DNS
+/// name `dns`, into `out` (`--ttl` when given); returns its chain (PEM).
+pub fn issue_webhook_cert(ca: &Ca, id: &str, dns: &str, out: &Path, ttl: Option<&str>) -> String {
+    let mut args = vec![
+        "ca",
+        "issue",
+        "--dir",
+        ca.dir(),
+        "--spiffe-id",
+        id,
+        "--dns-name",
+        dns,
+        "--out-dir",
+        s(out),
+    ];
+    if let Some(t) = ttl {
+        args.extend(["--ttl", t]);
+    }
+    run_ok(&args);
+    std::fs::read_to_string(out.join("cert.pem")).unwrap()
+}
+
+/// `warden webhook` on 127.0.0.1 serving the certificate files in `out`
+/// (see [`issue_webhook_cert`]), with sidecars from `bundle`, plus `extra`.
+pub fn webhook_from_files(out: &Path, bundle: &Path, extra: &[&str]) -> Running {
+    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
+    let mut args = vec![
+        "webhook",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--cert",
+        s(&cert),
+        "--key",
+        s(&key),
+        "--bundle",
+        s(bundle),
+    ];
+    args.extend_from_slice(extra);
+    Running::start(&args)
 }
 
 impl Drop for Running {
