@@ -7,31 +7,44 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::net::TcpListener;
 
-/// Linux's "address family not supported": a kernel without IPv6.
-const EAFNOSUPPORT: i32 = 97;
+/// Connections waiting to be accepted (as tokio's own `bind`).
+const BACKLOG: i32 = 1024;
 
 /// Binds `addr` and prints `listening <name> <addr>`, with the port the
 /// kernel picked for port 0.
 ///
-/// `[::]` binds one dual-stack socket (Linux's default,
-/// `net.ipv6.bindv6only=0`): IPv4 callers arrive as `::ffff:a.b.c.d` (see
-/// [`canonical`]), so it serves IPv4-only, dual-stack and IPv6-only
+/// `[::]` binds one dual-stack socket (`IPV6_V6ONLY` off, whatever the
+/// host's `net.ipv6.bindv6only`): IPv4 callers arrive as `::ffff:a.b.c.d`
+/// (see [`canonical`]), so it serves IPv4-only, dual-stack and IPv6-only
 /// clusters alike. On a host whose kernel has no IPv6 at all, `[::]` falls
 /// back to `0.0.0.0` on the same port, so one manifest fits every node.
 pub async fn bind(name: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = match TcpListener::bind(addr).await {
-        Err(e)
-            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-                && (e.raw_os_error() == Some(EAFNOSUPPORT)
-                    || e.kind() == std::io::ErrorKind::AddrNotAvailable) =>
-        {
-            tracing::info!(listener = name, error = %e, "no IPv6 on this host: listening on IPv4 only");
-            TcpListener::bind((Ipv4Addr::UNSPECIFIED, addr.port())).await?
+    let listener = if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        match dual_stack(addr) {
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                tracing::info!(listener = name, error = %e, "no IPv6 on this host: listening on IPv4 only");
+                TcpListener::bind((Ipv4Addr::UNSPECIFIED, addr.port())).await?
+            }
+            r => r?,
         }
-        r => r?,
+    } else {
+        TcpListener::bind(addr).await?
     };
     println!("listening {name} {}", listener.local_addr()?);
     Ok(listener)
+}
+
+/// An IPv6 listener on `addr` that takes IPv4 callers too.
+fn dual_stack(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    // As tokio's `bind`: a restarted process gets its port back at once.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// A caller's address as it is: an IPv4 caller of a dual-stack listener
