@@ -626,7 +626,8 @@ fn a_webhook_attested_by_its_token_serves_the_granted_name_and_renews_it_at_half
         ]
     );
     let expiry = || metric(admin, "warden_webhook_certificate_expiry_timestamp_seconds");
-    assert_eq!(expiry(), cert.validity().not_after.timestamp() as f64);
+    // The one served, or a renewal already (the gauge moves first).
+    assert!(expiry() >= cert.validity().not_after.timestamp() as f64);
     // Renewed at half-life (+-10%), with the token again, to a new
     // certificate: by 60% of its life, plus slack for a loaded machine.
     let (nb, na) = (
@@ -661,12 +662,61 @@ fn a_webhook_asking_for_a_name_not_granted_to_it_gets_no_certificate_and_says_wh
         "{:?}",
         common::admin_get(admin, "/ready")
     );
-    assert_eq!(
-        metric(admin, "warden_webhook_certificate_expiry_timestamp_seconds"),
-        0.0
+    // Exported, and 0: no certificate at all.
+    let (_, metrics) = common::admin_get(admin, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "warden_webhook_certificate_expiry_timestamp_seconds{source=\"ca\"} 0"),
+        "{metrics}"
     );
     assert!(common::wait_for(Duration::from_secs(5), || metric(
         server.admin,
         "warden_ca_refusals_total{reason=\"k8s_csr_mismatch\"}"
     ) >= 1.0));
+}
+
+#[test]
+fn a_webhook_given_an_expired_certificate_is_not_ready_until_its_files_hold_a_valid_one() {
+    let ca = Ca::init("example.org");
+    let out = ca.tmp.path().join("webhook");
+    let expired = common::issue_webhook_cert(&ca, WEBHOOK_ID, SERVICE, &out, Some("1s"));
+    let not_after = leaf_not_after(&expired);
+    assert!(common::wait_for(Duration::from_secs(5), || {
+        time::OffsetDateTime::now_utc().unix_timestamp() > not_after
+    }));
+    let bundle = ca.dir.join("bundle.pem");
+    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
+    let hook = Running::start_bound(
+        &[
+            "webhook",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--cert",
+            s(&cert),
+            "--key",
+            s(&key),
+            "--bundle",
+            s(&bundle),
+        ],
+        2,
+    );
+    let admin = hook.addrs["admin"];
+    assert!(common::wait_for(Duration::from_secs(5), || {
+        let (status, body) = common::admin_get(admin, "/ready");
+        status == 503 && body.contains("serving certificate has expired")
+    }));
+    // A valid one in its files: picked up, served, ready.
+    let valid = common::issue_webhook_cert(&ca, WEBHOOK_ID, SERVICE, &out, Some("1h"));
+    assert!(common::wait_for(
+        Duration::from_secs(10),
+        || common::admin_get(admin, "/ready").0 == 200
+    ));
+    let want = CertificateDer::pem_slice_iter(valid.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(served_leaf(hook.addrs["webhook"], &ca.bundle_pem()), want);
 }

@@ -1,8 +1,9 @@
 //! Checking a certificate signing request before anything is signed.
 //!
-//! The CSR contributes exactly one thing to the certificate: its public key.
-//! Everything it asks for is checked against what the caller proved (a token
-//! or a current SVID) and then ignored; the leaf's fields come from
+//! The CSR contributes its public key to the certificate, and for a pod the
+//! DNS names `kubernetes.dns_names` grants its identity that it asks for.
+//! Everything else it asks for is checked against what the caller proved (a
+//! token or a current SVID) and then ignored; the leaf's fields come from
 //! `profile::svid`. Each way a CSR can be wrong is its own error, so the
 //! answer, the metric and the audit line all say which.
 
@@ -74,30 +75,32 @@ pub fn check(
         .iter()
         .filter(|s| matches!(s, rcgen::SanType::URI(_)))
         .count();
-    let one_name = dns_allowed.is_none() && sans.len() == 1;
-    if !(one_name || dns_allowed.is_some() && uris == 1) {
+    if sans.is_empty() || uris > 1 || (dns_allowed.is_none() && sans.len() > 1) {
         return Err(CsrError::SanCount(sans.len()));
     }
     let granted = dns_allowed.unwrap_or_default();
+    let mismatch = |asked: String| CsrError::SanMismatch {
+        asked,
+        allowed: match granted {
+            [] => allowed.to_string(),
+            names => format!("{allowed} and DNS:{}", names.join(", DNS:")),
+        },
+    };
+    // No URI: the one name, or the first, is not the identity.
+    if uris == 0 {
+        return Err(mismatch(san_text(&sans[0])));
+    }
     let mut dns_names: Vec<String> = Vec::new();
     for san in sans {
         match san {
             rcgen::SanType::URI(uri) if uri.as_str() == allowed.as_str() => {}
-            rcgen::SanType::DnsName(d)
-                if granted.iter().any(|a| a == d.as_str())
-                    && !dns_names.iter().any(|n| n == d.as_str()) =>
-            {
+            rcgen::SanType::DnsName(d) if granted.iter().any(|a| a == d.as_str()) => {
+                if dns_names.iter().any(|n| n == d.as_str()) {
+                    return Err(mismatch(format!("{} twice", san_text(san))));
+                }
                 dns_names.push(d.as_str().to_owned());
             }
-            other => {
-                return Err(CsrError::SanMismatch {
-                    asked: san_text(other),
-                    allowed: match granted {
-                        [] => allowed.to_string(),
-                        names => format!("{allowed} and DNS:{}", names.join(", DNS:")),
-                    },
-                });
-            }
+            other => return Err(mismatch(san_text(other))),
         }
     }
     Ok((req, dns_names))
@@ -195,5 +198,71 @@ mod tests {
             check(&tampered, &id(), None).unwrap_err(),
             CsrError::BadSignature
         );
+    }
+
+    #[test]
+    fn a_pod_gets_the_dns_names_granted_to_it_and_nothing_else() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let dns = |s: &str| SanType::DnsName(s.try_into().unwrap());
+        let granted = [
+            "hook.ns.svc".to_owned(),
+            "hook.ns.svc.cluster.local".to_owned(),
+        ];
+        let one = vec![uri("spiffe://td/web"), dns("hook.ns.svc")];
+        let (_, names) = check(&csr(&key, one.clone()), &id(), Some(&granted)).unwrap();
+        assert_eq!(names, ["hook.ns.svc"]);
+        let both = vec![
+            uri("spiffe://td/web"),
+            dns("hook.ns.svc.cluster.local"),
+            dns("hook.ns.svc"),
+        ];
+        let (_, names) = check(&csr(&key, both), &id(), Some(&granted)).unwrap();
+        assert_eq!(names, ["hook.ns.svc.cluster.local", "hook.ns.svc"]);
+        // A pod granted nothing; a join token or a renewal (as before).
+        let e = check(&csr(&key, one.clone()), &id(), Some(&[])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "csr asks for DNS:hook.ns.svc, but the caller may only have spiffe://td/web"
+        );
+        assert_eq!(
+            check(&csr(&key, one), &id(), None).unwrap_err(),
+            CsrError::SanCount(2)
+        );
+        let ip = SanType::IpAddress("10.0.0.1".parse().unwrap());
+        let mismatch = |asked: &str| CsrError::SanMismatch {
+            asked: asked.to_owned(),
+            allowed: "spiffe://td/web and DNS:hook.ns.svc, DNS:hook.ns.svc.cluster.local"
+                .to_owned(),
+        };
+        let web = || uri("spiffe://td/web");
+        for (bad, want) in [
+            (
+                vec![web(), dns("hook.ns.svc"), dns("other.ns.svc")],
+                mismatch("DNS:other.ns.svc"),
+            ),
+            (
+                vec![web(), dns("hook.ns.svc"), dns("hook.ns.svc")],
+                mismatch("DNS:hook.ns.svc twice"),
+            ),
+            (vec![web(), dns("Hook.ns.svc")], mismatch("DNS:Hook.ns.svc")),
+            (vec![web(), ip], mismatch("IP:10.0.0.1")),
+            (
+                vec![uri("spiffe://td/db"), dns("hook.ns.svc")],
+                mismatch("spiffe://td/db"),
+            ),
+            (vec![dns("hook.ns.svc")], mismatch("DNS:hook.ns.svc")),
+            (
+                vec![dns("hook.ns.svc"), dns("hook.ns.svc.cluster.local")],
+                mismatch("DNS:hook.ns.svc"),
+            ),
+            (
+                vec![web(), web(), dns("hook.ns.svc")],
+                CsrError::SanCount(3),
+            ),
+            (vec![], CsrError::SanCount(0)),
+        ] {
+            let e = check(&csr(&key, bad.clone()), &id(), Some(&granted)).unwrap_err();
+            assert_eq!(e, want, "{bad:?}");
+        }
     }
 }

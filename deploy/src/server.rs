@@ -162,10 +162,23 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         ready,
         shutdown.clone(),
     ));
-    match crate::serving::start(cfg.serving.clone(), serving, shutdown.clone()).await {
+    match crate::serving::start(cfg.serving.clone(), serving.clone(), shutdown.clone()).await {
         // Stopped while still waiting for the CA: nothing to drain.
         Err(_) if *shutdown.borrow() => return Ok(()),
         r => r.map_err(StartError::Certificate)?,
+    }
+    // `ready` only with a valid certificate (DESIGN.md): files that hold an
+    // expired or not yet valid one are waited on until they change.
+    let mut said = false;
+    while let Err(why) = serving.ready() {
+        if !said {
+            tracing::warn!(%why, "not ready");
+            said = true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
     }
     let mut tls = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

@@ -7,6 +7,7 @@
 //! there is none or it has expired.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -61,6 +62,8 @@ pub struct Serving {
     cert: Arc<RotatingCert>,
     /// Unix seconds; 0 while there is none.
     expiry: IntGauge,
+    /// Its NotBefore, Unix seconds.
+    not_before: AtomicI64,
     /// Why the last attempt to get a new one failed, if it did.
     problem: Mutex<Option<String>>,
 }
@@ -71,6 +74,7 @@ impl Serving {
         Arc::new(Self {
             cert,
             expiry,
+            not_before: AtomicI64::new(0),
             problem: Mutex::new(None),
         })
     }
@@ -96,6 +100,10 @@ impl Serving {
                     why
                 }
             )),
+            _ if self.not_before.load(Ordering::Relaxed) > now => Err(format!(
+                "the serving certificate is not valid until {} (Unix seconds){why}",
+                self.not_before.load(Ordering::Relaxed)
+            )),
             _ => Ok(()),
         }
     }
@@ -103,11 +111,13 @@ impl Serving {
     fn set(&self, chain_pem: &str, key_pem: &str) -> Result<i64, String> {
         let key = certified_key(chain_pem, key_pem, &provider()).map_err(|e| e.to_string())?;
         let leaf = key.cert.first().ok_or("no certificate")?;
-        let not_after = warden_identity::pem::validity_of(leaf)?
-            .not_after
-            .unix_timestamp();
-        self.cert.set(key);
+        let validity = warden_identity::pem::validity_of(leaf)?;
+        let not_after = validity.not_after.unix_timestamp();
+        // What is exported is never older than what is served.
+        self.not_before
+            .store(validity.not_before.unix_timestamp(), Ordering::Relaxed);
         self.expiry.set(not_after);
+        self.cert.set(key);
         *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(not_after)
     }
@@ -237,7 +247,11 @@ where
 {
     let mut retry = RETRY_MIN;
     loop {
-        let failure = match attest().await {
+        let attempt = tokio::select! {
+            r = attest() => r,
+            _ = shutdown.changed() => return Err("shutting down".into()),
+        };
+        let failure = match attempt {
             Ok(creds) => match serving.set(&creds.chain_pem, &creds.key_pem) {
                 Ok(not_after) => {
                     tracing::info!(id = %creds.spiffe_id, not_after, "serving certificate from the CA");
