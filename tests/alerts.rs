@@ -90,7 +90,7 @@ fn every_metric_the_rules_name_is_exported_by_the_ca_the_proxy_or_the_webhook() 
         &out,
         None,
     );
-    let webhook = common::webhook_from_files(&out, &bundle, &[]);
+    let webhook = common::webhook_from_files(&out, &bundle, &[], true);
     let exported = format!(
         "{}{}{}",
         srv.admin_get("/metrics").1,

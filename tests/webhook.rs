@@ -95,7 +95,7 @@ fn start_webhook(extra: &[&str]) -> (Ca, Running) {
     let ca = Ca::init("example.org");
     let out = ca.tmp.path().join("webhook");
     common::issue_webhook_cert(&ca, WEBHOOK_ID, SERVICE, &out, None);
-    let hook = common::webhook_from_files(&out, &ca.dir.join("bundle.pem"), extra);
+    let hook = common::webhook_from_files(&out, &ca.dir.join("bundle.pem"), extra, true);
     (ca, hook)
 }
 
@@ -564,13 +564,8 @@ fn webhook_from_the_ca(
     std::fs::write(&token, kube.token(&pod)).unwrap();
     let bundle = s(&ca.dir.join("bundle.pem")).to_owned();
     // Bound, not necessarily ready: `ready` waits for the certificate.
-    let hook = Running::start_bound(
+    let hook = common::webhook_on_loopback(
         &[
-            "webhook",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
             "--k8s-token",
             s(&token),
             "--dns-name",
@@ -582,7 +577,7 @@ fn webhook_from_the_ca(
             "--ca-url",
             &format!("https://{}", server.api),
         ],
-        2,
+        false,
     );
     (ca, kube, server, hook)
 }
@@ -685,24 +680,7 @@ fn a_webhook_given_an_expired_certificate_is_not_ready_until_its_files_hold_a_va
     assert!(common::wait_for(Duration::from_secs(5), || {
         time::OffsetDateTime::now_utc().unix_timestamp() > not_after
     }));
-    let bundle = ca.dir.join("bundle.pem");
-    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
-    let hook = Running::start_bound(
-        &[
-            "webhook",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--cert",
-            s(&cert),
-            "--key",
-            s(&key),
-            "--bundle",
-            s(&bundle),
-        ],
-        2,
-    );
+    let hook = common::webhook_from_files(&out, &ca.dir.join("bundle.pem"), &[], false);
     let admin = hook.addrs["admin"];
     assert!(common::wait_for(Duration::from_secs(5), || {
         let (status, body) = common::admin_get(admin, "/ready");

@@ -302,25 +302,32 @@ pub fn issue_webhook_cert(ca: &Ca, id: &str, dns: &str, out: &Path, ttl: Option<
     std::fs::read_to_string(out.join("cert.pem")).unwrap()
 }
 
-/// `warden webhook` on 127.0.0.1 serving the certificate files in `out`
-/// (see [`issue_webhook_cert`]), with sidecars from `bundle`, plus `extra`.
-pub fn webhook_from_files(out: &Path, bundle: &Path, extra: &[&str]) -> Running {
-    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
-    let mut args = vec![
+/// `warden webhook` on 127.0.0.1 (webhook and admin ports) with `args`;
+/// waits for its `ready` line when `ready`, else only for its listeners.
+pub fn webhook_on_loopback(args: &[&str], ready: bool) -> Running {
+    let mut all = vec![
         "webhook",
         "--listen",
         "127.0.0.1:0",
         "--admin",
         "127.0.0.1:0",
-        "--cert",
-        s(&cert),
-        "--key",
-        s(&key),
-        "--bundle",
-        s(bundle),
     ];
+    all.extend_from_slice(args);
+    if ready {
+        Running::start(&all)
+    } else {
+        Running::start_bound(&all, 2)
+    }
+}
+
+/// `warden webhook` on 127.0.0.1 serving the certificate files in `out`
+/// (see [`issue_webhook_cert`]), with sidecars from `bundle`, plus `extra`;
+/// `ready` as for [`webhook_on_loopback`].
+pub fn webhook_from_files(out: &Path, bundle: &Path, extra: &[&str], ready: bool) -> Running {
+    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
+    let mut args = vec!["--cert", s(&cert), "--key", s(&key), "--bundle", s(bundle)];
     args.extend_from_slice(extra);
-    Running::start(&args)
+    webhook_on_loopback(&args, ready)
 }
 
 impl Drop for Running {
