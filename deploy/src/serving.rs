@@ -6,7 +6,7 @@
 //! expiry of the certificate in use is exported, and `/ready` says why
 //! there is none or it has expired.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use warden_config::TrustDomain;
 use warden_identity::client::{CaClient, Credentials, pod_identity};
+use warden_identity::files_out;
 use warden_identity::lifetime::renew_at;
 use warden_identity::tls::{RotatingCert, certified_key, provider};
 
@@ -137,22 +138,11 @@ pub async fn start(
 ) -> Result<(), String> {
     match source {
         Source::Files { cert, key } => {
-            let paths = [cert, key];
             let load = {
-                let paths = paths.clone();
-                move || -> Result<(String, String), String> {
-                    let read = |p: &PathBuf| {
-                        std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
-                    };
-                    Ok((read(&paths[0])?, read(&paths[1])?))
-                }
+                let (cert, key) = (cert.clone(), key.clone());
+                move || -> Result<(String, String), String> { Ok((read(&cert)?, read(&key)?)) }
             };
-            let modified = move || -> Vec<Option<SystemTime>> {
-                paths
-                    .iter()
-                    .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-                    .collect()
-            };
+            let modified = move || files_out::modified_times(&[&cert, &key]);
             let (chain, key) = load()?;
             serving.set(&chain, &key)?;
             tokio::spawn(async move {
@@ -188,9 +178,6 @@ pub async fn start(
             dns_names,
             ttl,
         } => {
-            let read = |p: &PathBuf| {
-                std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
-            };
             let client = CaClient::new(&url, trust_domain.clone(), &read(&bundle)?)
                 .map_err(|e| e.to_string())?;
             let attest = move || {
@@ -233,6 +220,11 @@ pub async fn start(
             Ok(())
         }
     }
+}
+
+/// A file's text, or an error naming it.
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Attests until it works (installing the certificate) or `shutdown`.

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls::sign::CertifiedKey;
@@ -362,13 +362,6 @@ fn load_files(cert: &Path, key: &Path, bundle: &Path) -> Result<Identity, Identi
     Identity::from_pem(&read(cert)?, &read(key)?, &read(bundle)?)
 }
 
-fn modified(paths: &[&Path]) -> Vec<Option<SystemTime>> {
-    paths
-        .iter()
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .collect()
-}
-
 /// Polls the three files (cheap `stat`s; robust to the symlink swaps that
 /// Kubernetes secret volumes do) and reloads when any changed.
 async fn watch_files(
@@ -379,11 +372,11 @@ async fn watch_files(
     bundle: PathBuf,
 ) {
     let paths = [cert.as_path(), key.as_path(), bundle.as_path()];
-    let mut seen = modified(&paths);
+    let mut seen = files_out::modified_times(&paths);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         expire_if_due(&tx, &metrics);
-        let now = modified(&paths);
+        let now = files_out::modified_times(&paths);
         if now == seen {
             continue;
         }

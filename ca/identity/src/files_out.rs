@@ -167,6 +167,16 @@ pub fn write_private(dir: &Path, name: &str, contents: &str) -> Result<(), Write
     sync_dir(dir)
 }
 
+/// The modification times of `paths` (`None` for one that cannot be
+/// read): what a watcher of certificate files compares between two looks
+/// (a `stat` each; it follows the symlink swaps of Kubernetes volumes).
+pub fn modified_times(paths: &[&Path]) -> Vec<Option<std::time::SystemTime>> {
+    paths
+        .iter()
+        .map(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
