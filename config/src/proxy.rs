@@ -4,7 +4,7 @@
 //! both go through [`ProxyConfig::load`]; nothing starts on any error.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -448,7 +448,7 @@ impl ProxyConfig {
         };
 
         let mut names = HashSet::new();
-        let mut addrs = HashSet::from([raw.admin]);
+        let mut addrs = vec![raw.admin];
         let mut check_listener =
             |name: &Spanned<String>, listen: SocketAddr, errors: &mut Collector<'_>| {
                 let n = &name.value;
@@ -465,8 +465,18 @@ impl ProxyConfig {
                 } else if !names.insert(n.clone()) {
                     errors.at(name, format!("listener name {n:?} is used twice"));
                 }
-                if listen.port() != 0 && !addrs.insert(listen) {
-                    errors.at(name, format!("listen address {listen} is used twice"));
+                if listen.port() != 0 {
+                    if let Some(other) = addrs.iter().find(|a| binds_overlap(**a, listen)) {
+                        errors.at(
+                            name,
+                            if *other == listen {
+                                format!("listen address {listen} is used twice")
+                            } else {
+                                format!("listen address {listen} overlaps {other} (same port)")
+                            },
+                        );
+                    }
+                    addrs.push(listen);
                 }
             };
 
@@ -572,6 +582,18 @@ impl ProxyConfig {
             redis,
         })
     }
+}
+
+/// Whether two listen addresses cannot both be bound: the same port on the
+/// same address, or on a wildcard that covers the other. `[::]` is bound
+/// dual-stack (`warden_identity::listen`), so it covers every address;
+/// `0.0.0.0` covers the IPv4 ones.
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wild: IpAddr, other: IpAddr| match wild {
+        IpAddr::V6(w) => w.is_unspecified(),
+        IpAddr::V4(w) => w.is_unspecified() && other.to_canonical().is_ipv4(),
+    };
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
 }
 
 fn valid_host_port(s: &str) -> bool {
@@ -838,6 +860,35 @@ outbound:
         assert_eq!(c.inbound[0].limits, Limits::default());
         assert_eq!(c.outbound[0].protocol, Protocol::Http);
         assert_eq!(c.workers, 1);
+    }
+
+    #[test]
+    fn wildcard_listeners_overlap_what_they_cover() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for (x, y) in [
+            ("0.0.0.0:8443", "0.0.0.0:8443"),
+            ("[::]:8443", "0.0.0.0:8443"),
+            ("[::]:8443", "127.0.0.1:8443"),
+            ("[::]:8443", "[::1]:8443"),
+            ("0.0.0.0:8443", "10.0.0.1:8443"),
+            ("0.0.0.0:8443", "[::ffff:10.0.0.1]:8443"),
+        ] {
+            assert!(binds_overlap(a(x), a(y)), "{x} {y}");
+            assert!(binds_overlap(a(y), a(x)), "{y} {x}");
+        }
+        for (x, y) in [
+            ("0.0.0.0:8443", "[::1]:8443"),
+            ("127.0.0.1:8443", "127.0.0.2:8443"),
+            ("[::]:8443", "[::]:8444"),
+        ] {
+            assert!(!binds_overlap(a(x), a(y)), "{x} {y}");
+        }
+        let text = SIDECAR.replace("listen: 127.0.0.1:15001", "listen: \"[::]:8443\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("listen address [::]:8443 overlaps 0.0.0.0:8443 (same port)"),
+            "{e}"
+        );
     }
 
     #[test]
