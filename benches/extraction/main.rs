@@ -613,17 +613,30 @@ fn main() {
 
 fn bench_observe(c: &mut Criterion) {
     let mut g = c.benchmark_group("detect");
-    for width in [4, 64, 256] {
+    // Bare, and with a reference of 1,000 rows (the deployment the README
+    // recommends: its outlier test and calibrated ramps run too).
+    for (width, reference) in [
+        (4, false),
+        (64, false),
+        (256, false),
+        (64, true),
+        (256, true),
+    ] {
         let task = Task::mixture("timing", Split::Tune, width, 4, 0, 9);
         let d = Detector::new(Settings::default());
         let mut rng = StdRng::seed_from_u64(7);
+        if reference {
+            let rows: Vec<Vec<f64>> = (0..1000).map(|_| task.sample(&mut rng).0).collect();
+            d.seed(&rows);
+        }
         let xs: Vec<Vec<f64>> = (0..4096).map(|_| task.sample(&mut rng).0).collect();
         for x in &xs {
             d.observe("spiffe://bench.test/ns/a/sa/warm", Query::Features(x));
         }
         let mut i = 0;
+        let with = if reference { ", reference" } else { "" };
         g.bench_function(
-            format!("observe features ({width} inputs, full history)"),
+            format!("observe features ({width} inputs, full history{with})"),
             |b| {
                 b.iter(|| {
                     i = (i + 1) % xs.len();

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::lanes;
 use super::natural::{Natural, lifted};
 use super::window::{Flags, ramp};
 
@@ -178,26 +179,24 @@ impl Space {
         let f = self.frozen.get()?;
         let dirs = self.directions();
         let tables = self.tables();
+        // Standardized once; each plane is then one dot product.
+        let mut buf = [0f64; lanes::MAX_LANES];
+        if v.len() != self.k || self.k > lanes::MAX_LANES {
+            return None;
+        }
+        for (((z, x), m), s) in buf.iter_mut().zip(v).zip(&f.mean).zip(&f.inv_std) {
+            *z = (x - m) * s;
+        }
+        let z = &buf[..self.k];
         for (t, slot) in out.iter_mut().enumerate().take(tables) {
             let mut cell = 0usize;
             for j in 0..dirs {
                 let plane = (t * dirs + j) * self.k;
                 let row = f.planes.get(plane..plane + self.k)?;
-                let p: f64 = row
-                    .iter()
-                    .zip(v)
-                    .zip(f.mean.iter().zip(&f.inv_std))
-                    .map(|((w, x), (m, s))| w * (x - m) * s)
-                    .sum();
-                let bin = if p < -TAIL {
-                    0
-                } else if p < 0.0 {
-                    1
-                } else if p < TAIL {
-                    2
-                } else {
-                    3
-                };
+                let p = lanes::dot(row, z);
+                // 0 below -TAIL, 1 below 0, 2 below TAIL, else 3: without
+                // branches (where a query falls is not predictable).
+                let bin = usize::from(p >= -TAIL) + usize::from(p >= 0.0) + usize::from(p >= TAIL);
                 cell |= bin << (2 * j);
             }
             *slot = (t << self.bits()) | cell;

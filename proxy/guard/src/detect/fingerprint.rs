@@ -28,6 +28,7 @@
 
 use std::collections::VecDeque;
 
+use super::lanes::MAX_LANES;
 use super::prada::Distances;
 use super::window::Flags;
 
@@ -97,11 +98,40 @@ const STEP_PATTERNS: usize = 16;
 const DUP: u8 = 0;
 const SWEEP: u8 = 1;
 
-/// Signed bucket of coordinate `i` in a sketch of `k` coordinates.
-fn bucket(i: usize, k: usize) -> (usize, f64) {
-    let h = (i as u64 ^ 0x5851_f42d_4c95_7f2d).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let sign = if h >> 63 == 0 { 1.0 } else { -1.0 };
-    (((h >> 20) as usize) % k, sign)
+/// The hash that places input `i` in the sketch.
+fn hash(i: usize) -> u64 {
+    (i as u64 ^ 0x5851_f42d_4c95_7f2d).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Signed bucket of coordinate `i` in a sketch of `k` coordinates: the
+/// bucket, and the sign as a bit to put on the value (the hash's top bit).
+fn bucket(i: usize, k: usize) -> (usize, u64) {
+    let h = hash(i);
+    (((h >> 20) as usize) % k, h & (1 << 63))
+}
+
+/// [`bucket`]'s remainder without a division, which would cost more than
+/// everything else a query's fold does: with `m = floor(2^64 / k) + 1`,
+/// `(a * m) >> 64` is `a / k` exactly for `a < 2^44` and `k <= 2^20` (the
+/// product's error stays below `2^-20`, less than `1 / k`).
+struct Remainder {
+    k: u64,
+    m: u128,
+}
+
+impl Remainder {
+    fn new(k: usize) -> Self {
+        let k = k.max(1) as u64;
+        Self {
+            k,
+            m: u128::from(u64::MAX / k) + 1,
+        }
+    }
+
+    fn of(&self, a: u64) -> usize {
+        let q = ((u128::from(a) * self.m) >> 64) as u64;
+        (a - q * self.k) as usize
+    }
 }
 
 /// Folds `x` into `k` coordinates (the identity when it already fits).
@@ -112,9 +142,12 @@ pub fn sketch(x: &[f64], k: usize, out: &mut Vec<f64>) {
         return;
     }
     out.resize(k, 0.0);
+    let rem = Remainder::new(k);
     for (i, &v) in x.iter().enumerate() {
-        let (b, s) = bucket(i, k);
-        out[b] += s * v;
+        let h = hash(i);
+        if let Some(o) = out.get_mut(rem.of(h >> 20)) {
+            *o += f64::from_bits(v.to_bits() ^ (h & (1 << 63)));
+        }
     }
 }
 
@@ -300,14 +333,29 @@ impl FeatureHistory {
             query[i] = v[i] as f32;
             scale[i] = self.inv_sd[i] as f32;
         }
-        for slot in 0..self.len {
-            let d2 = f64::from(distance2(self.row(slot), &query[..k], &scale[..k]));
+        let mut keep = |d2: f32, slot: usize| {
+            let d2 = f64::from(d2);
             if d2 < best.0 {
                 second = best;
                 best = (d2, slot);
             } else if d2 < second.0 {
                 second = (d2, slot);
             }
+        };
+        // Four rows at a time: each chunk of the query and its scale is
+        // loaded once for four rows, and the four sums are independent.
+        let held = &self.ring[..self.len * self.k];
+        let mut blocks = held.chunks_exact(4 * self.k);
+        let mut slot = 0;
+        for block in &mut blocks {
+            for d2 in distance2_x4(block, &query[..k], &scale[..k]) {
+                keep(d2, slot);
+                slot += 1;
+            }
+        }
+        for row in blocks.remainder().chunks_exact(self.k) {
+            keep(distance2(row, &query[..k], &scale[..k]), slot);
+            slot += 1;
         }
         if best.1 == usize::MAX {
             return Some(Relation::default());
@@ -445,9 +493,6 @@ impl FeatureHistory {
     }
 }
 
-/// Sketch coordinates at most (the scan's stack buffers).
-const MAX_LANES: usize = 64;
-
 /// Squared distance between a remembered row and the query, each
 /// coordinate scaled, summed in eight independent lanes.
 fn distance2(row: &[f32], query: &[f32], scale: &[f32]) -> f32 {
@@ -474,6 +519,45 @@ fn distance2(row: &[f32], query: &[f32], scale: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// [`distance2`] of four consecutive rows (`rows` holds `4 * query.len()`
+/// values), in the same order of summation: each chunk of the query and
+/// its scale is loaded once for four rows, and the four sums overlap.
+fn distance2_x4(rows: &[f32], query: &[f32], scale: &[f32]) -> [f32; 4] {
+    let k = query.len();
+    let row = |r: usize| rows.get(r * k..(r + 1) * k).unwrap_or(&[]);
+    let rows = [row(0), row(1), row(2), row(3)];
+    let mut acc = [[0f32; 8]; 4];
+    let chunks = query.chunks_exact(8).zip(scale.chunks_exact(8));
+    for (c, (q, s)) in chunks.enumerate() {
+        let (Ok(q), Ok(s)) = (<&[f32; 8]>::try_from(q), <&[f32; 8]>::try_from(s)) else {
+            continue;
+        };
+        for (a, row) in acc.iter_mut().zip(rows) {
+            if let Some(Ok(x)) = row.get(c * 8..c * 8 + 8).map(<&[f32; 8]>::try_from) {
+                *a = lanes8(*a, x, q, s);
+            }
+        }
+    }
+    let whole = k / 8 * 8;
+    [0, 1, 2, 3].map(|r| {
+        let mut tail = 0f32;
+        for c in whole..k.min(rows[r].len()) {
+            let d = (rows[r][c] - query[c]) * scale[c];
+            tail += d * d;
+        }
+        acc[r].iter().sum::<f32>() + tail
+    })
+}
+
+/// One chunk of eight coordinates added to a row's eight running sums.
+#[inline(always)]
+fn lanes8(acc: [f32; 8], row: &[f32; 8], q: &[f32; 8], s: &[f32; 8]) -> [f32; 8] {
+    std::array::from_fn(|i| {
+        let d = (row[i] - q[i]) * s[i];
+        acc[i] + d * d
+    })
+}
+
 /// Whether a step whose sketch coordinates moved by `raw` (each summing
 /// `folded` inputs) moved every input by one amount `u`: each coordinate by
 /// `u` times an integer of its count's parity and at most its count, for at
@@ -494,22 +578,33 @@ fn sign_step(raw: &[f64], folded: &[u32], tol: f64) -> bool {
     if !(u.is_finite() && u > tol) {
         return false;
     }
-    let (mut coords, mut fit) = (0usize, 0usize);
+    let coords = raw.iter().zip(folded).filter(|&(_, &n)| n > 0).count();
+    if coords < 4 {
+        return false;
+    }
+    // At least 85% must fit: stop at the first misfit too many (natural
+    // steps get there within a few coordinates).
+    let may_miss = coords - (coords * 85).div_ceil(100);
+    let mut missed = 0;
     for (&d, &n) in raw.iter().zip(folded) {
         if n == 0 {
             continue;
         }
-        coords += 1;
         let m = d / u;
-        let r = m.round();
-        if (m - r).abs() <= 0.01 * r.max(1.0)
-            && r <= f64::from(n)
-            && (r as u64 % 2) == u64::from(n % 2)
-        {
-            fit += 1;
+        // m >= 0: rounded by a saturating cast (no libm call on the
+        // baseline x86-64, which has no rounding instruction).
+        let r = (m + 0.5) as i64;
+        let fits = (m - r as f64).abs() <= 0.01 * (r as f64).max(1.0)
+            && r <= i64::from(n)
+            && r % 2 == i64::from(n % 2);
+        if !fits {
+            missed += 1;
+            if missed > may_miss {
+                return false;
+            }
         }
     }
-    coords >= 4 && fit * 100 >= coords * 85
+    true
 }
 
 /// `v` on the line through `a` and `b` (within float noise).
@@ -534,6 +629,25 @@ mod tests {
 
     fn fp() -> FingerprintSettings {
         FingerprintSettings::default()
+    }
+
+    #[test]
+    fn the_fold_places_every_input_where_bucket_says() {
+        for k in 1..=MAX_LANES {
+            let rem = Remainder::new(k);
+            for i in (0..5000).chain([usize::MAX / 3, usize::MAX]) {
+                assert_eq!(rem.of(hash(i) >> 20), bucket(i, k).0, "input {i}, k {k}");
+            }
+        }
+        let x: Vec<f64> = (0..100).map(|i| f64::from(i) - 40.5).collect();
+        let mut out = Vec::new();
+        sketch(&x, 7, &mut out);
+        let mut want = vec![0.0; 7];
+        for (i, v) in x.iter().enumerate() {
+            let (b, sign) = bucket(i, 7);
+            want[b] += if sign == 0 { *v } else { -v };
+        }
+        assert_eq!(out, want);
     }
 
     fn gauss(rng: &mut StdRng, d: usize) -> Vec<f64> {

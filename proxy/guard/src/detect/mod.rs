@@ -37,6 +37,7 @@
 pub mod answers;
 pub mod coverage;
 pub mod fingerprint;
+pub mod lanes;
 pub mod natural;
 pub mod prada;
 pub mod probing;

@@ -28,6 +28,7 @@ use rand::seq::SliceRandom;
 use warden_config::reference::ROWS_PER_COORDINATE;
 
 use super::fingerprint::{FeatureHistory, FingerprintSettings};
+use super::lanes;
 use super::prada::{self, PradaSettings};
 
 /// Natural callers played through the history (each over a shuffled pass).
@@ -133,7 +134,7 @@ impl Outliers {
     /// `ROWS_PER_COORDINATE` rows per coordinate (`warden check` warns).
     fn fit(rows: &[Vec<f64>]) -> Option<Self> {
         let k = rows.first()?.len();
-        if k == 0 || rows.len() < ROWS_PER_COORDINATE * k {
+        if k == 0 || k > lanes::MAX_LANES || rows.len() < ROWS_PER_COORDINATE * k {
             return None;
         }
         let fit: Vec<&Vec<f64>> = rows.iter().step_by(2).collect();
@@ -175,17 +176,17 @@ impl Outliers {
 
     fn d2(&self, v: &[f64]) -> f64 {
         let k = self.mean.len();
-        let mut sum = 0.0;
-        for i in 0..k {
-            let row = &self.whiten[i * k..i * k + i + 1];
-            let z: f64 = row
-                .iter()
-                .zip(v.iter().zip(&self.mean))
-                .map(|(w, (x, m))| w * (x - m))
-                .sum();
-            sum += z * z;
+        let mut buf = [0f64; lanes::MAX_LANES];
+        let c = lanes::centered(v, &self.mean, &mut buf);
+        if c.len() < k {
+            return f64::INFINITY;
         }
-        sum
+        (0..k)
+            .map(|i| {
+                let z = lanes::dot(&self.whiten[i * k..i * k + i + 1], c);
+                z * z
+            })
+            .sum()
     }
 
     fn outlying(&self, v: &[f64]) -> bool {

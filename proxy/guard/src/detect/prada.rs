@@ -16,6 +16,8 @@
 
 use std::f64::consts::{FRAC_1_SQRT_2, PI};
 
+use super::lanes;
+
 /// Tuning of PRADA's signal.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PradaSettings {
@@ -174,12 +176,13 @@ pub fn statistic(sorted: &[f64], a: &[f64]) -> Option<f64> {
     if n < 3 || a.len() != n {
         return None;
     }
-    let mean = sorted.iter().sum::<f64>() / n as f64;
-    let ss: f64 = sorted.iter().map(|x| (x - mean).powi(2)).sum();
+    // On the request path for every query: sums in lanes.
+    let mean = lanes::sum(sorted) / n as f64;
+    let ss = lanes::squared_deviations(sorted, mean);
     if ss <= f64::EPSILON * mean.abs().max(1e-300) * n as f64 || ss <= 0.0 {
         return None;
     }
-    let b: f64 = sorted.iter().zip(a).map(|(x, c)| x * c).sum();
+    let b = lanes::dot(sorted, a);
     Some((b * b / ss).min(1.0))
 }
 
