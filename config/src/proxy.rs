@@ -585,15 +585,21 @@ impl ProxyConfig {
 }
 
 /// Whether two listen addresses cannot both be bound: the same port on the
-/// same address, or on a wildcard that covers the other. `[::]` is bound
-/// dual-stack (`warden_identity::listen`), so it covers every address;
-/// `0.0.0.0` covers the IPv4 ones.
+/// same address (an IPv4-mapped one is its IPv4 address; link-local ones
+/// of different interfaces differ), or on a wildcard that covers the
+/// other. `[::]` is bound dual-stack (`warden_identity::listen`), so it
+/// covers every address; `0.0.0.0` covers the IPv4 ones.
 fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let scope = |s: SocketAddr| match s {
+        SocketAddr::V6(v6) => v6.scope_id(),
+        SocketAddr::V4(_) => 0,
+    };
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
     let covers = |wild: IpAddr, other: IpAddr| match wild {
         IpAddr::V6(w) => w.is_unspecified(),
-        IpAddr::V4(w) => w.is_unspecified() && other.to_canonical().is_ipv4(),
+        IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
     };
-    a.port() == b.port() && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+    a.port() == b.port() && ((x == y && scope(a) == scope(b)) || covers(x, y) || covers(y, x))
 }
 
 fn valid_host_port(s: &str) -> bool {
@@ -872,6 +878,9 @@ outbound:
             ("[::]:8443", "[::1]:8443"),
             ("0.0.0.0:8443", "10.0.0.1:8443"),
             ("0.0.0.0:8443", "[::ffff:10.0.0.1]:8443"),
+            ("127.0.0.1:8443", "[::ffff:127.0.0.1]:8443"),
+            ("[::ffff:0.0.0.0]:8443", "10.0.0.1:8443"),
+            ("[fe80::1%2]:8443", "[fe80::1%2]:8443"),
         ] {
             assert!(binds_overlap(a(x), a(y)), "{x} {y}");
             assert!(binds_overlap(a(y), a(x)), "{y} {x}");
@@ -880,6 +889,8 @@ outbound:
             ("0.0.0.0:8443", "[::1]:8443"),
             ("127.0.0.1:8443", "127.0.0.2:8443"),
             ("[::]:8443", "[::]:8444"),
+            ("127.0.0.1:8443", "[::1]:8443"),
+            ("[fe80::1%2]:8443", "[fe80::1%3]:8443"),
         ] {
             assert!(!binds_overlap(a(x), a(y)), "{x} {y}");
         }

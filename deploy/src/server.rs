@@ -151,7 +151,15 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         .const_label("source", source),
     )?;
     registry.register(Box::new(expiry.clone()))?;
-    let serving = crate::serving::Serving::new(cert.clone(), expiry);
+    let not_before = IntGauge::with_opts(
+        Opts::new(
+            "warden_webhook_certificate_not_before_timestamp_seconds",
+            "When the serving certificate in use became valid (Unix seconds; 0: none yet): with the expiry, its lifetime.",
+        )
+        .const_label("source", source),
+    )?;
+    registry.register(Box::new(not_before.clone()))?;
+    let serving = crate::serving::Serving::new(cert.clone(), expiry, not_before);
     let ready = {
         let serving = serving.clone();
         Arc::new(move || serving.ready())

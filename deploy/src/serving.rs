@@ -7,7 +7,6 @@
 //! there is none or it has expired.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -63,19 +62,22 @@ pub struct Serving {
     cert: Arc<RotatingCert>,
     /// Unix seconds; 0 while there is none.
     expiry: IntGauge,
-    /// Its NotBefore, Unix seconds.
-    not_before: AtomicI64,
+    /// Its NotBefore, Unix seconds (exported too: with the expiry it gives
+    /// the lifetime, so an alert can say "three quarters gone" whatever
+    /// the lifetime is).
+    not_before: IntGauge,
     /// Why the last attempt to get a new one failed, if it did.
     problem: Mutex<Option<String>>,
 }
 
 impl Serving {
-    /// Nothing served yet; `expiry` is the exported gauge.
-    pub fn new(cert: Arc<RotatingCert>, expiry: IntGauge) -> Arc<Self> {
+    /// Nothing served yet; `expiry` and `not_before` are the exported
+    /// gauges.
+    pub fn new(cert: Arc<RotatingCert>, expiry: IntGauge, not_before: IntGauge) -> Arc<Self> {
         Arc::new(Self {
             cert,
             expiry,
-            not_before: AtomicI64::new(0),
+            not_before,
             problem: Mutex::new(None),
         })
     }
@@ -101,9 +103,9 @@ impl Serving {
                     why
                 }
             )),
-            _ if self.not_before.load(Ordering::Relaxed) > now => Err(format!(
+            _ if self.not_before.get() > now => Err(format!(
                 "the serving certificate is not valid until {} (Unix seconds){why}",
-                self.not_before.load(Ordering::Relaxed)
+                self.not_before.get()
             )),
             _ => Ok(()),
         }
@@ -115,8 +117,7 @@ impl Serving {
         let validity = warden_identity::pem::validity_of(leaf)?;
         let not_after = validity.not_after.unix_timestamp();
         // What is exported is never older than what is served.
-        self.not_before
-            .store(validity.not_before.unix_timestamp(), Ordering::Relaxed);
+        self.not_before.set(validity.not_before.unix_timestamp());
         self.expiry.set(not_after);
         self.cert.set(key);
         *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;

@@ -111,9 +111,9 @@ fn bucket(i: usize, k: usize) -> (usize, u64) {
 }
 
 /// [`bucket`]'s remainder without a division, which would cost more than
-/// everything else a query's fold does: with `m = floor(2^64 / k) + 1`,
+/// everything else a query's fold does: with `m = ceil(2^64 / k)`,
 /// `(a * m) >> 64` is `a / k` exactly for `a < 2^44` and `k <= 2^20` (the
-/// product's error stays below `2^-20`, less than `1 / k`).
+/// quotient's error stays below `a * k / 2^64 / k <= 2^-20 < 1 / k`).
 struct Remainder {
     k: u64,
     m: u128,
@@ -121,7 +121,8 @@ struct Remainder {
 
 impl Remainder {
     fn new(k: usize) -> Self {
-        let k = k.max(1) as u64;
+        debug_assert!(k <= 1 << 20, "a sketch is at most MAX_LANES wide");
+        let k = k.clamp(1, 1 << 20) as u64;
         Self {
             k,
             m: u128::from(u64::MAX / k) + 1,
@@ -345,7 +346,7 @@ impl FeatureHistory {
         // Four rows at a time: each chunk of the query and its scale is
         // loaded once for four rows, and the four sums are independent.
         let held = &self.ring[..self.len * self.k];
-        let mut blocks = held.chunks_exact(4 * self.k);
+        let mut blocks = held.chunks_exact(4 * self.k.max(1));
         let mut slot = 0;
         for block in &mut blocks {
             for d2 in distance2_x4(block, &query[..k], &scale[..k]) {
@@ -353,7 +354,7 @@ impl FeatureHistory {
                 slot += 1;
             }
         }
-        for row in blocks.remainder().chunks_exact(self.k) {
+        for row in blocks.remainder().chunks_exact(self.k.max(1)) {
             keep(distance2(row, &query[..k], &scale[..k]), slot);
             slot += 1;
         }
@@ -635,7 +636,8 @@ mod tests {
     fn the_fold_places_every_input_where_bucket_says() {
         for k in 1..=MAX_LANES {
             let rem = Remainder::new(k);
-            for i in (0..5000).chain([usize::MAX / 3, usize::MAX]) {
+            // Every input a route may have (max_features is at most 65,536).
+            for i in (0..65_536).chain([usize::MAX / 3, usize::MAX]) {
                 assert_eq!(rem.of(hash(i) >> 20), bucket(i, k).0, "input {i}, k {k}");
             }
         }

@@ -498,7 +498,10 @@ impl Detector {
 
     fn features(&self, id: &mut Identity, x: &[f64]) {
         let s = &self.settings;
-        if x.is_empty() || x.len() > s.max_features || x.iter().any(|v| !v.is_finite()) {
+        // Values are kept in f32: a larger one would become infinite there,
+        // and one infinity in a warm-up mean would blind every caller.
+        let representable = |v: &f64| v.is_finite() && v.abs() <= f64::from(f32::MAX);
+        if x.is_empty() || x.len() > s.max_features || !x.iter().all(representable) {
             return;
         }
         let fresh = || {
