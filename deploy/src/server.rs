@@ -137,28 +137,25 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         "AdmissionReviews holding a turn (being decided).",
     )?;
     registry.register(Box::new(in_flight.clone()))?;
-    // The expiry is exported for an alert; no certificate yet, or an
+    // The expiry and NotBefore are exported for an alert; no certificate yet, or an
     // expired one (which no API server accepts), makes the webhook unready.
     let source = match cfg.serving {
         crate::serving::Source::Files { .. } => "files",
         crate::serving::Source::Ca { .. } => "ca",
     };
-    let expiry = IntGauge::with_opts(
-        Opts::new(
-            "warden_webhook_certificate_expiry_timestamp_seconds",
-            "When the serving certificate in use expires (Unix seconds; 0: none yet), by where it comes from (ca: renewed at half-life; files: by whoever writes them).",
-        )
-        .const_label("source", source),
+    let certificate_gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+        let g = IntGauge::with_opts(Opts::new(name, help).const_label("source", source))?;
+        registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    };
+    let expiry = certificate_gauge(
+        "warden_webhook_certificate_expiry_timestamp_seconds",
+        "When the serving certificate in use expires (Unix seconds; 0: none yet), by where it comes from (ca: renewed at half-life; files: by whoever writes them).",
     )?;
-    registry.register(Box::new(expiry.clone()))?;
-    let not_before = IntGauge::with_opts(
-        Opts::new(
-            "warden_webhook_certificate_not_before_timestamp_seconds",
-            "When the serving certificate in use became valid (Unix seconds; 0: none yet): with the expiry, its lifetime.",
-        )
-        .const_label("source", source),
+    let not_before = certificate_gauge(
+        "warden_webhook_certificate_not_before_timestamp_seconds",
+        "When the serving certificate in use became valid (Unix seconds; 0: none yet): with the expiry, its lifetime.",
     )?;
-    registry.register(Box::new(not_before.clone()))?;
     let serving = crate::serving::Serving::new(cert.clone(), expiry, not_before);
     let ready = {
         let serving = serving.clone();

@@ -98,19 +98,20 @@ const STEP_PATTERNS: usize = 16;
 const DUP: u8 = 0;
 const SWEEP: u8 = 1;
 
-/// The hash that places input `i` in the sketch.
+/// Signed bucket of input `i` in a sketch of `rem.k` coordinates, from a
+/// multiplicative hash: the bucket (`(h >> 20) % k`), and the sign as a bit
+/// to put on the value (the hash's top bit), so that folding needs no
+/// multiply.
+fn bucket(i: usize, rem: &Remainder) -> (usize, u64) {
+    let h = hash(i);
+    (rem.of(h >> 20), h & (1 << 63))
+}
+
 fn hash(i: usize) -> u64 {
     (i as u64 ^ 0x5851_f42d_4c95_7f2d).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
-/// Signed bucket of coordinate `i` in a sketch of `k` coordinates: the
-/// bucket, and the sign as a bit to put on the value (the hash's top bit).
-fn bucket(i: usize, k: usize) -> (usize, u64) {
-    let h = hash(i);
-    (((h >> 20) as usize) % k, h & (1 << 63))
-}
-
-/// [`bucket`]'s remainder without a division, which would cost more than
+/// A remainder by `k` without a division, which would cost more than
 /// everything else a query's fold does: with `m = ceil(2^64 / k)`,
 /// `(a * m) >> 64` is `a / k` exactly for `a < 2^44` and `k <= 2^20` (the
 /// quotient's error stays below `a * k / 2^64 / k <= 2^-20 < 1 / k`).
@@ -145,9 +146,9 @@ pub fn sketch(x: &[f64], k: usize, out: &mut Vec<f64>) {
     out.resize(k, 0.0);
     let rem = Remainder::new(k);
     for (i, &v) in x.iter().enumerate() {
-        let h = hash(i);
-        if let Some(o) = out.get_mut(rem.of(h >> 20)) {
-            *o += f64::from_bits(v.to_bits() ^ (h & (1 << 63)));
+        let (b, sign) = bucket(i, &rem);
+        if let Some(o) = out.get_mut(b) {
+            *o += f64::from_bits(v.to_bits() ^ sign);
         }
     }
 }
@@ -186,8 +187,9 @@ impl FeatureHistory {
         let k = fp.width(dim);
         let mut folded = vec![u32::from(dim <= k); k];
         if dim > k {
+            let rem = Remainder::new(k);
             for i in 0..dim {
-                folded[bucket(i, k).0] += 1;
+                folded[bucket(i, &rem).0] += 1;
             }
         }
         Self {
@@ -349,13 +351,14 @@ impl FeatureHistory {
         let mut blocks = held.chunks_exact(4 * self.k.max(1));
         let mut slot = 0;
         for block in &mut blocks {
-            for d2 in distance2_x4(block, &query[..k], &scale[..k]) {
+            for d2 in distances::<4>(block, &query[..k], &scale[..k]) {
                 keep(d2, slot);
                 slot += 1;
             }
         }
         for row in blocks.remainder().chunks_exact(self.k.max(1)) {
-            keep(distance2(row, &query[..k], &scale[..k]), slot);
+            let [d2] = distances::<1>(row, &query[..k], &scale[..k]);
+            keep(d2, slot);
             slot += 1;
         }
         if best.1 == usize::MAX {
@@ -494,40 +497,14 @@ impl FeatureHistory {
     }
 }
 
-/// Squared distance between a remembered row and the query, each
-/// coordinate scaled, summed in eight independent lanes.
-fn distance2(row: &[f32], query: &[f32], scale: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut rows = row.chunks_exact(8);
-    let mut qs = query.chunks_exact(8);
-    let mut ss = scale.chunks_exact(8);
-    for ((r, q), s) in (&mut rows).zip(&mut qs).zip(&mut ss) {
-        for i in 0..8 {
-            let d = (r[i] - q[i]) * s[i];
-            acc[i] += d * d;
-        }
-    }
-    let mut tail = 0f32;
-    for ((r, q), s) in rows
-        .remainder()
-        .iter()
-        .zip(qs.remainder())
-        .zip(ss.remainder())
-    {
-        let d = (r - q) * s;
-        tail += d * d;
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// [`distance2`] of four consecutive rows (`rows` holds `4 * query.len()`
-/// values), in the same order of summation: each chunk of the query and
-/// its scale is loaded once for four rows, and the four sums overlap.
-fn distance2_x4(rows: &[f32], query: &[f32], scale: &[f32]) -> [f32; 4] {
+/// Squared distances between `R` consecutive remembered rows (`rows` holds
+/// `R * query.len()` values) and the query, each coordinate scaled, each
+/// summed in eight independent lanes: every chunk of the query and its
+/// scale is loaded once for the `R` rows, and their sums overlap.
+fn distances<const R: usize>(rows: &[f32], query: &[f32], scale: &[f32]) -> [f32; R] {
     let k = query.len();
-    let row = |r: usize| rows.get(r * k..(r + 1) * k).unwrap_or(&[]);
-    let rows = [row(0), row(1), row(2), row(3)];
-    let mut acc = [[0f32; 8]; 4];
+    let rows: [&[f32]; R] = std::array::from_fn(|r| rows.get(r * k..(r + 1) * k).unwrap_or(&[]));
+    let mut acc = [[0f32; 8]; R];
     let chunks = query.chunks_exact(8).zip(scale.chunks_exact(8));
     for (c, (q, s)) in chunks.enumerate() {
         let (Ok(q), Ok(s)) = (<&[f32; 8]>::try_from(q), <&[f32; 8]>::try_from(s)) else {
@@ -540,7 +517,7 @@ fn distance2_x4(rows: &[f32], query: &[f32], scale: &[f32]) -> [f32; 4] {
         }
     }
     let whole = k / 8 * 8;
-    [0, 1, 2, 3].map(|r| {
+    std::array::from_fn(|r| {
         let mut tail = 0f32;
         for c in whole..k.min(rows[r].len()) {
             let d = (rows[r][c] - query[c]) * scale[c];
@@ -636,9 +613,11 @@ mod tests {
     fn the_fold_places_every_input_where_bucket_says() {
         for k in 1..=MAX_LANES {
             let rem = Remainder::new(k);
-            // Every input a route may have (max_features is at most 65,536).
+            // Every hash of an input a route may have (max_features is at
+            // most 65,536) has its remainder by k.
             for i in (0..65_536).chain([usize::MAX / 3, usize::MAX]) {
-                assert_eq!(rem.of(hash(i) >> 20), bucket(i, k).0, "input {i}, k {k}");
+                let a = hash(i) >> 20;
+                assert_eq!(rem.of(a), (a % k as u64) as usize, "input {i}, k {k}");
             }
         }
         let x: Vec<f64> = (0..100).map(|i| f64::from(i) - 40.5).collect();
@@ -646,7 +625,7 @@ mod tests {
         sketch(&x, 7, &mut out);
         let mut want = vec![0.0; 7];
         for (i, v) in x.iter().enumerate() {
-            let (b, sign) = bucket(i, 7);
+            let (b, sign) = bucket(i, &Remainder::new(7));
             want[b] += if sign == 0 { *v } else { -v };
         }
         assert_eq!(out, want);

@@ -9,51 +9,37 @@
 /// Coordinates a sketched query has at most (the stack buffers' size).
 pub const MAX_LANES: usize = 64;
 
+/// The sum of `term(i)` for `i` in `0..n`: four running sums over whole
+/// chunks of four, then the rest in order, then `(s0 + s1) + (s2 + s3)`
+/// plus the rest (one order of summation for every sum below).
+#[inline(always)]
+fn sum_by(n: usize, term: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0f64; 4];
+    let whole = n / 4 * 4;
+    for c in (0..whole).step_by(4) {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a += term(c + i);
+        }
+    }
+    let tail: f64 = (whole..n).map(&term).sum();
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
 /// The dot product of `a` and `b` (over the shorter of the two).
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f64; 4];
-    let mut ca = a.chunks_exact(4);
-    let mut cb = b.chunks_exact(4);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..4 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+    sum_by(n, |i| a[i] * b[i])
 }
 
 /// The sum of `a`.
 pub fn sum(a: &[f64]) -> f64 {
-    let mut acc = [0f64; 4];
-    let mut c = a.chunks_exact(4);
-    for x in &mut c {
-        for i in 0..4 {
-            acc[i] += x[i];
-        }
-    }
-    (acc[0] + acc[1]) + (acc[2] + acc[3]) + c.remainder().iter().sum::<f64>()
+    sum_by(a.len(), |i| a[i])
 }
 
 /// The sum of `(x - mean)^2` over `a`.
 pub fn squared_deviations(a: &[f64], mean: f64) -> f64 {
-    let mut acc = [0f64; 4];
-    let mut c = a.chunks_exact(4);
-    for x in &mut c {
-        for i in 0..4 {
-            let d = x[i] - mean;
-            acc[i] += d * d;
-        }
-    }
-    let tail: f64 = c.remainder().iter().map(|x| (x - mean) * (x - mean)).sum();
-    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+    sum_by(a.len(), |i| (a[i] - mean) * (a[i] - mean))
 }
 
 /// `v - mean`, coordinate by coordinate, into `out` (the first
